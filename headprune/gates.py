@@ -1,0 +1,115 @@
+"""Head gates: one multiplier per attention head, on current transformers (no `head_mask`).
+
+The gate of a head scales that head's slice of the context just before the attention output
+projection, which is what transformers 4.x `head_mask` did (the projection's bias is untouched).
+A forward pre-hook on each output projection applies it; a forward pre-hook on the whole model
+computes the mask once per model forward, so every site of one pass sees the same sample and
+activation checkpointing does not re-sample.
+
+`HeadGates` is attached as a submodule of the model (`model.head_gates`) so that DDP and
+Accelerate wrap and synchronise the pruning parameters with the rest of the model. What the mask
+is comes from a *selector* (a pruning method, see `headprune.methods`); without one the gates
+hold a fixed mask (all ones unless set).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .sites import AttentionSite, find_sites
+
+ATTRIBUTE = "head_gates"
+
+Head = tuple[str, int, int]  # (kind, layer, head)
+
+
+class HeadGates(nn.Module):
+    def __init__(self, sites: list[AttentionSite]):
+        super().__init__()
+        self.sites = sites  # a plain list: the attention modules stay registered in the model only
+        self.offsets = []
+        total = 0
+        for site in sites:
+            self.offsets.append(total)
+            total += site.num_heads
+        self.num_heads = total
+        self.selector: nn.Module | None = None
+        self.register_buffer("fixed_mask", torch.ones(total), persistent=False)
+        self._mask: torch.Tensor | None = None  # the mask of the forward pass in progress
+        self._handles: list = []
+
+    @property
+    def heads(self) -> list[Head]:
+        """Address of every gate, in gate order."""
+        return [(s.kind, s.layer, h) for s in self.sites for h in range(s.num_heads)]
+
+    def forward(self) -> torch.Tensor:
+        """The mask for one model forward pass: one value per head."""
+        if self.selector is not None:
+            return self.selector()
+        return self.fixed_mask
+
+    def set_mask(self, mask: torch.Tensor) -> None:
+        if self.selector is not None:
+            raise RuntimeError("these gates are driven by a selector; remove it to set a fixed mask")
+        self.fixed_mask.copy_(torch.as_tensor(mask, dtype=self.fixed_mask.dtype))
+
+    def kept_heads(self, mask: torch.Tensor | None = None) -> list[Head]:
+        mask = self.fixed_mask if mask is None else mask
+        return [head for head, m in zip(self.heads, mask.tolist()) if m > 0]
+
+    # -- hooks --------------------------------------------------------------------------------
+
+    def _refresh(self, module, args, kwargs=None):
+        self._mask = self()
+
+    def _site_hook(self, offset: int, site: AttentionSite):
+        def scale_heads(module, args):
+            if self._mask is None:  # a site called outside a model forward
+                self._mask = self()
+            context = args[0]
+            gate = self._mask[offset:offset + site.num_heads].to(context.dtype)
+            context = (context.unflatten(-1, (site.num_heads, site.head_dim)) * gate[:, None]).flatten(-2)
+            return (context, *args[1:])
+        return scale_heads
+
+    def register_hooks(self, model: nn.Module) -> None:
+        self._handles.append(model.register_forward_pre_hook(self._refresh))
+        for offset, site in zip(self.offsets, self.sites):
+            self._handles.append(site.output.register_forward_pre_hook(self._site_hook(offset, site)))
+
+    def remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._mask = None
+
+
+def attach_gates(model: nn.Module) -> HeadGates:
+    """Find the attention heads of `model`, register a gate on each and return the gates.
+
+    Raises UnsupportedArchitectureError, naming the supported ones, for any other model.
+    """
+    if hasattr(model, ATTRIBUTE):
+        raise RuntimeError("this model already has head gates; call detach_gates first")
+    gates = HeadGates(find_sites(model))
+    param = next(model.parameters(), None)
+    if param is not None:
+        gates.to(param.device)
+    model.add_module(ATTRIBUTE, gates)
+    gates.register_hooks(model)
+    return gates
+
+
+def detach_gates(model: nn.Module) -> HeadGates:
+    """Remove the gates (hooks and submodule) and return them; the model is plain again."""
+    gates = getattr(model, ATTRIBUTE)
+    gates.remove_hooks()
+    delattr(model, ATTRIBUTE)
+    return gates
+
+
+def get_gates(model: nn.Module) -> HeadGates:
+    model = getattr(model, "module", model)  # unwrap DDP
+    return getattr(model, ATTRIBUTE)

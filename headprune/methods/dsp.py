@@ -1,0 +1,92 @@
+"""Differentiable Subset Pruning (Li, Cotterell, Sachan, TACL 2021) and its straight-through variant.
+
+One logit per head. Training: a Gumbel soft top-k of the logits (the iterative softmax of Xie and
+Ermon 2019) whose temperature is annealed geometrically, so the mask moves from uniform towards a
+hard choice of exactly k heads. Evaluation and export: the hard top-k of the logits, no noise.
+The STE variant uses the hard top-k forward and passes the gradient straight to the logits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def hard_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """A 0/1 mask with exactly k ones on the largest scores; ties go to the lower index."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    mask = torch.zeros_like(scores)
+    mask[order[:k]] = 1.0
+    return mask
+
+
+def soft_top_k(scores: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
+    """Relaxed top-k: k rounds of softmax, each discounting what earlier rounds took.
+
+    The result sums to k; it tends to hard_top_k(scores, k) as the temperature falls. Built by
+    collecting the rounds (no in-place updates) so that autograd is clean.
+    """
+    tiny = torch.finfo(scores.dtype).tiny
+    rounds = []
+    r = scores
+    for _ in range(k):
+        p = torch.softmax(r / temperature, dim=-1)
+        rounds.append(p)
+        r = r + torch.log(torch.clamp(1.0 - p, min=tiny))
+    return torch.stack(rounds).sum(0)
+
+
+def geometric_temperature(step: int, t0: float, tf: float, cooldown_steps: int) -> float:
+    """T0 at step 0, Tf at step `cooldown_steps` and after, geometric in between."""
+    if step >= cooldown_steps:
+        return tf
+    return t0 * (tf / t0) ** (step / cooldown_steps)
+
+
+def sample_gumbel(like: torch.Tensor) -> torch.Tensor:
+    u = torch.rand_like(like)
+    tiny = torch.finfo(like.dtype).tiny
+    return -torch.log(-torch.log(u.clamp(tiny, 1.0 - 1e-12)))
+
+
+class DSPSelector(nn.Module):
+    """Chooses exactly k of `num_heads` heads from learned logits.
+
+    The trainer calls `set_step` before each training forward; the temperature follows from it,
+    so a resumed run continues the schedule exactly where it stopped.
+    """
+
+    def __init__(self, num_heads: int, k: int, t0: float = 1000.0, tf: float = 1e-8,
+                 cooldown_steps: int = 1000, straight_through: bool = False):
+        super().__init__()
+        if not 1 <= k <= num_heads:
+            raise ValueError(f"k={k} must be between 1 and the model's {num_heads} heads")
+        self.k = k
+        self.t0, self.tf, self.cooldown_steps = t0, tf, max(1, cooldown_steps)
+        self.straight_through = straight_through
+        # float64 as in the reference: the soft top-k at temperatures near 1e-8 needs the range.
+        self.logits = nn.Parameter(torch.empty(num_heads, dtype=torch.float64).uniform_(-0.5, 0.5))
+        self.step = 0
+
+    def set_step(self, step: int) -> None:
+        self.step = step
+
+    @property
+    def temperature(self) -> float:
+        return geometric_temperature(self.step, self.t0, self.tf, self.cooldown_steps)
+
+    def forward(self) -> torch.Tensor:
+        if not self.training:
+            return hard_top_k(self.logits.detach(), self.k)
+        if self.straight_through:
+            hard = hard_top_k(self.logits.detach(), self.k)
+            return hard + self.logits - self.logits.detach()  # forward hard, backward identity
+        noisy = self.logits + sample_gumbel(self.logits)
+        return soft_top_k(noisy, self.k, self.temperature)
+
+    def scores(self) -> torch.Tensor:
+        """What ranks the heads: the logits."""
+        return self.logits.detach()
+
+    def log_values(self) -> dict[str, float]:
+        return {} if self.straight_through else {"temperature": self.temperature}

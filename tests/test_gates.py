@@ -1,0 +1,111 @@
+"""Gates at 1 leave the model unchanged; a gate at 0 equals removing that head by hand."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import ARCHS, tiny_model
+from headprune import attach_gates, detach_gates
+from headprune.sites import UnsupportedArchitectureError, find_sites
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def _slice_linear(linear: nn.Linear, keep: torch.Tensor, dim: int) -> nn.Linear:
+    """A new Linear keeping `keep` rows (dim=0) or input columns (dim=1), written out by hand."""
+    weight = linear.weight.detach().index_select(dim, keep)
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=linear.bias is not None)
+    new.weight.data.copy_(weight)
+    if linear.bias is not None:
+        new.bias.data.copy_(linear.bias.detach() if dim == 1 else linear.bias.detach()[keep])
+    return new
+
+
+def remove_head_by_hand(model, layer: int, head: int):
+    """Drop one head's rows of q, k, v and its columns of the output projection."""
+    site = [s for s in find_sites(model) if s.layer == layer][0]
+    d = site.head_dim
+    keep = torch.tensor([i for i in range(site.query.out_features) if not head * d <= i < (head + 1) * d])
+    owner = site.attention
+    names = ("q_lin", "k_lin", "v_lin") if hasattr(owner, "q_lin") else ("query", "key", "value")
+    for name in names:
+        setattr(owner, name, _slice_linear(getattr(owner, name), keep, 0))
+    if hasattr(owner, "out_lin"):
+        owner.out_lin = _slice_linear(owner.out_lin, keep, 1)
+    else:  # BERT family: the output projection sits in the parent attention module
+        parent = dict(model.named_modules())[
+            [n for n, m in model.named_modules() if getattr(m, "self", None) is owner][0]]
+        parent.output.dense = _slice_linear(parent.output.dense, keep, 1)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_all_ones_gives_unchanged_outputs(arch, attn, batch):
+    model = tiny_model(arch, attn)
+    before = logits(model, batch)
+    gates = attach_gates(model)
+    assert gates.num_heads == 8
+    assert torch.allclose(logits(model, batch), before, atol=1e-6, rtol=0)
+    detach_gates(model)
+    assert torch.equal(logits(model, batch), before)
+    assert not hasattr(model, "head_gates")
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gate_at_zero_equals_head_removed_by_hand(arch, attn, batch):
+    model = tiny_model(arch, attn)
+    by_hand = copy.deepcopy(model)
+    remove_head_by_hand(by_hand, layer=1, head=2)
+    expected = logits(by_hand, batch)
+
+    gates = attach_gates(model)
+    mask = torch.ones(gates.num_heads)
+    mask[gates.heads.index(("encoder", 1, 2))] = 0.0
+    gates.set_mask(mask)
+    got = logits(model, batch)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+    # and the gate really did something
+    gates.set_mask(torch.ones(gates.num_heads))
+    assert (logits(model, batch) - expected).abs().max() > 1e-3
+
+
+def test_gate_scales_the_head_linearly(batch):
+    """Half a gate on every head of the last layer is the mean of gates 0 and 1 at that layer's
+    attention output (the output projection is affine in its input)."""
+    model = tiny_model("bert")
+    gates = attach_gates(model)
+    site = gates.sites[-1]
+    seen = []
+    hook = site.output.register_forward_hook(lambda m, a, out: seen.append(out.detach()))
+    for value in (0.0, 1.0, 0.5):
+        mask = torch.ones(gates.num_heads)
+        mask[4:] = value
+        gates.set_mask(mask)
+        logits(model, batch)
+    hook.remove()
+    assert torch.allclose(seen[2], (seen[0] + seen[1]) / 2, atol=1e-6)
+
+
+def test_heads_are_addressed_by_kind_layer_head():
+    gates = attach_gates(tiny_model("bert"))
+    assert gates.heads[:5] == [("encoder", 0, 0), ("encoder", 0, 1), ("encoder", 0, 2),
+                               ("encoder", 0, 3), ("encoder", 1, 0)]
+
+
+def test_unsupported_architecture_names_the_supported_ones():
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+    model = GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=20))
+    with pytest.raises(UnsupportedArchitectureError, match="'gpt2'.*supported: bert, distilbert"):
+        attach_gates(model)
+
+
+def test_attaching_twice_is_refused():
+    model = tiny_model("bert")
+    attach_gates(model)
+    with pytest.raises(RuntimeError, match="already has head gates"):
+        attach_gates(model)
