@@ -14,6 +14,8 @@ hold a fixed mask (all ones unless set).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -37,6 +39,7 @@ class HeadGates(nn.Module):
         self.selector: nn.Module | None = None
         self.register_buffer("fixed_mask", torch.ones(total), persistent=False)
         self._mask: torch.Tensor | None = None  # the mask of the forward pass in progress
+        self._override: torch.Tensor | None = None
         self._handles: list = []
 
     @property
@@ -46,6 +49,8 @@ class HeadGates(nn.Module):
 
     def forward(self) -> torch.Tensor:
         """The mask for one model forward pass: one value per head."""
+        if self._override is not None:
+            return self._override
         if self.selector is not None:
             return self.selector()
         return self.fixed_mask
@@ -54,6 +59,15 @@ class HeadGates(nn.Module):
         if self.selector is not None:
             raise RuntimeError("these gates are driven by a selector; remove it to set a fixed mask")
         self.fixed_mask.copy_(torch.as_tensor(mask, dtype=self.fixed_mask.dtype))
+
+    @contextmanager
+    def override(self, mask: torch.Tensor):
+        """Use `mask` instead of the selector's inside the block (e.g. all ones: the unpruned model)."""
+        self._override = torch.as_tensor(mask, dtype=self.fixed_mask.dtype, device=self.fixed_mask.device)
+        try:
+            yield
+        finally:
+            self._override = None
 
     def kept_heads(self, mask: torch.Tensor | None = None) -> list[Head]:
         mask = self.fixed_mask if mask is None else mask

