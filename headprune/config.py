@@ -88,7 +88,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
     parser.add_argument("--config", help="YAML file of options; flags given here override it.")
     for f in dataclasses.fields(cls):
         meta = dict(f.metadata)
-        help_text = meta.pop("help") + (f" (default: {f.default})" if f.type != "bool" else "")
+        shown = f.type != "bool" and f.default is not None
+        help_text = meta.pop("help") + (f" (default: {f.default:.4g})" if isinstance(f.default, float) and shown
+                                        else f" (default: {f.default})" if shown else "")
         if f.type == "bool":
             parser.add_argument(_flag(f.name), action="store_true", default=None, help=help_text)
             continue

@@ -59,15 +59,15 @@ def load_model(name: str, num_labels: int, attn: str, require_finetuned: bool):
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load model {name!r}: {err}") from err
-    if require_finetuned:
-        if not any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
-            raise ModelError(f"{name!r} is not a fine-tuned classifier ({config.architectures}); "
-                             "pipelined pruning starts from one: run `headprune finetune` first, "
-                             "or use --mode joint")
-        if config.num_labels != num_labels:
-            raise ModelError(f"{name!r} predicts {config.num_labels} labels, the data has {num_labels}")
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=num_labels, attn_implementation=attn, ignore_mismatched_sizes=not require_finetuned)
+    if require_finetuned and config.num_labels != num_labels:
+        raise ModelError(f"{name!r} predicts {config.num_labels} labels, the data has {num_labels}")
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=num_labels, attn_implementation=attn, output_loading_info=True,
+        ignore_mismatched_sizes=not require_finetuned)
+    if require_finetuned and info["missing_keys"]:
+        raise ModelError(f"{name!r} is not a fine-tuned classifier (it lacks "
+                         f"{sorted(info['missing_keys'])[:3]}); pipelined pruning starts from one: "
+                         "run `headprune finetune` first, or use --mode joint")
     return model, tokenizer
 
 

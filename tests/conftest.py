@@ -37,3 +37,44 @@ def batch():
     mask = torch.ones_like(ids)
     mask[1, 5:] = 0  # padding exercises the attention mask path
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def write_tiny_assets(folder, arch="bert", n_rows=160, seed=0):
+    """A tiny random model folder with a word-level tokenizer, and a learnable JSONL task:
+    the label says whether w1 or w2 occurs."""
+    import json
+    import random
+
+    from transformers import BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(94)]
+    (folder / "vocab.txt").write_text("\n".join(vocab))
+    tokenizer = BertTokenizerFast(str(folder / "vocab.txt"))
+    model = tiny_model(arch, num_labels=2, seed=seed)
+    # the bare encoder, like a pretrained (not fine-tuned) checkpoint
+    getattr(model, model.base_model_prefix).save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n_rows):
+        words = [f"w{rng.randrange(94)}" for _ in range(8)]
+        rows.append({"text": " ".join(words), "label": "yes" if {"w1", "w2"} & set(words) else "no"})
+    (folder / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return folder / "model", folder / "data.jsonl"
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    return write_tiny_assets(tmp_path_factory.mktemp("assets"))
+
+
+@pytest.fixture(scope="session")
+def tiny_finetuned(tiny_assets, tmp_path_factory):
+    from headprune.config import FinetuneConfig
+    from headprune.recipes import finetune
+    model, data = tiny_assets
+    out = tmp_path_factory.mktemp("finetuned")
+    finetune(FinetuneConfig(model=str(model), dataset=str(data), epochs=2, batch_size=16,
+                            output_dir=str(out), overwrite=True, checkpoint_every=0))
+    return out / "model", data

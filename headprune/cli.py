@@ -1,0 +1,78 @@
+"""The `headprune` command: `finetune`, `prune` and `demo`.
+
+Every option of finetune and prune comes from the config dataclasses (headprune/config.py), so the
+flags, the YAML keys and the Python API are the same names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import config as cfgmod
+from .data import DataError
+from .outputs import OutputExistsError
+from .recipes import DEMO_DIR, ModelError, demo, finetune, prune
+from .sites import UnsupportedArchitectureError
+from .train import CheckpointError
+
+USER_ERRORS = (ValueError, OutputExistsError, DataError, ModelError, UnsupportedArchitectureError,
+               CheckpointError)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="headprune", description="Prune the attention heads of Transformer models.",
+        epilog="Options can also come from a YAML file (--config); flags override it. "
+               "Run `headprune COMMAND --help` for the options of a command.")
+    sub = top.add_subparsers(dest="command", required=True)
+    ft = sub.add_parser("finetune", help="fine-tune a classifier (the start of pipelined pruning)",
+                        description="Fine-tune a sequence classifier and save it with its accuracy.")
+    cfgmod.add_arguments(ft, cfgmod.FinetuneConfig)
+    pr = sub.add_parser("prune", help="keep exactly k attention heads (DSP or STE; joint or pipelined)",
+                        description="Learn which k heads to keep and save the pruned model, the "
+                                    "kept heads, the head logits and the accuracy before and after.")
+    cfgmod.add_arguments(pr, cfgmod.PruneConfig)
+    dm = sub.add_parser("demo", help="the default job on the offline assets: fine-tune MiniLM-L6 "
+                                     "on Rotten Tomatoes, then DSP-prune it pipelined",
+                        description="Fine-tune MiniLM-L6 on 4,000 Rotten Tomatoes snippets (1 epoch), "
+                                    "then prune it to --k heads with pipelined DSP. Finished phases "
+                                    "found in --output-dir are reused.")
+    dm.add_argument("--k", type=int, default=36, help="heads to keep of 72 (default: 36)")
+    dm.add_argument("--output-dir", default=str(DEMO_DIR),
+                    help="folder for both phases (default: runs/demo)")
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        if args.command == "demo":
+            results = demo(Path(args.output_dir), args.k)
+            print_summary(results, Path(args.output_dir) / f"dsp-pipelined-k{args.k}")
+            return 0
+        if args.command == "finetune":
+            results = finetune(cfgmod.build_config(cfgmod.FinetuneConfig, args))
+        else:
+            results = prune(cfgmod.build_config(cfgmod.PruneConfig, args))
+    except USER_ERRORS as err:
+        print(f"headprune: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: results[k] for k in results if k.startswith("metrics")}, indent=2))
+    return 0
+
+
+def print_summary(results: dict, folder) -> None:
+    print()
+    print(f"unpruned accuracy ({results['num_heads']} heads): {results['metrics_unpruned']}")
+    print(f"pruned accuracy ({results['k']} heads, {results['method']} {results['mode']}): "
+          f"{results['metrics_pruned']}")
+    print(f"results: {folder}/results.json; model: {folder}/model; heat map: {folder}/heads.png")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

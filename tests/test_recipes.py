@@ -1,0 +1,84 @@
+"""Fine-tune and prune end to end on a tiny model: what lands in the output folder, and that the
+saved pruned model gives the masked model's outputs."""
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from headprune import attach_gates
+from headprune.config import PruneConfig
+from headprune.recipes import prune
+
+
+def prune_cfg(model, data, out, **kw):
+    base = dict(model=str(model), dataset=str(data), epochs=1, batch_size=16, k=3,
+                output_dir=str(out), checkpoint_every=0, t0=1.0, tf=1e-4)
+    return PruneConfig(**{**base, **kw})
+
+
+def test_finetune_learns_and_writes_results(tiny_finetuned):
+    folder = tiny_finetuned[0].parent
+    results = json.loads((folder / "results.json").read_text())
+    assert results["mode"] == "finetune"
+    assert set(results["metrics"]) == {"heldout"}
+    assert results["steps"] == 18  # 2 epochs x ceil(144 / 16)
+    assert not (folder / "checkpoint.pt").exists()  # removed once results exist
+    log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [10, 18]
+    assert log[-1]["lr"] == 0.0  # linear decay reaches 0 at the last step
+
+
+@pytest.mark.parametrize("mode,method", [("pipelined", "dsp"), ("joint", "dsp"), ("pipelined", "ste")])
+def test_prune_writes_everything_and_the_saved_model_equals_the_masked_one(
+        tiny_finetuned, tiny_assets, tmp_path, mode, method):
+    model_dir, data = tiny_finetuned if mode == "pipelined" else tiny_assets
+    results = prune(prune_cfg(model_dir, data, tmp_path, mode=mode, method=method))
+
+    assert results["method"] == method and results["mode"] == mode
+    assert results["k"] == 3 and results["num_heads"] == 8 and len(results["kept_heads"]) == 3
+    assert set(results["seconds"]) >= {"load", "train", "evaluate_pruned", "save"}
+    assert set(results["versions"]) >= {"torch", "transformers", "accelerate", "datasets", "headprune"}
+    assert results["seed"] == 0
+    assert set(results["metrics_pruned"]) == set(results["metrics_unpruned"]) == {"heldout"}
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["kept_heads"] == [list(h) for h in results["kept_heads"]]
+
+    logits = json.loads((tmp_path / "head_logits.json").read_text())
+    assert len(logits) == 8 and sum(row["kept"] for row in logits) == 3
+    top3 = sorted(logits, key=lambda r: -r["logit"])[:3]
+    assert {(r["kind"], r["layer"], r["head"]) for r in top3} == set(map(tuple, results["kept_heads"]))
+    assert (tmp_path / "heads.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The saved model loads with plain transformers and equals the original weights under the mask.
+    saved = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model").eval()
+    assert saved.config.headprune["kept_heads"] == on_disk["kept_heads"]
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
+    batch = tokenizer(["w1 w5 w7", "w3 w4 w8 w9 w10"], padding=True, return_tensors="pt")
+    if mode == "pipelined":  # the weights were frozen: the original model under the hard mask
+        reference = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+        gates = attach_gates(reference)
+        mask = torch.tensor([float(tuple(h) in set(map(tuple, results["kept_heads"]))) for h in gates.heads])
+        gates.set_mask(mask)
+        with torch.no_grad():
+            assert torch.allclose(saved(**batch).logits, reference(**batch).logits, atol=1e-6)
+
+
+def test_pipelined_leaves_the_model_weights_untouched(tiny_finetuned, tmp_path):
+    model_dir, data = tiny_finetuned
+    prune(prune_cfg(model_dir, data, tmp_path, k=8))  # keep all: nothing zeroed
+    before = AutoModelForSequenceClassification.from_pretrained(model_dir).state_dict()
+    after = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model").state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_temperature_follows_the_schedule_during_a_run(tiny_finetuned, tmp_path):
+    """9 steps per epoch x 2 epochs, annealing over 12 steps from 1 to 1e-6: the logged
+    temperature is T0 * (Tf/T0)^(s/12) at the step s before each logged step, then Tf."""
+    model_dir, data = tiny_finetuned
+    prune(prune_cfg(model_dir, data, tmp_path, k=4, epochs=2, t0=1.0, tf=1e-6, cooldown_steps=12))
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [10, 18]
+    assert log[0]["temperature"] == pytest.approx(1e-6 ** (9 / 12))  # set before step 10 ran: s = 9
+    assert log[1]["temperature"] == 1e-6

@@ -1,0 +1,139 @@
+"""A killed run resumes to the same result; bad input is refused before any training."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import headprune.recipes as recipes
+from headprune.config import PruneConfig
+from headprune.data import DataError
+from headprune.outputs import OutputExistsError
+from headprune.recipes import ModelError, prune
+from headprune.sites import UnsupportedArchitectureError
+from headprune.train import CheckpointError
+
+
+def cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "headprune.cli", *map(str, args)], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, timeout=300)
+
+
+def prune_args(model, data, out, *extra):
+    return ["prune", "--model", model, "--dataset", data, "--k", 3, "--epochs", 2, "--batch-size", 16,
+            "--t0", 1.0, "--tf", 1e-4, "--checkpoint-every", 4, "--output-dir", out, *extra]
+
+
+@pytest.mark.parametrize("mode", ["pipelined", "joint"])
+def test_a_killed_run_resumes_to_the_same_heads(tiny_finetuned, tmp_path, mode):
+    model, data = tiny_finetuned
+    whole = cli(*prune_args(model, data, tmp_path / "whole", "--mode", mode))
+    assert whole.returncode == 0, whole.stderr
+
+    args = prune_args(model, data, tmp_path / "killed", "--mode", mode)
+    killed = cli(*args, env={"HEADPRUNE_KILL_AT_STEP": "10"})  # 18 steps; checkpoint at 8
+    assert killed.returncode == -9
+    assert not (tmp_path / "killed" / "results.json").exists()
+    assert torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)["step"] == 8
+    resumed = cli(*args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr and "at step 8 of 18" in resumed.stderr
+
+    a = json.loads((tmp_path / "whole" / "results.json").read_text())
+    b = json.loads((tmp_path / "killed" / "results.json").read_text())
+    assert b["kept_heads"] == a["kept_heads"]
+    assert b["metrics_pruned"] == a["metrics_pruned"] and b["resumed_from_step"] == 8
+    la = json.loads((tmp_path / "whole" / "head_logits.json").read_text())
+    lb = json.loads((tmp_path / "killed" / "head_logits.json").read_text())
+    assert [r["logit"] for r in lb] == pytest.approx([r["logit"] for r in la], abs=1e-9)
+
+
+def test_resuming_with_other_settings_is_refused(tiny_finetuned, tmp_path):
+    model, data = tiny_finetuned
+    cli(*prune_args(model, data, tmp_path), env={"HEADPRUNE_KILL_AT_STEP": "5"})
+    other = cli(*prune_args(model, data, tmp_path), "--seed", 3)
+    assert other.returncode == 2
+    assert "made with other settings (seed: 0 -> 3)" in other.stderr
+
+
+def test_a_corrupt_checkpoint_gives_a_clear_error(tiny_finetuned, tmp_path):
+    model, data = tiny_finetuned
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="unreadable.*delete it to start over"):
+        prune(PruneConfig(model=str(model), dataset=str(data), output_dir=str(tmp_path)))
+
+
+# -- input errors, all before training -------------------------------------------------------------
+
+@pytest.fixture
+def no_training(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("training started before the input was checked")
+    monkeypatch.setattr(recipes, "train", fail)
+
+
+def cfg(model, data, out, **kw):
+    return PruneConfig(model=str(model), dataset=str(data), output_dir=str(out), **kw)
+
+
+@pytest.mark.parametrize("k,message", [(0, "k=0: at least one head"), (9, "k=9 is more than the 8 heads")])
+def test_budget_outside_1_to_n(tiny_finetuned, tmp_path, no_training, k, message):
+    with pytest.raises(ValueError, match=message):
+        prune(cfg(*tiny_finetuned, tmp_path, k=k))
+
+
+def test_unknown_architecture(tmp_path, no_training):
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+    from conftest import write_tiny_assets
+    _, data = write_tiny_assets(tmp_path / "assets")
+    GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=99,
+                                             num_labels=2)).save_pretrained(tmp_path / "gpt2")
+    AutoTokenizer.from_pretrained(tmp_path / "assets" / "model").save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(UnsupportedArchitectureError, match="'gpt2'; supported: bert"):
+        prune(cfg(tmp_path / "gpt2", data, tmp_path / "out", k=1, mode="joint"))
+
+
+def test_missing_label_column(tiny_finetuned, tmp_path, no_training):
+    with pytest.raises(DataError, match=r"no column\(s\) \['target'\]; its columns are \['text', 'label'\]"):
+        prune(cfg(*tiny_finetuned, tmp_path, label_column="target"))
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("missing.csv", None, "does not exist"),
+    ("broken.jsonl", '{"text": "a", "label": 1}\n{not json', "cannot read"),
+    ("data.parquet", "x", "cannot tell what data set"),
+])
+def test_unreadable_data(tiny_finetuned, tmp_path, no_training, name, content, message):
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        prune(cfg(tiny_finetuned[0], path, tmp_path / "out"))
+
+
+def test_output_folder_with_results_is_refused_and_kept(tiny_finetuned, tmp_path, no_training):
+    (tmp_path / "results.json").write_text('{"precious": true}')
+    with pytest.raises(OutputExistsError, match="already holds results.*--overwrite"):
+        prune(cfg(*tiny_finetuned, tmp_path))
+    assert json.loads((tmp_path / "results.json").read_text()) == {"precious": True}
+
+
+def test_pipelined_needs_a_finetuned_classifier(tiny_assets, tmp_path, no_training):
+    with pytest.raises(ModelError, match="not a fine-tuned classifier.*headprune finetune"):
+        prune(cfg(*tiny_assets, tmp_path))
+
+
+def test_missing_model(tiny_assets, tmp_path, no_training):
+    with pytest.raises(ModelError, match="cannot load model"):
+        prune(cfg(tmp_path / "nowhere", tiny_assets[1], tmp_path / "out"))
+
+
+def test_cli_reports_errors_without_a_traceback(tiny_finetuned, tmp_path):
+    model, data = tiny_finetuned
+    result = cli(*prune_args(model, data, tmp_path), "--k", 100)
+    assert result.returncode == 2
+    assert "headprune: error: k=100 is more than the 8 heads" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "checkpoint.pt").exists()
