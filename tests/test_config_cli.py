@@ -1,0 +1,49 @@
+"""Options: defaults < YAML file < command-line flags; every option has help."""
+import dataclasses
+
+import pytest
+
+from headprune.cli import main, parser
+from headprune.config import FinetuneConfig, PruneConfig, build_config
+
+
+def parse(*argv):
+    return parser().parse_args(["prune", *argv])
+
+
+def test_flags_override_the_yaml_file_which_overrides_defaults(tmp_path):
+    (tmp_path / "c.yaml").write_text("k: 12\nmode: joint\npruning_lr: 0.2\n")
+    cfg = build_config(PruneConfig, parse("--config", str(tmp_path / "c.yaml"), "--k", "24"))
+    assert (cfg.k, cfg.mode, cfg.pruning_lr) == (24, "joint", 0.2)
+    assert cfg.t0 == 1000.0 and cfg.method == "dsp"  # untouched defaults
+    assert build_config(PruneConfig, parse("--text-columns", "a", "b")).text_columns == ["a", "b"]
+    assert build_config(PruneConfig, parse("--overwrite")).overwrite is True
+
+
+def test_unknown_yaml_keys_are_refused(tmp_path):
+    (tmp_path / "c.yaml").write_text("k: 12\nheads: 3\n")
+    with pytest.raises(ValueError, match="unknown option.*heads"):
+        build_config(PruneConfig, parse("--config", str(tmp_path / "c.yaml")))
+
+
+def test_every_option_has_help_and_a_flag():
+    text = parser()._subparsers._group_actions[0].choices["prune"].format_help()
+    for f in dataclasses.fields(PruneConfig):
+        assert "--" + f.name.replace("_", "-") in text
+        assert f.metadata["help"]
+
+
+def test_prune_has_its_own_defaults():
+    assert PruneConfig().epochs == 1.0 and FinetuneConfig().epochs == 3.0
+
+
+def test_bad_choice_exits_with_usage(capsys):
+    with pytest.raises(SystemExit):
+        main(["prune", "--mode", "sideways"])
+    assert "invalid choice: 'sideways'" in capsys.readouterr().err
+
+
+def test_user_errors_return_2_with_a_message(tmp_path, capsys):
+    (tmp_path / "results.json").write_text("{}")
+    assert main(["finetune", "--output-dir", str(tmp_path)]) == 2
+    assert "already holds results" in capsys.readouterr().err

@@ -1,0 +1,113 @@
+"""Classification data: the GLUE TSV layout, GLUE by name, local files, the default benchmark."""
+import pytest
+from datasets import Dataset, DatasetDict
+
+import headprune.data as data_mod
+from headprune.data import DataError, load_classification, rotten_tomatoes, subsample
+
+MNLI_HEADER = ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\t"
+               "sentence1_parse\tsentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label\n")
+
+
+def mnli_row(i, s1, s2, label):
+    return f"{i}\t0\t0\tfiction\t(x)\t(y)\t(X)\t(Y)\t{s1}\t{s2}\t{label}\t{label}\n"
+
+
+def test_glue_tsv_mnli_reports_matched_and_mismatched_separately(tmp_path):
+    folder = tmp_path / "MNLI"
+    folder.mkdir()
+    (folder / "train.tsv").write_text(MNLI_HEADER + mnli_row(0, 'He said "hi', "He spoke.", "entailment")
+                                      + mnli_row(1, "A cat.", "A dog.", "contradiction"))
+    (folder / "dev_matched.tsv").write_text(MNLI_HEADER + mnli_row(0, "a", "b", "neutral"))
+    (folder / "dev_mismatched.tsv").write_text(MNLI_HEADER + mnli_row(0, "c", "d", "entailment")
+                                               + mnli_row(1, "e", "f", "neutral"))
+    data = load_classification(str(folder))
+    assert set(data.evals) == {"validation_matched", "validation_mismatched"}
+    assert len(data.evals["validation_mismatched"]) == 2
+    assert data.label_names == ["entailment", "neutral", "contradiction"]  # the datasets library's order
+    assert data.train["label"] == [0, 2]
+    assert data.train["premise"][0] == 'He said "hi'  # a stray quote is kept as text
+    assert data.text_columns == ["premise", "hypothesis"]
+
+
+def test_glue_tsv_cola_has_no_header_and_needs_the_task_name(tmp_path):
+    folder = tmp_path / "my-cola"
+    folder.mkdir()
+    (folder / "train.tsv").write_text("gj04\t1\t\tThe sailors rode the breeze.\nclc95\t0\t*\tThem left.\n")
+    (folder / "dev.tsv").write_text("gj04\t1\t\tThey left.\n")
+    with pytest.raises(DataError, match="unknown GLUE task 'my-cola'"):
+        load_classification(str(folder))
+    data = load_classification(str(folder), glue_task="cola")
+    assert data.train["label"] == [1, 0] and data.train["sentence"][1] == "Them left."
+    assert set(data.evals) == {"validation"}
+
+
+def test_glue_tsv_missing_dev_file(tmp_path):
+    folder = tmp_path / "RTE"
+    folder.mkdir()
+    (folder / "train.tsv").write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n")
+    with pytest.raises(DataError, match="has no dev.tsv"):
+        load_classification(str(folder))
+
+
+def test_glue_by_name_goes_through_datasets_and_names_mnli_splits(monkeypatch):
+    def fake_load_dataset(path, name):
+        assert (path, name) == ("nyu-mll/glue", "mnli")
+        row = {"premise": ["p"], "hypothesis": ["h"], "label": [1], "idx": [0]}
+        return DatasetDict({split: Dataset.from_dict(row) for split in
+                            ["train", "validation_matched", "validation_mismatched", "test_matched"]})
+    monkeypatch.setattr(data_mod, "load_dataset", fake_load_dataset)
+    data = load_classification("glue:mnli")
+    assert set(data.evals) == {"validation_matched", "validation_mismatched"}
+    assert data.train.column_names == ["premise", "hypothesis", "label"]
+
+
+def test_glue_by_name_without_the_hub_gives_a_clear_error(monkeypatch):
+    def offline(*args, **kwargs):
+        raise ConnectionError("offline")
+    monkeypatch.setattr(data_mod, "load_dataset", offline)
+    with pytest.raises(DataError, match="cannot load GLUE task 'sst2' through datasets: offline"):
+        load_classification("glue:sst2")
+    with pytest.raises(DataError, match="STS-B is a regression task"):
+        load_classification("glue:stsb")
+
+
+def test_csv_with_string_labels_text_pairs_and_eval_files(tmp_path):
+    (tmp_path / "train.csv").write_text("a,b,y\nx1,y1,pos\nx2,y2,neg\nx3,y3,pos\n")
+    (tmp_path / "dev.csv").write_text("a,b,y\nx4,y4,neg\n")
+    data = load_classification(str(tmp_path / "train.csv"), eval_files=[str(tmp_path / "dev.csv")],
+                               text_columns=["a", "b"], label_column="y")
+    assert data.label_names == ["neg", "pos"]
+    assert data.train["label"] == [1, 0, 1]
+    assert data.evals["dev"]["label"] == [0] and data.evals["dev"]["b"] == ["y4"]
+
+
+def test_numeric_labels_sort_as_numbers_and_unknown_eval_labels_are_refused(tmp_path):
+    (tmp_path / "train.jsonl").write_text("\n".join(f'{{"text": "t{i}", "label": {i % 11}}}' for i in range(22)))
+    (tmp_path / "dev.jsonl").write_text('{"text": "t", "label": 12}')
+    data = load_classification(str(tmp_path / "train.jsonl"))
+    assert data.label_names[:3] == ["0", "1", "2"] and data.label_names[-1] == "10"
+    assert set(data.evals) == {"heldout"} and len(data.evals["heldout"]) == 3  # 10% held out
+    with pytest.raises(DataError, match=r"labels \['12'\] do not occur in the training file"):
+        load_classification(str(tmp_path / "train.jsonl"), eval_files=[str(tmp_path / "dev.jsonl")])
+
+
+def test_unknown_dataset_string(tmp_path):
+    with pytest.raises(DataError, match="cannot tell what data set 'imdb' is"):
+        load_classification("imdb")
+    with pytest.raises(DataError, match="holds no train.tsv"):
+        load_classification(str(tmp_path))
+
+
+def test_the_default_benchmark_split_is_fixed_and_disjoint():
+    data = rotten_tomatoes()
+    train, validation = data.train, data.evals["validation"]
+    assert (len(train), len(validation)) == (10752, 2000)
+    assert not set(train["text"]) & set(validation["text"])
+    assert len(set(train["text"])) == len(train)
+    assert sum(validation["label"]) == 1151  # 57.6% positive
+    assert "&amp;" not in " ".join(train["text"][:2000])
+    assert rotten_tomatoes().train["text"][:5] == train["text"][:5]  # same order every time
+    small = subsample(data, 100, 10)
+    assert (len(small.train), len(small.evals["validation"])) == (100, 10)
+    assert small.train["text"] == train["text"][:100]
