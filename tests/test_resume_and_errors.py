@@ -137,3 +137,27 @@ def test_cli_reports_errors_without_a_traceback(tiny_finetuned, tmp_path):
     assert "headprune: error: k=100 is more than the 8 heads" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_two_processes_shard_the_data_and_resume_to_the_same_heads(tiny_finetuned, tmp_path):
+    """torchrun with 2 CPU processes (gloo): half the steps per epoch; a killed 2-process run
+    resumes, each process from its own RNG state, to the uninterrupted run's heads."""
+    model, data = tiny_finetuned
+
+    def torchrun(out, env=None):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "headprune.cli",
+               *map(str, prune_args(model, data, out, "--batch-size", 8))]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "ACCELERATE_USE_CPU": "1", **(env or {})})
+
+    whole = torchrun(tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    assert json.loads((tmp_path / "whole" / "results.json").read_text())["steps"] == 18  # 2 x ceil(144/16)
+    assert torchrun(tmp_path / "killed", {"HEADPRUNE_KILL_AT_STEP": "10"}).returncode != 0
+    assert (tmp_path / "killed" / "rng_1.pt").exists()
+    resumed = torchrun(tmp_path / "killed")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = json.loads((tmp_path / "whole" / "head_logits.json").read_text())
+    b = json.loads((tmp_path / "killed" / "head_logits.json").read_text())
+    assert [r["logit"] for r in b] == pytest.approx([r["logit"] for r in a], abs=1e-9)
+    assert not (tmp_path / "killed" / "rng_1.pt").exists()
