@@ -1,4 +1,4 @@
-"""The `headprune` command: `finetune`, `prune` and `demo`.
+"""The `headprune` command: `finetune`, `prune`, `sweep` and `demo`.
 
 Every option of finetune and prune comes from the config dataclasses (headprune/config.py), so the
 flags, the YAML keys and the Python API are the same names.
@@ -17,6 +17,7 @@ from .data import DataError
 from .outputs import OutputExistsError
 from .recipes import DEMO_DIR, ModelError, demo, finetune, prune
 from .sites import UnsupportedArchitectureError
+from .sweep import SweepConfig, sweep
 from .train import CheckpointError
 
 USER_ERRORS = (ValueError, OutputExistsError, DataError, ModelError, UnsupportedArchitectureError,
@@ -36,6 +37,12 @@ def parser() -> argparse.ArgumentParser:
                         description="Learn which k heads to keep and save the pruned model, the "
                                     "kept heads, the head logits and the accuracy before and after.")
     cfgmod.add_arguments(pr, cfgmod.PruneConfig)
+    sw = sub.add_parser("sweep", help="compare methods x modes x budgets x seeds; table, plot, report",
+                        description="Run every combination of --methods, --modes, --ks and --seeds as "
+                                    "prune runs (finished ones are skipped), then write sweep.csv, "
+                                    "sweep.md, summary.md, sweep.png and report.md. Other options are "
+                                    "those of prune and apply to every run.")
+    cfgmod.add_arguments(sw, SweepConfig)
     dm = sub.add_parser("demo", help="the default job on the offline assets: fine-tune MiniLM-L6 "
                                      "on Rotten Tomatoes, then DSP-prune it pipelined",
                         description="Fine-tune MiniLM-L6 on 4,000 Rotten Tomatoes snippets (1 epoch), "
@@ -57,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "finetune":
             results = finetune(cfgmod.build_config(cfgmod.FinetuneConfig, args))
+        elif args.command == "sweep":
+            cfg = cfgmod.build_config(SweepConfig, args)
+            sweep(cfg)
+            print(f"sweep results: {cfg.output_dir}/report.md")
+            return 0
         else:
             results = prune(cfgmod.build_config(cfgmod.PruneConfig, args))
     except USER_ERRORS as err:

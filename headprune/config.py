@@ -13,7 +13,13 @@ import yaml
 
 
 def option(default, help: str, **kw):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
+
+
+def default_of(f: dataclasses.Field):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 @dataclass
@@ -60,19 +66,29 @@ class FinetuneConfig:
 
 @dataclass
 class PruneConfig(FinetuneConfig):
-    method: str = option("dsp", "Pruning method: dsp (Gumbel soft top-k) or ste (straight-through "
-                         "hard top-k).", choices=["dsp", "ste"])
+    method: str = option("dsp", "Pruning method: dsp (Gumbel soft top-k), ste (straight-through "
+                         "hard top-k), voita (hard-concrete gates, L0 penalty), michel (gradient "
+                         "importance, iterative) or random.",
+                         choices=["dsp", "ste", "voita", "michel", "random"])
     mode: str = option("pipelined", "pipelined: freeze a fine-tuned --model and learn only the head "
-                       "logits; joint: fine-tune the model and the logits together from a "
-                       "pretrained --model.", choices=["pipelined", "joint"])
+                       "scores; joint: fine-tune the model and the scores together from a "
+                       "pretrained --model (dsp, ste, voita).", choices=["pipelined", "joint"])
     k: int = option(36, "Number of attention heads to keep, over all layers.")
-    pruning_lr: float = option(0.5, "Learning rate of the head logits (their own AdamW group).")
-    pruning_lr_schedule: str = option("linear", "Schedule of the logits' learning rate: linear "
+    pruning_lr: float = option(None, "Learning rate of the head scores (their own AdamW group); "
+                               "default: 0.5 for dsp and ste, 0.1 for voita.")
+    pruning_lr_schedule: str = option("linear", "Schedule of the scores' learning rate: linear "
                                       "decay to 0 or constant.", choices=["linear", "constant"])
     t0: float = option(1000.0, "DSP initial temperature.")
     tf: float = option(1e-8, "DSP final temperature.")
     cooldown_fraction: float = option(2 / 3, "Anneal from t0 to tf over this fraction of training.")
     cooldown_steps: int = option(None, "Anneal over this many steps (overrides --cooldown-fraction).")
+    l0_lambda: float = option(0.0015, "voita: weight of the L0 penalty (expected open gates) in the loss.")
+    voita_selection: str = option("top-k", "voita: keep the k heads with the largest gates (top-k), "
+                                  "or every head whose gate exceeds 0.5 (threshold: k is ignored "
+                                  "and lambda decides the count).", choices=["top-k", "threshold"])
+    michel_step: int = option(12, "michel: heads masked per iteration.")
+    michel_exact: bool = option(True, "michel: re-estimate importance after each iteration "
+                                "(exact pruning); --no-michel-exact estimates it once.")
     # the reference prunes in one epoch from a converged model; joint runs train as long as fine-tuning
     epochs: float = option(1.0, "Training epochs (a fraction is allowed).")
     output_dir: str = option("runs/prune", "Output folder. A folder that already holds results.json "
@@ -88,13 +104,16 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
     parser.add_argument("--config", help="YAML file of options; flags given here override it.")
     for f in dataclasses.fields(cls):
         meta = dict(f.metadata)
-        shown = f.type != "bool" and f.default is not None
-        help_text = meta.pop("help") + (f" (default: {f.default:.4g})" if isinstance(f.default, float) and shown
-                                        else f" (default: {f.default})" if shown else "")
+        default = default_of(f)
+        shown = f.type != "bool" and default is not None
+        default = " ".join(map(str, default)) if isinstance(default, list) else default
+        help_text = meta.pop("help") + (f" (default: {default:.4g})" if isinstance(default, float) and shown
+                                        else f" (default: {default})" if shown else "")
         if f.type == "bool":
-            parser.add_argument(_flag(f.name), action="store_true", default=None, help=help_text)
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
             continue
-        kind = {"int": int, "float": float, "str": str, "list": str}[f.type]
+        kind = meta.pop("type", {"int": int, "float": float, "str": str, "list": str}[f.type])
         parser.add_argument(_flag(f.name), type=kind, default=None, help=help_text, **meta)
 
 

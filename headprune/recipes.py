@@ -5,8 +5,9 @@ long work starts, then trains, evaluates and writes its output folder:
   results.json      what was run and what it measured
   model/            the final model (save_pretrained folder with tokenizer)
   train_log.jsonl   loss, learning rate (and temperature) every 10 steps
-  head_logits.json  prune only: the learned score of every head and whether it was kept
+  head_scores.json  prune only: every head's score (logit, gate or pruning round) and whether it was kept
   heads.png         prune only: heat map of kept heads (layer x head) with their scores
+  training.png, report.md   prune only: training curves and a page that shows the run
 """
 
 from __future__ import annotations
@@ -21,15 +22,18 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 from .config import FinetuneConfig, PruneConfig
 from .data import ClassificationData, load_classification, subsample
 from .gates import attach_gates, detach_gates
-from .methods import make_selector
+from .methods import (DEFAULT_PRUNING_LR, TRAINED, head_importance, iterative_pruning, make_selector,
+                      normalize_importance, random_mask)
 from .outputs import CHECKPOINT, RESULTS, check_output_dir, versions, write_json, write_jsonl
 from .pruning import zero_pruned_heads
-from .report import plot_head_map
+from .report import plot_head_map, write_run_report
 from .train import constant, evaluate, linear_decay, read_checkpoint, restore_checkpoint, total_steps, train
 
 log = logging.getLogger("headprune")
@@ -110,7 +114,8 @@ def _load(cfg, require_finetuned: bool):
 
 def _finish(acc, out: Path, results: dict, history: list) -> dict:
     if acc.is_main_process:
-        write_jsonl(out / "train_log.jsonl", history)
+        if history:
+            write_jsonl(out / "train_log.jsonl", history)
         write_json(out / RESULTS, results)  # last: its presence marks the run as complete
         for leftover in [out / CHECKPOINT, *out.glob("rng_*.pt")]:
             leftover.unlink(missing_ok=True)
@@ -160,77 +165,151 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
 # -- pruning -------------------------------------------------------------------------------------
 
-def prune(cfg: PruneConfig) -> dict:
-    """Keep exactly `cfg.k` heads by DSP or STE, joint or pipelined."""
-    if cfg.k < 1:
+def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
+    """Keep `cfg.k` heads by any method, joint or pipelined; write the output folder.
+
+    `metrics_unpruned`: the pipelined model's metrics if already known (a sweep measures them
+    once), so that they are not evaluated again."""
+    threshold = cfg.method == "voita" and cfg.voita_selection == "threshold"
+    if cfg.k < 1 and not threshold:
         raise ValueError(f"k={cfg.k}: at least one head must be kept")
+    pipelined = cfg.mode == "pipelined"
+    if cfg.method not in TRAINED and not pipelined:
+        raise ValueError(f"{cfg.method} prunes a fine-tuned model and trains nothing: use --mode pipelined")
     seconds: dict = {}
     out, state, acc = _start(cfg)
-    pipelined = cfg.mode == "pipelined"
     with timed(seconds, "load"):
         data, model, tokenizer = _load(cfg, require_finetuned=pipelined)
         gates = attach_gates(model)
-        if cfg.k > gates.num_heads:
+        if cfg.k > gates.num_heads and not threshold:
             raise ValueError(f"k={cfg.k} is more than the {gates.num_heads} heads of this model")
         train_set, evals, collate = tokenize(data, tokenizer, cfg.max_length)
-        steps = total_steps(cfg, len(train_set), acc.num_processes)
-        cooldown = cfg.cooldown_steps or max(1, round(cfg.cooldown_fraction * steps))
-        gates.selector = make_selector(cfg.method, gates.num_heads, cfg.k, t0=cfg.t0, tf=cfg.tf,
-                                       cooldown_steps=cooldown)
-        logits = list(gates.selector.parameters())
-        gate_lr = linear_decay(steps) if cfg.pruning_lr_schedule == "linear" else constant
-        groups, schedules = [{"params": logits, "lr": cfg.pruning_lr, "weight_decay": 0.0}], [gate_lr]
-        if pipelined:  # the fine-tuned model is frozen; dropout stays on, as in the reference
+        if pipelined:  # the fine-tuned weights stay as they are; dropout stays on while training
             model.requires_grad_(False)
-            gates.selector.requires_grad_(True)
-        else:
-            weights = [p for n, p in model.named_parameters() if not n.startswith("head_gates.")]
-            groups.append({"params": weights, "lr": cfg.lr, "weight_decay": cfg.weight_decay})
-            schedules.append(linear_decay(steps, round(cfg.warmup_ratio * steps)))
-        optimizer = torch.optim.AdamW(groups)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
-        selector = gates.selector
-        model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
-        if state:
-            restore_checkpoint(acc, state, out, model, optimizer, scheduler)
+        if cfg.method in TRAINED:
+            optimizer, scheduler, info = _make_selector_and_optimizer(cfg, model, gates, len(train_set), acc)
+            model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+            if state:
+                restore_checkpoint(acc, state, out, model, optimizer, scheduler)
+        else:  # nothing to train: no DDP wrapper (it refuses a model without trainable weights)
+            model, info = model.to(acc.device), {}
+
+    def evaluate_with(mask):
+        with gates.override(mask):
+            return evaluate(acc, model, evals, collate, cfg.eval_batch_size)
+
     all_heads = torch.ones(gates.num_heads)
     extra = dict(state["extra"]) if state else {}
+    if pipelined and metrics_unpruned is not None:
+        extra.setdefault("metrics_unpruned", metrics_unpruned)
     if pipelined and "metrics_unpruned" not in extra:
-        with timed(seconds, "evaluate_unpruned"), gates.override(all_heads):
-            extra["metrics_unpruned"] = evaluate(acc, model, evals, collate, cfg.eval_batch_size)
+        with timed(seconds, "evaluate_unpruned"):
+            extra["metrics_unpruned"] = evaluate_with(all_heads)
         log.info("unpruned accuracy: %s", extra["metrics_unpruned"])
-    log.info("%s %s pruning to %d of %d heads: %d steps, annealing over %d", cfg.mode, cfg.method,
-             cfg.k, gates.num_heads, steps, cooldown)
-    with timed(seconds, "train"):
-        history = train(acc, cfg, out, model, optimizer, scheduler, train_set, collate,
-                        selector=selector, resume_state=state, extra=extra, desc=f"{cfg.method} {cfg.mode}")
+
+    history: list = []
+    log.info("%s %s: keeping %s of %d heads", cfg.mode, cfg.method,
+             "those over 0.5" if threshold else cfg.k, gates.num_heads)
+    with timed(seconds, "prune"):
+        if cfg.method in TRAINED:
+            selector = gates.selector
+            history = train(acc, cfg, out, model, optimizer, scheduler, train_set, collate,
+                            selector=selector, resume_state=state, extra=extra,
+                            desc=f"{cfg.method} {cfg.mode}")
+            selector.eval()
+            mask, scores = selector(), selector.scores()
+            gates.selector = None  # from here on the gates hold the final mask
+            if cfg.method == "voita":
+                info["heads_on_by_threshold"] = selector.heads_on()
+        elif cfg.method == "michel":
+            mask, scores, info = _michel(cfg, acc, model, gates, train_set, collate, evaluate_with)
+        else:
+            mask = random_mask(gates.num_heads, cfg.k, cfg.seed)
+            scores = mask
     with timed(seconds, "evaluate_pruned"):
-        metrics = evaluate(acc, model, evals, collate, cfg.eval_batch_size)  # eval: hard top-k
+        metrics = evaluate_with(mask)
         if not pipelined:  # the jointly trained weights with every head on
-            with gates.override(all_heads):
-                extra["metrics_unpruned"] = evaluate(acc, model, evals, collate, cfg.eval_batch_size)
-    selector.eval()
-    mask, scores = selector(), selector.scores()
+            extra["metrics_unpruned"] = evaluate_with(all_heads)
     kept = gates.kept_heads(mask)
     log.info("kept %d heads; accuracy %s (unpruned %s)", len(kept), metrics, extra["metrics_unpruned"])
     with timed(seconds, "save"):
         if acc.is_main_process:
-            unwrapped = acc.unwrap_model(model)
-            detach_gates(unwrapped)
-            zero_pruned_heads(gates.sites, mask)
-            unwrapped.config.headprune = {"kept_heads": kept, "method": cfg.method, "mode": cfg.mode}
-            unwrapped.save_pretrained(out / "model")
-            tokenizer.save_pretrained(out / "model")
-            write_json(out / "head_logits.json", [
-                {"kind": kind, "layer": layer, "head": head, "logit": score, "kept": bool(m)}
-                for (kind, layer, head), score, m in zip(gates.heads, scores.tolist(), mask.tolist())])
-            plot_head_map(out / "heads.png", gates.heads, scores.tolist(), kept,
-                          f"{cfg.method} {cfg.mode}: {len(kept)} of {gates.num_heads} heads kept")
-    results = {"method": cfg.method, "mode": cfg.mode, "k": cfg.k, "num_heads": gates.num_heads,
-               "kept_heads": kept, "metrics_pruned": metrics,
-               "metrics_unpruned": extra["metrics_unpruned"], "steps": steps,
-               "cooldown_steps": cooldown, **_common_results(cfg, data, seconds, state and state["step"])}
-    return _finish(acc, out, results, history)
+            _save_pruned(cfg, out, acc.unwrap_model(model), gates, tokenizer, mask, scores)
+    results = {"method": cfg.method, "mode": cfg.mode, "k": len(kept), "num_heads": gates.num_heads,
+               "kept_heads": kept, "metrics_pruned": metrics, "metrics_unpruned": extra["metrics_unpruned"],
+               **info, **_common_results(cfg, data, seconds, state and state["step"])}
+    _finish(acc, out, results, history)
+    if acc.is_main_process:
+        write_run_report(out, results, history)
+    return results
+
+
+def _make_selector_and_optimizer(cfg, model, gates, n_train: int, acc):
+    """The method's selector on the gates, and AdamW with the scores in their own group."""
+    steps = total_steps(cfg, n_train, acc.num_processes)
+    cooldown = cfg.cooldown_steps or max(1, round(cfg.cooldown_fraction * steps))
+    k = None if cfg.method == "voita" and cfg.voita_selection == "threshold" else cfg.k
+    gates.selector = make_selector(cfg.method, gates.num_heads, k, t0=cfg.t0, tf=cfg.tf,
+                                   cooldown_steps=cooldown, l0_lambda=cfg.l0_lambda)
+    pruning_lr = cfg.pruning_lr if cfg.pruning_lr is not None else DEFAULT_PRUNING_LR[cfg.method]
+    groups = [{"params": list(gates.selector.parameters()), "lr": pruning_lr, "weight_decay": 0.0}]
+    schedules = [linear_decay(steps) if cfg.pruning_lr_schedule == "linear" else constant]
+    if cfg.mode == "joint":
+        weights = [p for n, p in model.named_parameters() if not n.startswith("head_gates.")]
+        groups.append({"params": weights, "lr": cfg.lr, "weight_decay": cfg.weight_decay})
+        schedules.append(linear_decay(steps, round(cfg.warmup_ratio * steps)))
+    optimizer = torch.optim.AdamW(groups)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
+    info = {"steps": steps, "pruning_lr": pruning_lr}
+    if cfg.method == "dsp":
+        info["cooldown_steps"] = cooldown
+    if cfg.method == "voita":
+        info.update(l0_lambda=cfg.l0_lambda, selection=cfg.voita_selection)
+    return optimizer, scheduler, info
+
+
+def _michel(cfg, acc, model, gates, train_set, collate, evaluate_with):
+    """Iterative pruning down to k, importance over the (first max_train_examples) training data."""
+    loader = acc.prepare(DataLoader(train_set, batch_size=cfg.batch_size, collate_fn=collate))
+    sizes = [site.num_heads for site in gates.sites]
+    passes = []
+
+    def importance(mask):
+        passes.append(1)
+        raw = head_importance(model, gates, tqdm(loader, desc="importance", leave=False,
+                                                 disable=not acc.is_local_main_process),
+                              mask.to(acc.device), reduce=lambda t: acc.reduce(t, "sum"))
+        return normalize_importance(raw, sizes)
+
+    curve = iterative_pruning(gates.num_heads, cfg.michel_step, cfg.k, importance, evaluate_with,
+                              exact=cfg.michel_exact)
+    mask = curve[-1]["mask"]
+    # rank for the heat map: heads pruned later score higher; the kept ones highest
+    order = torch.zeros(gates.num_heads)
+    for rank, entry in enumerate(curve[1:], start=1):
+        order[entry["pruned_now"]] = rank
+    order[mask.bool()] = len(curve)
+    info = {"michel_step": cfg.michel_step, "michel_exact": cfg.michel_exact,
+            "importance_examples": len(train_set), "importance_passes": len(passes),
+            "curve": [{"heads": e["heads"], "metrics": e["metrics"],
+                       "pruned_now": [gates.heads[i] for i in e["pruned_now"]]} for e in curve]}
+    return mask, order, info
+
+
+def _save_pruned(cfg, out: Path, model, gates, tokenizer, mask, scores) -> None:
+    kept = gates.kept_heads(mask)
+    detach_gates(model)
+    zero_pruned_heads(gates.sites, mask)
+    model.config.headprune = {"kept_heads": kept, "method": cfg.method, "mode": cfg.mode}
+    model.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    score_name = {"michel": "pruning_round", "random": "kept"}.get(cfg.method, "logit")
+    write_json(out / "head_scores.json", [
+        {"kind": kind, "layer": layer, "head": head, score_name: score, "kept": bool(m)}
+        for (kind, layer, head), score, m in zip(gates.heads, scores.tolist(), mask.tolist())])
+    plot_head_map(out / "heads.png", gates.heads, scores.tolist(), kept,
+                  f"{cfg.method} {cfg.mode}: {len(kept)} of {gates.num_heads} heads kept",
+                  score_label=score_name.replace("_", " "))
 
 
 # -- the demo ------------------------------------------------------------------------------------

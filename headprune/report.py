@@ -1,4 +1,5 @@
-"""Figures: the heat map of kept heads (layer x head, coloured by the learned score)."""
+"""What a person reads: the heat map of kept heads, training curves and a Markdown page per run;
+the metric-versus-heads plot and the tables of a sweep."""
 
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ from .outputs import atomic_path  # noqa: E402
 
 
 def plot_head_map(path: Path, heads: list[tuple[str, int, int]], scores: list[float],
-                  kept: list[tuple[str, int, int]], title: str) -> None:
+                  kept: list[tuple[str, int, int]], title: str, score_label: str = "logit") -> None:
     """One panel per attention kind; a cell per (layer, head) coloured by its score, kept heads
     outlined and marked."""
     kinds = list(dict.fromkeys(kind for kind, _, _ in heads))
     kept = set(map(tuple, kept))
     fig, axes = plt.subplots(1, len(kinds), figsize=(1.2 + 4.5 * len(kinds), 3.6), squeeze=False)
-    limit = max(abs(s) for s in scores) or 1.0
+    low, high = min(scores), max(scores)
+    signed = low < 0 < high  # logits: a diverging map centred on 0
+    limit = max(abs(low), abs(high)) or 1.0
     for ax, kind in zip(axes[0], kinds):
         cells = [(layer, head, score) for (k, layer, head), score in zip(heads, scores) if k == kind]
         n_layers = 1 + max(c[0] for c in cells)
@@ -28,7 +31,8 @@ def plot_head_map(path: Path, heads: list[tuple[str, int, int]], scores: list[fl
         grid = np.full((n_layers, n_heads), np.nan)
         for layer, head, score in cells:
             grid[layer, head] = score
-        image = ax.imshow(grid, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+        image = ax.imshow(grid, cmap="RdBu_r" if signed else "viridis", aspect="auto",
+                          vmin=-limit if signed else low, vmax=limit if signed else high)
         for layer, head, _ in cells:
             if (kind, layer, head) in kept:
                 ax.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, lw=2, ec="black"))
@@ -38,8 +42,76 @@ def plot_head_map(path: Path, heads: list[tuple[str, int, int]], scores: list[fl
         ax.set_ylabel("layer")
         ax.set_xticks(range(n_heads))
         ax.set_yticks(range(n_layers))
-        fig.colorbar(image, ax=ax, label="score (logit)")
+        fig.colorbar(image, ax=ax, label=score_label)
     fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def plot_training_curves(path: Path, history: list[dict], title: str) -> None:
+    """Loss, and what the method logs beside it (temperature, L0 penalty, heads on), per step."""
+    keys = ["loss"] + [k for k in ("temperature", "penalty", "heads_on") if any(k in r for r in history)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.0), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        rows = [r for r in history if key in r]
+        ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker=".")
+        ax.set_xlabel("step")
+        ax.set_title({"heads_on": "heads on (mask > 0.5)", "penalty": "L0 penalty"}.get(key, key))
+        if key == "temperature":
+            ax.set_yscale("log")
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def _fmt(metrics: dict) -> str:
+    return ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+
+
+def write_run_report(out: Path, results: dict, history: list[dict]) -> None:
+    """report.md in a prune run's folder, with its figures."""
+    lines = [f"# {results['method']} {results['mode']}: {results['k']} of {results['num_heads']} heads",
+             "", f"- model: `{results['model']}`, data: `{results['dataset']}` "
+             f"({results['train_examples']} training examples), seed {results['seed']}",
+             f"- accuracy pruned: {_fmt(results['metrics_pruned'])}",
+             f"- accuracy unpruned: {_fmt(results['metrics_unpruned'])}",
+             f"- seconds: {', '.join(f'{k} {v}' for k, v in results['seconds'].items())}"]
+    if "heads_on_by_threshold" in results:
+        lines.append(f"- heads with gate > 0.5 (what lambda gave): {results['heads_on_by_threshold']}; "
+                     f"selection: {results['selection']}")
+    lines += ["", "![kept heads](heads.png)", ""]
+    if history:
+        plot_training_curves(out / "training.png", history, f"{results['method']} {results['mode']}")
+        lines += ["![training curves](training.png)", ""]
+    if "curve" in results:
+        lines += ["| heads | accuracy |", "|---|---|"]
+        lines += [f"| {e['heads']} | {_fmt(e['metrics'])} |" for e in results["curve"]]
+        lines.append("")
+    with atomic_path(out / "report.md") as tmp:
+        tmp.write_text("\n".join(lines))
+
+
+def plot_sweep(path: Path, rows: list[dict], unpruned: float | None, title: str, num_heads: int) -> None:
+    """Metric against kept heads: one line per (method, mode), mean over seeds with min-max band."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (method, mode) in sorted({(r["method"], r["mode"]) for r in rows}):
+        ks = sorted({r["k"] for r in rows if (r["method"], r["mode"]) == (method, mode)})
+        values = [[r["metric"] for r in rows if (r["method"], r["mode"], r["k"]) == (method, mode, k)] for k in ks]
+        mean = [float(np.mean(v)) for v in values]
+        line, = ax.plot(ks, mean, marker="o", label=f"{method} {mode}" + (f" (n={len(values[0])})" if len(values[0]) > 1 else ""))
+        if any(len(v) > 1 for v in values):
+            ax.fill_between(ks, [min(v) for v in values], [max(v) for v in values], alpha=0.15, color=line.get_color())
+    if unpruned is not None:
+        ax.axhline(unpruned, color="black", ls="--", lw=1, label=f"unpruned ({num_heads} heads)")
+    ax.set_xlabel(f"heads kept (of {num_heads})")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

@@ -160,12 +160,14 @@ def train(acc: Accelerator, cfg, out: Path, model, optimizer, scheduler, train_s
     """Run `cfg.epochs` of training; return the training log (one row every `log_every` steps).
 
     `model`, `optimizer` and `scheduler` must already be prepared by `acc`. `selector`, if given,
-    is told the step before each forward (DSP's temperature follows it). `extra` is stored in each
+    is told the step before each forward (DSP's temperature follows it) and its `penalty()`, if it
+    has one, is added to the loss. `extra` is stored in each
     checkpoint (e.g. metrics measured before training) and comes back in `resume_state["extra"]`.
     """
     per_epoch = steps_per_epoch(len(train_set), cfg.batch_size, acc.num_processes)
     last_step = total_steps(cfg, len(train_set), acc.num_processes)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    penalty = getattr(selector, "penalty", None)
     step, history = 0, []
     if resume_state is not None:
         step, history = resume_state["step"], resume_state["history"]
@@ -187,6 +189,8 @@ def train(acc: Accelerator, cfg, out: Path, model, optimizer, scheduler, train_s
             if selector is not None:
                 selector.set_step(step)
             loss = model(**batch).loss
+            if penalty is not None:  # e.g. voita's L0 term
+                loss = loss + penalty()
             acc.backward(loss)
             if cfg.max_grad_norm:
                 acc.clip_grad_norm_(trainable, cfg.max_grad_norm)

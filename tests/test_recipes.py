@@ -37,14 +37,14 @@ def test_prune_writes_everything_and_the_saved_model_equals_the_masked_one(
 
     assert results["method"] == method and results["mode"] == mode
     assert results["k"] == 3 and results["num_heads"] == 8 and len(results["kept_heads"]) == 3
-    assert set(results["seconds"]) >= {"load", "train", "evaluate_pruned", "save"}
+    assert set(results["seconds"]) >= {"load", "prune", "evaluate_pruned", "save"}
     assert set(results["versions"]) >= {"torch", "transformers", "accelerate", "datasets", "headprune"}
     assert results["seed"] == 0
     assert set(results["metrics_pruned"]) == set(results["metrics_unpruned"]) == {"heldout"}
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["kept_heads"] == [list(h) for h in results["kept_heads"]]
 
-    logits = json.loads((tmp_path / "head_logits.json").read_text())
+    logits = json.loads((tmp_path / "head_scores.json").read_text())
     assert len(logits) == 8 and sum(row["kept"] for row in logits) == 3
     top3 = sorted(logits, key=lambda r: -r["logit"])[:3]
     assert {(r["kind"], r["layer"], r["head"]) for r in top3} == set(map(tuple, results["kept_heads"]))

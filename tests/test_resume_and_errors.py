@@ -45,8 +45,8 @@ def test_a_killed_run_resumes_to_the_same_heads(tiny_finetuned, tmp_path, mode):
     b = json.loads((tmp_path / "killed" / "results.json").read_text())
     assert b["kept_heads"] == a["kept_heads"]
     assert b["metrics_pruned"] == a["metrics_pruned"] and b["resumed_from_step"] == 8
-    la = json.loads((tmp_path / "whole" / "head_logits.json").read_text())
-    lb = json.loads((tmp_path / "killed" / "head_logits.json").read_text())
+    la = json.loads((tmp_path / "whole" / "head_scores.json").read_text())
+    lb = json.loads((tmp_path / "killed" / "head_scores.json").read_text())
     assert [r["logit"] for r in lb] == pytest.approx([r["logit"] for r in la], abs=1e-9)
 
 
@@ -157,7 +157,7 @@ def test_two_processes_shard_the_data_and_resume_to_the_same_heads(tiny_finetune
     assert (tmp_path / "killed" / "rng_1.pt").exists()
     resumed = torchrun(tmp_path / "killed")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a = json.loads((tmp_path / "whole" / "head_logits.json").read_text())
-    b = json.loads((tmp_path / "killed" / "head_logits.json").read_text())
+    a = json.loads((tmp_path / "whole" / "head_scores.json").read_text())
+    b = json.loads((tmp_path / "killed" / "head_scores.json").read_text())
     assert [r["logit"] for r in b] == pytest.approx([r["logit"] for r in a], abs=1e-9)
     assert not (tmp_path / "killed" / "rng_1.pt").exists()

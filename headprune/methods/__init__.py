@@ -1,23 +1,48 @@
-"""Pruning methods. Each is a *selector*: an nn.Module whose forward returns one mask value per
-head (training: a relaxed or sampled mask; eval: the hard mask), and which the gates call once per
-model forward. A new method plugs in here: write the selector, add it to `make_selector`."""
+"""Pruning methods.
+
+Trained methods are *selectors*: nn.Modules whose forward returns one mask value per head
+(training: a relaxed or sampled mask; eval: the hard mask), which the gates call once per model
+forward. They also give `scores()` (what ranks the heads), `set_step(step)` and `log_values()`;
+a selector with a `penalty()` has it added to the loss. Michel et al. and random heads need no
+training and are plain functions. A new trained method plugs in here: write the selector and add
+it to `make_selector`.
+"""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .dsp import DSPSelector, geometric_temperature, hard_top_k, soft_top_k
+from .michel import head_importance, iterative_pruning, normalize_importance
+from .voita import HardConcreteSelector, hard_concrete_eval, hard_concrete_sample, l0_penalty
 
-METHODS = ("dsp", "ste")
+TRAINED = ("dsp", "ste", "voita")
+METHODS = (*TRAINED, "michel", "random")
+DEFAULT_PRUNING_LR = {"dsp": 0.5, "ste": 0.5, "voita": 0.1}  # the reference's BERT values
 
 
-def make_selector(method: str, num_heads: int, k: int, *, t0: float, tf: float,
-                  cooldown_steps: int) -> nn.Module:
+def make_selector(method: str, num_heads: int, k: int | None, *, t0: float = 1000.0, tf: float = 1e-8,
+                  cooldown_steps: int = 1000, l0_lambda: float = 0.0015) -> nn.Module:
+    """The selector of a trained method; for voita, k=None keeps the heads whose gate is above 0.5."""
     if method == "dsp":
         return DSPSelector(num_heads, k, t0, tf, cooldown_steps)
     if method == "ste":
         return DSPSelector(num_heads, k, straight_through=True)
-    raise ValueError(f"unknown pruning method {method!r}; choose from {', '.join(METHODS)}")
+    if method == "voita":
+        return HardConcreteSelector(num_heads, k, l0_lambda)
+    raise ValueError(f"unknown trained pruning method {method!r}; choose from {', '.join(TRAINED)}")
 
 
-__all__ = ["DSPSelector", "METHODS", "geometric_temperature", "hard_top_k", "make_selector", "soft_top_k"]
+def random_mask(num_heads: int, k: int, seed: int) -> torch.Tensor:
+    """k heads drawn uniformly at random, reproducibly from the seed."""
+    keep = torch.randperm(num_heads, generator=torch.Generator().manual_seed(seed))[:k]
+    mask = torch.zeros(num_heads)
+    mask[keep] = 1.0
+    return mask
+
+
+__all__ = ["DEFAULT_PRUNING_LR", "DSPSelector", "HardConcreteSelector", "METHODS", "TRAINED",
+           "geometric_temperature", "hard_concrete_eval", "hard_concrete_sample", "hard_top_k",
+           "head_importance", "iterative_pruning", "l0_penalty", "make_selector", "normalize_importance",
+           "random_mask", "soft_top_k"]

@@ -67,6 +67,7 @@ class DSPSelector(nn.Module):
         # float64 as in the reference: the soft top-k at temperatures near 1e-8 needs the range.
         self.logits = nn.Parameter(torch.empty(num_heads, dtype=torch.float64).uniform_(-0.5, 0.5))
         self.step = 0
+        self._last: torch.Tensor | None = None  # the last training mask, for the log
 
     def set_step(self, step: int) -> None:
         self.step = step
@@ -80,13 +81,19 @@ class DSPSelector(nn.Module):
             return hard_top_k(self.logits.detach(), self.k)
         if self.straight_through:
             hard = hard_top_k(self.logits.detach(), self.k)
-            return hard + self.logits - self.logits.detach()  # forward hard, backward identity
-        noisy = self.logits + sample_gumbel(self.logits)
-        return soft_top_k(noisy, self.k, self.temperature)
+            mask = hard + self.logits - self.logits.detach()  # forward hard, backward identity
+        else:
+            mask = soft_top_k(self.logits + sample_gumbel(self.logits), self.k, self.temperature)
+        self._last = mask.detach()
+        return mask
 
     def scores(self) -> torch.Tensor:
         """What ranks the heads: the logits."""
         return self.logits.detach()
 
     def log_values(self) -> dict[str, float]:
-        return {} if self.straight_through else {"temperature": self.temperature}
+        """For the training log: the temperature, and how many heads the last mask had above 0.5."""
+        values = {} if self.straight_through else {"temperature": self.temperature}
+        if self._last is not None:
+            values["heads_on"] = int((self._last > 0.5).sum())
+        return values

@@ -1,0 +1,72 @@
+"""Voita et al. 2019: hard-concrete gates with an L0 penalty.
+
+One parameter `log_a` per head. Training samples a stretched, clipped concrete gate per head and
+adds lambda * P(gate open), summed over heads, to the loss. Evaluation: the deterministic gate;
+a head is kept when it exceeds 0.5, or, when an exact k is asked for, the k heads with the
+largest `log_a` (the gate saturates at 1, `log_a` does not; ties go to the lower index).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .dsp import hard_top_k
+
+BETA = 0.33  # temperature of the concrete distribution
+GAMMA, ZETA = -0.1, 1.1  # stretch limits
+EPS = 1e-6
+
+
+def hard_concrete_sample(log_a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The training gate for uniform noise `u` in (0, 1)."""
+    s = torch.sigmoid((torch.log(u) - torch.log(1 - u) + log_a) / BETA)
+    return torch.clamp(s * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def hard_concrete_eval(log_a: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(torch.sigmoid(log_a) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def l0_penalty(log_a: torch.Tensor) -> torch.Tensor:
+    """Expected number of open gates: sum of P(gate > 0) = sigmoid(log_a - beta * log(-gamma/zeta))."""
+    p_open = torch.sigmoid(log_a - BETA * math.log(-GAMMA / ZETA))
+    return torch.clamp(p_open, EPS, 1 - EPS).sum()
+
+
+class HardConcreteSelector(nn.Module):
+    def __init__(self, num_heads: int, k: int | None = None, l0_lambda: float = 0.0015):
+        super().__init__()
+        if k is not None and not 1 <= k <= num_heads:
+            raise ValueError(f"k={k} must be between 1 and the model's {num_heads} heads")
+        self.k, self.l0_lambda = k, l0_lambda
+        self.log_a = nn.Parameter(torch.empty(num_heads).uniform_(-0.5, 0.5))  # as the reference
+
+    def set_step(self, step: int) -> None:  # no schedule
+        pass
+
+    def forward(self) -> torch.Tensor:
+        if self.training:
+            u = torch.rand_like(self.log_a) * (1 - 2 * EPS) + EPS
+            return hard_concrete_sample(self.log_a, u)
+        return self.eval_mask()
+
+    def eval_mask(self) -> torch.Tensor:
+        if self.k is not None:
+            return hard_top_k(self.log_a.detach(), self.k)
+        return (hard_concrete_eval(self.log_a.detach()) > 0.5).to(self.log_a.dtype)
+
+    def penalty(self) -> torch.Tensor:
+        return self.l0_lambda * l0_penalty(self.log_a)
+
+    def scores(self) -> torch.Tensor:
+        return self.log_a.detach()
+
+    def heads_on(self) -> int:
+        """How many heads the L0 penalty left open (eval gate > 0.5), whatever k is."""
+        return int((hard_concrete_eval(self.log_a.detach()) > 0.5).sum())
+
+    def log_values(self) -> dict[str, float]:
+        return {"penalty": self.penalty().item(), "heads_on": self.heads_on()}

@@ -1,0 +1,163 @@
+"""The comparison: methods x modes x budgets x seeds on one model and data set, in one command.
+
+Every run is an ordinary `prune` run in its own folder (`<method>-<mode>-k<k>-s<seed>`); a run
+whose folder holds results is not run again, and one that was interrupted resumes. Michel et al.
+is deterministic and yields every budget from one run (`michel-pipelined-s<seed>`, pruned down to
+the smallest k). Random heads and Michel need no training: they run pipelined only. At the end:
+sweep.csv and sweep.md (one row per run), summary.md (mean and spread over seeds, time per
+method), sweep.png (metric against kept heads) and report.md linking them.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import AutoConfig
+
+from .config import PruneConfig, option
+from .methods import METHODS
+from .outputs import RESULTS, atomic_path
+from .recipes import ModelError, prune, resolve_model
+from .report import plot_sweep
+
+log = logging.getLogger("headprune")
+
+DETERMINISTIC = ("michel",)  # one seed is enough
+UNTRAINED = ("michel", "random")  # pipelined only
+
+
+@dataclass
+class SweepConfig(PruneConfig):
+    methods: list = option(["dsp", "ste", "voita", "michel", "random"], "Methods to compare.",
+                           nargs="+", choices=list(METHODS))
+    modes: list = option(["pipelined"], "Modes: pipelined (from --model, fine-tuned) and/or joint "
+                         "(from --pretrained-model).", nargs="+", choices=["pipelined", "joint"])
+    ks: list = option([6, 12, 24, 36, 48, 60], "Budgets: heads to keep.", nargs="+", type=int)
+    seeds: list = option([0, 1, 2], "Seeds of the stochastic methods (michel runs with the first).",
+                         nargs="+", type=int)
+    pretrained_model: str = option("offline:minilm-l6", "Starting point of joint runs.")
+    michel_step: int = option(6, "michel: heads masked per iteration (the sweep's curve needs a step "
+                              "that lands on every k).")
+    output_dir: str = option("runs/sweep", "Folder of the sweep: one sub-folder per run, tables and plot.")
+
+
+def planned_runs(cfg: SweepConfig) -> list[PruneConfig]:
+    prune_fields = {f.name for f in dataclasses.fields(PruneConfig)}
+    base = {name: getattr(cfg, name) for name in prune_fields}
+    runs = []
+    for method in cfg.methods:
+        for mode in cfg.modes:
+            if method in UNTRAINED and mode == "joint":
+                log.info("%s trains nothing: no joint runs", method)
+                continue
+            model = cfg.model if mode == "pipelined" else cfg.pretrained_model
+            seeds = cfg.seeds[:1] if method in DETERMINISTIC else cfg.seeds
+            ks = [min(cfg.ks)] if method == "michel" else cfg.ks
+            for k in ks:
+                for seed in seeds:
+                    name = f"{method}-{mode}-s{seed}" if method == "michel" else f"{method}-{mode}-k{k}-s{seed}"
+                    runs.append(PruneConfig(**{**base, "method": method, "mode": mode, "k": k, "seed": seed,
+                                               "model": model, "overwrite": False,
+                                               "output_dir": str(Path(cfg.output_dir) / name)}))
+    return runs
+
+
+def rows_of(results: dict, ks: list[int], folder: str) -> list[dict]:
+    """Table rows of one run; a Michel run gives one row per k on its curve."""
+    seconds = round(sum(results["seconds"].values()), 1)
+    split = next(iter(results["metrics_pruned"]))
+    common = {"method": results["method"], "mode": results["mode"], "seed": results["seed"],
+              "split": split, "seconds": seconds, "run": folder}
+    if "curve" in results:
+        return [{**common, "k": e["heads"], "metric": e["metrics"][split]}
+                for e in results["curve"] if e["heads"] in ks]
+    return [{**common, "k": results["k"], "metric": results["metrics_pruned"][split]}]
+
+
+def sweep(cfg: SweepConfig) -> list[dict]:
+    out = Path(cfg.output_dir)
+    runs = planned_runs(cfg)
+    for model in sorted({run.model for run in runs}):  # fail now, not after hours of other runs
+        try:
+            AutoConfig.from_pretrained(resolve_model(model))
+        except (OSError, ValueError) as err:
+            raise ModelError(f"cannot load model {model!r}: {err}") from err
+    rows, unpruned_metrics = [], None
+    for i, run in enumerate(runs, start=1):
+        folder = Path(run.output_dir)
+        if (folder / RESULTS).exists():
+            log.info("[%d/%d] done already: %s", i, len(runs), folder.name)
+            results = json.loads((folder / RESULTS).read_text())
+        else:
+            log.info("[%d/%d] running %s", i, len(runs), folder.name)
+            results = prune(run, metrics_unpruned=unpruned_metrics)
+        rows += rows_of(results, cfg.ks, folder.name)
+        if results["mode"] == "pipelined" and unpruned_metrics is None:  # the same for every run
+            unpruned_metrics = results["metrics_unpruned"]
+    unpruned = next(iter(unpruned_metrics.values())) if unpruned_metrics else None
+    write_tables(out, rows, unpruned)
+    num_heads = results["num_heads"] if runs else 0
+    plot_sweep(out / "sweep.png", rows, unpruned, f"{cfg.model} on {cfg.dataset}", num_heads)
+    write_sweep_report(out, cfg, rows, unpruned)
+    return rows
+
+
+def write_tables(out: Path, rows: list[dict], unpruned: float | None) -> None:
+    columns = ["method", "mode", "k", "seed", "split", "metric", "seconds", "run"]
+    rows = sorted(rows, key=lambda r: (r["method"], r["mode"], r["k"], r["seed"]))
+    with atomic_path(out / "sweep.csv") as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(f"{r[c]:.4f}" if c == "metric" else str(r[c]) for c in columns) + " |" for r in rows]
+    with atomic_path(out / "sweep.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    with atomic_path(out / "summary.md") as tmp:
+        tmp.write_text(summary_table(rows, unpruned))
+
+
+def summary_table(rows: list[dict], unpruned: float | None) -> str:
+    """Mean (and min-max over seeds) per method and mode, one column per k; time per method."""
+    ks = sorted({r["k"] for r in rows})
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["method"], r["mode"], r["k"])].append(r)
+    lines = ["| method | mode | seeds | " + " | ".join(f"k={k}" for k in ks) + " | run time |",
+             "|---|---|---|" + "---|" * len(ks) + "---|"]
+    for method, mode in sorted({(r["method"], r["mode"]) for r in rows}):
+        cells, seeds, runs = [], 0, {}
+        for k in ks:
+            values = [r["metric"] for r in groups.get((method, mode, k), [])]
+            seeds = max(seeds, len(values))
+            runs.update({r["run"]: r["seconds"] for r in groups.get((method, mode, k), [])})
+            if not values:
+                cells.append("")
+            elif len(values) == 1:
+                cells.append(f"{values[0]:.3f}")
+            else:
+                cells.append(f"{statistics.mean(values):.3f} ({min(values):.3f}-{max(values):.3f})")
+        total = sum(runs.values())
+        per_run = "whole curve in one run" if method == "michel" else f"{total / max(1, len(runs)):.0f} s a run"
+        lines.append(f"| {method} | {mode} | {seeds} | " + " | ".join(cells) + f" | {total / 60:.1f} min ({per_run}) |")
+    if unpruned is not None:
+        lines.append(f"\nUnpruned model: {unpruned:.3f}.")
+    return "\n".join(lines) + "\n"
+
+
+def write_sweep_report(out: Path, cfg: SweepConfig, rows: list[dict], unpruned: float | None) -> None:
+    text = (f"# Sweep: {', '.join(cfg.methods)} ({', '.join(cfg.modes)})\n\n"
+            f"Model `{cfg.model}`, data `{cfg.dataset}`, pruning data: the first "
+            f"{cfg.max_train_examples or 'all'} training examples, {cfg.epochs} epoch(s); "
+            f"k in {cfg.ks}; seeds {cfg.seeds}.\n\n![metric against kept heads](sweep.png)\n\n"
+            f"{summary_table(rows, unpruned)}\nEvery run: [sweep.md](sweep.md) ([sweep.csv](sweep.csv)); "
+            "each run's folder has its own report.md.\n")
+    with atomic_path(out / "report.md") as tmp:
+        tmp.write_text(text)
