@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Reproduces the figures of docs/results.md on the default benchmark. Finished runs are skipped.
+#   scripts/reproduce_results.sh dsp     fine-tune; DSP pipelined and joint at k = 12, 24, 36
+#   scripts/reproduce_results.sh sweep   the comparison of methods (needs the fine-tuned model)
+set -euo pipefail
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+HP=${HEADPRUNE:-headprune}
+OUT=${OUT:-runs/results}
+CFG=configs/rotten-tomatoes.yaml
+run() { if [ -f "$1/results.json" ]; then echo "done: $1"; else $HP "${@:2}" --output-dir "$1"; fi; }
+
+case "${1:-dsp}" in
+  dsp)
+    run $OUT/finetune finetune --config $CFG
+    for k in 12 24 36; do
+      run $OUT/dsp-pipelined-k$k prune --config $CFG --mode pipelined --k $k --model $OUT/finetune/model
+      run $OUT/dsp-joint-k$k prune --config $CFG --mode joint --k $k
+    done ;;
+  sweep)
+    run $OUT/finetune finetune --config $CFG
+    $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model ;;
+  *) echo "usage: $0 dsp|sweep" >&2; exit 2 ;;
+esac
