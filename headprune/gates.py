@@ -63,7 +63,9 @@ class HeadGates(nn.Module):
     @contextmanager
     def override(self, mask: torch.Tensor):
         """Use `mask` instead of the selector's inside the block (e.g. all ones: the unpruned model)."""
-        self._override = torch.as_tensor(mask, dtype=self.fixed_mask.dtype, device=self.fixed_mask.device)
+        mask = torch.as_tensor(mask, device=self.fixed_mask.device)
+        # keep a float mask's dtype (and its graph: Michel's importance differentiates through it)
+        self._override = mask if mask.is_floating_point() else mask.to(self.fixed_mask.dtype)
         try:
             yield
         finally:

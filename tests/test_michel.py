@@ -1,0 +1,101 @@
+"""Michel et al.: importance against finite differences, the normalisations and the loop by hand."""
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from headprune import attach_gates
+from headprune.methods import head_importance, iterative_pruning, normalize_importance, random_mask
+
+
+def test_importance_equals_abs_dL_dmask_per_token_by_finite_differences():
+    model = tiny_model("bert").double()
+    gates = attach_gates(model)
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for n in (3, 2):
+        ids = torch.randint(5, 99, (n, 6), generator=g)
+        attention = torch.ones_like(ids)
+        attention[0, 4:] = 0
+        batches.append({"input_ids": ids, "attention_mask": attention, "labels": torch.arange(n) % 3})
+    mask = torch.tensor([1, 1, 0, 1, 1, 1, 1, 0], dtype=torch.float64)  # partly pruned already
+
+    got = head_importance(model, gates, batches, mask)
+
+    def loss_at(m, batch):
+        with torch.no_grad(), gates.override(m):
+            return model(**batch).loss.item()
+
+    eps = 1e-6
+    expected = torch.zeros(8, dtype=torch.float64)
+    for batch in batches:
+        for h in range(8):
+            up, down = mask.clone(), mask.clone()
+            up[h] += eps
+            down[h] -= eps
+            expected[h] += abs(loss_at(up, batch) - loss_at(down, batch)) / (2 * eps)
+    expected /= sum(b["attention_mask"].sum().item() for b in batches)  # 6 + 6 + 4 + 6 + 6 tokens
+    assert got.tolist() == pytest.approx(expected.tolist(), rel=1e-5, abs=1e-9)
+    assert not model.training  # dropout off while scoring
+
+
+def test_normalisation_per_layer_l2_then_global_min_max():
+    scores = torch.tensor([3.0, 4.0, 1.0, 1.0], dtype=torch.float64)
+    per_layer = [3 / 5, 4 / 5, 1 / math.sqrt(2), 1 / math.sqrt(2)]
+    low, high = min(per_layer), max(per_layer)
+    expected = [(x - low) / (high - low) for x in per_layer]
+    assert normalize_importance(scores, [2, 2]).tolist() == pytest.approx(expected, abs=1e-12)
+    assert normalize_importance(torch.ones(4), [2, 2]).tolist() == [0, 0, 0, 0]  # all equal
+
+
+SCORES = torch.tensor([0.5, 0.1, 0.9, 0.3, 0.7, 0.2, 0.6])
+
+
+def run_loop(step, stop_at, exact=False, importance=None):
+    masks = []
+    curve = iterative_pruning(7, step, stop_at, importance or (lambda m: SCORES),
+                              lambda m: masks.append(m.clone()) or {"acc": float(m.sum())}, exact=exact)
+    return curve, masks
+
+
+def test_loop_prunes_lowest_first_when_n_is_not_divisible_by_the_step():
+    curve, masks = run_loop(step=3, stop_at=0)
+    assert [e["heads"] for e in curve] == [7, 4, 1, 0]
+    assert [e["pruned_now"] for e in curve] == [[], [1, 5, 3], [0, 6, 4], [2]]
+    assert [e["metrics"]["acc"] for e in curve] == [7, 4, 1, 0]  # evaluated at every step
+    assert masks[1].tolist() == [1, 0, 1, 0, 1, 0, 1]
+
+
+def test_loop_lands_exactly_on_the_target():
+    curve, _ = run_loop(step=3, stop_at=2)
+    assert [e["heads"] for e in curve] == [7, 4, 2]
+    assert curve[-1]["mask"].tolist() == [0, 0, 1, 0, 1, 0, 0]
+
+
+def test_exact_pruning_re_estimates_under_the_new_mask():
+    calls = []
+
+    def importance(mask):
+        calls.append(mask.clone())
+        # after the first step, head 6 becomes the least important one left
+        return SCORES if len(calls) == 1 else torch.tensor([0.5, 0, 0.9, 0, 0.7, 0, 0.05])
+
+    curve, _ = run_loop(step=3, stop_at=1, exact=True, importance=importance)
+    assert [e["pruned_now"] for e in curve] == [[], [1, 5, 3], [6, 0, 4]]
+    assert len(calls) == 2 and calls[1].tolist() == [1, 0, 1, 0, 1, 0, 1]
+    _, _ = run_loop(step=3, stop_at=1, exact=False, importance=lambda m: calls.append(m) or SCORES)
+    assert len(calls) == 3  # once only without exact pruning
+
+
+def test_ties_go_to_the_lower_index():
+    curve = iterative_pruning(4, 1, 2, lambda m: torch.zeros(4), lambda m: {})
+    assert [e["pruned_now"] for e in curve] == [[], [0], [1]]
+    with pytest.raises(ValueError, match="at least 1"):
+        iterative_pruning(4, 0, 2, lambda m: torch.zeros(4), lambda m: {})
+
+
+def test_random_mask_is_reproducible_and_exact():
+    a, b = random_mask(72, 12, seed=1), random_mask(72, 12, seed=1)
+    assert torch.equal(a, b) and a.sum() == 12
+    assert not torch.equal(a, random_mask(72, 12, seed=2))

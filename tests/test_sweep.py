@@ -1,0 +1,57 @@
+"""The sweep: every combination once, finished runs skipped, one table and one plot."""
+import csv
+
+import pytest
+
+import headprune.sweep as sweep_mod
+from headprune.sweep import SweepConfig, planned_runs, sweep
+
+
+def sweep_cfg(model, data, out, **kw):
+    return SweepConfig(**{**dict(model=str(model), pretrained_model=str(model), dataset=str(data),
+                                 methods=["dsp", "michel", "random"], ks=[2, 4], seeds=[0, 1],
+                                 michel_step=2, epochs=1, batch_size=16, t0=1.0, tf=1e-4,
+                                 output_dir=str(out)), **kw})
+
+
+def test_plan_covers_the_grid_once():
+    cfg = SweepConfig(methods=["dsp", "voita", "michel", "random"], modes=["pipelined", "joint"],
+                      ks=[6, 12], seeds=[0, 1, 2])
+    names = [run.output_dir.split("/")[-1] for run in planned_runs(cfg)]
+    assert len(names) == len(set(names))
+    assert sum(n.startswith("dsp-") for n in names) == 2 * 2 * 3  # modes x ks x seeds
+    assert [n for n in names if n.startswith("michel")] == ["michel-pipelined-s0"]  # deterministic
+    assert not any(n.startswith(("random-joint", "michel-joint")) for n in names)  # nothing to train
+    joint = [r for r in planned_runs(cfg) if r.mode == "joint"]
+    assert {r.model for r in joint} == {"offline:minilm-l6"}
+
+
+def test_sweep_writes_table_and_plot_and_skips_finished_runs(tiny_finetuned, tmp_path, monkeypatch):
+    model, data = tiny_finetuned
+    rows = sweep(sweep_cfg(model, data, tmp_path))
+    # dsp and random: 2 ks x 2 seeds each; michel: one run, one row per k on its curve
+    assert len(rows) == 4 + 4 + 2
+    with open(tmp_path / "sweep.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 10 and set(table[0]) == {"method", "mode", "k", "seed", "split", "metric", "seconds", "run"}
+    assert {r["run"] for r in table if r["method"] == "michel"} == {"michel-pipelined-s0"}
+    for name in ("sweep.md", "summary.md", "report.md"):
+        assert (tmp_path / name).read_text().strip()
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| dsp | pipelined | 2 |" in (tmp_path / "summary.md").read_text()
+
+    calls = []
+    real_prune = sweep_mod.prune
+    monkeypatch.setattr(sweep_mod, "prune", lambda run, **kw: calls.append(run.output_dir) or real_prune(run, **kw))
+    assert sweep(sweep_cfg(model, data, tmp_path)) == rows  # all done: nothing runs again
+    assert calls == []
+    (tmp_path / "dsp-pipelined-k4-s1" / "results.json").unlink()
+    sweep(sweep_cfg(model, data, tmp_path))
+    assert calls == [str(tmp_path / "dsp-pipelined-k4-s1")]
+
+
+def test_a_missing_model_stops_the_sweep_before_any_run(tiny_finetuned, tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep_mod, "prune", lambda *a, **k: pytest.fail("a run started"))
+    cfg = sweep_cfg(*tiny_finetuned, tmp_path, modes=["pipelined", "joint"], pretrained_model=str(tmp_path / "nowhere"))
+    with pytest.raises(sweep_mod.ModelError, match="cannot load model"):
+        sweep(cfg)
