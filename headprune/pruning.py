@@ -1,15 +1,34 @@
-"""Turning a hard head mask into weights.
+"""From a mask to a smaller model, and back from disk.
 
-`zero_pruned_heads` writes the mask into the model: a pruned head's columns of the output
-projection become zero, which gives exactly the masked model's outputs (its context is multiplied
-by 0 before that projection) in a plain model that any transformers user can load.
+`remove_heads` slices the pruned heads out of the query, key and value projections (their rows)
+and the output projection (its columns), site by site, so each layer keeps its own number of
+heads; the attention code infers the head count from the tensor shapes. A site left with no heads
+skips attention: its output is the output projection's bias, exactly what the masked model gives.
+
+`save_pruned` writes a standard model folder whose config.json records the kept heads
+(`headprune.kept_heads`, in the original numbering); `load_pruned` rebuilds those shapes from
+the config and loads the weights, refusing weights that do not match the record.
+
+`zero_pruned_heads` is the weights-only alternative: a model of the original shape whose pruned
+heads' output-projection columns are zero (same outputs, not smaller, loads anywhere).
 """
 
 from __future__ import annotations
 
-import torch
+from pathlib import Path
 
-from .sites import AttentionSite
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from .sites import AttentionSite, find_sites
+
+Head = tuple[str, int, int]
+
+
+class PrunedCheckpointError(ValueError):
+    pass
 
 
 @torch.no_grad()
@@ -21,3 +40,100 @@ def zero_pruned_heads(sites: list[AttentionSite], mask: torch.Tensor) -> None:
             if mask[offset + head] == 0:
                 site.output.weight[:, head * d:(head + 1) * d] = 0
         offset += site.num_heads
+
+
+def _keep_rows(linear: nn.Linear, index: torch.Tensor) -> None:
+    linear.weight = nn.Parameter(linear.weight.detach().index_select(0, index).clone())
+    if linear.bias is not None:
+        linear.bias = nn.Parameter(linear.bias.detach().index_select(0, index).clone())
+    linear.out_features = len(index)
+
+
+def _keep_columns(linear: nn.Linear, index: torch.Tensor) -> None:
+    linear.weight = nn.Parameter(linear.weight.detach().index_select(1, index).clone())
+    linear.in_features = len(index)
+
+
+def _set_head_count(attention: nn.Module, n: int, head_dim: int) -> None:
+    """Keep the module's own bookkeeping true (DeBERTa-like code reads it; BERT infers it)."""
+    for name in ("num_attention_heads", "n_heads", "num_heads"):
+        if isinstance(getattr(attention, name, None), int):
+            setattr(attention, name, n)
+    if isinstance(getattr(attention, "all_head_size", None), int):
+        attention.all_head_size = n * head_dim
+
+
+def _skip_attention(attention: nn.Module, output: nn.Linear) -> None:
+    """Give `attention` a forward that returns an empty context (projected, where the module owns
+    its output projection), so a layer without heads costs nothing."""
+    owned = next((name for name, m in attention.named_modules() if m is output), None)
+    base = type(attention)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        context = hidden_states.new_zeros(*hidden_states.shape[:-1], 0)
+        return (self.get_submodule(owned)(context) if owned else context), None
+
+    attention.__class__ = type(f"Headless{base.__name__}", (base,), {"forward": forward})
+
+
+def remove_heads(model: nn.Module, kept: list[Head]) -> nn.Module:
+    """Remove every head of `model` not in `kept` (addressed by the model's current numbering)."""
+    kept = {tuple(h) for h in kept}
+    for site in find_sites(model):
+        keep = [h for h in range(site.num_heads) if (site.kind, site.layer, h) in kept]
+        if len(keep) == site.num_heads:
+            continue
+        d = site.head_dim
+        index = torch.tensor([h * d + i for h in keep for i in range(d)], dtype=torch.long,
+                             device=site.query.weight.device)
+        for linear in (site.query, site.key, site.value):
+            _keep_rows(linear, index)
+        _keep_columns(site.output, index)
+        _set_head_count(site.attention, len(keep), d)
+        if not keep:
+            _skip_attention(site.attention, site.output)
+    return model
+
+
+def save_pruned(model: nn.Module, folder: Path, kept: list[Head], tokenizer=None, **record) -> None:
+    """Remove the heads not kept and save a model folder that `load_pruned` loads again."""
+    remove_heads(model, kept)
+    model.config.headprune = {"kept_heads": [list(h) for h in kept], "physical": True, **record}
+    model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def load_pruned(folder, model_class=None, **config_kwargs) -> nn.Module:
+    """Load a model saved by headprune: physically pruned ones get their shapes rebuilt from
+    `config.headprune.kept_heads` before the weights are loaded; others load as usual."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    model_class = model_class or AutoModelForSequenceClassification
+    config = AutoConfig.from_pretrained(folder, **config_kwargs)
+    record = getattr(config, "headprune", None) or {}
+    if not record.get("physical"):
+        return model_class.from_pretrained(folder, **config_kwargs)
+    model = model_class.from_config(config)
+    remove_heads(model, [tuple(h) for h in record["kept_heads"]])
+    try:
+        _load_weights(model, Path(folder))
+    except RuntimeError as err:
+        raise PrunedCheckpointError(
+            f"the weights in {folder} do not match the heads its config.json records "
+            f"({len(record['kept_heads'])} kept heads): {str(err).splitlines()[0]} ... "
+            "was config.json edited or were the weights replaced?") from err
+    except (OSError, ValueError, SafetensorError) as err:
+        raise PrunedCheckpointError(f"cannot read the weights in {folder}: {err}") from err
+    return model.eval()
+
+
+def _load_weights(model: nn.Module, folder: Path) -> None:
+    """Strictly load model.safetensors, or the shards its index names."""
+    from transformers.trainer_utils import load_sharded_checkpoint
+
+    single = folder / "model.safetensors"
+    if single.is_file():
+        model.load_state_dict(load_file(single), strict=True)
+    else:
+        load_sharded_checkpoint(model, folder, strict=True)

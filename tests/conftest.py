@@ -12,22 +12,22 @@ from transformers import (AutoModelForSequenceClassification, BertConfig, Distil
 ARCHS = ["bert", "roberta", "electra", "distilbert"]
 
 
-def tiny_config(arch: str, attn: str = "eager", num_labels: int = 3):
+def tiny_config(arch: str, attn: str = "eager", num_labels: int = 3, layers: int = 2):
     # A wide init so that outputs depend visibly on every head (the default 0.02 gives ~0 logits).
     common = dict(vocab_size=99, num_labels=num_labels, max_position_embeddings=64, initializer_range=0.3)
     if arch == "distilbert":
-        cfg = DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=37, **common)
+        cfg = DistilBertConfig(dim=32, n_layers=layers, n_heads=4, hidden_dim=37, **common)
     else:
         cls = {"bert": BertConfig, "roberta": RobertaConfig, "electra": ElectraConfig}[arch]
-        cfg = cls(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        cfg = cls(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=37,
                   **common)
     cfg._attn_implementation = attn
     return cfg
 
 
-def tiny_model(arch: str = "bert", attn: str = "eager", seed: int = 0, num_labels: int = 3):
+def tiny_model(arch: str = "bert", attn: str = "eager", seed: int = 0, num_labels: int = 3, layers: int = 2):
     torch.manual_seed(seed)
-    return AutoModelForSequenceClassification.from_config(tiny_config(arch, attn, num_labels)).eval()
+    return AutoModelForSequenceClassification.from_config(tiny_config(arch, attn, num_labels, layers)).eval()
 
 
 @pytest.fixture

@@ -1,0 +1,114 @@
+"""Physical head removal: same outputs as the mask, fewer parameters, a save/load round trip."""
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ARCHS, tiny_model
+from headprune import attach_gates, detach_gates
+from headprune.pruning import PrunedCheckpointError, load_pruned, remove_heads, save_pruned
+
+# 3 layers x 4 heads: layer 0 loses every head, layer 1 keeps one, layer 2 keeps two
+KEPT = [("encoder", 1, 2), ("encoder", 2, 0), ("encoder", 2, 3)]
+
+
+def masked_logits(model, kept, batch):
+    gates = attach_gates(model)
+    gates.set_mask(torch.tensor([float(h in kept) for h in gates.heads]))
+    with torch.no_grad():
+        out = model(**batch).logits
+    detach_gates(model)
+    return out
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_physically_pruned_equals_masked_with_zero_and_one_head_layers(arch, attn, batch):
+    model = tiny_model(arch, attn, layers=3)
+    expected = masked_logits(model, KEPT, batch)
+    pruned = remove_heads(copy.deepcopy(model), KEPT)
+    with torch.no_grad():
+        got = pruned(**batch).logits
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+    assert (got - model(**batch).logits).abs().max() > 1e-3  # pruning did change the outputs
+    gates = attach_gates(pruned)  # the smaller model can be gated again
+    assert [s.num_heads for s in gates.sites] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_parameters_drop_by_exactly_the_removed_heads(arch):
+    model = tiny_model(arch, layers=3)
+    before = sum(p.numel() for p in model.parameters())
+    remove_heads(model, KEPT)
+    hidden, d, removed = 32, 8, 12 - len(KEPT)
+    per_head = 3 * (hidden * d + d) + hidden * d  # q, k, v rows with biases; output columns
+    assert before - sum(p.numel() for p in model.parameters()) == removed * per_head
+
+
+def test_random_masks_on_every_architecture(batch):
+    g = torch.Generator().manual_seed(7)
+    for arch in ARCHS:
+        for trial in range(3):
+            model = tiny_model(arch, "sdpa", seed=trial, layers=3)
+            heads = attach_gates(model).heads
+            detach_gates(model)
+            keep = torch.rand(len(heads), generator=g) < 0.5
+            kept = [h for h, k in zip(heads, keep) if k]
+            expected = masked_logits(model, kept, batch)
+            with torch.no_grad():
+                assert torch.allclose(remove_heads(model, kept)(**batch).logits, expected, atol=1e-5)
+
+
+LOAD_AND_RUN = """
+import json, sys, torch
+from headprune.pruning import load_pruned
+model = load_pruned(sys.argv[1])
+batch = json.loads(sys.argv[2])
+with torch.no_grad():
+    out = model(input_ids=torch.tensor(batch["input_ids"]), attention_mask=torch.tensor(batch["attention_mask"])).logits
+print(json.dumps(out.tolist()))
+"""
+
+
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+def test_save_and_load_in_a_fresh_process(arch, batch, tmp_path):
+    model = tiny_model(arch, layers=3)
+    expected = masked_logits(model, KEPT, batch)
+    save_pruned(model, tmp_path, KEPT, method="test")
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["headprune"]["kept_heads"] == [list(h) for h in KEPT]
+    run = subprocess.run([sys.executable, "-c", LOAD_AND_RUN, str(tmp_path),
+                          json.dumps({k: v.tolist() for k, v in batch.items()})],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert torch.allclose(torch.tensor(json.loads(run.stdout)), expected, atol=1e-5)
+    loaded = load_pruned(tmp_path)
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def test_mismatched_record_gives_a_clear_error(tmp_path):
+    save_pruned(tiny_model("bert", layers=3), tmp_path, KEPT)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["headprune"]["kept_heads"] = config["headprune"]["kept_heads"][:-1]  # one head fewer
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PrunedCheckpointError, match="do not match the heads its config.json records"):
+        load_pruned(tmp_path)
+
+
+def test_corrupt_weights_give_a_clear_error(tmp_path):
+    save_pruned(tiny_model("bert", layers=3), tmp_path, KEPT)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    with pytest.raises(PrunedCheckpointError, match="cannot read the weights"):
+        load_pruned(tmp_path)
+
+
+def test_a_model_that_was_not_pruned_loads_as_usual(tmp_path, batch):
+    model = tiny_model("bert")
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        # (reloaded with the default SDPA kernel: equal up to rounding)
+        assert torch.allclose(load_pruned(tmp_path)(**batch).logits, model(**batch).logits, atol=1e-6)
