@@ -82,6 +82,10 @@ class PruneConfig(FinetuneConfig):
     tf: float = option(1e-8, "DSP final temperature.")
     cooldown_fraction: float = option(2 / 3, "Anneal from t0 to tf over this fraction of training.")
     cooldown_steps: int = option(None, "Anneal over this many steps (overrides --cooldown-fraction).")
+    save_format: str = option("physical", "How the pruned model is saved: physical (pruned heads "
+                              "removed: smaller and faster; load with headprune.load_pruned) or "
+                              "zeroed (original shapes, pruned heads' output weights zero: loads "
+                              "with plain from_pretrained).", choices=["physical", "zeroed"])
     l0_lambda: float = option(0.0015, "voita: weight of the L0 penalty (expected open gates) in the loss.")
     voita_selection: str = option("top-k", "voita: keep the k heads with the largest gates (top-k), "
                                   "or every head whose gate exceeds 0.5 (threshold: k is ignored "

@@ -32,7 +32,7 @@ from .gates import attach_gates, detach_gates
 from .methods import (DEFAULT_PRUNING_LR, TRAINED, head_importance, iterative_pruning, make_selector,
                       normalize_importance, random_mask)
 from .outputs import CHECKPOINT, RESULTS, check_output_dir, versions, write_json, write_jsonl
-from .pruning import zero_pruned_heads
+from .pruning import save_pruned, zero_pruned_heads
 from .report import plot_head_map, write_run_report
 from .train import constant, evaluate, linear_decay, read_checkpoint, restore_checkpoint, total_steps, train
 
@@ -297,18 +297,22 @@ def _michel(cfg, acc, model, gates, train_set, collate, evaluate_with):
 
 
 def _save_pruned(cfg, out: Path, model, gates, tokenizer, mask, scores) -> None:
-    kept = gates.kept_heads(mask)
+    heads, kept = gates.heads, gates.kept_heads(mask)  # before the heads go
     detach_gates(model)
-    zero_pruned_heads(gates.sites, mask)
-    model.config.headprune = {"kept_heads": kept, "method": cfg.method, "mode": cfg.mode}
-    model.save_pretrained(out / "model")
-    tokenizer.save_pretrained(out / "model")
+    record = {"method": cfg.method, "mode": cfg.mode}
+    if cfg.save_format == "physical":
+        save_pruned(model, out / "model", kept, tokenizer, **record)
+    else:
+        zero_pruned_heads(gates.sites, mask)
+        model.config.headprune = {"kept_heads": kept, "physical": False, **record}
+        model.save_pretrained(out / "model")
+        tokenizer.save_pretrained(out / "model")
     score_name = {"michel": "pruning_round", "random": "kept"}.get(cfg.method, "logit")
     write_json(out / "head_scores.json", [
         {"kind": kind, "layer": layer, "head": head, score_name: score, "kept": bool(m)}
-        for (kind, layer, head), score, m in zip(gates.heads, scores.tolist(), mask.tolist())])
-    plot_head_map(out / "heads.png", gates.heads, scores.tolist(), kept,
-                  f"{cfg.method} {cfg.mode}: {len(kept)} of {gates.num_heads} heads kept",
+        for (kind, layer, head), score, m in zip(heads, scores.tolist(), mask.tolist())])
+    plot_head_map(out / "heads.png", heads, scores.tolist(), kept,
+                  f"{cfg.method} {cfg.mode}: {len(kept)} of {len(heads)} heads kept",
                   score_label=score_name.replace("_", " "))
 
 

@@ -112,3 +112,18 @@ def test_a_model_that_was_not_pruned_loads_as_usual(tmp_path, batch):
     with torch.no_grad():
         # (reloaded with the default SDPA kernel: equal up to rounding)
         assert torch.allclose(load_pruned(tmp_path)(**batch).logits, model(**batch).logits, atol=1e-6)
+
+
+def test_the_documented_plain_transformers_loading_works(tmp_path, batch):
+    """The code block of docs/usage.md, run as written (on a folder of ours)."""
+    from pathlib import Path
+    doc = (Path(__file__).parent.parent / "docs" / "usage.md").read_text()
+    block = doc.split("<!-- plain-transformers-loading")[1].split("```python\n")[1].split("```")[0]
+    kept = [("encoder", 0, 1), ("encoder", 1, 0), ("encoder", 1, 2), ("encoder", 1, 3)]  # no empty layer
+    model = tiny_model("bert")
+    expected = masked_logits(model, kept, batch)
+    save_pruned(model, tmp_path, kept)
+    scope = {}
+    exec(block.replace('"runs/dsp24/model"', repr(str(tmp_path))), scope)
+    with torch.no_grad():
+        assert torch.allclose(scope["model"](**batch).logits, expected, atol=1e-5)

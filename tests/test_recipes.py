@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from headprune import attach_gates
+from headprune.pruning import load_pruned
 from headprune.config import PruneConfig
 from headprune.recipes import prune
 
@@ -29,11 +30,12 @@ def test_finetune_learns_and_writes_results(tiny_finetuned):
     assert log[-1]["lr"] == 0.0  # linear decay reaches 0 at the last step
 
 
-@pytest.mark.parametrize("mode,method", [("pipelined", "dsp"), ("joint", "dsp"), ("pipelined", "ste")])
+@pytest.mark.parametrize("mode,method,save_format", [("pipelined", "dsp", "physical"), ("joint", "dsp", "physical"),
+                                                     ("pipelined", "ste", "zeroed"), ("pipelined", "voita", "physical")])
 def test_prune_writes_everything_and_the_saved_model_equals_the_masked_one(
-        tiny_finetuned, tiny_assets, tmp_path, mode, method):
+        tiny_finetuned, tiny_assets, tmp_path, mode, method, save_format):
     model_dir, data = tiny_finetuned if mode == "pipelined" else tiny_assets
-    results = prune(prune_cfg(model_dir, data, tmp_path, mode=mode, method=method))
+    results = prune(prune_cfg(model_dir, data, tmp_path, mode=mode, method=method, save_format=save_format))
 
     assert results["method"] == method and results["mode"] == mode
     assert results["k"] == 3 and results["num_heads"] == 8 and len(results["kept_heads"]) == 3
@@ -50,8 +52,14 @@ def test_prune_writes_everything_and_the_saved_model_equals_the_masked_one(
     assert {(r["kind"], r["layer"], r["head"]) for r in top3} == set(map(tuple, results["kept_heads"]))
     assert (tmp_path / "heads.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # The saved model loads with plain transformers and equals the original weights under the mask.
-    saved = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model").eval()
+    # The saved model loads again (zeroed: with plain transformers) and, pipelined, equals the
+    # original weights under the mask; physical is smaller by the pruned heads.
+    if save_format == "zeroed":
+        saved = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model").eval()
+    else:
+        saved = load_pruned(tmp_path / "model")
+        full = AutoModelForSequenceClassification.from_pretrained(model_dir)
+        assert sum(p.numel() for p in saved.parameters()) == sum(p.numel() for p in full.parameters()) - 5 * 4 * 32 * 8 - 5 * 3 * 8
     assert saved.config.headprune["kept_heads"] == on_disk["kept_heads"]
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
     batch = tokenizer(["w1 w5 w7", "w3 w4 w8 w9 w10"], padding=True, return_tensors="pt")
@@ -66,7 +74,7 @@ def test_prune_writes_everything_and_the_saved_model_equals_the_masked_one(
 
 def test_pipelined_leaves_the_model_weights_untouched(tiny_finetuned, tmp_path):
     model_dir, data = tiny_finetuned
-    prune(prune_cfg(model_dir, data, tmp_path, k=8))  # keep all: nothing zeroed
+    prune(prune_cfg(model_dir, data, tmp_path, k=8, save_format="zeroed"))  # keep all: nothing zeroed
     before = AutoModelForSequenceClassification.from_pretrained(model_dir).state_dict()
     after = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model").state_dict()
     assert before.keys() == after.keys()
