@@ -1,4 +1,4 @@
-"""The `headprune` command: `finetune`, `prune`, `sweep` and `demo`.
+"""The `headprune` command: `finetune`, `prune`, `sweep`, `measure` and `demo`.
 
 Every option of finetune and prune comes from the config dataclasses (headprune/config.py), so the
 flags, the YAML keys and the Python API are the same names.
@@ -14,7 +14,8 @@ from pathlib import Path
 
 from . import config as cfgmod
 from .data import DataError
-from .outputs import OutputExistsError
+from .measure import MeasureConfig, markdown, measure
+from .outputs import OutputExistsError, atomic_path, write_json
 from .recipes import DEMO_DIR, ModelError, demo, finetune, prune
 from .sites import UnsupportedArchitectureError
 from .sweep import SweepConfig, sweep
@@ -43,6 +44,12 @@ def parser() -> argparse.ArgumentParser:
                                     "sweep.md, summary.md, sweep.png and report.md. Other options are "
                                     "those of prune and apply to every run.")
     cfgmod.add_arguments(sw, SweepConfig)
+    ms = sub.add_parser("measure", help="parameters, FLOPs, latency and throughput: pruned against original",
+                        description="Compare a physically pruned model with its original: parameters, "
+                                    "attention and total FLOPs, and latency and throughput measured side "
+                                    "by side (alternating the two models) across batch sizes and lengths, "
+                                    "with the speedup the FLOP ratio predicts.")
+    cfgmod.add_arguments(ms, MeasureConfig)
     dm = sub.add_parser("demo", help="the default job on the offline assets: fine-tune MiniLM-L6 "
                                      "on Rotten Tomatoes, then DSP-prune it pipelined",
                         description="Fine-tune MiniLM-L6 on 4,000 Rotten Tomatoes snippets (1 epoch), "
@@ -64,6 +71,16 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "finetune":
             results = finetune(cfgmod.build_config(cfgmod.FinetuneConfig, args))
+        elif args.command == "measure":
+            cfg = cfgmod.build_config(MeasureConfig, args)
+            result = measure(cfg, progress=lambda line: print(line, file=sys.stderr))
+            table = markdown(result)
+            if cfg.output_dir:
+                write_json(Path(cfg.output_dir) / "measure.json", result)
+                with atomic_path(Path(cfg.output_dir) / "measure.md") as tmp:
+                    tmp.write_text(table)
+            print(table)
+            return 0
         elif args.command == "sweep":
             cfg = cfgmod.build_config(SweepConfig, args)
             sweep(cfg)

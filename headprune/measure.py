@@ -1,0 +1,154 @@
+"""How much smaller and faster a pruned model is than its original, measured side by side.
+
+Parameters and FLOPs are computed: the total from torch's FLOP counter on one forward pass, the
+attention part from the sites' shapes (projections and the two attention products). Latency is
+measured by alternating the two models on the same random batch (original, pruned, original, ...)
+so that machine noise hits both alike; the median over repeats is reported with throughput, the
+speedup and the speedup the FLOP ratio predicts.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .config import option
+from .sites import find_sites
+
+
+@dataclass
+class MeasureConfig:
+    pruned: str = option(None, "Folder of a model saved by `headprune prune` (physically pruned).")
+    original: str = option(None, "The unpruned model to compare with; default: the pruned model's "
+                           "architecture at full size (speed does not depend on the weights).")
+    batch_sizes: list = option([1, 8, 32], "Batch sizes.", nargs="+", type=int)
+    lengths: list = option([32, 128], "Sequence lengths in tokens.", nargs="+", type=int)
+    repeats: int = option(10, "Timed forward passes of each model per setting (the median is reported).")
+    warmup: int = option(2, "Untimed passes of each model first.")
+    device: str = option("cpu", "cpu or cuda.")
+    threads: int = option(None, "CPU threads for torch (default: torch's choice).")
+    attn_implementation: str = option("sdpa", "Attention kernel for both models.", choices=["eager", "sdpa"])
+    output_dir: str = option(None, "Also write measure.json and measure.md into this folder.")
+
+
+def attention_flops(model, batch: int, length: int) -> int:
+    """Multiply-adds x 2 of every attention site: q, k, v and output projections, QK^T, AV."""
+    total = 0
+    for site in find_sites(model):
+        inner = site.num_heads * site.head_dim
+        projections = 2 * batch * length * site.query.in_features * inner * 3
+        products = 2 * 2 * batch * site.num_heads * length * length * site.head_dim
+        output = 2 * batch * length * inner * site.output.out_features
+        total += projections + products + output
+    return total
+
+
+def total_flops(model, batch: int, length: int) -> int:
+    ids = torch.ones(batch, length, dtype=torch.long, device=next(model.parameters()).device)
+    counter = FlopCounterMode(display=False)
+    kernel = model.config._attn_implementation
+    model.set_attn_implementation("eager")  # the counter does not see inside SDPA's CPU kernel
+    try:
+        with torch.no_grad(), counter:
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    finally:
+        model.set_attn_implementation(kernel)
+    return counter.get_total_flops()
+
+
+def parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def time_side_by_side(models: dict, batch: int, length: int, repeats: int, warmup: int, device: str,
+                      vocab: int) -> dict[str, float]:
+    """Median seconds per forward pass of each model, measured alternately on one random batch."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, vocab, (batch, length), generator=g).to(device)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    times = {name: [] for name in models}
+    for i in range(warmup + repeats):
+        for name, model in models.items():
+            _sync(device)
+            start = time.perf_counter()
+            model(**inputs)
+            _sync(device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def measure(cfg: MeasureConfig, progress=print) -> dict:
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from .pruning import load_pruned
+    from .recipes import resolve_model
+
+    if cfg.pruned is None:
+        raise ValueError("give the pruned model's folder with --pruned")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    pruned = load_pruned(cfg.pruned, attn_implementation=cfg.attn_implementation)
+    if cfg.original:
+        original = AutoModelForSequenceClassification.from_pretrained(
+            resolve_model(cfg.original), attn_implementation=cfg.attn_implementation)
+    else:
+        config = AutoConfig.from_pretrained(cfg.pruned, attn_implementation=cfg.attn_implementation)
+        original = AutoModelForSequenceClassification.from_config(config)
+    models = {"original": original.eval().to(cfg.device), "pruned": pruned.eval().to(cfg.device)}
+    heads = {name: sum(s.num_heads for s in find_sites(m)) for name, m in models.items()}
+    result = {"heads": heads, "parameters": {n: parameters(m) for n, m in models.items()},
+              "device": cfg.device, "threads": torch.get_num_threads(),
+              "attn_implementation": cfg.attn_implementation, "settings": []}
+    for batch in cfg.batch_sizes:
+        for length in cfg.lengths:
+            flops = {n: total_flops(m, batch, length) for n, m in models.items()}
+            attn = {n: attention_flops(m, batch, length) for n, m in models.items()}
+            seconds = time_side_by_side(models, batch, length, cfg.repeats, cfg.warmup, cfg.device,
+                                        original.config.vocab_size)
+            row = {"batch": batch, "length": length, "flops": flops, "attention_flops": attn,
+                   "seconds": seconds,
+                   "throughput": {n: batch / s for n, s in seconds.items()},
+                   "speedup": seconds["original"] / seconds["pruned"],
+                   "predicted_speedup": flops["original"] / flops["pruned"]}
+            row["note"] = _note(cfg.device, batch, row["predicted_speedup"])
+            result["settings"].append(row)
+            progress(f"batch {batch:3d} length {length:4d}: speedup {row['speedup']:.2f}x "
+                     f"(FLOPs predict {row['predicted_speedup']:.2f}x)")
+    return result
+
+
+def _note(device: str, batch: int, predicted: float) -> str:
+    if predicted < 1.02:
+        return "almost nothing removed: no speedup to expect"
+    if device.startswith("cuda") and batch == 1:
+        return "batch 1 on a GPU is bound by kernel launches, not FLOPs: little speedup to expect"
+    return ""
+
+
+def markdown(result: dict) -> str:
+    p, h = result["parameters"], result["heads"]
+    lines = [f"Heads {h['original']} -> {h['pruned']}; parameters {p['original']:,} -> {p['pruned']:,} "
+             f"({p['pruned'] / p['original']:.1%}); {result['device']}, {result['threads']} threads, "
+             f"{result['attn_implementation']} attention.", "",
+             "| batch | length | GFLOPs orig | GFLOPs pruned | attention share | ms orig | ms pruned "
+             "| seq/s orig | seq/s pruned | speedup | FLOP-predicted | measured / predicted | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["settings"]:
+        share = r["attention_flops"]["original"] / r["flops"]["original"]
+        lines.append(
+            f"| {r['batch']} | {r['length']} | {r['flops']['original'] / 1e9:.2f} | {r['flops']['pruned'] / 1e9:.2f} "
+            f"| {share:.0%} | {r['seconds']['original'] * 1e3:.1f} | {r['seconds']['pruned'] * 1e3:.1f} "
+            f"| {r['throughput']['original']:.0f} | {r['throughput']['pruned']:.0f} | {r['speedup']:.2f}x "
+            f"| {r['predicted_speedup']:.2f}x | {r['speedup'] / r['predicted_speedup']:.2f} | {r['note']} |")
+    return "\n".join(lines) + "\n"
