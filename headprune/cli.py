@@ -100,7 +100,8 @@ def print_summary(results: dict, folder) -> None:
     print(f"unpruned accuracy ({results['num_heads']} heads): {results['metrics_unpruned']}")
     print(f"pruned accuracy ({results['k']} heads, {results['method']} {results['mode']}): "
           f"{results['metrics_pruned']}")
-    print(f"results: {folder}/results.json; model: {folder}/model; heat map: {folder}/heads.png")
+    print(f"results: {folder}/results.json and {folder}/report.md; heat map: {folder}/heads.png")
+    print(f"pruned model: {folder}/model (load it with headprune.load_pruned)")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,10 @@ def default_of(f: dataclasses.Field):
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
+OUTPUT_HELP = ("Output folder. A folder that already holds results.json is refused unless "
+               "--overwrite; one holding a checkpoint resumes from it.")
+
+
 @dataclass
 class FinetuneConfig:
     # what to train
@@ -57,9 +61,7 @@ class FinetuneConfig:
     mixed_precision: str = option("no", "Accelerate mixed precision: no, fp16 or bf16.",
                                   choices=["no", "fp16", "bf16"])
     # where results go
-    output_dir: str = option("runs/finetune", "Output folder. A folder that already holds "
-                             "results.json is refused unless --overwrite; one holding a checkpoint "
-                             "resumes from it.")
+    output_dir: str = option("runs/finetune", OUTPUT_HELP)
     overwrite: bool = option(False, "Allow writing into an output folder that holds results.")
     checkpoint_every: int = option(50, "Write a resumable checkpoint every N steps (0: only at the end).")
 
@@ -95,8 +97,7 @@ class PruneConfig(FinetuneConfig):
                                 "(exact pruning); --no-michel-exact estimates it once.")
     # the reference prunes in one epoch from a converged model; joint runs train as long as fine-tuning
     epochs: float = option(1.0, "Training epochs (a fraction is allowed).")
-    output_dir: str = option("runs/prune", "Output folder. A folder that already holds results.json "
-                             "is refused unless --overwrite; one holding a checkpoint resumes from it.")
+    output_dir: str = option("runs/prune", OUTPUT_HELP)
 
 
 def _flag(name: str) -> str:
