@@ -160,9 +160,9 @@ def train(acc: Accelerator, cfg, out: Path, model, optimizer, scheduler, train_s
     """Run `cfg.epochs` of training; return the training log (one row every `log_every` steps).
 
     `model`, `optimizer` and `scheduler` must already be prepared by `acc`. `selector`, if given,
-    is told the step before each forward (DSP's temperature follows it) and its `penalty()`, if it
-    has one, is added to the loss. `extra` is stored in each
-    checkpoint (e.g. metrics measured before training) and comes back in `resume_state["extra"]`.
+    is told the step before each forward (DSP's temperature follows it) and its `penalty()`, if
+    it has one, is added to the loss. `extra` is stored in each checkpoint (e.g. metrics measured
+    before training) and comes back in `resume_state["extra"]`.
     """
     per_epoch = steps_per_epoch(len(train_set), cfg.batch_size, acc.num_processes)
     last_step = total_steps(cfg, len(train_set), acc.num_processes)
