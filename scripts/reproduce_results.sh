@@ -2,6 +2,7 @@
 # Reproduces the figures of docs/results.md on the default benchmark. Finished runs are skipped.
 #   scripts/reproduce_results.sh dsp     fine-tune; DSP pipelined and joint at k = 12, 24, 36
 #   scripts/reproduce_results.sh sweep   the comparison of methods (needs the fine-tuned model)
+#   scripts/reproduce_results.sh speed   speed of the DSP models at k = 12, 36, 60 (after dsp)
 set -euo pipefail
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 HP=${HEADPRUNE:-headprune}
@@ -19,5 +20,11 @@ case "${1:-dsp}" in
   sweep)
     run $OUT/finetune finetune --config $CFG
     $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model ;;
-  *) echo "usage: $0 dsp|sweep" >&2; exit 2 ;;
+  speed)
+    run $OUT/dsp-pipelined-k60 prune --config $CFG --mode pipelined --k 60 --model $OUT/finetune/model
+    for k in 12 36 60; do
+      [ -f $OUT/dsp-pipelined-k$k/speed/measure.md ] || \
+        $HP measure --pruned $OUT/dsp-pipelined-k$k/model --threads 2 --output-dir $OUT/dsp-pipelined-k$k/speed
+    done ;;
+  *) echo "usage: $0 dsp|sweep|speed" >&2; exit 2 ;;
 esac
