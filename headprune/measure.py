@@ -12,11 +12,13 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import option
+from .outputs import OutputExistsError
 from .sites import find_sites
 
 
@@ -33,6 +35,7 @@ class MeasureConfig:
     threads: int = option(None, "CPU threads for torch (default: torch's choice).")
     attn_implementation: str = option("sdpa", "Attention kernel for both models.", choices=["eager", "sdpa"])
     output_dir: str = option(None, "Also write measure.json and measure.md into this folder.")
+    overwrite: bool = option(False, "Allow replacing an earlier measure.json in --output-dir.")
 
 
 def attention_flops(model, batch: int, length: int) -> int:
@@ -96,6 +99,9 @@ def measure(cfg: MeasureConfig, progress=print) -> dict:
 
     if cfg.pruned is None:
         raise ValueError("give the pruned model's folder with --pruned")
+    if cfg.output_dir and (Path(cfg.output_dir) / "measure.json").exists() and not cfg.overwrite:
+        raise OutputExistsError(f"{cfg.output_dir} already holds measure.json; pass --overwrite "
+                                "or choose another --output-dir")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     pruned = load_pruned(cfg.pruned, attn_implementation=cfg.attn_implementation)

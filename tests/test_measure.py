@@ -38,6 +38,10 @@ def test_measure_command_compares_side_by_side(tmp_path, capsys):
         assert row["predicted_speedup"] == pytest.approx(row["flops"]["original"] / row["flops"]["pruned"])
         assert row["speedup"] > 0 and row["seconds"]["pruned"] > 0
     assert (tmp_path / "m" / "measure.md").read_text() == table.rstrip("\n") + "\n"  # print adds one
+    before = (tmp_path / "m" / "measure.json").read_text()
+    assert main(["measure", "--pruned", str(tmp_path / "pruned"), "--output-dir", str(tmp_path / "m")]) == 2
+    assert "already holds measure.json" in capsys.readouterr().err
+    assert (tmp_path / "m" / "measure.json").read_text() == before
 
 
 def test_measure_needs_a_pruned_model(capsys):
