@@ -26,8 +26,9 @@ def test_finetune_learns_and_writes_results(tiny_finetuned):
     assert results["steps"] == 18  # 2 epochs x ceil(144 / 16)
     assert not (folder / "checkpoint.pt").exists()  # removed once results exist
     log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in log] == [10, 18]
+    assert [row["step"] for row in log] == list(range(1, 19))  # 18 steps: a row each
     assert log[-1]["lr"] == 0.0  # linear decay reaches 0 at the last step
+    assert log[0]["lr"] == pytest.approx(5e-5 * 17 / 18)
 
 
 @pytest.mark.parametrize("mode,method,save_format", [("pipelined", "dsp", "physical"), ("joint", "dsp", "physical"),
@@ -82,11 +83,14 @@ def test_pipelined_leaves_the_model_weights_untouched(tiny_finetuned, tmp_path):
 
 
 def test_temperature_follows_the_schedule_during_a_run(tiny_finetuned, tmp_path):
-    """9 steps per epoch x 2 epochs, annealing over 12 steps from 1 to 1e-6: the logged
-    temperature is T0 * (Tf/T0)^(s/12) at the step s before each logged step, then Tf."""
+    """9 steps per epoch x 2 epochs, annealing over 12 steps from 1 to 1e-6: the temperature
+    logged after step s (it was set before that step ran, at s - 1) is T0 * (Tf/T0)^((s-1)/12),
+    then Tf from step 13 on."""
     model_dir, data = tiny_finetuned
     prune(prune_cfg(model_dir, data, tmp_path, k=4, epochs=2, t0=1.0, tf=1e-6, cooldown_steps=12))
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in log] == [10, 18]
-    assert log[0]["temperature"] == pytest.approx(1e-6 ** (9 / 12))  # set before step 10 ran: s = 9
-    assert log[1]["temperature"] == 1e-6
+    assert [row["step"] for row in log] == list(range(1, 19))
+    for row in log:
+        expected = 1e-6 ** ((row["step"] - 1) / 12) if row["step"] <= 12 else 1e-6
+        assert row["temperature"] == pytest.approx(expected)
+    assert all(row["heads_on"] == 4 for row in log if row["step"] > 12)  # annealed: a hard top-4
