@@ -4,7 +4,7 @@ Each recipe checks everything it can (output folder, checkpoint, data, model, bu
 long work starts, then trains, evaluates and writes its output folder:
   results.json      what was run and what it measured
   model/            the final model (save_pretrained folder with tokenizer)
-  train_log.jsonl   loss, learning rate (and temperature) every 10 steps
+  train_log.jsonl   loss, learning rate (temperature, penalty, heads on) every 10 steps or more often
   head_scores.json  prune only: every head's score (logit, gate or pruning round) and whether it was kept
   heads.png         prune only: heat map of kept heads (layer x head) with their scores
   training.png, report.md   prune only: training curves and a page that shows the run
