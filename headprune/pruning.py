@@ -95,10 +95,23 @@ def remove_heads(model: nn.Module, kept: list[Head]) -> nn.Module:
     return model
 
 
+def original_numbering(config, kept: list[Head]) -> list[Head]:
+    """`kept` of a model that was physically pruned before, in its original head numbers."""
+    previous = getattr(config, "headprune", None) or {}
+    if not previous.get("physical"):
+        return list(kept)
+    before: dict = {}
+    for kind, layer, head in sorted(tuple(h) for h in previous["kept_heads"]):
+        before.setdefault((kind, layer), []).append(head)
+    return [(kind, layer, before[(kind, layer)][head]) for kind, layer, head in kept]
+
+
 def save_pruned(model: nn.Module, folder: Path, kept: list[Head], tokenizer=None, **record) -> None:
-    """Remove the heads not kept and save a model folder that `load_pruned` loads again."""
+    """Remove the heads not kept (current numbering) and save a model folder that `load_pruned`
+    loads again; config.json records the kept heads in the original numbering."""
+    recorded = original_numbering(model.config, kept)
     remove_heads(model, kept)
-    model.config.headprune = {"kept_heads": [list(h) for h in kept], "physical": True, **record}
+    model.config.headprune = {"kept_heads": [list(h) for h in recorded], "physical": True, **record}
     model.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)

@@ -32,7 +32,7 @@ from .gates import attach_gates, detach_gates
 from .methods import (DEFAULT_PRUNING_LR, TRAINED, head_importance, iterative_pruning, make_selector,
                       normalize_importance, random_mask)
 from .outputs import CHECKPOINT, RESULTS, check_output_dir, versions, write_json, write_jsonl
-from .pruning import save_pruned, zero_pruned_heads
+from .pruning import load_pruned, save_pruned, zero_pruned_heads
 from .report import plot_head_map, write_run_report
 from .train import constant, evaluate, linear_decay, read_checkpoint, restore_checkpoint, total_steps, train
 
@@ -65,6 +65,10 @@ def load_model(name: str, num_labels: int, attn: str, require_finetuned: bool):
         raise ModelError(f"cannot load model {name!r}: {err}") from err
     if require_finetuned and config.num_labels != num_labels:
         raise ModelError(f"{name!r} predicts {config.num_labels} labels, the data has {num_labels}")
+    if (getattr(config, "headprune", None) or {}).get("physical"):  # pruned already: prune further
+        if config.num_labels != num_labels:
+            raise ModelError(f"{name!r} predicts {config.num_labels} labels, the data has {num_labels}")
+        return load_pruned(path, attn_implementation=attn).train(), tokenizer
     model, info = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=num_labels, attn_implementation=attn, output_loading_info=True,
         ignore_mismatched_sizes=not require_finetuned)

@@ -127,3 +127,12 @@ def test_the_documented_plain_transformers_loading_works(tmp_path, batch):
     exec(block.replace('"runs/dsp24/model"', repr(str(tmp_path))), scope)
     with torch.no_grad():
         assert torch.allclose(scope["model"](**batch).logits, expected, atol=1e-5)
+
+
+def test_pruning_again_records_the_original_head_numbers():
+    from types import SimpleNamespace
+    from headprune.pruning import original_numbering
+    config = SimpleNamespace(headprune={"physical": True, "kept_heads": [
+        ["encoder", 0, 1], ["encoder", 0, 3], ["encoder", 1, 2]]})
+    assert original_numbering(config, [("encoder", 0, 1), ("encoder", 1, 0)]) == [("encoder", 0, 3), ("encoder", 1, 2)]
+    assert original_numbering(SimpleNamespace(), [("encoder", 0, 1)]) == [("encoder", 0, 1)]

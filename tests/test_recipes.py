@@ -94,3 +94,16 @@ def test_temperature_follows_the_schedule_during_a_run(tiny_finetuned, tmp_path)
         expected = 1e-6 ** ((row["step"] - 1) / 12) if row["step"] <= 12 else 1e-6
         assert row["temperature"] == pytest.approx(expected)
     assert all(row["heads_on"] == 4 for row in log if row["step"] > 12)  # annealed: a hard top-4
+
+
+def test_a_pruned_model_can_be_pruned_further(tiny_finetuned, tmp_path):
+    model_dir, data = tiny_finetuned
+    first = prune(prune_cfg(model_dir, data, tmp_path / "first", k=5))
+    second = prune(prune_cfg(tmp_path / "first" / "model", data, tmp_path / "second", k=2, method="ste"))
+    assert second["num_heads"] == 5 and len(second["kept_heads"]) == 2  # in the smaller model's numbering
+    assert second["metrics_unpruned"] == first["metrics_pruned"]  # it starts where the first ended
+    records = [json.loads((tmp_path / run / "model" / "config.json").read_text())["headprune"]["kept_heads"]
+               for run in ("first", "second")]
+    assert len(records[1]) == 2 and all(h in records[0] for h in records[1])  # original numbering
+    assert sum(p.numel() for p in load_pruned(tmp_path / "second" / "model").parameters()) < \
+        sum(p.numel() for p in load_pruned(tmp_path / "first" / "model").parameters())
