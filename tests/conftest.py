@@ -7,9 +7,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 from transformers import (AutoModelForSequenceClassification, BertConfig, DistilBertConfig,
-                          ElectraConfig, RobertaConfig)
+                          ElectraConfig, RobertaConfig, XLMRobertaConfig)
 
-ARCHS = ["bert", "roberta", "electra", "distilbert"]
+ARCHS = ["bert", "roberta", "xlm-roberta", "electra", "distilbert"]
 
 
 def tiny_config(arch: str, attn: str = "eager", num_labels: int = 3, layers: int = 2):
@@ -18,7 +18,8 @@ def tiny_config(arch: str, attn: str = "eager", num_labels: int = 3, layers: int
     if arch == "distilbert":
         cfg = DistilBertConfig(dim=32, n_layers=layers, n_heads=4, hidden_dim=37, **common)
     else:
-        cls = {"bert": BertConfig, "roberta": RobertaConfig, "electra": ElectraConfig}[arch]
+        cls = {"bert": BertConfig, "roberta": RobertaConfig, "xlm-roberta": XLMRobertaConfig,
+               "electra": ElectraConfig}[arch]
         cfg = cls(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=37,
                   **common)
     cfg._attn_implementation = attn
