@@ -73,7 +73,7 @@ print(json.dumps(out.tolist()))
 """
 
 
-@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_save_and_load_in_a_fresh_process(arch, batch, tmp_path):
     model = tiny_model(arch, layers=3)
     expected = masked_logits(model, KEPT, batch)
