@@ -63,11 +63,10 @@ def load_model(name: str, num_labels: int, attn: str, require_finetuned: bool):
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load model {name!r}: {err}") from err
-    if require_finetuned and config.num_labels != num_labels:
+    pruned = (getattr(config, "headprune", None) or {}).get("physical", False)  # to prune further
+    if (require_finetuned or pruned) and config.num_labels != num_labels:
         raise ModelError(f"{name!r} predicts {config.num_labels} labels, the data has {num_labels}")
-    if (getattr(config, "headprune", None) or {}).get("physical"):  # pruned already: prune further
-        if config.num_labels != num_labels:
-            raise ModelError(f"{name!r} predicts {config.num_labels} labels, the data has {num_labels}")
+    if pruned:
         return load_pruned(path, attn_implementation=attn).train(), tokenizer
     model, info = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=num_labels, attn_implementation=attn, output_loading_info=True,
