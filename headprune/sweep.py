@@ -102,14 +102,15 @@ def sweep(cfg: SweepConfig) -> list[dict]:
         if results["mode"] == "pipelined" and unpruned_metrics is None:  # the same for every run
             unpruned_metrics = results["metrics_unpruned"]
     unpruned = next(iter(unpruned_metrics.values())) if unpruned_metrics else None
-    write_tables(out, rows, unpruned)
+    summary = summary_table(rows, unpruned)
+    write_tables(out, rows, summary)
     num_heads = results["num_heads"] if runs else 0
     plot_sweep(out / "sweep.png", rows, unpruned, f"{cfg.model} on {cfg.dataset}", num_heads)
-    write_sweep_report(out, cfg, rows, unpruned)
+    write_sweep_report(out, cfg, summary)
     return rows
 
 
-def write_tables(out: Path, rows: list[dict], unpruned: float | None) -> None:
+def write_tables(out: Path, rows: list[dict], summary: str) -> None:
     columns = ["method", "mode", "k", "seed", "split", "metric", "seconds", "run"]
     rows = sorted(rows, key=lambda r: (r["method"], r["mode"], r["k"], r["seed"]))
     with atomic_path(out / "sweep.csv") as tmp, open(tmp, "w", newline="") as f:
@@ -121,7 +122,7 @@ def write_tables(out: Path, rows: list[dict], unpruned: float | None) -> None:
     with atomic_path(out / "sweep.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     with atomic_path(out / "summary.md") as tmp:
-        tmp.write_text(summary_table(rows, unpruned))
+        tmp.write_text(summary)
 
 
 def summary_table(rows: list[dict], unpruned: float | None) -> str:
@@ -152,12 +153,12 @@ def summary_table(rows: list[dict], unpruned: float | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_sweep_report(out: Path, cfg: SweepConfig, rows: list[dict], unpruned: float | None) -> None:
+def write_sweep_report(out: Path, cfg: SweepConfig, summary: str) -> None:
     text = (f"# Sweep: {', '.join(cfg.methods)} ({', '.join(cfg.modes)})\n\n"
             f"Model `{cfg.model}`, data `{cfg.dataset}`, pruning data: the first "
             f"{cfg.max_train_examples or 'all'} training examples, {cfg.epochs} epoch(s); "
             f"k in {cfg.ks}; seeds {cfg.seeds}.\n\n![metric against kept heads](sweep.png)\n\n"
-            f"{summary_table(rows, unpruned)}\nEvery run: [sweep.md](sweep.md) ([sweep.csv](sweep.csv)); "
+            f"{summary}\nEvery run: [sweep.md](sweep.md) ([sweep.csv](sweep.csv)); "
             "each run's folder has its own report.md.\n")
     with atomic_path(out / "report.md") as tmp:
         tmp.write_text(text)
