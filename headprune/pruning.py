@@ -6,8 +6,9 @@ heads; the attention code infers the head count from the tensor shapes. A site l
 skips attention: its output is the output projection's bias, exactly what the masked model gives.
 
 `save_pruned` writes a standard model folder whose config.json records the kept heads
-(`headprune.kept_heads`, in the original numbering); `load_pruned` rebuilds those shapes from
-the config and loads the weights, refusing weights that do not match the record.
+(`headprune.kept_heads`, in the original numbering, with a checksum); `load_pruned` rebuilds those
+shapes from the config and loads the weights, refusing weights that do not match the record and a
+record whose head numbers were edited (same counts, other heads: the shapes alone cannot tell).
 
 `zero_pruned_heads` is the weights-only alternative: a model of the original shape whose pruned
 heads' output-projection columns are zero (same outputs, not smaller, loads anywhere).
@@ -15,6 +16,8 @@ heads' output-projection columns are zero (same outputs, not smaller, loads anyw
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -22,13 +25,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from .errors import PrunedCheckpointError
+from .outputs import atomic_folder
 from .sites import AttentionSite, find_sites
 
 Head = tuple[str, int, int]
 
 
-class PrunedCheckpointError(ValueError):
-    pass
+def heads_checksum(kept) -> str:
+    """sha256 of the kept heads, in a canonical order: detects an edited record."""
+    canonical = json.dumps(sorted([str(k), int(l), int(h)] for k, l, h in kept))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 @torch.no_grad()
@@ -111,10 +118,12 @@ def save_pruned(model: nn.Module, folder: Path, kept: list[Head], tokenizer=None
     loads again; config.json records the kept heads in the original numbering."""
     recorded = original_numbering(model.config, kept)
     remove_heads(model, kept)
-    model.config.headprune = {"kept_heads": [list(h) for h in recorded], "physical": True, **record}
-    model.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+    model.config.headprune = {"kept_heads": [list(h) for h in recorded], "physical": True,
+                              "kept_heads_sha256": heads_checksum(recorded), **record}
+    with atomic_folder(Path(folder)) as tmp:  # a kill leaves no half-written model folder
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
 
 
 def load_pruned(folder, model_class=None, **config_kwargs) -> nn.Module:
@@ -123,10 +132,22 @@ def load_pruned(folder, model_class=None, **config_kwargs) -> nn.Module:
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     model_class = model_class or AutoModelForSequenceClassification
-    config = AutoConfig.from_pretrained(folder, **config_kwargs)
+    if not Path(folder).is_dir():
+        raise PrunedCheckpointError(f"no such model folder: {folder}")
+    try:
+        config = AutoConfig.from_pretrained(folder, **config_kwargs)
+    except (OSError, ValueError) as err:
+        raise PrunedCheckpointError(f"cannot read {folder}/config.json: {_first_line(err)}") from err
     record = getattr(config, "headprune", None) or {}
     if not record.get("physical"):
-        return model_class.from_pretrained(folder, **config_kwargs)
+        try:
+            return model_class.from_pretrained(folder, **config_kwargs)
+        except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+            raise PrunedCheckpointError(f"cannot load the model in {folder}: {_first_line(err)}") from err
+    if "kept_heads_sha256" in record and record["kept_heads_sha256"] != heads_checksum(record["kept_heads"]):
+        raise PrunedCheckpointError(
+            f"{folder}/config.json: headprune.kept_heads does not match its checksum (the record "
+            "was edited); restore the original config.json")
     model = model_class.from_config(config)
     remove_heads(model, [tuple(h) for h in record["kept_heads"]])
     try:
@@ -150,3 +171,8 @@ def _load_weights(model: nn.Module, folder: Path) -> None:
         model.load_state_dict(load_file(single), strict=True)
     else:
         load_sharded_checkpoint(model, folder, strict=True)
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

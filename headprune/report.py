@@ -77,9 +77,12 @@ def write_run_report(out: Path, results: dict, history: list[dict]) -> None:
     lines = [f"# {results['method']} {results['mode']}: {results['k']} of {results['num_heads']} heads",
              "", f"- model: `{results['model']}`, data: `{results['dataset']}` "
              f"({results['train_examples']} training examples), seed {results['seed']}",
+             f"- labels (index: name): {', '.join(f'{i}: {n}' for i, n in enumerate(results.get('labels', [])))}",
              f"- accuracy pruned: {_fmt(results['metrics_pruned'])}",
              f"- accuracy unpruned: {_fmt(results['metrics_unpruned'])}",
              f"- seconds: {', '.join(f'{k} {v}' for k, v in results['seconds'].items())}"]
+    for file, n in (results.get("dropped_rows") or {}).items():
+        lines.append(f"- dropped {n} rows of {file} with an empty or missing label or text cell")
     if "heads_on_by_threshold" in results:
         lines.append(f"- heads with gate > 0.5 (what lambda gave): {results['heads_on_by_threshold']}; "
                      f"selection: {results['selection']}")

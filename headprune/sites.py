@@ -6,8 +6,9 @@ addressed as (kind, layer, head), kind being "encoder" (encoder self-attention),
 (decoder self-attention) or "cross" (decoder cross-attention), so encoder-decoders fit the same
 structure as encoders.
 
-To support a new architecture, write a function that yields its sites and add it to
-ARCHITECTURES under the model's `config.model_type`.
+Architectures are recognised by their module layout, not by `model_type`, so a model that reuses
+BERT's modules exactly (CamemBERT, ERNIE, ...) works without being listed. To support a new
+layout, write a function that yields its sites and add it to LAYOUTS.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from torch import nn
+
+from .errors import UnsupportedArchitectureError
 
 KINDS = ("encoder", "decoder", "cross")
 
@@ -47,8 +50,9 @@ def bert_sites(model: nn.Module) -> Iterator[AttentionSite]:
     """BERT, RoBERTa, XLM-R, ELECTRA, MiniLM: `layer.i.attention.self.{query,key,value}` and
     `layer.i.attention.output.dense`."""
     for name, module in model.named_modules():
-        if name.endswith("attention") and hasattr(module, "self") and hasattr(module, "output"):
-            attn = module.self
+        attn = getattr(module, "self", None)
+        if (name.endswith("attention") and hasattr(attn, "query") and hasattr(attn, "attention_head_size")
+                and hasattr(getattr(module, "output", None), "dense")):
             kind = "cross" if name.endswith("crossattention") else "encoder"
             yield AttentionSite(kind, _layer_index(name), attn, attn.query, attn.key, attn.value,
                                 module.output.dense, attn.attention_head_size)
@@ -57,36 +61,27 @@ def bert_sites(model: nn.Module) -> Iterator[AttentionSite]:
 def distilbert_sites(model: nn.Module) -> Iterator[AttentionSite]:
     """DistilBERT: `transformer.layer.i.attention.{q_lin,k_lin,v_lin,out_lin}`."""
     for name, module in model.named_modules():
-        if name.endswith("attention") and hasattr(module, "q_lin"):
+        if name.endswith("attention") and hasattr(module, "q_lin") and hasattr(module, "out_lin"):
             yield AttentionSite("encoder", _layer_index(name), module, module.q_lin, module.k_lin,
                                 module.v_lin, module.out_lin, module.attention_head_size)
 
 
-ARCHITECTURES: dict[str, Callable[[nn.Module], Iterator[AttentionSite]]] = {
-    "bert": bert_sites,
-    "roberta": bert_sites,
-    "xlm-roberta": bert_sites,
-    "electra": bert_sites,
-    "distilbert": distilbert_sites,
+# layout name (with the models known to use it) -> the function that finds its sites
+LAYOUTS: dict[str, Callable[[nn.Module], Iterator[AttentionSite]]] = {
+    "BERT-style (BERT, RoBERTa, XLM-R, ELECTRA, MiniLM, CamemBERT, ERNIE)": bert_sites,
+    "DistilBERT-style": distilbert_sites,
 }
 
 
-class UnsupportedArchitectureError(ValueError):
-    pass
-
-
 def find_sites(model: nn.Module) -> list[AttentionSite]:
-    """All attention sites of `model`, ordered by kind (encoder, decoder, cross) then layer."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in ARCHITECTURES:
-        raise UnsupportedArchitectureError(
-            f"headprune does not support model_type {model_type!r}; "
-            f"supported: {', '.join(sorted(ARCHITECTURES))}"
-        )
-    sites = sorted(ARCHITECTURES[model_type](model), key=lambda s: (KINDS.index(s.kind), s.layer))
-    if not sites:
-        raise UnsupportedArchitectureError(
-            f"found no attention modules in this {model_type!r} model; "
-            "its module layout differs from what headprune expects"
-        )
-    return sites
+    """All attention sites of `model`, ordered by kind (encoder, decoder, cross) then layer.
+
+    Raises UnsupportedArchitectureError, naming the known layouts, when none matches."""
+    for layout in LAYOUTS.values():
+        sites = sorted(layout(model), key=lambda s: (KINDS.index(s.kind), s.layer))
+        if sites:
+            return sites
+    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    raise UnsupportedArchitectureError(
+        f"headprune does not support {model_type!r}: its attention modules match none of the "
+        f"layouts it knows: {'; '.join(LAYOUTS)}")

@@ -16,36 +16,19 @@ import json
 import logging
 import statistics
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
-from transformers import AutoConfig
-
-from .config import PruneConfig, option
-from .methods import METHODS
+from .config import PruneConfig, SweepConfig
+from .errors import OutputExistsError
 from .outputs import RESULTS, atomic_path
-from .recipes import ModelError, prune, resolve_model
+from .recipes import inspect_model, prune
 from .report import plot_sweep
+from .train import changed_settings
 
 log = logging.getLogger("headprune")
 
 DETERMINISTIC = ("michel",)  # one seed is enough
 UNTRAINED = ("michel", "random")  # pipelined only
-
-
-@dataclass
-class SweepConfig(PruneConfig):
-    methods: list = option(["dsp", "ste", "voita", "michel", "random"], "Methods to compare.",
-                           nargs="+", choices=list(METHODS))
-    modes: list = option(["pipelined"], "Modes: pipelined (from --model, fine-tuned) and/or joint "
-                         "(from --pretrained-model).", nargs="+", choices=["pipelined", "joint"])
-    ks: list = option([6, 12, 24, 36, 48, 60], "Budgets: heads to keep.", nargs="+", type=int)
-    seeds: list = option([0, 1, 2], "Seeds of the stochastic methods (michel runs with the first).",
-                         nargs="+", type=int)
-    pretrained_model: str = option("offline:minilm-l6", "Starting point of joint runs.")
-    michel_step: int = option(6, "michel: heads masked per iteration (the sweep's curve needs a step "
-                              "that lands on every k).")
-    output_dir: str = option("runs/sweep", "Folder of the sweep: one sub-folder per run, tables and plot.")
 
 
 def planned_runs(cfg: SweepConfig) -> list[PruneConfig]:
@@ -81,18 +64,39 @@ def rows_of(results: dict, ks: list[int], folder: str) -> list[dict]:
     return [{**common, "k": results["k"], "metric": results["metrics_pruned"][split]}]
 
 
+def stale_runs(runs: list[PruneConfig]) -> dict[str, str]:
+    """Finished runs whose recorded settings differ from the plan: folder name -> what changed."""
+    stale = {}
+    for run in runs:
+        path = Path(run.output_dir) / RESULTS
+        if path.exists():
+            saved = json.loads(path.read_text()).get("config", {})
+            changed = changed_settings(saved, dataclasses.asdict(run))
+            if changed:
+                stale[path.parent.name] = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(run, k)!r}"
+                                                    for k in changed)
+    return stale
+
+
 def sweep(cfg: SweepConfig) -> list[dict]:
     out = Path(cfg.output_dir)
     runs = planned_runs(cfg)
-    for model in sorted({run.model for run in runs}):  # fail now, not after hours of other runs
-        try:
-            AutoConfig.from_pretrained(resolve_model(model))
-        except (OSError, ValueError) as err:
-            raise ModelError(f"cannot load model {model!r}: {err}") from err
+    for model, mode in sorted({(run.model, run.mode) for run in runs}):  # fail now, not hours later
+        inspect_model(model, require_finetuned=mode == "pipelined")
+    stale = stale_runs(runs)
+    if stale and not cfg.overwrite:
+        first = next(iter(stale))
+        raise OutputExistsError(
+            f"{out} holds {len(stale)} run(s) made with other settings (e.g. {first}: {stale[first]}); "
+            "pass --overwrite to run them again with these settings, or choose another --output-dir")
     rows, unpruned_metrics = [], None
     for i, run in enumerate(runs, start=1):
         folder = Path(run.output_dir)
-        if (folder / RESULTS).exists():
+        if folder.name in stale:
+            log.info("[%d/%d] running %s again: other settings (%s)", i, len(runs), folder.name, stale[folder.name])
+            run = dataclasses.replace(run, overwrite=True)
+            results = prune(run, metrics_unpruned=unpruned_metrics)
+        elif (folder / RESULTS).exists():
             log.info("[%d/%d] done already: %s", i, len(runs), folder.name)
             results = json.loads((folder / RESULTS).read_text())
         else:

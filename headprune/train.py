@@ -1,24 +1,33 @@
 """The training loop shared by every recipe: Accelerate over a plain PyTorch loop, a data order
-fixed by (seed, epoch), atomic checkpoints with optimiser, scheduler and RNG state, and resumption
-that reaches the same result as an uninterrupted run."""
+fixed by (seed, epoch), atomic checkpoints with optimiser and scheduler state, and resumption that
+reaches the same result as an uninterrupted run.
+
+Randomness: before each step the global torch RNG (dropout) is seeded from (seed, step, process),
+and the selectors draw their noise from generators seeded from (seed, step); the caller's RNG
+state is restored when the loop ends. So a run's result depends only on its seed, whatever ran
+before it in the process or between its steps (evaluation), and a resumed run needs no RNG state.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
 import os
-import random
+import shutil
 import signal
+import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from .outputs import CHECKPOINT, save_torch
+from .checkpoint import read_checkpoint, write_checkpoint
+from .errors import CheckpointError
+from .outputs import checkpoint_folder
+from .randomness import derive_seed
 
 log = logging.getLogger("headprune")
 
@@ -84,87 +93,77 @@ def evaluate(acc: Accelerator, model, datasets: dict, collate, batch_size: int) 
 
 # -- checkpoints ---------------------------------------------------------------------------------
 
-def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+IGNORED_SETTINGS = {"overwrite", "output_dir", "checkpoint_every"}  # may change between resumes
 
 
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def changed_settings(saved: dict, current: dict) -> list[str]:
+    return sorted(k for k in current if k not in IGNORED_SETTINGS and saved.get(k) != current[k])
 
 
-class CheckpointError(RuntimeError):
-    pass
+def resume_state(out: Path, cfg) -> dict | None:
+    """The checkpoint in `out` if it belongs to this configuration. One made with other settings
+    is refused, or with --overwrite discarded."""
+    folder = checkpoint_folder(out)
+    if folder is None:
+        return None
+    state = read_checkpoint(folder)
+    changed = changed_settings(state.get("config", {}), asdict(cfg))
+    if not changed:
+        return state
+    what = ", ".join(f"{k}: {state['config'].get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
+    if cfg.overwrite:
+        log.warning("discarding the checkpoint in %s, made with other settings (%s)", out, what)
+        shutil.rmtree(folder)
+        return None
+    raise CheckpointError(f"{folder} was made with other settings ({what}); resume with the same "
+                          "settings, pass --overwrite to discard it and start over, or choose "
+                          "another --output-dir")
 
 
-def read_checkpoint(path: Path, cfg) -> dict:
-    """Load a checkpoint and check that it belongs to this configuration."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        saved = state["config"]
-    except Exception as err:
-        raise CheckpointError(f"checkpoint {path} is unreadable ({err}); delete it to start over") from err
-    current = asdict(cfg)
-    ignored = {"overwrite", "output_dir", "checkpoint_every"}
-    changed = sorted(k for k in current if k not in ignored and saved.get(k) != current[k])
-    if changed:
-        raise CheckpointError(
-            f"checkpoint {path} was made with other settings ({', '.join(f'{k}: {saved.get(k)!r} -> {current[k]!r}' for k in changed)}); "
-            "resume with the same settings, or use another --output-dir")
-    return state
-
-
-def write_checkpoint(acc: Accelerator, out: Path, cfg, model, optimizer, scheduler, step: int,
-                     history: list, extra: dict) -> None:
-    """Trainable weights, optimiser, scheduler, RNG of every process, the log so far."""
-    if acc.num_processes > 1:  # each process keeps its own RNG stream
-        save_torch(out / f"rng_{acc.process_index}.pt", {"step": step, "rng": _rng_state()})
+def save_checkpoint(acc: Accelerator, out: Path, cfg, model, optimizer, scheduler, step: int,
+                    history: list, extra: dict, seconds: dict) -> None:
+    """Trainable weights, optimiser, scheduler, the log so far (no RNG: it follows from the step)."""
     acc.wait_for_everyone()
     if acc.is_main_process:
         unwrapped = acc.unwrap_model(model)
         trainable = {n: p.detach().cpu() for n, p in unwrapped.named_parameters() if p.requires_grad}
-        save_torch(out / CHECKPOINT, {
+        write_checkpoint(out, {
             "step": step, "config": asdict(cfg), "model": trainable,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": _rng_state(), "history": history, "extra": extra})
+            "history": history, "extra": extra, "seconds": seconds})
     acc.wait_for_everyone()
 
 
-def restore_checkpoint(acc: Accelerator, state: dict, out: Path, model, optimizer, scheduler) -> None:
-    missing = acc.unwrap_model(model).load_state_dict(state["model"], strict=False).unexpected_keys
-    if missing:
-        raise CheckpointError(f"checkpoint holds weights this model lacks: {missing[:5]}")
+def restore_checkpoint(acc: Accelerator, state: dict, model, optimizer, scheduler) -> None:
+    unexpected = acc.unwrap_model(model).load_state_dict(state["model"], strict=False).unexpected_keys
+    if unexpected:
+        raise CheckpointError(f"checkpoint holds weights this model lacks: {unexpected[:5]}")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    rng = state["rng"]
-    if acc.num_processes > 1 and acc.process_index > 0:
-        own = torch.load(out / f"rng_{acc.process_index}.pt", weights_only=False)
-        if own["step"] == state["step"]:
-            rng = own["rng"]
-        else:
-            log.warning("process %d: RNG state is from another step; resuming without it", acc.process_index)
-            rng = None
-    if rng is not None:
-        _set_rng_state(rng)
 
 
 # -- the loop ------------------------------------------------------------------------------------
 
 def train(acc: Accelerator, cfg, out: Path, model, optimizer, scheduler, train_set, collate,
           *, selector=None, resume_state: dict | None = None, extra: dict | None = None,
-          desc: str = "train") -> list[dict]:
+          seconds: dict | None = None, phase: str = "train", desc: str = "train") -> list[dict]:
     """Run `cfg.epochs` of training; return the training log (a row every 10 steps, or often
     enough for 25 rows in a shorter run).
 
     `model`, `optimizer` and `scheduler` must already be prepared by `acc`. `selector`, if given,
     is told the step before each forward (DSP's temperature follows it) and its `penalty()`, if
     it has one, is added to the loss. `extra` is stored in each checkpoint (e.g. metrics measured
-    before training) and comes back in `resume_state["extra"]`.
+    before training) and comes back in `resume_state["extra"]`; so do `seconds` (the phases timed
+    so far; the caller times this one as `phase`), with this phase's seconds so far added.
     """
+    rng_devices = [acc.device] if acc.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices):  # the caller's RNG is left as it was
+        return _train(acc, cfg, out, model, optimizer, scheduler, train_set, collate, selector,
+                      resume_state, extra or {}, seconds or {}, phase, desc)
+
+
+def _train(acc, cfg, out, model, optimizer, scheduler, train_set, collate, selector, resume_state,
+           extra, seconds, phase, desc):
     per_epoch = steps_per_epoch(len(train_set), cfg.batch_size, acc.num_processes)
     last_step = total_steps(cfg, len(train_set), acc.num_processes)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -176,6 +175,7 @@ def train(acc: Accelerator, cfg, out: Path, model, optimizer, scheduler, train_s
     log_every = max(1, min(10, last_step // 25))  # every 10 steps; at least 25 rows in short runs
     loss_sum, loss_count = torch.zeros((), device=acc.device), 0
     kill_at = int(os.environ.get(KILL_AT_STEP, "0"))
+    started = time.perf_counter()
 
     model.train()
     progress = tqdm(total=last_step, initial=step, desc=desc, disable=not acc.is_local_main_process)
@@ -187,6 +187,7 @@ def train(acc: Accelerator, cfg, out: Path, model, optimizer, scheduler, train_s
         if done_in_epoch:
             loader = acc.skip_first_batches(loader, done_in_epoch)
         for batch in loader:
+            torch.manual_seed(derive_seed(cfg.seed, "dropout", step, acc.process_index))
             if selector is not None:
                 selector.set_step(step)
             loss = model(**batch).loss
@@ -213,7 +214,8 @@ def train(acc: Accelerator, cfg, out: Path, model, optimizer, scheduler, train_s
                 loss_count = 0
                 progress.set_postfix(loss=f"{row['loss']:.4f}")
             if step == last_step or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-                write_checkpoint(acc, out, cfg, model, optimizer, scheduler, step, history, extra or {})
+                so_far = {**seconds, phase: round(seconds.get(phase, 0.0) + time.perf_counter() - started, 2)}
+                save_checkpoint(acc, out, cfg, model, optimizer, scheduler, step, history, extra, so_far)
             if step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
             if step == last_step:

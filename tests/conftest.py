@@ -1,6 +1,8 @@
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HEADPRUNE_CACHE", tempfile.mkdtemp(prefix="headprune-cache-"))  # not ~/.cache
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -56,12 +56,17 @@ def test_geometric_schedule_hits_t0_and_tf_at_the_right_steps():
 
 
 def test_selector_samples_in_training_and_is_hard_in_eval():
-    torch.manual_seed(0)
-    sel = DSPSelector(12, 4, t0=1.0, tf=1e-8, cooldown_steps=10)
+    sel = DSPSelector(12, 4, t0=1.0, tf=1e-8, cooldown_steps=10, seed=3)
     sel.train()
-    a, b = sel(), sel()
-    assert not torch.equal(a, b)  # fresh Gumbel noise each call
+    a = sel()
+    torch.rand(5)  # the global RNG plays no part
+    assert torch.equal(sel(), a)  # the noise of a step follows (seed, step)
+    sel.set_step(1)
+    assert not torch.equal(sel(), a)  # fresh Gumbel noise each step
     assert a.sum().item() == pytest.approx(4)
+    other = DSPSelector(12, 4, t0=1.0, tf=1e-8, cooldown_steps=10, seed=4)
+    assert not torch.equal(other.logits, sel.logits)  # the initial logits follow the seed
+    assert torch.equal(DSPSelector(12, 4, seed=3).logits, sel.logits)
     sel.eval()
     assert torch.equal(sel(), hard_top_k(sel.logits.detach(), 4))
 

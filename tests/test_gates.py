@@ -97,11 +97,33 @@ def test_heads_are_addressed_by_kind_layer_head():
                                ("encoder", 0, 3), ("encoder", 1, 0)]
 
 
-def test_unsupported_architecture_names_the_supported_ones():
-    from transformers import GPT2Config, GPT2ForSequenceClassification
-    model = GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=20))
-    with pytest.raises(UnsupportedArchitectureError, match="'gpt2'.*supported: bert, distilbert"):
-        attach_gates(model)
+def test_unsupported_architecture_names_the_supported_layouts():
+    from transformers import GPT2Config, GPT2ForSequenceClassification, MPNetConfig, MPNetForSequenceClassification
+    gpt2 = GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=20))
+    with pytest.raises(UnsupportedArchitectureError, match="'gpt2'.*layouts it knows: BERT-style.*DistilBERT-style"):
+        attach_gates(gpt2)
+    mpnet = MPNetForSequenceClassification(MPNetConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                       intermediate_size=8, vocab_size=20))
+    with pytest.raises(UnsupportedArchitectureError, match="'mpnet'"):
+        attach_gates(mpnet)
+
+
+@pytest.mark.parametrize("name", ["CamembertConfig", "ErnieConfig"])
+def test_a_bert_layout_under_another_name_is_recognised(name, batch):
+    """Recognised by its modules, not its model_type: gate 0 on a head equals zeroing its weights."""
+    import transformers
+    config = getattr(transformers, name)(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                          intermediate_size=37, max_position_embeddings=64, initializer_range=0.3)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSequenceClassification.from_config(config).eval()
+    gates = attach_gates(model)
+    assert gates.num_heads == 8
+    gates.set_mask(torch.tensor([1.0, 0, 1, 1, 1, 1, 1, 1]))
+    with torch.no_grad():
+        gated = model(**batch).logits
+        detach_gates(model)
+        model.base_model.encoder.layer[0].attention.output.dense.weight[:, 8:16] = 0
+        assert torch.allclose(model(**batch).logits, gated, atol=1e-6)
 
 
 def test_attaching_twice_is_refused():

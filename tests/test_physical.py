@@ -89,12 +89,28 @@ def test_save_and_load_in_a_fresh_process(arch, batch, tmp_path):
     assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in model.parameters())
 
 
+def edit_record(folder, edit):
+    config = json.loads((folder / "config.json").read_text())
+    edit(config["headprune"])
+    (folder / "config.json").write_text(json.dumps(config))
+
+
 def test_mismatched_record_gives_a_clear_error(tmp_path):
     save_pruned(tiny_model("bert", layers=3), tmp_path, KEPT)
-    config = json.loads((tmp_path / "config.json").read_text())
-    config["headprune"]["kept_heads"] = config["headprune"]["kept_heads"][:-1]  # one head fewer
-    (tmp_path / "config.json").write_text(json.dumps(config))
+
+    def one_head_fewer(record):
+        record["kept_heads"] = record["kept_heads"][:-1]
+        del record["kept_heads_sha256"]  # as a record written before checksums existed
+    edit_record(tmp_path, one_head_fewer)
     with pytest.raises(PrunedCheckpointError, match="do not match the heads its config.json records"):
+        load_pruned(tmp_path)
+
+
+def test_a_record_with_other_head_numbers_but_the_same_counts_is_detected(tmp_path):
+    """The shapes alone cannot tell (layer 1 keeps one head either way): the checksum can."""
+    save_pruned(tiny_model("bert", layers=3), tmp_path, KEPT)
+    edit_record(tmp_path, lambda record: record["kept_heads"][0].__setitem__(2, 0))  # head 2 -> head 0
+    with pytest.raises(PrunedCheckpointError, match="does not match its checksum.*edited"):
         load_pruned(tmp_path)
 
 
@@ -127,6 +143,10 @@ def test_the_documented_plain_transformers_loading_works(tmp_path, batch):
     exec(block.replace('"runs/dsp24/model"', repr(str(tmp_path))), scope)
     with torch.no_grad():
         assert torch.allclose(scope["model"](**batch).logits, expected, atol=1e-5)
+    # a layer with no heads: stock transformers cannot run it, and the recipe says so
+    save_pruned(tiny_model("bert"), tmp_path / "empty", [("encoder", 1, 0)])
+    with pytest.raises(ValueError, match="layers with no heads: load it with headprune.load_pruned"):
+        exec(block.replace('"runs/dsp24/model"', repr(str(tmp_path / "empty"))), {})
 
 
 def test_pruning_again_records_the_original_head_numbers():

@@ -4,6 +4,7 @@ import csv
 import pytest
 
 import headprune.sweep as sweep_mod
+from headprune.errors import ModelError
 from headprune.sweep import SweepConfig, planned_runs, sweep
 
 
@@ -53,5 +54,5 @@ def test_sweep_writes_table_and_plot_and_skips_finished_runs(tiny_finetuned, tmp
 def test_a_missing_model_stops_the_sweep_before_any_run(tiny_finetuned, tmp_path, monkeypatch):
     monkeypatch.setattr(sweep_mod, "prune", lambda *a, **k: pytest.fail("a run started"))
     cfg = sweep_cfg(*tiny_finetuned, tmp_path, modes=["pipelined", "joint"], pretrained_model=str(tmp_path / "nowhere"))
-    with pytest.raises(sweep_mod.ModelError, match="cannot load model"):
+    with pytest.raises(ModelError, match="no such model folder"):
         sweep(cfg)

@@ -13,24 +13,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..config import METHODS
 from .dsp import DSPSelector, geometric_temperature, hard_top_k, soft_top_k
 from .michel import head_importance, iterative_pruning, normalize_importance
 from .voita import HardConcreteSelector, hard_concrete_eval, hard_concrete_sample, l0_penalty
 
 TRAINED = ("dsp", "ste", "voita")
-METHODS = (*TRAINED, "michel", "random")
 DEFAULT_PRUNING_LR = {"dsp": 0.5, "ste": 0.5, "voita": 0.1}  # the reference's BERT values
 
 
 def make_selector(method: str, num_heads: int, k: int | None, *, t0: float = 1000.0, tf: float = 1e-8,
-                  cooldown_steps: int = 1000, l0_lambda: float = 0.0015) -> nn.Module:
-    """The selector of a trained method; for voita, k=None keeps the heads whose gate is above 0.5."""
+                  cooldown_steps: int = 1000, l0_lambda: float = 0.0015, seed: int = 0) -> nn.Module:
+    """The selector of a trained method; for voita, k=None keeps the heads whose gate is above 0.5.
+    Its initial scores and its noise at every step follow from `seed` alone."""
     if method == "dsp":
-        return DSPSelector(num_heads, k, t0, tf, cooldown_steps)
+        return DSPSelector(num_heads, k, t0, tf, cooldown_steps, seed=seed)
     if method == "ste":
-        return DSPSelector(num_heads, k, straight_through=True)
+        return DSPSelector(num_heads, k, straight_through=True, seed=seed)
     if method == "voita":
-        return HardConcreteSelector(num_heads, k, l0_lambda)
+        return HardConcreteSelector(num_heads, k, l0_lambda, seed=seed)
     raise ValueError(f"unknown trained pruning method {method!r}; choose from {', '.join(TRAINED)}")
 
 

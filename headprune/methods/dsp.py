@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..randomness import generator
+
 
 def hard_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """A 0/1 mask with exactly k ones on the largest scores; ties go to the lower index."""
@@ -43,8 +45,8 @@ def geometric_temperature(step: int, t0: float, tf: float, cooldown_steps: int) 
     return t0 * (tf / t0) ** (step / cooldown_steps)
 
 
-def sample_gumbel(like: torch.Tensor) -> torch.Tensor:
-    u = torch.rand_like(like)
+def sample_gumbel(like: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+    u = torch.rand(like.shape, generator=gen, device=like.device, dtype=like.dtype)
     tiny = torch.finfo(like.dtype).tiny
     return -torch.log(-torch.log(u.clamp(tiny, 1.0 - 1e-12)))
 
@@ -52,20 +54,24 @@ def sample_gumbel(like: torch.Tensor) -> torch.Tensor:
 class DSPSelector(nn.Module):
     """Chooses exactly k of `num_heads` heads from learned logits.
 
-    The trainer calls `set_step` before each training forward; the temperature follows from it,
-    so a resumed run continues the schedule exactly where it stopped.
+    The trainer calls `set_step` before each training forward; the temperature and the Gumbel
+    noise follow from it (the noise from a generator seeded by (seed, step)), so a resumed run
+    continues exactly where it stopped and nothing else in the process changes the draws.
     """
 
     def __init__(self, num_heads: int, k: int, t0: float = 1000.0, tf: float = 1e-8,
-                 cooldown_steps: int = 1000, straight_through: bool = False):
+                 cooldown_steps: int = 1000, straight_through: bool = False, seed: int = 0):
         super().__init__()
         if not 1 <= k <= num_heads:
             raise ValueError(f"k={k} must be between 1 and the model's {num_heads} heads")
         self.k = k
         self.t0, self.tf, self.cooldown_steps = t0, tf, max(1, cooldown_steps)
         self.straight_through = straight_through
+        self.seed = seed
         # float64 as in the reference: the soft top-k at temperatures near 1e-8 needs the range.
-        self.logits = nn.Parameter(torch.empty(num_heads, dtype=torch.float64).uniform_(-0.5, 0.5))
+        init = torch.empty(num_heads, dtype=torch.float64).uniform_(
+            -0.5, 0.5, generator=generator("cpu", seed, "dsp-init"))
+        self.logits = nn.Parameter(init)
         self.step = 0
         self._last: torch.Tensor | None = None  # the last training mask, for the log
 
@@ -83,7 +89,8 @@ class DSPSelector(nn.Module):
             hard = hard_top_k(self.logits.detach(), self.k)
             mask = hard + self.logits - self.logits.detach()  # forward hard, backward identity
         else:
-            mask = soft_top_k(self.logits + sample_gumbel(self.logits), self.k, self.temperature)
+            noise = sample_gumbel(self.logits, generator(self.logits.device, self.seed, "gumbel", self.step))
+            mask = soft_top_k(self.logits + noise, self.k, self.temperature)
         self._last = mask.detach()
         return mask
 

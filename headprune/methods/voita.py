@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from ..randomness import generator
 from .dsp import hard_top_k
 
 BETA = 0.33  # temperature of the concrete distribution
@@ -37,19 +38,22 @@ def l0_penalty(log_a: torch.Tensor) -> torch.Tensor:
 
 
 class HardConcreteSelector(nn.Module):
-    def __init__(self, num_heads: int, k: int | None = None, l0_lambda: float = 0.0015):
+    def __init__(self, num_heads: int, k: int | None = None, l0_lambda: float = 0.0015, seed: int = 0):
         super().__init__()
         if k is not None and not 1 <= k <= num_heads:
             raise ValueError(f"k={k} must be between 1 and the model's {num_heads} heads")
-        self.k, self.l0_lambda = k, l0_lambda
-        self.log_a = nn.Parameter(torch.empty(num_heads).uniform_(-0.5, 0.5))  # as the reference
+        self.k, self.l0_lambda, self.seed, self.step = k, l0_lambda, seed, 0
+        init = torch.empty(num_heads).uniform_(-0.5, 0.5, generator=generator("cpu", seed, "voita-init"))
+        self.log_a = nn.Parameter(init)  # U(-0.5, 0.5) as the reference
 
-    def set_step(self, step: int) -> None:  # no schedule
-        pass
+    def set_step(self, step: int) -> None:  # no schedule; the noise follows the step
+        self.step = step
 
     def forward(self) -> torch.Tensor:
         if self.training:
-            u = torch.rand_like(self.log_a) * (1 - 2 * EPS) + EPS
+            g = generator(self.log_a.device, self.seed, "hard-concrete", self.step)
+            u = torch.rand(self.log_a.shape, generator=g, device=self.log_a.device,
+                           dtype=self.log_a.dtype) * (1 - 2 * EPS) + EPS
             return hard_concrete_sample(self.log_a, u)
         return self.eval_mask()
 

@@ -1,0 +1,71 @@
+"""Resumable checkpoints that hold no pickle: tensors in safetensors, everything else in JSON.
+
+A run folder is something people copy between machines and share, so reading a checkpoint must
+never run code. The state (step, config, trainable weights, optimiser and scheduler state, log)
+is split into its tensors, written with safetensors, and the rest, written as JSON with a
+placeholder where each tensor was. Non-string dictionary keys (the optimiser's parameter
+numbers) and tuples are spelled out so that they come back as they were.
+
+No RNG state is needed: every random draw of a step is seeded from (seed, step) (see train.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import CheckpointError
+from .outputs import CHECKPOINT, atomic_folder
+
+STATE, TENSORS = "state.json", "tensors.safetensors"
+
+
+def encode(obj, tensors: dict, path: str = "s"):
+    """`obj` as JSON-ready data; its tensors are moved into `tensors` under their path."""
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj.detach().cpu().clone().contiguous()
+        return {"__tensor__": path}
+    if isinstance(obj, dict):
+        return {"__items__": [[encode(k, tensors, f"{path}.k{i}"), encode(v, tensors, f"{path}.{i}")]
+                              for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint")
+
+
+def decode(data, tensors: dict):
+    if isinstance(data, list):
+        return [decode(v, tensors) for v in data]
+    if isinstance(data, dict):
+        if "__tensor__" in data:
+            return tensors[data["__tensor__"]]
+        if "__tuple__" in data:
+            return tuple(decode(v, tensors) for v in data["__tuple__"])
+        return {decode(k, tensors): decode(v, tensors) for k, v in data["__items__"]}
+    return data
+
+
+def write_checkpoint(out: Path, state: dict) -> None:
+    """Write `state` as out/checkpoint/ (a new folder renamed into place)."""
+    tensors: dict = {}
+    data = encode(state, tensors)
+    with atomic_folder(out / CHECKPOINT) as tmp:
+        save_file(tensors, str(tmp / TENSORS))
+        (tmp / STATE).write_text(json.dumps(data))
+
+
+def read_checkpoint(folder: Path) -> dict:
+    """Read a checkpoint folder: JSON and safetensors only, nothing that can run code."""
+    try:
+        tensors = load_file(str(folder / TENSORS))
+        return decode(json.loads((folder / STATE).read_text()), tensors)
+    except Exception as err:  # any damage: the user's remedy is the same
+        raise CheckpointError(f"checkpoint {folder} is unreadable ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}); delete it to start over") from err

@@ -1,0 +1,36 @@
+"""What the user did wrong, as exceptions the command line turns into one line and exit code 2.
+
+Kept free of heavy imports so that `headprune --help` and input errors answer at once.
+"""
+
+
+class HeadpruneError(Exception):
+    """A problem with the user's input or files: reported as one line, no traceback."""
+
+
+class ConfigError(HeadpruneError, ValueError):
+    """An option out of range or of the wrong type."""
+
+
+class DataError(HeadpruneError, ValueError):
+    """Data that cannot be read, or rows that cannot be used."""
+
+
+class ModelError(HeadpruneError, ValueError):
+    """A model that cannot be loaded or does not fit the task."""
+
+
+class UnsupportedArchitectureError(HeadpruneError, ValueError):
+    """A model whose attention layout headprune does not know."""
+
+
+class CheckpointError(HeadpruneError, RuntimeError):
+    """A checkpoint that cannot be read or belongs to other settings."""
+
+
+class PrunedCheckpointError(HeadpruneError, ValueError):
+    """A saved pruned model whose weights do not match its record."""
+
+
+class OutputExistsError(HeadpruneError, FileExistsError):
+    """An output folder that already holds results, or cannot be written."""
