@@ -18,3 +18,24 @@ def derive_seed(*parts) -> int:
 def generator(device, *parts) -> torch.Generator:
     """A fresh generator on `device` seeded from `parts`."""
     return torch.Generator(device=device).manual_seed(derive_seed(*parts))
+
+
+def keeps_global_rng(fn):
+    """Run `fn` and give the caller back the global RNG states (Python, NumPy, torch) it had:
+    a recipe seeds them for its own use, and the caller's code after it draws what it would have."""
+    import functools
+    import random
+
+    import numpy as np
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        python, numpy = random.getstate(), np.random.get_state()
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=cuda):
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                random.setstate(python)
+                np.random.set_state(numpy)
+    return wrapper

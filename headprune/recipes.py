@@ -40,6 +40,7 @@ from .methods import (DEFAULT_PRUNING_LR, TRAINED, head_importance, iterative_pr
 from .outputs import (CHECKPOINT, RESULTS, atomic_folder, check_output_dir, folder_bytes, versions,
                       write_json, write_jsonl)
 from .pruning import load_pruned, save_pruned, zero_pruned_heads
+from .randomness import keeps_global_rng
 from .report import plot_head_map, write_run_report
 from .sites import find_sites
 from .train import constant, evaluate, linear_decay, restore_checkpoint, resume_state, total_steps, train
@@ -252,6 +253,7 @@ def remember_metrics(key: str | None, metrics: dict) -> None:
 
 # -- fine-tuning ---------------------------------------------------------------------------------
 
+@keeps_global_rng
 def finetune(cfg: FinetuneConfig) -> dict:
     """Plain fine-tuning of a classifier (what pipelined pruning starts from)."""
     path, _, _ = inspect_model(cfg.model, require_finetuned=False)
@@ -286,6 +288,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
 # -- pruning -------------------------------------------------------------------------------------
 
+@keeps_global_rng
 def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
     """Keep `cfg.k` heads by any method, joint or pipelined; write the output folder.
 

@@ -309,3 +309,32 @@ def test_a_resumed_run_counts_the_seconds_before_the_interruption(tiny_finetuned
     assert subprocess.run(cli, capture_output=True, timeout=300).returncode == 0
     after = json.loads((tmp_path / "results.json").read_text())["seconds"]
     assert after["prune"] > before["prune"] > 0 and after["load"] > before["load"] > 0
+
+
+@pytest.mark.parametrize("command,mode", [("finetune", None), ("prune", "pipelined"), ("prune", "joint")])
+def test_every_command_checks_the_architecture_from_the_config_first(tmp_path, tiny_assets, command, mode, monkeypatch):
+    from transformers import MPNetConfig, MPNetForSequenceClassification
+    MPNetForSequenceClassification(MPNetConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                               intermediate_size=8, vocab_size=99)).save_pretrained(tmp_path / "mpnet")
+    import transformers
+    monkeypatch.setattr(transformers.AutoModelForSequenceClassification, "from_pretrained",
+                        lambda *a, **k: pytest.fail("weights were loaded"))
+    monkeypatch.setattr(recipes, "load_classification", lambda *a, **k: pytest.fail("data was loaded"))
+    from headprune.errors import UnsupportedArchitectureError
+    run = finetune if command == "finetune" else prune
+    kw = {} if mode is None else {"mode": mode}
+    with pytest.raises(UnsupportedArchitectureError, match="does not support 'mpnet'.*BERT-style"):
+        run(tiny(tmp_path / "mpnet", tiny_assets[1], tmp_path / "out", **kw))
+
+
+def test_measure_reports_the_spread(tmp_path):
+    from conftest import tiny_model
+    from headprune.pruning import save_pruned
+    save_pruned(tiny_model("bert", layers=2), tmp_path / "p", [("encoder", 1, 1)])
+    assert main(["measure", "--pruned", str(tmp_path / "p"), "--batch-sizes", "2", "--lengths", "8",
+                 "--repeats", "5", "--output-dir", str(tmp_path / "m")]) == 0
+    row = json.loads((tmp_path / "m" / "measure.json").read_text())["settings"][0]
+    for t in row["timings"].values():
+        assert t["min"] <= t["q1"] <= t["median"] <= t["q3"] <= t["max"]
+    assert row["seconds"]["pruned"] == row["timings"]["pruned"]["median"]
+    assert "ms orig (IQR)" in (tmp_path / "m" / "measure.md").read_text()

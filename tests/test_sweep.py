@@ -56,3 +56,18 @@ def test_a_missing_model_stops_the_sweep_before_any_run(tiny_finetuned, tmp_path
     cfg = sweep_cfg(*tiny_finetuned, tmp_path, modes=["pipelined", "joint"], pretrained_model=str(tmp_path / "nowhere"))
     with pytest.raises(ModelError, match="no such model folder"):
         sweep(cfg)
+
+
+def test_a_sweep_into_a_folder_of_other_settings_refuses_or_redoes_them(tiny_finetuned, tmp_path, monkeypatch):
+    model, data = tiny_finetuned
+    small = dict(methods=["dsp", "random"], ks=[2], seeds=[0])
+    sweep(sweep_cfg(model, data, tmp_path, **small))
+    with pytest.raises(sweep_mod.OutputExistsError, match="2 run\\(s\\) made with other settings .*max_length: 128 -> 16.*--overwrite"):
+        sweep(sweep_cfg(model, data, tmp_path, max_length=16, **small))
+    calls = []
+    real_prune = sweep_mod.prune
+    monkeypatch.setattr(sweep_mod, "prune", lambda run, **kw: calls.append(run.output_dir) or real_prune(run, **kw))
+    rows = sweep(sweep_cfg(model, data, tmp_path, max_length=16, overwrite=True, **small))
+    assert len(calls) == 2 and len(rows) == 2
+    import json
+    assert all(json.loads((tmp_path / r["run"] / "results.json").read_text())["config"]["max_length"] == 16 for r in rows)

@@ -1,0 +1,54 @@
+"""One seed, one result: a run does not depend on what ran before it in the process."""
+import json
+
+import pytest
+import torch
+
+from headprune.config import PruneConfig, SweepConfig
+from headprune.recipes import prune
+from headprune.sweep import sweep
+
+
+def run_cfg(model, data, out, method):
+    return PruneConfig(model=str(model), dataset=str(data), output_dir=str(out), method=method, k=3,
+                       epochs=2, batch_size=16, checkpoint_every=0, t0=1.0, tf=1e-4, seed=5)
+
+
+def outcome(folder):
+    results = json.loads((folder / "results.json").read_text())
+    scores = json.loads((folder / "head_scores.json").read_text())
+    return results["kept_heads"], results["metrics_pruned"], [r["logit"] for r in scores]
+
+
+@pytest.mark.parametrize("method", ["dsp", "ste", "voita"])
+def test_alone_after_other_work_and_inside_a_sweep_give_the_same_run(tiny_finetuned, tmp_path, method, monkeypatch):
+    model, data = tiny_finetuned
+    monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path / "cache"))  # the first run evaluates, later ones reuse
+    prune(run_cfg(model, data, tmp_path / "alone", method))
+
+    # unrelated work first: an evaluation of another model, draws on every global RNG
+    from conftest import tiny_model
+    other = tiny_model("bert").train()
+    other(input_ids=torch.randint(5, 99, (4, 9))).logits.sum().backward()
+    torch.rand(1000), __import__("random").random(), __import__("numpy").random.rand(7)
+    prune(run_cfg(model, data, tmp_path / "after", method))
+
+    base = {k: v for k, v in vars(run_cfg(model, data, tmp_path, method)).items() if k in
+            {f for f in SweepConfig.__dataclass_fields__}}
+    sweep(SweepConfig(**{**base, "methods": [method], "ks": [3], "seeds": [5], "output_dir": str(tmp_path / "sweep")}))
+
+    alone = outcome(tmp_path / "alone")
+    assert outcome(tmp_path / "after") == alone
+    assert outcome(tmp_path / "sweep" / f"{method}-pipelined-k3-s5") == alone
+
+
+def test_a_run_leaves_the_callers_rng_as_it_was(tiny_finetuned, tmp_path):
+    import random
+    model, data = tiny_finetuned
+    torch.manual_seed(123)
+    random.seed(7)
+    expected = torch.rand(3), random.random()
+    torch.manual_seed(123)
+    random.seed(7)
+    prune(run_cfg(model, data, tmp_path, "dsp"))  # seeds, trains with dropout and noise, evaluates
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
