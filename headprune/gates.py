@@ -82,6 +82,8 @@ class HeadGates(nn.Module):
 
     def _site_hook(self, offset: int, site: AttentionSite):
         def scale_heads(module, args):
+            if site.num_heads == 0:  # a dead head kept for the cache: its output is zero already
+                return None
             if self._mask is None:  # a site called outside a model forward
                 self._mask = self()
             context = args[0]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from torch import nn
 
 from .errors import PrunedCheckpointError
 from .outputs import atomic_folder
-from .sites import AttentionSite, find_sites
+from .sites import DEAD_HEAD, AttentionSite, find_sites
 
 Head = tuple[str, int, int]
 
@@ -84,12 +85,20 @@ def _skip_attention(attention: nn.Module, output: nn.Linear) -> None:
 
 
 def remove_heads(model: nn.Module, kept: list[Head]) -> nn.Module:
-    """Remove every head of `model` not in `kept` (addressed by the model's current numbering)."""
+    """Remove every head of `model` not in `kept` (addressed by the model's current numbering).
+
+    An encoder site left with no heads skips attention. A decoder self- or cross-attention site
+    left with none keeps one dead head (its output columns zero: the same outputs), because the
+    key/value cache of generation reads its length from the first layer's keys, and a layer that
+    caches nothing would put every later position off."""
     kept = {tuple(h) for h in kept}
     for site in find_sites(model):
         keep = [h for h in range(site.num_heads) if (site.kind, site.layer, h) in kept]
         if len(keep) == site.num_heads:
             continue
+        dead = not keep and site.kind in ("decoder", "cross")
+        if dead:
+            keep = [0]
         d = site.head_dim
         index = torch.tensor([h * d + i for h in keep for i in range(d)], dtype=torch.long,
                              device=site.query.weight.device)
@@ -97,7 +106,11 @@ def remove_heads(model: nn.Module, kept: list[Head]) -> nn.Module:
             _keep_rows(linear, index)
         _keep_columns(site.output, index)
         _set_head_count(site.attention, len(keep), d)
-        if not keep:
+        if dead:
+            with torch.no_grad():
+                site.output.weight.zero_()
+            setattr(site.attention, DEAD_HEAD, True)
+        elif not keep:
             _skip_attention(site.attention, site.output)
     return model
 
@@ -126,18 +139,28 @@ def save_pruned(model: nn.Module, folder: Path, kept: list[Head], tokenizer=None
             tokenizer.save_pretrained(tmp)
 
 
+def model_class_of(config):
+    """The class the config was saved from (`architectures[0]`), else the sequence classifier."""
+    import transformers
+
+    names = getattr(config, "architectures", None) or []
+    found = getattr(transformers, names[0], None) if names else None
+    return found or transformers.AutoModelForSequenceClassification
+
+
 def load_pruned(folder, model_class=None, **config_kwargs) -> nn.Module:
     """Load a model saved by headprune: physically pruned ones get their shapes rebuilt from
-    `config.headprune.kept_heads` before the weights are loaded; others load as usual."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    `config.headprune.kept_heads` before the weights are loaded; others load as usual. The class
+    is the one the model was saved as (`config.architectures`) unless `model_class` is given."""
+    from transformers import AutoConfig
 
-    model_class = model_class or AutoModelForSequenceClassification
     if not Path(folder).is_dir():
         raise PrunedCheckpointError(f"no such model folder: {folder}")
     try:
         config = AutoConfig.from_pretrained(folder, **config_kwargs)
     except (OSError, ValueError) as err:
         raise PrunedCheckpointError(f"cannot read {folder}/config.json: {_first_line(err)}") from err
+    model_class = model_class or model_class_of(config)
     record = getattr(config, "headprune", None) or {}
     if not record.get("physical"):
         try:
@@ -148,7 +171,7 @@ def load_pruned(folder, model_class=None, **config_kwargs) -> nn.Module:
         raise PrunedCheckpointError(
             f"{folder}/config.json: headprune.kept_heads does not match its checksum (the record "
             "was edited); restore the original config.json")
-    model = model_class.from_config(config)
+    model = model_class.from_config(config) if hasattr(model_class, "from_config") else model_class(config)
     remove_heads(model, [tuple(h) for h in record["kept_heads"]])
     try:
         _load_weights(model, Path(folder))
@@ -163,14 +186,25 @@ def load_pruned(folder, model_class=None, **config_kwargs) -> nn.Module:
 
 
 def _load_weights(model: nn.Module, folder: Path) -> None:
-    """Strictly load model.safetensors, or the shards its index names."""
+    """Load model.safetensors, or the shards its index names, refusing any key that is neither
+    there nor one the model itself leaves out of its files (tied embeddings, fixed sinusoidal
+    positions: transformers' `_tied_weights_keys` and `_keys_to_ignore_on_save`)."""
     from transformers.trainer_utils import load_sharded_checkpoint
 
     single = folder / "model.safetensors"
     if single.is_file():
-        model.load_state_dict(load_file(single), strict=True)
+        result = model.load_state_dict(load_file(single), strict=False)
     else:
-        load_sharded_checkpoint(model, folder, strict=True)
+        result = load_sharded_checkpoint(model, folder, strict=False)
+    left_out = []
+    for prefix, module in model.named_modules():  # submodules (BART's encoder) declare their own
+        for attribute in ("_tied_weights_keys", "_keys_to_ignore_on_save", "_keys_to_ignore_on_load_missing"):
+            left_out += [f"{prefix}.{key}" if prefix else key for key in getattr(module, attribute, None) or []]
+    missing = [k for k in result.missing_keys
+               if k not in left_out and not any(re.fullmatch(pattern, k) for pattern in left_out)]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"Missing key(s): {missing[:5]}; unexpected key(s): {result.unexpected_keys[:5]}")
+    model.tie_weights()
 
 
 def _first_line(err: Exception) -> str:

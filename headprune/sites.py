@@ -21,6 +21,7 @@ from torch import nn
 from .errors import UnsupportedArchitectureError
 
 KINDS = ("encoder", "decoder", "cross")
+DEAD_HEAD = "headprune_dead_head"  # attribute of an attention module that keeps one zeroed head
 
 
 @dataclass
@@ -36,7 +37,11 @@ class AttentionSite:
 
     @property
     def num_heads(self) -> int:
-        # Read from the weights, not the config, so that it stays right once heads are removed.
+        """Heads that count: read from the weights, not the config, so that it stays right once
+        heads are removed. A decoder site whose heads were all removed keeps one dead head (its
+        output columns zero) so that its cache keeps working: it counts as none."""
+        if getattr(self.attention, DEAD_HEAD, False):
+            return 0
         return self.query.out_features // self.head_dim
 
 
@@ -66,10 +71,26 @@ def distilbert_sites(model: nn.Module) -> Iterator[AttentionSite]:
                                 module.v_lin, module.out_lin, module.attention_head_size)
 
 
+def seq2seq_sites(model: nn.Module) -> Iterator[AttentionSite]:
+    """BART, mBART, Marian, Pegasus: `encoder.layers.i.self_attn` (encoder), `decoder.layers.i.self_attn`
+    (decoder) and `decoder.layers.i.encoder_attn` (cross), each with `q_proj, k_proj, v_proj, out_proj`."""
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if not (hasattr(module, "q_proj") and hasattr(module, "out_proj") and hasattr(module, "head_dim")
+                and "layers" in parts and parts.index("layers") > 0):
+            continue
+        stack = parts[parts.index("layers") - 1]
+        kind = "cross" if parts[-1] == "encoder_attn" else stack
+        if kind in KINDS and parts[-1] in ("self_attn", "encoder_attn"):
+            yield AttentionSite(kind, int(parts[parts.index("layers") + 1]), module, module.q_proj,
+                                module.k_proj, module.v_proj, module.out_proj, module.head_dim)
+
+
 # layout name (with the models known to use it) -> the function that finds its sites
 LAYOUTS: dict[str, Callable[[nn.Module], Iterator[AttentionSite]]] = {
     "BERT-style (BERT, RoBERTa, XLM-R, ELECTRA, MiniLM, CamemBERT, ERNIE)": bert_sites,
     "DistilBERT-style": distilbert_sites,
+    "BART-style encoder-decoder (BART, mBART, Marian, Pegasus)": seq2seq_sites,
 }
 
 

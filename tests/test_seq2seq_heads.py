@@ -1,0 +1,126 @@
+"""Encoder-decoders (Marian, BART): gates on encoder self, decoder self and cross attention, and
+physical removal that gives the masked model's logits and generations, with and without the
+key/value cache, including decoder layers left with no heads."""
+import copy
+
+import pytest
+import torch
+from transformers import BartConfig, BartForConditionalGeneration, MarianConfig, MarianMTModel
+
+from headprune import attach_gates, detach_gates
+from headprune.pruning import load_pruned, remove_heads, save_pruned
+
+SEQ2SEQ = ["marian", "bart"]
+
+
+def tiny_seq2seq(arch: str, attn: str = "eager", seed: int = 0, layers: int = 2):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=50, d_model=32, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=4,
+                  decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=64,
+                  pad_token_id=0, eos_token_id=2, bos_token_id=1, decoder_start_token_id=1, init_std=0.3,
+                  dropout=0.0, attention_dropout=0.0)
+    cls, cfg = ((MarianMTModel, MarianConfig) if arch == "marian" else (BartForConditionalGeneration, BartConfig))
+    config = cfg(**common)
+    config._attn_implementation = attn
+    return cls(config).eval()
+
+
+@pytest.fixture
+def source():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 50, (3, 7), generator=g)
+    mask = torch.ones_like(ids)
+    ids[2, 5:], mask[2, 5:] = 0, 0  # padding
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def outputs(model, source, decoder_ids):
+    with torch.no_grad():
+        logits = model(**source, decoder_input_ids=decoder_ids).logits
+        greedy = model.generate(**source, max_new_tokens=8, num_beams=1, do_sample=False)
+        uncached = model.generate(**source, max_new_tokens=8, num_beams=1, do_sample=False, use_cache=False)
+        beam = model.generate(**source, max_new_tokens=8, num_beams=3, do_sample=False)
+    return logits, greedy, uncached, beam
+
+
+def masked(model, kept, fn):
+    gates = attach_gates(model)
+    gates.set_mask(torch.tensor([float(h in kept) for h in gates.heads]))
+    try:
+        return fn(model)
+    finally:
+        detach_gates(model)
+
+
+DECODER_IDS = torch.tensor([[1, 5, 9, 4], [1, 7, 7, 3], [1, 3, 8, 11]])
+
+
+@pytest.mark.parametrize("arch", SEQ2SEQ)
+def test_heads_of_all_three_kinds_are_found(arch):
+    gates = attach_gates(tiny_seq2seq(arch))
+    assert gates.num_heads == 24
+    assert [(k, sum(h[0] == k for h in gates.heads)) for k in ("encoder", "decoder", "cross")] == \
+        [("encoder", 8), ("decoder", 8), ("cross", 8)]
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", SEQ2SEQ)
+def test_gates_at_one_change_nothing(arch, attn, source):
+    model = tiny_seq2seq(arch, attn)
+    plain = outputs(model, source, DECODER_IDS)
+    gated = masked(model, set(attach_gates(copy.deepcopy(model)).heads), lambda m: outputs(m, source, DECODER_IDS))
+    assert torch.allclose(gated[0], plain[0], atol=1e-6)
+    for a, b in zip(gated[1:], plain[1:]):
+        assert torch.equal(a, b)
+
+
+# layer 0: every decoder-self and cross head gone, encoder layer 0 empty too; layer 1: some of each
+KEPT = [("encoder", 1, 1), ("encoder", 1, 3), ("decoder", 1, 0), ("decoder", 1, 2), ("decoder", 1, 3),
+        ("cross", 1, 2)]
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", SEQ2SEQ)
+def test_physical_removal_equals_the_mask_with_and_without_the_cache(arch, attn, source):
+    model = tiny_seq2seq(arch, attn)
+    expected = masked(model, KEPT, lambda m: outputs(m, source, DECODER_IDS))
+    pruned = remove_heads(copy.deepcopy(model), KEPT)
+    got = outputs(pruned, source, DECODER_IDS)
+    assert torch.allclose(got[0], expected[0], atol=1e-5)
+    assert not torch.allclose(got[0], model(**source, decoder_input_ids=DECODER_IDS).logits, atol=1e-3)
+    for a, b in zip(got[1:], expected[1:]):
+        assert torch.equal(a, b)
+    assert torch.equal(got[1], got[2])  # cached = uncached, with decoder layers of no heads
+    gates = attach_gates(pruned)  # the smaller model can be gated again; dead heads do not count
+    assert [(s.kind, s.layer, s.num_heads) for s in gates.sites] == [
+        ("encoder", 0, 0), ("encoder", 1, 2), ("decoder", 0, 0), ("decoder", 1, 3), ("cross", 0, 0), ("cross", 1, 1)]
+
+
+@pytest.mark.parametrize("arch", SEQ2SEQ)
+def test_random_masks_per_kind(arch, source):
+    g = torch.Generator().manual_seed(3)
+    for trial in range(3):
+        model = tiny_seq2seq(arch, "sdpa", seed=trial)
+        heads = attach_gates(model).heads
+        detach_gates(model)
+        kept = [h for h, keep in zip(heads, torch.rand(len(heads), generator=g) < 0.4) if keep]
+        expected = masked(model, kept, lambda m: outputs(m, source, DECODER_IDS))
+        got = outputs(remove_heads(model, kept), source, DECODER_IDS)
+        assert torch.allclose(got[0], expected[0], atol=1e-5)
+        assert all(torch.equal(a, b) for a, b in zip(got[1:], expected[1:]))
+
+
+@pytest.mark.parametrize("arch", SEQ2SEQ)
+def test_save_and_load_gives_identical_generations(arch, source, tmp_path):
+    model = tiny_seq2seq(arch)
+    expected = masked(model, KEPT, lambda m: outputs(m, source, DECODER_IDS))
+    save_pruned(model, tmp_path, KEPT, method="test")
+    loaded = load_pruned(tmp_path)  # the class comes from config.architectures
+    assert type(loaded) is type(model)
+    got = outputs(loaded.eval(), source, DECODER_IDS)
+    assert torch.allclose(got[0], expected[0], atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(got[1:], expected[1:]))
+    full = sum(p.numel() for p in tiny_seq2seq(arch).parameters())
+    # removed: 24 - 6 kept heads, less the 2 dead heads kept for the cache (decoder 0, cross 0)
+    per_head = 3 * (32 * 8 + 8) + 32 * 8
+    assert sum(p.numel() for p in loaded.parameters()) == full - (24 - 6 - 2) * per_head
