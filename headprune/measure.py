@@ -92,7 +92,7 @@ def measure(cfg: MeasureConfig, progress=print) -> dict:
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from .pruning import load_pruned
-    from .recipes import resolve_model
+    from .tasks import resolve_model
 
     if cfg.pruned is None:
         raise ConfigError("give the pruned model's folder with --pruned")

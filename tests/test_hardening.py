@@ -10,6 +10,8 @@ import sys
 import pytest
 
 import headprune.recipes as recipes
+import headprune.tasks.base as task_base
+import headprune.tasks.classification as classification_task
 from headprune.cli import main
 from headprune.config import PruneConfig
 from headprune.data import load_classification
@@ -38,7 +40,7 @@ def tiny(model, data, out, **kw):
 def no_loading(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("data or model was loaded before the input was checked")
-    monkeypatch.setattr(recipes, "load_classification", fail)
+    monkeypatch.setattr(classification_task, "load_classification", fail)
     monkeypatch.setattr(recipes, "train", fail)
 
 
@@ -319,7 +321,7 @@ def test_every_command_checks_the_architecture_from_the_config_first(tmp_path, t
     import transformers
     monkeypatch.setattr(transformers.AutoModelForSequenceClassification, "from_pretrained",
                         lambda *a, **k: pytest.fail("weights were loaded"))
-    monkeypatch.setattr(recipes, "load_classification", lambda *a, **k: pytest.fail("data was loaded"))
+    monkeypatch.setattr(classification_task, "load_classification", lambda *a, **k: pytest.fail("data was loaded"))
     from headprune.errors import UnsupportedArchitectureError
     run = finetune if command == "finetune" else prune
     kw = {} if mode is None else {"mode": mode}

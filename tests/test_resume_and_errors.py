@@ -11,7 +11,8 @@ import headprune.recipes as recipes
 from headprune.config import PruneConfig
 from headprune.data import DataError
 from headprune.outputs import OutputExistsError
-from headprune.recipes import ModelError, prune
+from headprune.errors import ModelError
+from headprune.recipes import prune
 from headprune.sites import UnsupportedArchitectureError
 from headprune.train import CheckpointError
 

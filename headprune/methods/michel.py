@@ -16,17 +16,18 @@ from typing import Callable
 import torch
 
 
-def head_importance(model, gates, batches, mask: torch.Tensor, reduce=None) -> torch.Tensor:
+def head_importance(model, gates, batches, mask: torch.Tensor, reduce=None, loss_fn=None) -> torch.Tensor:
     """Sum over `batches` of |dL/dmask| per head, divided by the number of (non-padding) tokens.
 
-    `reduce`, if given, sums a tensor over processes (e.g. `accelerator.reduce`)."""
+    `reduce`, if given, sums a tensor over processes (e.g. `accelerator.reduce`); `loss_fn(model,
+    batch)` gives the loss (default: the model's own)."""
     model.eval()
     total = torch.zeros(gates.num_heads, dtype=torch.float64, device=mask.device)
     tokens = torch.zeros((), dtype=torch.float64, device=mask.device)
     for batch in batches:
         m = mask.detach().clone().requires_grad_(True)
         with gates.override(m):
-            loss = model(**batch).loss
+            loss = loss_fn(model, batch) if loss_fn else model(**batch).loss
         (grad,) = torch.autograd.grad(loss, m)
         total += grad.abs().double()
         tokens += batch["attention_mask"].sum()

