@@ -107,6 +107,18 @@ class FinetuneConfig(Checked):
                                      "fixed shuffle of the default benchmark).", min=1)
     max_eval_examples: int = option(None, "Use only the first N examples of each evaluation split.",
                                     min=1)
+    # translation
+    source_lang: str = option("de", "translation: source language (file suffix of parallel files, "
+                              "default column name).")
+    target_lang: str = option("en", "translation: target language.")
+    vocab_size: int = option(10000, "translation from scratch: size of the joint subword vocabulary "
+                             "learned from the training side.", min=8)
+    dropout: float = option(0.3, "translation from scratch: dropout of the new model.", min=0)
+    label_smoothing: float = option(0.1, "translation: label smoothing of the cross-entropy.", min=0)
+    warmup_steps: int = option(4000, "translation: warm-up steps of the inverse-square-root schedule "
+                               "(Adam betas 0.9, 0.98).", min=1)
+    beam: int = option(5, "translation: beam size of the evaluation's beam search.", min=1)
+    generation_batch_size: int = option(32, "translation: sentences per beam-search batch.", min=1)
     # how to train
     epochs: float = option(3.0, "Training epochs (a fraction is allowed).", positive=True)
     batch_size: int = option(32, "Training batch size per process.", min=1)
@@ -139,6 +151,9 @@ class PruneConfig(FinetuneConfig):
                        "scores; joint: fine-tune the model and the scores together from a "
                        "pretrained --model (dsp, ste, voita).", choices=["pipelined", "joint"])
     k: int = option(36, "Number of attention heads to keep, over all layers.", min=0)
+    k_per_kind: list = option(None, "Instead of --k: heads to keep of each kind, in the order "
+                              "encoder decoder cross (encoder-decoders: three numbers; encoders: one), "
+                              "each budget exact.", nargs="+", type=int, min=0)
     pruning_lr: float = option(None, "Learning rate of the head scores (their own AdamW group); "
                                "default: 0.5 for dsp and ste, 0.1 for voita.", min=0)
     pruning_lr_schedule: str = option("linear", "Schedule of the scores' learning rate: linear "

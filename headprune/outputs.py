@@ -144,10 +144,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def folder_bytes(path) -> int:
     """Size of the weight files of a local model folder (0 for anything else)."""
-    path = Path(path)
-    if not path.is_dir():
+    if path is None or not Path(path).is_dir():
         return 0
-    return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin"))
+    return sum(f.stat().st_size for f in Path(path).iterdir() if f.suffix in (".safetensors", ".bin"))
 
 
 def versions() -> dict[str, str]:

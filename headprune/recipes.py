@@ -109,7 +109,7 @@ def _cache_file() -> Path:
 def metrics_key(model_path: str, evals: dict) -> str | None:
     """A digest of the model's weight files and the tokenized evaluation data; None for a model
     that is not a local folder."""
-    files = sorted(Path(model_path).glob("*.safetensors")) if Path(model_path).is_dir() else []
+    files = sorted(Path(model_path).glob("*.safetensors")) if model_path and Path(model_path).is_dir() else []
     if not files:
         return None
     h = hashlib.sha256()
@@ -186,15 +186,14 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
     `metrics_unpruned`: the pipelined model's metrics if already known (a sweep measures them
     once), so that they are not evaluated again."""
     threshold = cfg.method == "voita" and cfg.voita_selection == "threshold"
-    if cfg.k < 1 and not threshold:
+    if cfg.k < 1 and not threshold and not cfg.k_per_kind:
         raise ConfigError(f"k={cfg.k}: at least one head must be kept")
     pipelined = cfg.mode == "pipelined"
     if cfg.method not in TRAINED and not pipelined:
         raise ConfigError(f"{cfg.method} prunes a fine-tuned model and trains nothing: use --mode pipelined")
     task = get_task(cfg.task)
-    path, config, num_heads = task.inspect(cfg.model, require_finetuned=pipelined)
-    if cfg.k > num_heads and not threshold:
-        raise ConfigError(f"k={cfg.k} is more than the {num_heads} heads of this model")
+    path, config, counts = task.inspect(cfg.model, require_finetuned=pipelined)
+    check_budget(cfg, counts, threshold)
     out, state, acc = _start(cfg, path)
     seconds: dict = dict(state["seconds"]) if state else {}
     with timed(seconds, "load"):
@@ -233,8 +232,8 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
         log.info("unpruned accuracy: %s", extra["metrics_unpruned"])
 
     history: list = []
-    log.info("%s %s: keeping %s of %d heads", cfg.mode, cfg.method,
-             "those over 0.5" if threshold else cfg.k, gates.num_heads)
+    log.info("%s %s: keeping %s of %d heads", cfg.mode, cfg.method, "those over 0.5" if threshold else
+             f"{cfg.k_per_kind} (per kind)" if cfg.k_per_kind else cfg.k, gates.num_heads)
     with timed(seconds, "prune"):
         if cfg.method in TRAINED:
             selector = gates.selector
@@ -249,7 +248,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
         elif cfg.method == "michel":
             mask, scores, info = _michel(cfg, task, acc, model, gates, train_set, collate, evaluate_with)
         else:
-            mask = random_mask(gates.num_heads, cfg.k, cfg.seed)
+            mask = random_mask(gates.num_heads, cfg.k, cfg.seed, budget_of(cfg, gates))
             scores = mask
     with timed(seconds, "evaluate_pruned"):
         metrics = evaluate_with(mask)
@@ -260,7 +259,9 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
     with timed(seconds, "save"):
         if acc.is_main_process:
             _save_pruned(cfg, task, out, acc.unwrap_model(model), gates, tokenizer, mask, scores)
+    kinds = list(dict.fromkeys(kind for kind, _, _ in gates.heads))
     results = {"method": cfg.method, "mode": cfg.mode, "k": len(kept), "num_heads": gates.num_heads,
+               "kept_per_kind": {kind: sum(h[0] == kind for h in kept) for kind in kinds},
                "kept_heads": kept, "metrics_pruned": metrics, "metrics_unpruned": extra["metrics_unpruned"],
                **info, **_common_results(cfg, task, data, seconds, state and state["step"])}
     _finish(acc, out, results, history)
@@ -269,13 +270,38 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
     return results
 
 
+def check_budget(cfg, counts: dict[str, int], threshold: bool) -> None:
+    """k, or --k-per-kind, against the model's heads of each kind; before anything is loaded."""
+    num_heads = sum(counts.values())
+    if cfg.k_per_kind:
+        if len(cfg.k_per_kind) != len(counts):
+            raise ConfigError(f"--k-per-kind needs {len(counts)} number(s) for this model, one per kind "
+                              f"({', '.join(f'{kind}: {n} heads' for kind, n in counts.items())})")
+        for (kind, n), k in zip(counts.items(), cfg.k_per_kind):
+            if k > n:
+                raise ConfigError(f"--k-per-kind: {k} {kind} heads is more than the model's {n}")
+        if sum(cfg.k_per_kind) < 1:
+            raise ConfigError("--k-per-kind keeps no head at all")
+    elif cfg.k > num_heads and not threshold:
+        raise ConfigError(f"k={cfg.k} is more than the {num_heads} heads of this model")
+
+
+def budget_of(cfg, gates):
+    """--k-per-kind as groups of gate indices, one per kind; None for one global budget."""
+    if not cfg.k_per_kind:
+        return None
+    kinds = list(dict.fromkeys(kind for kind, _, _ in gates.heads))
+    return [([i for i, head in enumerate(gates.heads) if head[0] == kind], k) for kind, k in zip(kinds, cfg.k_per_kind)]
+
+
 def _make_selector_and_optimizer(cfg, task, model, gates, n_train: int, acc):
     """The method's selector on the gates, and AdamW with the scores in their own group."""
     steps = total_steps(cfg, n_train, acc.num_processes)
     cooldown = cfg.cooldown_steps or max(1, round(cfg.cooldown_fraction * steps))
     k = None if cfg.method == "voita" and cfg.voita_selection == "threshold" else cfg.k
     gates.selector = make_selector(cfg.method, gates.num_heads, k, t0=cfg.t0, tf=cfg.tf,
-                                   cooldown_steps=cooldown, l0_lambda=cfg.l0_lambda, seed=cfg.seed)
+                                   cooldown_steps=cooldown, l0_lambda=cfg.l0_lambda, seed=cfg.seed,
+                                   budget=budget_of(cfg, gates))
     pruning_lr = cfg.pruning_lr if cfg.pruning_lr is not None else DEFAULT_PRUNING_LR[cfg.method]
     groups = [{"params": list(gates.selector.parameters()), "lr": pruning_lr, "weight_decay": 0.0}]
     schedules = [linear_decay(steps) if cfg.pruning_lr_schedule == "linear" else constant]
@@ -306,7 +332,8 @@ def _michel(cfg, task, acc, model, gates, train_set, collate, evaluate_with):
                               mask.to(acc.device), reduce=lambda t: acc.reduce(t, "sum"), loss_fn=task.loss)
         return normalize_importance(raw, sizes)
 
-    rounds = tqdm(total=math.ceil((gates.num_heads - cfg.k) / cfg.michel_step), desc="michel rounds",
+    keep = sum(cfg.k_per_kind) if cfg.k_per_kind else cfg.k
+    rounds = tqdm(total=math.ceil((gates.num_heads - keep) / cfg.michel_step), desc="michel rounds",
                   disable=not acc.is_local_main_process)
 
     def evaluate_round(mask):
@@ -319,7 +346,7 @@ def _michel(cfg, task, acc, model, gates, train_set, collate, evaluate_with):
         return metrics
 
     curve = iterative_pruning(gates.num_heads, cfg.michel_step, cfg.k, importance, evaluate_round,
-                              exact=cfg.michel_exact)
+                              exact=cfg.michel_exact, budget=budget_of(cfg, gates))
     rounds.close()
     mask = curve[-1]["mask"]
     # rank for the heat map: heads pruned later score higher; the kept ones highest

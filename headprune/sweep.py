@@ -82,7 +82,7 @@ def sweep(cfg: SweepConfig) -> list[dict]:
     out = Path(cfg.output_dir)
     runs = planned_runs(cfg)
     for model, mode in sorted({(run.model, run.mode) for run in runs}):  # fail now, not hours later
-        inspect_model(model, require_finetuned=mode == "pipelined")
+        inspect_model(model, require_finetuned=mode == "pipelined", task=cfg.task)
     stale = stale_runs(runs)
     if stale and not cfg.overwrite:
         first = next(iter(stale))

@@ -1,7 +1,8 @@
 """Every `headprune` command in README.md and docs/usage.md, and the README's Python snippet, run
 as written, in document order, in a fresh folder. Behind the offline names stand a tiny random
-model of MiniLM-L6's head layout (6 layers x 12 heads) and a tiny learnable data set, so the
-commands run in seconds; everything else (paths, budgets, configs, flags) is the documents' own."""
+model of MiniLM-L6's head layout (6 layers x 12 heads), a tiny translation model and tiny
+learnable data sets, so the commands run in seconds; everything else (paths, budgets, configs,
+flags) is the documents' own."""
 import re
 import shlex
 from pathlib import Path
@@ -45,6 +46,15 @@ def offline_names_are_tiny(tmp_path_factory, tiny_assets, monkeypatch):
                                       data.label_names)
         return real_load(name, **kw)
     monkeypatch.setattr(classification_task, "load_classification", load)
+
+    # translation: the Ding pairs and the small model from scratch stand in as tiny ones
+    import headprune.tasks.translation as translation_task
+    from test_translation import write_pairs
+    pairs = write_pairs(assets[1].parent / "pairs.jsonl", n=64)
+    real_parallel = translation_task.load_parallel
+    monkeypatch.setattr(translation_task, "load_parallel", lambda name, **kw: real_parallel(
+        str(pairs) if name == "offline:ding-de-en" else name, **{**kw, "text_columns": None}))
+    monkeypatch.setitem(translation_task.SCRATCH, "transformer-small", translation_task.SCRATCH["transformer-tiny"])
 
 
 def test_readme_and_usage_commands_run_as_written(offline_names_are_tiny, tmp_path, monkeypatch, capsys):

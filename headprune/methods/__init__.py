@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..config import METHODS
-from .dsp import DSPSelector, geometric_temperature, hard_top_k, soft_top_k
+from .dsp import Budget, DSPSelector, geometric_temperature, hard_top_k, per_group, soft_top_k
 from .michel import head_importance, iterative_pruning, normalize_importance
 from .voita import HardConcreteSelector, hard_concrete_eval, hard_concrete_sample, l0_penalty
 
@@ -23,27 +23,31 @@ DEFAULT_PRUNING_LR = {"dsp": 0.5, "ste": 0.5, "voita": 0.1}  # the reference's B
 
 
 def make_selector(method: str, num_heads: int, k: int | None, *, t0: float = 1000.0, tf: float = 1e-8,
-                  cooldown_steps: int = 1000, l0_lambda: float = 0.0015, seed: int = 0) -> nn.Module:
+                  cooldown_steps: int = 1000, l0_lambda: float = 0.0015, seed: int = 0,
+                  budget: Budget | None = None) -> nn.Module:
     """The selector of a trained method; for voita, k=None keeps the heads whose gate is above 0.5.
+    `budget`, instead of k: exactly k_g heads in each group g (e.g. per kind of attention).
     Its initial scores and its noise at every step follow from `seed` alone."""
     if method == "dsp":
-        return DSPSelector(num_heads, k, t0, tf, cooldown_steps, seed=seed)
+        return DSPSelector(num_heads, k, t0, tf, cooldown_steps, seed=seed, budget=budget)
     if method == "ste":
-        return DSPSelector(num_heads, k, straight_through=True, seed=seed)
+        return DSPSelector(num_heads, k, straight_through=True, seed=seed, budget=budget)
     if method == "voita":
-        return HardConcreteSelector(num_heads, k, l0_lambda, seed=seed)
+        return HardConcreteSelector(num_heads, k, l0_lambda, seed=seed, budget=budget)
     raise ValueError(f"unknown trained pruning method {method!r}; choose from {', '.join(TRAINED)}")
 
 
-def random_mask(num_heads: int, k: int, seed: int) -> torch.Tensor:
-    """k heads drawn uniformly at random, reproducibly from the seed."""
-    keep = torch.randperm(num_heads, generator=torch.Generator().manual_seed(seed))[:k]
+def random_mask(num_heads: int, k: int, seed: int, budget: Budget | None = None) -> torch.Tensor:
+    """k heads (or k_g of each group) drawn uniformly at random, reproducibly from the seed."""
+    g = torch.Generator().manual_seed(seed)
     mask = torch.zeros(num_heads)
-    mask[keep] = 1.0
+    for indices, group_k in budget or [(list(range(num_heads)), k)]:
+        keep = torch.randperm(len(indices), generator=g)[:group_k]
+        mask[torch.tensor(indices)[keep]] = 1.0
     return mask
 
 
-__all__ = ["DEFAULT_PRUNING_LR", "DSPSelector", "HardConcreteSelector", "METHODS", "TRAINED",
+__all__ = ["Budget", "DEFAULT_PRUNING_LR", "DSPSelector", "per_group", "HardConcreteSelector", "METHODS", "TRAINED",
            "geometric_temperature", "hard_concrete_eval", "hard_concrete_sample", "hard_top_k",
            "head_importance", "iterative_pruning", "l0_penalty", "make_selector", "normalize_importance",
            "random_mask", "soft_top_k"]

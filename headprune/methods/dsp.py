@@ -14,6 +14,34 @@ from torch import nn
 from ..randomness import generator
 
 
+Budget = list[tuple[list[int], int]]  # (indices of a group of heads, heads to keep in that group)
+
+
+def per_group(top_k, scores: torch.Tensor, budget: Budget, *args) -> torch.Tensor:
+    """`top_k(scores, k, *args)` applied to each group of heads on its own, as one mask over all
+    heads (out-of-place, so autograd stays clean): an exact budget per group, e.g. per kind."""
+    mask = scores.new_zeros(scores.shape)
+    for indices, k in budget:
+        index = torch.tensor(indices, device=scores.device)
+        if k > 0:
+            mask = mask.index_copy(0, index, top_k(scores[index], k, *args))
+    return mask
+
+
+def check_budget(num_heads: int, k: int, budget: Budget | None) -> Budget:
+    """The budget as groups: one group of all heads with k, or the groups given."""
+    if budget is None:
+        if not 1 <= k <= num_heads:
+            raise ValueError(f"k={k} must be between 1 and the model's {num_heads} heads")
+        return [(list(range(num_heads)), k)]
+    for indices, group_k in budget:
+        if not 0 <= group_k <= len(indices):
+            raise ValueError(f"a budget of {group_k} heads in a group of {len(indices)}")
+    if sum(group_k for _, group_k in budget) < 1:
+        raise ValueError("the budget keeps no head at all")
+    return [(list(indices), group_k) for indices, group_k in budget]
+
+
 def hard_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """A 0/1 mask with exactly k ones on the largest scores; ties go to the lower index."""
     order = torch.argsort(scores, descending=True, stable=True)
@@ -59,12 +87,12 @@ class DSPSelector(nn.Module):
     continues exactly where it stopped and nothing else in the process changes the draws.
     """
 
-    def __init__(self, num_heads: int, k: int, t0: float = 1000.0, tf: float = 1e-8,
-                 cooldown_steps: int = 1000, straight_through: bool = False, seed: int = 0):
+    def __init__(self, num_heads: int, k: int | None, t0: float = 1000.0, tf: float = 1e-8,
+                 cooldown_steps: int = 1000, straight_through: bool = False, seed: int = 0,
+                 budget: Budget | None = None):
         super().__init__()
-        if not 1 <= k <= num_heads:
-            raise ValueError(f"k={k} must be between 1 and the model's {num_heads} heads")
-        self.k = k
+        self.budget = check_budget(num_heads, k, budget)  # exactly k overall, or k per group
+        self.k = sum(group_k for _, group_k in self.budget)
         self.t0, self.tf, self.cooldown_steps = t0, tf, max(1, cooldown_steps)
         self.straight_through = straight_through
         self.seed = seed
@@ -84,13 +112,13 @@ class DSPSelector(nn.Module):
 
     def forward(self) -> torch.Tensor:
         if not self.training:
-            return hard_top_k(self.logits.detach(), self.k)
+            return per_group(hard_top_k, self.logits.detach(), self.budget)
         if self.straight_through:
-            hard = hard_top_k(self.logits.detach(), self.k)
+            hard = per_group(hard_top_k, self.logits.detach(), self.budget)
             mask = hard + self.logits - self.logits.detach()  # forward hard, backward identity
         else:
             noise = sample_gumbel(self.logits, generator(self.logits.device, self.seed, "gumbel", self.step))
-            mask = soft_top_k(self.logits + noise, self.k, self.temperature)
+            mask = per_group(soft_top_k, self.logits + noise, self.budget, self.temperature)
         self._last = mask.detach()
         return mask
 

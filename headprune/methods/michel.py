@@ -48,26 +48,38 @@ def normalize_importance(scores: torch.Tensor, heads_per_layer: list[int]) -> to
 
 
 def iterative_pruning(num_heads: int, step: int, stop_at: int, importance: Callable[[torch.Tensor], torch.Tensor],
-                      evaluate: Callable[[torch.Tensor], dict], exact: bool = True) -> list[dict]:
-    """Mask the least important heads `step` at a time down to `stop_at` heads.
+                      evaluate: Callable[[torch.Tensor], dict], exact: bool = True,
+                      budget: list[tuple[list[int], int]] | None = None) -> list[dict]:
+    """Mask the least important heads `step` at a time down to `stop_at` heads (or, with a
+    `budget` of groups, down to k_g heads in each group: a group at its budget loses no more).
 
     `importance(mask)` returns normalised scores; `evaluate(mask)` the metrics. Returns the curve:
-    one entry per mask, from all heads on to `stop_at`, each with the heads pruned at that step.
+    one entry per mask, from all heads on to the budget, each with the heads pruned at that step.
     Ties in importance go to the lower head index.
     """
     if step < 1:
         raise ValueError(f"the pruning step must be at least 1, got {step}")
+    budget = budget or [(list(range(num_heads)), stop_at)]
+    group_of = {h: g for g, (indices, _) in enumerate(budget) for h in indices}
     mask = torch.ones(num_heads)
     scores = importance(mask)
     curve = [{"heads": num_heads, "pruned_now": [], "mask": mask.clone(), "metrics": evaluate(mask)}]
-    while int(mask.sum()) > stop_at:
-        n = min(step, int(mask.sum()) - stop_at)
+
+    def excess() -> list[int]:
+        return [int(mask[indices].sum()) - k for indices, k in budget]
+
+    while sum(excess()) > 0:
+        left, pruned = excess(), []
         on = torch.nonzero(mask).flatten()
-        order = on[torch.argsort(scores[on], stable=True)]
-        pruned = order[:n]
+        for head in on[torch.argsort(scores[on], stable=True)].tolist():
+            if left[group_of[head]] > 0:
+                pruned.append(head)
+                left[group_of[head]] -= 1
+                if len(pruned) == step:
+                    break
         mask[pruned] = 0.0
-        curve.append({"heads": int(mask.sum()), "pruned_now": pruned.tolist(), "mask": mask.clone(),
+        curve.append({"heads": int(mask.sum()), "pruned_now": pruned, "mask": mask.clone(),
                       "metrics": evaluate(mask)})
-        if exact and int(mask.sum()) > stop_at:
+        if exact and sum(excess()) > 0:
             scores = importance(mask)
     return curve

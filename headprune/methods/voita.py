@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..randomness import generator
-from .dsp import hard_top_k
+from .dsp import Budget, check_budget, hard_top_k, per_group
 
 BETA = 0.33  # temperature of the concrete distribution
 GAMMA, ZETA = -0.1, 1.1  # stretch limits
@@ -38,11 +38,13 @@ def l0_penalty(log_a: torch.Tensor) -> torch.Tensor:
 
 
 class HardConcreteSelector(nn.Module):
-    def __init__(self, num_heads: int, k: int | None = None, l0_lambda: float = 0.0015, seed: int = 0):
+    def __init__(self, num_heads: int, k: int | None = None, l0_lambda: float = 0.0015, seed: int = 0,
+                 budget: Budget | None = None):
         super().__init__()
-        if k is not None and not 1 <= k <= num_heads:
-            raise ValueError(f"k={k} must be between 1 and the model's {num_heads} heads")
-        self.k, self.l0_lambda, self.seed, self.step = k, l0_lambda, seed, 0
+        # k=None (and no budget): keep the heads whose gate exceeds 0.5, as many as lambda leaves
+        self.budget = None if k is None and budget is None else check_budget(num_heads, k, budget)
+        self.k = None if self.budget is None else sum(group_k for _, group_k in self.budget)
+        self.l0_lambda, self.seed, self.step = l0_lambda, seed, 0
         init = torch.empty(num_heads).uniform_(-0.5, 0.5, generator=generator("cpu", seed, "voita-init"))
         self.log_a = nn.Parameter(init)  # U(-0.5, 0.5) as the reference
 
@@ -58,8 +60,8 @@ class HardConcreteSelector(nn.Module):
         return self.eval_mask()
 
     def eval_mask(self) -> torch.Tensor:
-        if self.k is not None:
-            return hard_top_k(self.log_a.detach(), self.k)
+        if self.budget is not None:
+            return per_group(hard_top_k, self.log_a.detach(), self.budget)
         return (hard_concrete_eval(self.log_a.detach()) > 0.5).to(self.log_a.dtype)
 
     def penalty(self) -> torch.Tensor:

@@ -66,7 +66,7 @@ class Task:
         """The model's config, checked before any weights or data are loaded: that it can be read,
         that headprune knows its attention layout (on a weightless copy built from the config),
         and for pipelined pruning that it is a trained model of this task. Returns (path, config,
-        number of heads)."""
+        {kind: number of heads})."""
         path, config = self.model_config(name)
         try:
             with torch.device("meta"):  # shapes only: nothing is allocated or read
@@ -75,15 +75,17 @@ class Task:
             raise UnsupportedArchitectureError(
                 f"headprune does not support {config.model_type!r} for {self.name} (transformers has "
                 f"no {self.auto_class.__name__.removeprefix('AutoModelFor')} model for it)") from err
-        num_heads = sum(site.num_heads for site in find_sites(skeleton))  # or UnsupportedArchitectureError
+        counts: dict[str, int] = {}
+        for site in find_sites(skeleton):  # or UnsupportedArchitectureError
+            counts[site.kind] = counts.get(site.kind, 0) + site.num_heads
         record = getattr(config, "headprune", None) or {}
         trained = any(a.endswith(self.architecture_suffixes) for a in config.architectures or [])
         if require_finetuned and not record.get("physical") and config.architectures and not trained:
             raise ModelError(f"{name!r} is not {self.trained_model} (it is a {config.architectures[0]}); "
                              "pipelined pruning starts from one: run `headprune finetune` first, or use --mode joint")
         if record.get("physical"):  # the skeleton has the original shapes
-            num_heads = len(record["kept_heads"])
-        return path, config, num_heads
+            counts = {kind: sum(h[0] == kind for h in record["kept_heads"]) for kind in counts}
+        return path, config, counts
 
     # -- what each task defines ----------------------------------------------------------------------
 

@@ -1,0 +1,216 @@
+"""Translation: parallel data in every layout, BLEU as sacrebleu computes it, and a tiny
+encoder-decoder trained from scratch, pruned and reloaded as a complete translation model."""
+import json
+import random
+
+import pytest
+import sacrebleu
+import torch
+from transformers import AutoTokenizer
+
+from headprune import attach_gates, detach_gates, load_pruned
+from headprune.config import FinetuneConfig, PruneConfig
+from headprune.errors import DataError, ModelError
+from headprune.parallel import ding_pairs, load_parallel, remove_bpe
+from headprune.recipes import finetune, prune
+from headprune.tasks.translation import bleu_scores, inverse_sqrt, learn_vocabulary
+
+LEXICON = {"der": "the", "die": "the", "hund": "dog", "katze": "cat", "sieht": "sees", "mag": "likes",
+           "haus": "house", "ein": "a", "großes": "big", "kleines": "small"}
+
+
+def write_pairs(path, n=240, seed=0):
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = [rng.choice(list(LEXICON)) for _ in range(rng.randint(3, 6))]
+        rows.append({"de": " ".join(words), "en": " ".join(LEXICON[w] for w in words)})
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+def test_remove_bpe_on_a_hand_made_line():
+    assert remove_bpe("wir ge@@ hen nach hau@@ se .") == "wir gehen nach hause ."
+    assert remove_bpe("end@@") == "end" and remove_bpe("e-@@ mail@@ s") == "e-mails"
+
+
+def test_the_fairseq_layout_with_bpe_markers(tmp_path):
+    for split, de, en in [("train", "das ist ein te@@ st .\nhal@@ lo welt .", "this is a te@@ st .\nhel@@ lo world ."),
+                          ("valid", "gu@@ ten tag .", "good day ."), ("test", "ja .", "yes .")]:
+        (tmp_path / f"{split}.de").write_text(de + "\n")
+        (tmp_path / f"{split}.en").write_text(en + "\n")
+    data = load_parallel(str(tmp_path))
+    assert list(data.evals) == ["valid", "test"]
+    assert data.train["source"] == ["das ist ein test .", "hallo welt ."] and data.train["target"][1] == "hello world ."
+    assert data.tokenized and data.evals["valid"]["source"] == ["guten tag ."]
+
+
+def test_plain_parallel_files_must_be_aligned_and_complete(tmp_path):
+    (tmp_path / "train.de").write_text("Hallo.\nJa.\n")
+    (tmp_path / "train.en").write_text("Hello.\n")
+    (tmp_path / "test.de").write_text("Nein.\n")
+    (tmp_path / "test.en").write_text("No.\n")
+    with pytest.raises(DataError, match="train.de has 2 lines but .*train.en has 1: they must be line-aligned"):
+        load_parallel(str(tmp_path))
+    (tmp_path / "train.en").write_text("Hello.\n\n")
+    with pytest.raises(DataError, match=r"train.en, line 2: empty line .*--drop-incomplete-rows"):
+        load_parallel(str(tmp_path))
+    data = load_parallel(str(tmp_path), drop_incomplete=True)
+    assert len(data.train) == 1 and data.dropped_rows == {str(tmp_path / "train.de"): 1}
+    assert not data.tokenized
+
+
+def test_jsonl_with_two_columns(tmp_path):
+    path = write_pairs(tmp_path / "p.jsonl", n=20)
+    data = load_parallel(str(path))
+    assert len(data.train) == 18 and list(data.evals) == ["heldout"]
+    with pytest.raises(DataError, match=r"no column\(s\) \['src'\]"):
+        load_parallel(str(path), text_columns=["src", "en"])
+    (tmp_path / "bad.jsonl").write_text('{"de": "a", "en": "b"}\n{"de": "", "en": "c"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl, line 2: the text cell of column 'de'"):
+        load_parallel(str(tmp_path / "bad.jsonl"))
+
+
+def test_ding_entries_become_aligned_sentence_pairs(tmp_path):
+    (tmp_path / "de-en").write_text(
+        "# Version :: test\n"
+        "Ich gehe heute nach Hause. {v} | Wir gehen morgen nicht mehr hin. :: I am going home today. | "
+        "We are not going there tomorrow anymore.\n"
+        "Das ist zu kurz. :: That is too short.\n"
+        "die eigentliche Ursache für etw. :: the actual underlying cause of sth.\n"
+        "Er hat es mir gestern gesagt. [ugs.]; Er sagte es mir gestern. :: He told me about it yesterday.\n"
+        "Ich gehe heute nach Hause. :: I am going home today.\n")
+    assert ding_pairs(tmp_path / "de-en") == [
+        ("Ich gehe heute nach Hause.", "I am going home today."),
+        ("Wir gehen morgen nicht mehr hin.", "We are not going there tomorrow anymore."),
+        ("Er hat es mir gestern gesagt.", "He told me about it yesterday.")]
+    with pytest.raises(DataError, match="apt-get install trans-de-en"):
+        ding_pairs(tmp_path / "missing")
+
+
+# -- metric ------------------------------------------------------------------------------------------
+
+def test_bleu_equals_sacrebleu_on_hand_made_strings():
+    hyps = ["the cat sat on the mat .", "a dog barks loudly ."]
+    refs = ["the cat sat on a mat .", "the dog barks loudly ."]
+    scores = bleu_scores("test", hyps, refs, tokenized=False)
+    assert scores["test"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
+    assert scores["test chrF"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score)
+    assert "test tokenized BLEU" not in scores and list(scores)[0] == "test"  # the headline first
+    # BLEU by hand: precisions 10/12, 7/10, 4/8, 2/6 (no brevity penalty: equal lengths)
+    assert scores["test"] == pytest.approx(100 * (10 / 12 * 7 / 10 * 4 / 8 * 2 / 6) ** 0.25, abs=1e-9)
+    line = "it &apos;s a fine day , isn &apos;t it ?"
+    tokenized = bleu_scores("test", [line], [line], tokenized=True)
+    assert tokenized["test tokenized BLEU"] == pytest.approx(100.0) and tokenized["test"] == pytest.approx(100.0)
+
+
+def test_inverse_square_root_schedule():
+    f = inverse_sqrt(4)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(15) == pytest.approx(0.5)  # step 16: sqrt(4 / 16)
+
+
+def test_a_learned_vocabulary_decodes_back_to_the_text():
+    tok = learn_vocabulary(["der hund sieht ein haus", "the dog sees a house"] * 20, vocab_size=60)
+    ids = tok("the dog sees a house")["input_ids"]
+    assert ids[-1] == tok.eos_token_id and tok.decode(ids, skip_special_tokens=True) == "the dog sees a house"
+
+
+# -- end to end ------------------------------------------------------------------------------------------
+
+def tiny_cfg(cls, data, out, **kw):
+    base = dict(task="translation", model="scratch:transformer-tiny", dataset=str(data), vocab_size=64,
+                batch_size=16, lr=3e-3, warmup_steps=50, dropout=0.1, beam=2, output_dir=str(out),
+                checkpoint_every=0)
+    return cls(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("translation")
+    data = write_pairs(folder / "pairs.jsonl", n=300)
+    results = finetune(tiny_cfg(FinetuneConfig, data, folder / "ft", epochs=40))
+    return folder / "ft" / "model", data, results
+
+
+def test_training_from_scratch_learns_and_saves_a_complete_model(trained):
+    model_dir, _, results = trained
+    assert results["task"] == "translation" and results["metric"] == "bleu"
+    assert list(results["metrics"]) == ["heldout", "heldout chrF"]
+    assert results["metrics"]["heldout"] > 10  # a lexicon task: random output scores about 0
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)  # the learned vocabulary travels with it
+    model = load_pruned(model_dir)
+    assert type(model).__name__ == "MarianMTModel"
+    out = model.generate(**tokenizer(["der hund"], return_tensors="pt"), num_beams=2, max_new_tokens=6)
+    assert tokenizer.decode(out[0], skip_special_tokens=True).split()[:2] == ["the", "dog"]
+
+
+def test_pipelined_pruning_of_a_translation_model_reloads_with_the_masked_outputs(trained, tmp_path):
+    model_dir, data, _ = trained
+    results = prune(tiny_cfg(PruneConfig, data, tmp_path, model=str(model_dir), k=10, epochs=2, t0=1.0, tf=1e-3))
+    assert results["k"] == 10 and results["num_heads"] == 24 and set(results["metrics_pruned"]) == {"heldout", "heldout chrF"}
+    kinds = {h[0] for h in results["kept_heads"]}
+    assert kinds <= {"encoder", "decoder", "cross"}
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
+    pruned = load_pruned(tmp_path / "model")
+    original = load_pruned(model_dir)
+    gates = attach_gates(original)
+    gates.set_mask(torch.tensor([float(tuple(h) in map(tuple, results["kept_heads"])) for h in gates.heads]))
+    source = tokenizer(["der hund sieht ein großes haus", "die katze"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = original.generate(**source, num_beams=2, max_new_tokens=8)
+        detach_gates(original)
+        assert torch.equal(pruned.generate(**source, num_beams=2, max_new_tokens=8), expected)
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in original.parameters())
+
+
+def test_joint_pruning_from_scratch_and_errors(trained, tmp_path):
+    _, data, _ = trained
+    results = prune(tiny_cfg(PruneConfig, data, tmp_path / "joint", mode="joint", k=8, epochs=2, t0=1.0, tf=1e-3))
+    assert results["mode"] == "joint" and len(results["kept_heads"]) == 8
+    with pytest.raises(ModelError, match="unknown model 'scratch:huge'; from scratch: scratch:transformer-iwslt-de-en"):
+        prune(tiny_cfg(PruneConfig, data, tmp_path / "x", model="scratch:huge", mode="joint", k=8))
+
+
+# -- budgets per kind ------------------------------------------------------------------------------------
+
+def test_selectors_keep_exactly_k_per_group():
+    from headprune.methods import DSPSelector, HardConcreteSelector, random_mask
+    budget = [([0, 1, 2, 3], 1), ([4, 5, 6, 7], 3), ([8, 9, 10, 11], 0)]
+    for selector in (DSPSelector(12, None, t0=1.0, budget=budget, seed=1),
+                     DSPSelector(12, None, straight_through=True, budget=budget, seed=1),
+                     HardConcreteSelector(12, None, budget=budget, seed=1)):
+        selector.eval()
+        mask = selector()
+        assert [int(mask[i].sum()) for i, _ in budget] == [1, 3, 0]
+    dsp = DSPSelector(12, None, t0=1.0, budget=budget, seed=1).train()
+    soft = dsp()
+    assert [round(float(soft[i].sum()), 6) for i, _ in budget] == [1.0, 3.0, 0.0]  # soft top-k per group
+    soft.sum().backward()
+    assert dsp.logits.grad is not None
+    mask = random_mask(12, 0, seed=3, budget=budget)
+    assert [int(mask[i].sum()) for i, _ in budget] == [1, 3, 0]
+
+
+def test_michel_with_budgets_never_takes_a_group_below_its_budget():
+    from headprune.methods import iterative_pruning
+    importance = torch.tensor([0.9, 0.8, 0.1, 0.2, 0.0, 0.05, 0.7, 0.6])  # group 0 holds the weakest
+    curve = iterative_pruning(8, 3, 0, lambda m: importance, lambda m: {"x": float(m.sum())},
+                              budget=[([0, 1, 2, 3], 3), ([4, 5, 6, 7], 1)])
+    assert [e["pruned_now"] for e in curve[1:]] == [[4, 5, 2], [7]]
+    assert curve[-1]["mask"].tolist() == [1, 1, 0, 1, 0, 0, 1, 0]
+
+
+def test_a_translation_run_with_a_budget_per_kind(trained, tmp_path, capsys):
+    model_dir, data, _ = trained
+    for method in ("dsp", "michel"):
+        results = prune(tiny_cfg(PruneConfig, data, tmp_path / method, model=str(model_dir), method=method,
+                                 k_per_kind=[2, 3, 5], michel_step=4, epochs=1, t0=1.0, tf=1e-3))
+        assert results["kept_per_kind"] == {"encoder": 2, "decoder": 3, "cross": 5}
+    from headprune.cli import main
+    assert main(["prune", "--task", "translation", "--model", str(model_dir), "--dataset", str(data),
+                 "--k-per-kind", "2", "3", "--output-dir", str(tmp_path / "x")]) == 2
+    assert "--k-per-kind needs 3 number(s) for this model, one per kind (encoder: 8 heads, decoder: 8 heads, cross: 8 heads)" \
+        in capsys.readouterr().err
