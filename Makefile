@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test env clean-env
+.PHONY: demo demo-translation test env clean-env
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ env: $(BIN)/.installed
 
 demo: env
 	$(BIN)/headprune demo
+
+# Translation on Debian's German-English Ding dictionary, read at run time: apt-get install trans-de-en
+demo-translation: env
+	$(BIN)/headprune demo --task translation
 
 test: env
 	$(BIN)/python -m pytest

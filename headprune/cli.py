@@ -44,14 +44,18 @@ def parser() -> argparse.ArgumentParser:
                                     "by side (alternating the two models) across batch sizes and lengths, "
                                     "with the speedup the FLOP ratio predicts.")
     cfgmod.add_arguments(ms, MeasureConfig)
-    dm = sub.add_parser("demo", help="the default job on the offline assets: fine-tune MiniLM-L6 "
-                                     "on Rotten Tomatoes, then DSP-prune it pipelined",
-                        description="Fine-tune MiniLM-L6 on 4,000 Rotten Tomatoes snippets (1 epoch), "
-                                    "then prune it to --k heads with pipelined DSP. Finished phases "
-                                    "found in --output-dir are reused.")
-    dm.add_argument("--k", type=int, default=36, help="heads to keep of 72 (default: 36)")
-    dm.add_argument("--output-dir", default=str(DEMO_DIR),
-                    help="folder for both phases (default: runs/demo)")
+    dm = sub.add_parser("demo", help="the default job on the offline assets, then DSP-pruned",
+                        description="classification (default): fine-tune MiniLM-L6 on 4,000 Rotten "
+                                    "Tomatoes snippets (1 epoch), then prune it to --k (36 of 72) heads "
+                                    "with pipelined DSP. translation: train a small Transformer from "
+                                    "scratch on the Ding German-English pairs (needs apt-get install "
+                                    "trans-de-en), then prune it to --k (18 of 36) heads. Finished "
+                                    "phases found in --output-dir are reused.")
+    dm.add_argument("--task", choices=["classification", "translation"], default="classification",
+                    help="which demo (default: classification)")
+    dm.add_argument("--k", type=int, default=None, help="heads to keep (default: half)")
+    dm.add_argument("--output-dir", default=None,
+                    help=f"folder for both phases (default: {DEMO_DIR}, or {DEMO_DIR}-translation)")
     return top
 
 
@@ -69,8 +73,9 @@ def run(args: argparse.Namespace) -> int:
     """Check the options, then import what the command needs and run it."""
     if args.command == "demo":
         from .recipes import demo
-        results = demo(Path(args.output_dir), args.k)
-        print_summary(results, Path(args.output_dir) / f"dsp-pipelined-k{args.k}")
+        root = Path(args.output_dir or (f"{DEMO_DIR}-translation" if args.task == "translation" else DEMO_DIR))
+        results = demo(root, args.k, args.task)
+        print_summary(results, root / f"dsp-pipelined-k{results['k']}")
         return 0
     if args.command == "measure":
         cfg = cfgmod.build_config(MeasureConfig, args)
@@ -104,11 +109,18 @@ def run(args: argparse.Namespace) -> int:
 
 def print_summary(results: dict, folder) -> None:
     print()
-    print(f"unpruned accuracy ({results['num_heads']} heads): {results['metrics_unpruned']}")
-    print(f"pruned accuracy ({results['k']} heads, {results['method']} {results['mode']}): "
-          f"{results['metrics_pruned']}")
+    metric = {"bleu": "BLEU"}.get(results["metric"], results["metric"])
+    print(f"unpruned {metric} ({results['num_heads']} heads): {_rounded(results['metrics_unpruned'])}")
+    print(f"pruned {metric} ({results['k']} heads, {results['method']} {results['mode']}): "
+          f"{_rounded(results['metrics_pruned'])}")
+    if len(results.get("kept_per_kind", {})) > 1:
+        print(f"kept heads per kind: {results['kept_per_kind']}")
     print(f"results: {folder}/results.json and {folder}/report.md; heat map: {folder}/heads.png")
     print(f"pruned model: {folder}/model (load it with headprune.load_pruned)")
+
+
+def _rounded(metrics: dict) -> dict:
+    return {name: round(value, 4) for name, value in metrics.items()}
 
 
 if __name__ == "__main__":
