@@ -37,6 +37,14 @@ def attention_flops(model, batch: int, length: int) -> int:
     return total
 
 
+def forward_inputs(model, ids: torch.Tensor) -> dict:
+    """A forward pass's inputs; an encoder-decoder reads the same length on both sides."""
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if model.config.is_encoder_decoder:
+        inputs["decoder_input_ids"] = ids
+    return inputs
+
+
 def total_flops(model, batch: int, length: int) -> int:
     ids = torch.ones(batch, length, dtype=torch.long, device=next(model.parameters()).device)
     counter = FlopCounterMode(display=False)
@@ -44,7 +52,7 @@ def total_flops(model, batch: int, length: int) -> int:
     model.set_attn_implementation("eager")  # the counter does not see inside SDPA's CPU kernel
     try:
         with torch.no_grad(), counter:
-            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+            model(**forward_inputs(model, ids))
     finally:
         model.set_attn_implementation(kernel)
     return counter.get_total_flops()
@@ -75,24 +83,57 @@ def time_side_by_side(models: dict, batch: int, length: int, repeats: int, warmu
     on one random batch."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, vocab, (batch, length), generator=g).to(device)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     times = {name: [] for name in models}
     for i in range(warmup + repeats):
         for name, model in models.items():
             _sync(device)
             start = time.perf_counter()
-            model(**inputs)
+            model(**forward_inputs(model, ids))
             _sync(device)
             if i >= warmup:
                 times[name].append(time.perf_counter() - start)
     return {name: spread(ts) for name, ts in times.items()}
 
 
-def measure(cfg: MeasureConfig, progress=print) -> dict:
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+@torch.no_grad()
+def time_generation(models: dict, batch: int, length: int, new_tokens: int, beams: int, repeats: int,
+                    warmup: int, device: str, vocab: int) -> dict[str, dict]:
+    """Seconds to translate one random batch of `length` source tokens into exactly `new_tokens`
+    tokens (beam search or greedy), each model in turn, so that both do the same work."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, vocab, (batch, length), generator=g).to(device)
+    times = {name: [] for name in models}
+    for i in range(warmup + repeats):
+        for name, model in models.items():
+            _sync(device)
+            start = time.perf_counter()
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), num_beams=beams, do_sample=False,
+                           max_new_tokens=new_tokens, min_new_tokens=new_tokens, early_stopping=False)
+            _sync(device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: spread(ts) for name, ts in times.items()}
 
-    from .pruning import load_pruned
+
+def load_models(cfg: MeasureConfig) -> dict:
+    """The pruned model and its original (the same architecture at full size, unless --original)."""
+    from transformers import AutoConfig
+
+    from .pruning import load_pruned, model_class_of
     from .tasks import resolve_model
+
+    pruned = load_pruned(cfg.pruned, attn_implementation=cfg.attn_implementation)
+    cls = model_class_of(pruned.config)
+    if cfg.original:
+        original = cls.from_pretrained(resolve_model(cfg.original), attn_implementation=cfg.attn_implementation)
+    else:
+        config = AutoConfig.from_pretrained(cfg.pruned, attn_implementation=cfg.attn_implementation)
+        original = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    return {"original": original.eval().to(cfg.device), "pruned": pruned.eval().to(cfg.device)}
+
+
+def measure(cfg: MeasureConfig, progress=print) -> dict:
+    from transformers import AutoConfig
 
     if cfg.pruned is None:
         raise ConfigError("give the pruned model's folder with --pruned")
@@ -108,18 +149,12 @@ def measure(cfg: MeasureConfig, progress=print) -> dict:
         raise ConfigError(f"--lengths {max(cfg.lengths)}: longer than the model's {positions} positions")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    pruned = load_pruned(cfg.pruned, attn_implementation=cfg.attn_implementation)
-    if cfg.original:
-        original = AutoModelForSequenceClassification.from_pretrained(
-            resolve_model(cfg.original), attn_implementation=cfg.attn_implementation)
-    else:
-        config = AutoConfig.from_pretrained(cfg.pruned, attn_implementation=cfg.attn_implementation)
-        original = AutoModelForSequenceClassification.from_config(config)
-    models = {"original": original.eval().to(cfg.device), "pruned": pruned.eval().to(cfg.device)}
+    models = load_models(cfg)
+    original = models["original"]
     heads = {name: sum(s.num_heads for s in find_sites(m)) for name, m in models.items()}
     result = {"heads": heads, "parameters": {n: parameters(m) for n, m in models.items()},
               "device": cfg.device, "threads": torch.get_num_threads(),
-              "attn_implementation": cfg.attn_implementation, "settings": []}
+              "attn_implementation": cfg.attn_implementation, "settings": [], "generation": []}
     for batch in cfg.batch_sizes:
         for length in cfg.lengths:
             flops = {n: total_flops(m, batch, length) for n, m in models.items()}
@@ -137,7 +172,25 @@ def measure(cfg: MeasureConfig, progress=print) -> dict:
             progress(f"batch {batch:3d} length {length:4d}: speedup {row['speedup']:.2f}x "
                      f"(FLOPs predict {row['predicted_speedup']:.2f}x)"
                      + (f"; warning: {row['note']}" if row["note"].startswith("noisy") else ""))
+            if original.config.is_encoder_decoder:
+                for beams in cfg.beams:
+                    result["generation"].append(_generation_row(cfg, models, batch, length, beams, row, progress))
     return result
+
+
+def _generation_row(cfg, models, batch, length, beams, forward_row, progress) -> dict:
+    timings = time_generation(models, batch, length, cfg.generate_tokens, beams, cfg.repeats, cfg.warmup,
+                              cfg.device, models["original"].config.vocab_size)
+    seconds = {n: t["median"] for n, t in timings.items()}
+    row = {"batch": batch, "length": length, "beams": beams, "new_tokens": cfg.generate_tokens,
+           "seconds": seconds, "timings": timings,
+           "tokens_per_second": {n: batch * cfg.generate_tokens / s for n, s in seconds.items()},
+           "speedup": seconds["original"] / seconds["pruned"],
+           "predicted_speedup": forward_row["predicted_speedup"]}
+    row["note"] = _note(cfg.device, batch, row["predicted_speedup"], timings)
+    progress(f"generate batch {batch:3d} source {length:4d} beam {beams}: speedup {row['speedup']:.2f}x "
+             f"(FLOPs predict {row['predicted_speedup']:.2f}x)")
+    return row
 
 
 def _note(device: str, batch: int, predicted: float, timings: dict) -> str:
@@ -167,6 +220,19 @@ def markdown(result: dict) -> str:
             f"| {share:.0%} | {_ms(r['timings']['original'])} | {_ms(r['timings']['pruned'])} "
             f"| {r['throughput']['original']:.0f} | {r['throughput']['pruned']:.0f} | {r['speedup']:.2f}x "
             f"| {r['predicted_speedup']:.2f}x | {r['speedup'] / r['predicted_speedup']:.2f} | {r['note']} |")
+    if result.get("generation"):
+        lines += ["", "Generation (encoder-decoder): the same random source batch translated into exactly "
+                  f"{result['generation'][0]['new_tokens']} tokens by each model in turn; tokens per second "
+                  "count output tokens of the batch. FLOP prediction: one forward pass over source and target.", "",
+                  "| batch | source length | beams | ms orig (IQR) | ms pruned (IQR) | tokens/s orig | tokens/s pruned "
+                  "| speedup | FLOP-predicted | measured / predicted | note |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in result["generation"]:
+            lines.append(
+                f"| {r['batch']} | {r['length']} | {r['beams']} | {_ms(r['timings']['original'])} "
+                f"| {_ms(r['timings']['pruned'])} | {r['tokens_per_second']['original']:.0f} "
+                f"| {r['tokens_per_second']['pruned']:.0f} | {r['speedup']:.2f}x | {r['predicted_speedup']:.2f}x "
+                f"| {r['speedup'] / r['predicted_speedup']:.2f} | {r['note']} |")
     return "\n".join(lines) + "\n"
 
 

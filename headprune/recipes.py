@@ -384,14 +384,14 @@ def _save_pruned(cfg, task, out: Path, model, gates, tokenizer, mask, scores) ->
 # -- the demo ------------------------------------------------------------------------------------
 
 
-DEMO_TRANSLATION_EPOCHS = 12.0  # about 20 minutes on 2 CPU cores
+DEMO_TRANSLATION_EPOCHS = 8.0  # about 20 minutes on 2 CPU cores
 
 # The two offline demos: the settings of configs/rotten-tomatoes.yaml and configs/ding-de-en.yaml.
 DEMOS = {
     "classification": dict(k=36, finetune=dict(max_train_examples=4000, epochs=1.0, max_length=64)),
     "translation": dict(k=18, finetune=dict(
         task="translation", model="scratch:transformer-small", dataset="offline:ding-de-en", vocab_size=8000,
-        max_length=64, epochs=DEMO_TRANSLATION_EPOCHS, batch_size=64, lr=1e-3, warmup_steps=1000,
+        max_length=64, epochs=DEMO_TRANSLATION_EPOCHS, batch_size=64, lr=2e-3, warmup_steps=400,
         weight_decay=1e-4, dropout=0.3, beam=5, generation_batch_size=64, max_grad_norm=0.0,
         attn_implementation="sdpa")),
 }

@@ -124,3 +124,19 @@ def test_save_and_load_gives_identical_generations(arch, source, tmp_path):
     # removed: 24 - 6 kept heads, less the 2 dead heads kept for the cache (decoder 0, cross 0)
     per_head = 3 * (32 * 8 + 8) + 32 * 8
     assert sum(p.numel() for p in loaded.parameters()) == full - (24 - 6 - 2) * per_head
+
+
+def test_measure_times_generation_side_by_side(tmp_path):
+    import json
+    from headprune.cli import main
+    save_pruned(tiny_seq2seq("marian"), tmp_path / "pruned", KEPT)
+    assert main(["measure", "--pruned", str(tmp_path / "pruned"), "--batch-sizes", "2", "--lengths", "8",
+                 "--repeats", "2", "--warmup", "1", "--beams", "1", "3", "--generate-tokens", "5",
+                 "--output-dir", str(tmp_path / "m")]) == 0
+    result = json.loads((tmp_path / "m" / "measure.json").read_text())
+    assert result["heads"] == {"original": 24, "pruned": 6}
+    assert [(r["beams"], r["new_tokens"]) for r in result["generation"]] == [(1, 5), (3, 5)]
+    for row in result["generation"]:
+        assert row["tokens_per_second"]["pruned"] == pytest.approx(2 * 5 / row["seconds"]["pruned"])
+        assert row["predicted_speedup"] == result["settings"][0]["predicted_speedup"] > 1
+    assert "| 2 | 8 | 3 |" in (tmp_path / "m" / "measure.md").read_text()
