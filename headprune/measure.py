@@ -77,42 +77,41 @@ def spread(times: list[float]) -> dict[str, float]:
 
 
 @torch.no_grad()
+def alternate(models: dict, run, repeats: int, warmup: int, device: str) -> dict[str, dict]:
+    """Seconds of `run(model)` for each model (median, quartiles, min, max), the models taking
+    turns so that machine noise hits them alike."""
+    times = {name: [] for name in models}
+    for i in range(warmup + repeats):
+        for name, model in models.items():
+            _sync(device)
+            start = time.perf_counter()
+            run(model)
+            _sync(device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: spread(ts) for name, ts in times.items()}
+
+
+def random_ids(batch: int, length: int, vocab: int, device: str, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(5, vocab, (batch, length), generator=g).to(device)
+
+
 def time_side_by_side(models: dict, batch: int, length: int, repeats: int, warmup: int, device: str,
                       vocab: int) -> dict[str, dict]:
-    """Seconds per forward pass of each model (median, quartiles, min, max), measured alternately
-    on one random batch."""
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(5, vocab, (batch, length), generator=g).to(device)
-    times = {name: [] for name in models}
-    for i in range(warmup + repeats):
-        for name, model in models.items():
-            _sync(device)
-            start = time.perf_counter()
-            model(**forward_inputs(model, ids))
-            _sync(device)
-            if i >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: spread(ts) for name, ts in times.items()}
+    """One forward pass of each model on one random batch, taking turns."""
+    ids = random_ids(batch, length, vocab, device, seed=0)
+    return alternate(models, lambda model: model(**forward_inputs(model, ids)), repeats, warmup, device)
 
 
-@torch.no_grad()
 def time_generation(models: dict, batch: int, length: int, new_tokens: int, beams: int, repeats: int,
                     warmup: int, device: str, vocab: int) -> dict[str, dict]:
-    """Seconds to translate one random batch of `length` source tokens into exactly `new_tokens`
-    tokens (beam search or greedy), each model in turn, so that both do the same work."""
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(5, vocab, (batch, length), generator=g).to(device)
-    times = {name: [] for name in models}
-    for i in range(warmup + repeats):
-        for name, model in models.items():
-            _sync(device)
-            start = time.perf_counter()
-            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), num_beams=beams, do_sample=False,
-                           max_new_tokens=new_tokens, min_new_tokens=new_tokens, early_stopping=False)
-            _sync(device)
-            if i >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: spread(ts) for name, ts in times.items()}
+    """Translating one random batch of `length` source tokens into exactly `new_tokens` tokens
+    (beam search or greedy), each model in turn, so that both do the same work."""
+    ids = random_ids(batch, length, vocab, device, seed=1)
+    return alternate(models, lambda model: model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), num_beams=beams, do_sample=False,
+        max_new_tokens=new_tokens, min_new_tokens=new_tokens, early_stopping=False), repeats, warmup, device)
 
 
 def load_models(cfg: MeasureConfig) -> dict:

@@ -94,6 +94,14 @@ LAYOUTS: dict[str, Callable[[nn.Module], Iterator[AttentionSite]]] = {
 }
 
 
+# Known layouts that need more than slicing q, k, v and the output projection.
+_T5 = ("its relative position bias is computed in the first layer of each stack and shared by all "
+       "layers, so removing heads needs the bias sliced per layer (BART, mBART and Marian are supported)")
+NOT_YET = {"t5": _T5, "mt5": _T5, "umt5": _T5, "longt5": _T5,
+           "deberta": "its relative attention reads the head count from the module",
+           "deberta-v2": "its relative attention reads the head count from the module"}
+
+
 def find_sites(model: nn.Module) -> list[AttentionSite]:
     """All attention sites of `model`, ordered by kind (encoder, decoder, cross) then layer.
 
@@ -103,6 +111,8 @@ def find_sites(model: nn.Module) -> list[AttentionSite]:
         if sites:
             return sites
     model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    if model_type in NOT_YET:
+        raise UnsupportedArchitectureError(f"headprune does not support {model_type!r} yet: {NOT_YET[model_type]}")
     raise UnsupportedArchitectureError(
         f"headprune does not support {model_type!r}: its attention modules match none of the "
         f"layouts it knows: {'; '.join(LAYOUTS)}")

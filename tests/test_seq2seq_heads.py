@@ -140,3 +140,11 @@ def test_measure_times_generation_side_by_side(tmp_path):
         assert row["tokens_per_second"]["pruned"] == pytest.approx(2 * 5 / row["seconds"]["pruned"])
         assert row["predicted_speedup"] == result["settings"][0]["predicted_speedup"] > 1
     assert "| 2 | 8 | 3 |" in (tmp_path / "m" / "measure.md").read_text()
+
+
+def test_t5_is_refused_with_the_reason():
+    from transformers import T5Config, T5ForConditionalGeneration
+    from headprune.errors import UnsupportedArchitectureError
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2))
+    with pytest.raises(UnsupportedArchitectureError, match="'t5' yet: its relative position bias .* shared"):
+        attach_gates(t5)
