@@ -117,6 +117,9 @@ class FinetuneConfig(Checked):
     label_smoothing: float = option(0.1, "translation: label smoothing of the cross-entropy.", min=0)
     warmup_steps: int = option(4000, "translation: warm-up steps of the inverse-square-root schedule "
                                "(Adam betas 0.9, 0.98).", min=1)
+    max_tokens: int = option(None, "translation: batches of at most this many tokens (sentences x "
+                             "the longest; fairseq's --max-tokens) instead of --batch-size sentences.",
+                             min=1)
     beam: int = option(5, "translation: beam size of the evaluation's beam search.", min=1)
     generation_batch_size: int = option(32, "translation: sentences per beam-search batch.", min=1)
     # how to train
@@ -139,6 +142,12 @@ class FinetuneConfig(Checked):
                              "other settings.")
     checkpoint_every: int = option(50, "Write a resumable checkpoint every N steps (0: only at the end).",
                                    min=0)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.max_tokens and self.task != "translation":
+            raise ConfigError("--max-tokens batches translation data by token count; for "
+                              f"{self.task} use --batch-size")
 
 
 @dataclass

@@ -156,7 +156,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     with timed(seconds, "load"):
         data, model, tokenizer = _load(cfg, task, path, config, require_finetuned=False)
         train_set, evals, collate = task.prepare(data, tokenizer, cfg)
-        steps = total_steps(cfg, len(train_set), acc.num_processes)
+        steps = total_steps(cfg, train_set, acc.num_processes)
         optimizer, scheduler = task.optimizer(cfg, model.parameters(), steps)
         model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
         if state:
@@ -203,7 +203,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
         if pipelined:  # the fine-tuned weights stay as they are; dropout stays on while training
             model.requires_grad_(False)
         if cfg.method in TRAINED:
-            optimizer, scheduler, info = _make_selector_and_optimizer(cfg, task, model, gates, len(train_set), acc)
+            optimizer, scheduler, info = _make_selector_and_optimizer(cfg, task, model, gates, train_set, acc)
             model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
             if state:
                 restore_checkpoint(acc, state, model, optimizer, scheduler)
@@ -294,9 +294,9 @@ def budget_of(cfg, gates):
     return [([i for i, head in enumerate(gates.heads) if head[0] == kind], k) for kind, k in zip(kinds, cfg.k_per_kind)]
 
 
-def _make_selector_and_optimizer(cfg, task, model, gates, n_train: int, acc):
+def _make_selector_and_optimizer(cfg, task, model, gates, train_set, acc):
     """The method's selector on the gates, and AdamW with the scores in their own group."""
-    steps = total_steps(cfg, n_train, acc.num_processes)
+    steps = total_steps(cfg, train_set, acc.num_processes)
     cooldown = cfg.cooldown_steps or max(1, round(cfg.cooldown_fraction * steps))
     k = None if cfg.method == "voita" and cfg.voita_selection == "threshold" else cfg.k
     gates.selector = make_selector(cfg.method, gates.num_heads, k, t0=cfg.t0, tf=cfg.tf,

@@ -63,12 +63,57 @@ def constant(step: int) -> float:
     return 1.0
 
 
-def steps_per_epoch(n_examples: int, batch_size: int, num_processes: int) -> int:
-    return math.ceil(n_examples / (batch_size * num_processes))
+class TokenBatches(Sampler):
+    """Batches of at most `max_tokens` tokens (sentences x the longest of them, as fairseq's
+    --max-tokens counts), of similar lengths: sorted by length (ties in an order fixed by (seed,
+    epoch)), cut greedily, the batches shuffled by (seed, epoch). The number of batches is the
+    same in every epoch."""
+
+    def __init__(self, lengths: list[int], max_tokens: int, seed: int, epoch: int):
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        tie = torch.randperm(len(lengths), generator=g).tolist()
+        order = sorted(range(len(lengths)), key=lambda i: (lengths[i], tie[i]))
+        self.batches, current, longest = [], [], 0
+        for i in order:
+            if current and max(longest, lengths[i]) * (len(current) + 1) > max_tokens:
+                self.batches.append(current)
+                current, longest = [], 0
+            current.append(i)
+            longest = max(longest, lengths[i])
+        if current:
+            self.batches.append(current)
+        self.batches = [self.batches[j] for j in torch.randperm(len(self.batches), generator=g).tolist()]
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
 
 
-def total_steps(cfg, n_examples: int, num_processes: int) -> int:
-    return max(1, round(cfg.epochs * steps_per_epoch(n_examples, cfg.batch_size, num_processes)))
+def token_batching(cfg) -> bool:
+    return bool(getattr(cfg, "max_tokens", None))
+
+
+def epoch_loader(cfg, train_set, collate, epoch: int) -> DataLoader:
+    """One epoch's batches: `--batch-size` examples in an order fixed by (seed, epoch), or with
+    `--max-tokens` batches by token count (the dataset's `length` column)."""
+    if token_batching(cfg):
+        sampler = TokenBatches(list(train_set["length"]), cfg.max_tokens, cfg.seed, epoch)
+        return DataLoader(train_set, batch_sampler=sampler, collate_fn=collate)
+    return DataLoader(train_set, batch_size=cfg.batch_size, collate_fn=collate,
+                      sampler=EpochOrder(len(train_set), cfg.seed, epoch),
+                      generator=torch.Generator())  # leaves the global RNG alone
+
+
+def steps_per_epoch(cfg, train_set, num_processes: int) -> int:
+    if token_batching(cfg):
+        return math.ceil(len(TokenBatches(list(train_set["length"]), cfg.max_tokens, cfg.seed, 0)) / num_processes)
+    return math.ceil(len(train_set) / (cfg.batch_size * num_processes))
+
+
+def total_steps(cfg, train_set, num_processes: int) -> int:
+    return max(1, round(cfg.epochs * steps_per_epoch(cfg, train_set, num_processes)))
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
@@ -146,8 +191,8 @@ def train(acc: Accelerator, cfg, out: Path, model, optimizer, scheduler, train_s
 
 def _train(acc, cfg, out, model, optimizer, scheduler, train_set, collate, loss_fn, selector, resume_state,
            extra, seconds, phase, desc):
-    per_epoch = steps_per_epoch(len(train_set), cfg.batch_size, acc.num_processes)
-    last_step = total_steps(cfg, len(train_set), acc.num_processes)
+    per_epoch = steps_per_epoch(cfg, train_set, acc.num_processes)
+    last_step = total_steps(cfg, train_set, acc.num_processes)
     trainable = [p for p in model.parameters() if p.requires_grad]
     penalty = getattr(selector, "penalty", None)
     step, history = 0, []
@@ -163,9 +208,7 @@ def _train(acc, cfg, out, model, optimizer, scheduler, train_set, collate, loss_
     progress = tqdm(total=last_step, initial=step, desc=desc, disable=not acc.is_local_main_process)
     while step < last_step:
         epoch, done_in_epoch = divmod(step, per_epoch)
-        loader = acc.prepare(DataLoader(train_set, batch_size=cfg.batch_size, collate_fn=collate,
-                                        sampler=EpochOrder(len(train_set), cfg.seed, epoch),
-                                        generator=torch.Generator()))  # leaves the global RNG alone
+        loader = acc.prepare(epoch_loader(cfg, train_set, collate, epoch))
         if done_in_epoch:
             loader = acc.skip_first_batches(loader, done_in_epoch)
         for batch in loader:

@@ -214,3 +214,23 @@ def test_a_translation_run_with_a_budget_per_kind(trained, tmp_path, capsys):
                  "--k-per-kind", "2", "3", "--output-dir", str(tmp_path / "x")]) == 2
     assert "--k-per-kind needs 3 number(s) for this model, one per kind (encoder: 8 heads, decoder: 8 heads, cross: 8 heads)" \
         in capsys.readouterr().err
+
+
+def test_token_batches_cover_every_example_once_within_the_budget():
+    from headprune.train import TokenBatches
+    lengths = [random.Random(i).randint(2, 30) for i in range(200)]
+    epochs = [list(TokenBatches(lengths, 64, seed=0, epoch=e)) for e in range(3)]
+    for batches in epochs:
+        assert sorted(i for b in batches for i in b) == list(range(200))
+        assert all(len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 64 for b in batches)
+    assert len({len(b) for b in epochs}) == 1  # the same number of batches every epoch
+    assert epochs[0] != epochs[1] and list(TokenBatches(lengths, 64, seed=0, epoch=0)) == epochs[0]
+
+
+def test_training_with_max_tokens(trained, tmp_path):
+    from headprune.errors import ConfigError
+    _, data, _ = trained
+    results = finetune(tiny_cfg(FinetuneConfig, data, tmp_path, epochs=1, max_tokens=100))
+    assert 270 / 100 < results["steps"] < 270  # more sentences a batch than one, fewer than all
+    with pytest.raises(ConfigError, match="--max-tokens batches translation data"):
+        FinetuneConfig(max_tokens=100)

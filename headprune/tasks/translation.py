@@ -139,7 +139,10 @@ class Translation(Task):
 
     def prepare(self, data: ParallelData, tokenizer, cfg):
         def encode(batch):
-            return tokenizer(batch["source"], text_target=batch["target"], truncation=True, max_length=cfg.max_length)
+            encoded = tokenizer(batch["source"], text_target=batch["target"], truncation=True,
+                                max_length=cfg.max_length)
+            encoded["length"] = [max(len(s), len(t)) for s, t in zip(encoded["input_ids"], encoded["labels"])]
+            return encoded
 
         train = data.train.map(encode, batched=True, remove_columns=["source", "target"], desc="tokenize")
         evals = {n: ds.map(encode, batched=True, desc="tokenize") for n, ds in data.evals.items()}
