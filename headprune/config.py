@@ -199,6 +199,8 @@ class SweepConfig(PruneConfig):
     seeds: list = option([0, 1, 2], "Seeds of the stochastic methods (michel runs with the first).",
                          nargs="+", type=int)
     pretrained_model: str = option("offline:minilm-l6", "Starting point of joint runs.")
+    split: str = option(None, "Evaluation split the tables and plot report (default: the last one, "
+                        "e.g. test for translation).")
     michel_step: int = option(6, "michel: heads masked per iteration (the sweep's curve needs a step "
                               "that lands on every k).", min=1)
     output_dir: str = option("runs/sweep", "Folder of the sweep: one sub-folder per run, tables and "

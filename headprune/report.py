@@ -77,10 +77,13 @@ def write_run_report(out: Path, results: dict, history: list[dict]) -> None:
     lines = [f"# {results['method']} {results['mode']}: {results['k']} of {results['num_heads']} heads",
              "", f"- model: `{results['model']}`, data: `{results['dataset']}` "
              f"({results['train_examples']} training examples), seed {results['seed']}",
-             f"- labels (index: name): {', '.join(f'{i}: {n}' for i, n in enumerate(results.get('labels', [])))}",
-             f"- accuracy pruned: {_fmt(results['metrics_pruned'])}",
-             f"- accuracy unpruned: {_fmt(results['metrics_unpruned'])}",
+             f"- {results.get('metric', 'accuracy')} pruned: {_fmt(results['metrics_pruned'])}",
+             f"- {results.get('metric', 'accuracy')} unpruned: {_fmt(results['metrics_unpruned'])}",
              f"- seconds: {', '.join(f'{k} {v}' for k, v in results['seconds'].items())}"]
+    if results.get("labels"):
+        lines.insert(3, f"- labels (index: name): {', '.join(f'{i}: {n}' for i, n in enumerate(results['labels']))}")
+    if len(results.get("kept_per_kind", {})) > 1:
+        lines.append(f"- kept heads per kind: {', '.join(f'{k} {n}' for k, n in results['kept_per_kind'].items())}")
     for file, n in (results.get("dropped_rows") or {}).items():
         lines.append(f"- dropped {n} rows of {file} with an empty or missing label or text cell")
     if "heads_on_by_threshold" in results:
@@ -91,14 +94,15 @@ def write_run_report(out: Path, results: dict, history: list[dict]) -> None:
         plot_training_curves(out / "training.png", history, f"{results['method']} {results['mode']}")
         lines += ["![training curves](training.png)", ""]
     if "curve" in results:
-        lines += ["| heads | accuracy |", "|---|---|"]
+        lines += [f"| heads | {results.get('metric', 'accuracy')} |", "|---|---|"]
         lines += [f"| {e['heads']} | {_fmt(e['metrics'])} |" for e in results["curve"]]
         lines.append("")
     with atomic_path(out / "report.md") as tmp:
         tmp.write_text("\n".join(lines))
 
 
-def plot_sweep(path: Path, rows: list[dict], unpruned: float | None, title: str, num_heads: int) -> None:
+def plot_sweep(path: Path, rows: list[dict], unpruned: float | None, title: str, num_heads: int,
+               metric: str = "accuracy") -> None:
     """Metric against kept heads: one line per (method, mode), mean over seeds with min-max band."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (method, mode) in sorted({(r["method"], r["mode"]) for r in rows}):
@@ -111,7 +115,7 @@ def plot_sweep(path: Path, rows: list[dict], unpruned: float | None, title: str,
     if unpruned is not None:
         ax.axhline(unpruned, color="black", ls="--", lw=1, label=f"unpruned ({num_heads} heads)")
     ax.set_xlabel(f"heads kept (of {num_heads})")
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel(metric)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

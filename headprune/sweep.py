@@ -52,10 +52,19 @@ def planned_runs(cfg: SweepConfig) -> list[PruneConfig]:
     return runs
 
 
-def rows_of(results: dict, ks: list[int], folder: str) -> list[dict]:
+def report_split(metrics: dict, chosen: str | None) -> str:
+    """The split the tables report: the one chosen, else the last evaluation split's headline
+    (translation: test after valid; classification: its one split, or MNLI's mismatched)."""
+    headlines = [name for name in metrics if " " not in name]
+    if chosen is not None and chosen not in headlines:
+        raise OutputExistsError(f"--split {chosen!r}: the runs were evaluated on {', '.join(headlines)}")
+    return chosen or headlines[-1]
+
+
+def rows_of(results: dict, ks: list[int], folder: str, chosen_split: str | None = None) -> list[dict]:
     """Table rows of one run; a Michel run gives one row per k on its curve."""
     seconds = round(sum(results["seconds"].values()), 1)
-    split = next(iter(results["metrics_pruned"]))
+    split = report_split(results["metrics_pruned"], chosen_split)
     common = {"method": results["method"], "mode": results["mode"], "seed": results["seed"],
               "split": split, "seconds": seconds, "run": folder}
     if "curve" in results:
@@ -102,14 +111,15 @@ def sweep(cfg: SweepConfig) -> list[dict]:
         else:
             log.info("[%d/%d] running %s", i, len(runs), folder.name)
             results = prune(run, metrics_unpruned=unpruned_metrics)
-        rows += rows_of(results, cfg.ks, folder.name)
+        rows += rows_of(results, cfg.ks, folder.name, cfg.split)
         if results["mode"] == "pipelined" and unpruned_metrics is None:  # the same for every run
             unpruned_metrics = results["metrics_unpruned"]
-    unpruned = next(iter(unpruned_metrics.values())) if unpruned_metrics else None
+    unpruned = unpruned_metrics[report_split(unpruned_metrics, cfg.split)] if unpruned_metrics else None
     summary = summary_table(rows, unpruned)
     write_tables(out, rows, summary)
     num_heads = results["num_heads"] if runs else 0
-    plot_sweep(out / "sweep.png", rows, unpruned, f"{cfg.model} on {cfg.dataset}", num_heads)
+    plot_sweep(out / "sweep.png", rows, unpruned, f"{cfg.model} on {cfg.dataset}", num_heads,
+               metric=f"{results['metric'] if runs else 'metric'} ({rows[0]['split'] if rows else ''})")
     write_sweep_report(out, cfg, summary)
     return rows
 
