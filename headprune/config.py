@@ -117,6 +117,10 @@ class FinetuneConfig(Checked):
     label_smoothing: float = option(0.1, "translation: label smoothing of the cross-entropy.", min=0)
     warmup_steps: int = option(4000, "translation: warm-up steps of the inverse-square-root schedule "
                                "(Adam betas 0.9, 0.98).", min=1)
+    select_by: str = option(None, "Keep the weights (and head scores) of the epoch whose score on "
+                            "this evaluation split is best, measured at the end of every epoch under "
+                            "the hard mask (the reference picks joint DSP by validation BLEU: "
+                            "--select-by valid). Default: the last epoch.")
     max_tokens: int = option(None, "translation: batches of at most this many tokens (sentences x "
                              "the longest; fairseq's --max-tokens) instead of --batch-size sentences.",
                              min=1)

@@ -27,8 +27,9 @@ log = logging.getLogger("headprune")
 RESULTS = "results.json"
 CHECKPOINT = "checkpoint"  # a folder: state.json and tensors.safetensors
 OLD_CHECKPOINT = "checkpoint.pt"  # a pickle written by headprune 0.1: never read
+BEST = "best"  # with --select-by: the trainable weights of the best epoch so far
 # What a finetune or prune run writes; `--overwrite` removes these before the new run.
-RUN_FILES = (RESULTS, "model", CHECKPOINT, "train_log.jsonl", "training.png", "heads.png",
+RUN_FILES = (RESULTS, "model", CHECKPOINT, BEST, "train_log.jsonl", "training.png", "heads.png",
              "head_scores.json", "report.md")
 
 

@@ -36,7 +36,7 @@ from .errors import ConfigError
 from .gates import attach_gates, detach_gates
 from .methods import (DEFAULT_PRUNING_LR, TRAINED, head_importance, iterative_pruning, make_selector,
                       normalize_importance, random_mask)
-from .outputs import (CHECKPOINT, RESULTS, atomic_folder, check_output_dir, folder_bytes, versions,
+from .outputs import (BEST, CHECKPOINT, RESULTS, atomic_folder, check_output_dir, folder_bytes, versions,
                       write_json, write_jsonl)
 from .pruning import save_pruned, zero_pruned_heads
 from .randomness import keeps_global_rng
@@ -86,6 +86,7 @@ def _finish(acc, out: Path, results: dict, history: list) -> dict:
             write_jsonl(out / "train_log.jsonl", history)
         write_json(out / RESULTS, results)  # last: its presence marks the run as complete
         shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
+        shutil.rmtree(out / BEST, ignore_errors=True)
     acc.wait_for_everyone()
     log.info("results in %s", out / RESULTS)
     return results
@@ -97,6 +98,43 @@ def _common_results(cfg, task, data, seconds: dict, resumed_from: int | None) ->
             "train_examples": len(data.train), "eval_examples": {n: len(d) for n, d in data.evals.items()},
             "seed": cfg.seed, "resumed_from_step": resumed_from, "seconds": seconds,
             "versions": versions(), "config": asdict(cfg), "model_dir": "model"}
+
+
+# -- keeping the best epoch ---------------------------------------------------------------------------
+
+def best_epoch_keeper(cfg, task, acc, model, evals: dict, collate, out: Path, extra: dict):
+    """With --select-by SPLIT: (on_epoch_end, restore). At the end of every epoch the model is
+    evaluated on SPLIT (under the hard mask: model.eval() makes the selector hard); the trainable
+    weights of the best epoch so far are written to out/best/ and the score to `extra`, which the
+    checkpoints keep, so resuming keeps the choice. `restore()` loads the best weights back."""
+    if not cfg.select_by:
+        return None, lambda: None
+    if cfg.select_by not in evals:
+        raise ConfigError(f"--select-by {cfg.select_by!r}: the evaluation splits are {', '.join(evals)}")
+    from safetensors.torch import load_file, save_file
+
+    def on_epoch_end(epoch: int) -> None:
+        score = task.evaluate(acc, model, {cfg.select_by: evals[cfg.select_by]}, collate, cfg)[cfg.select_by]
+        best = extra.get("best")
+        log.info("epoch %d: %s %s %.4f%s", epoch, cfg.select_by, task.metric, score,
+                 "" if best is None else f" (best so far {best['score']:.4f}, epoch {best['epoch']})")
+        if best is not None and score <= best["score"]:
+            return
+        if acc.is_main_process:
+            unwrapped = acc.unwrap_model(model)
+            weights = {n: p.detach().cpu().contiguous() for n, p in unwrapped.named_parameters() if p.requires_grad}
+            with atomic_folder(out / BEST) as tmp:
+                save_file(weights, str(tmp / "weights.safetensors"))
+        acc.wait_for_everyone()
+        extra["best"] = {"epoch": epoch, "score": score}
+
+    def restore() -> None:
+        if extra.get("best"):
+            acc.unwrap_model(model).load_state_dict(load_file(str(out / BEST / "weights.safetensors")), strict=False)
+            log.info("keeping the weights of epoch %d (%s %s %.4f)", extra["best"]["epoch"], cfg.select_by,
+                     task.metric, extra["best"]["score"])
+
+    return on_epoch_end, restore
 
 
 # -- unpruned metrics, measured once per (weights, evaluation data) -----------------------------------
@@ -162,9 +200,13 @@ def finetune(cfg: FinetuneConfig) -> dict:
         if state:
             restore_checkpoint(acc, state, model, optimizer, scheduler)
     log.info("fine-tuning %s on %d examples for %d steps", cfg.model, len(train_set), steps)
+    extra = dict(state["extra"]) if state else {}
+    on_epoch_end, keep_best = best_epoch_keeper(cfg, task, acc, model, evals, collate, out, extra)
     with timed(seconds, "train"):
         history = train(acc, cfg, out, model, optimizer, scheduler, train_set, collate, loss_fn=task.loss,
-                        resume_state=state, seconds=seconds, phase="train", desc="fine-tune")
+                        resume_state=state, extra=extra, seconds=seconds, phase="train", desc="fine-tune",
+                        on_epoch_end=on_epoch_end)
+        keep_best()
     with timed(seconds, "evaluate"):
         metrics = task.evaluate(acc, model, evals, collate, cfg)
     log.info("%s: %s", task.metric, metrics)
@@ -173,6 +215,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
             with atomic_folder(out / "model") as tmp:  # a kill leaves no half-written folder
                 task.save(acc.unwrap_model(model), tokenizer, tmp)
     results = {"method": "none", "mode": "finetune", "metrics": metrics, "steps": steps,
+               "selected_epoch": extra.get("best"),
                **_common_results(cfg, task, data, seconds, state and state["step"])}
     return _finish(acc, out, results, history)
 
@@ -237,9 +280,12 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
     with timed(seconds, "prune"):
         if cfg.method in TRAINED:
             selector = gates.selector
+            on_epoch_end, keep_best = best_epoch_keeper(cfg, task, acc, model, evals, collate, out, extra)
             history = train(acc, cfg, out, model, optimizer, scheduler, train_set, collate, loss_fn=task.loss,
                             selector=selector, resume_state=state, extra=extra, seconds=seconds,
-                            phase="prune", desc=f"{cfg.method} {cfg.mode}")
+                            phase="prune", desc=f"{cfg.method} {cfg.mode}", on_epoch_end=on_epoch_end)
+            keep_best()
+            info["selected_epoch"] = extra.get("best")
             selector.eval()
             mask, scores = selector(), selector.scores()
             gates.selector = None  # from here on the gates hold the final mask

@@ -171,7 +171,8 @@ def restore_checkpoint(acc: Accelerator, state: dict, model, optimizer, schedule
 
 def train(acc: Accelerator, cfg, out: Path, model, optimizer, scheduler, train_set, collate,
           *, loss_fn=None, selector=None, resume_state: dict | None = None, extra: dict | None = None,
-          seconds: dict | None = None, phase: str = "train", desc: str = "train") -> list[dict]:
+          seconds: dict | None = None, phase: str = "train", desc: str = "train",
+          on_epoch_end=None) -> list[dict]:
     """Run `cfg.epochs` of training; return the training log (a row every 10 steps, or often
     enough for 25 rows in a shorter run).
 
@@ -181,16 +182,19 @@ def train(acc: Accelerator, cfg, out: Path, model, optimizer, scheduler, train_s
     it has one, is added to the loss. `extra` is stored in each checkpoint (e.g. metrics measured
     before training) and comes back in `resume_state["extra"]`; so do `seconds` (the phases timed
     so far; the caller times this one as `phase`), with this phase's seconds so far added.
+    `on_epoch_end(epoch)`, if given, runs after the last step of each epoch, before that step's
+    checkpoint (e.g. validation that keeps the best weights; what it records in `extra` is saved).
     """
     rng_devices = [acc.device] if acc.device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):  # the caller's RNG is left as it was
         return _train(acc, cfg, out, model, optimizer, scheduler, train_set, collate,
-                      loss_fn or (lambda m, b: m(**b).loss), selector, resume_state, extra or {},
-                      seconds if seconds is not None else {}, phase, desc)
+                      loss_fn or (lambda m, b: m(**b).loss), selector, resume_state,
+                      extra if extra is not None else {}, seconds if seconds is not None else {}, phase, desc,
+                      on_epoch_end)
 
 
 def _train(acc, cfg, out, model, optimizer, scheduler, train_set, collate, loss_fn, selector, resume_state,
-           extra, seconds, phase, desc):
+           extra, seconds, phase, desc, on_epoch_end):
     per_epoch = steps_per_epoch(cfg, train_set, acc.num_processes)
     last_step = total_steps(cfg, train_set, acc.num_processes)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -238,6 +242,9 @@ def _train(acc, cfg, out, model, optimizer, scheduler, train_set, collate, loss_
                 loss_sum.zero_()
                 loss_count = 0
                 progress.set_postfix(loss=f"{row['loss']:.4f}")
+            if on_epoch_end is not None and (step % per_epoch == 0 or step == last_step):
+                on_epoch_end(math.ceil(step / per_epoch))
+                model.train()
             if step == last_step or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                 so_far = {**seconds, phase: round(seconds.get(phase, 0.0) + time.perf_counter() - started, 2)}
                 save_checkpoint(acc, out, cfg, model, optimizer, scheduler, step, history, extra, so_far)

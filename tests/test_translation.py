@@ -234,3 +234,17 @@ def test_training_with_max_tokens(trained, tmp_path):
     assert 270 / 100 < results["steps"] < 270  # more sentences a batch than one, fewer than all
     with pytest.raises(ConfigError, match="--max-tokens batches translation data"):
         FinetuneConfig(max_tokens=100)
+
+
+def test_the_best_epoch_by_validation_bleu_is_kept(trained, tmp_path):
+    from headprune.errors import ConfigError
+    _, data, _ = trained
+    results = prune(tiny_cfg(PruneConfig, data, tmp_path / "best", mode="joint", k=12, epochs=3, t0=1.0, tf=1e-3,
+                             select_by="heldout"))
+    best = results["selected_epoch"]
+    assert best["epoch"] in (1, 2, 3)
+    # the kept weights and heads are those of that epoch: the final evaluation repeats its score
+    assert results["metrics_pruned"]["heldout"] == pytest.approx(best["score"])
+    assert not (tmp_path / "best" / "best").exists()  # removed with the checkpoint at the end
+    with pytest.raises(ConfigError, match="--select-by 'dev': the evaluation splits are heldout"):
+        prune(tiny_cfg(PruneConfig, data, tmp_path / "x", mode="joint", k=12, select_by="dev"))
