@@ -3,6 +3,8 @@
 #   scripts/reproduce_results.sh dsp     fine-tune; DSP pipelined and joint at k = 12, 24, 36
 #   scripts/reproduce_results.sh sweep   the comparison of methods (needs the fine-tuned model)
 #   scripts/reproduce_results.sh speed   speed of the DSP models at k = 12, 36, 60 (after dsp)
+#   scripts/reproduce_results.sh translation   the translation demo, the comparison of methods on
+#                                        the Ding pairs and the generation speed (apt-get install trans-de-en)
 set -euo pipefail
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 HP=${HEADPRUNE:-headprune}
@@ -26,5 +28,12 @@ case "${1:-dsp}" in
       [ -f $OUT/dsp-pipelined-k$k/speed/measure.md ] || \
         $HP measure --pruned $OUT/dsp-pipelined-k$k/model --threads 2 --output-dir $OUT/dsp-pipelined-k$k/speed
     done ;;
-  *) echo "usage: $0 dsp|sweep|speed" >&2; exit 2 ;;
+  translation)
+    MT=${OUT}/translation
+    $HP demo --task translation --output-dir $MT
+    $HP sweep --config configs/sweep-ding-de-en.yaml --model $MT/finetune/model --output-dir $MT/sweep
+    [ -f $MT/dsp-pipelined-k18/speed/measure.md ] || \
+      $HP measure --pruned $MT/dsp-pipelined-k18/model --threads 2 --batch-sizes 1 16 --lengths 16 \
+        --beams 1 5 --generate-tokens 24 --output-dir $MT/dsp-pipelined-k18/speed ;;
+  *) echo "usage: $0 dsp|sweep|speed|translation" >&2; exit 2 ;;
 esac
