@@ -41,7 +41,7 @@ from .outputs import (BEST, CHECKPOINT, RESULTS, atomic_folder, check_output_dir
 from .pruning import save_pruned, zero_pruned_heads
 from .randomness import keeps_global_rng
 from .report import plot_head_map, write_run_report
-from .tasks import get_task, resolve_model  # noqa: F401 (resolve_model: part of this module's API)
+from .tasks import get_task
 from .train import constant, linear_decay, restore_checkpoint, resume_state, total_steps, train
 
 log = logging.getLogger("headprune")

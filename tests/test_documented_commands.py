@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForSequenceClassification, BertConfig
 
-import headprune.recipes as recipes
 import headprune.tasks.base as task_base
 import headprune.tasks.classification as classification_task
 from headprune.cli import main

@@ -10,7 +10,6 @@ import sys
 import pytest
 
 import headprune.recipes as recipes
-import headprune.tasks.base as task_base
 import headprune.tasks.classification as classification_task
 from headprune.cli import main
 from headprune.config import PruneConfig

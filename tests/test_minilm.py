@@ -5,7 +5,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from headprune import attach_gates
 from headprune.pruning import zero_pruned_heads
-from headprune.recipes import resolve_model
+from headprune.tasks import resolve_model
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

@@ -94,7 +94,7 @@ def load_model(name: str, path: str, config, labels: list[str], attn: str, requi
 
 
 @torch.no_grad()
-def evaluate(acc: Accelerator, model, datasets: dict, collate, batch_size: int) -> dict[str, float]:
+def evaluate(acc, model, datasets: dict, collate, batch_size: int) -> dict[str, float]:
     """Accuracy on each evaluation split, gathered over processes."""
     was_training = model.training
     model.eval()
