@@ -144,13 +144,13 @@ def _cache_file() -> Path:
     return Path(root) / "unpruned-metrics.json"
 
 
-def metrics_key(model_path: str, evals: dict) -> str | None:
-    """A digest of the model's weight files and the tokenized evaluation data; None for a model
-    that is not a local folder."""
+def metrics_key(model_path: str, evals: dict, cfg) -> str | None:
+    """A digest of the model's weight files, the tokenized evaluation data and the settings that
+    change a score (task, attention kernel, beam); None for a model that is not a local folder."""
     files = sorted(Path(model_path).glob("*.safetensors")) if model_path and Path(model_path).is_dir() else []
     if not files:
         return None
-    h = hashlib.sha256()
+    h = hashlib.sha256(json.dumps([cfg.task, cfg.attn_implementation, cfg.beam]).encode())
     for f in files:
         with open(f, "rb") as stream:
             for chunk in iter(lambda: stream.read(1 << 24), b""):
@@ -214,6 +214,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         if acc.is_main_process:
             with atomic_folder(out / "model") as tmp:  # a kill leaves no half-written folder
                 task.save(acc.unwrap_model(model), tokenizer, tmp)
+            remember_metrics(metrics_key(str(out / "model"), evals, cfg), metrics)  # pruning it reuses them
     results = {"method": "none", "mode": "finetune", "metrics": metrics, "steps": steps,
                "selected_epoch": extra.get("best"),
                **_common_results(cfg, task, data, seconds, state and state["step"])}
@@ -262,7 +263,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
     if pipelined and metrics_unpruned is not None:
         extra.setdefault("metrics_unpruned", metrics_unpruned)
     if pipelined and "metrics_unpruned" not in extra:  # the same weights and data: measured once
-        key = metrics_key(path, evals)
+        key = metrics_key(path, evals, cfg)
         extra["metrics_unpruned"] = cached_metrics(key)
         if extra["metrics_unpruned"] is None:
             with timed(seconds, "evaluate_unpruned"):
@@ -270,9 +271,9 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
             if acc.is_main_process:
                 remember_metrics(key, extra["metrics_unpruned"])
         else:
-            log.info("unpruned accuracy of these weights on this data, measured before: %s",
+            log.info("unpruned %s of these weights on this data, measured before: %s", task.metric,
                      extra["metrics_unpruned"])
-        log.info("unpruned accuracy: %s", extra["metrics_unpruned"])
+        log.info("unpruned %s: %s", task.metric, extra["metrics_unpruned"])
 
     history: list = []
     log.info("%s %s: keeping %s of %d heads", cfg.mode, cfg.method, "those over 0.5" if threshold else
@@ -301,11 +302,11 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
         if not pipelined:  # the jointly trained weights with every head on
             extra["metrics_unpruned"] = evaluate_with(all_heads)
     kept = gates.kept_heads(mask)
-    log.info("kept %d heads; accuracy %s (unpruned %s)", len(kept), metrics, extra["metrics_unpruned"])
+    kinds = list(dict.fromkeys(kind for kind, _, _ in gates.heads))  # before removal changes the sites
+    log.info("kept %d heads; %s %s (unpruned %s)", len(kept), task.metric, metrics, extra["metrics_unpruned"])
     with timed(seconds, "save"):
         if acc.is_main_process:
             _save_pruned(cfg, task, out, acc.unwrap_model(model), gates, tokenizer, mask, scores)
-    kinds = list(dict.fromkeys(kind for kind, _, _ in gates.heads))
     results = {"method": cfg.method, "mode": cfg.mode, "k": len(kept), "num_heads": gates.num_heads,
                "kept_per_kind": {kind: sum(h[0] == kind for h in kept) for kind in kinds},
                "kept_heads": kept, "metrics_pruned": metrics, "metrics_unpruned": extra["metrics_unpruned"],
