@@ -52,14 +52,17 @@ def plot_head_map(path: Path, heads: list[tuple[str, int, int]], scores: list[fl
 
 def plot_training_curves(path: Path, history: list[dict], title: str) -> None:
     """Loss, and what the method logs beside it (temperature, L0 penalty, heads on), per step."""
-    keys = ["loss"] + [k for k in ("temperature", "penalty", "heads_on") if any(k in r for r in history)]
+    keys = ["loss"] + [k for k in ("temperature", "score_grad_norm", "mask_gap", "penalty", "heads_on")
+                       if any(k in r for r in history)]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.0), squeeze=False)
     for ax, key in zip(axes[0], keys):
         rows = [r for r in history if key in r]
         ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker=".")
         ax.set_xlabel("step")
-        ax.set_title({"heads_on": "heads on (mask > 0.5)", "penalty": "L0 penalty"}.get(key, key))
-        if key == "temperature":
+        ax.set_title({"heads_on": "heads on (mask > 0.5)", "penalty": "L0 penalty",
+                      "score_grad_norm": "|gradient| of the head scores",
+                      "mask_gap": "soft mask - hard top-k (heads)"}.get(key, key))
+        if key in ("temperature", "score_grad_norm") and all(r[key] > 0 for r in rows):
             ax.set_yscale("log")
     fig.suptitle(title)
     fig.tight_layout()

@@ -223,6 +223,10 @@ def _train(acc, cfg, out, model, optimizer, scheduler, train_set, collate, loss_
             if penalty is not None:  # e.g. voita's L0 term
                 loss = loss + penalty()
             acc.backward(loss)
+            if selector is not None:  # before clipping: what the loss itself sends to the scores
+                scores_grad = torch.linalg.vector_norm(torch.cat(
+                    [p.grad.detach().flatten().double() for p in selector.parameters() if p.grad is not None]
+                    or [torch.zeros(1, dtype=torch.float64, device=acc.device)]))
             if cfg.max_grad_norm:
                 acc.clip_grad_norm_(trainable, cfg.max_grad_norm)
             optimizer.step()
@@ -237,7 +241,7 @@ def _train(acc, cfg, out, model, optimizer, scheduler, train_set, collate, loss_
                        "loss": loss_sum.item() / loss_count,
                        "lr": scheduler.get_last_lr()[0]}
                 if selector is not None:
-                    row.update(selector.log_values())
+                    row.update(selector.log_values(), score_grad_norm=scores_grad.item())
                 history.append(row)
                 loss_sum.zero_()
                 loss_count = 0

@@ -94,6 +94,10 @@ def test_temperature_follows_the_schedule_during_a_run(tiny_finetuned, tmp_path)
         expected = 1e-6 ** ((row["step"] - 1) / 12) if row["step"] <= 12 else 1e-6
         assert row["temperature"] == pytest.approx(expected)
     assert all(row["heads_on"] == 4 for row in log if row["step"] > 12)  # annealed: a hard top-4
+    # the diagnosis: the scores learn while the mask is soft, and stop once it is hard
+    assert log[0]["mask_gap"] > 0.5 and all(row["mask_gap"] < 1e-3 for row in log if row["step"] > 12)
+    assert log[0]["score_grad_norm"] > 0 and all(row["score_grad_norm"] < 1e-6 for row in log if row["step"] > 12)
+    assert (tmp_path / "training.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_pruned_model_can_be_pruned_further(tiny_finetuned, tmp_path):

@@ -102,6 +102,7 @@ class DSPSelector(nn.Module):
         self.logits = nn.Parameter(init)
         self.step = 0
         self._last: torch.Tensor | None = None  # the last training mask, for the log
+        self._hard: torch.Tensor | None = None  # the hard top-k of the same noisy scores
 
     def set_step(self, step: int) -> None:
         self.step = step
@@ -119,6 +120,7 @@ class DSPSelector(nn.Module):
         else:
             noise = sample_gumbel(self.logits, generator(self.logits.device, self.seed, "gumbel", self.step))
             mask = per_group(soft_top_k, self.logits + noise, self.budget, self.temperature)
+            self._hard = per_group(hard_top_k, (self.logits + noise).detach(), self.budget)
         self._last = mask.detach()
         return mask
 
@@ -127,8 +129,13 @@ class DSPSelector(nn.Module):
         return self.logits.detach()
 
     def log_values(self) -> dict[str, float]:
-        """For the training log: the temperature, and how many heads the last mask had above 0.5."""
+        """For the training log: the temperature, how many heads the last mask had above 0.5, and
+        (DSP) how far it was from the hard top-k of the same noisy scores: half the L1 distance,
+        the heads' worth of mask that the relaxation still spreads; near 0 the soft top-k is hard
+        and passes almost no gradient to the logits."""
         values = {} if self.straight_through else {"temperature": self.temperature}
         if self._last is not None:
             values["heads_on"] = int((self._last > 0.5).sum())
+            if not self.straight_through:
+                values["mask_gap"] = float((self._last - self._hard).abs().sum() / 2)
         return values
