@@ -80,7 +80,7 @@ def stale_runs(runs: list[PruneConfig]) -> dict[str, str]:
         path = Path(run.output_dir) / RESULTS
         if path.exists():
             saved = json.loads(path.read_text()).get("config", {})
-            changed = changed_settings(saved, dataclasses.asdict(run))
+            changed = changed_settings(saved, run)
             if changed:
                 stale[path.parent.name] = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(run, k)!r}"
                                                     for k in changed)

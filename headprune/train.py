@@ -16,7 +16,7 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -121,8 +121,14 @@ def total_steps(cfg, train_set, num_processes: int) -> int:
 IGNORED_SETTINGS = {"overwrite", "output_dir", "checkpoint_every"}  # may change between resumes
 
 
-def changed_settings(saved: dict, current: dict) -> list[str]:
-    return sorted(k for k in current if k not in IGNORED_SETTINGS and saved.get(k) != current[k])
+def changed_settings(saved: dict, cfg) -> list[str]:
+    """The settings of `cfg` that differ from those `saved` with a run. A setting the saved run
+    did not have yet (an option added later) counts as its default."""
+    from .config import default_of
+
+    defaults = {f.name: default_of(f) for f in fields(cfg)}
+    current = asdict(cfg)
+    return sorted(k for k in current if k not in IGNORED_SETTINGS and saved.get(k, defaults[k]) != current[k])
 
 
 def resume_state(out: Path, cfg) -> dict | None:
@@ -132,7 +138,7 @@ def resume_state(out: Path, cfg) -> dict | None:
     if folder is None:
         return None
     state = read_checkpoint(folder)
-    changed = changed_settings(state.get("config", {}), asdict(cfg))
+    changed = changed_settings(state.get("config", {}), cfg)
     if not changed:
         return state
     what = ", ".join(f"{k}: {state['config'].get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)

@@ -1,5 +1,6 @@
 """The sweep: every combination once, finished runs skipped, one table and one plot."""
 import csv
+import dataclasses
 
 import pytest
 
@@ -71,3 +72,16 @@ def test_a_sweep_into_a_folder_of_other_settings_refuses_or_redoes_them(tiny_fin
     assert len(calls) == 2 and len(rows) == 2
     import json
     assert all(json.loads((tmp_path / r["run"] / "results.json").read_text())["config"]["max_length"] == 16 for r in rows)
+
+
+def test_runs_recorded_before_an_option_existed_count_it_as_its_default(tmp_path):
+    import json
+    from headprune.config import PruneConfig
+    run = PruneConfig(output_dir=str(tmp_path / "r"), k=6)
+    saved = {k: v for k, v in dataclasses.asdict(run).items() if k not in ("task", "k_per_kind")}  # an older run
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "results.json").write_text(json.dumps({"config": saved}))
+    assert sweep_mod.stale_runs([run]) == {}
+    saved["k"] = 12
+    (tmp_path / "r" / "results.json").write_text(json.dumps({"config": saved}))
+    assert sweep_mod.stale_runs([run]) == {"r": "k: 12 -> 6"}
