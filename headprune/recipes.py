@@ -386,9 +386,9 @@ def _michel(cfg, task, acc, model, gates, train_set, collate, evaluate_with):
     def evaluate_round(mask):
         metrics = evaluate_with(mask)
         heads = int(mask.sum())
+        rounds.set_postfix(heads=heads, **{n: f"{v:.4f}" for n, v in metrics.items()}, refresh=False)
         if heads < gates.num_heads:
             rounds.update()
-        rounds.set_postfix(heads=heads, **{n: f"{v:.4f}" for n, v in metrics.items()})
         log.info("michel round %d: %d heads left, accuracy %s", rounds.n, heads, metrics)
         return metrics
 
