@@ -287,6 +287,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
                             phase="prune", desc=f"{cfg.method} {cfg.mode}", on_epoch_end=on_epoch_end)
             keep_best()
             info["selected_epoch"] = extra.get("best")
+            info["live_steps"] = extra.get("live_steps")
             selector.eval()
             mask, scores = selector(), selector.scores()
             gates.selector = None  # from here on the gates hold the final mask

@@ -214,6 +214,14 @@ def _train(acc, cfg, out, model, optimizer, scheduler, train_set, collate, loss_
     kill_at = int(os.environ.get(KILL_AT_STEP, "0"))
     started = time.perf_counter()
 
+    # the norm of the scores' gradient at every step (kept in `extra`, so a resumed run has them all)
+    pending_norms: list = []
+
+    def flush_norms() -> None:
+        if pending_norms:
+            extra["score_grad_norms"] = extra.get("score_grad_norms", []) + torch.stack(pending_norms).tolist()
+            pending_norms.clear()
+
     model.train()
     progress = tqdm(total=last_step, initial=step, desc=desc, disable=not acc.is_local_main_process)
     while step < last_step:
@@ -233,6 +241,7 @@ def _train(acc, cfg, out, model, optimizer, scheduler, train_set, collate, loss_
                 scores_grad = torch.linalg.vector_norm(torch.cat(
                     [p.grad.detach().flatten().double() for p in selector.parameters() if p.grad is not None]
                     or [torch.zeros(1, dtype=torch.float64, device=acc.device)]))
+                pending_norms.append(scores_grad)
             if cfg.max_grad_norm:
                 acc.clip_grad_norm_(trainable, cfg.max_grad_norm)
             optimizer.step()
@@ -256,6 +265,7 @@ def _train(acc, cfg, out, model, optimizer, scheduler, train_set, collate, loss_
                 on_epoch_end(math.ceil(step / per_epoch))
                 model.train()
             if step == last_step or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                flush_norms()
                 so_far = {**seconds, phase: round(seconds.get(phase, 0.0) + time.perf_counter() - started, 2)}
                 save_checkpoint(acc, out, cfg, model, optimizer, scheduler, step, history, extra, so_far)
             if step == kill_at:
@@ -263,4 +273,10 @@ def _train(acc, cfg, out, model, optimizer, scheduler, train_set, collate, loss_
             if step == last_step:
                 break
     progress.close()
+    flush_norms()
+    norms = extra.get("score_grad_norms", [])
+    if norms:  # a step is live when its scores' gradient is above 1e-3 of the run's largest
+        extra["live_steps"] = sum(n > 1e-3 * max(norms) for n in norms)
+        log.info("the head scores had a useful gradient (above 1e-3 of the largest) in %d of %d steps",
+                 extra["live_steps"], len(norms))
     return history

@@ -98,6 +98,8 @@ def test_temperature_follows_the_schedule_during_a_run(tiny_finetuned, tmp_path)
     assert log[0]["mask_gap"] > 0.5 and all(row["mask_gap"] < 1e-3 for row in log if row["step"] > 12)
     assert log[0]["score_grad_norm"] > 0 and all(row["score_grad_norm"] < 1e-6 for row in log if row["step"] > 12)
     assert (tmp_path / "training.png").read_bytes()[:4] == b"\x89PNG"
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert 1 <= results["live_steps"] <= 12  # the scores stop learning once the mask is hard
 
 
 def test_a_pruned_model_can_be_pruned_further(tiny_finetuned, tmp_path):
