@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError
+from .errors import CheckpointError, first_line
 from .outputs import CHECKPOINT, atomic_folder
 
 STATE, TENSORS = "state.json", "tensors.safetensors"
@@ -68,4 +68,4 @@ def read_checkpoint(folder: Path) -> dict:
         return decode(json.loads((folder / STATE).read_text()), tensors)
     except Exception as err:  # any damage: the user's remedy is the same
         raise CheckpointError(f"checkpoint {folder} is unreadable ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0] if str(err) else ''}); delete it to start over") from err
+                              f"{first_line(err)}); delete it to start over") from err

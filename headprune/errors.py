@@ -34,3 +34,9 @@ class PrunedCheckpointError(HeadpruneError, ValueError):
 
 class OutputExistsError(HeadpruneError, FileExistsError):
     """An output folder that already holds results, or cannot be written."""
+
+
+def first_line(err: Exception) -> str:
+    """The headline of an exception from a library, for a one-line message."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

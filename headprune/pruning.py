@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from .errors import PrunedCheckpointError
+from .errors import PrunedCheckpointError, first_line
 from .outputs import atomic_folder
 from .sites import DEAD_HEAD, AttentionSite, find_sites
 
@@ -159,14 +159,14 @@ def load_pruned(folder, model_class=None, **config_kwargs) -> nn.Module:
     try:
         config = AutoConfig.from_pretrained(folder, **config_kwargs)
     except (OSError, ValueError) as err:
-        raise PrunedCheckpointError(f"cannot read {folder}/config.json: {_first_line(err)}") from err
+        raise PrunedCheckpointError(f"cannot read {folder}/config.json: {first_line(err)}") from err
     model_class = model_class or model_class_of(config)
     record = getattr(config, "headprune", None) or {}
     if not record.get("physical"):
         try:
             return model_class.from_pretrained(folder, **config_kwargs)
         except (OSError, ValueError, RuntimeError, SafetensorError) as err:
-            raise PrunedCheckpointError(f"cannot load the model in {folder}: {_first_line(err)}") from err
+            raise PrunedCheckpointError(f"cannot load the model in {folder}: {first_line(err)}") from err
     if "kept_heads_sha256" in record and record["kept_heads_sha256"] != heads_checksum(record["kept_heads"]):
         raise PrunedCheckpointError(
             f"{folder}/config.json: headprune.kept_heads does not match its checksum (the record "
@@ -205,8 +205,3 @@ def _load_weights(model: nn.Module, folder: Path) -> None:
     if missing or result.unexpected_keys:
         raise RuntimeError(f"Missing key(s): {missing[:5]}; unexpected key(s): {result.unexpected_keys[:5]}")
     model.tie_weights()
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

@@ -75,11 +75,6 @@ def _load(cfg, task, path, config, require_finetuned: bool):
     return data, model, tokenizer
 
 
-def inspect_model(name: str, require_finetuned: bool, task: str = "classification"):
-    """(path, config, number of heads) of a model, checked from its config alone."""
-    return get_task(task).inspect(name, require_finetuned)
-
-
 def _finish(acc, out: Path, results: dict, history: list) -> dict:
     if acc.is_main_process:
         if history:
@@ -390,7 +385,7 @@ def _michel(cfg, task, acc, model, gates, train_set, collate, evaluate_with):
         rounds.set_postfix(heads=heads, **{n: f"{v:.4f}" for n, v in metrics.items()}, refresh=False)
         if heads < gates.num_heads:
             rounds.update()
-        log.info("michel round %d: %d heads left, accuracy %s", rounds.n, heads, metrics)
+        log.info("michel round %d: %d heads left, %s %s", rounds.n, heads, task.metric, metrics)
         return metrics
 
     curve = iterative_pruning(gates.num_heads, cfg.michel_step, cfg.k, importance, evaluate_round,

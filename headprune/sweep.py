@@ -21,8 +21,9 @@ from pathlib import Path
 from .config import PruneConfig, SweepConfig
 from .errors import OutputExistsError
 from .outputs import RESULTS, atomic_path
-from .recipes import inspect_model, prune
+from .recipes import prune
 from .report import plot_sweep
+from .tasks import get_task
 from .train import changed_settings
 
 log = logging.getLogger("headprune")
@@ -91,7 +92,7 @@ def sweep(cfg: SweepConfig) -> list[dict]:
     out = Path(cfg.output_dir)
     runs = planned_runs(cfg)
     for model, mode in sorted({(run.model, run.mode) for run in runs}):  # fail now, not hours later
-        inspect_model(model, require_finetuned=mode == "pipelined", task=cfg.task)
+        get_task(cfg.task).inspect(model, require_finetuned=mode == "pipelined")
     stale = stale_runs(runs)
     if stale and not cfg.overwrite:
         first = next(iter(stale))

@@ -12,14 +12,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from ..errors import ModelError, UnsupportedArchitectureError
+from ..errors import ModelError, UnsupportedArchitectureError, first_line
 from ..sites import find_sites
 from ..train import linear_decay
-
-
-def first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def resolve_model(name: str) -> str:

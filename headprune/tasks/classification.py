@@ -12,9 +12,9 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 from ..data import ClassificationData, load_classification, subsample
-from ..errors import ModelError
+from ..errors import ModelError, first_line
 from ..pruning import load_pruned
-from .base import Task, first_line
+from .base import Task
 
 log = logging.getLogger("headprune")
 

@@ -21,10 +21,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, MarianConfig, MarianMTModel, PreTrainedTokenizerFast
 
-from ..errors import ModelError
+from ..errors import ModelError, first_line
 from ..parallel import ParallelData, load_parallel, subsample
 from ..pruning import load_pruned
-from .base import Task, first_line
+from .base import Task
 
 log = logging.getLogger("headprune")
 
