@@ -167,14 +167,22 @@ class PruneConfig(FinetuneConfig):
     k_per_kind: list = option(None, "Instead of --k: heads to keep of each kind, in the order "
                               "encoder decoder cross (encoder-decoders: three numbers; encoders: one), "
                               "each budget exact.", nargs="+", type=int, min=0)
+    schedule: str = option("default", "Preset of the scores' training: default (dsp: temperature "
+                           "from 1000 to 0.01 over the whole run; every trained method: a learning "
+                           "rate set from the run's length, so that a score can move about 4 in all, "
+                           "however many steps) or reference (the paper's BERT values: 1000 to 1e-8 "
+                           "over 2/3 of the run; lr 0.5 for dsp and ste, 0.1 for voita). --t0, --tf, "
+                           "--cooldown-fraction, --cooldown-steps and --pruning-lr override it.",
+                           choices=["default", "reference"])
     pruning_lr: float = option(None, "Learning rate of the head scores (their own AdamW group); "
-                               "default: 0.5 for dsp and ste, 0.1 for voita.", min=0)
+                               "default: from --schedule.", min=0)
     pruning_lr_schedule: str = option("linear", "Schedule of the scores' learning rate: linear "
                                       "decay to 0 or constant.", choices=["linear", "constant"])
-    t0: float = option(1000.0, "DSP initial temperature.", positive=True)
-    tf: float = option(1e-8, "DSP final temperature.", positive=True)
-    cooldown_fraction: float = option(2 / 3, "Anneal from t0 to tf over this fraction of training.",
-                                      positive=True)
+    t0: float = option(None, "DSP initial temperature (default: from --schedule, 1000).", positive=True)
+    tf: float = option(None, "DSP final temperature (default: from --schedule, 0.01 or 1e-8).",
+                       positive=True)
+    cooldown_fraction: float = option(None, "Anneal from t0 to tf over this fraction of training "
+                                      "(default: from --schedule, 1 or 2/3).", positive=True)
     cooldown_steps: int = option(None, "Anneal over this many steps (overrides --cooldown-fraction).",
                                  min=1)
     save_format: str = option("physical", "How the pruned model is saved: physical (pruned heads "

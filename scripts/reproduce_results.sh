@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces the figures of docs/results.md on the default benchmark. Finished runs are skipped.
 #   scripts/reproduce_results.sh dsp     fine-tune; DSP pipelined and joint at k = 12, 24, 36
-#   scripts/reproduce_results.sh sweep   the comparison of methods (needs the fine-tuned model)
+#   scripts/reproduce_results.sh sweep   the comparison of methods on both classification benchmarks
 #   scripts/reproduce_results.sh speed   speed of the DSP models at k = 12, 36, 60 (after dsp)
 #   scripts/reproduce_results.sh translation   the translation demo, the comparison of methods on
 #                                        the Ding pairs and the generation speed (apt-get install trans-de-en)
@@ -19,9 +19,16 @@ case "${1:-dsp}" in
       run $OUT/dsp-pipelined-k$k prune --config $CFG --mode pipelined --k $k --model $OUT/finetune/model
       run $OUT/dsp-joint-k$k prune --config $CFG --mode joint --k $k
     done ;;
-  sweep)
+  sweep)  # both benchmarks, the default schedule and (DSP) the reference's beside it
     run $OUT/finetune finetune --config $CFG
-    $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model ;;
+    $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model --output-dir $OUT/sweep
+    $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model --methods dsp \
+      --schedule reference --output-dir $OUT/sweep-reference
+    run $OUT/subjectivity/finetune finetune --config configs/subjectivity.yaml
+    $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model \
+      --output-dir $OUT/sweep-subjectivity
+    $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model --methods dsp \
+      --schedule reference --output-dir $OUT/sweep-subjectivity-reference ;;
   speed)
     run $OUT/dsp-pipelined-k60 prune --config $CFG --mode pipelined --k 60 --model $OUT/finetune/model
     for k in 12 36 60; do

@@ -15,7 +15,7 @@ def test_flags_override_the_yaml_file_which_overrides_defaults(tmp_path):
     (tmp_path / "c.yaml").write_text("k: 12\nmode: joint\npruning_lr: 0.2\n")
     cfg = build_config(PruneConfig, parse("--config", str(tmp_path / "c.yaml"), "--k", "24"))
     assert (cfg.k, cfg.mode, cfg.pruning_lr) == (24, "joint", 0.2)
-    assert cfg.t0 == 1000.0 and cfg.method == "dsp"  # untouched defaults
+    assert cfg.schedule == "default" and cfg.t0 is None and cfg.method == "dsp"  # untouched defaults
     assert build_config(PruneConfig, parse("--text-columns", "a", "b")).text_columns == ["a", "b"]
     assert build_config(PruneConfig, parse("--overwrite")).overwrite is True
 

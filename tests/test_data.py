@@ -101,13 +101,31 @@ def test_unknown_dataset_string(tmp_path):
 
 def test_the_default_benchmark_split_is_fixed_and_disjoint():
     data = rotten_tomatoes()
-    train, validation = data.train, data.evals["validation"]
-    assert (len(train), len(validation)) == (10752, 2000)
+    train, validation, test = data.train, data.evals["validation"], data.evals["test"]
+    assert (len(train), len(validation), len(test)) == (8752, 2000, 2000)
     assert not set(train["text"]) & set(validation["text"])
+    assert not set(test["text"]) & (set(train["text"]) | set(validation["text"]))
     assert len(set(train["text"])) == len(train)
     assert sum(validation["label"]) == 1151  # 57.6% positive
     assert "&amp;" not in " ".join(train["text"][:2000])
     assert rotten_tomatoes().train["text"][:5] == train["text"][:5]  # same order every time
+    # the test split came from the end of the earlier training split: the first 4,000 training
+    # snippets (what configs/rotten-tomatoes.yaml trains on) are those of earlier versions
+    assert train["text"][0].startswith("Dogtown & Z-Boys evokes the blithe rebel fantasy")
     small = subsample(data, 100, 10)
     assert (len(small.train), len(small.evals["validation"])) == (100, 10)
     assert small.train["text"] == train["text"][:100]
+
+
+def test_the_subjectivity_benchmark_is_balanced_fixed_and_disjoint():
+    data = load_classification("offline:subjectivity")
+    assert data.label_names == ["objective", "subjective"]
+    splits = [data.train, data.evals["validation"], data.evals["test"]]
+    assert [len(s) for s in splits] == [7084, 2000, 2000]
+    texts = [set(s["text"]) for s in splits]
+    assert not (texts[0] & texts[1]) and not (texts[0] & texts[2]) and not (texts[1] & texts[2])
+    labels = [label for s in splits for label in s["label"]]
+    assert labels.count(0) == labels.count(1) == 5542
+    words = [len(t.split()) for s in splits for t in s["text"]]
+    assert min(words) >= 5 and max(words) <= 50
+    assert load_classification("offline:subjectivity").train["text"][:5] == data.train["text"][:5]

@@ -148,3 +148,23 @@ def test_t5_is_refused_with_the_reason():
     t5 = T5ForConditionalGeneration(T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2))
     with pytest.raises(UnsupportedArchitectureError, match="'t5' yet: its relative position bias .* shared"):
         attach_gates(t5)
+
+
+@pytest.mark.parametrize("arch", SEQ2SEQ)
+def test_the_plain_transformers_recipe_of_usage_md_loads_a_pruned_seq2seq_model(arch, source, tmp_path):
+    """The code block of docs/usage.md, run as written (on folders of ours)."""
+    from pathlib import Path
+    doc = (Path(__file__).parent.parent / "docs" / "usage.md").read_text()
+    block = doc.split("<!-- plain-transformers-loading-seq2seq")[1].split("```python\n")[1].split("```")[0]
+    kept = KEPT + [("encoder", 0, 2)]  # every encoder layer keeps a head; decoder 0 and cross 0 none
+    model = tiny_seq2seq(arch)
+    expected = masked(model, kept, lambda m: outputs(m, source, DECODER_IDS))
+    save_pruned(model, tmp_path, kept)
+    scope = {}
+    exec(block.replace('"runs/mt-dsp18/model"', repr(str(tmp_path))), scope)
+    got = outputs(scope["model"], source, DECODER_IDS)
+    assert torch.allclose(got[0], expected[0], atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(got[1:], expected[1:]))
+    save_pruned(tiny_seq2seq(arch), tmp_path / "empty", KEPT)  # encoder layer 0 has no heads
+    with pytest.raises(ValueError, match="encoder layers with no heads: load it with headprune.load_pruned"):
+        exec(block.replace('"runs/mt-dsp18/model"', repr(str(tmp_path / "empty"))), {})

@@ -35,12 +35,20 @@ def test_sweep_writes_table_and_plot_and_skips_finished_runs(tiny_finetuned, tmp
     assert len(rows) == 4 + 4 + 2
     with open(tmp_path / "sweep.csv") as f:
         table = list(csv.DictReader(f))
-    assert len(table) == 10 and set(table[0]) == {"method", "mode", "k", "seed", "split", "metric", "seconds", "run"}
+    splits = [c for c in table[0] if c not in {"method", "mode", "k", "seed", "passes", "seconds", "run"}]
+    assert len(table) == 10 and splits == ["heldout"]  # a column per evaluation split
+    # compute: one epoch for DSP, nothing for random heads, one pass per importance estimate for
+    # Michel (8 heads, 2 a round: 2 estimates to reach 4 heads, 3 to reach 2)
+    passes = {(r["method"], r["k"]): float(r["passes"]) for r in table}
+    assert passes[("dsp", "2")] == 1 and passes[("random", "4")] == 0
+    assert passes[("michel", "4")] == 2 and passes[("michel", "2")] == 3
     assert {r["run"] for r in table if r["method"] == "michel"} == {"michel-pipelined-s0"}
     for name in ("sweep.md", "summary.md", "report.md"):
         assert (tmp_path / name).read_text().strip()
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| dsp | pipelined | 2 |" in (tmp_path / "summary.md").read_text()
+    summary = (tmp_path / "summary.md").read_text()
+    assert "## heldout" in summary and "| dsp | pipelined | 2 |" in summary
+    assert "| 3 to k=2, 2 to k=4 |" in summary
 
     calls = []
     real_prune = sweep_mod.prune
@@ -85,3 +93,9 @@ def test_runs_recorded_before_an_option_existed_count_it_as_its_default(tmp_path
     saved["k"] = 12
     (tmp_path / "r" / "results.json").write_text(json.dumps({"config": saved}))
     assert sweep_mod.stale_runs([run]) == {"r": "k: 12 -> 6"}
+
+
+def test_a_summary_cell_is_the_mean_its_standard_error_and_the_range():
+    # mean 0.7; sample standard deviation 0.1; standard error 0.1 / sqrt(3) = 0.0577
+    assert sweep_mod.mean_cell([0.6, 0.7, 0.8]) == "0.700 ± 0.058 (0.600-0.800)"
+    assert sweep_mod.mean_cell([0.5]) == "0.500"

@@ -19,10 +19,25 @@ from .michel import head_importance, iterative_pruning, normalize_importance
 from .voita import HardConcreteSelector, hard_concrete_eval, hard_concrete_sample, l0_penalty
 
 TRAINED = ("dsp", "ste", "voita")
-DEFAULT_PRUNING_LR = {"dsp": 0.5, "ste": 0.5, "voita": 0.1}  # the reference's BERT values
+REFERENCE_PRUNING_LR = {"dsp": 0.5, "ste": 0.5, "voita": 0.1}  # the reference's BERT values
+# DSP's temperature: T0 at the first step, Tf after `cooldown_fraction` of the run, geometric between.
+TEMPERATURES = {
+    # Over the whole run, down to where the soft top-k of Gumbel-noised scores is hard in practice:
+    # below it the logits get no gradient, so every step of the run still teaches them something.
+    "default": {"t0": 1000.0, "tf": 1e-2, "cooldown_fraction": 1.0},
+    # The reference's: 1e-8 is reached after 2/3 of the run, the last third learns nothing, and in
+    # a short run the temperature falls so fast that few steps pass a useful gradient (issue 9).
+    "reference": {"t0": 1000.0, "tf": 1e-8, "cooldown_fraction": 2 / 3},
+}
+# How far (in total over the run) Adam may move a score by default. Adam moves each score by about
+# its learning rate per step whatever the gradient's size, so a fixed rate makes a 1,000-step run
+# move the scores 30 times further than a 32-step one: they saturate early and stop exploring, or,
+# in a short run, barely leave their initial spread (+-0.5). Measured on planted importances
+# (benchmarks/planted_heads.py), a travel of 4 did best from 32 to 2,000 steps.
+SCORE_TRAVEL = 4.0
 
 
-def make_selector(method: str, num_heads: int, k: int | None, *, t0: float = 1000.0, tf: float = 1e-8,
+def make_selector(method: str, num_heads: int, k: int | None, *, t0: float = 1000.0, tf: float = 1e-2,
                   cooldown_steps: int = 1000, l0_lambda: float = 0.0015, seed: int = 0,
                   budget: Budget | None = None) -> nn.Module:
     """The selector of a trained method; for voita, k=None keeps the heads whose gate is above 0.5.
@@ -37,6 +52,24 @@ def make_selector(method: str, num_heads: int, k: int | None, *, t0: float = 100
     raise ValueError(f"unknown trained pruning method {method!r}; choose from {', '.join(TRAINED)}")
 
 
+def resolve_schedule(cfg, steps: int) -> dict:
+    """The temperatures (dsp) and the scores' learning rate of a run of `steps` steps: --schedule's
+    preset, overridden by whatever the user gave explicitly (--t0, --tf, --cooldown-*, --pruning-lr)."""
+    preset = TEMPERATURES[cfg.schedule]
+    t0 = cfg.t0 if cfg.t0 is not None else preset["t0"]
+    tf = cfg.tf if cfg.tf is not None else preset["tf"]
+    fraction = cfg.cooldown_fraction if cfg.cooldown_fraction is not None else preset["cooldown_fraction"]
+    cooldown = cfg.cooldown_steps or max(1, round(fraction * steps))
+    if cfg.pruning_lr is not None:
+        lr = cfg.pruning_lr
+    elif cfg.schedule == "reference":
+        lr = REFERENCE_PRUNING_LR[cfg.method]
+    else:  # the peak rate whose sum over the run's steps (after the decay) is SCORE_TRAVEL
+        factors = (steps + 1) / 2 if cfg.pruning_lr_schedule == "linear" else steps
+        lr = SCORE_TRAVEL / max(1.0, factors)
+    return {"t0": t0, "tf": tf, "cooldown_steps": cooldown, "pruning_lr": lr}
+
+
 def random_mask(num_heads: int, k: int, seed: int, budget: Budget | None = None) -> torch.Tensor:
     """k heads (or k_g of each group) drawn uniformly at random, reproducibly from the seed."""
     g = torch.Generator().manual_seed(seed)
@@ -47,7 +80,7 @@ def random_mask(num_heads: int, k: int, seed: int, budget: Budget | None = None)
     return mask
 
 
-__all__ = ["Budget", "DEFAULT_PRUNING_LR", "DSPSelector", "per_group", "HardConcreteSelector", "METHODS", "TRAINED",
+__all__ = ["Budget", "REFERENCE_PRUNING_LR", "SCORE_TRAVEL", "TEMPERATURES", "DSPSelector", "per_group", "HardConcreteSelector", "METHODS", "TRAINED",
            "geometric_temperature", "hard_concrete_eval", "hard_concrete_sample", "hard_top_k",
            "head_importance", "iterative_pruning", "l0_penalty", "make_selector", "normalize_importance",
-           "random_mask", "soft_top_k"]
+           "random_mask", "resolve_schedule", "soft_top_k"]

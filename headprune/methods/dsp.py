@@ -87,7 +87,7 @@ class DSPSelector(nn.Module):
     continues exactly where it stopped and nothing else in the process changes the draws.
     """
 
-    def __init__(self, num_heads: int, k: int | None, t0: float = 1000.0, tf: float = 1e-8,
+    def __init__(self, num_heads: int, k: int | None, t0: float = 1000.0, tf: float = 1e-2,
                  cooldown_steps: int = 1000, straight_through: bool = False, seed: int = 0,
                  budget: Budget | None = None):
         super().__init__()

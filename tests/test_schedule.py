@@ -1,0 +1,63 @@
+"""DSP's default schedule (issue 9): the temperature falls over the whole run to where the soft
+top-k is hard, and the scores' learning rate follows from the run's length; the reference's values
+stay one flag away. On planted head importances the default finds the best heads where the
+reference's schedule does not."""
+import pytest
+import torch
+
+from benchmarks.planted_heads import NUM_HEADS, planted_importance, planted_loss, planted_ranks
+from headprune.config import PruneConfig
+from headprune.errors import ConfigError
+from headprune.methods import resolve_schedule
+from headprune.recipes import selector_and_optimizer
+
+
+def test_the_default_schedule_spans_the_run_and_sets_the_rate_from_its_length():
+    s = resolve_schedule(PruneConfig(), steps=32)
+    assert (s["t0"], s["tf"], s["cooldown_steps"]) == (1000.0, 1e-2, 32)
+    # linear decay from lr over 32 steps sums to lr * 33 / 2; the scores may travel 4 in all
+    assert s["pruning_lr"] == pytest.approx(4 / 16.5)
+    assert resolve_schedule(PruneConfig(), steps=1000)["pruning_lr"] == pytest.approx(4 / 500.5)
+    constant = resolve_schedule(PruneConfig(pruning_lr_schedule="constant"), steps=100)
+    assert constant["pruning_lr"] == pytest.approx(0.04)
+    assert resolve_schedule(PruneConfig(method="voita"), steps=32)["pruning_lr"] == pytest.approx(4 / 16.5)
+
+
+def test_the_reference_preset_and_explicit_values():
+    ref = resolve_schedule(PruneConfig(schedule="reference"), steps=300)
+    assert (ref["t0"], ref["tf"], ref["cooldown_steps"], ref["pruning_lr"]) == (1000.0, 1e-8, 200, 0.5)
+    assert resolve_schedule(PruneConfig(schedule="reference", method="voita"), steps=300)["pruning_lr"] == 0.1
+    mine = resolve_schedule(PruneConfig(tf=1e-3, cooldown_fraction=0.5, pruning_lr=0.3), steps=300)
+    assert (mine["tf"], mine["cooldown_steps"], mine["pruning_lr"]) == (1e-3, 150, 0.3)
+    assert resolve_schedule(PruneConfig(cooldown_steps=7), steps=300)["cooldown_steps"] == 7
+    with pytest.raises(ConfigError, match="schedule"):
+        PruneConfig(schedule="fast")
+
+
+def test_the_soft_mask_is_nearly_hard_at_the_end_of_the_default_schedule_and_not_before():
+    cfg = PruneConfig(k=12)
+    selector, optimizer, _, _ = selector_and_optimizer(cfg, NUM_HEADS, 100)
+    w, g = planted_importance(0), torch.Generator().manual_seed(0)
+    gaps = {}
+    for step in range(100):
+        selector.set_step(step)
+        loss = planted_loss(selector(), w, g)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        gaps[step] = selector.log_values()["mask_gap"]
+    # half the L1 distance between the soft mask and the hard top-k of the same noisy scores:
+    # 10 of the 12 heads' worth at first (uniform), 6.4 mid-run, 0.37 at the end (measured)
+    assert gaps[0] > 9.9 and gaps[50] > 5
+    assert gaps[99] < 1  # at Tf = 0.01 only near-ties of the noisy scores are still soft
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dsp_at_the_default_schedule_finds_the_planted_heads(seed):
+    # 72 heads, importances from 1 down to 0.1 (benchmarks/planted_heads.py), keep 12, 300 steps.
+    # Measured: default keeps ranks 0-9 with every seed and misses only heads whose cost is within
+    # 20% of the 12th's (ranks 10-14); the reference schedule drops rank 0 with seeds 0 and 2.
+    ranks = planted_ranks("dsp", k=12, steps=300, seed=seed)
+    assert set(range(10)) <= set(ranks) and max(ranks) <= 14
+    reference = planted_ranks("dsp", k=12, steps=300, seed=seed, schedule="reference")
+    assert sum(r < 12 for r in reference) < sum(r < 12 for r in ranks)
