@@ -87,8 +87,8 @@ class HeadGates(nn.Module):
             if self._mask is None:  # a site called outside a model forward
                 self._mask = self()
             context = args[0]
-            gate = self._mask[offset:offset + site.num_heads].to(context.dtype)
-            context = (context.unflatten(-1, (site.num_heads, site.head_dim)) * gate[:, None]).flatten(-2)
+            gate = site.query_gate(self._mask[offset:offset + site.num_heads].to(context.dtype))
+            context = (context.unflatten(-1, (site.query_heads, site.head_dim)) * gate[:, None]).flatten(-2)
             return (context, *args[1:])
         return scale_heads
 
@@ -104,14 +104,16 @@ class HeadGates(nn.Module):
         self._mask = None
 
 
-def attach_gates(model: nn.Module) -> HeadGates:
-    """Find the attention heads of `model`, register a gate on each and return the gates.
+def attach_gates(model: nn.Module, unit: str = "group") -> HeadGates:
+    """Find the attention heads of `model`, register a gate on each and return the gates. With
+    grouped-query attention a gate prunes a key/value group (`unit="group"`) or a query position
+    of every group of its layer (`unit="query"`); see `headprune.sites`.
 
     Raises UnsupportedArchitectureError, naming the supported ones, for any other model.
     """
     if hasattr(model, ATTRIBUTE):
         raise RuntimeError("this model already has head gates; call detach_gates first")
-    gates = HeadGates(find_sites(model))
+    gates = HeadGates(find_sites(model, unit))
     param = next(model.parameters(), None)
     if param is not None:
         gates.to(param.device)

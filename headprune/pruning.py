@@ -44,8 +44,9 @@ def zero_pruned_heads(sites: list[AttentionSite], mask: torch.Tensor) -> None:
     offset = 0
     for site in sites:
         d = site.head_dim
-        for head in range(site.num_heads):
-            if mask[offset + head] == 0:
+        gate = site.query_gate(mask[offset:offset + site.num_heads])
+        for head in range(site.query_heads):
+            if gate[head] == 0:
                 site.output.weight[:, head * d:(head + 1) * d] = 0
         offset += site.num_heads
 
@@ -84,28 +85,34 @@ def _skip_attention(attention: nn.Module, output: nn.Linear) -> None:
     attention.__class__ = type(f"Headless{base.__name__}", (base,), {"forward": forward})
 
 
-def remove_heads(model: nn.Module, kept: list[Head]) -> nn.Module:
-    """Remove every head of `model` not in `kept` (addressed by the model's current numbering).
+def remove_heads(model: nn.Module, kept: list[Head], unit: str = "group") -> nn.Module:
+    """Remove every head (unit: see `headprune.sites`) of `model` not in `kept`, addressed by the
+    model's current numbering.
 
     An encoder site left with no heads skips attention. A decoder self- or cross-attention site
-    left with none keeps one dead head (its output columns zero: the same outputs), because the
-    key/value cache of generation reads its length from the first layer's keys, and a layer that
-    caches nothing would put every later position off."""
+    left with none keeps one dead head (its output columns zero: the same outputs; with grouped
+    keys and values, one query head and its key/value head), because the key/value cache of
+    generation reads its length from the first layer's keys, and a layer that caches nothing
+    would put every later position off."""
     kept = {tuple(h) for h in kept}
-    for site in find_sites(model):
+    for site in find_sites(model, unit):
         keep = [h for h in range(site.num_heads) if (site.kind, site.layer, h) in kept]
         if len(keep) == site.num_heads:
             continue
         dead = not keep and site.kind in ("decoder", "cross")
-        if dead:
-            keep = [0]
+        queries, keys = ([0], [0]) if dead else (site.query_heads_of(keep), site.kv_heads_of(keep))
         d = site.head_dim
-        index = torch.tensor([h * d + i for h in keep for i in range(d)], dtype=torch.long,
-                             device=site.query.weight.device)
-        for linear in (site.query, site.key, site.value):
-            _keep_rows(linear, index)
-        _keep_columns(site.output, index)
-        _set_head_count(site.attention, len(keep), d)
+        device = site.query.weight.device
+
+        def rows(heads):
+            return torch.tensor([h * d + i for h in heads for i in range(d)], dtype=torch.long, device=device)
+        _keep_rows(site.query, rows(queries))
+        for linear in (site.key, site.value):
+            _keep_rows(linear, rows(keys))
+        _keep_columns(site.output, rows(queries))
+        _set_head_count(site.attention, len(queries), d)
+        if isinstance(getattr(site.attention, "num_key_value_groups", None), int) and keys:
+            site.attention.num_key_value_groups = len(queries) // len(keys)
         if dead:
             with torch.no_grad():
                 site.output.weight.zero_()
@@ -126,12 +133,18 @@ def original_numbering(config, kept: list[Head]) -> list[Head]:
     return [(kind, layer, before[(kind, layer)][head]) for kind, layer, head in kept]
 
 
-def save_pruned(model: nn.Module, folder: Path, kept: list[Head], tokenizer=None, **record) -> None:
-    """Remove the heads not kept (current numbering) and save a model folder that `load_pruned`
-    loads again; config.json records the kept heads in the original numbering."""
+def save_pruned(model: nn.Module, folder: Path, kept: list[Head], tokenizer=None, unit: str = "group",
+                **record) -> None:
+    """Remove the heads (units) not kept (current numbering) and save a model folder that
+    `load_pruned` loads again; config.json records the kept heads in the original numbering and
+    the unit they count."""
+    earlier = getattr(model.config, "headprune", None) or {}
+    if earlier.get("physical") and earlier.get("unit", "group") != unit:
+        raise ValueError(f"this model was pruned by {earlier.get('unit', 'group')} before: prune it "
+                         f"again by {earlier.get('unit', 'group')}")
     recorded = original_numbering(model.config, kept)
-    remove_heads(model, kept)
-    model.config.headprune = {"kept_heads": [list(h) for h in recorded], "physical": True,
+    remove_heads(model, kept, unit)
+    model.config.headprune = {"kept_heads": [list(h) for h in recorded], "physical": True, "unit": unit,
                               "kept_heads_sha256": heads_checksum(recorded), **record}
     with atomic_folder(Path(folder)) as tmp:  # a kill leaves no half-written model folder
         model.save_pretrained(tmp)
@@ -172,7 +185,7 @@ def load_pruned(folder, model_class=None, **config_kwargs) -> nn.Module:
             f"{folder}/config.json: headprune.kept_heads does not match its checksum (the record "
             "was edited); restore the original config.json")
     model = model_class.from_config(config) if hasattr(model_class, "from_config") else model_class(config)
-    remove_heads(model, [tuple(h) for h in record["kept_heads"]])
+    remove_heads(model, [tuple(h) for h in record["kept_heads"]], record.get("unit", "group"))
     try:
         _load_weights(model, Path(folder))
     except RuntimeError as err:

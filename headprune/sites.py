@@ -6,6 +6,14 @@ addressed as (kind, layer, head), kind being "encoder" (encoder self-attention),
 (decoder self-attention) or "cross" (decoder cross-attention), so encoder-decoders fit the same
 structure as encoders.
 
+Decoder-only language models with grouped-query attention (Llama, Mistral, Qwen, SmolLM: several
+query heads share one key/value head) are pruned by *units*: a KV group (its query heads and
+its key/value head together: the default, which shrinks the KV cache) or a query position (the
+j-th query head of every group of a layer, one gate shared by all groups, so the groups stay the
+same size and the attention code runs unchanged). A model without shared key/value heads has
+one query head per group, so its groups are its heads. A site's "heads" (`num_heads`, the gate
+addresses) are its units.
+
 Architectures are recognised by their module layout, not by `model_type`, so a model that reuses
 BERT's modules exactly (CamemBERT, ERNIE, ...) works without being listed. To support a new
 layout, write a function that yields its sites and add it to LAYOUTS.
@@ -21,6 +29,7 @@ from torch import nn
 from .errors import UnsupportedArchitectureError
 
 KINDS = ("encoder", "decoder", "cross")
+UNITS = ("group", "query")  # what a gate prunes in grouped-query attention (see above)
 DEAD_HEAD = "headprune_dead_head"  # attribute of an attention module that keeps one zeroed head
 
 
@@ -34,15 +43,50 @@ class AttentionSite:
     value: nn.Linear
     output: nn.Linear  # input: the heads' contexts, concatenated head-major
     head_dim: int
+    unit: str = "head"  # "head" (one key/value head per query head), "group" or "query" (GQA)
+
+    @property
+    def query_heads(self) -> int:
+        return self.query.out_features // self.head_dim
+
+    @property
+    def kv_heads(self) -> int:
+        return self.key.out_features // self.head_dim
 
     @property
     def num_heads(self) -> int:
-        """Heads that count: read from the weights, not the config, so that it stays right once
+        """Units that count: read from the weights, not the config, so that it stays right once
         heads are removed. A decoder site whose heads were all removed keeps one dead head (its
         output columns zero) so that its cache keeps working: it counts as none."""
         if getattr(self.attention, DEAD_HEAD, False):
             return 0
-        return self.query.out_features // self.head_dim
+        if self.unit == "group":
+            return self.kv_heads
+        if self.unit == "query":
+            return self.query_heads // self.kv_heads
+        return self.query_heads
+
+    def query_heads_of(self, units: list[int]) -> list[int]:
+        """The query heads (in order) that the given units own. Query head h reads key/value head
+        h // (query heads per group), as transformers' `repeat_kv` lays them out."""
+        per_group = self.query_heads // self.kv_heads
+        if self.unit == "group":
+            return [g * per_group + j for g in units for j in range(per_group)]
+        if self.unit == "query":
+            return [g * per_group + j for g in range(self.kv_heads) for j in units]
+        return list(units)
+
+    def kv_heads_of(self, units: list[int]) -> list[int]:
+        """The key/value heads the given units need."""
+        return list(units) if self.unit in ("group", "head") else list(range(self.kv_heads))
+
+    def query_gate(self, gate):
+        """One value per query head from one per unit (a tensor)."""
+        if self.unit == "group":
+            return gate.repeat_interleave(self.query_heads // self.kv_heads)
+        if self.unit == "query":
+            return gate.repeat(self.kv_heads)
+        return gate
 
 
 def _layer_index(name: str) -> int:
@@ -86,11 +130,24 @@ def seq2seq_sites(model: nn.Module) -> Iterator[AttentionSite]:
                                 module.k_proj, module.v_proj, module.out_proj, module.head_dim)
 
 
+def causal_lm_sites(model: nn.Module) -> Iterator[AttentionSite]:
+    """Llama, Mistral, Qwen2/3, SmolLM, Gemma and others of that layout: `layers.i.self_attn`
+    with `q_proj, k_proj, v_proj, o_proj` and `num_key_value_groups` (query heads per key/value
+    head: 1 for plain multi-head attention). Pruned by KV group unless asked otherwise."""
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if (parts[-1] == "self_attn" and "layers" in parts and hasattr(module, "num_key_value_groups")
+                and all(hasattr(module, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim"))):
+            yield AttentionSite("decoder", int(parts[parts.index("layers") + 1]), module, module.q_proj,
+                                module.k_proj, module.v_proj, module.o_proj, module.head_dim, unit="group")
+
+
 # layout name (with the models known to use it) -> the function that finds its sites
 LAYOUTS: dict[str, Callable[[nn.Module], Iterator[AttentionSite]]] = {
     "BERT-style (BERT, RoBERTa, XLM-R, ELECTRA, MiniLM, CamemBERT, ERNIE)": bert_sites,
     "DistilBERT-style": distilbert_sites,
     "BART-style encoder-decoder (BART, mBART, Marian, Pegasus)": seq2seq_sites,
+    "Llama-style decoder with grouped-query attention (Llama, Mistral, Qwen2, Qwen3, SmolLM)": causal_lm_sites,
 }
 
 
@@ -102,12 +159,23 @@ NOT_YET = {"t5": _T5, "mt5": _T5, "umt5": _T5, "longt5": _T5,
            "deberta-v2": "its relative attention reads the head count from the module"}
 
 
-def find_sites(model: nn.Module) -> list[AttentionSite]:
-    """All attention sites of `model`, ordered by kind (encoder, decoder, cross) then layer.
+def find_sites(model: nn.Module, unit: str = "group") -> list[AttentionSite]:
+    """All attention sites of `model`, ordered by kind (encoder, decoder, cross) then layer, their
+    gates pruning `unit`s: "group" (the default: a key/value group, or a head where each head has
+    its own keys and values) or "query" (grouped-query attention only).
 
     Raises UnsupportedArchitectureError, naming the known layouts, when none matches."""
+    if unit not in UNITS:
+        raise ValueError(f"unit {unit!r}: choose one of {', '.join(UNITS)}")
     for layout in LAYOUTS.values():
         sites = sorted(layout(model), key=lambda s: (KINDS.index(s.kind), s.layer))
+        if sites and unit == "query":
+            if any(site.unit != "group" for site in sites):
+                raise UnsupportedArchitectureError(
+                    "--unit query prunes query heads within key/value groups: this model's "
+                    "attention has no key/value groups (use the default unit, its heads)")
+            for site in sites:
+                site.unit = "query"
         if sites:
             return sites
     model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
