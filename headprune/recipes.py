@@ -113,7 +113,7 @@ def best_epoch_keeper(cfg, task, acc, model, evals: dict, collate, out: Path, ex
         best = extra.get("best")
         log.info("epoch %d: %s %s %.4f%s", epoch, cfg.select_by, task.metric, score,
                  "" if best is None else f" (best so far {best['score']:.4f}, epoch {best['epoch']})")
-        if best is not None and score <= best["score"]:
+        if best is not None and (score <= best["score"] if task.higher_is_better else score >= best["score"]):
             return
         if acc.is_main_process:
             unwrapped = acc.unwrap_model(model)
@@ -231,13 +231,13 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
     if cfg.method not in TRAINED and not pipelined:
         raise ConfigError(f"{cfg.method} prunes a fine-tuned model and trains nothing: use --mode pipelined")
     task = get_task(cfg.task)
-    path, config, counts = task.inspect(cfg.model, require_finetuned=pipelined)
+    path, config, counts = task.inspect(cfg.model, require_finetuned=pipelined, unit=cfg.unit)
     check_budget(cfg, counts, threshold)
     out, state, acc = _start(cfg, path)
     seconds: dict = dict(state["seconds"]) if state else {}
     with timed(seconds, "load"):
         data, model, tokenizer = _load(cfg, task, path, config, require_finetuned=pipelined)
-        gates = attach_gates(model)
+        gates = attach_gates(model, cfg.unit)
         train_set, evals, collate = task.prepare(data, tokenizer, cfg)
         if pipelined:  # the fine-tuned weights stay as they are; dropout stays on while training
             model.requires_grad_(False)
@@ -304,6 +304,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
         if acc.is_main_process:
             _save_pruned(cfg, task, out, acc.unwrap_model(model), gates, tokenizer, mask, scores)
     results = {"method": cfg.method, "mode": cfg.mode, "k": len(kept), "num_heads": gates.num_heads,
+               "unit": gates.sites[0].unit,
                "kept_per_kind": {kind: sum(h[0] == kind for h in kept) for kind in kinds},
                "kept_heads": kept, "metrics_pruned": metrics, "metrics_unpruned": extra["metrics_unpruned"],
                **info, **_common_results(cfg, task, data, seconds, state and state["step"])}
@@ -424,10 +425,10 @@ def _save_pruned(cfg, task, out: Path, model, gates, tokenizer, mask, scores) ->
     detach_gates(model)
     record = {"method": cfg.method, "mode": cfg.mode}
     if cfg.save_format == "physical":
-        save_pruned(model, out / "model", kept, tokenizer, **record)
+        save_pruned(model, out / "model", kept, tokenizer, unit=cfg.unit, **record)
     else:
         zero_pruned_heads(gates.sites, mask)
-        model.config.headprune = {"kept_heads": kept, "physical": False, **record}
+        model.config.headprune = {"kept_heads": kept, "physical": False, "unit": cfg.unit, **record}
         with atomic_folder(out / "model") as tmp:
             task.save(model, tokenizer, tmp)
     score_name = {"michel": "pruning_round", "random": "kept"}.get(cfg.method, "logit")

@@ -105,7 +105,7 @@ def sweep(cfg: SweepConfig) -> list[dict]:
     out = Path(cfg.output_dir)
     runs = planned_runs(cfg)
     for model, mode in sorted({(run.model, run.mode) for run in runs}):  # fail now, not hours later
-        get_task(cfg.task).inspect(model, require_finetuned=mode == "pipelined")
+        get_task(cfg.task).inspect(model, require_finetuned=mode == "pipelined", unit=cfg.unit)
     stale = stale_runs(runs)
     if stale and not cfg.overwrite:
         first = next(iter(stale))

@@ -7,7 +7,7 @@ from __future__ import annotations
 from ..errors import ConfigError
 from .base import Task, resolve_model
 
-TASK_NAMES = ("classification", "translation")
+TASK_NAMES = ("classification", "translation", "causal-lm")
 
 
 def get_task(name: str) -> Task:
@@ -17,6 +17,9 @@ def get_task(name: str) -> Task:
     if name == "translation":
         from .translation import Translation
         return Translation()
+    if name == "causal-lm":
+        from .language_modeling import LanguageModeling
+        return LanguageModeling()
     raise ConfigError(f"unknown task {name!r}; choose from {', '.join(TASK_NAMES)}")
 
 

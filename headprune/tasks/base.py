@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from ..errors import ModelError, UnsupportedArchitectureError, first_line
+from ..errors import ConfigError, ModelError, UnsupportedArchitectureError, first_line
 from ..sites import find_sites
 from ..train import linear_decay
 
@@ -41,6 +41,7 @@ def resolve_model(name: str) -> str:
 class Task:
     name = "task"
     metric = "metric"  # the headline metric, first in every evaluation's result
+    higher_is_better = True  # of the metric (perplexity: False)
     auto_class = None  # the transformers Auto class of its models
     architecture_suffixes: tuple = ()  # what a trained model's config.architectures ends with
     trained_model = "a trained model"
@@ -57,7 +58,7 @@ class Task:
             raise ModelError(f"cannot load model {name!r}: no such folder, and no hub model of that "
                              f"name{hint}: {first_line(err)}") from err
 
-    def inspect(self, name: str, require_finetuned: bool):
+    def inspect(self, name: str, require_finetuned: bool, unit: str = "group"):
         """The model's config, checked before any weights or data are loaded: that it can be read,
         that headprune knows its attention layout (on a weightless copy built from the config),
         and for pipelined pruning that it is a trained model of this task. Returns (path, config,
@@ -71,7 +72,7 @@ class Task:
                 f"headprune does not support {config.model_type!r} for {self.name} (transformers has "
                 f"no {self.auto_class.__name__.removeprefix('AutoModelFor')} model for it)") from err
         counts: dict[str, int] = {}
-        for site in find_sites(skeleton):  # or UnsupportedArchitectureError
+        for site in find_sites(skeleton, unit):  # or UnsupportedArchitectureError
             counts[site.kind] = counts.get(site.kind, 0) + site.num_heads
         record = getattr(config, "headprune", None) or {}
         trained = any(a.endswith(self.architecture_suffixes) for a in config.architectures or [])
@@ -79,6 +80,9 @@ class Task:
             raise ModelError(f"{name!r} is not {self.trained_model} (it is a {config.architectures[0]}); "
                              "pipelined pruning starts from one: run `headprune finetune` first, or use --mode joint")
         if record.get("physical"):  # the skeleton has the original shapes
+            if record.get("unit", "group") != unit:
+                raise ConfigError(f"{name!r} was pruned by {record.get('unit', 'group')}: prune it again "
+                                  f"with --unit {record.get('unit', 'group')}")
             counts = {kind: sum(h[0] == kind for h in record["kept_heads"]) for kind in counts}
         return path, config, counts
 

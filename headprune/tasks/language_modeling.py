@@ -1,0 +1,90 @@
+"""Causal language modelling with decoder-only models (Llama, Mistral, Qwen, SmolLM): documents
+joined with the end-of-text token and packed into blocks of `--max-length` tokens, next-token
+cross-entropy, perplexity on held-out text (lower is better)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..errors import DataError, ModelError, first_line
+from ..pruning import load_pruned
+from ..text import TextData, load_text, subsample
+from .base import Task
+
+
+def pack(documents: list[str], tokenizer, block: int) -> list[list[int]]:
+    """Token ids of the documents, each followed by the end-of-text token, cut into blocks of
+    `block` tokens (the remainder shorter than a block is dropped)."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for tokens in tokenizer(documents, add_special_tokens=False)["input_ids"]:
+        ids += tokens + ([eos] if eos is not None else [])
+    return [ids[i:i + block] for i in range(0, len(ids) - block + 1, block)]
+
+
+def collate(blocks: list[dict]) -> dict:
+    ids = torch.tensor([b["input_ids"] for b in blocks])
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+class LanguageModeling(Task):
+    name = "causal-lm"
+    metric = "perplexity"
+    higher_is_better = False
+    auto_class = AutoModelForCausalLM
+    architecture_suffixes = ("ForCausalLM",)
+    trained_model = "a causal language model"
+
+    def load_data(self, cfg) -> TextData:
+        return subsample(load_text(cfg.dataset, cfg.eval_files, cfg.seed), cfg.max_train_examples, cfg.max_eval_examples)
+
+    def load_model(self, cfg, data, path: str, config, require_finetuned: bool):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as err:
+            raise ModelError(f"cannot load the tokenizer of {cfg.model!r}: {first_line(err)}") from err
+        try:
+            if (getattr(config, "headprune", None) or {}).get("physical"):
+                model = load_pruned(path, attn_implementation=cfg.attn_implementation)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=cfg.attn_implementation)
+        except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+            raise ModelError(f"cannot load the weights of {cfg.model!r}: {first_line(err)}") from err
+        return model.train(), tokenizer
+
+    def prepare(self, data: TextData, tokenizer, cfg):
+        from datasets import Dataset
+
+        def blocks(documents: list[str], split: str) -> Dataset:
+            packed = pack(documents, tokenizer, cfg.max_length)
+            if not packed:
+                raise DataError(f"the {split} text is shorter than one block of {cfg.max_length} tokens "
+                                "(--max-length)")
+            return Dataset.from_dict({"input_ids": packed})
+        return blocks(data.train, "training"), {n: blocks(d, n) for n, d in data.evals.items()}, collate
+
+    @torch.no_grad()
+    def evaluate(self, acc, model, evals: dict, collate, cfg) -> dict[str, float]:
+        """Perplexity on each split: exp of the mean next-token cross-entropy over all its tokens
+        (every block has the same length, so the mean over blocks is the mean over tokens)."""
+        was_training = model.training
+        model.eval()
+        scores = {}
+        for name, ds in evals.items():
+            loader = acc.prepare(DataLoader(ds, batch_size=cfg.eval_batch_size, collate_fn=collate))
+            losses = []
+            for batch in tqdm(loader, desc=f"evaluate {name}", leave=False, disable=not acc.is_local_main_process):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                per_token = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                                            reduction="none").view(len(logits), -1)
+                losses.append(acc.gather_for_metrics(per_token.mean(1)))
+            scores[name] = math.exp(torch.cat(losses).mean().item())
+        model.train(was_training)
+        return scores

@@ -1,0 +1,74 @@
+"""Plain text for causal language modelling: documents (strings) per split, from the offline
+review snippets, text files or the datasets library. Packing into blocks is the task's job."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import DataError
+
+
+@dataclass
+class TextData:
+    train: list[str]
+    evals: dict[str, list[str]]  # split name -> documents
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start})") from err
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err.strerror}") from err
+    documents = [line.strip() for line in text.splitlines() if line.strip()]
+    if not documents:
+        raise DataError(f"{path} holds no text")
+    return documents
+
+
+def load_text(dataset: str, eval_files: list[str] | None = None, seed: int = 0) -> TextData:
+    """`offline:rotten-tomatoes` (the review snippets as documents, in the fixed splits of the
+    classification benchmark), a folder of `train.txt` (+ `validation.txt`, `test.txt`), a `.txt`
+    file (a document per non-empty line; `eval_files` or a held-out 10%), or `hf:<name>[:<config>]`
+    (its `text` column, every split)."""
+    if dataset in ("offline:rotten-tomatoes", "offline:subjectivity"):
+        from .data import OFFLINE
+        data = OFFLINE[dataset]()
+        return TextData(list(data.train["text"]), {n: list(ds["text"]) for n, ds in data.evals.items()})
+    if dataset.startswith("hf:"):
+        from datasets import load_dataset
+        name, _, config = dataset.removeprefix("hf:").partition(":")
+        try:
+            splits = load_dataset(name, config or None)
+        except Exception as err:  # the datasets library raises many kinds
+            raise DataError(f"cannot load {dataset}: {str(err).splitlines()[0]}") from err
+        if "train" not in splits or "text" not in splits["train"].column_names:
+            raise DataError(f"{dataset} needs a train split with a 'text' column")
+        return TextData([t for t in splits["train"]["text"] if t.strip()],
+                        {n: [t for t in ds["text"] if t.strip()] for n, ds in splits.items() if n != "train"})
+    path = Path(dataset)
+    if path.is_dir():
+        if not (path / "train.txt").is_file():
+            raise DataError(f"{dataset} is a folder but holds no train.txt")
+        return TextData(_lines(path / "train.txt"), {name: _lines(path / f"{name}.txt")
+                                                      for name in ("validation", "test") if (path / f"{name}.txt").is_file()})
+    if path.suffix == ".txt":
+        documents = _lines(path)
+        if eval_files:
+            return TextData(documents, {Path(f).stem: _lines(Path(f)) for f in eval_files})
+        order = list(range(len(documents)))
+        random.Random(seed).shuffle(order)
+        cut = max(1, len(documents) // 10)
+        return TextData([documents[i] for i in sorted(order[cut:])],
+                        {"heldout": [documents[i] for i in sorted(order[:cut])]})
+    raise DataError(f"cannot tell what text {dataset!r} is: give 'offline:rotten-tomatoes', a .txt "
+                    "file, a folder with train.txt, or 'hf:<name>[:<config>]'")
+
+
+def subsample(data: TextData, max_train: int | None, max_eval: int | None) -> TextData:
+    """The first N documents of each split."""
+    return TextData(data.train[:max_train] if max_train else data.train,
+                    {n: docs[:max_eval] if max_eval else docs for n, docs in data.evals.items()})

@@ -1,0 +1,106 @@
+"""The causal language-modelling task end to end on a tiny random Llama with grouped-query
+attention: packing, perplexity, every method pipelined, joint DSP, exact budgets in groups or
+query positions, the saved model's perplexity equal to the pruned one's."""
+import json
+import math
+import random
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from headprune.config import PruneConfig
+from headprune.errors import ConfigError
+from headprune.pruning import load_pruned
+from headprune.recipes import prune
+from headprune.tasks.language_modeling import pack
+
+WORDS = [f"w{i}" for i in range(40)]
+
+
+def word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    """A tiny Llama (3 layers, 6 query heads in 2 KV groups) and a text folder whose documents
+    follow a simple pattern (each word is followed by the next word in a cycle, with noise)."""
+    folder = tmp_path_factory.mktemp("lm")
+    torch.manual_seed(0)
+    tokenizer = word_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=6, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    rng = random.Random(0)
+
+    def document():
+        i = rng.randrange(40)
+        words = []
+        for _ in range(12):
+            words.append(WORDS[i])
+            i = (i + 1) % 40 if rng.random() < 0.8 else rng.randrange(40)
+        return " ".join(words)
+    for split, n in (("train", 120), ("validation", 30)):
+        (folder / "text").mkdir(exist_ok=True)
+        (folder / "text" / f"{split}.txt").write_text("\n".join(document() for _ in range(n)))
+    return folder / "model", folder / "text"
+
+
+def lm_cfg(model, data, out, **kw):
+    return PruneConfig(**{**dict(task="causal-lm", model=str(model), dataset=str(data), max_length=16,
+                                 batch_size=8, eval_batch_size=8, epochs=1, output_dir=str(out),
+                                 checkpoint_every=0, k=3), **kw})
+
+
+def test_packing_joins_documents_with_the_end_token_and_drops_the_remainder():
+    tokenizer = word_tokenizer()
+    blocks = pack(["w0 w1 w2", "w3 w4"], tokenizer, 3)  # 3 + 1 + 2 + 1 = 7 ids: two blocks of 3
+    eos = tokenizer.eos_token_id
+    ids = tokenizer.convert_tokens_to_ids
+    assert blocks == [[ids("w0"), ids("w1"), ids("w2")], [eos, ids("w3"), ids("w4")]]
+
+
+@pytest.mark.parametrize("method", ["dsp", "voita", "michel", "random"])
+def test_every_method_prunes_kv_groups_and_the_saved_model_scores_the_same(tiny_lm, tmp_path, method):
+    model, data = tiny_lm
+    results = prune(lm_cfg(model, data, tmp_path, method=method, michel_step=1))
+    assert results["metric"] == "perplexity" and results["unit"] == "group"
+    assert results["k"] == 3 and results["num_heads"] == 6  # 3 layers x 2 KV groups
+    pruned, unpruned = results["metrics_pruned"]["validation"], results["metrics_unpruned"]["validation"]
+    assert 1 < unpruned < 100 and pruned > 1  # a random model: near the vocabulary size (44)
+    loaded = load_pruned(tmp_path / "model")
+    assert loaded.config.headprune["unit"] == "group"
+    blocks = pack((data / "validation.txt").read_text().splitlines(), word_tokenizer(), 16)
+    ids = torch.tensor(blocks)
+    with torch.no_grad():
+        logits = loaded(input_ids=ids).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    assert math.exp(loss.item()) == pytest.approx(pruned, rel=1e-4)
+
+
+def test_query_units_and_joint_training(tiny_lm, tmp_path):
+    model, data = tiny_lm
+    results = prune(lm_cfg(model, data, tmp_path / "q", unit="query", k=4))
+    assert results["unit"] == "query" and results["num_heads"] == 9 and results["k"] == 4
+    kept = json.loads((tmp_path / "q" / "results.json").read_text())["kept_heads"]
+    loaded = load_pruned(tmp_path / "q" / "model")
+    per_layer = [sum(h[1] == layer for h in kept) for layer in range(3)]
+    groups = [a.self_attn.num_key_value_groups for a in loaded.model.layers]
+    assert groups == [n or 1 for n in per_layer]  # every group keeps the same query positions
+    joint = prune(lm_cfg(model, data, tmp_path / "joint", mode="joint", k=2, epochs=2, lr=1e-3))
+    assert joint["k"] == 2 and joint["metrics_pruned"]["validation"] < joint["metrics_unpruned"]["validation"] * 10
+
+
+def test_budgets_are_checked_in_units_before_loading(tiny_lm, tmp_path):
+    model, data = tiny_lm
+    with pytest.raises(ConfigError, match="k=7 is more than the 6 heads"):
+        prune(lm_cfg(model, data, tmp_path, k=7))
+    prune(lm_cfg(model, data, tmp_path / "q", unit="query", k=7))  # 9 query positions: fine
