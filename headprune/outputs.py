@@ -60,6 +60,12 @@ def remove_run_files(path: Path) -> None:
     log.info("removed the earlier run's files from %s (--overwrite)", path)
 
 
+def cache_root() -> Path:
+    """headprune's own cache: `$HEADPRUNE_CACHE`, else `$XDG_CACHE_HOME/headprune` (~/.cache)."""
+    root = os.environ.get("HEADPRUNE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "headprune"
+    return Path(root)
+
+
 def check_writable(path: Path, needed_bytes: int = 0) -> None:
     """Create `path` and write a probe file in it; check the disk has `needed_bytes` free."""
     try:

@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from contextlib import contextmanager
@@ -36,7 +35,7 @@ from .errors import ConfigError
 from .gates import attach_gates, detach_gates
 from .methods import (TRAINED, head_importance, iterative_pruning, make_selector,
                       normalize_importance, random_mask, resolve_schedule)
-from .outputs import (BEST, CHECKPOINT, RESULTS, atomic_folder, check_output_dir, folder_bytes, versions,
+from .outputs import (BEST, CHECKPOINT, RESULTS, atomic_folder, cache_root, check_output_dir, folder_bytes, versions,
                       write_json, write_jsonl)
 from .pruning import save_pruned, zero_pruned_heads
 from .randomness import keeps_global_rng
@@ -135,8 +134,7 @@ def best_epoch_keeper(cfg, task, acc, model, evals: dict, collate, out: Path, ex
 # -- unpruned metrics, measured once per (weights, evaluation data) -----------------------------------
 
 def _cache_file() -> Path:
-    root = os.environ.get("HEADPRUNE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "headprune"
-    return Path(root) / "unpruned-metrics.json"
+    return cache_root() / "unpruned-metrics.json"
 
 
 def metrics_key(model_path: str, evals: dict, cfg) -> str | None:

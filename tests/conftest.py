@@ -81,3 +81,48 @@ def tiny_finetuned(tiny_assets, tmp_path_factory):
     finetune(FinetuneConfig(model=str(model), dataset=str(data), epochs=2, batch_size=16,
                             output_dir=str(out), overwrite=True, checkpoint_every=0))
     return out / "model", data
+
+
+LM_WORDS = [f"w{i}" for i in range(40)]
+
+
+def word_tokenizer():
+    """A word-level tokenizer of w0..w39 with <pad>, <s>, </s> (end of text), <unk>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>", *LM_WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
+
+
+def write_tiny_lm(folder, layers=3, heads=6, kv_heads=2, n_train=120, n_eval=30, seed=0):
+    """A tiny random Llama with grouped-query attention and a word-level tokenizer in
+    folder/model, and a text folder (train.txt, validation.txt) whose documents follow a pattern
+    (each word is mostly followed by the next one in a cycle) in folder/text."""
+    import random
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = word_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=heads * 8, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=8,
+                         max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                         tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    rng = random.Random(seed)
+
+    def document():
+        i, words = rng.randrange(40), []
+        for _ in range(12):
+            words.append(LM_WORDS[i])
+            i = (i + 1) % 40 if rng.random() < 0.8 else rng.randrange(40)
+        return " ".join(words)
+    (folder / "text").mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("validation", n_eval)):
+        (folder / "text" / f"{split}.txt").write_text("\n".join(document() for _ in range(n)))
+    return folder / "model", folder / "text"

@@ -3,11 +3,10 @@ attention: packing, perplexity, every method pipelined, joint DSP, exact budgets
 query positions, the saved model's perplexity equal to the pruned one's."""
 import json
 import math
-import random
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from conftest import LM_WORDS, word_tokenizer, write_tiny_lm
 
 from headprune.config import PruneConfig
 from headprune.errors import ConfigError
@@ -15,43 +14,13 @@ from headprune.pruning import load_pruned
 from headprune.recipes import prune
 from headprune.tasks.language_modeling import pack
 
-WORDS = [f"w{i}" for i in range(40)]
-
-
-def word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>", *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", unk_token="<unk>")
+WORDS = LM_WORDS
 
 
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory):
-    """A tiny Llama (3 layers, 6 query heads in 2 KV groups) and a text folder whose documents
-    follow a simple pattern (each word is followed by the next word in a cycle, with noise)."""
-    folder = tmp_path_factory.mktemp("lm")
-    torch.manual_seed(0)
-    tokenizer = word_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=64, num_hidden_layers=3,
-                         num_attention_heads=6, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
-    LlamaForCausalLM(config).save_pretrained(folder / "model")
-    tokenizer.save_pretrained(folder / "model")
-    rng = random.Random(0)
-
-    def document():
-        i = rng.randrange(40)
-        words = []
-        for _ in range(12):
-            words.append(WORDS[i])
-            i = (i + 1) % 40 if rng.random() < 0.8 else rng.randrange(40)
-        return " ".join(words)
-    for split, n in (("train", 120), ("validation", 30)):
-        (folder / "text").mkdir(exist_ok=True)
-        (folder / "text" / f"{split}.txt").write_text("\n".join(document() for _ in range(n)))
-    return folder / "model", folder / "text"
+    """A tiny Llama (3 layers, 6 query heads in 2 KV groups) and a patterned text folder."""
+    return write_tiny_lm(tmp_path_factory.mktemp("lm"))
 
 
 def lm_cfg(model, data, out, **kw):

