@@ -38,7 +38,8 @@ case "${1:-dsp}" in
   translation)
     MT=${OUT}/translation
     $HP demo --task translation --output-dir $MT
-    $HP sweep --config configs/sweep-ding-de-en.yaml --model $MT/finetune/model --output-dir $MT/sweep
+    $HP sweep --config configs/sweep-ding-de-en.yaml --model $MT/finetune/model --output-dir $MT/sweep \
+      --schedule reference --pruning-lr 0.2
     [ -f $MT/dsp-pipelined-k18/speed/measure.md ] || \
       $HP measure --pruned $MT/dsp-pipelined-k18/model --threads 2 --batch-sizes 1 16 --lengths 16 \
         --beams 1 5 --generate-tokens 24 --output-dir $MT/dsp-pipelined-k18/speed ;;
