@@ -51,6 +51,14 @@ class EpochOrder(Sampler):
         return self.n
 
 
+# A step is "live" when the head scores' gradient norm is above this. Adam (eps 1e-8) turns any
+# gradient well above its eps into a step of about the learning rate, so the size of a gradient
+# matters little, its vanishing does: a soft top-k at a temperature far below the gaps between
+# scores (the reference's 1e-8) passes gradients of 1e-10 and less. (Not relative to the run's
+# largest: near-ties at a low temperature give rare spikes thousands of times the usual size.)
+LIVE_GRADIENT = 1e-6
+
+
 def linear_decay(total_steps: int, warmup_steps: int = 0):
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -275,8 +283,8 @@ def _train(acc, cfg, out, model, optimizer, scheduler, train_set, collate, loss_
     progress.close()
     flush_norms()
     norms = extra.get("score_grad_norms", [])
-    if norms:  # a step is live when its scores' gradient is above 1e-3 of the run's largest
-        extra["live_steps"] = sum(n > 1e-3 * max(norms) for n in norms)
-        log.info("the head scores had a useful gradient (above 1e-3 of the largest) in %d of %d steps",
+    if norms:
+        extra["live_steps"] = sum(n > LIVE_GRADIENT for n in norms)
+        log.info("the head scores had a gradient (norm above %g) in %d of %d steps", LIVE_GRADIENT,
                  extra["live_steps"], len(norms))
     return history

@@ -100,6 +100,7 @@ def test_temperature_follows_the_schedule_during_a_run(tiny_finetuned, tmp_path)
     assert (tmp_path / "training.png").read_bytes()[:4] == b"\x89PNG"
     results = json.loads((tmp_path / "results.json").read_text())
     assert 1 <= results["live_steps"] <= 12  # the scores stop learning once the mask is hard
+    assert results["live_steps"] == sum(row["score_grad_norm"] > 1e-6 for row in log)  # every step is logged
 
 
 def test_a_pruned_model_can_be_pruned_further(tiny_finetuned, tmp_path):
