@@ -13,11 +13,11 @@ CFG=configs/rotten-tomatoes.yaml
 run() { if [ -f "$1/results.json" ]; then echo "done: $1"; else $HP "${@:2}" --output-dir "$1"; fi; }
 
 case "${1:-dsp}" in
-  dsp)
+  dsp)  # made before the default schedule changed: the reference's
     run $OUT/finetune finetune --config $CFG
     for k in 12 24 36; do
-      run $OUT/dsp-pipelined-k$k prune --config $CFG --mode pipelined --k $k --model $OUT/finetune/model
-      run $OUT/dsp-joint-k$k prune --config $CFG --mode joint --k $k
+      run $OUT/dsp-pipelined-k$k prune --config $CFG --mode pipelined --k $k --model $OUT/finetune/model --schedule reference
+      run $OUT/dsp-joint-k$k prune --config $CFG --mode joint --k $k --schedule reference
     done ;;
   sweep)  # both benchmarks, the default schedule and (DSP) the reference's beside it
     run $OUT/finetune finetune --config $CFG
@@ -30,7 +30,7 @@ case "${1:-dsp}" in
     $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model --methods dsp \
       --schedule reference --output-dir $OUT/sweep-subjectivity-reference ;;
   speed)
-    run $OUT/dsp-pipelined-k60 prune --config $CFG --mode pipelined --k 60 --model $OUT/finetune/model
+    run $OUT/dsp-pipelined-k60 prune --config $CFG --mode pipelined --k 60 --model $OUT/finetune/model --schedule reference
     for k in 12 36 60; do
       [ -f $OUT/dsp-pipelined-k$k/speed/measure.md ] || \
         $HP measure --pruned $OUT/dsp-pipelined-k$k/model --threads 2 --output-dir $OUT/dsp-pipelined-k$k/speed
