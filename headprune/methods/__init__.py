@@ -33,7 +33,7 @@ TEMPERATURES = {
 # its learning rate per step whatever the gradient's size, so a fixed rate makes a 1,000-step run
 # move the scores 30 times further than a 32-step one: they saturate early and stop exploring, or,
 # in a short run, barely leave their initial spread (+-0.5). Measured on planted importances
-# (benchmarks/planted_heads.py), a travel of 4 did best from 32 to 2,000 steps.
+# (benchmarks/planted_heads.py --grid), a travel of 4 was best or level from 32 to 1,000 steps.
 SCORE_TRAVEL = 4.0
 
 
