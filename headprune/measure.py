@@ -166,9 +166,9 @@ def measure(cfg: MeasureConfig, progress=print) -> dict:
     models = load_models(cfg)
     original = models["original"]
     unit = (getattr(models["pruned"].config, "headprune", None) or {}).get("unit", "group")
-    sites = find_sites(original, unit)
-    heads = {name: sum(s.num_heads for s in find_sites(m, unit)) for name, m in models.items()}
-    result = {"heads": heads, "unit": sites[0].unit, "parameters": {n: parameters(m) for n, m in models.items()},
+    sites = {name: find_sites(m, unit) for name, m in models.items()}
+    heads = {name: sum(s.num_heads for s in found) for name, found in sites.items()}
+    result = {"heads": heads, "unit": sites["original"][0].unit, "parameters": {n: parameters(m) for n, m in models.items()},
               "device": cfg.device, "threads": torch.get_num_threads(),
               "attn_implementation": cfg.attn_implementation, "settings": [], "generation": []}
     if not original.config.is_encoder_decoder and is_generator(original):
