@@ -239,9 +239,9 @@ class MeasureConfig(Checked):
     repeats: int = option(10, "Timed forward passes of each model per setting (the median is "
                           "reported with the spread).", min=1)
     warmup: int = option(2, "Untimed passes of each model first.", min=0)
-    beams: list = option([1, 5], "Encoder-decoders: beam sizes of the generation timings (1: greedy).",
+    beams: list = option([1, 5], "Models that generate: beam sizes of the generation timings (1: greedy).",
                          nargs="+", type=int, min=1)
-    generate_tokens: int = option(32, "Encoder-decoders: tokens each generation produces (exactly).", min=1)
+    generate_tokens: int = option(32, "Models that generate: tokens each generation produces (exactly).", min=1)
     device: str = option("cpu", "cpu or cuda.")
     threads: int = option(None, "CPU threads for torch (default: torch's choice).", min=1)
     attn_implementation: str = option("sdpa", "Attention kernel for both models.", choices=["eager", "sdpa"])

@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .config import MeasureConfig
 from .errors import ConfigError, OutputExistsError
 from .outputs import check_writable
-from .sites import find_sites
+from .sites import UNIT_NAMES, find_sites
 
 NOISY = 0.10  # a spread (IQR) above this fraction of the median makes a speedup uncertain
 
@@ -223,7 +223,8 @@ def _note(device: str, batch: int, predicted: float, timings: dict) -> str:
     return ""
 
 
-UNIT_NAMES = {"head": "Heads", "group": "KV groups", "query": "Query positions (of every group)"}
+def _upper_first(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def markdown(result: dict) -> str:
@@ -231,7 +232,7 @@ def markdown(result: dict) -> str:
     kv = result.get("kv_cache_bytes_per_token")
     cache = (f"; KV cache {kv['original']:,} -> {kv['pruned']:,} bytes per token ({kv['pruned'] / kv['original']:.1%})"
              if kv else "")
-    lines = [f"{UNIT_NAMES[result.get('unit', 'head')]} {h['original']} -> {h['pruned']}; parameters "
+    lines = [f"{_upper_first(UNIT_NAMES[result.get('unit', 'head')])} {h['original']} -> {h['pruned']}; parameters "
              f"{p['original']:,} -> {p['pruned']:,} ({p['pruned'] / p['original']:.1%}){cache}; "
              f"{result['device']}, {result['threads']} threads, {result['attn_implementation']} attention.", "",
              "| batch | length | GFLOPs orig | GFLOPs pruned | attention share | ms orig (IQR) "

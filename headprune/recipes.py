@@ -38,6 +38,7 @@ from .methods import (TRAINED, head_importance, iterative_pruning, make_selector
 from .outputs import (BEST, CHECKPOINT, RESULTS, atomic_folder, cache_root, check_output_dir, folder_bytes, versions,
                       write_json, write_jsonl)
 from .pruning import save_pruned, zero_pruned_heads
+from .sites import UNIT_NAMES
 from .randomness import keeps_global_rng
 from .report import plot_head_map, write_run_report
 from .tasks import get_task
@@ -269,8 +270,9 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
         log.info("unpruned %s: %s", task.metric, extra["metrics_unpruned"])
 
     history: list = []
-    log.info("%s %s: keeping %s of %d heads", cfg.mode, cfg.method, "those over 0.5" if threshold else
-             f"{cfg.k_per_kind} (per kind)" if cfg.k_per_kind else cfg.k, gates.num_heads)
+    log.info("%s %s: keeping %s of %d %s", cfg.mode, cfg.method, "those over 0.5" if threshold else
+             f"{cfg.k_per_kind} (per kind)" if cfg.k_per_kind else cfg.k, gates.num_heads,
+             UNIT_NAMES[gates.sites[0].unit])
     with timed(seconds, "prune"):
         if cfg.method in TRAINED:
             selector = gates.selector
@@ -297,7 +299,8 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
             extra["metrics_unpruned"] = evaluate_with(all_heads)
     kept = gates.kept_heads(mask)
     kinds = list(dict.fromkeys(kind for kind, _, _ in gates.heads))  # before removal changes the sites
-    log.info("kept %d heads; %s %s (unpruned %s)", len(kept), task.metric, metrics, extra["metrics_unpruned"])
+    log.info("kept %d %s; %s %s (unpruned %s)", len(kept), UNIT_NAMES[gates.sites[0].unit], task.metric, metrics,
+             extra["metrics_unpruned"])
     with timed(seconds, "save"):
         if acc.is_main_process:
             _save_pruned(cfg, task, out, acc.unwrap_model(model), gates, tokenizer, mask, scores)

@@ -159,6 +159,10 @@ NOT_YET = {"t5": _T5, "mt5": _T5, "umt5": _T5, "longt5": _T5,
            "deberta-v2": "its relative attention reads the head count from the module"}
 
 
+# What one unit of pruning is called in logs and reports.
+UNIT_NAMES = {"head": "heads", "group": "KV groups", "query": "query positions (of every group)"}
+
+
 def find_sites(model: nn.Module, unit: str = "group") -> list[AttentionSite]:
     """All attention sites of `model`, ordered by kind (encoder, decoder, cross) then layer, their
     gates pruning `unit`s: "group" (the default: a key/value group, or a head where each head has
