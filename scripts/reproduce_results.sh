@@ -5,6 +5,8 @@
 #   scripts/reproduce_results.sh speed   speed of the DSP models at k = 12, 36, 60 (after dsp)
 #   scripts/reproduce_results.sh translation   the translation demo, the comparison of methods on
 #                                        the Ding pairs and the generation speed (apt-get install trans-de-en)
+#   scripts/reproduce_results.sh llm     SmolLM2-135M by KV group: every method, then the speed of DSP's
+#                                        models (make llm-assets)
 set -euo pipefail
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 HP=${HEADPRUNE:-headprune}
@@ -40,8 +42,18 @@ case "${1:-dsp}" in
     $HP demo --task translation --output-dir $MT
     $HP sweep --config configs/sweep-ding-de-en.yaml --model $MT/finetune/model --output-dir $MT/sweep \
       --schedule reference --pruning-lr 0.2
+    # below a quarter of the heads, three seeds (Michel's curve needs a step that lands on 4)
+    $HP sweep --config configs/sweep-ding-de-en.yaml --model $MT/finetune/model --output-dir $MT/sweep-k4 \
+      --schedule reference --pruning-lr 0.2 --ks 4 --seeds 0 1 2 --michel-step 4
     [ -f $MT/dsp-pipelined-k18/speed/measure.md ] || \
       $HP measure --pruned $MT/dsp-pipelined-k18/model --threads 2 --batch-sizes 1 16 --lengths 16 \
         --beams 1 5 --generate-tokens 24 --output-dir $MT/dsp-pipelined-k18/speed ;;
-  *) echo "usage: $0 dsp|sweep|speed|translation" >&2; exit 2 ;;
+  llm)
+    $HP sweep --config configs/sweep-smollm2.yaml --output-dir $OUT/smollm2
+    for k in 30 45 60; do
+      [ -f $OUT/smollm2/dsp-pipelined-k$k-s0/speed/measure.md ] || \
+        $HP measure --pruned $OUT/smollm2/dsp-pipelined-k$k-s0/model --threads 2 --batch-sizes 1 8 \
+          --lengths 128 --beams 1 --generate-tokens 32 --repeats 5 --output-dir $OUT/smollm2/dsp-pipelined-k$k-s0/speed
+    done ;;
+  *) echo "usage: $0 dsp|sweep|speed|translation|llm" >&2; exit 2 ;;
 esac

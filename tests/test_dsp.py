@@ -17,7 +17,23 @@ def test_soft_top_k_matches_hand_computation():
     r2 = [math.exp(si) * (1 - pi) for si, pi in zip([1, 0, -1], p1)]
     p2 = [x / sum(r2) for x in r2]
     expected = torch.tensor([a + b for a, b in zip(p1, p2)], dtype=torch.float64)
+    s4 = torch.cat([s, torch.tensor([-2.0], dtype=torch.float64)])  # k = 2 of 4: two rounds
+    e4 = e + [math.exp(-2)]
+    p1 = [x / sum(e4) for x in e4]
+    r2 = [math.exp(si) * (1 - pi) for si, pi in zip([1, 0, -1, -2], p1)]
+    expected = torch.tensor([a + b / sum(r2) for a, b in zip(p1, r2)], dtype=torch.float64)
+    assert torch.allclose(soft_top_k(s4, 2, 1.0), expected, atol=1e-12)
+
+
+def test_keeping_more_than_half_relaxes_the_heads_dropped():
+    # keep 2 of 3 = drop 1: one round of softmax over the negated scores, one minus that
+    s = torch.tensor([1.0, 0.0, -1.0], dtype=torch.float64)
+    e = [math.exp(-1), 1.0, math.exp(1)]
+    expected = torch.tensor([1 - x / sum(e) for x in e], dtype=torch.float64)
     assert torch.allclose(soft_top_k(s, 2, 1.0), expected, atol=1e-12)
+    scores = torch.randn(9, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(soft_top_k(scores, 7, 0.3), 1 - soft_top_k(-scores, 2, 0.3), atol=1e-12)
+    assert torch.equal(soft_top_k(scores, 9, 0.3), torch.ones(9, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("k", [1, 5, 12, 20])

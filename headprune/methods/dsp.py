@@ -54,8 +54,19 @@ def soft_top_k(scores: torch.Tensor, k: int, temperature: float) -> torch.Tensor
     """Relaxed top-k: k rounds of softmax, each discounting what earlier rounds took.
 
     The result sums to k; it tends to hard_top_k(scores, k) as the temperature falls. Built by
-    collecting the rounds (no in-place updates) so that autograd is clean.
+    collecting the rounds (no in-place updates) so that autograd is clean. Keeping k of n is
+    dropping n - k: when that is fewer rounds, the mask is one minus the relaxed choice of the
+    n - k lowest. The same hard mask, but each round spreads some mass over near-ties: keeping 60
+    of 72 planted heads (benchmarks/planted_heads.py) cost 1.8x and 1.6x the best choice's loss
+    after 32 and 125 steps with 60 rounds, 1.24x and 1.01x with 12. The reference always runs k.
     """
+    n = scores.shape[-1]
+    if 2 * k > n:
+        return 1.0 - _soft_top_k_rounds(-scores, n - k, temperature)
+    return _soft_top_k_rounds(scores, k, temperature)
+
+
+def _soft_top_k_rounds(scores: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
     tiny = torch.finfo(scores.dtype).tiny
     rounds = []
     r = scores
@@ -63,7 +74,7 @@ def soft_top_k(scores: torch.Tensor, k: int, temperature: float) -> torch.Tensor
         p = torch.softmax(r / temperature, dim=-1)
         rounds.append(p)
         r = r + torch.log(torch.clamp(1.0 - p, min=tiny))
-    return torch.stack(rounds).sum(0)
+    return torch.stack(rounds).sum(0) if rounds else torch.zeros_like(scores)
 
 
 def geometric_temperature(step: int, t0: float, tf: float, cooldown_steps: int) -> float:
