@@ -105,8 +105,9 @@ def write_run_report(out: Path, results: dict, history: list[dict]) -> None:
 
 
 def plot_sweep(path: Path, rows: list[dict], unpruned: float | None, title: str, num_heads: int,
-               metric: str = "accuracy") -> None:
-    """Metric against kept heads: one line per (method, mode), mean over seeds with min-max band."""
+               metric: str = "accuracy", units: str = "heads", log_scale: bool = False) -> None:
+    """Metric against kept heads (or KV groups): one line per (method, mode), mean over seeds with
+    min-max band; `log_scale` for a metric like perplexity that spans orders of magnitude."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (method, mode) in sorted({(r["method"], r["mode"]) for r in rows}):
         ks = sorted({r["k"] for r in rows if (r["method"], r["mode"]) == (method, mode)})
@@ -116,9 +117,11 @@ def plot_sweep(path: Path, rows: list[dict], unpruned: float | None, title: str,
         if any(len(v) > 1 for v in values):
             ax.fill_between(ks, [min(v) for v in values], [max(v) for v in values], alpha=0.15, color=line.get_color())
     if unpruned is not None:
-        ax.axhline(unpruned, color="black", ls="--", lw=1, label=f"unpruned ({num_heads} heads)")
-    ax.set_xlabel(f"heads kept (of {num_heads})")
-    ax.set_ylabel(metric)
+        ax.axhline(unpruned, color="black", ls="--", lw=1, label=f"unpruned ({num_heads} {units})")
+    ax.set_xlabel(f"{units} kept (of {num_heads})")
+    ax.set_ylabel(metric + (", log scale" if log_scale else ""))
+    if log_scale:
+        ax.set_yscale("log")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -25,6 +25,7 @@ from .errors import OutputExistsError
 from .outputs import RESULTS, atomic_path
 from .recipes import prune
 from .report import plot_sweep
+from .sites import UNIT_NAMES
 from .tasks import get_task
 from .train import changed_settings
 
@@ -136,7 +137,9 @@ def sweep(cfg: SweepConfig) -> list[dict]:
     if runs:
         plot_sweep(out / "sweep.png", [{**r, "metric": r[reported]} for r in rows],
                    unpruned_metrics and unpruned_metrics[reported], f"{cfg.model} on {cfg.dataset}",
-                   results["num_heads"], metric=f"{results['metric']} ({reported})")
+                   results["num_heads"], metric=f"{results['metric']} ({reported})",
+                   units=UNIT_NAMES[results.get("unit", "head")].split(" (")[0],
+                   log_scale=not get_task(cfg.task).higher_is_better)
     write_sweep_report(out, cfg, summaries, reported)
     return rows
 
