@@ -223,6 +223,11 @@ def _note(device: str, batch: int, predicted: float, timings: dict) -> str:
     return ""
 
 
+def _rate(per_second: float) -> str:
+    """Whole numbers, with a decimal below 10 (a 135M model on one CPU thread: 2.3 sequences/s)."""
+    return f"{per_second:.1f}" if per_second < 10 else f"{per_second:.0f}"
+
+
 def _upper_first(text: str) -> str:
     return text[:1].upper() + text[1:]
 
@@ -234,7 +239,8 @@ def markdown(result: dict) -> str:
              if kv else "")
     lines = [f"{_upper_first(UNIT_NAMES[result.get('unit', 'head')])} {h['original']} -> {h['pruned']}; parameters "
              f"{p['original']:,} -> {p['pruned']:,} ({p['pruned'] / p['original']:.1%}){cache}; "
-             f"{result['device']}, {result['threads']} threads, {result['attn_implementation']} attention.", "",
+             f"{result['device']}, {result['threads']} thread{'s' * (result['threads'] != 1)}, "
+             f"{result['attn_implementation']} attention.", "",
              "| batch | length | GFLOPs orig | GFLOPs pruned | attention share | ms orig (IQR) "
              "| ms pruned (IQR) | seq/s orig | seq/s pruned | speedup | FLOP-predicted | measured / predicted | note |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -243,7 +249,7 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {r['batch']} | {r['length']} | {r['flops']['original'] / 1e9:.2f} | {r['flops']['pruned'] / 1e9:.2f} "
             f"| {share:.0%} | {_ms(r['timings']['original'])} | {_ms(r['timings']['pruned'])} "
-            f"| {r['throughput']['original']:.0f} | {r['throughput']['pruned']:.0f} | {r['speedup']:.2f}x "
+            f"| {_rate(r['throughput']['original'])} | {_rate(r['throughput']['pruned'])} | {r['speedup']:.2f}x "
             f"| {r['predicted_speedup']:.2f}x | {r['speedup'] / r['predicted_speedup']:.2f} | {r['note']} |")
     if result.get("generation"):
         lines += ["", f"Generation: exactly {result['generation'][0]['new_tokens']} new tokens from the same "
@@ -256,8 +262,8 @@ def markdown(result: dict) -> str:
         for r in result["generation"]:
             lines.append(
                 f"| {r['batch']} | {r['length']} | {r['beams']} | {_ms(r['timings']['original'])} "
-                f"| {_ms(r['timings']['pruned'])} | {r['tokens_per_second']['original']:.0f} "
-                f"| {r['tokens_per_second']['pruned']:.0f} | {r['speedup']:.2f}x | {r['predicted_speedup']:.2f}x "
+                f"| {_ms(r['timings']['pruned'])} | {_rate(r['tokens_per_second']['original'])} "
+                f"| {_rate(r['tokens_per_second']['pruned'])} | {r['speedup']:.2f}x | {r['predicted_speedup']:.2f}x "
                 f"| {r['speedup'] / r['predicted_speedup']:.2f} | {r['note']} |")
     return "\n".join(lines) + "\n"
 
