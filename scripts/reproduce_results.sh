@@ -50,9 +50,9 @@ case "${1:-dsp}" in
         --beams 1 5 --generate-tokens 24 --output-dir $MT/dsp-pipelined-k18/speed ;;
   llm)
     $HP sweep --config configs/sweep-smollm2.yaml --output-dir $OUT/smollm2
-    for k in 30 45 60; do
+    for k in 45 30; do
       [ -f $OUT/smollm2/dsp-pipelined-k$k-s0/speed/measure.md ] || \
-        $HP measure --pruned $OUT/smollm2/dsp-pipelined-k$k-s0/model --threads 2 --batch-sizes 1 8 \
+        $HP measure --pruned $OUT/smollm2/dsp-pipelined-k$k-s0/model --threads 1 --batch-sizes 1 8 \
           --lengths 128 --beams 1 --generate-tokens 32 --repeats 5 --output-dir $OUT/smollm2/dsp-pipelined-k$k-s0/speed
     done ;;
   *) echo "usage: $0 dsp|sweep|speed|translation|llm" >&2; exit 2 ;;
