@@ -33,7 +33,10 @@ def test_keeping_more_than_half_relaxes_the_heads_dropped():
     assert torch.allclose(soft_top_k(s, 2, 1.0), expected, atol=1e-12)
     scores = torch.randn(9, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     assert torch.allclose(soft_top_k(scores, 7, 0.3), 1 - soft_top_k(-scores, 2, 0.3), atol=1e-12)
-    assert torch.equal(soft_top_k(scores, 9, 0.3), torch.ones(9, dtype=torch.float64))
+    keep_all = soft_top_k(scores.requires_grad_(), 9, 0.3)  # nothing to drop: ones, and a zero gradient
+    assert torch.equal(keep_all, torch.ones(9, dtype=torch.float64))
+    keep_all.sum().backward()
+    assert torch.equal(scores.grad, torch.zeros(9, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("k", [1, 5, 12, 20])

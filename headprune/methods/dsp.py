@@ -75,7 +75,7 @@ def _soft_top_k_rounds(scores: torch.Tensor, k: int, temperature: float) -> torc
         p = torch.softmax(r / temperature, dim=-1)
         rounds.append(p)
         r = r + torch.log(torch.clamp(1.0 - p, min=tiny))
-    return torch.stack(rounds).sum(0) if rounds else torch.zeros_like(scores)
+    return torch.stack(rounds).sum(0) if rounds else scores * 0.0  # no rounds: zero, still in the graph
 
 
 def geometric_temperature(step: int, t0: float, tf: float, cooldown_steps: int) -> float:
