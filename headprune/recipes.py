@@ -38,9 +38,9 @@ from .methods import (TRAINED, head_importance, iterative_pruning, make_selector
 from .outputs import (BEST, CHECKPOINT, RESULTS, atomic_folder, cache_root, check_output_dir, folder_bytes, versions,
                       write_json, write_jsonl)
 from .pruning import save_pruned, zero_pruned_heads
-from .sites import UNIT_NAMES
 from .randomness import keeps_global_rng
 from .report import plot_head_map, write_run_report
+from .sites import UNIT_NAMES
 from .tasks import get_task
 from .train import constant, linear_decay, restore_checkpoint, resume_state, total_steps, train
 
