@@ -25,12 +25,19 @@ case "${1:-dsp}" in
     run $OUT/finetune finetune --config $CFG
     $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model --output-dir $OUT/sweep
     $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model --methods dsp \
-      --schedule reference --output-dir $OUT/sweep-reference
+      --ks 6 12 --schedule reference --output-dir $OUT/sweep-reference
     run $OUT/subjectivity/finetune finetune --config configs/subjectivity.yaml
     $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model \
       --output-dir $OUT/sweep-subjectivity
     $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model --methods dsp \
-      --schedule reference --output-dir $OUT/sweep-subjectivity-reference ;;
+      --ks 6 12 --schedule reference --output-dir $OUT/sweep-subjectivity-reference
+    # what the methods optimise (cross-entropy) beside what is reported (accuracy), for the same heads
+    for S in $OUT/sweep $OUT/sweep-subjectivity; do
+      ${PYTHON:-python} benchmarks/loss_and_accuracy.py $S/dsp-pipelined-k*-s0 $S/ste-pipelined-k*-s0 $S/michel-pipelined-s0
+    done
+    # joint: fine-tune MiniLM-L6 and learn the heads together (4,000 snippets, one epoch)
+    $HP sweep --config configs/sweep-rotten-tomatoes.yaml --modes joint --max-train-examples 4000 --ks 6 24 \
+      --methods dsp ste voita --output-dir $OUT/sweep-joint ;;
   speed)
     run $OUT/dsp-pipelined-k60 prune --config $CFG --mode pipelined --k 60 --model $OUT/finetune/model --schedule reference
     for k in 12 36 60; do

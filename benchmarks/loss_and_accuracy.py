@@ -1,0 +1,97 @@
+"""Cross-entropy and accuracy of pruned classifiers: what every method optimises against what is reported.
+
+Every trained method and Michel's importance follow the gradient of the cross-entropy on the
+pruning data, while the sweep reports accuracy. This script puts both side by side for the heads
+that finished pipelined runs kept: for each run folder (a `headprune prune` or sweep run; a
+Michel run gives one row per k of --ks on its curve) it rebuilds the run's model and data from the
+settings in its results.json, switches on the kept heads only, and measures, without dropout, the
+mean cross-entropy and the accuracy on the pruning data (the first --max-train-examples training
+examples of the run) and on the test split.
+
+    python benchmarks/loss_and_accuracy.py runs/sweep-subjectivity/dsp-pipelined-k6-s0 \
+        runs/sweep-subjectivity/michel-pipelined-s0 --ks 6 12 24 36
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from headprune.config import PruneConfig
+from headprune.gates import attach_gates
+from headprune.recipes import _load
+from headprune.tasks import get_task
+
+
+def kept_sets(results: dict, ks: list[int]) -> dict[int, set]:
+    """k -> the heads a run kept; a Michel curve gives every k of `ks` it passed through."""
+    if "curve" not in results:
+        return {results["k"]: {tuple(h) for h in results["kept_heads"]}}
+    everything = {tuple(h) for h in results["kept_heads"]}
+    for entry in results["curve"]:
+        everything |= {tuple(h) for h in entry.get("pruned_now", [])}
+    sets, pruned = {}, set()
+    for entry in results["curve"]:  # from all heads down: each entry lists what its round pruned
+        pruned |= {tuple(h) for h in entry.get("pruned_now", [])}
+        if entry["heads"] in ks:
+            sets[entry["heads"]] = everything - pruned
+    return sets
+
+
+@torch.no_grad()
+def loss_and_accuracy(model, batches) -> tuple[float, float]:
+    total_loss = correct = count = 0.0
+    for batch in batches:
+        labels = batch.pop("labels")
+        log_probs = torch.log_softmax(model(**batch).logits.float(), dim=-1)
+        batch["labels"] = labels
+        total_loss += float(-log_probs.gather(1, labels[:, None]).sum())
+        correct += float((log_probs.argmax(-1) == labels).sum())
+        count += len(labels)
+    return total_loss / count, correct / count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="folders of finished pipelined classification runs")
+    parser.add_argument("--ks", type=int, nargs="+", default=[6, 12, 24, 36], help="k of Michel curves")
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args()
+
+    fields = {f.name for f in dataclasses.fields(PruneConfig)}
+    prepared = {}  # (model, data settings) -> (model, gates, pruning batches, test batches)
+    print("| run | k | cross-entropy, pruning data | accuracy, pruning data | cross-entropy, test | accuracy, test |")
+    print("|---|---|---|---|---|---|")
+    for folder in args.runs:
+        results = json.loads((Path(folder) / "results.json").read_text())
+        if results["mode"] != "pipelined" or results["task"] != "classification":
+            raise SystemExit(f"{folder}: only pipelined classification runs (their weights are the fine-tuned model's)")
+        cfg = PruneConfig(**{k: v for k, v in results["config"].items() if k in fields})
+        key = (cfg.model, cfg.dataset, cfg.max_train_examples, cfg.max_length)
+        if key not in prepared:
+            task = get_task(cfg.task)
+            path, config, _ = task.inspect(cfg.model, require_finetuned=True, unit=cfg.unit)
+            data, model, tokenizer = _load(cfg, task, path, config, require_finetuned=True)
+            gates = attach_gates(model, cfg.unit)
+            train_set, evals, collate = task.prepare(data, tokenizer, cfg)
+            model.eval()
+
+            def batches(ds):
+                return [collate([ds[i] for i in range(j, min(j + args.batch_size, len(ds)))])
+                        for j in range(0, len(ds), args.batch_size)]
+            prepared[key] = model, gates, batches(train_set), batches(evals["test"])
+        model, gates, pruning_batches, test_batches = prepared[key]
+        for k, kept in sorted(kept_sets(results, args.ks).items()):
+            mask = torch.tensor([float(h in kept) for h in gates.heads])
+            with gates.override(mask):
+                train_loss, train_acc = loss_and_accuracy(model, pruning_batches)
+                test_loss, test_acc = loss_and_accuracy(model, test_batches)
+            print(f"| {Path(folder).name} | {k} | {train_loss:.4f} | {train_acc:.4f} | {test_loss:.4f} | {test_acc:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
