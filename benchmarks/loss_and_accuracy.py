@@ -64,6 +64,15 @@ def main() -> None:
 
     fields = {f.name for f in dataclasses.fields(PruneConfig)}
     prepared = {}  # (model, data settings) -> (model, gates, pruning batches, test batches)
+
+    def row(name: str, key, kept: set) -> None:
+        model, gates, pruning_batches, test_batches = prepared[key]
+        mask = torch.tensor([float(h in kept) for h in gates.heads])
+        with gates.override(mask):
+            train_loss, train_acc = loss_and_accuracy(model, pruning_batches)
+            test_loss, test_acc = loss_and_accuracy(model, test_batches)
+        print(f"| {name} | {len(kept)} | {train_loss:.4f} | {train_acc:.4f} | {test_loss:.4f} | {test_acc:.4f} |")
+
     print("| run | k | cross-entropy, pruning data | accuracy, pruning data | cross-entropy, test | accuracy, test |")
     print("|---|---|---|---|---|---|")
     for folder in args.runs:
@@ -84,13 +93,9 @@ def main() -> None:
                 return [collate([ds[i] for i in range(j, min(j + args.batch_size, len(ds)))])
                         for j in range(0, len(ds), args.batch_size)]
             prepared[key] = model, gates, batches(train_set), batches(evals["test"])
-        model, gates, pruning_batches, test_batches = prepared[key]
+            row(f"unpruned: {cfg.model}", key, set(gates.heads))
         for k, kept in sorted(kept_sets(results, args.ks).items()):
-            mask = torch.tensor([float(h in kept) for h in gates.heads])
-            with gates.override(mask):
-                train_loss, train_acc = loss_and_accuracy(model, pruning_batches)
-                test_loss, test_acc = loss_and_accuracy(model, test_batches)
-            print(f"| {Path(folder).name} | {k} | {train_loss:.4f} | {train_acc:.4f} | {test_loss:.4f} | {test_acc:.4f} |")
+            row(Path(folder).name, key, kept)
 
 
 if __name__ == "__main__":
