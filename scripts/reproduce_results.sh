@@ -37,7 +37,9 @@ case "${1:-dsp}" in
     done
     # joint: fine-tune MiniLM-L6 and learn the heads together (4,000 snippets, one epoch)
     $HP sweep --config configs/sweep-rotten-tomatoes.yaml --modes joint --max-train-examples 4000 --ks 6 24 \
-      --methods dsp ste voita --output-dir $OUT/sweep-joint ;;
+      --methods dsp ste voita --output-dir $OUT/sweep-joint
+    $HP sweep --config configs/sweep-rotten-tomatoes.yaml --modes joint --max-train-examples 4000 --ks 6 24 \
+      --methods voita --l0-lambda 0.0001 --output-dir $OUT/sweep-joint-voita-small-lambda ;;
   speed)
     run $OUT/dsp-pipelined-k60 prune --config $CFG --mode pipelined --k 60 --model $OUT/finetune/model --schedule reference
     for k in 12 36 60; do
