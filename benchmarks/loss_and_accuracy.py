@@ -23,7 +23,6 @@ import torch
 
 from headprune.config import PruneConfig
 from headprune.gates import attach_gates
-from headprune.recipes import _load
 from headprune.tasks import get_task
 
 
@@ -76,6 +75,8 @@ def main() -> None:
     print("| run | k | cross-entropy, pruning data | accuracy, pruning data | cross-entropy, test | accuracy, test |")
     print("|---|---|---|---|---|---|")
     for folder in args.runs:
+        if not (Path(folder) / "results.json").is_file():
+            raise SystemExit(f"{folder}: no results.json (not a finished headprune run)")
         results = json.loads((Path(folder) / "results.json").read_text())
         if results["mode"] != "pipelined" or results["task"] != "classification":
             raise SystemExit(f"{folder}: only pipelined classification runs (their weights are the fine-tuned model's)")
@@ -84,7 +85,8 @@ def main() -> None:
         if key not in prepared:
             task = get_task(cfg.task)
             path, config, _ = task.inspect(cfg.model, require_finetuned=True, unit=cfg.unit)
-            data, model, tokenizer = _load(cfg, task, path, config, require_finetuned=True)
+            data = task.load_data(cfg)
+            model, tokenizer = task.load_model(cfg, data, path, config, require_finetuned=True)
             gates = attach_gates(model, cfg.unit)
             train_set, evals, collate = task.prepare(data, tokenizer, cfg)
             model.eval()
