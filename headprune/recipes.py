@@ -42,7 +42,7 @@ from .randomness import keeps_global_rng
 from .report import plot_head_map, write_run_report
 from .sites import UNIT_NAMES
 from .tasks import get_task
-from .train import constant, linear_decay, restore_checkpoint, resume_state, total_steps, train
+from .train import linear_decay, restore_checkpoint, resume_state, total_steps, train
 
 log = logging.getLogger("headprune")
 
@@ -359,12 +359,16 @@ def selector_and_optimizer(cfg: PruneConfig, num_heads: int, steps: int, budget=
     parameter group and its learning-rate factor, when the weights train too)."""
     k = None if cfg.method == "voita" and cfg.voita_selection == "threshold" else cfg.k
     schedule = resolve_schedule(cfg, steps)
+    learn_steps = schedule["learn_steps"]
+    settle_step = learn_steps if learn_steps < steps else None
     selector = make_selector(cfg.method, num_heads, k, t0=schedule["t0"], tf=schedule["tf"],
                              cooldown_steps=schedule["cooldown_steps"], l0_lambda=cfg.l0_lambda,
-                             seed=cfg.seed, budget=budget)
+                             seed=cfg.seed, budget=budget, settle_step=settle_step)
     pruning_lr = schedule["pruning_lr"]
     groups = [{"params": list(selector.parameters()), "lr": pruning_lr, "weight_decay": 0.0}]
-    schedules = [linear_decay(steps) if cfg.pruning_lr_schedule == "linear" else constant]
+    # the scores stop at the settle step (a zero rate: Adam's momentum must not move them on)
+    schedules = [linear_decay(learn_steps) if cfg.pruning_lr_schedule == "linear"
+                 else (lambda step: float(step < learn_steps))]
     if joint is not None:
         weights, weights_schedule = joint
         groups.append(weights)
@@ -372,6 +376,9 @@ def selector_and_optimizer(cfg: PruneConfig, num_heads: int, steps: int, budget=
     optimizer = torch.optim.AdamW(groups, betas=betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
     info = {"steps": steps, "schedule": cfg.schedule, "pruning_lr": pruning_lr}
+    if settle_step is not None:
+        info["settle_step"] = settle_step
+        log.info("the kept heads are fixed from step %d of %d on: the weights learn with them", settle_step, steps)
     if cfg.method == "dsp":
         info.update(t0=schedule["t0"], tf=schedule["tf"], cooldown_steps=schedule["cooldown_steps"])
     if cfg.method == "voita":

@@ -70,3 +70,47 @@ def test_keeping_most_heads_finds_the_planted_ones_to_drop():
     for seed in (0, 1, 2):
         assert cost_ratio("dsp", k=60, steps=125, seed=seed) < 1.05
     assert cost_ratio("dsp", k=60, steps=125, seed=0, k_rounds=True) > 1.5
+
+
+def test_joint_runs_at_the_default_settle_for_their_last_third():
+    joint = resolve_schedule(PruneConfig(mode="joint"), steps=30)
+    # 10 settled steps; the temperature and the scores' travel of 4 fit in the 20 that learn
+    assert (joint["learn_steps"], joint["cooldown_steps"]) == (20, 20)
+    assert joint["pruning_lr"] == pytest.approx(4 / 10.5)
+    assert resolve_schedule(PruneConfig(), steps=30)["learn_steps"] == 30  # pipelined: weights frozen
+    assert resolve_schedule(PruneConfig(mode="joint", schedule="reference"), steps=30)["learn_steps"] == 30
+    assert resolve_schedule(PruneConfig(mode="joint", settle_fraction=0), steps=30)["learn_steps"] == 30
+    assert resolve_schedule(PruneConfig(settle_fraction=0.5), steps=30)["learn_steps"] == 15
+    with pytest.raises(ValueError, match="settle"):
+        resolve_schedule(PruneConfig(mode="joint", settle_fraction=1), steps=30)
+
+
+@pytest.mark.parametrize("method,lr_schedule", [("dsp", "linear"), ("dsp", "constant"), ("ste", "linear"),
+                                                ("voita", "constant")])
+def test_settled_steps_train_the_weights_with_the_kept_heads_and_leave_the_scores(method, lr_schedule):
+    """30 steps, the last 10 settled: from step 20 the training mask is the evaluation mask (the
+    heads kept), the scores neither get a gradient nor move (also under a constant rate, where
+    Adam's momentum would carry them on), and the weights go on learning."""
+    cfg = PruneConfig(mode="joint", method=method, k=4, pruning_lr_schedule=lr_schedule)
+    weight = torch.nn.Parameter(torch.zeros(12))
+    selector, optimizer, scheduler, info = selector_and_optimizer(
+        cfg, 12, 30, joint=({"params": [weight], "lr": 0.1}, lambda step: 1.0))
+    assert info["settle_step"] == 20
+    target = torch.linspace(1, 0, 12)
+    for step in range(30):
+        selector.set_step(step)
+        mask = selector()
+        loss = ((mask * weight - target) ** 2).sum() + getattr(selector, "penalty", lambda: 0)()
+        optimizer.zero_grad()
+        loss.backward()
+        if step == 20:
+            kept, scores, weights = selector.eval().forward().clone(), selector.scores().clone(), weight.detach().clone()
+            selector.train()
+        if step >= 20:
+            assert torch.equal(mask.detach(), kept)
+            assert all(p.grad is None or not p.grad.any() for p in selector.parameters())
+        optimizer.step()
+        scheduler.step()
+    assert torch.equal(selector.scores(), scores)
+    assert not torch.equal(weight.detach(), weights)
+    assert "noise_gap" not in selector.log_values()

@@ -35,39 +35,55 @@ TEMPERATURES = {
 # in a short run, barely leave their initial spread (+-0.5). Measured on planted importances
 # (benchmarks/planted_heads.py --grid), a travel of 4 was best or level from 32 to 1,000 steps.
 SCORE_TRAVEL = 4.0
+# Joint runs at the default: the last third trains the weights with the heads that will be kept.
+# Until then they see sampled subsets (Gumbel noise of the size of the scores' spread, as the scores
+# move about 4 in all), and the hard top-k without noise that the run keeps is one they rarely saw.
+# The reference gets this from its schedule (1e-8 after 2/3 of the run, and scores far apart).
+JOINT_SETTLE_FRACTION = 1 / 3
 
 
 def make_selector(method: str, num_heads: int, k: int | None, *, t0: float = 1000.0, tf: float = 1e-2,
                   cooldown_steps: int = 1000, l0_lambda: float = 0.0015, seed: int = 0,
-                  budget: Budget | None = None) -> nn.Module:
+                  budget: Budget | None = None, settle_step: int | None = None) -> nn.Module:
     """The selector of a trained method; for voita, k=None keeps the heads whose gate is above 0.5.
     `budget`, instead of k: exactly k_g heads in each group g (e.g. per kind of attention).
+    From `settle_step` on, training uses the evaluation mask (the heads kept), with no gradient.
     Its initial scores and its noise at every step follow from `seed` alone."""
     if method == "dsp":
-        return DSPSelector(num_heads, k, t0, tf, cooldown_steps, seed=seed, budget=budget)
+        return DSPSelector(num_heads, k, t0, tf, cooldown_steps, seed=seed, budget=budget,
+                           settle_step=settle_step)
     if method == "ste":
-        return DSPSelector(num_heads, k, straight_through=True, seed=seed, budget=budget)
+        return DSPSelector(num_heads, k, straight_through=True, seed=seed, budget=budget,
+                           settle_step=settle_step)
     if method == "voita":
-        return HardConcreteSelector(num_heads, k, l0_lambda, seed=seed, budget=budget)
+        return HardConcreteSelector(num_heads, k, l0_lambda, seed=seed, budget=budget, settle_step=settle_step)
     raise ValueError(f"unknown trained pruning method {method!r}; choose from {', '.join(TRAINED)}")
 
 
 def resolve_schedule(cfg, steps: int) -> dict:
-    """The temperatures (dsp) and the scores' learning rate of a run of `steps` steps: --schedule's
-    preset, overridden by whatever the user gave explicitly (--t0, --tf, --cooldown-*, --pruning-lr)."""
+    """The temperatures (dsp), the scores' learning rate and the step where the kept heads are fixed
+    (`learn_steps`: the scores learn before it) of a run of `steps` steps: --schedule's preset,
+    overridden by whatever the user gave explicitly (--t0, --tf, --cooldown-*, --pruning-lr,
+    --settle-fraction)."""
     preset = TEMPERATURES[cfg.schedule]
+    settle = cfg.settle_fraction
+    if settle is None:
+        settle = JOINT_SETTLE_FRACTION if cfg.schedule == "default" and cfg.mode == "joint" else 0.0
+    if not 0 <= settle < 1:
+        raise ValueError(f"--settle-fraction {settle} must be at least 0 and below 1")
+    learn_steps = max(1, steps - round(settle * steps))
     t0 = cfg.t0 if cfg.t0 is not None else preset["t0"]
     tf = cfg.tf if cfg.tf is not None else preset["tf"]
     fraction = cfg.cooldown_fraction if cfg.cooldown_fraction is not None else preset["cooldown_fraction"]
-    cooldown = cfg.cooldown_steps or max(1, round(fraction * steps))
+    cooldown = cfg.cooldown_steps or max(1, round(fraction * learn_steps))
     if cfg.pruning_lr is not None:
         lr = cfg.pruning_lr
     elif cfg.schedule == "reference":
         lr = REFERENCE_PRUNING_LR[cfg.method]
-    else:  # the peak rate whose sum over the run's steps (after the decay) is SCORE_TRAVEL
-        factors = (steps + 1) / 2 if cfg.pruning_lr_schedule == "linear" else steps
+    else:  # the peak rate whose sum over the steps that learn (after the decay) is SCORE_TRAVEL
+        factors = (learn_steps + 1) / 2 if cfg.pruning_lr_schedule == "linear" else learn_steps
         lr = SCORE_TRAVEL / max(1.0, factors)
-    return {"t0": t0, "tf": tf, "cooldown_steps": cooldown, "pruning_lr": lr}
+    return {"t0": t0, "tf": tf, "cooldown_steps": cooldown, "pruning_lr": lr, "learn_steps": learn_steps}
 
 
 def random_mask(num_heads: int, k: int, seed: int, budget: Budget | None = None) -> torch.Tensor:
@@ -80,7 +96,7 @@ def random_mask(num_heads: int, k: int, seed: int, budget: Budget | None = None)
     return mask
 
 
-__all__ = ["Budget", "REFERENCE_PRUNING_LR", "SCORE_TRAVEL", "TEMPERATURES", "DSPSelector", "per_group", "HardConcreteSelector", "METHODS", "TRAINED",
+__all__ = ["Budget", "JOINT_SETTLE_FRACTION", "REFERENCE_PRUNING_LR", "SCORE_TRAVEL", "TEMPERATURES", "DSPSelector", "per_group", "HardConcreteSelector", "METHODS", "TRAINED",
            "geometric_temperature", "hard_concrete_eval", "hard_concrete_sample", "hard_top_k",
            "head_importance", "iterative_pruning", "l0_penalty", "make_selector", "normalize_importance",
            "random_mask", "resolve_schedule", "soft_top_k"]

@@ -101,13 +101,14 @@ class DSPSelector(nn.Module):
 
     def __init__(self, num_heads: int, k: int | None, t0: float = 1000.0, tf: float = 1e-2,
                  cooldown_steps: int = 1000, straight_through: bool = False, seed: int = 0,
-                 budget: Budget | None = None):
+                 budget: Budget | None = None, settle_step: int | None = None):
         super().__init__()
         self.budget = check_budget(num_heads, k, budget)  # exactly k overall, or k per group
         self.k = sum(group_k for _, group_k in self.budget)
         self.t0, self.tf, self.cooldown_steps = t0, tf, max(1, cooldown_steps)
         self.straight_through = straight_through
         self.seed = seed
+        self.settle_step = settle_step  # from this step on, training uses the kept heads (no gradient)
         # float64 as in the reference: the soft top-k at temperatures near 1e-8 needs the range.
         init = torch.empty(num_heads, dtype=torch.float64).uniform_(
             -0.5, 0.5, generator=generator("cpu", seed, "dsp-init"))
@@ -115,6 +116,7 @@ class DSPSelector(nn.Module):
         self.step = 0
         self._last: torch.Tensor | None = None  # the last training mask, for the log
         self._hard: torch.Tensor | None = None  # the hard top-k of the same noisy scores
+        self._kept: torch.Tensor | None = None  # the hard top-k of the scores: what eval keeps
 
     def set_step(self, step: int) -> None:
         self.step = step
@@ -123,9 +125,17 @@ class DSPSelector(nn.Module):
     def temperature(self) -> float:
         return geometric_temperature(self.step, self.t0, self.tf, self.cooldown_steps)
 
+    @property
+    def settled(self) -> bool:
+        return self.settle_step is not None and self.step >= self.settle_step
+
     def forward(self) -> torch.Tensor:
+        kept = per_group(hard_top_k, self.logits.detach(), self.budget)
         if not self.training:
-            return per_group(hard_top_k, self.logits.detach(), self.budget)
+            return kept
+        if self.settled:  # in the graph with a zero gradient: every process still reduces one
+            self._last = self._hard = kept
+            return kept + (self.logits - self.logits.detach()) * 0.0
         if self.straight_through:
             hard = per_group(hard_top_k, self.logits.detach(), self.budget)
             mask = hard + self.logits - self.logits.detach()  # forward hard, backward identity
@@ -134,6 +144,7 @@ class DSPSelector(nn.Module):
             mask = per_group(soft_top_k, self.logits + noise, self.budget, self.temperature)
             self._hard = per_group(hard_top_k, (self.logits + noise).detach(), self.budget)
         self._last = mask.detach()
+        self._kept = kept
         return mask
 
     def scores(self) -> torch.Tensor:
@@ -144,10 +155,14 @@ class DSPSelector(nn.Module):
         """For the training log: the temperature, how many heads the last mask had above 0.5, and
         (DSP) how far it was from the hard top-k of the same noisy scores: half the L1 distance,
         the heads' worth of mask that the relaxation still spreads; near 0 the soft top-k is hard
-        and passes almost no gradient to the logits."""
+        and passes almost no gradient to the logits; and `noise_gap`, how many of the heads that
+        noisy top-k chose the noise-free one (what the run keeps) would not: the weights of a joint
+        run learn with those subsets."""
         values = {} if self.straight_through else {"temperature": self.temperature}
         if self._last is not None:
             values["heads_on"] = int((self._last > 0.5).sum())
             if not self.straight_through:
                 values["mask_gap"] = float((self._last - self._hard).abs().sum() / 2)
+                if not self.settled:
+                    values["noise_gap"] = int((self._hard * (1 - self._kept)).sum())
         return values

@@ -39,24 +39,31 @@ def l0_penalty(log_a: torch.Tensor) -> torch.Tensor:
 
 class HardConcreteSelector(nn.Module):
     def __init__(self, num_heads: int, k: int | None = None, l0_lambda: float = 0.0015, seed: int = 0,
-                 budget: Budget | None = None):
+                 budget: Budget | None = None, settle_step: int | None = None):
         super().__init__()
         # k=None (and no budget): keep the heads whose gate exceeds 0.5, as many as lambda leaves
         self.budget = None if k is None and budget is None else check_budget(num_heads, k, budget)
         self.k = None if self.budget is None else sum(group_k for _, group_k in self.budget)
         self.l0_lambda, self.seed, self.step = l0_lambda, seed, 0
+        self.settle_step = settle_step  # from this step on, training uses the kept heads (no gradient)
         init = torch.empty(num_heads).uniform_(-0.5, 0.5, generator=generator("cpu", seed, "voita-init"))
         self.log_a = nn.Parameter(init)  # U(-0.5, 0.5) as the reference
 
     def set_step(self, step: int) -> None:  # no schedule; the noise follows the step
         self.step = step
 
+    @property
+    def settled(self) -> bool:
+        return self.settle_step is not None and self.step >= self.settle_step
+
     def forward(self) -> torch.Tensor:
-        if self.training:
+        if self.training and not self.settled:
             g = generator(self.log_a.device, self.seed, "hard-concrete", self.step)
             u = torch.rand(self.log_a.shape, generator=g, device=self.log_a.device,
                            dtype=self.log_a.dtype) * (1 - 2 * EPS) + EPS
             return hard_concrete_sample(self.log_a, u)
+        if self.training:  # settled: in the graph with a zero gradient, as every process reduces one
+            return self.eval_mask() + (self.log_a - self.log_a.detach()) * 0.0
         return self.eval_mask()
 
     def eval_mask(self) -> torch.Tensor:
@@ -65,6 +72,8 @@ class HardConcreteSelector(nn.Module):
         return (hard_concrete_eval(self.log_a.detach()) > 0.5).to(self.log_a.dtype)
 
     def penalty(self) -> torch.Tensor:
+        if self.settled:  # the heads are fixed: the penalty would only move the gates' ranking
+            return self.log_a.sum() * 0.0
         return self.l0_lambda * l0_penalty(self.log_a)
 
     def scores(self) -> torch.Tensor:
