@@ -52,17 +52,20 @@ def plot_head_map(path: Path, heads: list[tuple[str, int, int]], scores: list[fl
 
 def plot_training_curves(path: Path, history: list[dict], title: str) -> None:
     """Loss, and what the method logs beside it (temperature, L0 penalty, heads on), per step."""
-    keys = ["loss"] + [k for k in ("temperature", "score_grad_norm", "mask_gap", "penalty", "heads_on")
-                       if any(k in r for r in history)]
+    keys = ["loss"] + [k for k in ("temperature", "score_grad_norm", "mask_gap", "noise_gap", "penalty",
+                                   "heads_on") if any(k in r for r in history)]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.0), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        rows = [r for r in history if key in r]
+        log_scale = key in ("temperature", "score_grad_norm")
+        # on a log scale, leave out zeros (a joint run's settled steps: no gradient to the scores)
+        rows = [r for r in history if key in r and (not log_scale or r[key] > 0)]
         ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker=".")
         ax.set_xlabel("step")
         ax.set_title({"heads_on": "heads on (mask > 0.5)", "penalty": "L0 penalty",
                       "score_grad_norm": "|gradient| of the head scores",
-                      "mask_gap": "soft mask - hard top-k (heads)"}.get(key, key))
-        if key in ("temperature", "score_grad_norm") and all(r[key] > 0 for r in rows):
+                      "mask_gap": "soft mask - hard top-k (heads)",
+                      "noise_gap": "sampled heads not kept"}.get(key, key))
+        if log_scale and rows:
             ax.set_yscale("log")
     fig.suptitle(title)
     fig.tight_layout()
@@ -92,6 +95,10 @@ def write_run_report(out: Path, results: dict, history: list[dict]) -> None:
     if "heads_on_by_threshold" in results:
         lines.append(f"- heads with gate > 0.5 (what lambda gave): {results['heads_on_by_threshold']}; "
                      f"selection: {results['selection']}")
+    if results.get("live_steps") is not None:
+        lines.append(f"- the head scores had a gradient (above 1e-6) in {results['live_steps']} of "
+                     f"{results['steps']} steps" + (f"; from step {results['settle_step']} the kept heads "
+                     "were fixed and only the weights trained" if "settle_step" in results else ""))
     lines += ["", "![kept heads](heads.png)", ""]
     if history:
         plot_training_curves(out / "training.png", history, f"{results['method']} {results['mode']}")

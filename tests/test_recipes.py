@@ -128,3 +128,5 @@ def test_a_joint_run_settles_for_its_last_third(tiny_assets, tmp_path):
     assert learning[0]["score_grad_norm"] > 0
     assert all("noise_gap" not in row and row["score_grad_norm"] == 0 and row["heads_on"] == 4 for row in settled)
     assert results["live_steps"] <= 12
+    report = (tmp_path / "report.md").read_text()
+    assert f"gradient (above 1e-6) in {results['live_steps']} of 18 steps; from step 12 the kept heads were fixed" in report
