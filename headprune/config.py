@@ -21,10 +21,11 @@ METHODS = ("dsp", "ste", "voita", "michel", "random")
 DEMO_DIR = Path("runs/demo")
 
 
-def option(default, help: str, *, min=None, positive=False, **kw):
+def option(default, help: str, *, min=None, positive=False, below=None, **kw):
     """A config field. `min`: smallest allowed value (of each element, for lists); `positive`:
-    must be above 0. Other keywords go to argparse (nargs, choices, type)."""
-    meta = {"help": help, "min": min, "positive": positive, **kw}
+    must be above 0; `below`: must be less than this. Other keywords go to argparse (nargs,
+    choices, type)."""
+    meta = {"help": help, "min": min, "positive": positive, "below": below, **kw}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -59,6 +60,8 @@ def _check_value(name: str, kind: str, value, meta: dict):
             raise ConfigError(f"{name}={item}: must be at least {meta['min']}")
         if meta.get("positive") and item <= 0:
             raise ConfigError(f"{name}={item}: must be greater than 0")
+        if meta.get("below") is not None and item >= meta["below"]:
+            raise ConfigError(f"{name}={item}: must be less than {meta['below']}")
     if kind == "list" and not items:
         raise ConfigError(f"{name}: give at least one value")
     return list(value) if kind == "list" else value
@@ -194,7 +197,7 @@ class PruneConfig(FinetuneConfig):
     settle_fraction: float = option(None, "Joint runs: for this last fraction of the run the kept heads are "
                                     "fixed (the hard top-k of the scores, no noise) and only the weights "
                                     "learn, so they fit the heads the model keeps (default: from --schedule: "
-                                    "1/3 for joint runs at the default, 0 otherwise).", min=0)
+                                    "1/3 for joint runs at the default, 0 otherwise).", min=0, below=1)
     save_format: str = option("physical", "How the pruned model is saved: physical (pruned heads "
                               "removed: smaller and faster; load with headprune.load_pruned) or "
                               "zeroed (original shapes, pruned heads' output weights zero: loads "
@@ -261,7 +264,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
     """One flag per field; defaults are left out here so that a YAML value is not masked."""
     parser.add_argument("--config", help="YAML file of options; flags given here override it.")
     for f in dataclasses.fields(cls):
-        meta = {k: v for k, v in f.metadata.items() if k not in ("min", "positive")}
+        meta = {k: v for k, v in f.metadata.items() if k not in ("min", "positive", "below")}
         default = default_of(f)
         shown = f.type != "bool" and default is not None
         default = " ".join(map(str, default)) if isinstance(default, list) else default

@@ -35,11 +35,14 @@ case "${1:-dsp}" in
     for S in $OUT/sweep $OUT/sweep-subjectivity; do
       ${PYTHON:-python} benchmarks/loss_and_accuracy.py $S/dsp-pipelined-k*-s0 $S/ste-pipelined-k*-s0 $S/michel-pipelined-s0
     done
-    # joint: fine-tune MiniLM-L6 and learn the heads together (4,000 snippets, one epoch)
-    $HP sweep --config configs/sweep-rotten-tomatoes.yaml --modes joint --max-train-examples 4000 --ks 6 24 \
-      --methods dsp ste voita --output-dir $OUT/sweep-joint
-    $HP sweep --config configs/sweep-rotten-tomatoes.yaml --modes joint --max-train-examples 4000 --ks 6 24 \
-      --methods voita --l0-lambda 0.0001 --output-dir $OUT/sweep-joint-voita-small-lambda ;;
+    # joint: fine-tune MiniLM-L6 and learn the heads together (4,000 snippets, one epoch), at the
+    # default (the last third settled), DSP at the reference schedule, and before the settle existed
+    J="$HP sweep --config configs/sweep-rotten-tomatoes.yaml --modes joint --max-train-examples 4000 --ks 6 24"
+    $J --methods dsp ste voita --output-dir $OUT/sweep-joint
+    $J --methods voita --l0-lambda 0.0001 --output-dir $OUT/sweep-joint-voita-small-lambda
+    $J --methods dsp --schedule reference --output-dir $OUT/sweep-joint-reference
+    $J --methods dsp ste voita --settle-fraction 0 --output-dir $OUT/sweep-joint-unsettled
+    $J --methods voita --l0-lambda 0.0001 --settle-fraction 0 --output-dir $OUT/sweep-joint-unsettled-voita-small-lambda ;;
   speed)
     run $OUT/dsp-pipelined-k60 prune --config $CFG --mode pipelined --k 60 --model $OUT/finetune/model --schedule reference
     for k in 12 36 60; do

@@ -81,8 +81,8 @@ def test_joint_runs_at_the_default_settle_for_their_last_third():
     assert resolve_schedule(PruneConfig(mode="joint", schedule="reference"), steps=30)["learn_steps"] == 30
     assert resolve_schedule(PruneConfig(mode="joint", settle_fraction=0), steps=30)["learn_steps"] == 30
     assert resolve_schedule(PruneConfig(settle_fraction=0.5), steps=30)["learn_steps"] == 15
-    with pytest.raises(ValueError, match="settle"):
-        resolve_schedule(PruneConfig(mode="joint", settle_fraction=1), steps=30)
+    with pytest.raises(ConfigError, match="settle_fraction=1.0: must be less than 1"):
+        PruneConfig(mode="joint", settle_fraction=1)
 
 
 @pytest.mark.parametrize("method,lr_schedule", [("dsp", "linear"), ("dsp", "constant"), ("ste", "linear"),

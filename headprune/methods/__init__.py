@@ -69,8 +69,6 @@ def resolve_schedule(cfg, steps: int) -> dict:
     settle = cfg.settle_fraction
     if settle is None:
         settle = JOINT_SETTLE_FRACTION if cfg.schedule == "default" and cfg.mode == "joint" else 0.0
-    if not 0 <= settle < 1:
-        raise ValueError(f"--settle-fraction {settle} must be at least 0 and below 1")
     learn_steps = max(1, steps - round(settle * steps))
     t0 = cfg.t0 if cfg.t0 is not None else preset["t0"]
     tf = cfg.tf if cfg.tf is not None else preset["tf"]
