@@ -197,7 +197,7 @@ class PruneConfig(FinetuneConfig):
     settle_fraction: float = option(None, "Joint runs: for this last fraction of the run the kept heads are "
                                     "fixed (the hard top-k of the scores, no noise) and only the weights "
                                     "learn, so they fit the heads the model keeps (default: from --schedule: "
-                                    "1/3 for joint runs at the default, 0 otherwise).", min=0, below=1)
+                                    "2/3 for joint runs at the default, 0 otherwise).", min=0, below=1)
     save_format: str = option("physical", "How the pruned model is saved: physical (pruned heads "
                               "removed: smaller and faster; load with headprune.load_pruned) or "
                               "zeroed (original shapes, pruned heads' output weights zero: loads "

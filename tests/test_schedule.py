@@ -72,11 +72,12 @@ def test_keeping_most_heads_finds_the_planted_ones_to_drop():
     assert cost_ratio("dsp", k=60, steps=125, seed=0, k_rounds=True) > 1.5
 
 
-def test_joint_runs_at_the_default_settle_for_their_last_third():
+def test_joint_runs_at_the_default_settle_for_their_last_two_thirds():
     joint = resolve_schedule(PruneConfig(mode="joint"), steps=30)
-    # 10 settled steps; the temperature and the scores' travel of 4 fit in the 20 that learn
-    assert (joint["learn_steps"], joint["cooldown_steps"]) == (20, 20)
-    assert joint["pruning_lr"] == pytest.approx(4 / 10.5)
+    # 20 settled steps; the temperature and the scores' travel of 4 fit in the 10 that learn
+    assert (joint["learn_steps"], joint["cooldown_steps"]) == (10, 10)
+    assert joint["pruning_lr"] == pytest.approx(4 / 5.5)
+    assert resolve_schedule(PruneConfig(mode="joint", settle_fraction=1 / 3), steps=30)["learn_steps"] == 20
     assert resolve_schedule(PruneConfig(), steps=30)["learn_steps"] == 30  # pipelined: weights frozen
     assert resolve_schedule(PruneConfig(mode="joint", schedule="reference"), steps=30)["learn_steps"] == 30
     assert resolve_schedule(PruneConfig(mode="joint", settle_fraction=0), steps=30)["learn_steps"] == 30
@@ -91,7 +92,7 @@ def test_settled_steps_train_the_weights_with_the_kept_heads_and_leave_the_score
     """30 steps, the last 10 settled: from step 20 the training mask is the evaluation mask (the
     heads kept), the scores neither get a gradient nor move (also under a constant rate, where
     Adam's momentum would carry them on), and the weights go on learning."""
-    cfg = PruneConfig(mode="joint", method=method, k=4, pruning_lr_schedule=lr_schedule)
+    cfg = PruneConfig(mode="joint", method=method, k=4, pruning_lr_schedule=lr_schedule, settle_fraction=1 / 3)
     weight = torch.nn.Parameter(torch.zeros(12))
     selector, optimizer, scheduler, info = selector_and_optimizer(
         cfg, 12, 30, joint=({"params": [weight], "lr": 0.1}, lambda step: 1.0))
