@@ -137,8 +137,7 @@ class DSPSelector(nn.Module):
             self._last = self._hard = kept
             return kept + (self.logits - self.logits.detach()) * 0.0
         if self.straight_through:
-            hard = per_group(hard_top_k, self.logits.detach(), self.budget)
-            mask = hard + self.logits - self.logits.detach()  # forward hard, backward identity
+            mask = kept + self.logits - self.logits.detach()  # forward hard, backward identity
         else:
             noise = sample_gumbel(self.logits, generator(self.logits.device, self.seed, "gumbel", self.step))
             mask = per_group(soft_top_k, self.logits + noise, self.budget, self.temperature)
