@@ -42,7 +42,7 @@ from .randomness import keeps_global_rng
 from .report import plot_head_map, write_run_report
 from .sites import UNIT_NAMES
 from .tasks import get_task
-from .train import linear_decay, restore_checkpoint, resume_state, total_steps, train
+from .train import constant_until, linear_decay, restore_checkpoint, resume_state, total_steps, train
 
 log = logging.getLogger("headprune")
 
@@ -367,8 +367,7 @@ def selector_and_optimizer(cfg: PruneConfig, num_heads: int, steps: int, budget=
     pruning_lr = schedule["pruning_lr"]
     groups = [{"params": list(selector.parameters()), "lr": pruning_lr, "weight_decay": 0.0}]
     # the scores stop at the settle step (a zero rate: Adam's momentum must not move them on)
-    schedules = [linear_decay(learn_steps) if cfg.pruning_lr_schedule == "linear"
-                 else (lambda step: float(step < learn_steps))]
+    schedules = [(linear_decay if cfg.pruning_lr_schedule == "linear" else constant_until)(learn_steps)]
     if joint is not None:
         weights, weights_schedule = joint
         groups.append(weights)

@@ -67,8 +67,11 @@ def linear_decay(total_steps: int, warmup_steps: int = 0):
     return factor
 
 
-def constant(step: int) -> float:
-    return 1.0
+def constant_until(total_steps: int):
+    """A rate factor of 1 up to `total_steps`, then 0 (Adam's momentum cannot move anything on)."""
+    def factor(step: int) -> float:
+        return float(step < total_steps)
+    return factor
 
 
 class TokenBatches(Sampler):

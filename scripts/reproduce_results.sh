@@ -36,7 +36,7 @@ case "${1:-dsp}" in
       ${PYTHON:-python} benchmarks/loss_and_accuracy.py $S/dsp-pipelined-k*-s0 $S/ste-pipelined-k*-s0 $S/michel-pipelined-s0
     done
     # joint: fine-tune MiniLM-L6 and learn the heads together (4,000 snippets, one epoch), at the
-    # default (the last third settled), DSP at the reference schedule, and before the settle existed
+    # default (the last two thirds settled), DSP at the reference schedule, and before the settle existed
     J="$HP sweep --config configs/sweep-rotten-tomatoes.yaml --modes joint --max-train-examples 4000 --ks 6 24"
     $J --methods dsp ste voita --output-dir $OUT/sweep-joint
     $J --methods voita --l0-lambda 0.0001 --output-dir $OUT/sweep-joint-voita-small-lambda
