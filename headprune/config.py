@@ -20,6 +20,22 @@ from .errors import ConfigError
 METHODS = ("dsp", "ste", "voita", "michel", "random")
 DEMO_DIR = Path("runs/demo")
 
+# Joint runs at the default: the heads are chosen in the first third, and the last two thirds train
+# the weights with them. While the scores learn, the weights see sampled subsets (Gumbel noise of
+# the size of the scores' spread, as the scores move about 4 in all), not the hard top-k that the
+# run keeps. The reference's schedule does the same in effect: its temperature is below 1e-2 (the
+# soft top-k is hard) after 30% of the run, and its scores stop learning there (issue 9).
+JOINT_SETTLE_FRACTION = 2 / 3
+
+
+def settle_fraction_in_effect(settings: dict) -> float:
+    """The last fraction of a run in which the kept heads are fixed: --settle-fraction, else 2/3 for
+    joint runs at the default schedule and 0 for the others. `settings`: a run's options as a dict."""
+    if settings.get("settle_fraction") is not None:
+        return settings["settle_fraction"]
+    joint_default = settings.get("mode") == "joint" and settings.get("schedule", "default") == "default"
+    return JOINT_SETTLE_FRACTION if joint_default else 0.0
+
 
 def option(default, help: str, *, min=None, positive=False, below=None, **kw):
     """A config field. `min`: smallest allowed value (of each element, for lists); `positive`:
@@ -213,6 +229,13 @@ class PruneConfig(FinetuneConfig):
     # the reference prunes in one epoch from a converged model; joint runs train as long as fine-tuning
     epochs: float = option(1.0, "Training epochs (a fraction is allowed).", positive=True)
     output_dir: str = option("runs/prune", OUTPUT_HELP)
+
+    def __post_init__(self):
+        super().__post_init__()
+        modes = getattr(self, "modes", [self.mode])  # a sweep: the settle is for its joint runs
+        if self.settle_fraction and "joint" not in modes:
+            raise ConfigError("--settle-fraction is for joint runs: a pipelined run trains no weights, "
+                              "so there is nothing to settle")
 
 
 @dataclass

@@ -27,7 +27,7 @@ from .recipes import prune
 from .report import plot_sweep
 from .sites import UNIT_NAMES
 from .tasks import get_task
-from .train import changed_settings
+from .train import changed_settings, describe_changes
 
 log = logging.getLogger("headprune")
 
@@ -38,6 +38,7 @@ UNTRAINED = ("michel", "random")  # pipelined only
 def planned_runs(cfg: SweepConfig) -> list[PruneConfig]:
     prune_fields = {f.name for f in dataclasses.fields(PruneConfig)}
     base = {name: getattr(cfg, name) for name in prune_fields}
+    settle = {"joint": cfg.settle_fraction, "pipelined": None}  # frozen weights: nothing to settle
     runs = []
     for method in cfg.methods:
         for mode in cfg.modes:
@@ -51,7 +52,7 @@ def planned_runs(cfg: SweepConfig) -> list[PruneConfig]:
                 for seed in seeds:
                     name = f"{method}-{mode}-s{seed}" if method == "michel" else f"{method}-{mode}-k{k}-s{seed}"
                     runs.append(PruneConfig(**{**base, "method": method, "mode": mode, "k": k, "seed": seed,
-                                               "model": model, "overwrite": False,
+                                               "model": model, "overwrite": False, "settle_fraction": settle[mode],
                                                "output_dir": str(Path(cfg.output_dir) / name)}))
     return runs
 
@@ -97,8 +98,7 @@ def stale_runs(runs: list[PruneConfig]) -> dict[str, str]:
             saved = json.loads(path.read_text()).get("config", {})
             changed = changed_settings(saved, run)
             if changed:
-                stale[path.parent.name] = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(run, k)!r}"
-                                                    for k in changed)
+                stale[path.parent.name] = describe_changes(changed)
     return stale
 
 

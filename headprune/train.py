@@ -132,14 +132,27 @@ def total_steps(cfg, train_set, num_processes: int) -> int:
 IGNORED_SETTINGS = {"overwrite", "output_dir", "checkpoint_every"}  # may change between resumes
 
 
-def changed_settings(saved: dict, cfg) -> list[str]:
-    """The settings of `cfg` that differ from those `saved` with a run. A setting the saved run
-    did not have yet (an option added later) counts as its default."""
-    from .config import default_of
+def changed_settings(saved: dict, cfg) -> dict[str, tuple]:
+    """The settings of `cfg` that differ from those `saved` with a run: name -> (saved, now). A
+    setting the saved run did not have yet (an option added later) counts as its default; the
+    settle counts as what it did (runs saved before it existed never settled)."""
+    from .config import default_of, settle_fraction_in_effect
 
     defaults = {f.name: default_of(f) for f in fields(cfg)}
     current = asdict(cfg)
-    return sorted(k for k in current if k not in IGNORED_SETTINGS and saved.get(k, defaults[k]) != current[k])
+    changed = {k: (saved.get(k, defaults[k]), current[k]) for k in current
+               if k not in IGNORED_SETTINGS and saved.get(k, defaults[k]) != current[k]}
+    if "settle_fraction" in current:
+        changed.pop("settle_fraction", None)
+        then = settle_fraction_in_effect(saved) if "settle_fraction" in saved else 0.0
+        now = settle_fraction_in_effect(current)
+        if round(then, 4) != round(now, 4):
+            changed["settle_fraction (in effect)"] = (round(then, 4), round(now, 4))
+    return dict(sorted(changed.items()))
+
+
+def describe_changes(changed: dict[str, tuple]) -> str:
+    return ", ".join(f"{k}: {then!r} -> {now!r}" for k, (then, now) in changed.items())
 
 
 def resume_state(out: Path, cfg) -> dict | None:
@@ -152,7 +165,7 @@ def resume_state(out: Path, cfg) -> dict | None:
     changed = changed_settings(state.get("config", {}), cfg)
     if not changed:
         return state
-    what = ", ".join(f"{k}: {state['config'].get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
+    what = describe_changes(changed)
     if cfg.overwrite:
         log.warning("discarding the checkpoint in %s, made with other settings (%s)", out, what)
         shutil.rmtree(folder)

@@ -81,7 +81,10 @@ def test_joint_runs_at_the_default_settle_for_their_last_two_thirds():
     assert resolve_schedule(PruneConfig(), steps=30)["learn_steps"] == 30  # pipelined: weights frozen
     assert resolve_schedule(PruneConfig(mode="joint", schedule="reference"), steps=30)["learn_steps"] == 30
     assert resolve_schedule(PruneConfig(mode="joint", settle_fraction=0), steps=30)["learn_steps"] == 30
-    assert resolve_schedule(PruneConfig(settle_fraction=0.5), steps=30)["learn_steps"] == 15
+    assert resolve_schedule(PruneConfig(mode="joint", schedule="reference", settle_fraction=0.5),
+                            steps=30)["learn_steps"] == 15
+    with pytest.raises(ConfigError, match="--settle-fraction is for joint runs: a pipelined run trains no"):
+        PruneConfig(settle_fraction=0.5)
     with pytest.raises(ConfigError, match="settle_fraction=1.0: must be less than 1"):
         PruneConfig(mode="joint", settle_fraction=1)
 

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 import headprune.sweep as sweep_mod
-from headprune.errors import ModelError
+from headprune.errors import ConfigError, ModelError
 from headprune.sweep import SweepConfig, planned_runs, sweep
 
 
@@ -93,6 +93,31 @@ def test_runs_recorded_before_an_option_existed_count_it_as_its_default(tmp_path
     saved["k"] = 12
     (tmp_path / "r" / "results.json").write_text(json.dumps({"config": saved}))
     assert sweep_mod.stale_runs([run]) == {"r": "k: 12 -> 6"}
+
+
+def test_joint_runs_recorded_before_the_settle_existed_are_stale(tmp_path):
+    """They never settled; an unset --settle-fraction now settles joint runs (2/3), not pipelined ones."""
+    import json
+    from headprune.config import PruneConfig
+    for mode, expected in (("joint", {"r": "settle_fraction (in effect): 0.0 -> 0.6667"}), ("pipelined", {})):
+        run = PruneConfig(output_dir=str(tmp_path / "r"), mode=mode, k=6)
+        saved = {k: v for k, v in dataclasses.asdict(run).items() if k != "settle_fraction"}
+        (tmp_path / "r").mkdir(exist_ok=True)
+        (tmp_path / "r" / "results.json").write_text(json.dumps({"config": saved}))
+        assert sweep_mod.stale_runs([run]) == expected
+    # made since: the same settle, given or not
+    saved["mode"], saved["settle_fraction"] = "joint", 0.6667
+    (tmp_path / "r" / "results.json").write_text(json.dumps({"config": saved}))
+    assert sweep_mod.stale_runs([PruneConfig(output_dir=str(tmp_path / "r"), mode="joint", k=6)]) == {}
+
+
+def test_a_sweeps_settle_fraction_goes_to_its_joint_runs_only(tmp_path):
+    from headprune.config import SweepConfig
+    cfg = SweepConfig(methods=["dsp"], modes=["pipelined", "joint"], ks=[6], seeds=[0], settle_fraction=0.5,
+                      output_dir=str(tmp_path))
+    assert {run.mode: run.settle_fraction for run in sweep_mod.planned_runs(cfg)} == {"pipelined": None, "joint": 0.5}
+    with pytest.raises(ConfigError, match="--settle-fraction is for joint runs"):
+        SweepConfig(modes=["pipelined"], settle_fraction=0.5)
 
 
 def test_a_summary_cell_is_the_mean_its_standard_error_and_the_range():

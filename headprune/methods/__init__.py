@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import METHODS
+from ..config import JOINT_SETTLE_FRACTION, METHODS, settle_fraction_in_effect
 from .dsp import Budget, DSPSelector, geometric_temperature, hard_top_k, per_group, soft_top_k
 from .michel import head_importance, iterative_pruning, normalize_importance
 from .voita import HardConcreteSelector, hard_concrete_eval, hard_concrete_sample, l0_penalty
@@ -35,12 +35,6 @@ TEMPERATURES = {
 # in a short run, barely leave their initial spread (+-0.5). Measured on planted importances
 # (benchmarks/planted_heads.py --grid), a travel of 4 was best or level from 32 to 1,000 steps.
 SCORE_TRAVEL = 4.0
-# Joint runs at the default: the heads are chosen in the first third, and the last two thirds train
-# the weights with them. While the scores learn, the weights see sampled subsets (Gumbel noise of
-# the size of the scores' spread, as the scores move about 4 in all), not the hard top-k that the
-# run keeps. The reference's schedule does the same in effect: its temperature is below 1e-2 (the
-# soft top-k is hard) after 30% of the run, and its scores stop learning there (issue 9).
-JOINT_SETTLE_FRACTION = 2 / 3
 
 
 def make_selector(method: str, num_heads: int, k: int | None, *, t0: float = 1000.0, tf: float = 1e-2,
@@ -67,9 +61,7 @@ def resolve_schedule(cfg, steps: int) -> dict:
     overridden by whatever the user gave explicitly (--t0, --tf, --cooldown-*, --pruning-lr,
     --settle-fraction)."""
     preset = TEMPERATURES[cfg.schedule]
-    settle = cfg.settle_fraction
-    if settle is None:
-        settle = JOINT_SETTLE_FRACTION if cfg.schedule == "default" and cfg.mode == "joint" else 0.0
+    settle = settle_fraction_in_effect(vars(cfg))
     learn_steps = max(1, steps - round(settle * steps))
     t0 = cfg.t0 if cfg.t0 is not None else preset["t0"]
     tf = cfg.tf if cfg.tf is not None else preset["tf"]
