@@ -42,7 +42,14 @@ case "${1:-dsp}" in
     $J --methods voita --l0-lambda 0.0001 --output-dir $OUT/sweep-joint-voita-small-lambda
     $J --methods dsp --schedule reference --output-dir $OUT/sweep-joint-reference
     $J --methods dsp ste voita --settle-fraction 0 --output-dir $OUT/sweep-joint-unsettled
-    $J --methods voita --l0-lambda 0.0001 --settle-fraction 0 --output-dir $OUT/sweep-joint-unsettled-voita-small-lambda ;;
+    $J --methods voita --l0-lambda 0.0001 --settle-fraction 0 --output-dir $OUT/sweep-joint-unsettled-voita-small-lambda
+    # joint on subjectivity, the same way
+    JS="$HP sweep --config configs/sweep-subjectivity.yaml --modes joint --max-train-examples 4000 --ks 6 24"
+    $JS --methods dsp ste --output-dir $OUT/sweep-subjectivity-joint
+    $JS --methods voita --l0-lambda 0.0001 --output-dir $OUT/sweep-subjectivity-joint-voita-small-lambda
+    # a short fine-tuning of the pruned models (32 steps on the pruning data) before and after
+    ${PYTHON:-python} benchmarks/recovery_finetune.py $OUT/sweep-subjectivity/dsp-pipelined-k{6,12,24}-s{0,1,2} \
+      $OUT/sweep-subjectivity/michel-pipelined-s0 --ks 6 12 24 --output-dir $OUT/recovery-subjectivity ;;
   speed)
     run $OUT/dsp-pipelined-k60 prune --config $CFG --mode pipelined --k 60 --model $OUT/finetune/model --schedule reference
     for k in 12 36 60; do

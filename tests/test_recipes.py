@@ -116,6 +116,20 @@ def test_a_pruned_model_can_be_pruned_further(tiny_finetuned, tmp_path):
         sum(p.numel() for p in load_pruned(tmp_path / "first" / "model").parameters())
 
 
+def test_a_pruned_model_can_be_fine_tuned_again_and_stays_pruned(tiny_finetuned, tmp_path):
+    from headprune.config import FinetuneConfig
+    from headprune.recipes import finetune
+    model_dir, data = tiny_finetuned
+    prune(prune_cfg(model_dir, data, tmp_path / "pruned", k=5))
+    finetune(FinetuneConfig(model=str(tmp_path / "pruned" / "model"), dataset=str(data), epochs=1, batch_size=16,
+                            output_dir=str(tmp_path / "again"), checkpoint_every=0))
+    before, after = (load_pruned(tmp_path / run / "model") for run in ("pruned", "again"))
+    assert after.config.headprune["kept_heads"] == before.config.headprune["kept_heads"]
+    shapes = {name: p.shape for name, p in before.named_parameters()}
+    assert {name: p.shape for name, p in after.named_parameters()} == shapes  # the heads stay removed
+    assert any(not torch.equal(p, dict(after.named_parameters())[name]) for name, p in before.named_parameters())
+
+
 def test_a_joint_run_settles_for_its_last_two_thirds(tiny_assets, tmp_path):
     """18 steps: the scores learn in the first 6 (noise_gap: how many sampled heads the run will
     not keep), then the kept heads are fixed and only the weights train."""
