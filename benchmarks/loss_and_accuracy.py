@@ -41,6 +41,17 @@ def kept_sets(results: dict, ks: list[int]) -> dict[int, set]:
     return sets
 
 
+def pipelined_run(folder: str) -> tuple[dict, PruneConfig]:
+    """The results and settings of a finished pipelined classification run (an error otherwise)."""
+    if not (Path(folder) / "results.json").is_file():
+        raise SystemExit(f"{folder}: no results.json (not a finished headprune run)")
+    results = json.loads((Path(folder) / "results.json").read_text())
+    if results["mode"] != "pipelined" or results["task"] != "classification":
+        raise SystemExit(f"{folder}: only pipelined classification runs (their weights are the fine-tuned model's)")
+    fields = {f.name for f in dataclasses.fields(PruneConfig)}
+    return results, PruneConfig(**{k: v for k, v in results["config"].items() if k in fields})
+
+
 @torch.no_grad()
 def loss_and_accuracy(model, batches) -> tuple[float, float]:
     total_loss = correct = count = 0.0
@@ -61,7 +72,6 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
 
-    fields = {f.name for f in dataclasses.fields(PruneConfig)}
     prepared = {}  # (model, data settings) -> (model, gates, pruning batches, test batches)
 
     def row(name: str, key, kept: set) -> None:
@@ -75,12 +85,7 @@ def main() -> None:
     print("| run | k | cross-entropy, pruning data | accuracy, pruning data | cross-entropy, test | accuracy, test |")
     print("|---|---|---|---|---|---|")
     for folder in args.runs:
-        if not (Path(folder) / "results.json").is_file():
-            raise SystemExit(f"{folder}: no results.json (not a finished headprune run)")
-        results = json.loads((Path(folder) / "results.json").read_text())
-        if results["mode"] != "pipelined" or results["task"] != "classification":
-            raise SystemExit(f"{folder}: only pipelined classification runs (their weights are the fine-tuned model's)")
-        cfg = PruneConfig(**{k: v for k, v in results["config"].items() if k in fields})
+        results, cfg = pipelined_run(folder)
         key = (cfg.model, cfg.dataset, cfg.max_train_examples, cfg.max_length)
         if key not in prepared:
             task = get_task(cfg.task)

@@ -20,9 +20,9 @@ import dataclasses
 import json
 from pathlib import Path
 
-from loss_and_accuracy import kept_sets  # the heads a run kept (a Michel curve: at each k)
+from loss_and_accuracy import kept_sets, pipelined_run  # a run's kept heads (a Michel curve: at each k)
 
-from headprune.config import FinetuneConfig, PruneConfig
+from headprune.config import FinetuneConfig
 from headprune.pruning import save_pruned
 from headprune.recipes import finetune
 from headprune.tasks import get_task
@@ -45,16 +45,10 @@ def main() -> None:
     args = parser.parse_args()
 
     fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    prune_fields = {f.name for f in dataclasses.fields(PruneConfig)}
     print("| run | k | validation before | test before | validation after | test after |")
     print("|---|---|---|---|---|---|")
     for folder in args.runs:
-        if not (Path(folder) / "results.json").is_file():
-            raise SystemExit(f"{folder}: no results.json (not a finished headprune run)")
-        results = json.loads((Path(folder) / "results.json").read_text())
-        if results["mode"] != "pipelined" or results["task"] != "classification":
-            raise SystemExit(f"{folder}: only pipelined classification runs (their weights are the fine-tuned model's)")
-        cfg = PruneConfig(**{k: v for k, v in results["config"].items() if k in prune_fields})
+        results, cfg = pipelined_run(folder)
         for k, kept in sorted(kept_sets(results, args.ks).items()):
             row = Path(args.output_dir) / f"{Path(folder).name}-k{k}"
             if not (row / "recovered" / "results.json").is_file():
