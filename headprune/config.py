@@ -214,6 +214,10 @@ class PruneConfig(FinetuneConfig):
                                     "fixed (the hard top-k of the scores, no noise) and only the weights "
                                     "learn, so they fit the heads the model keeps (default: from --schedule: "
                                     "2/3 for joint runs at the default, 0 otherwise).", min=0, below=1)
+    shrink_fraction: float = option(0.0, "dsp, ste: the budget of the training masks starts at every "
+                                    "head and falls in equal steps to k over this fraction of the steps in "
+                                    "which the scores learn, then stays at k (0, the default and the "
+                                    "reference: k from the first step).", min=0)
     save_format: str = option("physical", "How the pruned model is saved: physical (pruned heads "
                               "removed: smaller and faster; load with headprune.load_pruned) or "
                               "zeroed (original shapes, pruned heads' output weights zero: loads "
@@ -236,6 +240,12 @@ class PruneConfig(FinetuneConfig):
         if self.settle_fraction and "joint" not in modes:
             raise ConfigError("--settle-fraction is for joint runs: a pipelined run trains no weights, "
                               "so there is nothing to settle")
+        methods = getattr(self, "methods", [self.method])  # a sweep: the shrink is for its dsp and ste runs
+        if self.shrink_fraction and not {"dsp", "ste"} & set(methods):
+            raise ConfigError("--shrink-fraction is for dsp and ste: the other methods have no budget "
+                              "of training masks")
+        if self.shrink_fraction > 1:
+            raise ConfigError(f"shrink_fraction={self.shrink_fraction}: must be at most 1")
 
 
 @dataclass

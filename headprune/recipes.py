@@ -363,7 +363,8 @@ def selector_and_optimizer(cfg: PruneConfig, num_heads: int, steps: int, budget=
     settle_step = learn_steps if learn_steps < steps else None
     selector = make_selector(cfg.method, num_heads, k, t0=schedule["t0"], tf=schedule["tf"],
                              cooldown_steps=schedule["cooldown_steps"], l0_lambda=cfg.l0_lambda,
-                             seed=cfg.seed, budget=budget, settle_step=settle_step)
+                             seed=cfg.seed, budget=budget, settle_step=settle_step,
+                             shrink_steps=schedule["shrink_steps"])
     pruning_lr = schedule["pruning_lr"]
     groups = [{"params": list(selector.parameters()), "lr": pruning_lr, "weight_decay": 0.0}]
     # the scores stop at the settle step (a zero rate: Adam's momentum must not move them on)
@@ -378,6 +379,10 @@ def selector_and_optimizer(cfg: PruneConfig, num_heads: int, steps: int, budget=
     if settle_step is not None:
         info["settle_step"] = settle_step
         log.info("the kept heads are fixed from step %d of %d on: the weights learn with them", settle_step, steps)
+    if schedule["shrink_steps"]:
+        info["shrink_steps"] = schedule["shrink_steps"]
+        log.info("the training budget falls from all %d heads to k over the first %d steps", num_heads,
+                 schedule["shrink_steps"])
     if cfg.method == "dsp":
         info.update(t0=schedule["t0"], tf=schedule["tf"], cooldown_steps=schedule["cooldown_steps"])
     if cfg.method == "voita":

@@ -103,6 +103,17 @@ def test_temperature_follows_the_schedule_during_a_run(tiny_finetuned, tmp_path)
     assert results["live_steps"] == sum(row["score_grad_norm"] > 1e-6 for row in log)  # every step is logged
 
 
+def test_a_shrinking_budget_is_logged_and_ends_at_k(tiny_finetuned, tmp_path):
+    model_dir, data = tiny_finetuned
+    results = prune(prune_cfg(model_dir, data, tmp_path, k=4, epochs=2, shrink_fraction=0.5))
+    assert results["steps"] == 18 and results["shrink_steps"] == 9 and len(results["kept_heads"]) == 4
+    n = results["num_heads"]
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    # the row of step s logs the forward of step s - 1: n - (n - 4) (s - 1) / 9 heads, then 4
+    assert [row["budget"] for row in log] == [round(n - (n - 4) * min(1, (row["step"] - 1) / 9)) for row in log]
+    assert log[0]["budget"] == n and log[-1]["budget"] == 4
+
+
 def test_a_pruned_model_can_be_pruned_further(tiny_finetuned, tmp_path):
     model_dir, data = tiny_finetuned
     first = prune(prune_cfg(model_dir, data, tmp_path / "first", k=5))

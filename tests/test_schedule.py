@@ -8,7 +8,7 @@ import torch
 from benchmarks.planted_heads import NUM_HEADS, cost_ratio, planted_importance, planted_loss, planted_ranks
 from headprune.config import PruneConfig
 from headprune.errors import ConfigError
-from headprune.methods import resolve_schedule
+from headprune.methods import DSPSelector, resolve_schedule
 from headprune.recipes import selector_and_optimizer
 
 
@@ -118,3 +118,37 @@ def test_settled_steps_train_the_weights_with_the_kept_heads_and_leave_the_score
     assert torch.equal(selector.scores(), scores)
     assert not torch.equal(weight.detach(), weights)
     assert "noise_gap" not in selector.log_values()
+
+
+@pytest.mark.parametrize("straight_through", [False, True])
+def test_the_training_budget_falls_from_every_head_to_k(straight_through):
+    # 12 heads, keep 4, shrink over 4 steps: 12 - 8 * step / 4 heads, then 4; eval keeps 4 throughout
+    selector = DSPSelector(12, 4, t0=1.0, tf=0.1, cooldown_steps=8, straight_through=straight_through,
+                           shrink_steps=4)
+    budgets = []
+    for step in range(8):
+        selector.train()
+        selector.set_step(step)
+        budgets.append(float(selector().detach().sum()))  # the soft top-k, like the hard one, sums to its budget
+        assert selector.log_values()["budget"] == round(budgets[-1])
+        selector.eval()
+        assert selector().sum() == 4
+    assert budgets == pytest.approx([12, 10, 8, 6, 4, 4, 4, 4])
+    # per group: each group's budget falls from its size to its k (6 - 4 / 2 = 4 and 6 - 5 / 2 = 3.5 -> 4)
+    grouped = DSPSelector(12, None, shrink_steps=2, budget=[(list(range(6)), 2), (list(range(6, 12)), 1)])
+    grouped.set_step(1)
+    mask = grouped().detach()
+    assert float(mask[:6].sum()) == pytest.approx(4) and float(mask[6:].sum()) == pytest.approx(4)
+
+
+def test_the_shrink_is_a_fraction_of_the_steps_that_learn_for_dsp_and_ste_only():
+    steps = 32
+    assert resolve_schedule(PruneConfig(), steps)["shrink_steps"] == 0  # the default: k from the first step
+    assert resolve_schedule(PruneConfig(shrink_fraction=1), steps)["shrink_steps"] == 32
+    assert resolve_schedule(PruneConfig(method="ste", shrink_fraction=0.5), steps)["shrink_steps"] == 16
+    # joint: a fraction of the steps in which the scores learn (the first third of 30)
+    assert resolve_schedule(PruneConfig(mode="joint", shrink_fraction=0.5), 30)["shrink_steps"] == 5
+    with pytest.raises(ConfigError, match="--shrink-fraction is for dsp and ste"):
+        PruneConfig(method="voita", shrink_fraction=0.5)
+    with pytest.raises(ConfigError, match="shrink_fraction=1.5: must be at most 1"):
+        PruneConfig(shrink_fraction=1.5)

@@ -120,6 +120,16 @@ def test_a_sweeps_settle_fraction_goes_to_its_joint_runs_only(tmp_path):
         SweepConfig(modes=["pipelined"], settle_fraction=0.5)
 
 
+def test_a_sweeps_shrink_fraction_goes_to_its_dsp_and_ste_runs_only(tmp_path):
+    from headprune.config import SweepConfig
+    cfg = SweepConfig(methods=["dsp", "ste", "voita", "michel", "random"], ks=[6], seeds=[0], shrink_fraction=0.25,
+                      output_dir=str(tmp_path))
+    assert {run.method: run.shrink_fraction for run in sweep_mod.planned_runs(cfg)} == \
+        {"dsp": 0.25, "ste": 0.25, "voita": 0.0, "michel": 0.0, "random": 0.0}
+    with pytest.raises(ConfigError, match="--shrink-fraction is for dsp and ste"):
+        SweepConfig(methods=["voita", "michel"], shrink_fraction=0.5)
+
+
 def test_a_summary_cell_is_the_mean_its_standard_error_and_the_range():
     # mean 0.7; sample standard deviation 0.1; standard error 0.1 / sqrt(3) = 0.0577
     assert sweep_mod.mean_cell([0.6, 0.7, 0.8]) == "0.700 ± 0.058 (0.600-0.800)"

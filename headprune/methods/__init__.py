@@ -39,17 +39,18 @@ SCORE_TRAVEL = 4.0
 
 def make_selector(method: str, num_heads: int, k: int | None, *, t0: float = 1000.0, tf: float = 1e-2,
                   cooldown_steps: int = 1000, l0_lambda: float = 0.0015, seed: int = 0,
-                  budget: Budget | None = None, settle_step: int | None = None) -> nn.Module:
+                  budget: Budget | None = None, settle_step: int | None = None, shrink_steps: int = 0) -> nn.Module:
     """The selector of a trained method; for voita, k=None keeps the heads whose gate is above 0.5.
     `budget`, instead of k: exactly k_g heads in each group g (e.g. per kind of attention).
     From `settle_step` on, training uses the evaluation mask (the heads kept), with no gradient.
+    dsp, ste: the training budget falls from every head to k over the first `shrink_steps`.
     Its initial scores and its noise at every step follow from `seed` alone."""
     if method == "dsp":
         return DSPSelector(num_heads, k, t0, tf, cooldown_steps, seed=seed, budget=budget,
-                           settle_step=settle_step)
+                           settle_step=settle_step, shrink_steps=shrink_steps)
     if method == "ste":
         return DSPSelector(num_heads, k, straight_through=True, seed=seed, budget=budget,
-                           settle_step=settle_step)
+                           settle_step=settle_step, shrink_steps=shrink_steps)
     if method == "voita":
         return HardConcreteSelector(num_heads, k, l0_lambda, seed=seed, budget=budget, settle_step=settle_step)
     raise ValueError(f"unknown trained pruning method {method!r}; choose from {', '.join(TRAINED)}")
@@ -59,7 +60,8 @@ def resolve_schedule(cfg, steps: int) -> dict:
     """The temperatures (dsp), the scores' learning rate and the step where the kept heads are fixed
     (`learn_steps`: the scores learn before it) of a run of `steps` steps: --schedule's preset,
     overridden by whatever the user gave explicitly (--t0, --tf, --cooldown-*, --pruning-lr,
-    --settle-fraction)."""
+    --settle-fraction, --shrink-fraction); `shrink_steps`: dsp and ste, the steps over which the
+    budget of the training masks falls from every head to k."""
     preset = TEMPERATURES[cfg.schedule]
     settle = settle_fraction_in_effect(vars(cfg))
     learn_steps = max(1, steps - round(settle * steps))
@@ -74,7 +76,9 @@ def resolve_schedule(cfg, steps: int) -> dict:
     else:  # the peak rate whose sum over the steps that learn (after the decay) is SCORE_TRAVEL
         factors = (learn_steps + 1) / 2 if cfg.pruning_lr_schedule == "linear" else learn_steps
         lr = SCORE_TRAVEL / max(1.0, factors)
-    return {"t0": t0, "tf": tf, "cooldown_steps": cooldown, "pruning_lr": lr, "learn_steps": learn_steps}
+    shrink = round(cfg.shrink_fraction * learn_steps) if cfg.method in ("dsp", "ste") else 0
+    return {"t0": t0, "tf": tf, "cooldown_steps": cooldown, "pruning_lr": lr, "learn_steps": learn_steps,
+            "shrink_steps": shrink}
 
 
 def random_mask(num_heads: int, k: int, seed: int, budget: Budget | None = None) -> torch.Tensor:

@@ -101,7 +101,7 @@ class DSPSelector(nn.Module):
 
     def __init__(self, num_heads: int, k: int | None, t0: float = 1000.0, tf: float = 1e-2,
                  cooldown_steps: int = 1000, straight_through: bool = False, seed: int = 0,
-                 budget: Budget | None = None, settle_step: int | None = None):
+                 budget: Budget | None = None, settle_step: int | None = None, shrink_steps: int = 0):
         super().__init__()
         self.budget = check_budget(num_heads, k, budget)  # exactly k overall, or k per group
         self.k = sum(group_k for _, group_k in self.budget)
@@ -109,6 +109,7 @@ class DSPSelector(nn.Module):
         self.straight_through = straight_through
         self.seed = seed
         self.settle_step = settle_step  # from this step on, training uses the kept heads (no gradient)
+        self.shrink_steps = shrink_steps  # the training budget falls from every head to k over these steps
         # float64 as in the reference: the soft top-k at temperatures near 1e-8 needs the range.
         init = torch.empty(num_heads, dtype=torch.float64).uniform_(
             -0.5, 0.5, generator=generator("cpu", seed, "dsp-init"))
@@ -125,6 +126,15 @@ class DSPSelector(nn.Module):
     def temperature(self) -> float:
         return geometric_temperature(self.step, self.t0, self.tf, self.cooldown_steps)
 
+    def budget_now(self) -> Budget:
+        """The budget of this training step: while shrinking, from every head of a group down to its k
+        in equal steps (the scores first learn near the whole model, as Michel's importance does,
+        rather than among sampled subsets of k heads); k from then on."""
+        if self.step >= self.shrink_steps:
+            return self.budget
+        done = self.step / self.shrink_steps
+        return [(indices, round(len(indices) - (len(indices) - k) * done)) for indices, k in self.budget]
+
     @property
     def settled(self) -> bool:
         return self.settle_step is not None and self.step >= self.settle_step
@@ -136,12 +146,15 @@ class DSPSelector(nn.Module):
         if self.settled:  # in the graph with a zero gradient: every process still reduces one
             self._last = self._hard = kept
             return kept + (self.logits - self.logits.detach()) * 0.0
+        budget = self.budget_now()
+        if budget is not self.budget:  # shrinking: the hard top-k of this step's budget
+            kept = per_group(hard_top_k, self.logits.detach(), budget)
         if self.straight_through:
             mask = kept + self.logits - self.logits.detach()  # forward hard, backward identity
         else:
             noise = sample_gumbel(self.logits, generator(self.logits.device, self.seed, "gumbel", self.step))
-            mask = per_group(soft_top_k, self.logits + noise, self.budget, self.temperature)
-            self._hard = per_group(hard_top_k, (self.logits + noise).detach(), self.budget)
+            mask = per_group(soft_top_k, self.logits + noise, budget, self.temperature)
+            self._hard = per_group(hard_top_k, (self.logits + noise).detach(), budget)
         self._last = mask.detach()
         self._kept = kept
         return mask
@@ -158,6 +171,8 @@ class DSPSelector(nn.Module):
         noisy top-k chose the noise-free one (what the run keeps) would not: the weights of a joint
         run learn with those subsets."""
         values = {} if self.straight_through else {"temperature": self.temperature}
+        if self.shrink_steps:
+            values["budget"] = sum(k for _, k in self.budget_now())
         if self._last is not None:
             values["heads_on"] = int((self._last > 0.5).sum())
             if not self.straight_through:
