@@ -53,7 +53,7 @@ def plot_head_map(path: Path, heads: list[tuple[str, int, int]], scores: list[fl
 def plot_training_curves(path: Path, history: list[dict], title: str) -> None:
     """Loss, and what the method logs beside it (temperature, L0 penalty, heads on), per step."""
     keys = ["loss"] + [k for k in ("temperature", "score_grad_norm", "mask_gap", "noise_gap", "penalty",
-                                   "heads_on") if any(k in r for r in history)]
+                                   "budget", "heads_on") if any(k in r for r in history)]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.0), squeeze=False)
     for ax, key in zip(axes[0], keys):
         log_scale = key in ("temperature", "score_grad_norm")
@@ -64,7 +64,8 @@ def plot_training_curves(path: Path, history: list[dict], title: str) -> None:
         ax.set_title({"heads_on": "heads on (mask > 0.5)", "penalty": "L0 penalty",
                       "score_grad_norm": "|gradient| of the head scores",
                       "mask_gap": "soft mask - hard top-k (heads)",
-                      "noise_gap": "sampled heads not kept"}.get(key, key))
+                      "noise_gap": "sampled heads not kept",
+                      "budget": "heads in the training mask"}.get(key, key))
         if log_scale and rows:
             ax.set_yscale("log")
     fig.suptitle(title)
@@ -99,6 +100,9 @@ def write_run_report(out: Path, results: dict, history: list[dict]) -> None:
         lines.append(f"- the head scores had a gradient (above 1e-6) in {results['live_steps']} of "
                      f"{results['steps']} steps" + (f"; from step {results['settle_step']} the kept heads "
                      "were fixed and only the weights trained" if "settle_step" in results else ""))
+    if results.get("shrink_steps"):
+        lines.append(f"- the training budget fell from all {results['num_heads']} heads to {results['k']} over "
+                     f"the first {results['shrink_steps']} steps")
     lines += ["", "![kept heads](heads.png)", ""]
     if history:
         plot_training_curves(out / "training.png", history, f"{results['method']} {results['mode']}")
