@@ -10,6 +10,8 @@ number of steps; the score is the overlap of the heads it keeps with the planted
     python benchmarks/planted_heads.py                   # defaults against the reference schedule
     python benchmarks/planted_heads.py --steps 32 125 --seeds 0 1 2 3 4
     python benchmarks/planted_heads.py --grid --ks 6 12 --steps 32 125 1000   # how the default was chosen
+    python benchmarks/planted_heads.py --ks 6 12 --steps 32 300 \
+        --settings "dsp (default)" "dsp --shrink-fraction 0.5" "dsp --shrink-fraction 1"   # a shrinking budget
     python benchmarks/planted_heads.py --metric cost --ks 36 48 60 --steps 32 125 \
         --settings "dsp (default)" "dsp, k rounds"      # keeping more than half: the relaxation
 """
@@ -102,6 +104,8 @@ SETTINGS = {
     "dsp (default)": dict(method="dsp"),
     "dsp, k rounds": dict(method="dsp", k_rounds=True),
     "dsp --schedule reference": dict(method="dsp", schedule="reference"),
+    "dsp --shrink-fraction 0.5": dict(method="dsp", shrink_fraction=0.5),
+    "dsp --shrink-fraction 1": dict(method="dsp", shrink_fraction=1.0),
     "ste": dict(method="ste"),
     "voita": dict(method="voita"),
 }
@@ -129,7 +133,7 @@ def main() -> None:
     parser.add_argument("--ks", type=int, nargs="+", default=[6, 12, 36])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS),
-                        default=[name for name in SETTINGS if name != "dsp, k rounds"])
+                        default=[name for name in SETTINGS if name != "dsp, k rounds" and "shrink" not in name])
     parser.add_argument("--metric", default="overlap", choices=list(METRICS),
                         help="overlap with the best k, or the cost of the dropped heads over the best choice's")
     parser.add_argument("--grid", action="store_true", help="DSP over T0 x Tf x travel instead")

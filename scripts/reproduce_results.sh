@@ -31,10 +31,18 @@ case "${1:-dsp}" in
       --output-dir $OUT/sweep-subjectivity
     $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model --methods dsp \
       --ks 6 12 --schedule reference --output-dir $OUT/sweep-subjectivity-reference
+    # DSP with a training budget that shrinks from every head to k (--shrink-fraction), both benchmarks
+    for F in 0.5 1; do
+      $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model --methods dsp \
+        --ks 6 12 24 --shrink-fraction $F --output-dir $OUT/sweep-shrink$F
+      $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model --methods dsp \
+        --ks 6 12 24 --shrink-fraction $F --output-dir $OUT/sweep-subjectivity-shrink$F
+    done
     # what the methods optimise (cross-entropy) beside what is reported (accuracy), for the same heads
     for S in $OUT/sweep $OUT/sweep-subjectivity; do
       ${PYTHON:-python} benchmarks/loss_and_accuracy.py $S/dsp-pipelined-k*-s0 $S/ste-pipelined-k*-s0 $S/michel-pipelined-s0
     done
+    ${PYTHON:-python} benchmarks/loss_and_accuracy.py $OUT/sweep-subjectivity-shrink1/dsp-pipelined-k*-s0
     # joint: fine-tune MiniLM-L6 and learn the heads together (4,000 snippets, one epoch), at the
     # default (the last two thirds settled), DSP at the reference schedule, and before the settle existed
     J="$HP sweep --config configs/sweep-rotten-tomatoes.yaml --modes joint --max-train-examples 4000 --ks 6 24"
