@@ -37,6 +37,22 @@ def settle_fraction_in_effect(settings: dict) -> float:
     return JOINT_SETTLE_FRACTION if joint_default else 0.0
 
 
+# Joint DSP at the default: the budget of the training masks starts at every head and falls to k
+# over the steps in which the scores learn (the first third), so the new weights first train with
+# the whole model rather than with every head scaled to about k / n (issue 9; docs/results.md).
+JOINT_SHRINK_FRACTION = 1.0
+
+
+def shrink_fraction_in_effect(settings: dict) -> float:
+    """The fraction of the learning steps over which the training budget falls from every head to
+    k: --shrink-fraction, else 1 for joint dsp runs at the default schedule, else 0."""
+    if settings.get("shrink_fraction") is not None:
+        return settings["shrink_fraction"]
+    joint_dsp = (settings.get("mode") == "joint" and settings.get("method") == "dsp"
+                 and settings.get("schedule", "default") == "default")
+    return JOINT_SHRINK_FRACTION if joint_dsp else 0.0
+
+
 def option(default, help: str, *, min=None, positive=False, below=None, **kw):
     """A config field. `min`: smallest allowed value (of each element, for lists); `positive`:
     must be above 0; `below`: must be less than this. Other keywords go to argparse (nargs,
@@ -214,10 +230,11 @@ class PruneConfig(FinetuneConfig):
                                     "fixed (the hard top-k of the scores, no noise) and only the weights "
                                     "learn, so they fit the heads the model keeps (default: from --schedule: "
                                     "2/3 for joint runs at the default, 0 otherwise).", min=0, below=1)
-    shrink_fraction: float = option(0.0, "dsp, ste: the budget of the training masks starts at every "
+    shrink_fraction: float = option(None, "dsp, ste: the budget of the training masks starts at every "
                                     "head and falls in equal steps to k over this fraction of the steps in "
-                                    "which the scores learn, then stays at k (0, the default and the "
-                                    "reference: k from the first step).", min=0)
+                                    "which the scores learn, then stays at k (default: from --schedule: 1 "
+                                    "for joint dsp at the default, else 0, as in the reference: k from the "
+                                    "first step).", min=0)
     save_format: str = option("physical", "How the pruned model is saved: physical (pruned heads "
                               "removed: smaller and faster; load with headprune.load_pruned) or "
                               "zeroed (original shapes, pruned heads' output weights zero: loads "
@@ -244,7 +261,7 @@ class PruneConfig(FinetuneConfig):
         if self.shrink_fraction and not {"dsp", "ste"} & set(methods):
             raise ConfigError("--shrink-fraction is for dsp and ste: the other methods have no budget "
                               "of training masks")
-        if self.shrink_fraction > 1:
+        if self.shrink_fraction is not None and self.shrink_fraction > 1:
             raise ConfigError(f"shrink_fraction={self.shrink_fraction}: must be at most 1")
 
 

@@ -135,19 +135,21 @@ IGNORED_SETTINGS = {"overwrite", "output_dir", "checkpoint_every"}  # may change
 def changed_settings(saved: dict, cfg) -> dict[str, tuple]:
     """The settings of `cfg` that differ from those `saved` with a run: name -> (saved, now). A
     setting the saved run did not have yet (an option added later) counts as its default; the
-    settle counts as what it did (runs saved before it existed never settled)."""
-    from .config import default_of, settle_fraction_in_effect
+    settle and the shrink count as what they did (runs saved before they existed had neither)."""
+    from .config import default_of, settle_fraction_in_effect, shrink_fraction_in_effect
 
     defaults = {f.name: default_of(f) for f in fields(cfg)}
     current = asdict(cfg)
     changed = {k: (saved.get(k, defaults[k]), current[k]) for k in current
                if k not in IGNORED_SETTINGS and saved.get(k, defaults[k]) != current[k]}
-    if "settle_fraction" in current:
-        changed.pop("settle_fraction", None)
-        then = settle_fraction_in_effect(saved) if "settle_fraction" in saved else 0.0
-        now = settle_fraction_in_effect(current)
-        if round(then, 4) != round(now, 4):
-            changed["settle_fraction (in effect)"] = (round(then, 4), round(now, 4))
+    for name, in_effect in (("settle_fraction", settle_fraction_in_effect),
+                            ("shrink_fraction", shrink_fraction_in_effect)):
+        if name in current:
+            changed.pop(name, None)
+            then = in_effect(saved) if name in saved else 0.0
+            now = in_effect(current)
+            if round(then, 4) != round(now, 4):
+                changed[f"{name} (in effect)"] = (round(then, 4), round(now, 4))
     return dict(sorted(changed.items()))
 
 

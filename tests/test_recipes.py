@@ -144,14 +144,17 @@ def test_a_pruned_model_can_be_fine_tuned_again_and_stays_pruned(tiny_finetuned,
 
 def test_a_joint_run_settles_for_its_last_two_thirds(tiny_assets, tmp_path):
     """18 steps: the scores learn in the first 6 (noise_gap: how many sampled heads the run will
-    not keep), then the kept heads are fixed and only the weights train."""
+    not keep) while the budget shrinks to k, then the kept heads are fixed and only the weights train."""
     model_dir, data = tiny_assets
     results = prune(prune_cfg(model_dir, data, tmp_path, mode="joint", k=4, epochs=2, t0=1.0, tf=1e-4))
     assert results["settle_step"] == 6 and results["cooldown_steps"] == 6
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     learning, settled = log[:6], log[6:]
     assert all("noise_gap" in row and 0 <= row["noise_gap"] <= 4 for row in learning)
-    assert learning[0]["score_grad_norm"] > 0
+    # the budget falls from every head (step 0: nothing to choose, no gradient) to 4 over those 6 steps
+    n = results["num_heads"]
+    assert [row["budget"] for row in learning] == [round(n - (n - 4) * step / 6) for step in range(6)]
+    assert learning[0]["score_grad_norm"] == 0 and learning[1]["score_grad_norm"] > 0
     assert all("noise_gap" not in row and row["score_grad_norm"] == 0 and row["heads_on"] == 4 for row in settled)
     assert results["live_steps"] <= 6
     report = (tmp_path / "report.md").read_text()

@@ -143,7 +143,12 @@ def test_the_training_budget_falls_from_every_head_to_k(straight_through):
 
 def test_the_shrink_is_a_fraction_of_the_steps_that_learn_for_dsp_and_ste_only():
     steps = 32
-    assert resolve_schedule(PruneConfig(), steps)["shrink_steps"] == 0  # the default: k from the first step
+    assert resolve_schedule(PruneConfig(), steps)["shrink_steps"] == 0  # pipelined: k from the first step
+    # joint dsp at the default: over all the steps in which the scores learn (the first third of 30)
+    assert resolve_schedule(PruneConfig(mode="joint"), 30)["shrink_steps"] == 10
+    assert resolve_schedule(PruneConfig(mode="joint", method="ste"), 30)["shrink_steps"] == 0
+    assert resolve_schedule(PruneConfig(mode="joint", schedule="reference"), 30)["shrink_steps"] == 0
+    assert resolve_schedule(PruneConfig(mode="joint", shrink_fraction=0), 30)["shrink_steps"] == 0
     assert resolve_schedule(PruneConfig(shrink_fraction=1), steps)["shrink_steps"] == 32
     assert resolve_schedule(PruneConfig(method="ste", shrink_fraction=0.5), steps)["shrink_steps"] == 16
     # joint: a fraction of the steps in which the scores learn (the first third of 30)

@@ -120,12 +120,29 @@ def test_a_sweeps_settle_fraction_goes_to_its_joint_runs_only(tmp_path):
         SweepConfig(modes=["pipelined"], settle_fraction=0.5)
 
 
+def test_joint_dsp_runs_recorded_before_the_shrink_existed_are_stale(tmp_path):
+    """Their budget was k from the first step; an unset --shrink-fraction now shrinks joint dsp's only."""
+    import json
+    from headprune.config import PruneConfig
+    (tmp_path / "r").mkdir()
+    for method, mode, expected in (("dsp", "joint", {"r": "shrink_fraction (in effect): 0.0 -> 1.0"}),
+                                   ("ste", "joint", {}), ("dsp", "pipelined", {})):
+        run = PruneConfig(output_dir=str(tmp_path / "r"), method=method, mode=mode, k=6)
+        saved = {k: v for k, v in dataclasses.asdict(run).items() if k not in ("shrink_fraction", "settle_fraction")}
+        saved["settle_fraction"] = 0.6667 if mode == "joint" else None  # made after the settle
+        (tmp_path / "r" / "results.json").write_text(json.dumps({"config": saved}))
+        assert sweep_mod.stale_runs([run]) == expected
+    saved["mode"], saved["method"], saved["shrink_fraction"] = "joint", "dsp", 1.0  # made since: the same
+    (tmp_path / "r" / "results.json").write_text(json.dumps({"config": saved}))
+    assert sweep_mod.stale_runs([PruneConfig(output_dir=str(tmp_path / "r"), mode="joint", k=6)]) == {}
+
+
 def test_a_sweeps_shrink_fraction_goes_to_its_dsp_and_ste_runs_only(tmp_path):
     from headprune.config import SweepConfig
     cfg = SweepConfig(methods=["dsp", "ste", "voita", "michel", "random"], ks=[6], seeds=[0], shrink_fraction=0.25,
                       output_dir=str(tmp_path))
     assert {run.method: run.shrink_fraction for run in sweep_mod.planned_runs(cfg)} == \
-        {"dsp": 0.25, "ste": 0.25, "voita": 0.0, "michel": 0.0, "random": 0.0}
+        {"dsp": 0.25, "ste": 0.25, "voita": None, "michel": None, "random": None}
     with pytest.raises(ConfigError, match="--shrink-fraction is for dsp and ste"):
         SweepConfig(methods=["voita", "michel"], shrink_fraction=0.5)
 
