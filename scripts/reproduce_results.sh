@@ -44,16 +44,21 @@ case "${1:-dsp}" in
     done
     ${PYTHON:-python} benchmarks/loss_and_accuracy.py $OUT/sweep-subjectivity-shrink1/dsp-pipelined-k*-s0
     # joint: fine-tune MiniLM-L6 and learn the heads together (4,000 snippets, one epoch), at the
-    # default (the last two thirds settled), DSP at the reference schedule, and before the settle existed
+    # default (DSP's budget shrinking to k in the first third, the last two thirds settled), DSP
+    # before the shrink, at the reference schedule, and before the settle existed
     J="$HP sweep --config configs/sweep-rotten-tomatoes.yaml --modes joint --max-train-examples 4000 --ks 6 24"
     $J --methods dsp ste voita --output-dir $OUT/sweep-joint
+    $J --methods dsp ste --ks 24 --seeds 3 4 --output-dir $OUT/sweep-joint
+    $J --methods dsp --shrink-fraction 0 --output-dir $OUT/sweep-joint-no-shrink  # DSP before the shrink
+    $J --methods dsp --shrink-fraction 0 --ks 24 --seeds 3 4 --output-dir $OUT/sweep-joint-no-shrink
     $J --methods voita --l0-lambda 0.0001 --output-dir $OUT/sweep-joint-voita-small-lambda
     $J --methods dsp --schedule reference --output-dir $OUT/sweep-joint-reference
-    $J --methods dsp ste voita --settle-fraction 0 --output-dir $OUT/sweep-joint-unsettled
+    $J --methods dsp ste voita --settle-fraction 0 --shrink-fraction 0 --output-dir $OUT/sweep-joint-unsettled
     $J --methods voita --l0-lambda 0.0001 --settle-fraction 0 --output-dir $OUT/sweep-joint-unsettled-voita-small-lambda
     # joint on subjectivity, the same way
     JS="$HP sweep --config configs/sweep-subjectivity.yaml --modes joint --max-train-examples 4000 --ks 6 24"
     $JS --methods dsp ste --output-dir $OUT/sweep-subjectivity-joint
+    $JS --methods dsp --shrink-fraction 0 --output-dir $OUT/sweep-subjectivity-joint-no-shrink
     $JS --methods voita --l0-lambda 0.0001 --output-dir $OUT/sweep-subjectivity-joint-voita-small-lambda
     # a short fine-tuning of the pruned models (32 steps on the pruning data) before and after
     ${PYTHON:-python} benchmarks/recovery_finetune.py $OUT/sweep-subjectivity/dsp-pipelined-k{6,12,24}-s{0,1,2} \
