@@ -53,6 +53,7 @@ case "${1:-dsp}" in
     $J --methods dsp --shrink-fraction 0 --ks 24 --seeds 3 4 --output-dir $OUT/sweep-joint-no-shrink
     $J --methods voita --l0-lambda 0.0001 --output-dir $OUT/sweep-joint-voita-small-lambda
     $J --methods dsp --schedule reference --output-dir $OUT/sweep-joint-reference
+    $J --methods dsp ste --settle-fraction 0.3333 --shrink-fraction 0 --output-dir $OUT/sweep-joint-settle-third
     $J --methods dsp ste voita --settle-fraction 0 --shrink-fraction 0 --output-dir $OUT/sweep-joint-unsettled
     $J --methods voita --l0-lambda 0.0001 --settle-fraction 0 --output-dir $OUT/sweep-joint-unsettled-voita-small-lambda
     # joint on subjectivity, the same way
