@@ -18,6 +18,7 @@ import yaml
 from .errors import ConfigError
 
 METHODS = ("dsp", "ste", "voita", "michel", "random")
+SHRINKING = ("dsp", "ste")  # the methods whose training masks have a budget that --shrink-fraction shrinks
 DEMO_DIR = Path("runs/demo")
 
 # Joint runs at the default: the heads are chosen in the first third, and the last two thirds train
@@ -258,7 +259,7 @@ class PruneConfig(FinetuneConfig):
             raise ConfigError("--settle-fraction is for joint runs: a pipelined run trains no weights, "
                               "so there is nothing to settle")
         methods = getattr(self, "methods", [self.method])  # a sweep: the shrink is for its dsp and ste runs
-        if self.shrink_fraction and not {"dsp", "ste"} & set(methods):
+        if self.shrink_fraction and not set(SHRINKING) & set(methods):
             raise ConfigError("--shrink-fraction is for dsp and ste: the other methods have no budget "
                               "of training masks")
         if self.shrink_fraction is not None and self.shrink_fraction > 1:

@@ -20,7 +20,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from .config import PruneConfig, SweepConfig
+from .config import SHRINKING, PruneConfig, SweepConfig
 from .errors import OutputExistsError
 from .outputs import RESULTS, atomic_path
 from .recipes import prune
@@ -53,7 +53,7 @@ def planned_runs(cfg: SweepConfig) -> list[PruneConfig]:
                     name = f"{method}-{mode}-s{seed}" if method == "michel" else f"{method}-{mode}-k{k}-s{seed}"
                     runs.append(PruneConfig(**{**base, "method": method, "mode": mode, "k": k, "seed": seed,
                                                "model": model, "overwrite": False, "settle_fraction": settle[mode],
-                                               "shrink_fraction": cfg.shrink_fraction if method in ("dsp", "ste") else None,
+                                               "shrink_fraction": cfg.shrink_fraction if method in SHRINKING else None,
                                                "output_dir": str(Path(cfg.output_dir) / name)}))
     return runs
 

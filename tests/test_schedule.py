@@ -151,7 +151,6 @@ def test_the_shrink_is_a_fraction_of_the_steps_that_learn_for_dsp_and_ste_only()
     assert resolve_schedule(PruneConfig(mode="joint", shrink_fraction=0), 30)["shrink_steps"] == 0
     assert resolve_schedule(PruneConfig(shrink_fraction=1), steps)["shrink_steps"] == 32
     assert resolve_schedule(PruneConfig(method="ste", shrink_fraction=0.5), steps)["shrink_steps"] == 16
-    # joint: a fraction of the steps in which the scores learn (the first third of 30)
     assert resolve_schedule(PruneConfig(mode="joint", shrink_fraction=0.5), 30)["shrink_steps"] == 5
     with pytest.raises(ConfigError, match="--shrink-fraction is for dsp and ste"):
         PruneConfig(method="voita", shrink_fraction=0.5)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import JOINT_SETTLE_FRACTION, METHODS, settle_fraction_in_effect, shrink_fraction_in_effect
+from ..config import (JOINT_SETTLE_FRACTION, METHODS, SHRINKING, settle_fraction_in_effect,
+                      shrink_fraction_in_effect)
 from .dsp import Budget, DSPSelector, geometric_temperature, hard_top_k, per_group, soft_top_k
 from .michel import head_importance, iterative_pruning, normalize_importance
 from .voita import HardConcreteSelector, hard_concrete_eval, hard_concrete_sample, l0_penalty
@@ -76,7 +77,7 @@ def resolve_schedule(cfg, steps: int) -> dict:
     else:  # the peak rate whose sum over the steps that learn (after the decay) is SCORE_TRAVEL
         factors = (learn_steps + 1) / 2 if cfg.pruning_lr_schedule == "linear" else learn_steps
         lr = SCORE_TRAVEL / max(1.0, factors)
-    shrink = round(shrink_fraction_in_effect(vars(cfg)) * learn_steps) if cfg.method in ("dsp", "ste") else 0
+    shrink = round(shrink_fraction_in_effect(vars(cfg)) * learn_steps) if cfg.method in SHRINKING else 0
     return {"t0": t0, "tf": tf, "cooldown_steps": cooldown, "pruning_lr": lr, "learn_steps": learn_steps,
             "shrink_steps": shrink}
 
