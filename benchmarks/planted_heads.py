@@ -19,15 +19,12 @@ number of steps; the score is the overlap of the heads it keeps with the planted
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 import itertools
 import statistics
 
 import torch
 
 from headprune.config import PruneConfig
-from headprune.methods import dsp
 from headprune.recipes import selector_and_optimizer
 
 NUM_HEADS, WIDTH, BATCH = 72, 16, 8
@@ -46,26 +43,9 @@ def planted_loss(mask: torch.Tensor, w: torch.Tensor, g: torch.Generator) -> tor
     return missing.sum(1).pow(2).mean() * NUM_HEADS
 
 
-@contextlib.contextmanager
-def relaxation(k_rounds: bool):
-    """DSP's soft top-k as headprune runs it, or (k_rounds) as the reference does: k rounds even
-    when keeping more than half the heads."""
-    fewest = dsp.soft_top_k
-    if k_rounds:
-        dsp.soft_top_k = functools.partial(fewest, fewest_rounds=False)
-    try:
-        yield
-    finally:
-        dsp.soft_top_k = fewest
-
-
-def planted_ranks(method: str, k: int, steps: int, seed: int = 0, k_rounds: bool = False, **options) -> list[int]:
-    """The planted ranks (0 = most important) of the k heads `method` keeps after `steps` steps."""
-    with relaxation(k_rounds):
-        return _planted_ranks(method, k, steps, seed, **options)
-
-
-def _planted_ranks(method: str, k: int, steps: int, seed: int, **options) -> list[int]:
+def planted_ranks(method: str, k: int, steps: int, seed: int = 0, **options) -> list[int]:
+    """The planted ranks (0 = most important) of the k heads `method` keeps after `steps` steps;
+    `options`: PruneConfig fields (schedule, relaxation, ...)."""
     cfg = PruneConfig(method=method, k=k, seed=seed, **options)
     selector, optimizer, scheduler, _ = selector_and_optimizer(cfg, NUM_HEADS, steps)
     w = planted_importance(seed)
@@ -102,7 +82,7 @@ def cost_ratio(method: str, k: int, steps: int, seed: int = 0, **options) -> flo
 METRICS = {"overlap": overlap, "cost": cost_ratio}
 SETTINGS = {
     "dsp (default)": dict(method="dsp"),
-    "dsp, k rounds": dict(method="dsp", k_rounds=True),
+    "dsp, k rounds": dict(method="dsp", relaxation="k-rounds"),
     "dsp --schedule reference": dict(method="dsp", schedule="reference"),
     "dsp --shrink-fraction 0.5": dict(method="dsp", shrink_fraction=0.5),
     "dsp --shrink-fraction 1": dict(method="dsp", shrink_fraction=1.0),

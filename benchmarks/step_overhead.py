@@ -19,7 +19,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Data
 
 from headprune import DSPSelector, attach_gates
 from headprune.data import rotten_tomatoes
-from headprune.recipes import resolve_model
+from headprune.tasks import resolve_model
 
 
 def main() -> None:

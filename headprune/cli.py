@@ -24,8 +24,10 @@ def parser() -> argparse.ArgumentParser:
         epilog="Options can also come from a YAML file (--config); flags override it. "
                "Run `headprune COMMAND --help` for the options of a command.")
     sub = top.add_subparsers(dest="command", required=True)
-    ft = sub.add_parser("finetune", help="fine-tune a classifier (the start of pipelined pruning)",
-                        description="Fine-tune a sequence classifier and save it with its accuracy.")
+    ft = sub.add_parser("finetune", help="fine-tune (or train from scratch) a model for the task: the start "
+                                         "of pipelined pruning",
+                        description="Fine-tune a classifier, a translation model (or train one from scratch) or "
+                                    "a language model for --task, and save it with its metric.")
     cfgmod.add_arguments(ft, cfgmod.FinetuneConfig)
     pr = sub.add_parser("prune", help="keep exactly k attention heads (DSP, STE, Voita, Michel or "
                                       "random; joint or pipelined)",
@@ -61,6 +63,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from .progress import quiet_library_bars
+    quiet_library_bars()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return run(args)

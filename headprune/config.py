@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from .errors import ConfigError
 METHODS = ("dsp", "ste", "voita", "michel", "random")
 SHRINKING = ("dsp", "ste")  # the methods whose training masks have a budget that --shrink-fraction shrinks
 DEMO_DIR = Path("runs/demo")
+DEFAULT_K = 36  # heads kept when neither --k nor --k-per-kind is given
 
 # Joint runs at the default: the heads are chosen in the first third, and the last two thirds train
 # the weights with them. While the scores learn, the weights see sampled subsets (Gumbel noise of
@@ -80,13 +82,17 @@ def _check_value(name: str, kind: str, value, meta: dict):
         raise ConfigError(f"{name}: expected {_TYPE_NAMES[kind]}, got {value!r}")
     if kind == "float":
         value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{name}={value}: must be a finite number")
+    if kind == "str" and not value.strip():
+        raise ConfigError(f"{name}: empty; give a value or leave the option out")
     items = list(value) if kind == "list" else [value]
     element = meta.get("type", str) if kind == "list" else None
     for item in items:
         if element is int and (not isinstance(item, int) or isinstance(item, bool)):
             raise ConfigError(f"{name}: expected integers, got {item!r}")
-        if element is str and not isinstance(item, str):
-            raise ConfigError(f"{name}: expected strings, got {item!r}")
+        if element is str and not (isinstance(item, str) and item.strip()):
+            raise ConfigError(f"{name}: expected non-empty strings, got {item!r}")
         if meta.get("choices") and item not in meta["choices"]:
             raise ConfigError(f"{name}: {item!r} is not one of {', '.join(map(str, meta['choices']))}")
         if meta.get("min") is not None and item < meta["min"]:
@@ -105,7 +111,10 @@ class Checked:
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
-            setattr(self, f.name, _check_value(f.name, f.type, getattr(self, f.name), dict(f.metadata)))
+            value = getattr(self, f.name)
+            if value is None and default_of(f) is not None:  # e.g. `output_dir:` left empty in YAML
+                raise ConfigError(f"{f.name}: needs a value (default: {default_of(f)})")
+            setattr(self, f.name, _check_value(f.name, f.type, value, dict(f.metadata)))
 
 
 def default_of(f: dataclasses.Field):
@@ -171,7 +180,7 @@ class FinetuneConfig(Checked):
     weight_decay: float = option(0.0, "AdamW weight decay of the model weights.", min=0)
     warmup_ratio: float = option(0.0, "Fraction of training with a linear learning-rate warm-up.", min=0)
     max_grad_norm: float = option(1.0, "Clip the global gradient norm to this (0: no clipping).", min=0)
-    seed: int = option(0, "Seed of initialisation, dropout, data order and Gumbel noise.")
+    seed: int = option(0, "Seed of initialisation, dropout, data order and Gumbel noise.", min=0, below=2**32)
     attn_implementation: str = option("eager", "Attention kernel: eager or sdpa (eager measured "
                                       "faster for training on CPU).", choices=["eager", "sdpa"])
     mixed_precision: str = option("no", "Accelerate mixed precision: no, fp16 or bf16.",
@@ -189,6 +198,12 @@ class FinetuneConfig(Checked):
         if self.max_tokens and self.task != "translation":
             raise ConfigError("--max-tokens batches translation data by token count; for "
                               f"{self.task} use --batch-size")
+        if self.task == "translation" and self.source_lang == self.target_lang:
+            raise ConfigError(f"--source-lang and --target-lang are both {self.source_lang!r}: translation "
+                              "needs two languages")
+        if self.task == "causal-lm" and self.max_length < 2:
+            raise ConfigError(f"--max-length {self.max_length}: a language model's blocks need at least 2 "
+                              "tokens (it predicts each token from those before it)")
 
 
 @dataclass
@@ -200,8 +215,8 @@ class PruneConfig(FinetuneConfig):
     mode: str = option("pipelined", "pipelined: freeze a fine-tuned --model and learn only the head "
                        "scores; joint: fine-tune the model and the scores together from a "
                        "pretrained --model (dsp, ste, voita).", choices=["pipelined", "joint"])
-    k: int = option(36, "Number of attention heads to keep, over all layers (with grouped-query "
-                    "attention: of --unit).", min=0)
+    k: int = option(None, "Number of attention heads to keep, over all layers (with grouped-query "
+                    f"attention: of --unit; default: {DEFAULT_K}).", min=0)
     unit: str = option("group", "What a gate prunes in grouped-query attention (Llama, Qwen, "
                        "SmolLM): group (a key/value head with its query heads: shrinks the KV "
                        "cache) or query (the j-th query head of every group of a layer, one gate "
@@ -236,6 +251,11 @@ class PruneConfig(FinetuneConfig):
                                     "which the scores learn, then stays at k (default: from --schedule: 1 "
                                     "for joint dsp at the default, else 0, as in the reference: k from the "
                                     "first step).", min=0)
+    relaxation: str = option("fewest-rounds", "dsp: the soft top-k: fewest-rounds (keeping k of n is "
+                             "dropping n - k, relaxed in min(k, n - k) rounds of softmax: the same hard mask, "
+                             "less mass spread over near-ties) or k-rounds (the reference: k rounds, "
+                             "whatever k; the paper's DSP is --schedule reference --relaxation k-rounds).",
+                             choices=["fewest-rounds", "k-rounds"])
     save_format: str = option("physical", "How the pruned model is saved: physical (pruned heads "
                               "removed: smaller and faster; load with headprune.load_pruned) or "
                               "zeroed (original shapes, pruned heads' output weights zero: loads "
@@ -245,7 +265,8 @@ class PruneConfig(FinetuneConfig):
     voita_selection: str = option("top-k", "voita: keep the k heads with the largest gates (top-k), "
                                   "or every head whose gate exceeds 0.5 (threshold: k is ignored "
                                   "and lambda decides the count).", choices=["top-k", "threshold"])
-    michel_step: int = option(12, "michel: heads masked per iteration.", min=1)
+    michel_step: int = option(6, "michel: heads masked per iteration (a sweep's curve needs a step that "
+                              "lands on every k).", min=1)
     michel_exact: bool = option(True, "michel: re-estimate importance after each iteration "
                                 "(exact pruning); --no-michel-exact estimates it once.")
     # the reference prunes in one epoch from a converged model; joint runs train as long as fine-tuning
@@ -254,6 +275,10 @@ class PruneConfig(FinetuneConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.k is not None and self.k_per_kind:
+            raise ConfigError("give --k (one budget) or --k-per-kind (a budget per kind), not both")
+        if self.k is None:
+            self.k = sum(self.k_per_kind) if self.k_per_kind else DEFAULT_K
         modes = getattr(self, "modes", [self.mode])  # a sweep: the settle is for its joint runs
         if self.settle_fraction and "joint" not in modes:
             raise ConfigError("--settle-fraction is for joint runs: a pipelined run trains no weights, "
@@ -262,12 +287,17 @@ class PruneConfig(FinetuneConfig):
         if self.shrink_fraction and not set(SHRINKING) & set(methods):
             raise ConfigError("--shrink-fraction is for dsp and ste: the other methods have no budget "
                               "of training masks")
+        if self.relaxation == "k-rounds" and "dsp" not in methods:
+            raise ConfigError("--relaxation is DSP's: the other methods have no soft top-k")
         if self.shrink_fraction is not None and self.shrink_fraction > 1:
             raise ConfigError(f"shrink_fraction={self.shrink_fraction}: must be at most 1")
 
 
 @dataclass
 class SweepConfig(PruneConfig):
+    # set per run from --methods, --modes, --ks and --seeds: not options of a sweep
+    PER_RUN = ("method", "mode", "k", "seed")
+
     methods: list = option(list(METHODS), "Methods to compare.", nargs="+", choices=list(METHODS))
     modes: list = option(["pipelined"], "Modes: pipelined (from --model, fine-tuned) and/or joint "
                          "(from --pretrained-model).", nargs="+", choices=["pipelined", "joint"])
@@ -277,13 +307,19 @@ class SweepConfig(PruneConfig):
     pretrained_model: str = option("offline:minilm-l6", "Starting point of joint runs.")
     split: str = option(None, "Evaluation split the tables and plot report (default: the last one, "
                         "e.g. test for translation).")
-    michel_step: int = option(6, "michel: heads masked per iteration (the sweep's curve needs a step "
-                              "that lands on every k).", min=1)
     output_dir: str = option("runs/sweep", "Folder of the sweep: one sub-folder per run, tables and "
                              "plot. A run whose folder holds results made with other settings is "
                              "refused (with --overwrite: run again).")
     overwrite: bool = option(False, "Run again every run whose recorded settings differ from this "
                              "sweep's (without it the sweep refuses to mix them).")
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("methods", "modes", "ks", "seeds"):
+            values = getattr(self, name)
+            repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
+            if repeated:
+                raise ConfigError(f"{name}: {', '.join(map(str, repeated))} given more than once")
 
 
 @dataclass
@@ -314,7 +350,7 @@ def _flag(name: str) -> str:
 def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
     """One flag per field; defaults are left out here so that a YAML value is not masked."""
     parser.add_argument("--config", help="YAML file of options; flags given here override it.")
-    for f in dataclasses.fields(cls):
+    for f in options_of(cls):
         meta = {k: v for k, v in f.metadata.items() if k not in ("min", "positive", "below")}
         default = default_of(f)
         shown = f.type != "bool" and default is not None
@@ -329,6 +365,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         parser.add_argument(_flag(f.name), type=kind, default=None, help=help_text, **meta)
 
 
+def options_of(cls) -> list[dataclasses.Field]:
+    """The fields of `cls` that a user sets (a sweep sets method, mode, k and seed per run)."""
+    return [f for f in dataclasses.fields(cls) if f.name not in getattr(cls, "PER_RUN", ())]
+
+
 def build_config(cls, args: argparse.Namespace | None = None, **overrides):
     """Defaults < YAML file (args.config) < command-line flags < keyword overrides."""
     values: dict = {}
@@ -336,7 +377,7 @@ def build_config(cls, args: argparse.Namespace | None = None, **overrides):
     if path:
         values.update(load_yaml(path, cls))
     if args is not None:
-        values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+        values.update({f.name: getattr(args, f.name) for f in options_of(cls)
                        if getattr(args, f.name, None) is not None})
     values.update(overrides)
     return cls(**values)  # checks types and ranges
@@ -344,12 +385,14 @@ def build_config(cls, args: argparse.Namespace | None = None, **overrides):
 
 def load_yaml(path: str, cls) -> dict:
     try:
-        values = yaml.safe_load(Path(path).read_text()) or {}
+        values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path}: not UTF-8 text (byte {err.start})") from err
     except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot read config file {path}: {err}") from err
+        raise ConfigError(f"cannot read config file {path}: {' '.join(str(err).split())}") from err
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold `option: value` lines")
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {f.name for f in options_of(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"unknown option(s) in {path}: {', '.join(unknown)}")

@@ -222,7 +222,15 @@ _MISSING_LABELS = {"", "nan", "NaN", "NA", "N/A", "null", "None"}  # what an emp
 def _is_missing(value, label: bool) -> bool:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return True
+    if not label and not isinstance(value, str):
+        return True  # a number or a list where text belongs: unusable too (said so in the message)
     return isinstance(value, str) and (value.strip() in _MISSING_LABELS if label else not value.strip())
+
+
+def _what_is_wrong(value) -> str:
+    if value is None or isinstance(value, str) or (isinstance(value, float) and math.isnan(value)):
+        return "is empty or missing"
+    return f"holds {json.dumps(value)}, not text"
 
 
 def _complete_rows(rows: list[dict], where: list[str], file, text_columns: list[str], label_column: str,
@@ -237,7 +245,7 @@ def _complete_rows(rows: list[dict], where: list[str], file, text_columns: list[
             kept.append(row)
         elif not drop:
             raise DataError(f"{file}, {place}: the {'label' if column == label_column else 'text'} "
-                            f"cell of column {column!r} is empty or missing (fix it, or pass "
+                            f"cell of column {column!r} {_what_is_wrong(row.get(column))} (fix it, or pass "
                             "--drop-incomplete-rows to drop such rows)")
     if len(kept) < len(rows):
         dropped[str(file)] = len(rows) - len(kept)
@@ -291,7 +299,7 @@ def read_records(path: str) -> tuple[list[dict], list[str]]:
         if isinstance(data, list):
             return _objects(data, path, [f"record {i + 1}" for i in range(len(data))])
     rows, where = [], []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):  # not at U+2028 inside a string
         if not line.strip():
             continue
         try:

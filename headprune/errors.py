@@ -28,6 +28,10 @@ class CheckpointError(HeadpruneError, RuntimeError):
     """A checkpoint that cannot be read or belongs to other settings."""
 
 
+class TrainingDivergedError(HeadpruneError, RuntimeError):
+    """A loss, a weight or a head score that became NaN or infinite."""
+
+
 class PrunedCheckpointError(HeadpruneError, ValueError):
     """A saved pruned model whose weights do not match its record."""
 

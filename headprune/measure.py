@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .config import MeasureConfig
 from .errors import ConfigError, OutputExistsError
-from .outputs import check_writable
+from .outputs import check_not_inside, check_writable
 from .sites import UNIT_NAMES, find_sites
 
 NOISY = 0.10  # a spread (IQR) above this fraction of the median makes a speedup uncertain
@@ -133,32 +133,48 @@ def load_models(cfg: MeasureConfig) -> dict:
     """The pruned model and its original (the same architecture at full size, unless --original)."""
     from transformers import AutoConfig
 
-    from .pruning import load_pruned, model_class_of
-    from .tasks import resolve_model
+    from .pruning import SAFE, SAFE_WEIGHTS, load_pruned, model_class_of
+    from .tasks import Task
 
     pruned = load_pruned(cfg.pruned, attn_implementation=cfg.attn_implementation)
     cls = model_class_of(pruned.config)
     if cfg.original:
-        original = cls.from_pretrained(resolve_model(cfg.original), attn_implementation=cfg.attn_implementation)
+        path, config = Task().model_config(cfg.original)  # a local folder is checked first: no code, no pickle
+        check_original(cfg, pruned.config, config)
+        original = cls.from_pretrained(path, attn_implementation=cfg.attn_implementation, **SAFE_WEIGHTS)
     else:
-        config = AutoConfig.from_pretrained(cfg.pruned, attn_implementation=cfg.attn_implementation)
+        config = AutoConfig.from_pretrained(cfg.pruned, attn_implementation=cfg.attn_implementation, **SAFE)
         original = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
     return {"original": original.eval().to(cfg.device), "pruned": pruned.eval().to(cfg.device)}
 
 
-def measure(cfg: MeasureConfig, progress=print) -> dict:
-    from transformers import AutoConfig
+def check_original(cfg: MeasureConfig, pruned, original) -> None:
+    """--original must be the model the pruned one came from: the same architecture and shape
+    (speed is compared on the same inputs), every kept head one of its heads."""
+    def shape(config):
+        text = config.get_text_config()
+        return {"model": config.model_type, "vocabulary": text.vocab_size, "width": getattr(text, "hidden_size", None),
+                "layers": getattr(text, "num_hidden_layers", None), "heads": getattr(text, "num_attention_heads", None)}
+    differs = {name: (value, shape(original)[name]) for name, value in shape(pruned).items()
+               if value != shape(original)[name]}
+    if differs:
+        raise ConfigError(f"--original {cfg.original} is not the model {cfg.pruned} was pruned from: "
+                          + ", ".join(f"{name} {theirs} (pruned model: {ours})" for name, (ours, theirs) in differs.items()))
 
+
+def measure(cfg: MeasureConfig, progress=print) -> dict:
     if cfg.pruned is None:
         raise ConfigError("give the pruned model's folder with --pruned")
     if cfg.output_dir and (Path(cfg.output_dir) / "measure.json").exists() and not cfg.overwrite:
         raise OutputExistsError(f"{cfg.output_dir} already holds measure.json; pass --overwrite "
                                 "or choose another --output-dir")
     if cfg.output_dir:
+        check_not_inside(Path(cfg.output_dir), {"pruned model": cfg.pruned, "original model": cfg.original})
         check_writable(Path(cfg.output_dir))
     if not (Path(cfg.pruned) / "config.json").is_file():
         raise ConfigError(f"--pruned {cfg.pruned}: no such model folder (with a config.json)")
-    positions = getattr(AutoConfig.from_pretrained(cfg.pruned), "max_position_embeddings", None)
+    from .pruning import load_pruned_config
+    positions = getattr(load_pruned_config(cfg.pruned), "max_position_embeddings", None)
     if positions and max(cfg.lengths) > positions:
         raise ConfigError(f"--lengths {max(cfg.lengths)}: longer than the model's {positions} positions")
     if cfg.threads:

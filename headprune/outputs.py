@@ -3,9 +3,11 @@
 Every file is written to a temporary name and moved into place, and every folder (the model, the
 checkpoint) is written to a temporary folder and renamed into place: a kill leaves the old version
 or the new one, never half of one. A folder that holds results is refused unless the user asks to
-overwrite (then the earlier run's files are removed first, so nothing stale stays beside the new
-results); a folder that holds a checkpoint but no results is resumed. The folder is checked for
-writing and free space before any data or model is loaded.
+overwrite; even then the earlier run stays whole until the new one is complete (`finish_run`
+removes what the new run did not replace, then writes results.json). A run never writes inside
+its own input, nor its input inside the run (`check_not_inside`), and never follows a symbolic
+link out of its folder when it removes something. A folder that holds a checkpoint but no results
+is resumed. The folder is checked for writing and free space before any data or model is loaded.
 """
 
 from __future__ import annotations
@@ -28,14 +30,15 @@ RESULTS = "results.json"
 CHECKPOINT = "checkpoint"  # a folder: state.json and tensors.safetensors
 OLD_CHECKPOINT = "checkpoint.pt"  # a pickle written by headprune 0.1: never read
 BEST = "best"  # with --select-by: the trainable weights of the best epoch so far
-# What a finetune or prune run writes; `--overwrite` removes these before the new run.
+# What a finetune or prune run writes; a new run (--overwrite) removes the ones it did not write.
 RUN_FILES = (RESULTS, "model", CHECKPOINT, BEST, "train_log.jsonl", "training.png", "heads.png",
              "head_scores.json", "report.md")
 
 
 def check_output_dir(path: Path, overwrite: bool, needed_bytes: int = 0) -> bool:
-    """Refuse a folder holding results (unless overwrite: then remove the earlier run's files);
-    check that it can be written and has room; return True when there is a checkpoint to resume."""
+    """Refuse a folder holding results (unless overwrite: then check that the earlier run's files
+    can be replaced, and leave them in place until the new run is complete); check that it can be
+    written and has room; return True when there is a checkpoint to resume."""
     if (path / OLD_CHECKPOINT).exists():
         raise OutputExistsError(
             f"{path / OLD_CHECKPOINT} is a checkpoint of an older headprune (a pickle, which could "
@@ -44,20 +47,61 @@ def check_output_dir(path: Path, overwrite: bool, needed_bytes: int = 0) -> bool
         if not overwrite:
             raise OutputExistsError(f"{path} already holds results ({RESULTS}); choose another "
                                     "--output-dir or pass --overwrite")
-        remove_run_files(path)
+        check_replaceable(path)
+        log.info("%s holds an earlier run: it is replaced when this run is complete (--overwrite)", path)
     check_writable(path, needed_bytes)
     remove_leftovers(path)
     return checkpoint_folder(path) is not None
 
 
-def remove_run_files(path: Path) -> None:
-    for name in RUN_FILES:
+def check_not_inside(output: Path, inputs: dict[str, str | None]) -> None:
+    """Refuse an output folder that is, or lies inside, one of the run's inputs, or that holds one
+    of them: a run writes and (with --overwrite) removes files in its folder, and must never touch
+    its own model or data. `inputs`: what the input is (for the message) -> its path, or None."""
+    out = Path(output).resolve()
+    for what, given in inputs.items():
+        if not given or not Path(given).expanduser().exists():
+            continue  # a hub id or a dataset name
+        source = Path(given).expanduser().resolve()
+        if out == source or source in out.parents or out in source.parents:
+            raise OutputExistsError(f"the output folder {output} overlaps the {what} {given}: a run never "
+                                    "writes inside its own input; choose an --output-dir apart from it")
+
+
+def check_replaceable(path: Path) -> None:
+    """Before a run that will replace the earlier run in `path`: every file and folder of it can
+    be removed (a symbolic link is removed as a link, never followed)."""
+    for name in (*RUN_FILES, *(f".{n}.old" for n in RUN_FILES)):
         target = path / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-    log.info("removed the earlier run's files from %s (--overwrite)", path)
+        if target.is_symlink() or not target.is_dir():
+            continue
+        for folder, _, _ in os.walk(target):  # does not follow links
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise OutputExistsError(f"cannot replace the earlier run in {path}: {folder} is not "
+                                        "writable; fix its permissions, or choose another --output-dir")
+
+
+def remove_path(target: Path) -> None:
+    """Remove a file, a symbolic link (the link itself, never what it points to) or a folder."""
+    if target.is_symlink() or target.is_file():
+        target.unlink()
+    elif target.is_dir():
+        shutil.rmtree(target)
+
+
+def finish_run(path: Path, written: set[str], results: dict) -> None:
+    """Complete a run: if it replaces an earlier one (--overwrite), remove that one's results.json
+    and whatever else it left that this one did not write; then write results.json, whose
+    presence marks the run as complete; then drop the checkpoint (a kill before that resumes at
+    the last step and completes)."""
+    if (path / RESULTS).exists():  # only an earlier run's files: nothing else of the user's
+        (path / RESULTS).unlink()  # first: the earlier results never show beside the new files
+        for name in RUN_FILES:
+            if name not in written and name not in (RESULTS, CHECKPOINT, BEST):
+                remove_path(path / name)
+    write_json(path / RESULTS, results)
+    for name in (CHECKPOINT, BEST, f".{CHECKPOINT}.old", f".{BEST}.old"):
+        remove_path(path / name)
 
 
 def cache_root() -> Path:
@@ -84,7 +128,7 @@ def check_writable(path: Path, needed_bytes: int = 0) -> None:
 def remove_leftovers(path: Path) -> None:
     """Temporary files and folders of a run that was killed while writing."""
     for leftover in path.glob(".*.tmp"):
-        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+        remove_path(leftover)
 
 
 def checkpoint_folder(path: Path) -> Path | None:
@@ -122,15 +166,13 @@ def atomic_folder(path: Path):
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
-        if old.exists():
-            shutil.rmtree(old)
-        if path.exists():
-            os.replace(path, old)
+        remove_path(old)
+        if path.exists() or path.is_symlink():
+            os.replace(path, old)  # a link is moved as a link
         os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        remove_path(old)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        remove_path(tmp)
 
 
 def _umask() -> int:

@@ -6,6 +6,7 @@ already undone, and a note of whether the text was tokenised (Moses) beforehand.
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from dataclasses import dataclass, field
@@ -37,7 +38,10 @@ def remove_bpe(line: str) -> str:
 
 def _lines(path: Path) -> list[str]:
     try:
-        return path.read_text(encoding="utf-8").splitlines()
+        # lines end at "\n" only: str.splitlines would also cut at U+2028, NEL and other breaks
+        # inside a sentence and shift every later pair
+        text = path.read_text(encoding="utf-8")
+        return [line.removesuffix("\r") for line in text.removesuffix("\n").split("\n")] if text else []
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
 
@@ -100,8 +104,10 @@ def parallel_files(train_file: str, eval_files: list[str] | None, columns: list[
             cells = [row.get(c) for c in columns]
             if any(not isinstance(c, str) or not c.strip() for c in cells):
                 if not drop:
-                    bad = columns[0] if not isinstance(cells[0], str) or not cells[0].strip() else columns[1]
-                    raise DataError(f"{path}, {place}: the text cell of column {bad!r} is empty or missing "
+                    bad = 0 if not isinstance(cells[0], str) or not cells[0].strip() else 1
+                    what = ("is empty or missing" if cells[bad] is None or isinstance(cells[bad], str) else
+                            f"holds {json.dumps(cells[bad])}, not text")
+                    raise DataError(f"{path}, {place}: the text cell of column {columns[bad]!r} {what} "
                                     "(fix it, or pass --drop-incomplete-rows)")
                 dropped[path] = dropped.get(path, 0) + 1
                 continue

@@ -26,11 +26,36 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from .errors import PrunedCheckpointError, first_line
+from .errors import ModelError, PrunedCheckpointError, first_line
 from .outputs import atomic_folder
 from .sites import DEAD_HEAD, AttentionSite, find_sites
 
 Head = tuple[str, int, int]
+
+# Nothing read from disk may run code: every transformers load says so explicitly (without it a
+# folder with `auto_map` makes transformers ask on the terminal whether to run its code), and
+# weights come from safetensors only (a pickle can run code when it is read).
+SAFE = {"trust_remote_code": False}
+SAFE_WEIGHTS = {**SAFE, "use_safetensors": True}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def check_model_folder(folder, name: str | None = None) -> None:
+    """Refuse a local model folder that asks to run its own code or holds its weights only as a
+    pickle, with one line, before transformers reads it."""
+    folder, name = Path(folder), name or str(folder)
+    for file in ("config.json", "tokenizer_config.json"):
+        try:
+            settings = json.loads((folder / file).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # absent or unreadable: the loader that needs it says so
+        if isinstance(settings, dict) and settings.get("auto_map"):
+            raise ModelError(f"{name} asks to run code of its own ({file} has an auto_map); headprune never "
+                             "runs code from a model folder: use a model whose architecture transformers has")
+    pickles = sorted(f.name for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    if pickles and not any(folder.glob("*.safetensors")):
+        raise ModelError(f"{name} holds its weights only as a pickle ({', '.join(pickles[:3])}), which headprune "
+                         "does not read (loading a pickle can run code); convert them to safetensors first")
 
 
 def heads_checksum(kept) -> str:
@@ -157,41 +182,82 @@ def model_class_of(config):
     import transformers
 
     names = getattr(config, "architectures", None) or []
-    found = getattr(transformers, names[0], None) if names else None
-    return found or transformers.AutoModelForSequenceClassification
+    if not names:
+        return transformers.AutoModelForSequenceClassification
+    found = getattr(transformers, str(names[0]), None)
+    if not (isinstance(found, type) and issubclass(found, transformers.PreTrainedModel)):
+        raise PrunedCheckpointError(f"config.json names the architecture {names[0]!r}, which is not a model "
+                                    "class of transformers")
+    return found
+
+
+def load_pruned_config(folder, **config_kwargs):
+    """The config of a saved model folder, read without running anything from it."""
+    from transformers import AutoConfig
+
+    if not Path(folder).is_dir():
+        raise PrunedCheckpointError(f"no such model folder: {folder}")
+    check_model_folder(folder)
+    try:
+        return AutoConfig.from_pretrained(folder, **SAFE, **config_kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise PrunedCheckpointError(f"cannot read {folder}/config.json: {first_line(err)}") from err
+
+
+def check_record(record, sites: list[AttentionSite], where) -> list[Head]:
+    """The kept heads of a physically pruned model's record, checked against the sites of its
+    original shape: well formed, every head one of the model's, none twice, and the checksum that
+    headprune writes (a record edited to other heads of the same counts fits the weights' shapes,
+    so only the checksum can tell). Returns them as tuples."""
+    def bad(why: str):
+        return PrunedCheckpointError(f"{where}: the headprune record in config.json {why}; restore the "
+                                     "config.json that headprune wrote")
+    if not isinstance(record, dict) or not isinstance(record.get("kept_heads"), list):
+        raise bad("is malformed (no list of kept_heads)")
+    if record.get("unit", "group") not in ("group", "query"):
+        raise bad(f"has an unknown unit {record.get('unit')!r}")
+    sizes = {(site.kind, site.layer): site.num_heads for site in sites}
+    kept = []
+    for head in record["kept_heads"]:
+        if not (isinstance(head, (list, tuple)) and len(head) == 3 and isinstance(head[0], str)
+                and all(isinstance(i, int) and not isinstance(i, bool) for i in head[1:])):
+            raise bad(f"has a malformed kept head {head!r} (expected [kind, layer, head])")
+        if not 0 <= head[2] < sizes.get((head[0], head[1]), 0):
+            raise bad(f"names {head[0]} head {head[2]} of layer {head[1]}, which the model does not have")
+        kept.append((head[0], head[1], head[2]))
+    if len(set(kept)) < len(kept):
+        raise bad("names a head more than once")
+    if "kept_heads_sha256" not in record:
+        raise bad("has no checksum (kept_heads_sha256)")
+    if record["kept_heads_sha256"] != heads_checksum(kept):
+        raise bad("does not match its checksum (the record was edited)")
+    return kept
 
 
 def load_pruned(folder, model_class=None, **config_kwargs) -> nn.Module:
     """Load a model saved by headprune: physically pruned ones get their shapes rebuilt from
     `config.headprune.kept_heads` before the weights are loaded; others load as usual. The class
     is the one the model was saved as (`config.architectures`) unless `model_class` is given."""
-    from transformers import AutoConfig
-
-    if not Path(folder).is_dir():
-        raise PrunedCheckpointError(f"no such model folder: {folder}")
-    try:
-        config = AutoConfig.from_pretrained(folder, **config_kwargs)
-    except (OSError, ValueError) as err:
-        raise PrunedCheckpointError(f"cannot read {folder}/config.json: {first_line(err)}") from err
+    config = load_pruned_config(folder, **config_kwargs)
     model_class = model_class or model_class_of(config)
     record = getattr(config, "headprune", None) or {}
+    if not isinstance(record, dict):
+        check_record(record, [], folder)  # says what is wrong with it
     if not record.get("physical"):
         try:
-            return model_class.from_pretrained(folder, **config_kwargs)
+            return model_class.from_pretrained(folder, **SAFE_WEIGHTS, **config_kwargs)
         except (OSError, ValueError, RuntimeError, SafetensorError) as err:
             raise PrunedCheckpointError(f"cannot load the model in {folder}: {first_line(err)}") from err
-    if "kept_heads_sha256" in record and record["kept_heads_sha256"] != heads_checksum(record["kept_heads"]):
-        raise PrunedCheckpointError(
-            f"{folder}/config.json: headprune.kept_heads does not match its checksum (the record "
-            "was edited); restore the original config.json")
     model = model_class.from_config(config) if hasattr(model_class, "from_config") else model_class(config)
-    remove_heads(model, [tuple(h) for h in record["kept_heads"]], record.get("unit", "group"))
+    unit = record.get("unit", "group")
+    kept = check_record(record, find_sites(model, unit) if unit in ("group", "query") else [], folder)
+    remove_heads(model, kept, unit)
     try:
         _load_weights(model, Path(folder))
     except RuntimeError as err:
         raise PrunedCheckpointError(
             f"the weights in {folder} do not match the heads its config.json records "
-            f"({len(record['kept_heads'])} kept heads): {str(err).splitlines()[0]} ... "
+            f"({len(kept)} kept heads): {str(err).splitlines()[0]} ... "
             "was config.json edited or were the weights replaced?") from err
     except (OSError, ValueError, SafetensorError) as err:
         raise PrunedCheckpointError(f"cannot read the weights in {folder}: {err}") from err

@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import math
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -28,21 +27,22 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from .config import DEMO_DIR, FinetuneConfig, PruneConfig
 from .errors import ConfigError
 from .gates import attach_gates, detach_gates
 from .methods import (TRAINED, head_importance, iterative_pruning, make_selector,
                       normalize_importance, random_mask, resolve_schedule)
-from .outputs import (BEST, CHECKPOINT, RESULTS, atomic_folder, cache_root, check_output_dir, folder_bytes, versions,
-                      write_json, write_jsonl)
+from .outputs import (BEST, RESULTS, atomic_folder, cache_root, check_not_inside, check_output_dir, finish_run,
+                      folder_bytes, versions, write_json, write_jsonl)
 from .pruning import save_pruned, zero_pruned_heads
 from .randomness import keeps_global_rng
 from .report import plot_head_map, write_run_report
 from .sites import UNIT_NAMES
 from .tasks import get_task
-from .train import constant_until, linear_decay, restore_checkpoint, resume_state, total_steps, train
+from .train import (check_inputs, constant_until, linear_decay, restore_checkpoint, resume_state, total_steps,
+                    train)
 
 log = logging.getLogger("headprune")
 
@@ -56,10 +56,17 @@ def timed(seconds: dict, phase: str):
     seconds[phase] = round(seconds.get(phase, 0.0) + time.perf_counter() - start, 2)
 
 
+def input_paths(cfg, model_path: str | None) -> dict[str, str | None]:
+    """The run's inputs that may be local files or folders (what it must never write into)."""
+    return {"input model": model_path, "dataset": cfg.dataset,
+            **{f"evaluation file {i}": f for i, f in enumerate(cfg.eval_files or [], start=1)}}
+
+
 def _start(cfg, model_path: str):
-    """After the model's config was checked: the output folder (writable, room for the model and
-    a checkpoint), then any checkpoint to resume from."""
+    """After the model's config was checked: the output folder (apart from the inputs, writable,
+    room for the model and a checkpoint), then any checkpoint to resume from."""
     out = Path(cfg.output_dir)
+    check_not_inside(out, input_paths(cfg, model_path))
     resume = check_output_dir(out, cfg.overwrite, needed_bytes=2 * folder_bytes(model_path))
     state = resume_state(out, cfg) if resume else None
     acc = Accelerator(mixed_precision=cfg.mixed_precision)
@@ -75,13 +82,14 @@ def _load(cfg, task, path, config, require_finetuned: bool):
     return data, model, tokenizer
 
 
-def _finish(acc, out: Path, results: dict, history: list) -> dict:
+def _finish(acc, out: Path, results: dict, history: list, written: set[str]) -> dict:
+    """`written`: the run files this run wrote besides its log and results (an earlier run's
+    others are removed now, just before the new results.json)."""
     if acc.is_main_process:
         if history:
             write_jsonl(out / "train_log.jsonl", history)
-        write_json(out / RESULTS, results)  # last: its presence marks the run as complete
-        shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
-        shutil.rmtree(out / BEST, ignore_errors=True)
+            written = written | {"train_log.jsonl"}
+        finish_run(out, written, results)
     acc.wait_for_everyone()
     log.info("results in %s", out / RESULTS)
     return results
@@ -138,21 +146,45 @@ def _cache_file() -> Path:
     return cache_root() / "unpruned-metrics.json"
 
 
-def metrics_key(model_path: str, evals: dict, cfg) -> str | None:
-    """A digest of the model's weight files, the tokenized evaluation data and the settings that
-    change a score (task, attention kernel, beam); None for a model that is not a local folder."""
+def digest_of_weights(model_path: str | None) -> str | None:
+    """sha256 of a local model folder's weight files; None for a hub id or a model from scratch."""
     files = sorted(Path(model_path).glob("*.safetensors")) if model_path and Path(model_path).is_dir() else []
     if not files:
         return None
-    h = hashlib.sha256(json.dumps([cfg.task, cfg.attn_implementation, cfg.beam]).encode())
+    h = hashlib.sha256()
     for f in files:
         with open(f, "rb") as stream:
             for chunk in iter(lambda: stream.read(1 << 24), b""):
                 h.update(chunk)
-    for name in sorted(evals):
-        ds = evals[name]
-        h.update(json.dumps([name, ds[:]], sort_keys=True).encode())
     return h.hexdigest()
+
+
+def digest_of_data(splits: dict) -> str:
+    """sha256 of the model-ready examples of every split, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(splits):
+        ds = splits[name]
+        h.update(json.dumps([name, len(ds)]).encode())
+        for start in range(0, len(ds), 10_000):
+            h.update(json.dumps(ds[start:start + 10_000], sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def run_inputs(cfg, model_path: str | None, train_set, evals: dict) -> dict:
+    """What a checkpoint must have been made from to be resumed: digests of the model's weights
+    (or its name) and of the training and evaluation data."""
+    return {"model": digest_of_weights(model_path) or cfg.model,
+            "training data": digest_of_data({"train": train_set}), "evaluation data": digest_of_data(evals)}
+
+
+def metrics_key(inputs: dict, cfg) -> str | None:
+    """The unpruned metrics' cache key: the digests of the weights and the evaluation data, and the
+    settings that change a score (task, attention kernel, beam); None for a model that is not a
+    local folder."""
+    if not inputs["model"] or inputs["model"] == cfg.model:  # no digest of the weights
+        return None
+    key = [cfg.task, cfg.attn_implementation, cfg.beam, inputs["model"], inputs["evaluation data"]]
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()
 
 
 def cached_metrics(key: str | None) -> dict | None:
@@ -188,13 +220,17 @@ def finetune(cfg: FinetuneConfig) -> dict:
     with timed(seconds, "load"):
         data, model, tokenizer = _load(cfg, task, path, config, require_finetuned=False)
         train_set, evals, collate = task.prepare(data, tokenizer, cfg)
+        inputs = run_inputs(cfg, path, train_set, evals)
+        state = check_inputs(out, state, inputs, cfg)
+        if state is None:
+            seconds.clear()
         steps = total_steps(cfg, train_set, acc.num_processes)
         optimizer, scheduler = task.optimizer(cfg, model.parameters(), steps)
         model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
         if state:
             restore_checkpoint(acc, state, model, optimizer, scheduler)
     log.info("fine-tuning %s on %d examples for %d steps", cfg.model, len(train_set), steps)
-    extra = dict(state["extra"]) if state else {}
+    extra = dict(state["extra"]) if state else {"inputs": inputs}
     on_epoch_end, keep_best = best_epoch_keeper(cfg, task, acc, model, evals, collate, out, extra)
     with timed(seconds, "train"):
         history = train(acc, cfg, out, model, optimizer, scheduler, train_set, collate, loss_fn=task.loss,
@@ -208,11 +244,12 @@ def finetune(cfg: FinetuneConfig) -> dict:
         if acc.is_main_process:
             with atomic_folder(out / "model") as tmp:  # a kill leaves no half-written folder
                 task.save(acc.unwrap_model(model), tokenizer, tmp)
-            remember_metrics(metrics_key(str(out / "model"), evals, cfg), metrics)  # pruning it reuses them
+            saved = {**inputs, "model": digest_of_weights(str(out / "model"))}
+            remember_metrics(metrics_key(saved, cfg), metrics)  # pruning it reuses them
     results = {"method": "none", "mode": "finetune", "metrics": metrics, "steps": steps,
                "selected_epoch": extra.get("best"),
                **_common_results(cfg, task, data, seconds, state and state["step"])}
-    return _finish(acc, out, results, history)
+    return _finish(acc, out, results, history, written={"model"})
 
 
 # -- pruning -------------------------------------------------------------------------------------
@@ -238,6 +275,10 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
         data, model, tokenizer = _load(cfg, task, path, config, require_finetuned=pipelined)
         gates = attach_gates(model, cfg.unit)
         train_set, evals, collate = task.prepare(data, tokenizer, cfg)
+        inputs = run_inputs(cfg, path, train_set, evals)
+        state = check_inputs(out, state, inputs, cfg)
+        if state is None:
+            seconds.clear()
         if pipelined:  # the fine-tuned weights stay as they are; dropout stays on while training
             model.requires_grad_(False)
         if cfg.method in TRAINED:
@@ -253,11 +294,11 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
             return task.evaluate(acc, model, evals, collate, cfg)
 
     all_heads = torch.ones(gates.num_heads)
-    extra = dict(state["extra"]) if state else {}
+    extra = dict(state["extra"]) if state else {"inputs": inputs}
     if pipelined and metrics_unpruned is not None:
         extra.setdefault("metrics_unpruned", metrics_unpruned)
     if pipelined and "metrics_unpruned" not in extra:  # the same weights and data: measured once
-        key = metrics_key(path, evals, cfg)
+        key = metrics_key(inputs, cfg)
         extra["metrics_unpruned"] = cached_metrics(key)
         if extra["metrics_unpruned"] is None:
             with timed(seconds, "evaluate_unpruned"):
@@ -309,7 +350,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
                "kept_per_kind": {kind: sum(h[0] == kind for h in kept) for kind in kinds},
                "kept_heads": kept, "metrics_pruned": metrics, "metrics_unpruned": extra["metrics_unpruned"],
                **info, **_common_results(cfg, task, data, seconds, state and state["step"])}
-    _finish(acc, out, results, history)
+    _finish(acc, out, results, history, written={"model", "head_scores.json", "heads.png"})
     if acc.is_main_process:
         write_run_report(out, results, history)
     return results
@@ -364,7 +405,7 @@ def selector_and_optimizer(cfg: PruneConfig, num_heads: int, steps: int, budget=
     selector = make_selector(cfg.method, num_heads, k, t0=schedule["t0"], tf=schedule["tf"],
                              cooldown_steps=schedule["cooldown_steps"], l0_lambda=cfg.l0_lambda,
                              seed=cfg.seed, budget=budget, settle_step=settle_step,
-                             shrink_steps=schedule["shrink_steps"])
+                             shrink_steps=schedule["shrink_steps"], k_rounds=cfg.relaxation == "k-rounds")
     pruning_lr = schedule["pruning_lr"]
     groups = [{"params": list(selector.parameters()), "lr": pruning_lr, "weight_decay": 0.0}]
     # the scores stop at the settle step (a zero rate: Adam's momentum must not move them on)
@@ -384,7 +425,8 @@ def selector_and_optimizer(cfg: PruneConfig, num_heads: int, steps: int, budget=
         log.info("the training budget falls from all %d heads to k over the first %d steps", num_heads,
                  schedule["shrink_steps"])
     if cfg.method == "dsp":
-        info.update(t0=schedule["t0"], tf=schedule["tf"], cooldown_steps=schedule["cooldown_steps"])
+        info.update(t0=schedule["t0"], tf=schedule["tf"], cooldown_steps=schedule["cooldown_steps"],
+                    relaxation=cfg.relaxation)
     if cfg.method == "voita":
         info.update(l0_lambda=cfg.l0_lambda, selection=cfg.voita_selection)
     return selector, optimizer, scheduler, info
@@ -398,13 +440,13 @@ def _michel(cfg, task, acc, model, gates, train_set, collate, evaluate_with):
 
     def importance(mask):
         passes.append(1)
-        raw = head_importance(model, gates, tqdm(loader, desc="importance", leave=False,
+        raw = head_importance(model, gates, progress_bar(loader, desc="importance", leave=False,
                                                  disable=not acc.is_local_main_process),
                               mask.to(acc.device), reduce=lambda t: acc.reduce(t, "sum"), loss_fn=task.loss)
         return normalize_importance(raw, sizes)
 
     keep = sum(cfg.k_per_kind) if cfg.k_per_kind else cfg.k
-    rounds = tqdm(total=math.ceil((gates.num_heads - keep) / cfg.michel_step), desc="michel rounds",
+    rounds = progress_bar(total=math.ceil((gates.num_heads - keep) / cfg.michel_step), desc="michel rounds",
                   disable=not acc.is_local_main_process)
 
     def evaluate_round(mask):

@@ -21,9 +21,10 @@ from collections import defaultdict
 from pathlib import Path
 
 from .config import SHRINKING, PruneConfig, SweepConfig
-from .errors import OutputExistsError
+from .errors import ConfigError, OutputExistsError
 from .outputs import RESULTS, atomic_path
-from .recipes import prune
+from .outputs import check_not_inside
+from .recipes import check_budget, input_paths, prune
 from .report import plot_sweep
 from .sites import UNIT_NAMES
 from .tasks import get_task
@@ -51,7 +52,8 @@ def planned_runs(cfg: SweepConfig) -> list[PruneConfig]:
             for k in ks:
                 for seed in seeds:
                     name = f"{method}-{mode}-s{seed}" if method == "michel" else f"{method}-{mode}-k{k}-s{seed}"
-                    runs.append(PruneConfig(**{**base, "method": method, "mode": mode, "k": k, "seed": seed,
+                    runs.append(PruneConfig(**{**base, "method": method, "mode": mode, "seed": seed,
+                                               "k": None if cfg.k_per_kind else k,
                                                "model": model, "overwrite": False, "settle_fraction": settle[mode],
                                                "shrink_fraction": cfg.shrink_fraction if method in SHRINKING else None,
                                                "output_dir": str(Path(cfg.output_dir) / name)}))
@@ -90,59 +92,101 @@ def rows_of(results: dict, ks: list[int], folder: str) -> list[dict]:
              **{split: metrics[split] for split in headline_splits(metrics)}}]
 
 
+RESULT_KEYS = ("method", "mode", "seed", "k", "num_heads", "seconds", "config", "metrics_pruned", "metric")
+
+
+def read_results(folder: Path) -> dict:
+    """A finished run's results.json, checked enough to build the tables from it."""
+    try:
+        results = json.loads((folder / RESULTS).read_text())
+        missing = [key for key in RESULT_KEYS if key not in results] if isinstance(results, dict) else ["all"]
+    except (OSError, ValueError) as err:
+        missing, results = [f"unreadable: {type(err).__name__}"], None
+    if missing:
+        raise OutputExistsError(f"{folder / RESULTS} is damaged (missing {', '.join(missing)}); delete the "
+                                f"folder {folder} and run the sweep again to redo that run")
+    return results
+
+
 def stale_runs(runs: list[PruneConfig]) -> dict[str, str]:
     """Finished runs whose recorded settings differ from the plan: folder name -> what changed."""
     stale = {}
     for run in runs:
         path = Path(run.output_dir) / RESULTS
         if path.exists():
-            saved = json.loads(path.read_text()).get("config", {})
+            saved = read_results(path.parent)["config"]
             changed = changed_settings(saved, run)
             if changed:
                 stale[path.parent.name] = describe_changes(changed)
     return stale
 
 
+def check_plan(cfg: SweepConfig, runs: list[PruneConfig]) -> None:
+    """Every planned run's model, budget and folder, before the first run starts."""
+    if not runs:
+        raise ConfigError(f"the sweep plans no runs ({', '.join(cfg.methods)} in {', '.join(cfg.modes)} mode: "
+                          "michel and random run pipelined only)")
+    models = {}
+    for run in runs:
+        if (run.model, run.mode) not in models:
+            path, _, counts = get_task(cfg.task).inspect(run.model, require_finetuned=run.mode == "pipelined",
+                                                         unit=cfg.unit)
+            models[(run.model, run.mode)] = counts, input_paths(run, path)
+            check_not_inside(Path(cfg.output_dir), models[(run.model, run.mode)][1])
+        counts, inputs = models[(run.model, run.mode)]
+        check_budget(run, counts, threshold=run.method == "voita" and run.voita_selection == "threshold")
+        check_not_inside(Path(run.output_dir), inputs)
+
+
 def sweep(cfg: SweepConfig) -> list[dict]:
     out = Path(cfg.output_dir)
     runs = planned_runs(cfg)
-    for model, mode in sorted({(run.model, run.mode) for run in runs}):  # fail now, not hours later
-        get_task(cfg.task).inspect(model, require_finetuned=mode == "pipelined", unit=cfg.unit)
+    check_plan(cfg, runs)  # fail now, not hours later
     stale = stale_runs(runs)
     if stale and not cfg.overwrite:
         first = next(iter(stale))
         raise OutputExistsError(
             f"{out} holds {len(stale)} run(s) made with other settings (e.g. {first}: {stale[first]}); "
             "pass --overwrite to run them again with these settings, or choose another --output-dir")
-    rows, unpruned_metrics = [], None
-    for i, run in enumerate(runs, start=1):
-        folder = Path(run.output_dir)
-        if folder.name in stale:
-            log.info("[%d/%d] running %s again: other settings (%s)", i, len(runs), folder.name, stale[folder.name])
-            run = dataclasses.replace(run, overwrite=True)
-            results = prune(run, metrics_unpruned=unpruned_metrics)
-        elif (folder / RESULTS).exists():
-            log.info("[%d/%d] done already: %s", i, len(runs), folder.name)
-            results = json.loads((folder / RESULTS).read_text())
-        else:
-            log.info("[%d/%d] running %s", i, len(runs), folder.name)
-            results = prune(run, metrics_unpruned=unpruned_metrics)
-        rows += rows_of(results, cfg.ks, folder.name)
-        if results["mode"] == "pipelined" and unpruned_metrics is None:  # the same for every run
-            unpruned_metrics = results["metrics_unpruned"]
-    splits = headline_splits(results["metrics_pruned"]) if runs else []
-    reported = report_split(results["metrics_pruned"], cfg.split) if runs else None
+    rows, finished, unpruned_metrics = [], [], None
+    try:
+        for i, run in enumerate(runs, start=1):
+            folder = Path(run.output_dir)
+            if folder.name in stale:
+                log.info("[%d/%d] running %s again: other settings (%s)", i, len(runs), folder.name, stale[folder.name])
+                results = prune(dataclasses.replace(run, overwrite=True), metrics_unpruned=unpruned_metrics)
+            elif (folder / RESULTS).exists():
+                log.info("[%d/%d] done already: %s", i, len(runs), folder.name)
+                results = read_results(folder)
+            else:
+                log.info("[%d/%d] running %s", i, len(runs), folder.name)
+                results = prune(run, metrics_unpruned=unpruned_metrics)
+            rows += rows_of(results, cfg.ks, folder.name)
+            finished.append(results)
+            if results["mode"] == "pipelined" and unpruned_metrics is None:  # the same for every run
+                unpruned_metrics = results["metrics_unpruned"]
+    finally:  # a sweep stopped part-way still shows the runs it finished
+        if finished:
+            if len(finished) < len(runs):
+                log.warning("the sweep stopped after %d of %d runs: the tables show those", len(finished), len(runs))
+            write_outputs(cfg, out, rows, finished[-1], unpruned_metrics)
+    return rows
+
+
+def write_outputs(cfg: SweepConfig, out: Path, rows: list[dict], results: dict, unpruned_metrics: dict | None) -> None:
+    """Tables, summary, plot and report of the rows so far (`results`: any one run's, for the
+    splits, the metric and the model's head count)."""
+    splits = headline_splits(results["metrics_pruned"])
+    reported = report_split(results["metrics_pruned"], cfg.split)
     summaries = {split: summary_table(rows, split, unpruned_metrics and unpruned_metrics[split])
                  for split in splits}
     write_tables(out, rows, splits, summaries)
-    if runs:
-        plot_sweep(out / "sweep.png", [{**r, "metric": r[reported]} for r in rows],
-                   unpruned_metrics and unpruned_metrics[reported], f"{cfg.model} on {cfg.dataset}",
-                   results["num_heads"], metric=f"{results['metric']} ({reported})",
-                   units=UNIT_NAMES[results.get("unit", "head")].split(" (")[0],
-                   log_scale=not get_task(cfg.task).higher_is_better)
+    plot_sweep(out / "sweep.png", [{**r, "metric": r[reported]} for r in rows],
+               unpruned_metrics and unpruned_metrics[reported], f"{cfg.model} on {cfg.dataset}",
+               results["num_heads"], metric=f"{results['metric']} ({reported})",
+               units=UNIT_NAMES[results.get("unit", "head")].split(" (")[0],
+               log_scale=not get_task(cfg.task).higher_is_better)
     write_sweep_report(out, cfg, summaries, reported)
-    return rows
 
 
 def write_tables(out: Path, rows: list[dict], splits: list[str], summaries: dict[str, str]) -> None:

@@ -23,7 +23,7 @@ def _lines(path: Path) -> list[str]:
         raise DataError(f"{path}: not UTF-8 text (byte {err.start})") from err
     except OSError as err:
         raise DataError(f"cannot read {path}: {err.strerror}") from err
-    documents = [line.strip() for line in text.splitlines() if line.strip()]
+    documents = [line.strip() for line in text.split("\n") if line.strip()]  # not at U+2028 and the like
     if not documents:
         raise DataError(f"{path} holds no text")
     return documents

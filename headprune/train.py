@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Sampler
-from tqdm.auto import tqdm
 
 from .checkpoint import read_checkpoint, write_checkpoint
-from .errors import CheckpointError
+from .errors import CheckpointError, TrainingDivergedError
 from .outputs import checkpoint_folder
+from .progress import progress_bar
 from .randomness import derive_seed
 
 log = logging.getLogger("headprune")
@@ -164,7 +164,8 @@ def resume_state(out: Path, cfg) -> dict | None:
     if folder is None:
         return None
     state = read_checkpoint(folder)
-    changed = changed_settings(state.get("config", {}), cfg)
+    check_state(state, folder)
+    changed = changed_settings(state["config"], cfg)
     if not changed:
         return state
     what = describe_changes(changed)
@@ -175,6 +176,45 @@ def resume_state(out: Path, cfg) -> dict | None:
     raise CheckpointError(f"{folder} was made with other settings ({what}); resume with the same "
                           "settings, pass --overwrite to discard it and start over, or choose "
                           "another --output-dir")
+
+
+STATE_PARTS = {"config": dict, "model": dict, "optimizer": dict, "scheduler": dict, "history": list,
+               "extra": dict, "seconds": dict}
+
+
+def check_state(state, folder: Path) -> None:
+    """A checkpoint's state has every part, of the right type, and a step count (a hand-edited or
+    damaged one is refused before anything is restored from it)."""
+    def bad(why: str):
+        return CheckpointError(f"checkpoint {folder} is damaged ({why}); delete it to start over")
+    if not isinstance(state, dict):
+        raise bad("not a state")
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise bad(f"its step {step!r} is not a count of steps")
+    for part, kind in STATE_PARTS.items():
+        if not isinstance(state.get(part), kind):
+            raise bad(f"its {part} is missing or not a {kind.__name__}")
+
+
+def check_inputs(out: Path, state: dict | None, inputs: dict, cfg) -> dict | None:
+    """The checkpoint in `state` if it was made from the same inputs (`inputs`: digests of the
+    model weights and data, kept in the checkpoint's extra); one made from others is refused, or
+    with --overwrite discarded (None)."""
+    if state is None or state["extra"].get("inputs") == inputs:
+        return state
+    saved = state["extra"].get("inputs")
+    if saved is None:  # written before checkpoints recorded their inputs
+        log.warning("the checkpoint in %s does not record its model and data: resuming it as it is", out)
+        return state
+    what = " and ".join(name for name in inputs if saved.get(name) != inputs[name]) or "inputs"
+    if cfg.overwrite:
+        log.warning("discarding the checkpoint in %s, made from other %s", out, what)
+        shutil.rmtree(checkpoint_folder(out), ignore_errors=True)  # every process may try
+        return None
+    raise CheckpointError(f"the checkpoint in {out} was made from another {what} (the {what} changed since the "
+                          "run was interrupted); resume with the same ones, pass --overwrite to discard it and "
+                          "start over, or choose another --output-dir")
 
 
 def save_checkpoint(acc: Accelerator, out: Path, cfg, model, optimizer, scheduler, step: int,
@@ -234,6 +274,9 @@ def _train(acc, cfg, out, model, optimizer, scheduler, train_set, collate, loss_
     step, history = 0, []
     if resume_state is not None:
         step, history = resume_state["step"], resume_state["history"]
+        if step > last_step:
+            raise CheckpointError(f"the checkpoint in {out} is at step {step}, past this run's {last_step} steps; "
+                                  "delete it to start over")
         log.info("resuming %s at step %d of %d", desc, step, last_step)
     log_every = max(1, min(10, last_step // 25))  # every 10 steps; at least 25 rows in short runs
     loss_sum, loss_count = torch.zeros((), device=acc.device), 0
@@ -248,8 +291,22 @@ def _train(acc, cfg, out, model, optimizer, scheduler, train_set, collate, loss_
             extra["score_grad_norms"] = extra.get("score_grad_norms", []) + torch.stack(pending_norms).tolist()
             pending_norms.clear()
 
+    saved_step = step if resume_state is not None else None  # the last good checkpoint
+    diverged = torch.zeros((), dtype=torch.bool, device=acc.device)  # a non-finite loss since the last check
+
+    def check_finite() -> None:
+        """Stop a run whose loss or trainable weights (head scores among them) turned NaN or
+        infinite, before it writes a checkpoint or evaluates."""
+        if not (diverged.item() or any(not torch.isfinite(p).all() for p in trainable)):
+            return
+        kept = (f"the last good checkpoint (step {saved_step}) is kept in {out}" if saved_step is not None
+                else "no checkpoint had been written")
+        raise TrainingDivergedError(
+            f"training diverged: the loss or the weights became NaN or infinite by step {step} of {last_step}; "
+            f"stopped ({kept}); lower --lr or --pruning-lr, or clip gradients with --max-grad-norm")
+
     model.train()
-    progress = tqdm(total=last_step, initial=step, desc=desc, disable=not acc.is_local_main_process)
+    progress = progress_bar(total=last_step, initial=step, desc=desc, disable=not acc.is_local_main_process)
     while step < last_step:
         epoch, done_in_epoch = divmod(step, per_epoch)
         loader = acc.prepare(epoch_loader(cfg, train_set, collate, epoch))
@@ -277,6 +334,11 @@ def _train(acc, cfg, out, model, optimizer, scheduler, train_set, collate, loss_
             progress.update()
             loss_sum += loss.detach()
             loss_count += 1
+            diverged |= ~torch.isfinite(loss.detach())
+            epoch_ends = step % per_epoch == 0 or step == last_step
+            checkpoint_due = step == last_step or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+            if step % log_every == 0 or epoch_ends or checkpoint_due:
+                check_finite()
             if step % log_every == 0 or step == last_step:
                 row = {"step": step, "epoch": round(step / per_epoch, 3),
                        "loss": loss_sum.item() / loss_count,
@@ -287,13 +349,14 @@ def _train(acc, cfg, out, model, optimizer, scheduler, train_set, collate, loss_
                 loss_sum.zero_()
                 loss_count = 0
                 progress.set_postfix(loss=f"{row['loss']:.4f}")
-            if on_epoch_end is not None and (step % per_epoch == 0 or step == last_step):
+            if on_epoch_end is not None and epoch_ends:
                 on_epoch_end(math.ceil(step / per_epoch))
                 model.train()
-            if step == last_step or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+            if checkpoint_due:
                 flush_norms()
                 so_far = {**seconds, phase: round(seconds.get(phase, 0.0) + time.perf_counter() - started, 2)}
                 save_checkpoint(acc, out, cfg, model, optimizer, scheduler, step, history, extra, so_far)
+                saved_step = step
             if step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
             if step == last_step:

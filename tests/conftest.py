@@ -126,3 +126,19 @@ def write_tiny_lm(folder, layers=3, heads=6, kv_heads=2, n_train=120, n_eval=30,
     for split, n in (("train", n_train), ("validation", n_eval)):
         (folder / "text" / f"{split}.txt").write_text("\n".join(document() for _ in range(n)))
     return folder / "model", folder / "text"
+
+
+def one_line_error(capsys, argv) -> str:
+    """Run the command line; it must fail with exit code 2 and one line, no traceback: that line."""
+    from headprune.cli import main
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("headprune: error: ") and "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+def tiny(model, data, out, **kw):
+    """A quick prune config on the tiny assets (k = 3 of 8 heads, one epoch, no checkpoints)."""
+    from headprune.config import PruneConfig
+    return PruneConfig(**{"model": str(model), "dataset": str(data), "output_dir": str(out), "k": 3,
+                          "epochs": 1, "batch_size": 16, "checkpoint_every": 0, **kw})

@@ -8,11 +8,11 @@ import subprocess
 import sys
 
 import pytest
+from conftest import one_line_error, tiny
 
 import headprune.recipes as recipes
 import headprune.tasks.classification as classification_task
 from headprune.cli import main
-from headprune.config import PruneConfig
 from headprune.data import load_classification
 from headprune.errors import CheckpointError, DataError, ModelError, OutputExistsError
 from headprune.outputs import atomic_folder, check_output_dir
@@ -29,10 +29,6 @@ class Plant:
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
 
-
-def tiny(model, data, out, **kw):
-    return PruneConfig(**{"model": str(model), "dataset": str(data), "output_dir": str(out), "k": 3,
-                          "epochs": 1, "batch_size": 16, "checkpoint_every": 0, **kw})
 
 
 @pytest.fixture
@@ -146,12 +142,6 @@ def no_training_only(monkeypatch):
 
 
 # -- 5. one line and exit code 2, before any long work ----------------------------------------------------
-
-def one_line_error(capsys, argv) -> str:
-    assert main([str(a) for a in argv]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("headprune: error: ") and "Traceback" not in "\n".join(err)
-    return err[-1]
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -9,7 +9,7 @@ import torch
 
 from conftest import ARCHS, tiny_model
 from headprune import attach_gates, detach_gates
-from headprune.pruning import PrunedCheckpointError, load_pruned, remove_heads, save_pruned
+from headprune.pruning import PrunedCheckpointError, heads_checksum, load_pruned, remove_heads, save_pruned
 
 # 3 layers x 4 heads: layer 0 loses every head, layer 1 keeps one, layer 2 keeps two
 KEPT = [("encoder", 1, 2), ("encoder", 2, 0), ("encoder", 2, 3)]
@@ -100,7 +100,7 @@ def test_mismatched_record_gives_a_clear_error(tmp_path):
 
     def one_head_fewer(record):
         record["kept_heads"] = record["kept_heads"][:-1]
-        del record["kept_heads_sha256"]  # as a record written before checksums existed
+        record["kept_heads_sha256"] = heads_checksum(record["kept_heads"])  # a consistent record, other weights
     edit_record(tmp_path, one_head_fewer)
     with pytest.raises(PrunedCheckpointError, match="do not match the heads its config.json records"):
         load_pruned(tmp_path)

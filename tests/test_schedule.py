@@ -69,7 +69,7 @@ def test_keeping_most_heads_finds_the_planted_ones_to_drop():
     # 1.29-1.72x (1.72 with seed 0)
     for seed in (0, 1, 2):
         assert cost_ratio("dsp", k=60, steps=125, seed=seed) < 1.05
-    assert cost_ratio("dsp", k=60, steps=125, seed=0, k_rounds=True) > 1.5
+    assert cost_ratio("dsp", k=60, steps=125, seed=0, relaxation="k-rounds") > 1.5
 
 
 def test_joint_runs_at_the_default_settle_for_their_last_two_thirds():

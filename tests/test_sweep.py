@@ -82,16 +82,22 @@ def test_a_sweep_into_a_folder_of_other_settings_refuses_or_redoes_them(tiny_fin
     assert all(json.loads((tmp_path / r["run"] / "results.json").read_text())["config"]["max_length"] == 16 for r in rows)
 
 
+def recorded(config: dict) -> dict:
+    """A finished run's results.json with these settings (the rest as a sweep reads it)."""
+    return {"config": config, "method": config["method"], "mode": config["mode"], "seed": config["seed"],
+            "k": config["k"], "num_heads": 72, "seconds": {}, "metrics_pruned": {"test": 0.5}, "metric": "accuracy"}
+
+
 def test_runs_recorded_before_an_option_existed_count_it_as_its_default(tmp_path):
     import json
     from headprune.config import PruneConfig
     run = PruneConfig(output_dir=str(tmp_path / "r"), k=6)
     saved = {k: v for k, v in dataclasses.asdict(run).items() if k not in ("task", "k_per_kind")}  # an older run
     (tmp_path / "r").mkdir()
-    (tmp_path / "r" / "results.json").write_text(json.dumps({"config": saved}))
+    (tmp_path / "r" / "results.json").write_text(json.dumps(recorded(saved)))
     assert sweep_mod.stale_runs([run]) == {}
     saved["k"] = 12
-    (tmp_path / "r" / "results.json").write_text(json.dumps({"config": saved}))
+    (tmp_path / "r" / "results.json").write_text(json.dumps(recorded(saved)))
     assert sweep_mod.stale_runs([run]) == {"r": "k: 12 -> 6"}
 
 
@@ -103,11 +109,11 @@ def test_joint_runs_recorded_before_the_settle_existed_are_stale(tmp_path):
         run = PruneConfig(output_dir=str(tmp_path / "r"), mode=mode, k=6)
         saved = {k: v for k, v in dataclasses.asdict(run).items() if k != "settle_fraction"}
         (tmp_path / "r").mkdir(exist_ok=True)
-        (tmp_path / "r" / "results.json").write_text(json.dumps({"config": saved}))
+        (tmp_path / "r" / "results.json").write_text(json.dumps(recorded(saved)))
         assert sweep_mod.stale_runs([run]) == expected
     # made since: the same settle, given or not
     saved["mode"], saved["settle_fraction"] = "joint", 0.6667
-    (tmp_path / "r" / "results.json").write_text(json.dumps({"config": saved}))
+    (tmp_path / "r" / "results.json").write_text(json.dumps(recorded(saved)))
     assert sweep_mod.stale_runs([PruneConfig(output_dir=str(tmp_path / "r"), mode="joint", k=6)]) == {}
 
 
@@ -130,10 +136,10 @@ def test_joint_dsp_runs_recorded_before_the_shrink_existed_are_stale(tmp_path):
         run = PruneConfig(output_dir=str(tmp_path / "r"), method=method, mode=mode, k=6)
         saved = {k: v for k, v in dataclasses.asdict(run).items() if k not in ("shrink_fraction", "settle_fraction")}
         saved["settle_fraction"] = 0.6667 if mode == "joint" else None  # made after the settle
-        (tmp_path / "r" / "results.json").write_text(json.dumps({"config": saved}))
+        (tmp_path / "r" / "results.json").write_text(json.dumps(recorded(saved)))
         assert sweep_mod.stale_runs([run]) == expected
     saved["mode"], saved["method"], saved["shrink_fraction"] = "joint", "dsp", 1.0  # made since: the same
-    (tmp_path / "r" / "results.json").write_text(json.dumps({"config": saved}))
+    (tmp_path / "r" / "results.json").write_text(json.dumps(recorded(saved)))
     assert sweep_mod.stale_runs([PruneConfig(output_dir=str(tmp_path / "r"), mode="joint", k=6)]) == {}
 
 

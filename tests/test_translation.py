@@ -248,3 +248,22 @@ def test_the_best_epoch_by_validation_bleu_is_kept(trained, tmp_path):
     assert not (tmp_path / "best" / "best").exists()  # removed with the checkpoint at the end
     with pytest.raises(ConfigError, match="--select-by 'dev': the evaluation splits are heldout"):
         prune(tiny_cfg(PruneConfig, data, tmp_path / "x", mode="joint", k=12, select_by="dev"))
+
+
+@pytest.mark.parametrize("size", [1, 2, 33])
+def test_every_sentence_of_an_evaluation_split_is_translated_once(trained, tmp_path, size, monkeypatch):
+    """An evaluation split (or last generation batch) of one sentence, or 33 with batches of 32:
+    accelerate cuts the last gathered batch to the sentences left, which must not cut a tuple."""
+    import headprune.tasks.translation as translation
+    model_dir, data, _ = trained
+    rows = [json.loads(line) for line in data.read_text().splitlines()][:size]
+    (tmp_path / "valid.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    seen = {}
+    real = translation.bleu_scores
+    monkeypatch.setattr(translation, "bleu_scores", lambda split, hyps, refs, *a: seen.update({split: (hyps, refs)})
+                        or real(split, hyps, refs, *a))
+    results = prune(tiny_cfg(PruneConfig, data, tmp_path / "out", model=str(model_dir), method="random", k=12,
+                             eval_files=[str(tmp_path / "valid.jsonl")], generation_batch_size=32))
+    hypotheses, references = seen["valid"]
+    assert references == [r["en"] for r in rows] and len(hypotheses) == size
+    assert results["eval_examples"] == {"valid": size}

@@ -40,15 +40,17 @@ SCORE_TRAVEL = 4.0
 
 def make_selector(method: str, num_heads: int, k: int | None, *, t0: float = 1000.0, tf: float = 1e-2,
                   cooldown_steps: int = 1000, l0_lambda: float = 0.0015, seed: int = 0,
-                  budget: Budget | None = None, settle_step: int | None = None, shrink_steps: int = 0) -> nn.Module:
+                  budget: Budget | None = None, settle_step: int | None = None, shrink_steps: int = 0,
+                  k_rounds: bool = False) -> nn.Module:
     """The selector of a trained method; for voita, k=None keeps the heads whose gate is above 0.5.
     `budget`, instead of k: exactly k_g heads in each group g (e.g. per kind of attention).
     From `settle_step` on, training uses the evaluation mask (the heads kept), with no gradient.
     dsp, ste: the training budget falls from every head to k over the first `shrink_steps`.
+    dsp with `k_rounds`: the reference's relaxation (k rounds of softmax, however large k).
     Its initial scores and its noise at every step follow from `seed` alone."""
     if method == "dsp":
         return DSPSelector(num_heads, k, t0, tf, cooldown_steps, seed=seed, budget=budget,
-                           settle_step=settle_step, shrink_steps=shrink_steps)
+                           settle_step=settle_step, shrink_steps=shrink_steps, k_rounds=k_rounds)
     if method == "ste":
         return DSPSelector(num_heads, k, straight_through=True, seed=seed, budget=budget,
                            settle_step=settle_step, shrink_steps=shrink_steps)

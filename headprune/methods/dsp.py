@@ -8,6 +8,8 @@ The STE variant uses the hard top-k forward and passes the gradient straight to 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -101,7 +103,8 @@ class DSPSelector(nn.Module):
 
     def __init__(self, num_heads: int, k: int | None, t0: float = 1000.0, tf: float = 1e-2,
                  cooldown_steps: int = 1000, straight_through: bool = False, seed: int = 0,
-                 budget: Budget | None = None, settle_step: int | None = None, shrink_steps: int = 0):
+                 budget: Budget | None = None, settle_step: int | None = None, shrink_steps: int = 0,
+                 k_rounds: bool = False):
         super().__init__()
         self.budget = check_budget(num_heads, k, budget)  # exactly k overall, or k per group
         self.k = sum(group_k for _, group_k in self.budget)
@@ -110,6 +113,7 @@ class DSPSelector(nn.Module):
         self.seed = seed
         self.settle_step = settle_step  # from this step on, training uses the kept heads (no gradient)
         self.shrink_steps = shrink_steps  # the training budget falls from every head to k over these steps
+        self.k_rounds = k_rounds  # the reference's relaxation: k rounds of softmax even when n - k are fewer
         # float64 as in the reference: the soft top-k at temperatures near 1e-8 needs the range.
         init = torch.empty(num_heads, dtype=torch.float64).uniform_(
             -0.5, 0.5, generator=generator("cpu", seed, "dsp-init"))
@@ -153,7 +157,8 @@ class DSPSelector(nn.Module):
             mask = kept + self.logits - self.logits.detach()  # forward hard, backward identity
         else:
             noise = sample_gumbel(self.logits, generator(self.logits.device, self.seed, "gumbel", self.step))
-            mask = per_group(soft_top_k, self.logits + noise, budget, self.temperature)
+            relaxed = functools.partial(soft_top_k, fewest_rounds=not self.k_rounds)
+            mask = per_group(relaxed, self.logits + noise, budget, self.temperature)
             self._hard = per_group(hard_top_k, (self.logits + noise).detach(), budget)
         self._last = mask.detach()
         self._kept = kept

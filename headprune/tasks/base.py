@@ -14,6 +14,7 @@ import torch
 from transformers import AutoConfig
 
 from ..errors import ConfigError, ModelError, UnsupportedArchitectureError, first_line
+from ..pruning import SAFE, check_model_folder, check_record
 from ..sites import find_sites
 from ..train import linear_decay
 
@@ -78,6 +79,7 @@ def resolve_model(name: str) -> str:
             raise ModelError(f"no such model folder: {name}")
         if not (path / "config.json").is_file():
             raise ModelError(f"{name} is not a model folder (it has no config.json)")
+        check_model_folder(path, name)
         return str(path)
     return name  # a hub id
 
@@ -96,7 +98,7 @@ class Task:
         """(path or None, config) of the model called `name`, without reading weights."""
         path = resolve_model(name)
         try:
-            return path, AutoConfig.from_pretrained(path)
+            return path, AutoConfig.from_pretrained(path, **SAFE)
         except (OSError, ValueError) as err:
             hint = " (the hub cannot be reached: HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
             raise ModelError(f"cannot load model {name!r}: no such folder, and no hub model of that "
@@ -115,20 +117,29 @@ class Task:
             raise UnsupportedArchitectureError(
                 f"headprune does not support {config.model_type!r} for {self.name} (transformers has "
                 f"no {self.auto_class.__name__.removeprefix('AutoModelFor')} model for it)") from err
+        sites = find_sites(skeleton, unit)  # or UnsupportedArchitectureError
         counts: dict[str, int] = {}
-        for site in find_sites(skeleton, unit):  # or UnsupportedArchitectureError
+        for site in sites:
             counts[site.kind] = counts.get(site.kind, 0) + site.num_heads
         record = getattr(config, "headprune", None) or {}
-        trained = any(a.endswith(self.architecture_suffixes) for a in config.architectures or [])
-        if require_finetuned and not record.get("physical") and config.architectures and not trained:
+        if not isinstance(record, dict):
+            check_record(record, sites, name)  # says what is wrong with it
+        physical = record.get("physical")
+        trained = any(str(a).endswith(self.architecture_suffixes) for a in config.architectures or [])
+        if require_finetuned and not physical and config.architectures and not trained:
             raise ModelError(f"{name!r} is not {self.trained_model} (it is a {config.architectures[0]}); "
                              "pipelined pruning starts from one: run `headprune finetune` first, or use --mode joint")
-        if record.get("physical"):  # the skeleton has the original shapes
+        if physical:  # the skeleton has the original shapes
             if record.get("unit", "group") != unit:
                 raise ConfigError(f"{name!r} was pruned by {record.get('unit', 'group')}: prune it again "
                                   f"with --unit {record.get('unit', 'group')}")
-            counts = {kind: sum(h[0] == kind for h in record["kept_heads"]) for kind in counts}
+            kept = check_record(record, sites, name)
+            counts = {kind: sum(h[0] == kind for h in kept) for kind in counts}
+        self.check_model(name, config, sites)
         return path, config, counts
+
+    def check_model(self, name: str, config, sites) -> None:
+        """A task's own demands on a model's config and attention sites (e.g. causal attention)."""
 
     # -- what each task defines ----------------------------------------------------------------------
 

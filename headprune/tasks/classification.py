@@ -8,12 +8,12 @@ import logging
 import torch
 from safetensors import SafetensorError
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 from ..data import ClassificationData, load_classification, subsample
 from ..errors import ModelError, first_line
-from ..pruning import load_pruned
+from ..pruning import SAFE, SAFE_WEIGHTS, load_pruned
 from .base import Task
 
 log = logging.getLogger("headprune")
@@ -58,7 +58,7 @@ def _generic_label_names(config) -> bool:
 def load_model(name: str, path: str, config, labels: list[str], attn: str, require_finetuned: bool):
     """The model with a classifier for `labels` (their names go into its config) and its tokenizer."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, **SAFE)
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load the tokenizer of {name!r}: {first_line(err)}") from err
     names = {"id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}}
@@ -75,7 +75,7 @@ def load_model(name: str, path: str, config, labels: list[str], attn: str, requi
             model = load_pruned(path, attn_implementation=attn).train()
         else:
             model, info = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=len(labels), attn_implementation=attn, output_loading_info=True,
+                path, num_labels=len(labels), attn_implementation=attn, output_loading_info=True, **SAFE_WEIGHTS,
                 ignore_mismatched_sizes=not require_finetuned, **(names if not require_finetuned else {}))
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         raise ModelError(f"cannot load the weights of {name!r}: {first_line(err)}") from err
@@ -102,7 +102,7 @@ def evaluate(acc, model, datasets: dict, collate, batch_size: int) -> dict[str, 
     for name, ds in datasets.items():
         loader = acc.prepare(DataLoader(ds, batch_size=batch_size, collate_fn=collate))
         correct = seen = 0
-        for batch in tqdm(loader, desc=f"evaluate {name}", leave=False, disable=not acc.is_local_main_process):
+        for batch in progress_bar(loader, desc=f"evaluate {name}", leave=False, disable=not acc.is_local_main_process):
             labels = batch.pop("labels")
             predictions = model(**batch).logits.argmax(-1)
             predictions, labels = acc.gather_for_metrics((predictions, labels))

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..errors import DataError, ModelError, first_line
-from ..pruning import load_pruned
+from ..pruning import SAFE, SAFE_WEIGHTS, load_pruned
 from ..text import TextData, load_text, subsample
 from .base import Task
 
@@ -42,19 +42,29 @@ class LanguageModeling(Task):
     architecture_suffixes = ("ForCausalLM",)
     trained_model = "a causal language model"
 
+    def check_model(self, name: str, config, sites) -> None:
+        """Only decoders: an encoder's attention sees the tokens it is asked to predict (a BERT
+        loaded as a language model would report a perplexity that means nothing)."""
+        kinds = sorted({site.kind for site in sites})
+        if kinds != ["decoder"] or config.is_encoder_decoder:
+            raise ModelError(f"{name!r} is a {config.model_type} model whose attention is not causal (it has "
+                             f"{' and '.join(kinds)} attention); --task causal-lm needs a decoder-only language "
+                             "model (Llama, Mistral, Qwen, SmolLM)")
+
     def load_data(self, cfg) -> TextData:
         return subsample(load_text(cfg.dataset, cfg.eval_files, cfg.seed), cfg.max_train_examples, cfg.max_eval_examples)
 
     def load_model(self, cfg, data, path: str, config, require_finetuned: bool):
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path, **SAFE)
         except (OSError, ValueError) as err:
             raise ModelError(f"cannot load the tokenizer of {cfg.model!r}: {first_line(err)}") from err
         try:
             if (getattr(config, "headprune", None) or {}).get("physical"):
                 model = load_pruned(path, attn_implementation=cfg.attn_implementation)
             else:
-                model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=cfg.attn_implementation)
+                model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=cfg.attn_implementation,
+                                                             **SAFE_WEIGHTS)
         except (OSError, ValueError, RuntimeError, SafetensorError) as err:
             raise ModelError(f"cannot load the weights of {cfg.model!r}: {first_line(err)}") from err
         return model.train(), tokenizer
@@ -80,7 +90,7 @@ class LanguageModeling(Task):
         for name, ds in evals.items():
             loader = acc.prepare(DataLoader(ds, batch_size=cfg.eval_batch_size, collate_fn=collate))
             losses = []
-            for batch in tqdm(loader, desc=f"evaluate {name}", leave=False, disable=not acc.is_local_main_process):
+            for batch in progress_bar(loader, desc=f"evaluate {name}", leave=False, disable=not acc.is_local_main_process):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 per_token = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
                                             reduction="none").view(len(logits), -1)

@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, MarianConfig, MarianMTModel, PreTrainedTokenizerFast
 
 from ..errors import ModelError, first_line
 from ..parallel import ParallelData, load_parallel, subsample
-from ..pruning import load_pruned
+from ..pruning import SAFE, SAFE_WEIGHTS, load_pruned
 from .base import Task
 
 log = logging.getLogger("headprune")
@@ -110,13 +110,14 @@ class Translation(Task):
                      "training side)", cfg.model, sum(p.numel() for p in model.parameters()), len(tokenizer))
         else:
             try:
-                tokenizer = AutoTokenizer.from_pretrained(path)
+                tokenizer = AutoTokenizer.from_pretrained(path, **SAFE)
             except (OSError, ValueError, ImportError) as err:
                 raise ModelError(f"cannot load the tokenizer of {cfg.model!r}: {first_line(err)}") from err
             try:
                 pruned = (getattr(config, "headprune", None) or {}).get("physical", False)
                 model = (load_pruned(path, attn_implementation=cfg.attn_implementation) if pruned else
-                         AutoModelForSeq2SeqLM.from_pretrained(path, attn_implementation=cfg.attn_implementation))
+                         AutoModelForSeq2SeqLM.from_pretrained(path, attn_implementation=cfg.attn_implementation,
+                                                               **SAFE_WEIGHTS))
             except (OSError, ValueError, RuntimeError, SafetensorError) as err:
                 raise ModelError(f"cannot load the weights of {cfg.model!r}: {first_line(err)}") from err
         model.set_attn_implementation(cfg.attn_implementation)
@@ -184,16 +185,18 @@ class Translation(Task):
             loader = acc.prepare(DataLoader(ds.select_columns(["input_ids", "target"]), batch_size=cfg.generation_batch_size,
                                             collate_fn=self.generation_batch))
             hypotheses, references = [], []
-            for batch in tqdm(loader, desc=f"translate {name} (beam {cfg.beam})", leave=False,
+            for batch in progress_bar(loader, desc=f"translate {name} (beam {cfg.beam})", leave=False,
                               disable=not acc.is_local_main_process):
                 refs = batch.pop("references")
                 length = batch["input_ids"].shape[1]
                 out = generator.generate(**batch, num_beams=cfg.beam, do_sample=False,
                                          max_new_tokens=int(1.2 * length + 10))  # the reference's max_len_a, b
                 hyps = self.tokenizer.batch_decode(out, skip_special_tokens=True)
-                hyps, refs = acc.gather_for_metrics((hyps, refs), use_gather_object=True)
-                hypotheses += hyps
-                references += refs
+                # gathered as one list of pairs: on the last batch accelerate cuts the gathered
+                # object to the sentences left, which must not cut a (hypotheses, references) tuple
+                pairs = acc.gather_for_metrics(list(zip(hyps, refs)), use_gather_object=True)
+                hypotheses += [hyp for hyp, _ in pairs]
+                references += [ref for _, ref in pairs]
             scores.update(bleu_scores(name, hypotheses, references, self.tokenized, self.target_lang))
         model.train(was_training)
         return scores

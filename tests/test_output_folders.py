@@ -1,0 +1,119 @@
+"""A run never writes inside its own input, replaces an earlier run only once the new one is
+complete, and never follows a symbolic link out of its folder."""
+import json
+import shutil
+
+import pytest
+from conftest import one_line_error, tiny
+
+import headprune.outputs as outputs
+import headprune.recipes as recipes
+import headprune.tasks.classification as classification_task
+from headprune.errors import OutputExistsError
+from headprune.recipes import prune
+
+
+
+
+def snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def finished(tiny_finetuned, tmp_path):
+    """A copy of the fine-tuning run (results.json and model/), to be harmed."""
+    model, data = tiny_finetuned
+    shutil.copytree(model.parent, tmp_path / "ft")
+    return tmp_path / "ft", data
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("data or model was loaded before the input was checked")
+    monkeypatch.setattr(classification_task, "load_classification", fail)
+
+
+# -- 1. never inside the input -----------------------------------------------------------------------
+
+def test_pruning_a_model_into_the_run_that_holds_it_is_refused_and_deletes_nothing(finished, capsys, no_loading):
+    ft, data = finished
+    before = snapshot(ft)
+    line = one_line_error(capsys, ["prune", "--model", ft / "model", "--dataset", data, "--k", 3, "--output-dir", ft,
+                                   "--overwrite"])
+    assert f"the output folder {ft} overlaps the input model {ft / 'model'}" in line
+    assert snapshot(ft) == before
+
+
+@pytest.mark.parametrize("where", ["the model itself", "inside the model", "holding the data"])
+def test_every_overlap_of_output_and_input_is_refused(finished, tmp_path, where, no_loading):
+    ft, data = finished
+    shutil.copy(data, ft / "data.jsonl")
+    out = {"the model itself": ft / "model", "inside the model": ft / "model" / "run",
+           "holding the data": ft}[where]
+    model = ft / "model" if where != "holding the data" else tmp_path / "elsewhere"
+    if where == "holding the data":
+        shutil.copytree(ft / "model", model)
+    before = snapshot(ft)
+    with pytest.raises(OutputExistsError, match="overlaps the (input model|dataset)"):
+        prune(tiny(model, ft / "data.jsonl", out, overwrite=True))
+    assert snapshot(ft) == before and not (ft / "model" / "run").exists()
+
+
+def test_measure_never_writes_into_the_model_it_measures(finished, capsys):
+    ft, _ = finished
+    line = one_line_error(capsys, ["measure", "--pruned", ft / "model", "--output-dir", ft / "model"])
+    assert "overlaps the pruned model" in line and not (ft / "model" / "measure.json").exists()
+
+
+# -- 2. --overwrite replaces the earlier run only when the new one is complete ---------------------------
+
+def test_a_new_run_that_fails_leaves_the_earlier_run_whole(tiny_finetuned, tmp_path, monkeypatch):
+    model, data = tiny_finetuned
+    prune(tiny(model, data, tmp_path, method="dsp"))
+    before = snapshot(tmp_path)
+    monkeypatch.setattr(recipes, "random_mask", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("failed")))
+    with pytest.raises(RuntimeError, match="failed"):
+        prune(tiny(model, data, tmp_path, method="random", overwrite=True))
+    assert snapshot(tmp_path) == before
+
+
+def test_an_earlier_run_that_cannot_be_replaced_is_refused_before_anything_is_touched(
+        tiny_finetuned, tmp_path, monkeypatch, no_loading):
+    model, data = tiny_finetuned
+    (tmp_path / "model" / "sub").mkdir(parents=True)
+    (tmp_path / "model" / "sub" / "w").write_text("weights")
+    (tmp_path / "results.json").write_text("{}")
+    before = snapshot(tmp_path)
+    locked = str(tmp_path / "model" / "sub")  # tests run as root, for whom every folder is writable
+    real_access = outputs.os.access
+    monkeypatch.setattr(outputs.os, "access", lambda path, mode: path != locked and real_access(path, mode))
+    with pytest.raises(OutputExistsError, match=f"cannot replace the earlier run in {tmp_path}: {locked} is not writable"):
+        prune(tiny(model, data, tmp_path, overwrite=True))
+    assert snapshot(tmp_path) == before
+
+
+def test_links_in_an_earlier_run_are_replaced_never_followed(tiny_finetuned, tmp_path):
+    model, data = tiny_finetuned
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    prune(tiny(model, data, out, method="random"))
+    elsewhere.mkdir()
+    (elsewhere / "precious.txt").write_text("keep me")
+    shutil.rmtree(out / "model")
+    (out / "model").symlink_to(elsewhere, target_is_directory=True)
+    (out / "train_log.jsonl").symlink_to(elsewhere / "precious.txt")  # stale: the new run writes no log
+    results = prune(tiny(model, data, out, method="random", overwrite=True, seed=1))
+    assert (elsewhere / "precious.txt").read_text() == "keep me" and sorted(p.name for p in elsewhere.iterdir()) == ["precious.txt"]
+    assert not (out / "model").is_symlink() and (out / "model" / "config.json").is_file()
+    assert not (out / "train_log.jsonl").exists() and not (out / "train_log.jsonl").is_symlink()
+    assert json.loads((out / "results.json").read_text())["seed"] == results["seed"] == 1
+
+
+# -- 3. an empty output folder name -------------------------------------------------------------------
+
+def test_an_empty_output_folder_is_refused(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert "output_dir: empty" in one_line_error(capsys, ["prune", "--output-dir", ""])
+    (tmp_path / "c.yaml").write_text("output_dir:\n")
+    assert "output_dir: needs a value" in one_line_error(capsys, ["finetune", "--config", tmp_path / "c.yaml"])
+    assert list(tmp_path.iterdir()) == [tmp_path / "c.yaml"]

@@ -1,0 +1,94 @@
+"""A checkpoint resumes only the run it belongs to: the same weights and data (digests kept in
+it), a step count that fits the run, every part of its state present."""
+import json
+import shutil
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+import headprune.train as train_module
+from headprune.config import PruneConfig
+from headprune.errors import CheckpointError
+from headprune.recipes import prune
+
+
+class Interrupted(Exception):
+    pass
+
+
+def interrupted_run(cfg, monkeypatch, at_step=4):
+    """Run `cfg` until just after step `at_step` (and its checkpoint), as a kill would stop it."""
+    monkeypatch.setenv(train_module.KILL_AT_STEP, str(at_step))
+    monkeypatch.setattr(train_module.os, "kill", lambda *a: (_ for _ in ()).throw(Interrupted()))
+    with pytest.raises(Interrupted):
+        prune(cfg)
+    monkeypatch.delenv(train_module.KILL_AT_STEP)
+
+
+@pytest.fixture
+def copies(tiny_finetuned, tmp_path):
+    model, data = tiny_finetuned
+    shutil.copytree(model, tmp_path / "model")
+    shutil.copy(data, tmp_path / "data.jsonl")
+    return tmp_path / "model", tmp_path / "data.jsonl"
+
+
+def config(model, data, out, **kw):
+    return PruneConfig(model=str(model), dataset=str(data), output_dir=str(out), k=3, batch_size=16, epochs=2,
+                       checkpoint_every=2, **kw)
+
+
+def test_a_checkpoint_of_other_weights_is_refused(copies, tmp_path, monkeypatch):
+    model, data = copies
+    interrupted_run(config(model, data, tmp_path / "run"), monkeypatch)
+    weights = load_file(model / "model.safetensors")
+    name = next(n for n in weights if n.endswith("query.weight"))
+    weights[name] = weights[name] + 0.01  # another model of the same shape
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="was made from another model .*pass --overwrite to discard it"):
+        prune(config(model, data, tmp_path / "run"))
+    results = prune(config(model, data, tmp_path / "run", overwrite=True))  # as the message says
+    assert results["resumed_from_step"] is None
+
+
+def test_a_checkpoint_of_other_data_is_refused(copies, tmp_path, monkeypatch):
+    model, data = copies
+    interrupted_run(config(model, data, tmp_path / "run"), monkeypatch)
+    rows = data.read_text().splitlines()
+    data.write_text("\n".join(rows[1:] + rows[:1]))  # the same examples in another order
+    with pytest.raises(CheckpointError, match="was made from another training data and evaluation data"):
+        prune(config(model, data, tmp_path / "run"))
+
+
+def test_the_same_inputs_resume(copies, tmp_path, monkeypatch):
+    model, data = copies
+    interrupted_run(config(model, data, tmp_path / "run"), monkeypatch)
+    assert prune(config(model, data, tmp_path / "run"))["resumed_from_step"] == 4
+
+
+@pytest.mark.parametrize("step,message", [
+    (1e9, "its step 1000000000.0 is not a count of steps"), (-7, "its step -7 is not a count of steps"),
+    ("abc", "its step 'abc' is not a count of steps"), (None, "its step None is not a count of steps"),
+    (10**6, "is at step 1000000, past this run's 18 steps"),
+])
+def test_a_hand_edited_step_is_refused(copies, tmp_path, monkeypatch, step, message):
+    model, data = copies
+    interrupted_run(config(model, data, tmp_path / "run"), monkeypatch)
+    path = tmp_path / "run" / "checkpoint" / "state.json"
+    state = json.loads(path.read_text())
+    assert state["__items__"][0][0] == "step"
+    state["__items__"][0][1] = step
+    path.write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match=message):
+        prune(config(model, data, tmp_path / "run"))
+
+
+def test_a_checkpoint_missing_a_part_is_refused(copies, tmp_path, monkeypatch):
+    model, data = copies
+    interrupted_run(config(model, data, tmp_path / "run"), monkeypatch)
+    path = tmp_path / "run" / "checkpoint" / "state.json"
+    state = json.loads(path.read_text())
+    state["__items__"] = [item for item in state["__items__"] if item[0] != "optimizer"]
+    path.write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match=r"is damaged \(its optimizer is missing or not a dict\); delete it to start over"):
+        prune(config(model, data, tmp_path / "run"))

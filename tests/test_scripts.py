@@ -1,0 +1,88 @@
+"""Every script in benchmarks/ and every mode of scripts/reproduce_results.sh runs at the smallest
+size, so that none can rot: the benchmarks on tiny finished runs (step_overhead on the real
+MiniLM, a few steps), the reproduce script with every command checked by tests/dry_run.py (its
+command lines parse, its configs load and validate, the scripts it calls import and accept their
+arguments) instead of run for hours."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from headprune.config import PruneConfig
+from headprune.recipes import prune
+
+ROOT = Path(__file__).parent.parent
+
+
+def script(*args, cwd=ROOT):
+    run = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout
+
+
+@pytest.fixture(scope="module")
+def finished_runs(tiny_finetuned, tmp_path_factory):
+    """A pipelined DSP run and a Michel curve of the tiny classifier, evaluated on validation and test."""
+    model, data = tiny_finetuned
+    folder = tmp_path_factory.mktemp("runs")
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    for split, part in (("validation", rows[:20]), ("test", rows[20:40])):
+        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in part))
+    common = dict(model=str(model), dataset=str(data), batch_size=16, checkpoint_every=0,
+                  eval_files=[str(folder / "validation.jsonl"), str(folder / "test.jsonl")])
+    prune(PruneConfig(**common, k=4, output_dir=str(folder / "dsp-pipelined-k4-s0")))
+    prune(PruneConfig(**common, method="michel", k=2, michel_step=2, output_dir=str(folder / "michel-pipelined-s0")))
+    return folder
+
+
+def test_loss_and_accuracy(finished_runs):
+    out = script("benchmarks/loss_and_accuracy.py", finished_runs / "dsp-pipelined-k4-s0",
+                 finished_runs / "michel-pipelined-s0", "--ks", 2, 6)
+    rows = [line for line in out.splitlines() if line.startswith("| ")][1:]  # after the header
+    assert [row.split(" | ")[1] for row in rows] == ["8", "4", "2", "6"]  # unpruned, DSP, Michel at k = 2, 6
+
+
+def test_recovery_finetune(finished_runs, tmp_path):
+    out = script("benchmarks/recovery_finetune.py", finished_runs / "dsp-pipelined-k4-s0", "--ks", 2,
+                 "--output-dir", tmp_path)
+    row = out.splitlines()[-1].split(" | ")
+    assert row[1] == "4" and all(0 <= float(cell) <= 1 for cell in row[2:5])
+    assert (tmp_path / "dsp-pipelined-k4-s0-k4" / "recovered" / "results.json").is_file()
+
+
+def test_planted_heads():
+    out = script("benchmarks/planted_heads.py", "--steps", 3, "--ks", 6, 66, "--seeds", 0, "--settings",
+                 "dsp (default)", "dsp, k rounds", "ste", "voita")
+    assert out.count("| dsp (default) |") == 2 and "| dsp, k rounds | 66 |" in out
+    grid = script("benchmarks/planted_heads.py", "--grid", "--steps", 2, "--ks", 6, "--seeds", 0)
+    assert grid.count("\n| ") == 4 * 3 * 6
+
+
+def test_step_overhead_on_the_real_minilm():
+    out = script("benchmarks/step_overhead.py", "--rounds", 2, "--warmup", 0, "--batch-size", 2, "--max-length", 16)
+    assert "joint DSP / plain step:" in out
+
+
+@pytest.mark.parametrize("mode", ["dsp", "sweep", "speed", "translation", "llm"])
+def test_every_mode_of_the_reproduce_script(mode, tmp_path):
+    log = tmp_path / "calls"
+    dry = f"{sys.executable} {ROOT / 'tests' / 'dry_run.py'}"
+    run = subprocess.run(["bash", "scripts/reproduce_results.sh", mode], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT), "DRY_RUN_LOG": str(log),
+                                           "HEADPRUNE": f"{dry} headprune", "PYTHON": f"{dry} script",
+                                           "OUT": str(tmp_path / "results")})
+    assert run.returncode == 0, run.stderr[-3000:]
+    calls = log.read_text().splitlines()
+    assert calls and all(call.startswith(("headprune ", "script ")) for call in calls)
+    if mode == "sweep":
+        assert sum(call.startswith("script benchmarks/") for call in calls) == 4
+
+
+def test_the_reproduce_script_refuses_an_unknown_mode():
+    run = subprocess.run(["bash", "scripts/reproduce_results.sh", "everything"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 2 and "usage:" in run.stderr

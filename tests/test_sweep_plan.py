@@ -1,0 +1,92 @@
+"""A sweep checks every planned run before the first one starts, counts no run twice, names a
+damaged run and its remedy, and still writes its tables when it is stopped part-way."""
+import json
+
+import pytest
+
+import headprune.sweep as sweep_mod
+from headprune.cli import main, parser
+from headprune.config import PruneConfig, SweepConfig
+from headprune.errors import ConfigError, OutputExistsError
+from headprune.sweep import sweep
+
+
+def sweep_cfg(model, data, out, **kw):
+    return SweepConfig(**{**dict(model=str(model), dataset=str(data), methods=["random"], ks=[2, 4], seeds=[0, 1],
+                                 batch_size=16, output_dir=str(out)), **kw})
+
+
+@pytest.mark.parametrize("option,values,message", [
+    ("ks", [2, 2, 3], "ks: 2 given more than once"), ("seeds", [1, 1], "seeds: 1 given more than once"),
+    ("methods", ["dsp", "random", "dsp"], "methods: dsp given more than once"),
+    ("modes", ["joint", "joint"], "modes: joint given more than once"),
+])
+def test_a_run_is_never_planned_twice(option, values, message):
+    with pytest.raises(ConfigError, match=message):
+        SweepConfig(**{option: values})
+
+
+def test_every_budget_is_checked_before_the_first_run(tiny_finetuned, tmp_path, monkeypatch):
+    model, data = tiny_finetuned
+    monkeypatch.setattr(sweep_mod, "prune", lambda *a, **k: pytest.fail("a run started"))
+    with pytest.raises(ConfigError, match="k=9 is more than the 8 heads of this model"):
+        sweep(sweep_cfg(model, data, tmp_path, ks=[2, 9]))
+    with pytest.raises(ConfigError, match="plans no runs"):
+        sweep(sweep_cfg(model, data, tmp_path, methods=["michel"], modes=["joint"]))
+    with pytest.raises(OutputExistsError, match="overlaps the input model"):
+        sweep(sweep_cfg(model, data, model.parent.parent))
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("damage", ["", "[]", '{"method": "random", "mo', '{"method": "random"}'])
+def test_a_damaged_run_is_named_with_its_remedy(tiny_finetuned, tmp_path, damage):
+    model, data = tiny_finetuned
+    sweep(sweep_cfg(model, data, tmp_path, ks=[2], seeds=[0]))
+    (tmp_path / "random-pipelined-k2-s0" / "results.json").write_text(damage)
+    with pytest.raises(OutputExistsError, match=r"random-pipelined-k2-s0/results.json is damaged \(missing .*\); "
+                                                r"delete the folder .*random-pipelined-k2-s0 and run the sweep again"):
+        sweep(sweep_cfg(model, data, tmp_path, ks=[2], seeds=[0]))
+
+
+def test_a_stopped_sweep_still_reports_the_runs_it_finished(tiny_finetuned, tmp_path, monkeypatch):
+    model, data = tiny_finetuned
+    real_prune, done = sweep_mod.prune, []
+
+    def prune_then_stop(run, **kw):
+        if len(done) == 3:
+            raise KeyboardInterrupt
+        done.append(run.output_dir)
+        return real_prune(run, **kw)
+    monkeypatch.setattr(sweep_mod, "prune", prune_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        sweep(sweep_cfg(model, data, tmp_path))
+    table = (tmp_path / "sweep.md").read_text()
+    assert table.count("| random | pipelined |") == 3
+    assert "| random | pipelined | 2 |" in (tmp_path / "summary.md").read_text()  # k=2: both seeds
+    assert (tmp_path / "sweep.png").exists() and (tmp_path / "report.md").exists()
+
+
+def test_the_sweep_has_no_per_run_options():
+    text = parser()._subparsers._group_actions[0].choices["sweep"].format_help()
+    for flag in ("--method ", "--mode ", "--k ", "--seed "):
+        assert flag not in text
+    assert "--methods" in text and "--ks" in text and "--seeds" in text
+    with pytest.raises(SystemExit):
+        main(["sweep", "--k", "3"])
+
+
+def test_michel_steps_the_same_in_prune_and_sweep():
+    assert PruneConfig().michel_step == SweepConfig().michel_step == 6
+
+
+def test_per_run_options_in_a_sweep_yaml_are_refused(tmp_path, capsys):
+    (tmp_path / "s.yaml").write_text("k: 3\n")
+    assert main(["sweep", "--config", str(tmp_path / "s.yaml")]) == 2
+    assert "unknown option(s) in" in capsys.readouterr().err
+
+
+def test_a_budget_per_kind_in_a_sweep(tiny_finetuned, tmp_path):
+    model, data = tiny_finetuned
+    runs = sweep_mod.planned_runs(sweep_cfg(model, data, tmp_path, k_per_kind=[3]))
+    assert {run.k for run in runs} == {3}
+    json.dumps([run.output_dir for run in runs])
