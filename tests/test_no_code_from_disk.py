@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import one_line_error
 
 from headprune.errors import ModelError
 from headprune.pruning import load_pruned, save_pruned
@@ -41,33 +42,39 @@ def cli(*args):
                           stdin=subprocess.DEVNULL, timeout=300)
 
 
+def test_a_model_folder_with_custom_code_is_refused_without_a_terminal(tiny_finetuned, tmp_path):
+    model, data = tiny_finetuned
+    marker = tmp_path / "ran"
+    evil = with_custom_code(model, tmp_path / "evil", marker)
+    run = cli("prune", "--model", evil, "--dataset", data, "--k", 3, "--output-dir", tmp_path / "out")
+    assert run.returncode == 2 and run.stderr.strip().splitlines()[-1] == (
+        f"headprune: error: {evil} asks to run code of its own (config.json has an auto_map); headprune never runs "
+        "code from a model folder: use a model whose architecture transformers has")
+    assert "Traceback" not in run.stderr and not marker.exists()
+
+
 @pytest.mark.parametrize("file", ["config.json", "tokenizer_config.json"])
-def test_a_model_folder_with_custom_code_is_refused_by_prune_and_measure(tiny_finetuned, tmp_path, file):
+def test_custom_code_is_refused_by_every_command_and_the_api(tiny_finetuned, tmp_path, capsys, file):
     model, data = tiny_finetuned
     marker = tmp_path / "ran"
     evil = with_custom_code(model, tmp_path / "evil", marker, file)
-    run = cli("prune", "--model", evil, "--dataset", data, "--k", 3, "--output-dir", tmp_path / "out")
-    assert run.returncode == 2 and run.stderr.strip().splitlines()[-1] == (
-        f"headprune: error: {evil} asks to run code of its own ({file} has an auto_map); headprune never runs "
-        "code from a model folder: use a model whose architecture transformers has")
-    assert "Traceback" not in run.stderr and not marker.exists()
-    if file == "config.json":
-        measured = cli("measure", "--pruned", evil)
-        assert measured.returncode == 2 and "asks to run code of its own" in measured.stderr
-        with pytest.raises(ModelError, match="asks to run code of its own"):
-            load_pruned(evil)
+    expected = f"asks to run code of its own ({file} has an auto_map)"
+    assert expected in one_line_error(capsys, ["finetune", "--model", evil, "--dataset", data, "--output-dir", tmp_path / "o"])
+    assert expected in one_line_error(capsys, ["measure", "--pruned", evil, "--lengths", 8])
+    with pytest.raises(ModelError, match="asks to run code of its own"):
+        load_pruned(evil)
     assert not marker.exists()
 
 
-def test_pickled_weights_are_refused_with_one_line_and_never_read(tiny_finetuned, tmp_path):
+def test_pickled_weights_are_refused_with_one_line_and_never_read(tiny_finetuned, tmp_path, capsys):
     model, data = tiny_finetuned
     marker = tmp_path / "ran"
     folder = tmp_path / "pickled"
     shutil.copytree(model, folder)
     (folder / "model.safetensors").unlink()
     (folder / "pytorch_model.bin").write_bytes(pickle.dumps(Plant(marker)))
-    run = cli("prune", "--model", folder, "--dataset", data, "--k", 3, "--output-dir", tmp_path / "out")
-    assert run.returncode == 2 and run.stderr.strip().splitlines()[-1] == (
+    line = one_line_error(capsys, ["prune", "--model", folder, "--dataset", data, "--k", 3, "--output-dir", tmp_path / "o"])
+    assert line == (
         f"headprune: error: {folder} holds its weights only as a pickle (pytorch_model.bin), which headprune does "
         "not read (loading a pickle can run code); convert them to safetensors first")
     with pytest.raises(ModelError, match="only as a pickle"):

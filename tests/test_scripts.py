@@ -5,6 +5,7 @@ command lines parse, its configs load and validate, the scripts it calls import 
 arguments) instead of run for hours."""
 import json
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,15 @@ def script(*args, cwd=ROOT):
     return run.stdout
 
 
+def script_here(path, *args, monkeypatch, capsys) -> str:
+    """Run a benchmark script as __main__ in this process (no second import of torch): its stdout."""
+    monkeypatch.syspath_prepend(str(ROOT / Path(path).parent))  # its sibling imports
+    monkeypatch.setattr(sys, "argv", [str(path), *map(str, args)])
+    capsys.readouterr()
+    runpy.run_path(str(ROOT / path), run_name="__main__")
+    return capsys.readouterr().out
+
+
 @pytest.fixture(scope="module")
 def finished_runs(tiny_finetuned, tmp_path_factory):
     """A pipelined DSP run and a Michel curve of the tiny classifier, evaluated on validation and test."""
@@ -39,27 +49,29 @@ def finished_runs(tiny_finetuned, tmp_path_factory):
     return folder
 
 
-def test_loss_and_accuracy(finished_runs):
-    out = script("benchmarks/loss_and_accuracy.py", finished_runs / "dsp-pipelined-k4-s0",
-                 finished_runs / "michel-pipelined-s0", "--ks", 2, 6)
+def test_loss_and_accuracy(finished_runs, monkeypatch, capsys):
+    out = script_here("benchmarks/loss_and_accuracy.py", finished_runs / "dsp-pipelined-k4-s0",
+                      finished_runs / "michel-pipelined-s0", "--ks", 2, 6, monkeypatch=monkeypatch, capsys=capsys)
     rows = [line for line in out.splitlines() if line.startswith("| ")][1:]  # after the header
     assert [row.split(" | ")[1] for row in rows] == ["8", "4", "2", "6"]  # unpruned, DSP, Michel at k = 2, 6
 
 
-def test_recovery_finetune(finished_runs, tmp_path):
-    out = script("benchmarks/recovery_finetune.py", finished_runs / "dsp-pipelined-k4-s0", "--ks", 2,
-                 "--output-dir", tmp_path)
+def test_recovery_finetune(finished_runs, tmp_path, monkeypatch, capsys):
+    out = script_here("benchmarks/recovery_finetune.py", finished_runs / "dsp-pipelined-k4-s0", "--ks", 2,
+                      "--output-dir", tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     row = out.splitlines()[-1].split(" | ")
     assert row[1] == "4" and all(0 <= float(cell) <= 1 for cell in row[2:5])
     assert (tmp_path / "dsp-pipelined-k4-s0-k4" / "recovered" / "results.json").is_file()
 
 
-def test_planted_heads():
-    out = script("benchmarks/planted_heads.py", "--steps", 3, "--ks", 6, 66, "--seeds", 0, "--settings",
-                 "dsp (default)", "dsp, k rounds", "ste", "voita")
+def test_planted_heads(monkeypatch, capsys):
+    out = script_here("benchmarks/planted_heads.py", "--steps", 3, "--ks", 6, 66, "--seeds", 0, "--settings",
+                      "dsp (default)", "dsp, k rounds", "ste", "voita", monkeypatch=monkeypatch, capsys=capsys)
     assert out.count("| dsp (default) |") == 2 and "| dsp, k rounds | 66 |" in out
-    grid = script("benchmarks/planted_heads.py", "--grid", "--steps", 2, "--ks", 6, "--seeds", 0)
-    assert grid.count("\n| ") == 4 * 3 * 6
+    import benchmarks.planted_heads as planted  # --grid: 72 settings of the same runs; one checked here
+    monkeypatch.setattr(planted.itertools, "product", lambda *lists: [tuple(values[0] for values in lists)])
+    planted.grid([6], [2], [0])
+    assert capsys.readouterr().out.count("\n| 1 | 0.1 | 1 | 6 | ") == 1
 
 
 def test_step_overhead_on_the_real_minilm():
