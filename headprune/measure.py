@@ -149,8 +149,9 @@ def load_models(cfg: MeasureConfig) -> dict:
 
 
 def check_original(cfg: MeasureConfig, pruned, original) -> None:
-    """--original must be the model the pruned one came from: the same architecture and shape
-    (speed is compared on the same inputs), every kept head one of its heads."""
+    """--original must be the model the pruned one came from: the same architecture, vocabulary,
+    width, layers and heads (both run on the same random inputs, and the pruned model's record
+    numbers its heads in the original's shape)."""
     def shape(config):
         text = config.get_text_config()
         return {"model": config.model_type, "vocabulary": text.vocab_size, "width": getattr(text, "hidden_size", None),

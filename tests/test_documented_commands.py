@@ -55,15 +55,22 @@ def offline_names_are_tiny(tmp_path_factory, tiny_assets, monkeypatch):
         str(pairs) if name == "offline:ding-de-en" else name, **{**kw, "text_columns": None}))
     monkeypatch.setitem(translation_task.SCRATCH, "transformer-small", translation_task.SCRATCH["transformer-tiny"])
 
-    # language models: SmolLM2's layout (30 layers x 3 KV groups of 3 query heads), tiny, on tiny text
+    # language models: SmolLM2's 90 KV groups (here 15 layers x 6 groups of 2 query heads: half its
+    # layers, so that the generation timings take half as long), tiny, on tiny text
     import headprune.tasks.language_modeling as lm_task
     from conftest import write_tiny_lm
-    lm_model, lm_text = write_tiny_lm(assets[1].parent / "lm", layers=30, heads=9, kv_heads=3, n_train=200)
+    lm_model, lm_text = write_tiny_lm(assets[1].parent / "lm", layers=15, heads=12, kv_heads=6, n_train=200)
     monkeypatch.setattr(task_base, "resolve_model", lambda name, inner=task_base.resolve_model: (
         str(lm_model) if name == "offline:smollm2-135m" else inner(name)))
     real_text = lm_task.load_text
     monkeypatch.setattr(lm_task, "load_text", lambda name, *a: real_text(
         str(lm_text) if name == "offline:rotten-tomatoes" else name, *a))
+
+    # the figures of a run (a second each, a hundred runs here) are tested in test_recipes.py
+    import headprune.recipes as recipes
+    import headprune.report as report
+    monkeypatch.setattr(report, "plot_training_curves", lambda path, *a, **k: path.write_bytes(b"\x89PNG"))
+    monkeypatch.setattr(recipes, "plot_head_map", lambda path, *a, **k: path.write_bytes(b"\x89PNG"))
 
 
 def test_readme_and_usage_commands_run_as_written(offline_names_are_tiny, tmp_path, monkeypatch, capsys):
