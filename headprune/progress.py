@@ -36,7 +36,10 @@ class _Discard:
 
 class ProgressLines(tqdm):
     """A tqdm that draws nothing and logs its state as one line (count, time, rate, postfix) at
-    most every LINE_EVERY seconds, and when it ends."""
+    most every LINE_EVERY seconds (whatever refreshes it: updates, set_postfix), and when it ends."""
+
+    _logged_at = float("-inf")  # class defaults: tqdm draws once inside its own __init__
+    _closing = False
 
     def __init__(self, *args, **kwargs):
         kwargs.update(file=_Discard(), mininterval=LINE_EVERY, dynamic_ncols=False,
@@ -44,9 +47,16 @@ class ProgressLines(tqdm):
         super().__init__(*args, **kwargs)
 
     def display(self, msg=None, pos=None):
-        if msg is None and self.n:  # not the first draw, nor the clearing of a bar that leaves nothing
+        now = self._time()
+        # not the first draw, nor the clearing of a bar that leaves nothing (msg="")
+        if msg is None and self.n and (self._closing or now - self._logged_at >= LINE_EVERY):
+            self._logged_at = now
             log.info("%s", self.format_meter(**self.format_dict))
         return True
+
+    def close(self):
+        self._closing = True
+        super().close()
 
 
 def progress_bar(iterable=None, **kwargs):

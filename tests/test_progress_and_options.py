@@ -32,16 +32,19 @@ def test_progress_off_a_terminal_is_log_lines_without_carriage_returns(tiny_fine
 
 def test_progress_lines_come_at_most_every_interval(caplog, monkeypatch):
     monkeypatch.setattr(progress, "on_terminal", lambda: False)
-    clock = iter(range(25, 1000, 25))  # 25 s between updates: a line every third update (60 s)
+    now = [0]
     with caplog.at_level(logging.INFO, logger="headprune"):
-        bar = progress.progress_bar(total=9, desc="work")
-        bar._time, bar.start_t, bar.last_print_t = (lambda: next(clock)), 0, 0
-        for _ in range(9):
+        bar = progress.progress_bar(total=12, desc="work")
+        bar._time, bar.start_t, bar.last_print_t = (lambda: now[0]), 0, 0
+        for _ in range(12):
+            now[0] += 25  # 25 s a step: a line at most every 60 s, whatever refreshes the bar
             bar.update()
+            bar.set_postfix(loss=1.0)
         bar.close()
     lines = [r.getMessage() for r in caplog.records]
-    assert 2 <= len(lines) <= 5 and lines[-1].startswith("work: 9/9 [")
-    assert all(line.startswith("work: ") for line in lines)
+    assert [line.split(" [")[0] for line in lines] == ["work: 1/12", "work: 4/12", "work: 7/12", "work: 10/12",
+                                                       "work: 12/12"]
+    assert lines[-1] == "work: 12/12 [05:00<00:00, 25.00s/it, loss=1]"
 
 
 def test_the_references_relaxation_is_one_flag_away():
