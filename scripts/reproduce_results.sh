@@ -31,6 +31,11 @@ case "${1:-dsp}" in
       --output-dir $OUT/sweep-subjectivity
     $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model --methods dsp \
       --ks 6 12 --schedule reference --output-dir $OUT/sweep-subjectivity-reference
+    # issue 25: 125-step pipelined runs (all 4,000 training snippets) at the default and the reference schedule
+    for S in default reference; do
+      $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model --methods dsp --ks 12 \
+        --seeds 0 1 2 --max-train-examples 4000 --schedule $S --output-dir $OUT/sweep125-$S
+    done
     # DSP with a training budget that shrinks from every head to k (--shrink-fraction), both benchmarks
     for F in 0.5 1; do
       $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model --methods dsp \
