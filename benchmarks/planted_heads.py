@@ -14,6 +14,8 @@ number of steps; the score is the overlap of the heads it keeps with the planted
         --settings "dsp (default)" "dsp --shrink-fraction 0.5" "dsp --shrink-fraction 1"   # a shrinking budget
     python benchmarks/planted_heads.py --metric cost --ks 36 48 60 --steps 32 125 \
         --settings "dsp (default)" "dsp, k rounds"      # keeping more than half: the relaxation
+    python benchmarks/planted_heads.py --steps 32 125 500 --settings "dsp (default)" \
+        "dsp --pruning-lr-schedule constant"            # a constant rate for the scores (issue 25)
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ SETTINGS = {
     "dsp (default)": dict(method="dsp"),
     "dsp, k rounds": dict(method="dsp", relaxation="k-rounds"),
     "dsp --schedule reference": dict(method="dsp", schedule="reference"),
+    "dsp --pruning-lr-schedule constant": dict(method="dsp", pruning_lr_schedule="constant"),
     "dsp --shrink-fraction 0.5": dict(method="dsp", shrink_fraction=0.5),
     "dsp --shrink-fraction 1": dict(method="dsp", shrink_fraction=1.0),
     "ste": dict(method="ste"),

@@ -64,6 +64,23 @@ def test_recovery_finetune(finished_runs, tmp_path, monkeypatch, capsys):
     assert (tmp_path / "dsp-pipelined-k4-s0-k4" / "recovered" / "results.json").is_file()
 
 
+def test_schedule_trace(finished_runs, tiny_finetuned, tmp_path, monkeypatch, capsys):
+    model, data = tiny_finetuned
+    config = tmp_path / "prune.yaml"
+    config.write_text(f"dataset: {data}\nbatch_size: 16\ncheckpoint_every: 0\n"
+                      f"eval_files: [{finished_runs / 'validation.jsonl'}, {finished_runs / 'test.jsonl'}]\n")
+    args = ["benchmarks/schedule_trace.py", "--config", config, "--model", model, "--k", 4, "--points", 3,
+            "--output-dir", tmp_path / "run", "--set", "t0=5.0"]
+    out = script_here(*args, monkeypatch=monkeypatch, capsys=capsys)
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    steps = len(json.loads((tmp_path / "run" / "trace.json").read_text()))  # the scores before every step
+    assert [int(row[0][2:]) for row in rows] == [round(steps / 3), round(2 * steps / 3), steps]
+    assert all(sum(map(int, row[2].split())) == 4 for row in rows)  # 4 heads kept, counted per layer
+    assert rows[-1][3] == "0"  # the last row is the run's own choice
+    assert float(rows[0][1]) < 5  # the temperature falls from t0 = 5
+    assert script_here(*args, monkeypatch=monkeypatch, capsys=capsys) == out  # read back, not run again
+
+
 def test_planted_heads(monkeypatch, capsys):
     out = script_here("benchmarks/planted_heads.py", "--steps", 3, "--ks", 6, 66, "--seeds", 0, "--settings",
                       "dsp (default)", "dsp, k rounds", "ste", "voita", monkeypatch=monkeypatch, capsys=capsys)
