@@ -87,7 +87,7 @@ def main() -> None:
     gates = attach_gates(model, cfg.unit)
     _, evals, collate = task.prepare(data, tokenizer, cfg)
     from accelerate import Accelerator
-    acc = Accelerator(cpu=True)
+    acc = Accelerator()
     model.eval()
     final = hard_top_k(final_scores(args.output_dir, gates.heads), args.k)
     selector = DSPSelector(gates.num_heads, args.k, results["t0"], results["tf"], results["cooldown_steps"]).eval()

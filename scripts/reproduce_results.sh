@@ -31,11 +31,22 @@ case "${1:-dsp}" in
       --output-dir $OUT/sweep-subjectivity
     $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model --methods dsp \
       --ks 6 12 --schedule reference --output-dir $OUT/sweep-subjectivity-reference
-    # issue 25: 125-step pipelined runs (all 4,000 training snippets) at the default and the reference schedule
-    for S in default reference; do
-      $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model --methods dsp --ks 12 \
-        --seeds 0 1 2 --max-train-examples 4000 --schedule $S --output-dir $OUT/sweep125-$S
-    done
+    # issue 25: 125-step pipelined runs (all 4,000 training snippets) at the default and the reference
+    # schedule, and with a constant rate for the scores (--pruning-lr-schedule constant) at 125 and 32 steps
+    R125="$HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model --methods dsp --seeds 0 1 2 --max-train-examples 4000"
+    $R125 --ks 12 --schedule default --output-dir $OUT/sweep125-default
+    $R125 --ks 12 36 --schedule reference --output-dir $OUT/sweep125-reference
+    $R125 --ks 12 36 --pruning-lr-schedule constant --output-dir $OUT/sweep125-constant
+    $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model --methods dsp --ks 6 12 \
+      --pruning-lr-schedule constant --output-dir $OUT/sweep-constant
+    S125="$HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model --methods dsp --ks 6 12 --max-train-examples 4000"
+    $S125 --schedule reference --output-dir $OUT/sweep-subjectivity125-reference
+    $S125 --pruning-lr-schedule constant --output-dir $OUT/sweep-subjectivity125-constant
+    # along one run: the heads kept per layer, the hard mask's validation accuracy, the noise gap
+    T="${PYTHON:-python} benchmarks/schedule_trace.py --config $CFG --model $OUT/finetune/model --k 12 --seed 0 --max-train-examples 4000"
+    $T --schedule default --output-dir $OUT/trace/default
+    $T --schedule reference --output-dir $OUT/trace/reference
+    # the same with --set pruning_lr_schedule=constant, --set cooldown_fraction=0.3333 (each with its own --output-dir)
     # DSP with a training budget that shrinks from every head to k (--shrink-fraction), both benchmarks
     for F in 0.5 1; do
       $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model --methods dsp \

@@ -108,7 +108,7 @@ def test_every_mode_of_the_reproduce_script(mode, tmp_path):
     calls = log.read_text().splitlines()
     assert calls and all(call.startswith(("headprune ", "script ")) for call in calls)
     if mode == "sweep":
-        assert sum(call.startswith("script benchmarks/") for call in calls) == 4
+        assert sum(call.startswith("script benchmarks/") for call in calls) == 6
 
 
 def test_the_reproduce_script_refuses_an_unknown_mode():
