@@ -21,7 +21,8 @@ import torch
 
 from headprune.config import PruneConfig, build_config, load_yaml
 from headprune.gates import attach_gates
-from headprune.methods import DSPSelector, hard_top_k
+from headprune.methods import DSPSelector, geometric_temperature, hard_top_k
+from headprune.outputs import write_json
 from headprune.recipes import prune
 from headprune.tasks import get_task
 
@@ -45,7 +46,7 @@ def run_with_trace(cfg) -> tuple[dict, list[list[float]]]:
         results = prune(cfg)
     finally:
         DSPSelector.set_step = set_step
-    (out / "trace.json").write_text(json.dumps(trace))
+    write_json(out / "trace.json", trace)  # atomic
     return results, trace
 
 
@@ -90,7 +91,6 @@ def main() -> None:
     acc = Accelerator()
     model.eval()
     final = hard_top_k(final_scores(args.output_dir, gates.heads), args.k)
-    selector = DSPSelector(gates.num_heads, args.k, results["t0"], results["tf"], results["cooldown_steps"]).eval()
     log = [json.loads(line) for line in (Path(args.output_dir) / "train_log.jsonl").read_text().splitlines()]
 
     seen: dict[tuple, float] = {}
@@ -106,8 +106,8 @@ def main() -> None:
         if key not in seen:
             with gates.override(mask):
                 seen[key] = task.evaluate(acc, model, {args.split: evals[args.split]}, collate, cfg)[args.split]
-        selector.set_step(step)
-        print(f"| {step} | {selector.temperature:.3g} | {per_layer(mask, gates.heads)} | "
+        temperature = geometric_temperature(step, results["t0"], results["tf"], results["cooldown_steps"])
+        print(f"| {step} | {temperature:.3g} | {per_layer(mask, gates.heads)} | "
               f"{int((mask * (1 - final)).sum())} | {seen[key]:.4f} |")
     gaps = [row["noise_gap"] for row in log if "noise_gap" in row]
     print("noise gap at the log rows:", " ".join(str(g) for g in gaps))
