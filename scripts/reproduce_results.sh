@@ -25,7 +25,7 @@ case "${1:-dsp}" in
     run $OUT/finetune finetune --config $CFG
     $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model --output-dir $OUT/sweep
     $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model --methods dsp \
-      --ks 6 12 --schedule reference --output-dir $OUT/sweep-reference
+      --ks 6 12 24 36 --schedule reference --output-dir $OUT/sweep-reference
     run $OUT/subjectivity/finetune finetune --config configs/subjectivity.yaml
     $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model \
       --output-dir $OUT/sweep-subjectivity
@@ -37,7 +37,7 @@ case "${1:-dsp}" in
     $R125 --ks 12 --schedule default --output-dir $OUT/sweep125-default
     $R125 --ks 12 36 --schedule reference --output-dir $OUT/sweep125-reference
     $R125 --ks 12 36 --pruning-lr-schedule constant --output-dir $OUT/sweep125-constant
-    $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model --methods dsp --ks 6 12 \
+    $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model --methods dsp --ks 6 12 24 36 \
       --pruning-lr-schedule constant --output-dir $OUT/sweep-constant
     S125="$HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model --methods dsp --ks 6 12 --max-train-examples 4000"
     $S125 --schedule reference --output-dir $OUT/sweep-subjectivity125-reference
