@@ -56,6 +56,18 @@ def pipelined_run(folder: str) -> tuple[dict, PruneConfig]:
     return results, PruneConfig(**{k: v for k, v in results["config"].items() if k in fields})
 
 
+def frozen_model(cfg: PruneConfig):
+    """The fine-tuned model of a pipelined run's settings, gated and in eval mode, with its task and
+    data: (task, model, gates, pruning data, evaluation splits, collate)."""
+    task = get_task(cfg.task)
+    path, config, _ = task.inspect(cfg.model, require_finetuned=True, unit=cfg.unit)
+    data = task.load_data(cfg)
+    model, tokenizer = task.load_model(cfg, data, path, config, require_finetuned=True)
+    gates = attach_gates(model, cfg.unit)
+    train_set, evals, collate = task.prepare(data, tokenizer, cfg)
+    return task, model.eval(), gates, train_set, evals, collate
+
+
 @torch.no_grad()
 def logits_and_labels(model, batches) -> tuple[torch.Tensor, torch.Tensor]:
     logits, labels = [], []
@@ -101,13 +113,7 @@ def main() -> None:
         results, cfg = pipelined_run(folder)
         key = (cfg.model, cfg.dataset, cfg.max_train_examples, cfg.max_length)
         if key not in prepared:
-            task = get_task(cfg.task)
-            path, config, _ = task.inspect(cfg.model, require_finetuned=True, unit=cfg.unit)
-            data = task.load_data(cfg)
-            model, tokenizer = task.load_model(cfg, data, path, config, require_finetuned=True)
-            gates = attach_gates(model, cfg.unit)
-            train_set, evals, collate = task.prepare(data, tokenizer, cfg)
-            model.eval()
+            _, model, gates, train_set, evals, collate = frozen_model(cfg)
 
             def batches(ds):
                 return [collate([ds[i] for i in range(j, min(j + args.batch_size, len(ds)))])

@@ -18,13 +18,12 @@ import json
 from pathlib import Path
 
 import torch
+from loss_and_accuracy import frozen_model  # the gated fine-tuned model of a run's settings
 
 from headprune.config import PruneConfig, build_config, load_yaml
-from headprune.gates import attach_gates
 from headprune.methods import DSPSelector, geometric_temperature, hard_top_k
 from headprune.outputs import write_json
 from headprune.recipes import prune
-from headprune.tasks import get_task
 
 
 def run_with_trace(cfg) -> tuple[dict, list[list[float]]]:
@@ -81,16 +80,11 @@ def main() -> None:
     results, trace = run_with_trace(cfg)
     steps = len(trace)
 
-    task = get_task(cfg.task)
-    path, config, _ = task.inspect(cfg.model, require_finetuned=True, unit=cfg.unit)
-    data = task.load_data(cfg)
-    model, tokenizer = task.load_model(cfg, data, path, config, require_finetuned=True)
-    gates = attach_gates(model, cfg.unit)
-    _, evals, collate = task.prepare(data, tokenizer, cfg)
+    task, model, gates, _, evals, collate = frozen_model(cfg)
     from accelerate import Accelerator
     acc = Accelerator()
-    model.eval()
-    final = hard_top_k(final_scores(args.output_dir, gates.heads), args.k)
+    last_scores = final_scores(args.output_dir, gates.heads)
+    final = hard_top_k(last_scores, args.k)
     log = [json.loads(line) for line in (Path(args.output_dir) / "train_log.jsonl").read_text().splitlines()]
 
     seen: dict[tuple, float] = {}
@@ -100,7 +94,7 @@ def main() -> None:
     print(f"| step | temperature | kept per layer | not in the final choice | {args.split} |")
     print("|---|---|---|---|---|")
     for step in points:  # the scores after `step` steps: recorded before step `step` (the last: the final scores)
-        scores = torch.tensor(trace[step], dtype=torch.float64) if step < steps else final_scores(args.output_dir, gates.heads)
+        scores = torch.tensor(trace[step], dtype=torch.float64) if step < steps else last_scores
         mask = hard_top_k(scores, args.k)
         key = tuple(mask.tolist())
         if key not in seen:
