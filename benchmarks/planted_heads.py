@@ -7,15 +7,15 @@ w_h^2 and the best k heads are the k largest w_h. Each method trains its scores 
 own selector, optimiser and schedules (`headprune.recipes.selector_and_optimizer`) for a given
 number of steps; the score is the overlap of the heads it keeps with the planted best k.
 
-    python benchmarks/planted_heads.py                   # defaults against the reference schedule
+    python benchmarks/planted_heads.py                   # steady against the reference schedule
     python benchmarks/planted_heads.py --steps 32 125 --seeds 0 1 2 3 4
-    python benchmarks/planted_heads.py --grid --ks 6 12 --steps 32 125 1000   # how the default was chosen
+    python benchmarks/planted_heads.py --grid --ks 6 12 --steps 32 125 1000   # how steady was chosen
     python benchmarks/planted_heads.py --ks 6 12 --steps 32 300 \
-        --settings "dsp (default)" "dsp --shrink-fraction 0.5" "dsp --shrink-fraction 1"   # a shrinking budget
+        --settings "dsp --schedule steady" "dsp --shrink-fraction 0.5" "dsp --shrink-fraction 1"   # a shrinking budget
     python benchmarks/planted_heads.py --metric cost --ks 36 48 60 --steps 32 125 \
-        --settings "dsp (default)" "dsp, k rounds"      # keeping more than half: the relaxation
-    python benchmarks/planted_heads.py --steps 32 125 500 --settings "dsp (default)" \
-        "dsp --pruning-lr-schedule constant"            # a constant rate for the scores (issue 25)
+        --settings "dsp --schedule steady" "dsp, k rounds"      # keeping more than half: the relaxation
+    python benchmarks/planted_heads.py --steps 32 125 500 --settings "dsp --schedule steady" \
+        "dsp --schedule steady --pruning-lr-schedule constant"   # a constant rate for the scores (issue 25)
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ def planted_loss(mask: torch.Tensor, w: torch.Tensor, g: torch.Generator) -> tor
 
 def planted_ranks(method: str, k: int, steps: int, seed: int = 0, **options) -> list[int]:
     """The planted ranks (0 = most important) of the k heads `method` keeps after `steps` steps;
-    `options`: PruneConfig fields (schedule, relaxation, ...)."""
-    cfg = PruneConfig(method=method, k=k, seed=seed, **options)
+    `options`: PruneConfig fields (schedule: steady unless given, relaxation, ...)."""
+    cfg = PruneConfig(method=method, k=k, seed=seed, **{"schedule": "steady", **options})
     selector, optimizer, scheduler, _ = selector_and_optimizer(cfg, NUM_HEADS, steps)
     w = planted_importance(seed)
     g = torch.Generator().manual_seed(seed)
@@ -83,10 +83,11 @@ def cost_ratio(method: str, k: int, steps: int, seed: int = 0, **options) -> flo
 
 METRICS = {"overlap": overlap, "cost": cost_ratio}
 SETTINGS = {
-    "dsp (default)": dict(method="dsp"),
+    "dsp --schedule steady": dict(method="dsp"),
     "dsp, k rounds": dict(method="dsp", relaxation="k-rounds"),
     "dsp --schedule reference": dict(method="dsp", schedule="reference"),
-    "dsp --pruning-lr-schedule constant": dict(method="dsp", pruning_lr_schedule="constant"),
+    "dsp --schedule steady --pruning-lr-schedule constant": dict(method="dsp", pruning_lr_schedule="constant"),
+    "dsp --schedule steady --pruning-lr-schedule select": dict(method="dsp", pruning_lr_schedule="select"),
     "dsp --shrink-fraction 0.5": dict(method="dsp", shrink_fraction=0.5),
     "dsp --shrink-fraction 1": dict(method="dsp", shrink_fraction=1.0),
     "ste": dict(method="ste"),
@@ -116,7 +117,8 @@ def main() -> None:
     parser.add_argument("--ks", type=int, nargs="+", default=[6, 12, 36])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS),
-                        default=[name for name in SETTINGS if name != "dsp, k rounds" and "shrink" not in name])
+                        default=[name for name in SETTINGS if name != "dsp, k rounds"
+                                 and "shrink" not in name and "lr-schedule" not in name])
     parser.add_argument("--metric", default="overlap", choices=list(METRICS),
                         help="overlap with the best k, or the cost of the dropped heads over the best choice's")
     parser.add_argument("--grid", action="store_true", help="DSP over T0 x Tf x travel instead")

@@ -8,7 +8,7 @@ not evaluated again). Then the training log's noise gap: how many of the heads a
 top-k chose the noise-free one would not.
 
     python benchmarks/schedule_trace.py --config configs/rotten-tomatoes.yaml --model runs/results/finetune/model \
-        --k 12 --seed 0 --max-train-examples 4000 --schedule default --output-dir runs/trace/default-k12-s0
+        --k 12 --seed 0 --max-train-examples 4000 --schedule steady --output-dir runs/trace/steady-k12-s0
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-train-examples", type=int, default=None, help="default: the config's")
-    parser.add_argument("--schedule", default="default")
+    parser.add_argument("--schedule", default="default", choices=["default", "steady", "reference"],
+                        help="default: the reference's for pipelined DSP")
     parser.add_argument("--points", type=int, default=8, help="steps along the run where the mask is evaluated")
     parser.add_argument("--split", default="validation")
     parser.add_argument("--set", nargs="*", default=[], metavar="OPTION=VALUE",

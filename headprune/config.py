@@ -31,13 +31,25 @@ DEFAULT_K = 36  # heads kept when neither --k nor --k-per-kind is given
 JOINT_SETTLE_FRACTION = 2 / 3
 
 
+def schedule_in_effect(settings: dict) -> str:
+    """The preset of --schedule a run uses: its own, or for `default` the paper's (reference) when
+    DSP prunes pipelined (on held-out data it generalises better than steady: issue 25,
+    docs/results.md) and steady for every other run (it is what joint runs and STE and Voita were
+    tuned with, issue 9). `settings`: a run's options as a dict."""
+    chosen = settings.get("schedule", "default")
+    if chosen != "default":
+        return chosen
+    pipelined_dsp = settings.get("method", "dsp") == "dsp" and settings.get("mode", "pipelined") == "pipelined"
+    return "reference" if pipelined_dsp else "steady"
+
+
 def settle_fraction_in_effect(settings: dict) -> float:
     """The last fraction of a run in which the kept heads are fixed: --settle-fraction, else 2/3 for
-    joint runs at the default schedule and 0 for the others. `settings`: a run's options as a dict."""
+    joint runs at the steady schedule (their default) and 0 for the others."""
     if settings.get("settle_fraction") is not None:
         return settings["settle_fraction"]
-    joint_default = settings.get("mode") == "joint" and settings.get("schedule", "default") == "default"
-    return JOINT_SETTLE_FRACTION if joint_default else 0.0
+    joint_steady = settings.get("mode") == "joint" and schedule_in_effect(settings) == "steady"
+    return JOINT_SETTLE_FRACTION if joint_steady else 0.0
 
 
 # Joint DSP at the default: the budget of the training masks starts at every head and falls to k
@@ -48,11 +60,11 @@ JOINT_SHRINK_FRACTION = 1.0
 
 def shrink_fraction_in_effect(settings: dict) -> float:
     """The fraction of the learning steps over which the training budget falls from every head to
-    k: --shrink-fraction, else 1 for joint dsp runs at the default schedule, else 0."""
+    k: --shrink-fraction, else 1 for joint dsp runs at the steady schedule (their default), else 0."""
     if settings.get("shrink_fraction") is not None:
         return settings["shrink_fraction"]
     joint_dsp = (settings.get("mode") == "joint" and settings.get("method") == "dsp"
-                 and settings.get("schedule", "default") == "default")
+                 and schedule_in_effect(settings) == "steady")
     return JOINT_SHRINK_FRACTION if joint_dsp else 0.0
 
 
@@ -224,17 +236,20 @@ class PruneConfig(FinetuneConfig):
     k_per_kind: list = option(None, "Instead of --k: heads to keep of each kind, in the order "
                               "encoder decoder cross (encoder-decoders: three numbers; encoders: one), "
                               "each budget exact.", nargs="+", type=int, min=0)
-    schedule: str = option("default", "Preset of the scores' training: default (dsp: temperature "
-                           "from 1000 to 0.01 over the whole run; every trained method: a learning "
-                           "rate set from the run's length, so that a score can move about 4 in all, "
-                           "however many steps) or reference (the paper's BERT values: 1000 to 1e-8 "
-                           "over 2/3 of the run; lr 0.5 for dsp and ste, 0.1 for voita). --t0, --tf, "
+    schedule: str = option("default", "Preset of the scores' training: reference (the paper's "
+                           "BERT values: temperature 1000 to 1e-8 over 2/3 of the run; lr 0.5 for dsp "
+                           "and ste, 0.1 for voita), steady (dsp: temperature 1000 to 0.01 over the "
+                           "whole run; every trained method: a learning rate set from the run's length, "
+                           "so that a score can move about 4 in all, however many steps) or default "
+                           "(reference for pipelined dsp, steady for the rest). --t0, --tf, "
                            "--cooldown-fraction, --cooldown-steps and --pruning-lr override it.",
-                           choices=["default", "reference"])
+                           choices=["default", "steady", "reference"])
     pruning_lr: float = option(None, "Learning rate of the head scores (their own AdamW group); "
                                "default: from --schedule.", min=0)
     pruning_lr_schedule: str = option("linear", "Schedule of the scores' learning rate: linear "
-                                      "decay to 0 or constant.", choices=["linear", "constant"])
+                                      "decay to 0, constant, or select (steady: linear decay while the "
+                                      "temperature is above 1, then a jump to 0.5 decaying to 0).",
+                                      choices=["linear", "constant", "select"])
     t0: float = option(None, "DSP initial temperature (default: from --schedule, 1000).", positive=True)
     tf: float = option(None, "DSP final temperature (default: from --schedule, 0.01 or 1e-8).",
                        positive=True)

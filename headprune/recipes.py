@@ -41,7 +41,7 @@ from .randomness import keeps_global_rng
 from .report import plot_head_map, write_run_report
 from .sites import UNIT_NAMES
 from .tasks import get_task
-from .train import (check_inputs, constant_until, linear_decay, restore_checkpoint, resume_state, total_steps,
+from .train import (check_inputs, constant_until, explore_then_select, linear_decay, restore_checkpoint, resume_state, total_steps,
                     train)
 
 log = logging.getLogger("headprune")
@@ -409,14 +409,17 @@ def selector_and_optimizer(cfg: PruneConfig, num_heads: int, steps: int, budget=
     pruning_lr = schedule["pruning_lr"]
     groups = [{"params": list(selector.parameters()), "lr": pruning_lr, "weight_decay": 0.0}]
     # the scores stop at the settle step (a zero rate: Adam's momentum must not move them on)
-    schedules = [(linear_decay if cfg.pruning_lr_schedule == "linear" else constant_until)(learn_steps)]
+    if cfg.pruning_lr_schedule == "select":
+        schedules = [explore_then_select(learn_steps, schedule["select_step"], schedule["select_factor"])]
+    else:
+        schedules = [(linear_decay if cfg.pruning_lr_schedule == "linear" else constant_until)(learn_steps)]
     if joint is not None:
         weights, weights_schedule = joint
         groups.append(weights)
         schedules.append(weights_schedule)
     optimizer = torch.optim.AdamW(groups, betas=betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
-    info = {"steps": steps, "schedule": cfg.schedule, "pruning_lr": pruning_lr}
+    info = {"steps": steps, "schedule": schedule["name"], "pruning_lr": pruning_lr}
     if settle_step is not None:
         info["settle_step"] = settle_step
         log.info("the kept heads are fixed from step %d of %d on: the weights learn with them", settle_step, steps)

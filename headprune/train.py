@@ -67,6 +67,16 @@ def linear_decay(total_steps: int, warmup_steps: int = 0):
     return factor
 
 
+def explore_then_select(total_steps: int, select_step: int, select_factor: float):
+    """Linear decay from 1 to 0 over the first `select_step` steps, then a jump to `select_factor`
+    decaying linearly to 0 at `total_steps`: two phases with their own rate."""
+    def factor(step: int) -> float:
+        if step < select_step:
+            return (select_step - step) / select_step
+        return max(0.0, select_factor * (total_steps - step) / max(1, total_steps - select_step))
+    return factor
+
+
 def constant_until(total_steps: int):
     """A rate factor of 1 up to `total_steps`, then 0 (Adam's momentum cannot move anything on)."""
     def factor(step: int) -> float:

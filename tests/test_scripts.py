@@ -83,8 +83,8 @@ def test_schedule_trace(finished_runs, tiny_finetuned, tmp_path, monkeypatch, ca
 
 def test_planted_heads(monkeypatch, capsys):
     out = script_here("benchmarks/planted_heads.py", "--steps", 3, "--ks", 6, 66, "--seeds", 0, "--settings",
-                      "dsp (default)", "dsp, k rounds", "ste", "voita", monkeypatch=monkeypatch, capsys=capsys)
-    assert out.count("| dsp (default) |") == 2 and "| dsp, k rounds | 66 |" in out
+                      "dsp --schedule steady", "dsp, k rounds", "ste", "voita", monkeypatch=monkeypatch, capsys=capsys)
+    assert out.count("| dsp --schedule steady |") == 2 and "| dsp, k rounds | 66 |" in out
     import benchmarks.planted_heads as planted  # --grid: 72 settings of the same runs; one checked here
     monkeypatch.setattr(planted.itertools, "product", lambda *lists: [tuple(values[0] for values in lists)])
     planted.grid([6], [2], [0])
