@@ -21,38 +21,42 @@ case "${1:-dsp}" in
       run $OUT/dsp-pipelined-k$k prune --config $CFG --mode pipelined --k $k --model $OUT/finetune/model --schedule reference
       run $OUT/dsp-joint-k$k prune --config $CFG --mode joint --k $k --schedule reference
     done ;;
-  sweep)  # both benchmarks, the default schedule and (DSP) the reference's beside it
+  sweep)  # both benchmarks, the steady schedule (the default then) and (DSP) the reference's beside it
     run $OUT/finetune finetune --config $CFG
-    $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model --output-dir $OUT/sweep
+    $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model --schedule steady --output-dir $OUT/sweep
     $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model --methods dsp \
       --ks 6 12 24 36 --schedule reference --output-dir $OUT/sweep-reference
     run $OUT/subjectivity/finetune finetune --config configs/subjectivity.yaml
     $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model \
-      --output-dir $OUT/sweep-subjectivity
+      --schedule steady --output-dir $OUT/sweep-subjectivity
     $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model --methods dsp \
-      --ks 6 12 --schedule reference --output-dir $OUT/sweep-subjectivity-reference
-    # issue 25: 125-step pipelined runs (all 4,000 training snippets) at the default and the reference
-    # schedule, and with a constant rate for the scores (--pruning-lr-schedule constant) at 125 and 32 steps
+      --ks 6 12 24 36 --schedule reference --output-dir $OUT/sweep-subjectivity-reference
+    # issue 25: 125-step pipelined runs (all 4,000 training snippets) at the steady and the reference
+    # schedule, and steady with a constant rate for the scores or the select rate, at 125 and 32 steps
     R125="$HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model --methods dsp --seeds 0 1 2 --max-train-examples 4000"
-    $R125 --ks 12 --schedule default --output-dir $OUT/sweep125-default
-    $R125 --ks 12 36 --schedule reference --output-dir $OUT/sweep125-reference
-    $R125 --ks 12 36 --pruning-lr-schedule constant --output-dir $OUT/sweep125-constant
-    $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model --methods dsp --ks 6 12 24 36 \
-      --pruning-lr-schedule constant --output-dir $OUT/sweep-constant
-    S125="$HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model --methods dsp --ks 6 12 --max-train-examples 4000"
-    $S125 --schedule reference --output-dir $OUT/sweep-subjectivity125-reference
-    $S125 --pruning-lr-schedule constant --output-dir $OUT/sweep-subjectivity125-constant
+    $R125 --ks 12 --schedule steady --output-dir $OUT/sweep125-steady
+    $R125 --ks 6 12 24 36 --schedule reference --output-dir $OUT/sweep125-reference
+    $R125 --ks 12 36 --schedule steady --pruning-lr-schedule constant --output-dir $OUT/sweep125-constant
+    $R125 --ks 12 --schedule steady --pruning-lr-schedule select --output-dir $OUT/sweep125-select
+    $R125 --ks 36 --seeds 0 --schedule steady --pruning-lr-schedule select --output-dir $OUT/sweep125-select
+    R32="$HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model --methods dsp --schedule steady"
+    $R32 --ks 6 12 24 36 --pruning-lr-schedule constant --output-dir $OUT/sweep-constant
+    $R32 --ks 6 36 --pruning-lr-schedule select --output-dir $OUT/sweep-select
+    $R32 --ks 12 24 --seeds 0 --pruning-lr-schedule select --output-dir $OUT/sweep-select
+    S125="$HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model --methods dsp --max-train-examples 4000"
+    $S125 --ks 6 12 24 36 --schedule reference --output-dir $OUT/sweep-subjectivity125-reference
+    $S125 --ks 6 12 --schedule steady --pruning-lr-schedule constant --output-dir $OUT/sweep-subjectivity125-constant
     # along one run: the heads kept per layer, the hard mask's validation accuracy, the noise gap
     T="${PYTHON:-python} benchmarks/schedule_trace.py --config $CFG --model $OUT/finetune/model --k 12 --seed 0 --max-train-examples 4000"
-    $T --schedule default --output-dir $OUT/trace/default
+    $T --schedule steady --output-dir $OUT/trace/steady
     $T --schedule reference --output-dir $OUT/trace/reference
-    # the same with --set pruning_lr_schedule=constant, --set cooldown_fraction=0.3333 (each with its own --output-dir)
+    # the same at --schedule steady with --set pruning_lr_schedule=constant or --set cooldown_fraction=0.3333 (own --output-dir)
     # DSP with a training budget that shrinks from every head to k (--shrink-fraction), both benchmarks
     for F in 0.5 1; do
       $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model --methods dsp \
-        --ks 6 12 24 --shrink-fraction $F --output-dir $OUT/sweep-shrink$F
+        --ks 6 12 24 --schedule steady --shrink-fraction $F --output-dir $OUT/sweep-shrink$F
       $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model --methods dsp \
-        --ks 6 12 24 --shrink-fraction $F --output-dir $OUT/sweep-subjectivity-shrink$F
+        --ks 6 12 24 --schedule steady --shrink-fraction $F --output-dir $OUT/sweep-subjectivity-shrink$F
     done
     # what the methods optimise (cross-entropy) beside what is reported (accuracy), for the same heads
     for S in $OUT/sweep $OUT/sweep-subjectivity; do

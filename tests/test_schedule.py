@@ -13,10 +13,12 @@ from headprune.methods import DSPSelector, resolve_schedule
 from headprune.recipes import selector_and_optimizer
 
 
-def test_the_default_is_the_reference_for_pipelined_dsp_and_steady_for_the_rest():
+def test_the_default_is_the_reference_for_pipelined_dsp_where_the_loss_is_a_proxy_and_steady_for_the_rest():
     assert resolve_schedule(PruneConfig(), steps=32)["name"] == "reference"
     assert resolve_schedule(PruneConfig(), steps=32) == resolve_schedule(PruneConfig(schedule="reference"), steps=32)
-    for settings in (dict(mode="joint"), dict(method="ste"), dict(method="voita"), dict(mode="joint", method="ste")):
+    assert resolve_schedule(PruneConfig(task="translation"), steps=32)["name"] == "reference"
+    for settings in (dict(mode="joint"), dict(method="ste"), dict(method="voita"), dict(mode="joint", method="ste"),
+                     dict(task="causal-lm")):
         s = resolve_schedule(PruneConfig(**settings), steps=32)
         assert s == resolve_schedule(PruneConfig(schedule="steady", **settings), steps=32) and s["name"] == "steady"
     assert resolve_schedule(PruneConfig(schedule="steady"), steps=32)["name"] == "steady"
