@@ -292,6 +292,10 @@ class PruneConfig(FinetuneConfig):
                               "lands on every k).", min=1)
     michel_exact: bool = option(True, "michel: re-estimate importance after each iteration "
                                 "(exact pruning); --no-michel-exact estimates it once.")
+    michel_normalize: str = option("layer", "michel: divide each layer's importances by their L2 norm "
+                                   "before ranking all heads together (layer: the reference), or rank "
+                                   "the raw importances (none: a layer may lose every head).",
+                                   choices=["layer", "none"])
     # the reference prunes in one epoch from a converged model; joint runs train as long as fine-tuning
     epochs: float = option(1.0, "Training epochs (a fraction is allowed).", positive=True)
     output_dir: str = option("runs/prune", OUTPUT_HELP)

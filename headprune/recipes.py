@@ -446,7 +446,7 @@ def _michel(cfg, task, acc, model, gates, train_set, collate, evaluate_with):
         raw = head_importance(model, gates, progress_bar(loader, desc="importance", leave=False,
                                                  disable=not acc.is_local_main_process),
                               mask.to(acc.device), reduce=lambda t: acc.reduce(t, "sum"), loss_fn=task.loss)
-        return normalize_importance(raw, sizes)
+        return normalize_importance(raw, sizes, per_layer=cfg.michel_normalize == "layer")
 
     keep = sum(cfg.k_per_kind) if cfg.k_per_kind else cfg.k
     rounds = progress_bar(total=math.ceil((gates.num_heads - keep) / cfg.michel_step), desc="michel rounds",
@@ -470,7 +470,7 @@ def _michel(cfg, task, acc, model, gates, train_set, collate, evaluate_with):
     for rank, entry in enumerate(curve[1:], start=1):
         order[entry["pruned_now"]] = rank
     order[mask.bool()] = len(curve)
-    info = {"michel_step": cfg.michel_step, "michel_exact": cfg.michel_exact,
+    info = {"michel_step": cfg.michel_step, "michel_exact": cfg.michel_exact, "michel_normalize": cfg.michel_normalize,
             "importance_examples": len(train_set), "importance_passes": len(passes),
             "curve": [{"heads": e["heads"], "metrics": e["metrics"],
                        "pruned_now": [gates.heads[i] for i in e["pruned_now"]]} for e in curve]}

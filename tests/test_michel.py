@@ -47,6 +47,9 @@ def test_normalisation_per_layer_l2_then_global_min_max():
     expected = [(x - low) / (high - low) for x in per_layer]
     assert normalize_importance(scores, [2, 2]).tolist() == pytest.approx(expected, abs=1e-12)
     assert normalize_importance(torch.ones(4), [2, 2]).tolist() == [0, 0, 0, 0]  # all equal
+    # --michel-normalize none: min-max of the raw scores (3 -> 2/3, 4 -> 1, 1 -> 0), so the second
+    # layer ranks last where per layer its heads outranked the first layer's 3
+    assert normalize_importance(scores, [2, 2], per_layer=False).tolist() == pytest.approx([2 / 3, 1, 0, 0])
 
 
 SCORES = torch.tensor([0.5, 0.1, 0.9, 0.3, 0.7, 0.2, 0.6])
@@ -99,3 +102,19 @@ def test_random_mask_is_reproducible_and_exact():
     a, b = random_mask(72, 12, seed=1), random_mask(72, 12, seed=1)
     assert torch.equal(a, b) and a.sum() == 12
     assert not torch.equal(a, random_mask(72, 12, seed=2))
+
+
+@pytest.mark.parametrize("normalize,kept", [("layer", [("encoder", 0, 0), ("encoder", 1, 0)]),
+                                            ("none", [("encoder", 0, 0), ("encoder", 0, 1)])])
+def test_michel_normalize_chooses_between_layers_alike_and_raw_importance(tiny_finetuned, tmp_path, monkeypatch,
+                                                                          normalize, kept):
+    # 2 layers x 4 heads, importance 40 30 20 10 | 4 3 2 1: per layer both layers read 0.73 0.55
+    # 0.37 0.18, so the top 2 are the first head of each (ties to the lower index); raw, layer 0's
+    from conftest import tiny
+    import headprune.recipes as recipes
+    from headprune.recipes import prune
+    raw = torch.tensor([40.0, 30, 20, 10, 4, 3, 2, 1], dtype=torch.float64)
+    monkeypatch.setattr(recipes, "head_importance", lambda *args, **kw: raw)
+    results = prune(tiny(*tiny_finetuned, tmp_path, method="michel", k=2, michel_step=3, michel_exact=False,
+                         michel_normalize=normalize))
+    assert results["kept_heads"] == kept and results["michel_normalize"] == normalize

@@ -36,12 +36,14 @@ def head_importance(model, gates, batches, mask: torch.Tensor, reduce=None, loss
     return (total / tokens).cpu()
 
 
-def normalize_importance(scores: torch.Tensor, heads_per_layer: list[int]) -> torch.Tensor:
-    """Divide each layer's scores by their L2 norm, then min-max over all heads."""
+def normalize_importance(scores: torch.Tensor, heads_per_layer: list[int], per_layer: bool = True) -> torch.Tensor:
+    """Divide each layer's scores by their L2 norm (unless not `per_layer`), then min-max over all
+    heads. Per layer, as the reference does, every layer looks alike: with few heads a layer (3 KV
+    groups of SmolLM2) the pruning spreads evenly over the layers whatever their importance."""
     parts = []
     for layer_scores in torch.split(scores, heads_per_layer):
         norm = torch.linalg.vector_norm(layer_scores)
-        parts.append(layer_scores / norm if norm > 0 else layer_scores)
+        parts.append(layer_scores / norm if norm > 0 and per_layer else layer_scores)
     scores = torch.cat(parts)
     low, high = scores.min(), scores.max()
     return (scores - low) / (high - low) if high > low else torch.zeros_like(scores)
