@@ -18,7 +18,8 @@ import yaml
 
 from .errors import ConfigError
 
-METHODS = ("dsp", "ste", "voita", "michel", "random")
+METHODS = ("dsp", "ste", "voita", "michel", "fisher", "activation", "flap", "random")
+SCORED = ("fisher", "activation", "flap")  # one pass of calibration data gives a score per head, then the top k
 SHRINKING = ("dsp", "ste")  # the methods whose training masks have a budget that --shrink-fraction shrinks
 DEMO_DIR = Path("runs/demo")
 DEFAULT_K = 36  # heads kept when neither --k nor --k-per-kind is given
@@ -229,7 +230,10 @@ class FinetuneConfig(Checked):
 class PruneConfig(FinetuneConfig):
     method: str = option("dsp", "Pruning method: dsp (Gumbel soft top-k), ste (straight-through "
                          "hard top-k), voita (hard-concrete gates, L0 penalty), michel (gradient "
-                         "importance, iterative) or random.",
+                         "importance, iterative), fisher (Kwon et al. 2022: the masks' Fisher "
+                         "information, then per layer its block-diagonal), activation (Minitron: "
+                         "the size of each head's output), flap (the fluctuation of each head's "
+                         "output times its weights, standardised per layer) or random.",
                          choices=list(METHODS))
     mode: str = option("pipelined", "pipelined: freeze a fine-tuned --model and learn only the head "
                        "scores; joint: fine-tune the model and the scores together from a "
@@ -292,6 +296,12 @@ class PruneConfig(FinetuneConfig):
                               "lands on every k).", min=1)
     michel_exact: bool = option(True, "michel: re-estimate importance after each iteration "
                                 "(exact pruning); --no-michel-exact estimates it once.")
+    fisher_rearrange: bool = option(True, "fisher: choose again which heads each layer prunes with "
+                                    "the block-diagonal Fisher (Kwon et al.'s rearrangement); "
+                                    "--no-fisher-rearrange keeps the diagonal's top k.")
+    activation_aggregation: str = option("l2", "activation: how the per-sequence mean of |output| is "
+                                         "aggregated over the calibration sequences: l2 (Minitron's "
+                                         "choice), mean or var.", choices=["l2", "mean", "var"])
     michel_normalize: str = option("layer", "michel: divide each layer's importances by their L2 norm "
                                    "before ranking all heads together (layer: the reference), or rank "
                                    "the raw importances (none: a layer may lose every head).",

@@ -29,11 +29,15 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from .progress import progress_bar
 
-from .config import DEMO_DIR, FinetuneConfig, PruneConfig
+from .config import DEMO_DIR, SCORED, FinetuneConfig, PruneConfig
 from .errors import ConfigError
 from .gates import attach_gates, detach_gates
 from .methods import (TRAINED, head_importance, iterative_pruning, make_selector,
                       normalize_importance, random_mask, resolve_schedule)
+from .methods.activation import activation_scores
+from .methods.dsp import check_budget as check_groups, hard_top_k, per_group
+from .methods.fisher import fisher_gradients, fisher_scores, rearrange
+from .methods.flap import flap_scores, flap_statistics
 from .outputs import (BEST, RESULTS, atomic_folder, cache_root, check_not_inside, check_output_dir, finish_run,
                       folder_bytes, versions, write_json, write_jsonl)
 from .pruning import save_pruned, zero_pruned_heads
@@ -331,6 +335,8 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
                 info["heads_on_by_threshold"] = selector.heads_on()
         elif cfg.method == "michel":
             mask, scores, info = _michel(cfg, task, acc, model, gates, train_set, collate, evaluate_with)
+        elif cfg.method in SCORED:
+            mask, scores, info = _scored(cfg, task, acc, model, gates, train_set, collate)
         else:
             mask = random_mask(gates.num_heads, cfg.k, cfg.seed, budget_of(cfg, gates))
             scores = mask
@@ -477,6 +483,35 @@ def _michel(cfg, task, acc, model, gates, train_set, collate, evaluate_with):
     return mask, order, info
 
 
+def _scored(cfg, task, acc, model, gates, train_set, collate):
+    """A scored method: one pass over the calibration data (the training split, or the first
+    --max-train-examples of it) gives a score per head; keep the top k (k_g of each group)."""
+    loader = acc.prepare(DataLoader(train_set, batch_size=cfg.batch_size, collate_fn=collate))
+    batches = progress_bar(loader, desc=f"{cfg.method} scores", leave=False, disable=not acc.is_local_main_process)
+    reduce = (lambda t: acc.reduce(t.to(acc.device), "sum").cpu()) if acc.num_processes > 1 else None
+    budget = check_groups(gates.num_heads, cfg.k, budget_of(cfg, gates))
+    info = {"calibration_examples": len(train_set)}
+    if cfg.method == "fisher":
+        grads = fisher_gradients(model, gates, batches, task.loss, gather=acc.gather if acc.num_processes > 1 else None)
+        scores = fisher_scores(grads)
+        mask = per_group(hard_top_k, scores, budget)
+        if cfg.fisher_rearrange:
+            layers = [list(range(offset, offset + site.num_heads)) for offset, site in zip(gates.offsets, gates.sites)]
+            mask = rearrange(mask, grads, layers)
+        info["fisher_rearrange"] = cfg.fisher_rearrange
+    else:
+        if cfg.method == "activation":
+            scores = activation_scores(model, gates, batches, task.loss, cfg.activation_aggregation, reduce)
+            info["activation_aggregation"] = cfg.activation_aggregation
+        else:
+            _, variances = flap_statistics(model, gates, batches, task.loss, reduce)
+            scores = flap_scores(gates, variances)
+        mask = per_group(hard_top_k, scores, budget)
+    log.info("%s: scored %d %s on %d calibration examples", cfg.method, gates.num_heads,
+             UNIT_NAMES[gates.sites[0].unit], len(train_set))
+    return mask.float(), scores.float(), info
+
+
 def _save_pruned(cfg, task, out: Path, model, gates, tokenizer, mask, scores) -> None:
     heads, kept = gates.heads, gates.kept_heads(mask)  # before the heads go
     detach_gates(model)
@@ -488,7 +523,7 @@ def _save_pruned(cfg, task, out: Path, model, gates, tokenizer, mask, scores) ->
         model.config.headprune = {"kept_heads": kept, "physical": False, "unit": cfg.unit, **record}
         with atomic_folder(out / "model") as tmp:
             task.save(model, tokenizer, tmp)
-    score_name = {"michel": "pruning_round", "random": "kept"}.get(cfg.method, "logit")
+    score_name = {"michel": "pruning_round", "random": "kept", **dict.fromkeys(SCORED, "score")}.get(cfg.method, "logit")
     write_json(out / "head_scores.json", [
         {"kind": kind, "layer": layer, "head": head, score_name: score, "kept": bool(m)}
         for (kind, layer, head), score, m in zip(heads, scores.tolist(), mask.tolist())])

@@ -20,7 +20,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from .config import SHRINKING, PruneConfig, SweepConfig
+from .config import SCORED, SHRINKING, PruneConfig, SweepConfig
 from .errors import ConfigError, OutputExistsError
 from .outputs import RESULTS, atomic_path
 from .outputs import check_not_inside
@@ -32,8 +32,8 @@ from .train import changed_settings, describe_changes
 
 log = logging.getLogger("headprune")
 
-DETERMINISTIC = ("michel",)  # one seed is enough
-UNTRAINED = ("michel", "random")  # pipelined only
+DETERMINISTIC = ("michel", *SCORED)  # one seed is enough
+UNTRAINED = ("michel", "random", *SCORED)  # pipelined only
 
 
 def planned_runs(cfg: SweepConfig) -> list[PruneConfig]:
@@ -86,7 +86,8 @@ def rows_of(results: dict, ks: list[int], folder: str) -> list[dict]:
         return [{**common, "k": e["heads"], "passes": estimates if exact else min(estimates, 1),
                  **{split: e["metrics"][split] for split in headline_splits(e["metrics"])}}
                 for estimates, e in enumerate(results["curve"]) if e["heads"] in ks]
-    passes = 0 if results["method"] == "random" else results["config"]["epochs"]
+    passes = (0 if results["method"] == "random" else 1 if results["method"] in SCORED
+              else results["config"]["epochs"])
     metrics = results["metrics_pruned"]
     return [{**common, "k": results["k"], "passes": passes,
              **{split: metrics[split] for split in headline_splits(metrics)}}]

@@ -16,21 +16,29 @@ from typing import Callable
 import torch
 
 
-def head_importance(model, gates, batches, mask: torch.Tensor, reduce=None, loss_fn=None) -> torch.Tensor:
-    """Sum over `batches` of |dL/dmask| per head, divided by the number of (non-padding) tokens.
-
-    `reduce`, if given, sums a tensor over processes (e.g. `accelerator.reduce`); `loss_fn(model,
-    batch)` gives the loss (default: the model's own)."""
+def mask_gradients(model, gates, batches, mask: torch.Tensor, loss_fn=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """dL_b/dmask for every batch b (batches x heads) at `mask`, model in eval mode (dropout off),
+    and the number of (non-padding) tokens seen. `loss_fn(model, batch)` gives the loss (default:
+    the model's own)."""
     model.eval()
-    total = torch.zeros(gates.num_heads, dtype=torch.float64, device=mask.device)
-    tokens = torch.zeros((), dtype=torch.float64, device=mask.device)
+    grads, tokens = [], torch.zeros((), dtype=torch.float64, device=mask.device)
     for batch in batches:
         m = mask.detach().clone().requires_grad_(True)
         with gates.override(m):
             loss = loss_fn(model, batch) if loss_fn else model(**batch).loss
         (grad,) = torch.autograd.grad(loss, m)
-        total += grad.abs().double()
+        grads.append(grad.double())
         tokens += batch["attention_mask"].sum()
+    return torch.stack(grads) if grads else mask.new_zeros((0, mask.numel()), dtype=torch.float64), tokens
+
+
+def head_importance(model, gates, batches, mask: torch.Tensor, reduce=None, loss_fn=None) -> torch.Tensor:
+    """Sum over `batches` of |dL/dmask| per head, divided by the number of (non-padding) tokens.
+
+    `reduce`, if given, sums a tensor over processes (e.g. `accelerator.reduce`); `loss_fn(model,
+    batch)` gives the loss (default: the model's own)."""
+    grads, tokens = mask_gradients(model, gates, batches, mask, loss_fn)
+    total = grads.abs().sum(0)
     if reduce is not None:
         total, tokens = reduce(total), reduce(tokens)
     return (total / tokens).cpu()

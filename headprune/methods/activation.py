@@ -1,0 +1,55 @@
+"""Minitron (Muralidharan et al. 2024, "Compact Language Models via Pruning and Knowledge
+Distillation"): a head's importance is the size of its attention output on calibration data, from
+forward passes only.
+
+As NVIDIA Model-Optimizer computes it (mcore_minitron, the hook on the output projection's input):
+for each input channel c of the output projection, the mean of |x_c| over a sequence's tokens
+(padding left out), aggregated over the sequences by `aggregation`; a head's (or KV group's) score
+is the L2 norm of its channels' values. Aggregations over the batch, as the paper compares them:
+l2 (the square root of the sum of squares: the paper's choice and the default), mean, var (the
+variance over sequences).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .scoring import observe_contexts, per_unit
+
+AGGREGATIONS = ("l2", "mean", "var")
+
+
+def activation_scores(model, gates, batches, loss_fn, aggregation: str = "l2", reduce=None) -> torch.Tensor:
+    """One score per gate; `loss_fn(model, batch)` runs the forward pass; `reduce` sums over processes."""
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation {aggregation!r}: choose one of {', '.join(AGGREGATIONS)}")
+    sums = [torch.zeros(site.output.in_features, dtype=torch.float64) for site in gates.sites]
+    squares = [torch.zeros_like(s) for s in sums]
+    sequences = torch.zeros(len(sums), dtype=torch.float64)
+    current: dict = {}
+
+    def on_context(i, x, tokens):
+        a = x.abs().double()
+        if tokens is None:
+            means = a.mean(1)
+        else:
+            t = tokens[..., None].double()
+            means, keep = (a * t).sum(1) / t.sum(1).clamp(min=1), tokens.any(1)
+            means = means[keep]
+        sums[i] += means.sum(0).cpu()
+        squares[i] += means.pow(2).sum(0).cpu()
+        sequences[i] += means.shape[0]
+
+    model.eval()
+    with torch.no_grad(), observe_contexts(gates, lambda: current["batch"], on_context):
+        for batch in batches:
+            current["batch"] = batch
+            loss_fn(model, batch)
+    if reduce is not None:
+        sums, squares, sequences = [reduce(s) for s in sums], [reduce(s) for s in squares], reduce(sequences)
+    channel = []
+    for s, q, n in zip(sums, squares, sequences.tolist()):
+        n = max(n, 1.0)
+        channel.append(q.sqrt() if aggregation == "l2" else s / n if aggregation == "mean"
+                       else (q / n - (s / n).pow(2)).clamp(min=0))
+    return per_unit(gates, channel, lambda values: torch.linalg.vector_norm(values))

@@ -1,0 +1,58 @@
+"""FLAP (An et al., AAAI 2024, "Fluctuation-based Adaptive Structured Pruning for Large Language
+Models"): a channel of the output projection's input matters if it fluctuates across tokens and
+its weight column is large; scores are standardised per layer so that layers compare.
+
+As CASIA-IVA-Lab/FLAP computes it (lib/prune.py, metric WIFV, structure AL-AM): for each input
+channel c of the output projection, over every calibration token (padding left out), the variance
+of x_c times the squared norm of the weight column W[:, c]; each attention block's (layer's)
+channel scores standardised (minus their mean, over their standard deviation); a head's (or KV
+group's) score the mean over its channels. The reference code squares the attention scores once
+more before standardising; the paper does not, nor does headprune. The channels' means are what
+the bias compensation adds back for the heads removed (`channel_means`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .scoring import observe_contexts, per_unit
+
+
+def flap_statistics(model, gates, batches, loss_fn, reduce=None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per site: the mean and the (unbiased) variance of each input channel of its output
+    projection over every real token of `batches`."""
+    sums = [torch.zeros(site.output.in_features, dtype=torch.float64) for site in gates.sites]
+    squares = [torch.zeros_like(s) for s in sums]
+    counts = torch.zeros(len(sums), dtype=torch.float64)
+    current: dict = {}
+
+    def on_context(i, x, tokens):
+        rows = x.double().flatten(0, 1) if tokens is None else x.double()[tokens]
+        sums[i] += rows.sum(0).cpu()
+        squares[i] += rows.pow(2).sum(0).cpu()
+        counts[i] += rows.shape[0]
+
+    model.eval()
+    with torch.no_grad(), observe_contexts(gates, lambda: current["batch"], on_context):
+        for batch in batches:
+            current["batch"] = batch
+            loss_fn(model, batch)
+    if reduce is not None:
+        sums, squares, counts = [reduce(s) for s in sums], [reduce(s) for s in squares], reduce(counts)
+    means, variances = [], []
+    for s, q, n in zip(sums, squares, counts.tolist()):
+        mean = s / max(n, 1.0)
+        means.append(mean)
+        variances.append(((q - n * mean.pow(2)) / max(n - 1, 1.0)).clamp(min=0))
+    return means, variances
+
+
+def flap_scores(gates, variances: list[torch.Tensor]) -> torch.Tensor:
+    """One score per gate from the channels' variances (see the module's docstring)."""
+    standardised = []
+    for site, var in zip(gates.sites, variances):
+        weight = site.output.weight.detach().double().cpu()
+        fluctuation = var * weight.pow(2).sum(0)  # times the squared norm of each input channel's column
+        std = fluctuation.std()
+        standardised.append((fluctuation - fluctuation.mean()) / std if std > 0 else torch.zeros_like(fluctuation))
+    return per_unit(gates, standardised, torch.mean)

@@ -1,0 +1,80 @@
+"""Scored methods: one score per head (or KV group) from calibration data, then the top k.
+
+A *scorer* is a function `scorer(model, gates, batches, *, loss_fn, options) -> Tensor[num_heads]`
+(higher: more important), registered in SCORERS. The driver (`recipes._scored`) runs it once on
+the calibration data (the training split, `--max-train-examples` of it) and keeps the top k (or
+k_g of each group with --k-per-kind). Michel et al. stays iterative (`--michel-step`) with its own
+loop. Adding a scorer is one file with its function, plus its name here.
+
+What the activation-based scorers read is the input of each attention block's output
+projection: the heads' contexts, concatenated head-major, after the gates. `observe_contexts`
+hands them over with a mask of the tokens that count (padding left out).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable
+
+import torch
+
+Scorer = Callable[..., torch.Tensor]
+
+
+def token_mask(batch: dict, kind: str, length: int) -> torch.Tensor | None:
+    """Which of the `length` positions of a site of `kind` are real tokens (batch x length, bool):
+    encoder sites read the source's attention mask, decoder and cross sites the target positions
+    with a label; None where the batch does not say (every position counts)."""
+    if kind == "encoder" or "labels" not in batch or batch["labels"].dim() != 2:
+        mask = batch.get("attention_mask")
+    else:
+        mask = batch["labels"] != -100
+    if mask is None or mask.shape[-1] != length:
+        return None
+    return mask.bool()
+
+
+@contextmanager
+def observe_contexts(gates, batch_of: Callable[[], dict], on_context: Callable):
+    """While inside, every forward calls `on_context(site_index, x, tokens)` with the input `x`
+    (batch x length x heads*head_dim) of each site's output projection and the bool mask of its
+    real tokens (or None), for the batch `batch_of()` returns."""
+    handles = []
+
+    def hook_for(index, site):
+        def hook(module, args):
+            x = args[0]
+            on_context(index, x.detach(), token_mask(batch_of(), site.kind, x.shape[1]))
+        return hook
+
+    # registered after the gates' own hooks, so the contexts are already gated
+    for index, site in enumerate(gates.sites):
+        handles.append(site.output.register_forward_pre_hook(hook_for(index, site)))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def unit_channels(site, unit: int) -> list[int]:
+    """The output projection's input channels that belong to one unit (head or KV group) of a site."""
+    return [h * site.head_dim + d for h in site.query_heads_of([unit]) for d in range(site.head_dim)]
+
+
+def per_unit(gates, channel_scores: list[torch.Tensor], combine: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """One score per gate from per-channel scores of each site: `combine` of the unit's channels."""
+    out = []
+    for site, scores in zip(gates.sites, channel_scores):
+        out.extend(float(combine(scores[unit_channels(site, u)])) for u in range(site.num_heads))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def run_batches(model, batches, forward: Callable[[dict], None]) -> dict:
+    """Evaluation mode (dropout off) over every batch; `current["batch"]` is the batch being run."""
+    model.eval()
+    current: dict = {}
+    for batch in batches:
+        current["batch"] = batch
+        forward(batch)
+    return current

@@ -1,0 +1,111 @@
+"""Scored methods (issue 21): each score against a hand computation, and every method end to end."""
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import tiny
+from headprune.gates import HeadGates
+from headprune.methods.activation import activation_scores
+from headprune.methods.fisher import fisher_gradients, fisher_scores, rearrange
+from headprune.methods.flap import flap_scores, flap_statistics
+from headprune.methods.scoring import unit_channels
+from headprune.recipes import prune
+from headprune.sites import AttentionSite
+
+# One attention block of 2 heads of size 2 (4 channels into its output projection), two sequences
+# of 2 tokens, the second sequence's second token padding (its 100s must count nowhere).
+CONTEXTS = torch.tensor([[[1.0, -2, 3, 0], [3, 2, -1, 0]],
+                         [[2.0, 2, 2, 2], [100, 100, 100, 100]]])
+BATCH = {"x": CONTEXTS, "attention_mask": torch.tensor([[1, 1], [1, 0]])}
+
+
+def one_block():
+    """A 'model' whose forward feeds CONTEXTS to the block's output projection, with its gates."""
+    output = nn.Linear(4, 3, bias=False)
+    with torch.no_grad():  # squared column norms 1, 1, 1, 4
+        output.weight.zero_()
+        output.weight[0, 0], output.weight[1, 1], output.weight[2, 2], output.weight[0, 3] = 1, 1, 1, 2
+    site = AttentionSite("encoder", 0, nn.Module(), nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4), output, 2)
+    gates = HeadGates([site])
+    return gates, (lambda model, batch: output(batch["x"]))
+
+
+@pytest.mark.parametrize("aggregation,expected", [
+    # per sequence, the mean |x| of each channel over its real tokens: (2, 2, 2, 0) and (2, 2, 2, 2)
+    ("l2", [math.hypot(math.sqrt(8), math.sqrt(8)), math.hypot(math.sqrt(8), 2)]),  # sqrt(sum of squares)
+    ("mean", [math.hypot(2, 2), math.hypot(2, 1)]),
+    ("var", [0.0, 1.0]),  # channel 3: values 0 and 2
+])
+def test_activation_is_the_norm_of_each_heads_aggregated_mean_output(aggregation, expected):
+    gates, forward = one_block()
+    got = activation_scores(nn.Module(), gates, [BATCH], forward, aggregation)
+    assert got.tolist() == pytest.approx(expected)
+
+
+def test_flap_is_the_standardised_variance_times_the_column_norm():
+    gates, forward = one_block()
+    means, variances = flap_statistics(nn.Module(), gates, [BATCH], forward)
+    # the 3 real tokens (1, -2, 3, 0), (3, 2, -1, 0), (2, 2, 2, 2)
+    assert means[0].tolist() == pytest.approx([2, 2 / 3, 4 / 3, 2 / 3])
+    assert variances[0].tolist() == pytest.approx([1, 16 / 3, 13 / 3, 4 / 3])  # unbiased
+    fluctuation = torch.tensor([1, 16 / 3, 13 / 3, 16 / 3], dtype=torch.float64)  # x column norms 1, 1, 1, 4
+    standardised = (fluctuation - 4) / math.sqrt((9 + 16 / 9 + 1 / 9 + 16 / 9) / 3)
+    expected = [float(standardised[:2].mean()), float(standardised[2:].mean())]
+    assert flap_scores(gates, variances).tolist() == pytest.approx(expected)
+    assert expected[0] == pytest.approx(-expected[1])
+
+
+def test_fisher_sums_the_squared_mask_gradient_of_each_batch(tiny_finetuned):
+    from transformers import AutoModelForSequenceClassification
+    from headprune import attach_gates
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_finetuned[0]).double()
+    gates = attach_gates(model)
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(5, 99, (3, 6), generator=g), "attention_mask": torch.ones(3, 6, dtype=torch.long),
+                "labels": torch.tensor([0, 1, 1])} for _ in range(2)]
+    grads = fisher_gradients(model, gates, batches)
+    for b, batch in enumerate(batches):  # against finite differences of each batch's mean loss
+        for h in (0, 5):
+            up, down = torch.ones(8, dtype=torch.float64), torch.ones(8, dtype=torch.float64)
+            up[h], down[h] = 1 + 1e-6, 1 - 1e-6
+            with torch.no_grad(), gates.override(up):
+                high = model(**batch).loss
+            with torch.no_grad(), gates.override(down):
+                low = model(**batch).loss
+            assert float(grads[b, h]) == pytest.approx(float(high - low) / 2e-6, rel=1e-4, abs=1e-8)
+    assert fisher_scores(grads).tolist() == pytest.approx((grads[0] ** 2 + grads[1] ** 2).tolist())
+
+
+def test_rearrangement_prunes_the_heads_whose_gradients_cancel():
+    # one layer of 4 heads, gradients over 2 batches: a (1, 0), b (0, 1), c (1.1, 0), d (-1.1, 0);
+    # prune 2. The diagonal Fisher (1, 1, 1.21, 1.21) prunes a and b (|a + b|^2 = 2); the greedy
+    # pass tries c (a + b + c: dropping c is best, back to a, b) then d (a + b + d: dropping b
+    # leaves |a + d|^2 = 0.01): a and d pruned, b and c kept
+    grads = torch.tensor([[1.0, 0.0, 1.1, -1.1], [0.0, 1.0, 0.0, 0.0]])
+    diagonal = torch.tensor([0.0, 0.0, 1.0, 1.0])
+    assert rearrange(diagonal, grads, [[0, 1, 2, 3]]).tolist() == [0, 1, 1, 0]
+    assert rearrange(diagonal, grads, [[0, 1], [2, 3]]).tolist() == [0, 0, 1, 1]  # each layer all or none: as it was
+
+
+def test_a_kv_groups_channels_are_those_of_its_query_heads():
+    site = AttentionSite("decoder", 0, nn.Module(), nn.Linear(8, 12), nn.Linear(8, 4), nn.Linear(8, 4),
+                         nn.Linear(12, 8), 2, unit="group")  # 6 query heads of size 2 in 2 groups
+    assert unit_channels(site, 1) == [6, 7, 8, 9, 10, 11]
+    site.unit = "query"  # the second query head of each group
+    assert unit_channels(site, 1) == [2, 3, 8, 9]
+
+
+@pytest.mark.parametrize("method,options", [("activation", {}), ("activation", {"activation_aggregation": "var"}),
+                                            ("flap", {}), ("fisher", {}), ("fisher", {"fisher_rearrange": False})])
+def test_each_scored_method_keeps_k_heads_by_its_scores(tiny_finetuned, tmp_path, method, options):
+    results = prune(tiny(*tiny_finetuned, tmp_path, method=method, k=3, **options))
+    assert results["k"] == 3 and results["calibration_examples"] > 0
+    scores = json.loads((tmp_path / "head_scores.json").read_text())
+    kept = [s for s in scores if s["kept"]]
+    assert len(kept) == 3 and len(scores) == 8
+    if not (method == "fisher" and options.get("fisher_rearrange", True)):  # the top 3 of the scores
+        assert min(s["score"] for s in kept) >= max(s["score"] for s in scores if not s["kept"])
+    assert results["metrics_pruned"] and (tmp_path / "model" / "config.json").exists()
