@@ -18,8 +18,8 @@ import yaml
 
 from .errors import ConfigError
 
-METHODS = ("dsp", "ste", "voita", "michel", "fisher", "activation", "flap", "random")
-SCORED = ("fisher", "activation", "flap")  # one pass of calibration data gives a score per head, then the top k
+METHODS = ("dsp", "ste", "voita", "michel", "fisher", "activation", "flap", "taylor", "random")
+SCORED = ("fisher", "activation", "flap", "taylor")  # one pass of calibration data gives a score per head, then the top k
 SHRINKING = ("dsp", "ste")  # the methods whose training masks have a budget that --shrink-fraction shrinks
 DEMO_DIR = Path("runs/demo")
 DEFAULT_K = 36  # heads kept when neither --k nor --k-per-kind is given
@@ -233,7 +233,8 @@ class PruneConfig(FinetuneConfig):
                          "importance, iterative), fisher (Kwon et al. 2022: the masks' Fisher "
                          "information, then per layer its block-diagonal), activation (Minitron: "
                          "the size of each head's output), flap (the fluctuation of each head's "
-                         "output times its weights, standardised per layer) or random.",
+                         "output times its weights, standardised per layer), taylor (LLM-Pruner: "
+                         "first-order Taylor importance of each head's weights) or random.",
                          choices=list(METHODS))
     mode: str = option("pipelined", "pipelined: freeze a fine-tuned --model and learn only the head "
                        "scores; joint: fine-tune the model and the scores together from a "
@@ -302,6 +303,9 @@ class PruneConfig(FinetuneConfig):
     activation_aggregation: str = option("l2", "activation: how the per-sequence mean of |output| is "
                                          "aggregated over the calibration sequences: l2 (Minitron's "
                                          "choice), mean or var.", choices=["l2", "mean", "var"])
+    taylor_variant: str = option("element", "taylor: the sum over a head's weights of |w * dL/dw| "
+                                 "(element, LLM-Pruner's default) or the absolute value of their sum "
+                                 "(vector).", choices=["element", "vector"])
     michel_normalize: str = option("layer", "michel: divide each layer's importances by their L2 norm "
                                    "before ranking all heads together (layer: the reference), or rank "
                                    "the raw importances (none: a layer may lose every head).",

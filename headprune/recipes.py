@@ -38,6 +38,7 @@ from .methods.activation import activation_scores
 from .methods.dsp import check_budget as check_groups, hard_top_k, per_group
 from .methods.fisher import fisher_gradients, fisher_scores, rearrange
 from .methods.flap import flap_scores, flap_statistics
+from .methods.taylor import taylor_scores
 from .outputs import (BEST, RESULTS, atomic_folder, cache_root, check_not_inside, check_output_dir, finish_run,
                       folder_bytes, versions, write_json, write_jsonl)
 from .pruning import save_pruned, zero_pruned_heads
@@ -503,6 +504,9 @@ def _scored(cfg, task, acc, model, gates, train_set, collate):
         if cfg.method == "activation":
             scores = activation_scores(model, gates, batches, task.loss, cfg.activation_aggregation, reduce)
             info["activation_aggregation"] = cfg.activation_aggregation
+        elif cfg.method == "taylor":
+            scores = taylor_scores(model, gates, batches, task.loss, cfg.taylor_variant, reduce)
+            info["taylor_variant"] = cfg.taylor_variant
         else:
             _, variances = flap_statistics(model, gates, batches, task.loss, reduce)
             scores = flap_scores(gates, variances)

@@ -12,6 +12,7 @@ from headprune.methods.activation import activation_scores
 from headprune.methods.fisher import fisher_gradients, fisher_scores, rearrange
 from headprune.methods.flap import flap_scores, flap_statistics
 from headprune.methods.scoring import unit_channels
+from headprune.methods.taylor import taylor_scores
 from headprune.recipes import prune
 from headprune.sites import AttentionSite
 
@@ -99,6 +100,7 @@ def test_a_kv_groups_channels_are_those_of_its_query_heads():
 
 
 @pytest.mark.parametrize("method,options", [("activation", {}), ("activation", {"activation_aggregation": "var"}),
+                                            ("taylor", {}), ("taylor", {"taylor_variant": "vector"}),
                                             ("flap", {}), ("fisher", {}), ("fisher", {"fisher_rearrange": False})])
 def test_each_scored_method_keeps_k_heads_by_its_scores(tiny_finetuned, tmp_path, method, options):
     results = prune(tiny(*tiny_finetuned, tmp_path, method=method, k=3, **options))
@@ -109,3 +111,50 @@ def test_each_scored_method_keeps_k_heads_by_its_scores(tiny_finetuned, tmp_path
     if not (method == "fisher" and options.get("fisher_rearrange", True)):  # the top 3 of the scores
         assert min(s["score"] for s in kept) >= max(s["score"] for s in scores if not s["kept"])
     assert results["metrics_pruned"] and (tmp_path / "model" / "config.json").exists()
+
+
+def test_taylor_by_hand_on_one_block():
+    # 2 heads of size 1; loss = output(value(x)).sum() for x = (1, 2): y = O (V x + b), so
+    # dL/dV_jk = O_j x_k, dL/db_j = O_j, dL/dO_j = (V x + b)_j = (-0.5, 2); query and key unused.
+    # w * dL/dw per head: head 0 (3, -6 | 1.5 | -1.5), head 1 (-4, -2 | 2 | -4)
+    value, output = nn.Linear(2, 2), nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        value.weight.copy_(torch.tensor([[1.0, -1], [2, 0.5]]))
+        value.bias.copy_(torch.tensor([0.5, -1.0]))
+        output.weight.copy_(torch.tensor([[3.0, -2]]))
+    site = AttentionSite("encoder", 0, nn.Module(), nn.Linear(2, 2), nn.Linear(2, 2), value, output, 1)
+    gates = HeadGates([site])
+    forward = (lambda model, batch: output(value(batch["x"])).sum())
+    batch = {"x": torch.tensor([[1.0, 2.0]])}
+    assert taylor_scores(nn.Module(), gates, [batch], forward, "element").tolist() == pytest.approx([12, 12])
+    assert taylor_scores(nn.Module(), gates, [batch], forward, "vector").tolist() == pytest.approx([3, 8])
+    assert value.weight.grad is None and not any(p.requires_grad is False for p in value.parameters())
+
+
+def test_taylor_vector_is_the_loss_change_when_a_head_is_scaled(tiny_finetuned):
+    # sum over the head's weights of w * dL/dw = dL/de where the head's weights are scaled by (1 + e)
+    from transformers import AutoModelForSequenceClassification
+    from headprune import attach_gates
+    from headprune.methods.taylor import group_weights
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_finetuned[0]).double().eval()
+    model.requires_grad_(False)
+    gates = attach_gates(model)
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(5, 99, (3, 6), generator=g), "attention_mask": torch.ones(3, 6, dtype=torch.long),
+                "labels": torch.tensor([0, 1, 1])} for _ in range(2)]
+    forward = (lambda m, b: m(**b).loss)
+    got = taylor_scores(model, gates, batches, forward, "vector")
+    for gate in (1, 6):
+        site = gates.sites[gate // 4]
+
+        def loss_at(scale):
+            saved = [(p, index, p[index].clone()) for p, index in group_weights(site, gate % 4)]
+            with torch.no_grad():
+                for p, index, value in saved:
+                    p[index] = value * scale
+                total = sum(forward(model, b) for b in batches)
+                for p, index, value in saved:
+                    p[index] = value
+            return float(total)
+        assert float(got[gate]) == pytest.approx(abs(loss_at(1 + 1e-6) - loss_at(1 - 1e-6)) / 2e-6, rel=1e-4)
+    assert not any(p.requires_grad for p in model.parameters())  # left as it was
