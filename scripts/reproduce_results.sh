@@ -103,6 +103,8 @@ case "${1:-dsp}" in
         --beams 1 5 --generate-tokens 24 --output-dir $MT/dsp-pipelined-k18/speed ;;
   llm)
     $HP sweep --config configs/sweep-smollm2.yaml --output-dir $OUT/smollm2
+    # DSP at the reference's schedule beside it (issue 25: language models keep steady)
+    $HP sweep --config configs/sweep-smollm2.yaml --methods dsp --schedule reference --output-dir $OUT/smollm2-reference
     for k in 45 30; do
       [ -f $OUT/smollm2/dsp-pipelined-k$k-s0/speed/measure.md ] || \
         $HP measure --pruned $OUT/smollm2/dsp-pipelined-k$k-s0/model --threads 1 --batch-sizes 1 8 \
