@@ -158,3 +158,11 @@ def test_taylor_vector_is_the_loss_change_when_a_head_is_scaled(tiny_finetuned):
             return float(total)
         assert float(got[gate]) == pytest.approx(abs(loss_at(1 + 1e-6) - loss_at(1 - 1e-6)) / 2e-6, rel=1e-4)
     assert not any(p.requires_grad for p in model.parameters())  # left as it was
+
+
+def test_scored_methods_prune_a_fine_tuned_model_only(tiny_finetuned, tmp_path):
+    from headprune.errors import ConfigError
+    with pytest.raises(ConfigError, match="flap prunes a fine-tuned model and trains nothing: use --mode pipelined"):
+        prune(tiny(*tiny_finetuned, tmp_path, method="flap", mode="joint"))
+    with pytest.raises(ConfigError, match="activation_aggregation: 'max' is not one of l2, mean, var"):
+        tiny(*tiny_finetuned, tmp_path, method="activation", activation_aggregation="max")
