@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .scoring import observe_contexts, per_unit
+from .scoring import channel_moments, per_unit
 
 AGGREGATIONS = ("l2", "mean", "var")
 
@@ -23,33 +23,14 @@ def activation_scores(model, gates, batches, loss_fn, aggregation: str = "l2", r
     """One score per gate; `loss_fn(model, batch)` runs the forward pass; `reduce` sums over processes."""
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation {aggregation!r}: choose one of {', '.join(AGGREGATIONS)}")
-    sums = [torch.zeros(site.output.in_features, dtype=torch.float64) for site in gates.sites]
-    squares = [torch.zeros_like(s) for s in sums]
-    sequences = torch.zeros(len(sums), dtype=torch.float64)
-    current: dict = {}
-
-    def on_context(i, x, tokens):
-        a = x.abs().double()
+    def sequence_means(x, tokens):  # the mean |x| over each sequence's real tokens
         if tokens is None:
-            means = a.mean(1)
-        else:
-            t = tokens[..., None].double()
-            means, keep = (a * t).sum(1) / t.sum(1).clamp(min=1), tokens.any(1)
-            means = means[keep]
-        sums[i] += means.sum(0).cpu()
-        squares[i] += means.pow(2).sum(0).cpu()
-        sequences[i] += means.shape[0]
+            return x.abs().mean(1)
+        t = tokens[..., None].double()
+        return ((x.abs() * t).sum(1) / t.sum(1).clamp(min=1))[tokens.any(1)]
 
-    model.eval()
-    with torch.no_grad(), observe_contexts(gates, lambda: current["batch"], on_context):
-        for batch in batches:
-            current["batch"] = batch
-            loss_fn(model, batch)
-    if reduce is not None:
-        sums, squares, sequences = [reduce(s) for s in sums], [reduce(s) for s in squares], reduce(sequences)
     channel = []
-    for s, q, n in zip(sums, squares, sequences.tolist()):
-        n = max(n, 1.0)
+    for n, s, q in channel_moments(model, gates, batches, loss_fn, sequence_means, reduce):
         channel.append(q.sqrt() if aggregation == "l2" else s / n if aggregation == "mean"
                        else (q / n - (s / n).pow(2)).clamp(min=0))
     return per_unit(gates, channel, lambda values: torch.linalg.vector_norm(values))

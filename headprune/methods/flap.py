@@ -15,33 +15,18 @@ from __future__ import annotations
 
 import torch
 
-from .scoring import observe_contexts, per_unit
+from .scoring import channel_moments, per_unit
 
 
 def flap_statistics(model, gates, batches, loss_fn, reduce=None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per site: the mean and the (unbiased) variance of each input channel of its output
     projection over every real token of `batches`."""
-    sums = [torch.zeros(site.output.in_features, dtype=torch.float64) for site in gates.sites]
-    squares = [torch.zeros_like(s) for s in sums]
-    counts = torch.zeros(len(sums), dtype=torch.float64)
-    current: dict = {}
+    def real_tokens(x, tokens):
+        return x.flatten(0, 1) if tokens is None else x[tokens]
 
-    def on_context(i, x, tokens):
-        rows = x.double().flatten(0, 1) if tokens is None else x.double()[tokens]
-        sums[i] += rows.sum(0).cpu()
-        squares[i] += rows.pow(2).sum(0).cpu()
-        counts[i] += rows.shape[0]
-
-    model.eval()
-    with torch.no_grad(), observe_contexts(gates, lambda: current["batch"], on_context):
-        for batch in batches:
-            current["batch"] = batch
-            loss_fn(model, batch)
-    if reduce is not None:
-        sums, squares, counts = [reduce(s) for s in sums], [reduce(s) for s in squares], reduce(counts)
     means, variances = [], []
-    for s, q, n in zip(sums, squares, counts.tolist()):
-        mean = s / max(n, 1.0)
+    for n, s, q in channel_moments(model, gates, batches, loss_fn, real_tokens, reduce):
+        mean = s / n
         means.append(mean)
         variances.append(((q - n * mean.pow(2)) / max(n - 1, 1.0)).clamp(min=0))
     return means, variances

@@ -70,11 +70,32 @@ def per_unit(gates, channel_scores: list[torch.Tensor], combine: Callable[[torch
     return torch.tensor(out, dtype=torch.float64)
 
 
-def run_batches(model, batches, forward: Callable[[dict], None]) -> dict:
-    """Evaluation mode (dropout off) over every batch; `current["batch"]` is the batch being run."""
-    model.eval()
+def observe_calibration(model, gates, batches, loss_fn, on_context: Callable) -> None:
+    """Forward passes only (evaluation mode: dropout off; no gradient) over every batch,
+    `on_context` called as `observe_contexts` describes."""
     current: dict = {}
-    for batch in batches:
-        current["batch"] = batch
-        forward(batch)
-    return current
+    model.eval()
+    with torch.no_grad(), observe_contexts(gates, lambda: current["batch"], on_context):
+        for batch in batches:
+            current["batch"] = batch
+            loss_fn(model, batch)
+
+
+def channel_moments(model, gates, batches, loss_fn, rows_of: Callable, reduce=None):
+    """Per site, over the calibration data: the count, sum and sum of squares of each input
+    channel of the output projection, over the rows `rows_of(x, tokens)` makes of each context
+    (tokens, or one row per sequence). `reduce` sums them over processes."""
+    sums = [torch.zeros(site.output.in_features, dtype=torch.float64) for site in gates.sites]
+    squares = [torch.zeros_like(s) for s in sums]
+    counts = torch.zeros(len(sums), dtype=torch.float64)
+
+    def on_context(i, x, tokens):
+        rows = rows_of(x.double(), tokens)
+        sums[i] += rows.sum(0).cpu()
+        squares[i] += rows.pow(2).sum(0).cpu()
+        counts[i] += rows.shape[0]
+
+    observe_calibration(model, gates, batches, loss_fn, on_context)
+    if reduce is not None:
+        sums, squares, counts = [reduce(s) for s in sums], [reduce(s) for s in squares], reduce(counts)
+    return [(max(n, 1.0), s, q) for n, s, q in zip(counts.tolist(), sums, squares)]
