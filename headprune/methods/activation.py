@@ -23,6 +23,7 @@ def activation_scores(model, gates, batches, loss_fn, aggregation: str = "l2", r
     """One score per gate; `loss_fn(model, batch)` runs the forward pass; `reduce` sums over processes."""
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation {aggregation!r}: choose one of {', '.join(AGGREGATIONS)}")
+
     def sequence_means(x, tokens):  # the mean |x| over each sequence's real tokens
         if tokens is None:
             return x.abs().mean(1)
