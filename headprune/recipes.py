@@ -46,8 +46,8 @@ from .randomness import keeps_global_rng
 from .report import plot_head_map, write_run_report
 from .sites import UNIT_NAMES
 from .tasks import get_task
-from .train import (check_inputs, constant_until, explore_then_select, linear_decay, restore_checkpoint, resume_state, total_steps,
-                    train)
+from .train import (check_inputs, constant_until, explore_then_select, linear_decay, restore_checkpoint,
+                    resume_state, total_steps, train)
 
 log = logging.getLogger("headprune")
 
