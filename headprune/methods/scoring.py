@@ -1,10 +1,11 @@
 """Scored methods: one score per head (or KV group) from calibration data, then the top k.
 
-A *scorer* is a function `scorer(model, gates, batches, *, loss_fn, options) -> Tensor[num_heads]`
-(higher: more important), registered in SCORERS. The driver (`recipes._scored`) runs it once on
-the calibration data (the training split, `--max-train-examples` of it) and keeps the top k (or
-k_g of each group with --k-per-kind). Michel et al. stays iterative (`--michel-step`) with its own
-loop. Adding a scorer is one file with its function, plus its name here.
+A *scorer* is a function of the model, its gates, the calibration batches and the task's loss
+that returns one score per gate (higher: more important). The driver (`recipes._scored`) runs it
+once on the calibration data (the training split, `--max-train-examples` of it) and keeps the top
+k (or k_g of each group with --k-per-kind). Michel et al. stays iterative (`--michel-step`) with
+its own loop. Adding a scorer is one file with its function, its name in `config.SCORED` and a
+branch in `recipes._scored`.
 
 What the activation-based scorers read is the input of each attention block's output
 projection: the heads' contexts, concatenated head-major, after the gates. `observe_contexts`
@@ -17,8 +18,6 @@ from contextlib import contextmanager
 from typing import Callable
 
 import torch
-
-Scorer = Callable[..., torch.Tensor]
 
 
 def token_mask(batch: dict, kind: str, length: int) -> torch.Tensor | None:
