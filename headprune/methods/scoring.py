@@ -8,13 +8,12 @@ its own loop. Adding a scorer is one file with its function, its name in `config
 branch in `recipes._scored`.
 
 What the activation-based scorers read is the input of each attention block's output
-projection: the heads' contexts, concatenated head-major, after the gates. `observe_contexts`
+projection: the heads' contexts, concatenated head-major, after the gates. `observe_calibration`
 hands them over with a mask of the tokens that count (padding left out).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -33,29 +32,6 @@ def token_mask(batch: dict, kind: str, length: int) -> torch.Tensor | None:
     return mask.bool()
 
 
-@contextmanager
-def observe_contexts(gates, batch_of: Callable[[], dict], on_context: Callable):
-    """While inside, every forward calls `on_context(site_index, x, tokens)` with the input `x`
-    (batch x length x heads*head_dim) of each site's output projection and the bool mask of its
-    real tokens (or None), for the batch `batch_of()` returns."""
-    handles = []
-
-    def hook_for(index, site):
-        def hook(module, args):
-            x = args[0]
-            on_context(index, x.detach(), token_mask(batch_of(), site.kind, x.shape[1]))
-        return hook
-
-    # registered after the gates' own hooks, so the contexts are already gated
-    for index, site in enumerate(gates.sites):
-        handles.append(site.output.register_forward_pre_hook(hook_for(index, site)))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def unit_channels(site, unit: int) -> list[int]:
     """The output projection's input channels that belong to one unit (head or KV group) of a site."""
     return [h * site.head_dim + d for h in site.query_heads_of([unit]) for d in range(site.head_dim)]
@@ -70,31 +46,48 @@ def per_unit(gates, channel_scores: list[torch.Tensor], combine: Callable[[torch
 
 
 def observe_calibration(model, gates, batches, loss_fn, on_context: Callable) -> None:
-    """Forward passes only (evaluation mode: dropout off; no gradient) over every batch,
-    `on_context` called as `observe_contexts` describes."""
+    """Forward passes only (evaluation mode: dropout off; no gradient) over every batch; each
+    site's output projection calls `on_context(site_index, x, tokens)` with its input `x`
+    (batch x length x heads*head_dim) and the bool mask of its real tokens (or None)."""
     current: dict = {}
+
+    def hook_for(index, site):
+        def hook(module, args):
+            x = args[0]
+            on_context(index, x.detach(), token_mask(current["batch"], site.kind, x.shape[1]))
+        return hook
+
+    # registered after the gates' own hooks, so the contexts are already gated
+    handles = [site.output.register_forward_pre_hook(hook_for(i, site)) for i, site in enumerate(gates.sites)]
     model.eval()
-    with torch.no_grad(), observe_contexts(gates, lambda: current["batch"], on_context):
-        for batch in batches:
-            current["batch"] = batch
-            loss_fn(model, batch)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                current["batch"] = batch
+                loss_fn(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def channel_moments(model, gates, batches, loss_fn, rows_of: Callable, reduce=None):
     """Per site, over the calibration data: the count, sum and sum of squares of each input
     channel of the output projection, over the rows `rows_of(x, tokens)` makes of each context
     (tokens, or one row per sequence). `reduce` sums them over processes."""
-    sums = [torch.zeros(site.output.in_features, dtype=torch.float64) for site in gates.sites]
-    squares = [torch.zeros_like(s) for s in sums]
-    counts = torch.zeros(len(sums), dtype=torch.float64)
+    n = len(gates.sites)
+    sums, squares = [None] * n, [None] * n  # on the model's device until the end: no sync per batch
+    counts = torch.zeros(n, dtype=torch.float64)
 
     def on_context(i, x, tokens):
         rows = rows_of(x.double(), tokens)
-        sums[i] += rows.sum(0).cpu()
-        squares[i] += rows.pow(2).sum(0).cpu()
+        sums[i] = rows.sum(0) if sums[i] is None else sums[i] + rows.sum(0)
+        squares[i] = rows.pow(2).sum(0) if squares[i] is None else squares[i] + rows.pow(2).sum(0)
         counts[i] += rows.shape[0]
 
     observe_calibration(model, gates, batches, loss_fn, on_context)
+    zeros = [torch.zeros(site.output.in_features, dtype=torch.float64) for site in gates.sites]
+    sums = [z if t is None else t.cpu() for z, t in zip(zeros, sums)]
+    squares = [z if t is None else t.cpu() for z, t in zip(zeros, squares)]
     if reduce is not None:
         sums, squares, counts = [reduce(s) for s in sums], [reduce(s) for s in squares], reduce(counts)
-    return [(max(n, 1.0), s, q) for n, s, q in zip(counts.tolist(), sums, squares)]
+    return [(max(c, 1.0), s, q) for c, s, q in zip(counts.tolist(), sums, squares)]

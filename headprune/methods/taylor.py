@@ -48,16 +48,15 @@ def taylor_scores(model, gates, batches, loss_fn, variant: str = "element", redu
             p.grad = None
         for batch in batches:
             loss_fn(model, batch).backward()
-        grads = {}
+        products = {}  # w * dL/dw of every weight, once
         for p in params:  # a weight the loss does not reach (none of its outputs used) has no gradient
             grad = p.grad if p.grad is not None else torch.zeros_like(p)
-            grads[id(p)] = (reduce(grad).to(p.device) if reduce is not None else grad).double()
+            grad = reduce(grad).to(p.device) if reduce is not None else grad
+            products[id(p)] = p.detach().double() * grad.double()
         scores = []
         for site in gates.sites:
             for unit in range(site.num_heads):
-                products = [(p.detach().double() * grads[id(p)])[index].flatten()
-                            for p, index in group_weights(site, unit)]
-                product = torch.cat(products)
+                product = torch.cat([products[id(p)][index].flatten() for p, index in group_weights(site, unit)])
                 scores.append(float(product.abs().sum() if variant == "element" else product.sum().abs()))
     finally:
         for p, flag in zip(params, was):
