@@ -310,6 +310,15 @@ class PruneConfig(FinetuneConfig):
                                    "before ranking all heads together (layer: the reference), or rank "
                                    "the raw importances (none: a layer may lose every head).",
                                    choices=["layer", "none"])
+    reconstruct: str = option("none", "After selection, without retraining, bring each attention "
+                              "block's output back towards the unpruned model's on the calibration data, "
+                              "folded into the saved weights: rescale (Kwon et al.'s mask tuning: a scale "
+                              "per kept head, least squares block by block), bias (FLAP: the removed heads' "
+                              "mean output added to the output projection's bias), both (scales and bias "
+                              "fitted together) or none.", choices=["none", "rescale", "bias", "both"])
+    calibration_examples: int = option(None, "Calibration data of the scored methods (fisher, activation, "
+                                       "flap, taylor) and of --reconstruct: the first N examples of the "
+                                       "pruning data (default: all of it).", min=1)
     # the reference prunes in one epoch from a converged model; joint runs train as long as fine-tuning
     epochs: float = option(1.0, "Training epochs (a fraction is allowed).", positive=True)
     output_dir: str = option("runs/prune", OUTPUT_HELP)

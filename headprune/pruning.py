@@ -76,6 +76,20 @@ def zero_pruned_heads(sites: list[AttentionSite], mask: torch.Tensor) -> None:
         offset += site.num_heads
 
 
+@torch.no_grad()
+def add_output_biases(sites: list[AttentionSite]) -> int:
+    """Give every output projection without a bias a zero one (where reconstruction puts the
+    removed heads' mean contribution); returns how many were added. A saved model records this
+    (`headprune.output_biases`) so that `load_pruned` adds them again before loading the weights."""
+    added = 0
+    for site in sites:
+        if site.output.bias is None:
+            weight = site.output.weight
+            site.output.bias = nn.Parameter(weight.new_zeros(weight.shape[0]), requires_grad=weight.requires_grad)
+            added += 1
+    return added
+
+
 def _keep_rows(linear: nn.Linear, index: torch.Tensor) -> None:
     linear.weight = nn.Parameter(linear.weight.detach().index_select(0, index).clone())
     if linear.bias is not None:
@@ -168,6 +182,8 @@ def save_pruned(model: nn.Module, folder: Path, kept: list[Head], tokenizer=None
         raise ValueError(f"this model was pruned by {earlier.get('unit', 'group')} before: prune it "
                          f"again by {earlier.get('unit', 'group')}")
     recorded = original_numbering(model.config, kept)
+    if earlier.get("output_biases"):  # pruned again: the biases added before stay
+        record.setdefault("output_biases", True)
     remove_heads(model, kept, unit)
     model.config.headprune = {"kept_heads": [list(h) for h in recorded], "physical": True, "unit": unit,
                               "kept_heads_sha256": heads_checksum(recorded), **record}
@@ -252,6 +268,8 @@ def load_pruned(folder, model_class=None, **config_kwargs) -> nn.Module:
     unit = record.get("unit", "group")
     kept = check_record(record, find_sites(model, unit) if unit in ("group", "query") else [], folder)
     remove_heads(model, kept, unit)
+    if record.get("output_biases"):
+        add_output_biases(find_sites(model, unit))
     try:
         _load_weights(model, Path(folder))
     except RuntimeError as err:

@@ -26,8 +26,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
-from .progress import progress_bar
+from torch.utils.data import DataLoader, Subset
 
 from .config import DEMO_DIR, SCORED, FinetuneConfig, PruneConfig
 from .errors import ConfigError
@@ -42,7 +41,9 @@ from .methods.taylor import taylor_scores
 from .outputs import (BEST, RESULTS, atomic_folder, cache_root, check_not_inside, check_output_dir, finish_run,
                       folder_bytes, versions, write_json, write_jsonl)
 from .pruning import save_pruned, zero_pruned_heads
+from .progress import progress_bar
 from .randomness import keeps_global_rng
+from .reconstruct import reconstruct
 from .report import plot_head_map, write_run_report
 from .sites import UNIT_NAMES
 from .tasks import get_task
@@ -279,6 +280,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
     with timed(seconds, "load"):
         data, model, tokenizer = _load(cfg, task, path, config, require_finetuned=pipelined)
         gates = attach_gates(model, cfg.unit)
+        check_reconstruct(cfg, gates)
         train_set, evals, collate = task.prepare(data, tokenizer, cfg)
         inputs = run_inputs(cfg, path, train_set, evals)
         state = check_inputs(out, state, inputs, cfg)
@@ -341,17 +343,24 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
         else:
             mask = random_mask(gates.num_heads, cfg.k, cfg.seed, budget_of(cfg, gates))
             scores = mask
+    if not pipelined:  # the jointly trained weights with every head on (before reconstruction changes them)
+        with timed(seconds, "evaluate_unpruned"):
+            extra["metrics_unpruned"] = evaluate_with(all_heads)
+    if cfg.reconstruct != "none":
+        with timed(seconds, "evaluate_pruned"):
+            info["metrics_before_reconstruction"] = evaluate_with(mask)
+        with timed(seconds, "reconstruct"):
+            info.update(_reconstruct(cfg, task, acc, model, gates, mask, train_set, collate))
     with timed(seconds, "evaluate_pruned"):
         metrics = evaluate_with(mask)
-        if not pipelined:  # the jointly trained weights with every head on
-            extra["metrics_unpruned"] = evaluate_with(all_heads)
     kept = gates.kept_heads(mask)
     kinds = list(dict.fromkeys(kind for kind, _, _ in gates.heads))  # before removal changes the sites
     log.info("kept %d %s; %s %s (unpruned %s)", len(kept), UNIT_NAMES[gates.sites[0].unit], task.metric, metrics,
              extra["metrics_unpruned"])
     with timed(seconds, "save"):
         if acc.is_main_process:
-            _save_pruned(cfg, task, out, acc.unwrap_model(model), gates, tokenizer, mask, scores)
+            _save_pruned(cfg, task, out, acc.unwrap_model(model), gates, tokenizer, mask, scores,
+                         output_biases=bool(info.get("output_biases_added")))
     results = {"method": cfg.method, "mode": cfg.mode, "k": len(kept), "num_heads": gates.num_heads,
                "unit": gates.sites[0].unit,
                "kept_per_kind": {kind: sum(h[0] == kind for h in kept) for kind in kinds},
@@ -487,11 +496,12 @@ def _michel(cfg, task, acc, model, gates, train_set, collate, evaluate_with):
 def _scored(cfg, task, acc, model, gates, train_set, collate):
     """A scored method: one pass over the calibration data (the training split, or the first
     --max-train-examples of it) gives a score per head; keep the top k (k_g of each group)."""
-    loader = acc.prepare(DataLoader(train_set, batch_size=cfg.batch_size, collate_fn=collate))
+    calibration = calibration_set(cfg, train_set)
+    loader = acc.prepare(DataLoader(calibration, batch_size=cfg.batch_size, collate_fn=collate))
     batches = progress_bar(loader, desc=f"{cfg.method} scores", leave=False, disable=not acc.is_local_main_process)
     reduce = (lambda t: acc.reduce(t.to(acc.device), "sum").cpu()) if acc.num_processes > 1 else None
     budget = check_groups(gates.num_heads, cfg.k, budget_of(cfg, gates))
-    info = {"calibration_examples": len(train_set)}
+    info = {"calibration_examples": len(calibration)}
     if cfg.method == "fisher":
         grads = fisher_gradients(model, gates, batches, task.loss, gather=acc.gather if acc.num_processes > 1 else None)
         scores = fisher_scores(grads)
@@ -512,14 +522,47 @@ def _scored(cfg, task, acc, model, gates, train_set, collate):
             scores = flap_scores(gates, variances)
         mask = per_group(hard_top_k, scores, budget)
     log.info("%s: scored %d %s on %d calibration examples", cfg.method, gates.num_heads,
-             UNIT_NAMES[gates.sites[0].unit], len(train_set))
+             UNIT_NAMES[gates.sites[0].unit], len(calibration))
     return mask.float(), scores.float(), info
 
 
-def _save_pruned(cfg, task, out: Path, model, gates, tokenizer, mask, scores) -> None:
+def calibration_set(cfg, train_set):
+    """The first --calibration-examples of the pruning data (all of it by default)."""
+    if cfg.calibration_examples is None or cfg.calibration_examples >= len(train_set):
+        return train_set
+    return Subset(train_set, range(cfg.calibration_examples))
+
+
+def check_reconstruct(cfg, gates) -> None:
+    """A bias added by reconstruction must be saved where plain from_pretrained would drop it."""
+    if cfg.reconstruct in ("bias", "both") and cfg.save_format == "zeroed" and \
+            any(site.output.bias is None for site in gates.sites):
+        raise ConfigError(f"--reconstruct {cfg.reconstruct} adds a bias to attention output projections that "
+                          "have none, which a model saved --save-format zeroed would lose on loading: use "
+                          "--save-format physical (load it with headprune.load_pruned)")
+
+
+def _reconstruct(cfg, task, acc, model, gates, mask, train_set, collate) -> dict:
+    """--reconstruct on the calibration data, folded into the model's weights."""
+    calibration = calibration_set(cfg, train_set)
+    loader = acc.prepare(DataLoader(calibration, batch_size=cfg.batch_size, collate_fn=collate))
+    reduce = (lambda t: acc.reduce(t.to(acc.device), "sum").cpu()) if acc.num_processes > 1 else None
+    biased = sum(site.output.bias is not None for site in gates.sites)
+    info = reconstruct(model, gates, mask, loader, task.loss, cfg.reconstruct, reduce=reduce,
+                       disable_progress=not acc.is_local_main_process)
+    info.update(calibration_examples=len(calibration),
+                output_biases_added=sum(site.output.bias is not None for site in gates.sites) - biased)
+    return info
+
+
+def _save_pruned(cfg, task, out: Path, model, gates, tokenizer, mask, scores, output_biases=False) -> None:
     heads, kept = gates.heads, gates.kept_heads(mask)  # before the heads go
     detach_gates(model)
     record = {"method": cfg.method, "mode": cfg.mode}
+    if cfg.reconstruct != "none":
+        record["reconstruct"] = cfg.reconstruct
+    if output_biases:
+        record["output_biases"] = True
     if cfg.save_format == "physical":
         save_pruned(model, out / "model", kept, tokenizer, unit=cfg.unit, **record)
     else:

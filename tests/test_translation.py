@@ -207,8 +207,14 @@ def test_a_translation_run_with_a_budget_per_kind(trained, tmp_path, capsys):
     model_dir, data, _ = trained
     for method in ("dsp", "michel", "flap"):  # flap: the decoder and cross sites read the target positions
         results = prune(tiny_cfg(PruneConfig, data, tmp_path / method, model=str(model_dir), method=method,
-                                 k_per_kind=[2, 3, 5], michel_step=4, epochs=1, t0=1.0, tf=1e-3))
+                                 k_per_kind=[2, 3, 5], michel_step=4, epochs=1, t0=1.0, tf=1e-3,
+                                 reconstruct="both" if method == "flap" else "none"))
         assert results["kept_per_kind"] == {"encoder": 2, "decoder": 3, "cross": 5}
+    # reconstruction fits the blocks in the order the model runs them: the encoder, then each
+    # decoder layer's self-attention before its cross-attention
+    order = [(e["kind"], e["layer"]) for e in results["reconstruction_error"]]
+    assert order == [("encoder", 0), ("encoder", 1), ("decoder", 0), ("cross", 0), ("decoder", 1), ("cross", 1)]
+    assert all(e["after"] <= e["before"] for e in results["reconstruction_error"])
     from headprune.cli import main
     assert main(["prune", "--task", "translation", "--model", str(model_dir), "--dataset", str(data),
                  "--k-per-kind", "2", "3", "--output-dir", str(tmp_path / "x")]) == 2

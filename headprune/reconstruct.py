@@ -1,0 +1,246 @@
+"""Reconstruction after selection, without retraining (`--reconstruct`).
+
+Once a method has chosen the heads, each attention block's output is brought back towards the
+unpruned model's on calibration data, and the correction is folded into the output projection's
+weights and bias: the saved model is a plain pruned model, and gates at the mask on the folded
+weights give exactly its outputs.
+
+- `rescale` (Kwon et al. 2022, mask tuning): block by block, in the order the model runs them,
+  one scale per kept head (or KV group), fitted by least squares so that the block's output in
+  the pruned model (its inputs carry the earlier blocks' pruning and scales) matches the unpruned
+  model's output on the same tokens. A scale multiplies the head's columns of the output projection.
+- `bias` (An et al. 2024, FLAP's bias compensation): the mean contribution of the removed heads
+  over the calibration tokens, measured on the unpruned model, is added to the output
+  projection's bias (a bias is added where the architecture has none).
+- `both`: the scales and a bias per block fitted together (least squares with one intercept per
+  output), on rescale's inputs. With the scales held at 1 and the unpruned model's inputs the
+  intercept is FLAP's compensation.
+
+Where this differs from the references (docs/methods.md): the target is the block's output, not
+Kwon's output plus the drift of the residual stream (the residual is not the input of a module
+every layout has); the teacher is the unpruned model (Kwon's code uses one pruned to the square
+root of the budget); every block is tuned, the first one too; a block whose fit fails or gives
+a scale beyond +-10 keeps scales of 1 (Kwon's code stops tuning at that block and every later one).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+
+import torch
+
+from .methods.flap import flap_statistics
+from .methods.scoring import token_mask, unit_channels
+from .pruning import add_output_biases
+from .progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+MODES = ("none", "rescale", "bias", "both")
+MAX_SCALE = 10.0  # Kwon et al.: a larger scale means the fit went wrong
+
+
+class _Reached(Exception):
+    """Stops a forward pass at the block of interest: the blocks after it do not matter."""
+
+
+def reconstruct(model, gates, mask: torch.Tensor, batches, loss_fn, mode: str, reduce=None, disable_progress=False) -> dict:
+    """Fit `mode`'s correction for the heads `mask` keeps on `batches` (a re-iterable loader),
+    fold it into the model's output projections and return what to record. `loss_fn(model, batch)`
+    runs a forward pass; `reduce` sums a tensor over processes."""
+    if mode not in MODES[1:]:
+        raise ValueError(f"reconstruct {mode!r}: choose one of {', '.join(MODES[1:])}")
+    model.eval()
+    mask = mask.detach().double().cpu()
+    if mode == "bias":
+        shifts = flap_shifts(model, gates, mask, batches, loss_fn, reduce)
+        fold(gates, mask, mask, shifts)
+        return {"reconstruct": mode, "reconstruction_passes": 1}
+    scales, shifts, errors = fit_blocks(model, gates, mask, batches, loss_fn, intercept=mode == "both",
+                                        reduce=reduce, disable_progress=disable_progress)
+    fold(gates, mask, scales, shifts if mode == "both" else {})
+    return {"reconstruct": mode, "reconstruction_passes": 2 * len(gates.sites), "reconstruction_error": errors}
+
+
+def flap_shifts(model, gates, mask, batches, loss_fn, reduce=None) -> dict[int, torch.Tensor]:
+    """FLAP: per block, W_o[:, removed] @ mean(x[removed]) over the unpruned model's tokens."""
+    with gates.override(torch.ones(gates.num_heads)):
+        means, _ = flap_statistics(model, gates, batches, loss_fn, reduce)
+    shifts = {}
+    for i, (offset, site, mean) in enumerate(zip(gates.offsets, gates.sites, means)):
+        removed = [c for u in range(site.num_heads) if mask[offset + u] == 0 for c in unit_channels(site, u)]
+        if removed:
+            weight = site.output.weight.detach().double().cpu()
+            shifts[i] = weight[:, removed] @ mean[removed]
+    return shifts
+
+
+def run_order(model, gates, batch, loss_fn) -> list[int]:
+    """The blocks' indices in the order a forward pass runs them (encoder before decoder; a
+    decoder layer's self-attention before its cross-attention)."""
+    order: list[int] = []
+
+    def hook_for(i):
+        def hook(module, args):
+            if i not in order:
+                order.append(i)
+        return hook
+
+    handles = [site.output.register_forward_pre_hook(hook_for(i)) for i, site in enumerate(gates.sites)]
+    try:
+        with torch.no_grad():
+            loss_fn(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order + [i for i in range(len(gates.sites)) if i not in order]
+
+
+@contextmanager
+def _shifted(gates, shifts: dict[int, torch.Tensor]):
+    """Add the fitted biases of the blocks done so far to their outputs (the pruned model's passes)."""
+    def hook_for(shift):
+        def hook(module, args, output):
+            return output + shift.to(output.dtype)
+        return hook
+    handles = [gates.sites[i].output.register_forward_hook(hook_for(shift.to(gates.sites[i].output.weight.device)))
+               for i, shift in shifts.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def context_at(model, gates, index: int, batch, loss_fn, gate_values) -> torch.Tensor:
+    """The input of block `index`'s output projection (the gated contexts) on `batch`, with the
+    gates at `gate_values`; the pass stops there."""
+    site, seen = gates.sites[index], {}
+
+    def hook(module, args):
+        seen["x"] = args[0].detach()
+        raise _Reached
+
+    handle = site.output.register_forward_pre_hook(hook)  # after the gates' hook: the context is gated
+    try:
+        with gates.override(gate_values), torch.no_grad():
+            loss_fn(model, batch)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    if "x" not in seen:
+        raise RuntimeError(f"a forward pass did not reach the {site.kind} attention of layer {site.layer}")
+    return seen["x"]
+
+
+def fit_blocks(model, gates, mask, batches, loss_fn, intercept: bool, reduce=None, disable_progress=False):
+    """Least squares, block by block: returns the gate values with the kept heads' scales, the
+    intercepts (block index -> bias shift; empty without `intercept`) and each block's relative
+    error before and after."""
+    scales, shifts, errors = mask.clone(), {}, []
+    first = next(iter(batches), None)
+    if first is None:
+        raise ValueError("reconstruction needs calibration data: the calibration set is empty")
+    order = run_order(model, gates, first, loss_fn)
+    for i in progress_bar(order, desc="reconstruct", leave=False, disable=disable_progress):
+        site, offset = gates.sites[i], gates.offsets[i]
+        kept = [u for u in range(site.num_heads) if mask[offset + u] > 0]
+        if site.num_heads == 0 or len(kept) == site.num_heads:
+            continue  # nothing removed: the block's output is the unpruned one already
+        sums = block_sums(model, gates, i, kept, batches, loss_fn, scales, shifts)
+        if reduce is not None:
+            sums = {name: reduce(value) for name, value in sums.items()}
+        s, beta, before, after = solve(sums, intercept)
+        if not (torch.isfinite(s).all() and (s.abs() <= MAX_SCALE).all() and after <= before):
+            log.warning("reconstruct: the fit of the %s attention of layer %d failed (scales %s): its "
+                        "scales stay 1", site.kind, site.layer, [round(v, 3) for v in s.tolist()])
+            s = torch.ones(len(kept), dtype=torch.float64)
+            beta = (sums["target"] - sums["feature"].T @ s) / sums["n"] if intercept else None
+            after = error_of(sums, s, beta)
+        for u, value in zip(kept, s.tolist()):
+            scales[offset + u] = value
+        if intercept:
+            shifts[i] = beta
+        total = float(sums["bb"]) or 1.0
+        errors.append({"kind": site.kind, "layer": site.layer, "before": before / total, "after": after / total})
+        log.info("reconstruct %s attention of layer %d: relative error %.4g -> %.4g", site.kind, site.layer,
+                 before / total, after / total)
+    return scales, shifts, errors
+
+
+def block_sums(model, gates, i, kept, batches, loss_fn, scales, shifts) -> dict[str, torch.Tensor]:
+    """The sums the fit needs over every real token: feature u is kept unit u's part of the
+    block's output in the pruned model, the target the unpruned model's whole output (the bias
+    left out: it is on both sides)."""
+    site = gates.sites[i]
+    weight = site.output.weight.detach().double()
+    channels = [unit_channels(site, u) for u in kept]
+    everything = torch.ones(gates.num_heads)
+    k, width = len(kept), weight.shape[0]
+    sums = {"G": torch.zeros(k, k), "c": torch.zeros(k), "feature": torch.zeros(k, width),
+            "target": torch.zeros(width), "bb": torch.zeros(()), "n": torch.zeros(())}
+    sums = {name: value.double().to(weight.device) for name, value in sums.items()}
+    for batch in batches:
+        teacher = context_at(model, gates, i, batch, loss_fn, everything)
+        with _shifted(gates, shifts):
+            student = context_at(model, gates, i, batch, loss_fn, scales)
+        tokens = token_mask(batch, site.kind, teacher.shape[1])
+        teacher, student = (x.flatten(0, 1) if tokens is None else x[tokens] for x in (teacher, student))
+        target = teacher.double() @ weight.T  # tokens x outputs
+        features = torch.stack([student[:, ch].double() @ weight[:, ch].T for ch in channels]) if k else \
+            target.new_zeros(0, *target.shape)
+        sums["G"] += torch.einsum("atd,btd->ab", features, features)
+        sums["c"] += torch.einsum("atd,td->a", features, target)
+        sums["feature"] += features.sum(1)
+        sums["target"] += target.sum(0)
+        sums["bb"] += target.pow(2).sum()
+        sums["n"] += target.shape[0]
+    return {name: value.cpu() for name, value in sums.items()}
+
+
+def error_of(sums, s, beta=None) -> float:
+    """sum over tokens of |target - sum_u s_u feature_u - beta|^2, from the sums."""
+    err = sums["bb"] - 2 * s @ sums["c"] + s @ sums["G"] @ s
+    if beta is not None:
+        err = err - 2 * beta @ sums["target"] + 2 * beta @ (sums["feature"].T @ s) + sums["n"] * beta @ beta
+    return float(err)
+
+
+def solve(sums, intercept: bool):
+    """The scales (and intercept) of least error, parametrised around 1 as Kwon et al. do, with a
+    tiny damping towards 1 so that a head whose output is zero keeps its scale. Returns the scales,
+    the intercept (None without), and the error with scales 1 (no intercept) and after."""
+    G, c, n = sums["G"], sums["c"], sums["n"].clamp(min=1)
+    k = len(c)
+    ones = torch.ones(k, dtype=torch.float64)
+    before = error_of(sums, ones)
+    if intercept:  # the intercept of least error for given scales is the mean residual: centre
+        G = G - sums["feature"] @ sums["feature"].T / n
+        c = c - sums["feature"] @ sums["target"] / n
+    s = ones
+    if k:
+        damp = 1e-9 * float(G.diagonal().abs().mean()) + 1e-30
+        try:
+            s = ones + torch.linalg.solve(G + damp * torch.eye(k, dtype=G.dtype), c - G @ ones)
+        except RuntimeError:  # singular beyond the damping
+            s = torch.full((k,), float("nan"), dtype=torch.float64)
+    beta = (sums["target"] - sums["feature"].T @ s) / n if intercept else None
+    after = error_of(sums, s, beta) if torch.isfinite(s).all() else float("inf")
+    return s, beta, before, after
+
+
+@torch.no_grad()
+def fold(gates, mask, scales, shifts: dict[int, torch.Tensor]) -> None:
+    """Scale the kept units' columns of each output projection and add the bias shifts: the model
+    with gates at `mask` (0 or 1) then computes what it computed with gates at `scales` plus the shifts."""
+    if shifts:
+        add_output_biases(gates.sites)
+    for i, (offset, site) in enumerate(zip(gates.offsets, gates.sites)):
+        weight = site.output.weight
+        for u in range(site.num_heads):
+            if mask[offset + u] > 0 and scales[offset + u] != 1:
+                weight[:, unit_channels(site, u)] *= float(scales[offset + u])
+        if i in shifts:
+            site.output.bias += shifts[i].to(site.output.bias.dtype).to(site.output.bias.device)

@@ -1,0 +1,176 @@
+"""Reconstruction after selection (--reconstruct, issue 21): the fits against hand computations,
+the errors it reports against the model it leaves, and the folded model against its saved copy."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import tiny, tiny_model
+from headprune import attach_gates, detach_gates
+from headprune.gates import HeadGates
+from headprune.pruning import load_pruned, save_pruned
+from headprune.reconstruct import reconstruct
+from headprune.recipes import prune
+from headprune.sites import AttentionSite
+
+# One block of 2 heads of size 1 whose output is their sum: tokens (1, 1), (2, 1), (1, 2).
+# Head 1 removed: the target is 2, 3, 3 and head 0's part 1, 2, 1.
+TOKENS = torch.tensor([[[1.0, 1], [2, 1], [1, 2]]])
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.output = nn.Linear(2, 1, bias=False)
+        with torch.no_grad():
+            self.output.weight.fill_(1.0)
+
+    def forward(self, x):
+        return self.output(x)
+
+
+def one_block():
+    model = Block()
+    site = AttentionSite("encoder", 0, nn.Module(), nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2), model.output, 1)
+    gates = HeadGates([site])
+    gates.register_hooks(model)
+    return model, gates, (lambda m, batch: m(batch["x"]))
+
+
+@pytest.mark.parametrize("mode,weight,bias,before,after", [
+    # scale of least squares: sum(part * target) / sum(part^2) = 11 / 6; error 22 - 11^2 / 6 = 11 / 6 of 22
+    ("rescale", 11 / 6, None, 6 / 22, (11 / 6) / 22),
+    # with an intercept: centred, scale (1/3) / (2/3) = 1/2, intercept 8/3 - 1/2 * 4/3 = 2; residuals -0.5, 0, 0.5
+    ("both", 0.5, 2.0, 6 / 22, 0.5 / 22),
+    # FLAP: the removed head's mean, 4/3, through its weight 1; scale untouched
+    ("bias", 1.0, 4 / 3, None, None),
+])
+def test_each_fit_by_hand_on_one_block(mode, weight, bias, before, after):
+    model, gates, forward = one_block()
+    info = reconstruct(model, gates, torch.tensor([1.0, 0.0]), [{"x": TOKENS}], forward, mode, disable_progress=True)
+    assert model.output.weight[0, 0].item() == pytest.approx(weight)
+    assert model.output.weight[0, 1].item() == 1.0  # the removed head's column: gated, untouched
+    assert (model.output.bias is None) if bias is None else model.output.bias.item() == pytest.approx(bias)
+    if before is not None:
+        (error,) = info["reconstruction_error"]
+        assert (error["before"], error["after"]) == pytest.approx((before, after))
+    with gates.override(torch.tensor([1.0, 0.0])), torch.no_grad():  # the folded block at the mask
+        got = model(TOKENS)[0, :, 0]
+    expected = {"rescale": [11 / 6, 22 / 6, 11 / 6], "both": [2.5, 3, 2.5], "bias": [7 / 3, 10 / 3, 7 / 3]}[mode]
+    assert got.tolist() == pytest.approx(expected)
+
+
+def test_nothing_removed_changes_nothing():
+    model, gates, forward = one_block()
+    info = reconstruct(model, gates, torch.ones(2), [{"x": TOKENS}], forward, "both", disable_progress=True)
+    assert info["reconstruction_error"] == [] and model.output.weight.tolist() == [[1.0, 1.0]]
+
+
+def calibration(n=4, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n):
+        ids = torch.randint(5, 99, (3, 7), generator=g)
+        mask = torch.ones_like(ids)
+        mask[2, 4:] = 0
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
+def block_outputs(model, gates, mask, batches):
+    """Each block's output projection's output at the real tokens, with the gates at `mask`."""
+    seen = {i: [] for i in range(len(gates.sites))}
+    handles = []
+    for i, site in enumerate(gates.sites):
+        handles.append(site.output.register_forward_hook(lambda m, a, out, i=i: seen[i].append(out.detach())))
+    with torch.no_grad(), gates.override(mask):
+        for batch in batches:
+            model(**batch)
+    for h in handles:
+        h.remove()
+    tokens = torch.cat([b["attention_mask"].bool() for b in batches])
+    return [torch.cat(seen[i])[tokens] for i in range(len(gates.sites))]
+
+
+@pytest.mark.parametrize("mode", ["rescale", "both"])
+def test_reported_errors_are_those_of_the_model_it_leaves_and_it_reloads_exactly(mode, tmp_path, batch):
+    model = tiny_model("bert", layers=3).double()
+    gates = attach_gates(model)
+    mask = torch.tensor([1.0, 0, 0, 1, 0, 1, 1, 1, 1, 0, 0, 0])  # every layer loses heads
+    batches = calibration()
+    teacher = block_outputs(model, gates, torch.ones(12), batches)
+    targets = [t - site.output.bias.detach() for t, site in zip(teacher, gates.sites)]  # the fit leaves the bias out
+    plain = block_outputs(model, gates, mask, batches)
+    info = reconstruct(model, gates, mask, batches, lambda m, b: m(**b).logits.sum(), mode, disable_progress=True)
+    tuned = block_outputs(model, gates, mask, batches)
+    errors = info["reconstruction_error"]
+    assert [(e["kind"], e["layer"]) for e in errors] == [("encoder", 0), ("encoder", 1), ("encoder", 2)]
+    for i, e in enumerate(errors):
+        relative = float((tuned[i] - teacher[i]).pow(2).sum() / targets[i].pow(2).sum())
+        assert e["after"] == pytest.approx(relative, rel=1e-6) and e["after"] < e["before"]
+    first = float((plain[0] - teacher[0]).pow(2).sum() / targets[0].pow(2).sum())
+    assert errors[0]["before"] == pytest.approx(first, rel=1e-6)  # the first block's inputs are the unpruned ones
+    # gates at the mask on the folded weights = the physically pruned model, saved and loaded
+    with torch.no_grad(), gates.override(mask):
+        expected = model(**batch).logits
+    kept = gates.kept_heads(mask)
+    detach_gates(model)
+    save_pruned(model, tmp_path, kept, reconstruct=mode)
+    with torch.no_grad():
+        assert torch.allclose(load_pruned(tmp_path).double()(**batch).logits, expected, atol=1e-10)
+
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    from conftest import write_tiny_lm
+    return write_tiny_lm(tmp_path_factory.mktemp("lm"))
+
+
+@pytest.mark.parametrize("mode,unit", [("bias", "group"), ("both", "query")])
+def test_a_language_model_gets_output_biases_that_reload(tiny_lm, tmp_path, mode, unit):
+    # Llama's output projections have no bias: one is added, recorded, and made again on loading
+    import math
+    from conftest import word_tokenizer
+    from headprune.config import PruneConfig
+    from headprune.tasks.language_modeling import pack
+    model, data = tiny_lm
+    cfg = PruneConfig(task="causal-lm", model=str(model), dataset=str(data), max_length=16, batch_size=8,
+                      eval_batch_size=8, output_dir=str(tmp_path / "run"), checkpoint_every=0, method="activation",
+                      unit=unit, k=3, reconstruct=mode, calibration_examples=20)
+    results = prune(cfg)
+    assert results["reconstruct"] == mode and results["calibration_examples"] == 20
+    assert results["output_biases_added"] == 3  # one per layer
+    pruned = results["metrics_pruned"]["validation"]
+    assert pruned != results["metrics_before_reconstruction"]["validation"]
+    loaded = load_pruned(tmp_path / "run" / "model")
+    assert loaded.config.headprune["output_biases"] and loaded.config.headprune["reconstruct"] == mode
+    assert all(layer.self_attn.o_proj.bias is not None for layer in loaded.model.layers)
+    ids = torch.tensor(pack((data / "validation.txt").read_text().splitlines(), word_tokenizer(), 16))
+    with torch.no_grad():
+        logits = loaded(input_ids=ids).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    assert math.exp(loss.item()) == pytest.approx(pruned, rel=1e-4)
+    # pruned again without reconstruction: the biases stay, and so does their record
+    again = prune(PruneConfig(**{**cfg.__dict__, "model": str(tmp_path / "run" / "model"), "k": 2,
+                                 "reconstruct": "none", "output_dir": str(tmp_path / "again")}))
+    assert again["k"] == 2 and load_pruned(tmp_path / "again" / "model").config.headprune["output_biases"]
+
+
+def test_a_bias_that_zeroed_weights_would_lose_is_refused_before_pruning(tiny_lm, tmp_path, capsys):
+    from conftest import one_line_error
+    model, data = tiny_lm
+    line = one_line_error(capsys, ["prune", "--task", "causal-lm", "--model", model, "--dataset", data,
+                                   "--method", "flap", "--k", "3", "--reconstruct", "bias", "--save-format", "zeroed",
+                                   "--output-dir", tmp_path / "run"])
+    assert "--save-format physical" in line and not (tmp_path / "run" / "results.json").exists()
+
+
+def test_prune_records_the_metrics_before_and_after_and_each_blocks_error(tiny_finetuned, tmp_path, batch):
+    results = prune(tiny(*tiny_finetuned, tmp_path, method="fisher", k=3, reconstruct="rescale"))
+    assert set(results["metrics_before_reconstruction"]) == set(results["metrics_pruned"])
+    assert results["reconstruction_passes"] == 4 and len(results["reconstruction_error"]) == 2
+    assert all(e["after"] <= e["before"] for e in results["reconstruction_error"])
+    saved = json.loads((tmp_path / "model" / "config.json").read_text())["headprune"]
+    assert saved["reconstruct"] == "rescale" and "output_biases" not in saved  # BERT has its biases
