@@ -4,7 +4,7 @@ A frozen toy "model" with 72 heads whose importances are known: head h writes w_
 fresh random vector per example), the model's output is the sum over heads, and the loss is the
 squared distance between the masked output and the full one, so that a pruned head costs about
 w_h^2 and the best k heads are the k largest w_h. Each method trains its scores with headprune's
-own selector, optimiser and schedules (`headprune.recipes.selector_and_optimizer`) for a given
+own selector, optimiser and schedules (`headprune.selection.selector_and_optimizer`) for a given
 number of steps; the score is the overlap of the heads it keeps with the planted best k.
 
     python benchmarks/planted_heads.py                   # steady against the reference schedule
@@ -27,7 +27,7 @@ import statistics
 import torch
 
 from headprune.config import PruneConfig
-from headprune.recipes import selector_and_optimizer
+from headprune.selection import selector_and_optimizer
 
 NUM_HEADS, WIDTH, BATCH = 72, 16, 8
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -26,28 +25,22 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from .config import DEMO_DIR, SCORED, FinetuneConfig, PruneConfig
 from .errors import ConfigError
 from .gates import attach_gates, detach_gates
-from .methods import (TRAINED, head_importance, iterative_pruning, make_selector,
-                      normalize_importance, random_mask, resolve_schedule)
-from .methods.activation import activation_scores
-from .methods.dsp import check_budget as check_groups, hard_top_k, per_group
-from .methods.fisher import fisher_gradients, fisher_scores, rearrange
-from .methods.flap import flap_scores, flap_statistics
-from .methods.taylor import taylor_scores
+from .methods import TRAINED
 from .outputs import (BEST, RESULTS, atomic_folder, cache_root, check_not_inside, check_output_dir, finish_run,
                       folder_bytes, versions, write_json, write_jsonl)
 from .pruning import save_pruned, zero_pruned_heads
-from .progress import progress_bar
 from .randomness import keeps_global_rng
 from .reconstruct import reconstruct
+from .selection import attach_selector, calibration_set, check_budget, choose_by_scores
 from .report import plot_head_map, write_run_report
 from .sites import UNIT_NAMES
 from .tasks import get_task
-from .train import (check_inputs, constant_until, explore_then_select, linear_decay, restore_checkpoint,
+from .train import (check_inputs, restore_checkpoint,
                     resume_state, total_steps, train)
 
 log = logging.getLogger("headprune")
@@ -289,7 +282,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
         if pipelined:  # the fine-tuned weights stay as they are; dropout stays on while training
             model.requires_grad_(False)
         if cfg.method in TRAINED:
-            optimizer, scheduler, info = _make_selector_and_optimizer(cfg, task, model, gates, train_set, acc)
+            optimizer, scheduler, info = attach_selector(cfg, task, model, gates, train_set, acc)
             model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
             if state:
                 restore_checkpoint(acc, state, model, optimizer, scheduler)
@@ -336,13 +329,8 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
             gates.selector = None  # from here on the gates hold the final mask
             if cfg.method == "voita":
                 info["heads_on_by_threshold"] = selector.heads_on()
-        elif cfg.method == "michel":
-            mask, scores, info = _michel(cfg, task, acc, model, gates, train_set, collate, evaluate_with)
-        elif cfg.method in SCORED:
-            mask, scores, info = _scored(cfg, task, acc, model, gates, train_set, collate)
         else:
-            mask = random_mask(gates.num_heads, cfg.k, cfg.seed, budget_of(cfg, gates))
-            scores = mask
+            mask, scores, info = choose_by_scores(cfg, task, acc, model, gates, train_set, collate, evaluate_with)
     if not pipelined:  # the jointly trained weights with every head on (before reconstruction changes them)
         with timed(seconds, "evaluate_unpruned"):
             extra["metrics_unpruned"] = evaluate_with(all_heads)
@@ -370,167 +358,6 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
     if acc.is_main_process:
         write_run_report(out, results, history)
     return results
-
-
-def check_budget(cfg, counts: dict[str, int], threshold: bool) -> None:
-    """k, or --k-per-kind, against the model's heads of each kind; before anything is loaded."""
-    num_heads = sum(counts.values())
-    if cfg.k_per_kind:
-        if len(cfg.k_per_kind) != len(counts):
-            raise ConfigError(f"--k-per-kind needs {len(counts)} number(s) for this model, one per kind "
-                              f"({', '.join(f'{kind}: {n} heads' for kind, n in counts.items())})")
-        for (kind, n), k in zip(counts.items(), cfg.k_per_kind):
-            if k > n:
-                raise ConfigError(f"--k-per-kind: {k} {kind} heads is more than the model's {n}")
-        if sum(cfg.k_per_kind) < 1:
-            raise ConfigError("--k-per-kind keeps no head at all")
-    elif cfg.k > num_heads and not threshold:
-        raise ConfigError(f"k={cfg.k} is more than the {num_heads} heads of this model")
-
-
-def budget_of(cfg, gates):
-    """--k-per-kind as groups of gate indices, one per kind; None for one global budget."""
-    if not cfg.k_per_kind:
-        return None
-    kinds = list(dict.fromkeys(kind for kind, _, _ in gates.heads))
-    return [([i for i, head in enumerate(gates.heads) if head[0] == kind], k) for kind, k in zip(kinds, cfg.k_per_kind)]
-
-
-def _make_selector_and_optimizer(cfg, task, model, gates, train_set, acc):
-    """The method's selector on the gates, and AdamW with the scores in their own group."""
-    steps = total_steps(cfg, train_set, acc.num_processes)
-    joint = None
-    if cfg.mode == "joint":
-        weights = [p for n, p in model.named_parameters() if not n.startswith("head_gates.")]
-        joint = ({"params": weights, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
-                 task.schedule(cfg, steps))
-    gates.selector, optimizer, scheduler, info = selector_and_optimizer(
-        cfg, gates.num_heads, steps, budget=budget_of(cfg, gates), joint=joint, betas=task.betas)
-    return optimizer, scheduler, info
-
-
-def selector_and_optimizer(cfg: PruneConfig, num_heads: int, steps: int, budget=None, joint=None,
-                           betas=(0.9, 0.999)):
-    """A trained method's selector for `steps` training steps, and AdamW with the scores in their
-    own group at the method's pruning learning rate and schedule (plus `joint`: the model's
-    parameter group and its learning-rate factor, when the weights train too)."""
-    k = None if cfg.method == "voita" and cfg.voita_selection == "threshold" else cfg.k
-    schedule = resolve_schedule(cfg, steps)
-    learn_steps = schedule["learn_steps"]
-    settle_step = learn_steps if learn_steps < steps else None
-    selector = make_selector(cfg.method, num_heads, k, t0=schedule["t0"], tf=schedule["tf"],
-                             cooldown_steps=schedule["cooldown_steps"], l0_lambda=cfg.l0_lambda,
-                             seed=cfg.seed, budget=budget, settle_step=settle_step,
-                             shrink_steps=schedule["shrink_steps"], k_rounds=cfg.relaxation == "k-rounds")
-    pruning_lr = schedule["pruning_lr"]
-    groups = [{"params": list(selector.parameters()), "lr": pruning_lr, "weight_decay": 0.0}]
-    # the scores stop at the settle step (a zero rate: Adam's momentum must not move them on)
-    if cfg.pruning_lr_schedule == "select":
-        schedules = [explore_then_select(learn_steps, schedule["select_step"], schedule["select_factor"])]
-    else:
-        schedules = [(linear_decay if cfg.pruning_lr_schedule == "linear" else constant_until)(learn_steps)]
-    if joint is not None:
-        weights, weights_schedule = joint
-        groups.append(weights)
-        schedules.append(weights_schedule)
-    optimizer = torch.optim.AdamW(groups, betas=betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
-    info = {"steps": steps, "schedule": schedule["name"], "pruning_lr": pruning_lr}
-    if settle_step is not None:
-        info["settle_step"] = settle_step
-        log.info("the kept heads are fixed from step %d of %d on: the weights learn with them", settle_step, steps)
-    if schedule["shrink_steps"]:
-        info["shrink_steps"] = schedule["shrink_steps"]
-        log.info("the training budget falls from all %d heads to k over the first %d steps", num_heads,
-                 schedule["shrink_steps"])
-    if cfg.method == "dsp":
-        info.update(t0=schedule["t0"], tf=schedule["tf"], cooldown_steps=schedule["cooldown_steps"],
-                    relaxation=cfg.relaxation)
-    if cfg.method == "voita":
-        info.update(l0_lambda=cfg.l0_lambda, selection=cfg.voita_selection)
-    return selector, optimizer, scheduler, info
-
-
-def _michel(cfg, task, acc, model, gates, train_set, collate, evaluate_with):
-    """Iterative pruning down to k, importance over the (first max_train_examples) training data."""
-    loader = acc.prepare(DataLoader(train_set, batch_size=cfg.batch_size, collate_fn=collate))
-    sizes = [site.num_heads for site in gates.sites]
-    passes = []
-
-    def importance(mask):
-        passes.append(1)
-        raw = head_importance(model, gates, progress_bar(loader, desc="importance", leave=False,
-                                                 disable=not acc.is_local_main_process),
-                              mask.to(acc.device), reduce=lambda t: acc.reduce(t, "sum"), loss_fn=task.loss)
-        return normalize_importance(raw, sizes, per_layer=cfg.michel_normalize == "layer")
-
-    keep = sum(cfg.k_per_kind) if cfg.k_per_kind else cfg.k
-    rounds = progress_bar(total=math.ceil((gates.num_heads - keep) / cfg.michel_step), desc="michel rounds",
-                  disable=not acc.is_local_main_process)
-
-    def evaluate_round(mask):
-        metrics = evaluate_with(mask)
-        heads = int(mask.sum())
-        rounds.set_postfix(heads=heads, **{n: f"{v:.4f}" for n, v in metrics.items()}, refresh=False)
-        if heads < gates.num_heads:
-            rounds.update()
-        log.info("michel round %d: %d heads left, %s %s", rounds.n, heads, task.metric, metrics)
-        return metrics
-
-    curve = iterative_pruning(gates.num_heads, cfg.michel_step, cfg.k, importance, evaluate_round,
-                              exact=cfg.michel_exact, budget=budget_of(cfg, gates))
-    rounds.close()
-    mask = curve[-1]["mask"]
-    # rank for the heat map: heads pruned later score higher; the kept ones highest
-    order = torch.zeros(gates.num_heads)
-    for rank, entry in enumerate(curve[1:], start=1):
-        order[entry["pruned_now"]] = rank
-    order[mask.bool()] = len(curve)
-    info = {"michel_step": cfg.michel_step, "michel_exact": cfg.michel_exact, "michel_normalize": cfg.michel_normalize,
-            "importance_examples": len(train_set), "importance_passes": len(passes),
-            "curve": [{"heads": e["heads"], "metrics": e["metrics"],
-                       "pruned_now": [gates.heads[i] for i in e["pruned_now"]]} for e in curve]}
-    return mask, order, info
-
-
-def _scored(cfg, task, acc, model, gates, train_set, collate):
-    """A scored method: one pass over the calibration data (the training split, or the first
-    --max-train-examples of it) gives a score per head; keep the top k (k_g of each group)."""
-    calibration = calibration_set(cfg, train_set)
-    loader = acc.prepare(DataLoader(calibration, batch_size=cfg.batch_size, collate_fn=collate))
-    batches = progress_bar(loader, desc=f"{cfg.method} scores", leave=False, disable=not acc.is_local_main_process)
-    reduce = (lambda t: acc.reduce(t.to(acc.device), "sum").cpu()) if acc.num_processes > 1 else None
-    budget = check_groups(gates.num_heads, cfg.k, budget_of(cfg, gates))
-    info = {"calibration_examples": len(calibration)}
-    if cfg.method == "fisher":
-        grads = fisher_gradients(model, gates, batches, task.loss, gather=acc.gather if acc.num_processes > 1 else None)
-        scores = fisher_scores(grads)
-        mask = per_group(hard_top_k, scores, budget)
-        if cfg.fisher_rearrange:
-            layers = [list(range(offset, offset + site.num_heads)) for offset, site in zip(gates.offsets, gates.sites)]
-            mask = rearrange(mask, grads, layers)
-        info["fisher_rearrange"] = cfg.fisher_rearrange
-    else:
-        if cfg.method == "activation":
-            scores = activation_scores(model, gates, batches, task.loss, cfg.activation_aggregation, reduce)
-            info["activation_aggregation"] = cfg.activation_aggregation
-        elif cfg.method == "taylor":
-            scores = taylor_scores(model, gates, batches, task.loss, cfg.taylor_variant, reduce)
-            info["taylor_variant"] = cfg.taylor_variant
-        else:
-            _, variances = flap_statistics(model, gates, batches, task.loss, reduce)
-            scores = flap_scores(gates, variances)
-        mask = per_group(hard_top_k, scores, budget)
-    log.info("%s: scored %d %s on %d calibration examples", cfg.method, gates.num_heads,
-             UNIT_NAMES[gates.sites[0].unit], len(calibration))
-    return mask.float(), scores.float(), info
-
-
-def calibration_set(cfg, train_set):
-    """The first --calibration-examples of the pruning data (all of it by default)."""
-    if cfg.calibration_examples is None or cfg.calibration_examples >= len(train_set):
-        return train_set
-    return Subset(train_set, range(cfg.calibration_examples))
 
 
 def check_reconstruct(cfg, gates) -> None:

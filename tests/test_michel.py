@@ -111,10 +111,10 @@ def test_michel_normalize_chooses_between_layers_alike_and_raw_importance(tiny_f
     # 2 layers x 4 heads, importance 40 30 20 10 | 4 3 2 1: per layer both layers read 0.73 0.55
     # 0.37 0.18, so the top 2 are the first head of each (ties to the lower index); raw, layer 0's
     from conftest import tiny
-    import headprune.recipes as recipes
+    import headprune.methods.michel as michel
     from headprune.recipes import prune
     raw = torch.tensor([40.0, 30, 20, 10, 4, 3, 2, 1], dtype=torch.float64)
-    monkeypatch.setattr(recipes, "head_importance", lambda *args, **kw: raw)
+    monkeypatch.setattr(michel, "head_importance", lambda *args, **kw: raw)
     results = prune(tiny(*tiny_finetuned, tmp_path, method="michel", k=2, michel_step=3, michel_exact=False,
                          michel_normalize=normalize))
     assert results["kept_heads"] == kept and results["michel_normalize"] == normalize

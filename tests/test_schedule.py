@@ -10,7 +10,7 @@ from benchmarks.planted_heads import NUM_HEADS, cost_ratio, planted_importance, 
 from headprune.config import PruneConfig
 from headprune.errors import ConfigError
 from headprune.methods import DSPSelector, resolve_schedule
-from headprune.recipes import selector_and_optimizer
+from headprune.selection import selector_and_optimizer
 
 
 def test_the_default_is_the_reference_for_pipelined_dsp_where_the_loss_is_a_proxy_and_steady_for_the_rest():

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .scoring import channel_moments, per_unit
+from .scoring import Scores, channel_moments, per_unit
 
 AGGREGATIONS = ("l2", "mean", "var")
 
@@ -35,3 +35,9 @@ def activation_scores(model, gates, batches, loss_fn, aggregation: str = "l2", r
         channel.append(q.sqrt() if aggregation == "l2" else s / n if aggregation == "mean"
                        else (q / n - (s / n).pow(2)).clamp(min=0))
     return per_unit(gates, channel, lambda values: torch.linalg.vector_norm(values))
+
+
+def score(run, mask: torch.Tensor):
+    """The scorer of the driver (`headprune.selection`)."""
+    return Scores(activation_scores(run.model, run.gates, run.progress("activation scores"), run.loss_fn,
+                                    run.cfg.activation_aggregation, run.reduce))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .michel import mask_gradients
+from .scoring import Scores
 
 
 def fisher_gradients(model, gates, batches, loss_fn=None, gather=None) -> torch.Tensor:
@@ -51,3 +52,12 @@ def rearrange(mask: torch.Tensor, grads: torch.Tensor, layers: list[list[int]]) 
         mask[index] = 1.0
         mask[index[pruned]] = 0.0
     return mask
+
+
+def score(run, mask: torch.Tensor):
+    """The scorer of the driver (`headprune.selection`): the diagonal Fisher, and the rearrangement per layer
+    (unless --no-fisher-rearrange) as the step after the top k."""
+    gates = run.gates
+    grads = fisher_gradients(run.model, gates, run.progress("fisher scores"), run.loss_fn, gather=run.gather)
+    layers = [list(range(offset, offset + site.num_heads)) for offset, site in zip(gates.offsets, gates.sites)]
+    return Scores(fisher_scores(grads), refine=(lambda m: rearrange(m, grads, layers)) if run.cfg.fisher_rearrange else None)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .scoring import channel_moments, per_unit
+from .scoring import Scores, channel_moments, per_unit
 
 
 def flap_statistics(model, gates, batches, loss_fn, reduce=None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -41,3 +41,9 @@ def flap_scores(gates, variances: list[torch.Tensor]) -> torch.Tensor:
         std = fluctuation.std()
         standardised.append((fluctuation - fluctuation.mean()) / std if std > 0 else torch.zeros_like(fluctuation))
     return per_unit(gates, standardised, torch.mean)
+
+
+def score(run, mask: torch.Tensor):
+    """The scorer of the driver (`headprune.selection`)."""
+    _, variances = flap_statistics(run.model, run.gates, run.progress("flap scores"), run.loss_fn, run.reduce)
+    return Scores(flap_scores(run.gates, variances))

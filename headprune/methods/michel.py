@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from .scoring import Scores
+
 
 def mask_gradients(model, gates, batches, mask: torch.Tensor, loss_fn=None) -> tuple[torch.Tensor, torch.Tensor]:
     """dL_b/dmask for every batch b (batches x heads) at `mask`, model in eval mode (dropout off),
@@ -93,3 +95,13 @@ def iterative_pruning(num_heads: int, step: int, stop_at: int, importance: Calla
         if exact and sum(excess()) > 0:
             scores = importance(mask)
     return curve
+
+
+def score(run, mask: torch.Tensor):
+    """The scorer of the driver (`headprune.selection`): importance under `mask`,
+    normalised per layer or not (--michel-normalize)."""
+    gates = run.gates
+    raw = head_importance(run.model, gates, run.progress("importance"), mask.to(gates.fixed_mask.device),
+                          reduce=run.reduce, loss_fn=run.loss_fn)
+    sizes = [site.num_heads for site in gates.sites]
+    return Scores(normalize_importance(raw, sizes, per_layer=run.cfg.michel_normalize == "layer"))

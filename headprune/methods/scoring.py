@@ -1,11 +1,10 @@
 """Scored methods: one score per head (or KV group) from calibration data, then the top k.
 
-A *scorer* is a function of the model, its gates, the calibration batches and the task's loss
-that returns one score per gate (higher: more important). The driver (`recipes._scored`) runs it
-once on the calibration data (the training split, `--max-train-examples` of it) and keeps the top
-k (or k_g of each group with --k-per-kind). Michel et al. stays iterative (`--michel-step`) with
-its own loop. Adding a scorer is one file with its function, its name in `config.SCORED` and a
-branch in `recipes._scored`.
+A *scorer* is a function `score(run, mask) -> Scores` in the method's file; the driver
+(`headprune.selection.choose_by_scores`) gives it the calibration data (the training split, or
+its first --calibration-examples) in `run` and keeps the top k (or k_g of each group with
+--k-per-kind); Michel et al. is scored again after each round of its loop. The helpers here are
+what the activation-based scorers share.
 
 What the activation-based scorers read is the input of each attention block's output
 projection: the heads' contexts, concatenated head-major, after the gates. `observe_calibration`
@@ -14,9 +13,18 @@ hands them over with a mask of the tokens that count (padding left out).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+
+@dataclass
+class Scores:
+    """A scorer's answer: one value per gate (higher: more important) and, optionally, the
+    method's own step after the top k (Kwon et al.'s rearrangement)."""
+    values: torch.Tensor
+    refine: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 def token_mask(batch: dict, kind: str, length: int) -> torch.Tensor | None:

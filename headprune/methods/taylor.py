@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from .scoring import Scores
+
 VARIANTS = ("element", "vector")
 
 
@@ -63,3 +65,9 @@ def taylor_scores(model, gates, batches, loss_fn, variant: str = "element", redu
             p.grad = None
             p.requires_grad_(flag)
     return torch.tensor(scores, dtype=torch.float64)
+
+
+def score(run, mask: torch.Tensor):
+    """The scorer of the driver (`headprune.selection`)."""
+    return Scores(taylor_scores(run.model, run.gates, run.progress("taylor scores"), run.loss_fn,
+                                run.cfg.taylor_variant, run.reduce))

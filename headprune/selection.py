@@ -1,0 +1,216 @@
+"""How a run chooses its heads: one driver per family of methods.
+
+- Trained selectors (dsp, ste, voita): `attach_selector` puts the method's selector on the gates
+  and returns the optimiser and schedules that `train.train` runs; the scores learn with the loss.
+- Scored methods (michel, fisher, activation, flap, taylor, random): `choose_by_scores` runs the
+  method's scorer (`SCORERS`) on the calibration data and keeps the top k, in one shot or, for
+  michel, in rounds of `--michel-step` heads, scored again under the mask after each round.
+
+A scorer is a function `score(run, mask) -> Scores` in the method's file: `run` (a `Calibration`)
+holds the model, its gates, the calibration batches, the task's loss, the config and the
+functions that sum or stack a tensor over processes; `mask` is the current one (all ones but in
+michel's later rounds). Adding a scorer is that file, its name in `SCORERS` and in
+`config.SCORED`. Its options are the config fields named `<method>_...`: they go into results.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from .config import PruneConfig
+from .errors import ConfigError
+from .methods import (activation, fisher, flap, iterative_pruning, make_selector, michel, random_mask,
+                      resolve_schedule, taylor)
+from .methods.dsp import check_budget as check_groups, hard_top_k, per_group
+from .progress import progress_bar
+from .sites import UNIT_NAMES
+from .train import constant_until, explore_then_select, linear_decay, total_steps
+
+log = logging.getLogger("headprune")
+
+
+# -- budgets -------------------------------------------------------------------------------------
+
+def check_budget(cfg, counts: dict[str, int], threshold: bool) -> None:
+    """k, or --k-per-kind, against the model's heads of each kind; before anything is loaded."""
+    num_heads = sum(counts.values())
+    if cfg.k_per_kind:
+        if len(cfg.k_per_kind) != len(counts):
+            raise ConfigError(f"--k-per-kind needs {len(counts)} number(s) for this model, one per kind "
+                              f"({', '.join(f'{kind}: {n} heads' for kind, n in counts.items())})")
+        for (kind, n), k in zip(counts.items(), cfg.k_per_kind):
+            if k > n:
+                raise ConfigError(f"--k-per-kind: {k} {kind} heads is more than the model's {n}")
+        if sum(cfg.k_per_kind) < 1:
+            raise ConfigError("--k-per-kind keeps no head at all")
+    elif cfg.k > num_heads and not threshold:
+        raise ConfigError(f"k={cfg.k} is more than the {num_heads} heads of this model")
+
+
+def budget_of(cfg, gates):
+    """--k-per-kind as groups of gate indices, one per kind; None for one global budget."""
+    if not cfg.k_per_kind:
+        return None
+    kinds = list(dict.fromkeys(kind for kind, _, _ in gates.heads))
+    return [([i for i, head in enumerate(gates.heads) if head[0] == kind], k) for kind, k in zip(kinds, cfg.k_per_kind)]
+
+
+# -- trained selectors ---------------------------------------------------------------------------
+
+def attach_selector(cfg, task, model, gates, train_set, acc):
+    """The method's selector on the gates, and AdamW with the scores in their own group."""
+    steps = total_steps(cfg, train_set, acc.num_processes)
+    joint = None
+    if cfg.mode == "joint":
+        weights = [p for n, p in model.named_parameters() if not n.startswith("head_gates.")]
+        joint = ({"params": weights, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+                 task.schedule(cfg, steps))
+    gates.selector, optimizer, scheduler, info = selector_and_optimizer(
+        cfg, gates.num_heads, steps, budget=budget_of(cfg, gates), joint=joint, betas=task.betas)
+    return optimizer, scheduler, info
+
+
+def selector_and_optimizer(cfg: PruneConfig, num_heads: int, steps: int, budget=None, joint=None,
+                           betas=(0.9, 0.999)):
+    """A trained method's selector for `steps` training steps, and AdamW with the scores in their
+    own group at the method's pruning learning rate and schedule (plus `joint`: the model's
+    parameter group and its learning-rate factor, when the weights train too)."""
+    k = None if cfg.method == "voita" and cfg.voita_selection == "threshold" else cfg.k
+    schedule = resolve_schedule(cfg, steps)
+    learn_steps = schedule["learn_steps"]
+    settle_step = learn_steps if learn_steps < steps else None
+    selector = make_selector(cfg.method, num_heads, k, t0=schedule["t0"], tf=schedule["tf"],
+                             cooldown_steps=schedule["cooldown_steps"], l0_lambda=cfg.l0_lambda,
+                             seed=cfg.seed, budget=budget, settle_step=settle_step,
+                             shrink_steps=schedule["shrink_steps"], k_rounds=cfg.relaxation == "k-rounds")
+    pruning_lr = schedule["pruning_lr"]
+    groups = [{"params": list(selector.parameters()), "lr": pruning_lr, "weight_decay": 0.0}]
+    # the scores stop at the settle step (a zero rate: Adam's momentum must not move them on)
+    if cfg.pruning_lr_schedule == "select":
+        schedules = [explore_then_select(learn_steps, schedule["select_step"], schedule["select_factor"])]
+    else:
+        schedules = [(linear_decay if cfg.pruning_lr_schedule == "linear" else constant_until)(learn_steps)]
+    if joint is not None:
+        weights, weights_schedule = joint
+        groups.append(weights)
+        schedules.append(weights_schedule)
+    optimizer = torch.optim.AdamW(groups, betas=betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
+    info = {"steps": steps, "schedule": schedule["name"], "pruning_lr": pruning_lr}
+    if settle_step is not None:
+        info["settle_step"] = settle_step
+        log.info("the kept heads are fixed from step %d of %d on: the weights learn with them", settle_step, steps)
+    if schedule["shrink_steps"]:
+        info["shrink_steps"] = schedule["shrink_steps"]
+        log.info("the training budget falls from all %d heads to k over the first %d steps", num_heads,
+                 schedule["shrink_steps"])
+    if cfg.method == "dsp":
+        info.update(t0=schedule["t0"], tf=schedule["tf"], cooldown_steps=schedule["cooldown_steps"],
+                    relaxation=cfg.relaxation)
+    if cfg.method == "voita":
+        info.update(l0_lambda=cfg.l0_lambda, selection=cfg.voita_selection)
+    return selector, optimizer, scheduler, info
+
+
+# -- scored methods ------------------------------------------------------------------------------
+
+@dataclass
+class Calibration:
+    """What a scorer reads: the model with its gates, the calibration batches (a loader that can be
+    iterated again), the task's loss, the run's config; `reduce` sums a tensor over processes and
+    `gather` stacks one (None on one process)."""
+    model: torch.nn.Module
+    gates: object
+    batches: object
+    loss_fn: Callable
+    cfg: PruneConfig
+    reduce: Callable | None = None
+    gather: Callable | None = None
+    show_progress: bool = True
+
+    def progress(self, desc: str):
+        return progress_bar(self.batches, desc=desc, leave=False, disable=not self.show_progress)
+
+
+SCORERS: dict[str, Callable] = {"michel": michel.score, "fisher": fisher.score, "activation": activation.score,
+                                "flap": flap.score, "taylor": taylor.score}  # random: a draw, no scores
+
+
+def calibration_set(cfg, train_set):
+    """The first --calibration-examples of the pruning data (all of it by default)."""
+    if cfg.calibration_examples is None or cfg.calibration_examples >= len(train_set):
+        return train_set
+    return Subset(train_set, range(cfg.calibration_examples))
+
+
+def method_options(cfg) -> dict:
+    """The method's own options (config fields named after it), for results.json."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name.startswith(cfg.method + "_")}
+
+
+def choose_by_scores(cfg, task, acc, model, gates, train_set, collate, evaluate_with):
+    """Keep the top k (k_g of each group) by the method's scores on the calibration data (random:
+    none); michel in rounds, with the metrics after each (its curve). Returns the mask, the scores
+    to show (michel: the round in which a head went) and what to record."""
+    budget = check_groups(gates.num_heads, cfg.k, budget_of(cfg, gates))
+    info = method_options(cfg)
+    if cfg.method == "random":
+        mask = random_mask(gates.num_heads, cfg.k, cfg.seed, budget)
+        return mask, mask, info
+    calibration = calibration_set(cfg, train_set)
+    loader = acc.prepare(DataLoader(calibration, batch_size=cfg.batch_size, collate_fn=collate))
+    many = acc.num_processes > 1
+    run = Calibration(model, gates, loader, task.loss, cfg,
+                      reduce=(lambda t: acc.reduce(t.to(acc.device), "sum").cpu()) if many else None,
+                      gather=acc.gather if many else None, show_progress=acc.is_local_main_process)
+    info["calibration_examples"] = len(calibration)
+    unit = UNIT_NAMES[gates.sites[0].unit]
+    if cfg.method == "michel":
+        mask, order, curve = _rounds(run, budget, evaluate_with, task.metric)
+        info.update(scoring_passes=len(curve) - 1 if cfg.michel_exact else 1, curve=[
+            {"heads": e["heads"], "metrics": e["metrics"], "pruned_now": [gates.heads[i] for i in e["pruned_now"]]}
+            for e in curve])
+        return mask, order, info
+    scores = SCORERS[cfg.method](run, torch.ones(gates.num_heads))
+    mask = per_group(hard_top_k, scores.values, budget)
+    if scores.refine is not None:
+        mask = scores.refine(mask)
+    info["scoring_passes"] = 1
+    log.info("%s: scored %d %s on %d calibration examples", cfg.method, gates.num_heads, unit, len(calibration))
+    return mask.float(), scores.values.float(), info
+
+
+def _rounds(run, budget, evaluate_with, metric: str):
+    """Michel et al.'s loop: mask the `--michel-step` lowest-scoring heads still on, evaluate, score
+    again under the new mask (--michel-exact), down to the budget."""
+    cfg, gates = run.cfg, run.gates
+    keep = sum(cfg.k_per_kind) if cfg.k_per_kind else cfg.k
+    rounds = progress_bar(total=math.ceil((gates.num_heads - keep) / cfg.michel_step), desc="michel rounds",
+                          disable=not run.show_progress)
+
+    def evaluate_round(mask):
+        metrics = evaluate_with(mask)
+        heads = int(mask.sum())
+        rounds.set_postfix(heads=heads, **{n: f"{v:.4f}" for n, v in metrics.items()}, refresh=False)
+        if heads < gates.num_heads:
+            rounds.update()
+        log.info("michel round %d: %d heads left, %s %s", rounds.n, heads, metric, metrics)
+        return metrics
+
+    curve = iterative_pruning(gates.num_heads, cfg.michel_step, cfg.k, lambda mask: SCORERS["michel"](run, mask).values,
+                              evaluate_round, exact=cfg.michel_exact, budget=budget)
+    rounds.close()
+    mask = curve[-1]["mask"]
+    # rank for the heat map: heads pruned later score higher; the kept ones highest
+    order = torch.zeros(gates.num_heads)
+    for rank, entry in enumerate(curve[1:], start=1):
+        order[entry["pruned_now"]] = rank
+    order[mask.bool()] = len(curve)
+    return mask, order, curve
