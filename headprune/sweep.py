@@ -77,20 +77,32 @@ def report_split(metrics: dict, chosen: str | None) -> str:
 def rows_of(results: dict, ks: list[int], folder: str) -> list[dict]:
     """Table rows of one run, one metric per evaluation split; a Michel run gives one row per k on
     its curve. `passes`: forward-backward passes over the pruning data that the run made to reach
-    its k (trained methods: their epochs; Michel: one per importance estimate; random: none)."""
+    its k (trained methods: their epochs; Michel: one per importance estimate; random: none). A
+    run with --reconstruct gives a row without it (its metrics before the fit) and one with it
+    ("<method> + <mode>"), whose passes add the fit's forward passes over the calibration data."""
     seconds = round(sum(results["seconds"].values()), 1)
     common = {"method": results["method"], "mode": results["mode"], "seed": results["seed"],
               "seconds": seconds, "run": folder}
+    reconstructed = []
+    if "metrics_before_reconstruction" in results:  # one run gives the heads with and without the fit
+        common["seconds"] = round(seconds - results["seconds"].get("reconstruct", 0.0), 1)
+        reconstructed = [{**common, "method": f"{results['method']} + {results['reconstruct']}", "seconds": seconds,
+                          "k": results["k"], "passes": None,
+                          **{split: results["metrics_pruned"][split] for split in headline_splits(results["metrics_pruned"])}}]
     if "curve" in results:
         exact = results.get("michel_exact", True)
-        return [{**common, "k": e["heads"], "passes": estimates if exact else min(estimates, 1),
+        rows = [{**common, "k": e["heads"], "passes": estimates if exact else min(estimates, 1),
                  **{split: e["metrics"][split] for split in headline_splits(e["metrics"])}}
                 for estimates, e in enumerate(results["curve"]) if e["heads"] in ks]
-    passes = (0 if results["method"] == "random" else 1 if results["method"] in SCORED
-              else results["config"]["epochs"])
-    metrics = results["metrics_pruned"]
-    return [{**common, "k": results["k"], "passes": passes,
-             **{split: metrics[split] for split in headline_splits(metrics)}}]
+    else:
+        passes = (0 if results["method"] == "random" else 1 if results["method"] in SCORED
+                  else results["config"]["epochs"])
+        metrics = results.get("metrics_before_reconstruction", results["metrics_pruned"])
+        rows = [{**common, "k": results["k"], "passes": passes,
+                 **{split: metrics[split] for split in headline_splits(metrics)}}]
+    for row in reconstructed:  # the forward passes of the fit come on top of the selection's
+        row["passes"] = max(r["passes"] for r in rows) + results["reconstruction_passes"]
+    return rows + reconstructed
 
 
 RESULT_KEYS = ("method", "mode", "seed", "k", "num_heads", "seconds", "config", "metrics_pruned", "metric")

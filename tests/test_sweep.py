@@ -157,3 +157,20 @@ def test_a_summary_cell_is_the_mean_its_standard_error_and_the_range():
     # mean 0.7; sample standard deviation 0.1; standard error 0.1 / sqrt(3) = 0.0577
     assert sweep_mod.mean_cell([0.6, 0.7, 0.8]) == "0.700 ± 0.058 (0.600-0.800)"
     assert sweep_mod.mean_cell([0.5]) == "0.500"
+
+
+def test_a_run_with_reconstruction_gives_a_row_without_it_and_one_with_it(tiny_finetuned, tmp_path):
+    model, data = tiny_finetuned
+    rows = sweep(sweep_cfg(model, data, tmp_path, methods=["flap", "michel"], ks=[2, 4], seeds=[0],
+                           reconstruct="bias"))
+    got = {(r["method"], r["k"]): r for r in rows}
+    assert set(got) == {("flap", 2), ("flap + bias", 2), ("flap", 4), ("flap + bias", 4),
+                        ("michel", 2), ("michel", 4), ("michel + bias", 2)}  # michel: its final k only
+    import json
+    results = json.loads((tmp_path / "flap-pipelined-k2-s0" / "results.json").read_text())
+    assert got[("flap", 2)]["heldout"] == results["metrics_before_reconstruction"]["heldout"]
+    assert got[("flap + bias", 2)]["heldout"] == results["metrics_pruned"]["heldout"]
+    assert got[("flap", 2)]["passes"] == 1 and got[("flap + bias", 2)]["passes"] == 2  # FLAP's: one forward pass
+    assert got[("michel + bias", 2)]["passes"] == 3 + 1
+    assert got[("flap", 2)]["seconds"] <= got[("flap + bias", 2)]["seconds"]
+    assert "| flap + bias | pipelined | 1 |" in (tmp_path / "summary.md").read_text()
