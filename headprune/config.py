@@ -316,9 +316,12 @@ class PruneConfig(FinetuneConfig):
                               "per kept head, least squares block by block), bias (FLAP: the removed heads' "
                               "mean output added to the output projection's bias), both (scales and bias "
                               "fitted together) or none.", choices=["none", "rescale", "bias", "both"])
-    calibration_examples: int = option(None, "Calibration data of the scored methods (fisher, activation, "
-                                       "flap, taylor) and of --reconstruct: the first N examples of the "
-                                       "pruning data (default: all of it).", min=1)
+    calibration_dataset: str = option(None, "Calibration data of the scored methods (michel, fisher, "
+                                      "activation, flap, taylor) and of --reconstruct: the training split of "
+                                      "this dataset (any the task reads, with the same labels or languages) "
+                                      "instead of the pruning data.")
+    calibration_examples: int = option(None, "Use only the first N examples of the calibration data "
+                                       "(default: all of it).", min=1)
     # the reference prunes in one epoch from a converged model; joint runs train as long as fine-tuning
     epochs: float = option(1.0, "Training epochs (a fraction is allowed).", positive=True)
     output_dir: str = option("runs/prune", OUTPUT_HELP)

@@ -36,7 +36,7 @@ from .outputs import (BEST, RESULTS, atomic_folder, cache_root, check_not_inside
 from .pruning import save_pruned, zero_pruned_heads
 from .randomness import keeps_global_rng
 from .reconstruct import reconstruct
-from .selection import attach_selector, calibration_set, check_budget, choose_by_scores
+from .selection import SCORERS, attach_selector, calibration_set, check_budget, choose_by_scores
 from .report import plot_head_map, write_run_report
 from .sites import UNIT_NAMES
 from .tasks import get_task
@@ -57,7 +57,7 @@ def timed(seconds: dict, phase: str):
 
 def input_paths(cfg, model_path: str | None) -> dict[str, str | None]:
     """The run's inputs that may be local files or folders (what it must never write into)."""
-    return {"input model": model_path, "dataset": cfg.dataset,
+    return {"input model": model_path, "dataset": cfg.dataset, "calibration dataset": getattr(cfg, "calibration_dataset", None),
             **{f"evaluation file {i}": f for i, f in enumerate(cfg.eval_files or [], start=1)}}
 
 
@@ -275,6 +275,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
         gates = attach_gates(model, cfg.unit)
         check_reconstruct(cfg, gates)
         train_set, evals, collate = task.prepare(data, tokenizer, cfg)
+        calibration = calibration_set(cfg, task, data, tokenizer, train_set) if needs_calibration(cfg) else None
         inputs = run_inputs(cfg, path, train_set, evals)
         state = check_inputs(out, state, inputs, cfg)
         if state is None:
@@ -330,7 +331,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
             if cfg.method == "voita":
                 info["heads_on_by_threshold"] = selector.heads_on()
         else:
-            mask, scores, info = choose_by_scores(cfg, task, acc, model, gates, train_set, collate, evaluate_with)
+            mask, scores, info = choose_by_scores(cfg, task, acc, model, gates, calibration, collate, evaluate_with)
     if not pipelined:  # the jointly trained weights with every head on (before reconstruction changes them)
         with timed(seconds, "evaluate_unpruned"):
             extra["metrics_unpruned"] = evaluate_with(all_heads)
@@ -338,7 +339,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
         with timed(seconds, "evaluate_pruned"):
             info["metrics_before_reconstruction"] = evaluate_with(mask)
         with timed(seconds, "reconstruct"):
-            info.update(_reconstruct(cfg, task, acc, model, gates, mask, train_set, collate))
+            info.update(_reconstruct(cfg, task, acc, model, gates, mask, calibration, collate))
     with timed(seconds, "evaluate_pruned"):
         metrics = evaluate_with(mask)
     kept = gates.kept_heads(mask)
@@ -369,9 +370,12 @@ def check_reconstruct(cfg, gates) -> None:
                           "--save-format physical (load it with headprune.load_pruned)")
 
 
-def _reconstruct(cfg, task, acc, model, gates, mask, train_set, collate) -> dict:
+def needs_calibration(cfg) -> bool:
+    return cfg.method in SCORERS or cfg.reconstruct != "none"
+
+
+def _reconstruct(cfg, task, acc, model, gates, mask, calibration, collate) -> dict:
     """--reconstruct on the calibration data, folded into the model's weights."""
-    calibration = calibration_set(cfg, train_set)
     loader = acc.prepare(DataLoader(calibration, batch_size=cfg.batch_size, collate_fn=collate))
     reduce = (lambda t: acc.reduce(t.to(acc.device), "sum").cpu()) if acc.num_processes > 1 else None
     biased = sum(site.output.bias is not None for site in gates.sites)

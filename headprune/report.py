@@ -103,6 +103,14 @@ def write_run_report(out: Path, results: dict, history: list[dict]) -> None:
     if results.get("shrink_steps"):
         lines.append(f"- the training budget fell from all {results['num_heads']} heads to {results['k']} over "
                      f"the first {results['shrink_steps']} steps")
+    if "calibration_examples" in results:
+        source = results["config"].get("calibration_dataset") or "the pruning data"
+        lines.append(f"- calibration data: {results['calibration_examples']} examples of {source}")
+    if "metrics_before_reconstruction" in results:
+        lines.append(f"- reconstruction ({results['reconstruct']}): {results.get('metric', 'accuracy')} before "
+                     f"{_fmt(results['metrics_before_reconstruction'])}, after {_fmt(results['metrics_pruned'])}")
+        lines += [f"  - {e['kind']} attention of layer {e['layer']}: relative error {e['before']:.3g} -> {e['after']:.3g}"
+                  for e in results.get("reconstruction_error", [])]
     lines += ["", "![kept heads](heads.png)", ""]
     if history:
         plot_training_curves(out / "training.png", history, f"{results['method']} {results['mode']}")

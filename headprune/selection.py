@@ -143,8 +143,16 @@ SCORERS: dict[str, Callable] = {"michel": michel.score, "fisher": fisher.score, 
                                 "flap": flap.score, "taylor": taylor.score}  # random: a draw, no scores
 
 
-def calibration_set(cfg, train_set):
-    """The first --calibration-examples of the pruning data (all of it by default)."""
+def calibration_set(cfg, task, data, tokenizer, train_set):
+    """The calibration data: the training split of --calibration-dataset (else the pruning data,
+    `train_set`), its first --calibration-examples."""
+    if cfg.calibration_dataset:
+        other = task.load_data(dataclasses.replace(cfg, dataset=cfg.calibration_dataset, eval_files=None))
+        for name in ("label_names", "languages"):  # the loss of label- or target-reading methods needs them equal
+            if getattr(other, name, None) != getattr(data, name, None):
+                raise ConfigError(f"--calibration-dataset {cfg.calibration_dataset}: its {name.replace('_', ' ')} "
+                                  f"({getattr(other, name, None)}) are not the pruning data's ({getattr(data, name, None)})")
+        train_set = task.prepare(other, tokenizer, cfg)[0]
     if cfg.calibration_examples is None or cfg.calibration_examples >= len(train_set):
         return train_set
     return Subset(train_set, range(cfg.calibration_examples))
@@ -155,7 +163,7 @@ def method_options(cfg) -> dict:
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name.startswith(cfg.method + "_")}
 
 
-def choose_by_scores(cfg, task, acc, model, gates, train_set, collate, evaluate_with):
+def choose_by_scores(cfg, task, acc, model, gates, calibration, collate, evaluate_with):
     """Keep the top k (k_g of each group) by the method's scores on the calibration data (random:
     none); michel in rounds, with the metrics after each (its curve). Returns the mask, the scores
     to show (michel: the round in which a head went) and what to record."""
@@ -164,7 +172,6 @@ def choose_by_scores(cfg, task, acc, model, gates, train_set, collate, evaluate_
     if cfg.method == "random":
         mask = random_mask(gates.num_heads, cfg.k, cfg.seed, budget)
         return mask, mask, info
-    calibration = calibration_set(cfg, train_set)
     loader = acc.prepare(DataLoader(calibration, batch_size=cfg.batch_size, collate_fn=collate))
     many = acc.num_processes > 1
     run = Calibration(model, gates, loader, task.loss, cfg,

@@ -174,3 +174,24 @@ def test_prune_records_the_metrics_before_and_after_and_each_blocks_error(tiny_f
     assert all(e["after"] <= e["before"] for e in results["reconstruction_error"])
     saved = json.loads((tmp_path / "model" / "config.json").read_text())["headprune"]
     assert saved["reconstruct"] == "rescale" and "output_biases" not in saved  # BERT has its biases
+    report = (tmp_path / "report.md").read_text()
+    assert "- reconstruction (rescale): heldout before" in report and "encoder attention of layer 1: relative error" in report
+    assert f"- calibration data: {results['calibration_examples']} examples of the pruning data" in report
+
+
+def test_calibration_data_can_come_from_another_dataset_with_the_same_labels(tiny_finetuned, tmp_path):
+    from headprune.errors import ConfigError
+    model, data = tiny_finetuned
+    other = tmp_path / "other.jsonl"
+    other.write_text("\n".join(data.read_text().splitlines()[:60]))
+    few = prune(tiny(model, data, tmp_path / "few", method="activation", calibration_dataset=str(other),
+                     calibration_examples=10, reconstruct="bias"))
+    assert few["calibration_examples"] == 10 and few["config"]["calibration_dataset"] == str(other)
+    every = prune(tiny(model, data, tmp_path / "every", method="activation", calibration_dataset=str(other)))
+    own = prune(tiny(model, data, tmp_path / "own", method="activation"))
+    assert every["calibration_examples"] < 60 < own["calibration_examples"]  # its training split, not ours
+    relabelled = tmp_path / "relabelled.jsonl"
+    relabelled.write_text(other.read_text().replace('"yes"', '"maybe"'))
+    with pytest.raises(ConfigError, match="--calibration-dataset .*relabelled.jsonl: its label names"):
+        prune(tiny(model, data, tmp_path / "bad", method="activation", calibration_dataset=str(relabelled)))
+    assert not (tmp_path / "bad" / "results.json").exists()
