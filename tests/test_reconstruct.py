@@ -175,7 +175,7 @@ def test_prune_records_the_metrics_before_and_after_and_each_blocks_error(tiny_f
     saved = json.loads((tmp_path / "model" / "config.json").read_text())["headprune"]
     assert saved["reconstruct"] == "rescale" and "output_biases" not in saved  # BERT has its biases
     report = (tmp_path / "report.md").read_text()
-    assert "- reconstruction (rescale): heldout before" in report and "encoder attention of layer 1: relative error" in report
+    assert "- reconstruction (rescale): accuracy before heldout" in report and "encoder attention of layer 1: relative error" in report
     assert f"- calibration data: {results['calibration_examples']} examples of the pruning data" in report
 
 
