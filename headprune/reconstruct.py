@@ -149,9 +149,7 @@ def fit_blocks(model, gates, mask, batches, loss_fn, intercept: bool, reduce=Non
         kept = [u for u in range(site.num_heads) if mask[offset + u] > 0]
         if site.num_heads == 0 or len(kept) == site.num_heads:
             continue  # nothing removed: the block's output is the unpruned one already
-        sums = block_sums(model, gates, i, kept, batches, loss_fn, scales, shifts)
-        if reduce is not None:
-            sums = {name: reduce(value) for name, value in sums.items()}
+        sums = block_sums(model, gates, i, kept, batches, loss_fn, scales, shifts, reduce)
         s, beta, before, after = solve(sums, intercept)
         if not (torch.isfinite(s).all() and (s.abs() <= MAX_SCALE).all() and after <= before):
             log.warning("reconstruct: the fit of the %s attention of layer %d failed (scales %s): its "
@@ -170,34 +168,48 @@ def fit_blocks(model, gates, mask, batches, loss_fn, intercept: bool, reduce=Non
     return scales, shifts, errors
 
 
-def block_sums(model, gates, i, kept, batches, loss_fn, scales, shifts) -> dict[str, torch.Tensor]:
+def block_sums(model, gates, i, kept, batches, loss_fn, scales, shifts, reduce=None) -> dict[str, torch.Tensor]:
     """The sums the fit needs over every real token: feature u is kept unit u's part of the
-    block's output in the pruned model, the target the unpruned model's whole output (the bias
-    left out: it is on both sides)."""
+    block's output in the pruned model (W_u x_S,u), the target the unpruned model's whole output
+    (W x_T; the bias left out: it is on both sides). Only the second moments of the contexts are
+    accumulated (input width squared, whatever the number of tokens); the sums over outputs
+    follow from them and W^T W."""
     site = gates.sites[i]
     weight = site.output.weight.detach().double()
-    channels = [unit_channels(site, u) for u in kept]
+    width = weight.shape[1]
+    moments = {name: torch.zeros(width, width, dtype=torch.float64, device=weight.device) for name in ("SS", "ST", "TT")}
+    moments.update({name: torch.zeros(width, dtype=torch.float64, device=weight.device) for name in ("S", "T")})
+    moments["n"] = torch.zeros((), dtype=torch.float64, device=weight.device)
     everything = torch.ones(gates.num_heads)
-    k, width = len(kept), weight.shape[0]
-    sums = {"G": torch.zeros(k, k), "c": torch.zeros(k), "feature": torch.zeros(k, width),
-            "target": torch.zeros(width), "bb": torch.zeros(()), "n": torch.zeros(())}
-    sums = {name: value.double().to(weight.device) for name, value in sums.items()}
     for batch in batches:
         teacher = context_at(model, gates, i, batch, loss_fn, everything)
         with _shifted(gates, shifts):
             student = context_at(model, gates, i, batch, loss_fn, scales)
         tokens = token_mask(batch, site.kind, teacher.shape[1])
         teacher, student = (x.flatten(0, 1) if tokens is None else x[tokens] for x in (teacher, student))
-        target = teacher.double() @ weight.T  # tokens x outputs
-        features = torch.stack([student[:, ch].double() @ weight[:, ch].T for ch in channels]) if k else \
-            target.new_zeros(0, *target.shape)
-        sums["G"] += torch.einsum("atd,btd->ab", features, features)
-        sums["c"] += torch.einsum("atd,td->a", features, target)
-        sums["feature"] += features.sum(1)
-        sums["target"] += target.sum(0)
-        sums["bb"] += target.pow(2).sum()
-        sums["n"] += target.shape[0]
-    return {name: value.cpu() for name, value in sums.items()}
+        teacher, student = teacher.double(), student.double()
+        moments["SS"] += student.T @ student
+        moments["ST"] += student.T @ teacher
+        moments["TT"] += teacher.T @ teacher
+        moments["S"] += student.sum(0)
+        moments["T"] += teacher.sum(0)
+        moments["n"] += teacher.shape[0]
+    if reduce is not None:
+        moments = {name: reduce(value).to(weight.device) for name, value in moments.items()}
+    gram = weight.T @ weight  # <W_i x_i, W_j x_j> summed over outputs = gram_ij x_i x_j
+    channels = [torch.tensor(unit_channels(site, u), device=weight.device) for u in kept]
+    k = len(kept)
+    sums = {"G": torch.zeros(k, k, dtype=torch.float64), "c": torch.zeros(k, dtype=torch.float64)}
+    for a, ca in enumerate(channels):
+        sums["c"][a] = (gram[ca] * moments["ST"][ca]).sum()
+        for b, cb in enumerate(channels):
+            sums["G"][a, b] = (gram[ca][:, cb] * moments["SS"][ca][:, cb]).sum()
+    sums["feature"] = torch.stack([weight[:, ch] @ moments["S"][ch] for ch in channels]).cpu() if k else \
+        torch.zeros(0, weight.shape[0], dtype=torch.float64)
+    sums["target"] = (weight @ moments["T"]).cpu()
+    sums["bb"] = (gram * moments["TT"]).sum().cpu()
+    sums["n"] = moments["n"].cpu()
+    return sums
 
 
 def error_of(sums, s, beta=None) -> float:
