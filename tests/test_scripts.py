@@ -56,6 +56,21 @@ def test_loss_and_accuracy(finished_runs, monkeypatch, capsys):
     assert [row.split(" | ")[1] for row in rows] == ["8", "4", "2", "6"]  # unpruned, DSP, Michel at k = 2, 6
 
 
+def test_reconstruction_on_a_finished_run(finished_runs, tmp_path, monkeypatch, capsys):
+    run = finished_runs / "dsp-pipelined-k4-s0"
+    out = script_here("benchmarks/reconstruction.py", run, "--modes", "bias", "both", "bias",
+                      monkeypatch=monkeypatch, capsys=capsys)
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| dsp")]
+    assert [r[2] for r in rows] == ["none (the run's)", "bias", "both", "bias"]
+    assert rows[1][3] == rows[3][3]  # the weights were put back between modes
+    # the same as a run that chose these heads and reconstructed itself
+    results = json.loads((run / "results.json").read_text())
+    fields = {k: v for k, v in results["config"].items() if k in PruneConfig.__dataclass_fields__}
+    again = prune(PruneConfig(**{**fields, "reconstruct": "bias", "output_dir": str(tmp_path / "again")}))
+    assert [list(h) for h in again["kept_heads"]] == results["kept_heads"]
+    assert json.loads(rows[1][3]) == again["metrics_pruned"]
+
+
 def test_recovery_finetune(finished_runs, tmp_path, monkeypatch, capsys):
     out = script_here("benchmarks/recovery_finetune.py", finished_runs / "dsp-pipelined-k4-s0", "--ks", 2,
                       "--output-dir", tmp_path, monkeypatch=monkeypatch, capsys=capsys)

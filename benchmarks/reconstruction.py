@@ -1,0 +1,88 @@
+"""Reconstruction on heads that finished runs chose: each --reconstruct mode side by side.
+
+For each folder of a finished pipelined `headprune prune` or sweep run, this rebuilds the run's
+fine-tuned model and data from its results.json, switches on the heads it kept, and for each mode
+of --modes fits the reconstruction on the run's calibration data (its pruning data, or
+--calibration-examples of it), folds it in, evaluates every split and puts the weights back. The
+row "none" is the run's own result. So one selection (a DSP run of minutes) is measured with every
+mode without being chosen again.
+
+    python benchmarks/reconstruction.py runs/sweep/dsp-pipelined-k12-s0 runs/sweep/flap-pipelined-k12-s0 \
+        --modes rescale bias both --calibration-examples 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+
+from headprune.config import PruneConfig
+from headprune.gates import attach_gates
+from headprune.reconstruct import MODES, reconstruct
+from headprune.selection import calibration_set
+from headprune.tasks import get_task
+
+
+def finished_run(folder: str) -> tuple[dict, PruneConfig]:
+    """The results and settings of a finished pipelined run (an error otherwise)."""
+    if not (Path(folder) / "results.json").is_file():
+        raise SystemExit(f"{folder}: no results.json (not a finished headprune run)")
+    results = json.loads((Path(folder) / "results.json").read_text())
+    if results["mode"] != "pipelined":
+        raise SystemExit(f"{folder}: only pipelined runs (their weights are the fine-tuned model's)")
+    fields = {f.name for f in dataclasses.fields(PruneConfig)}
+    return results, PruneConfig(**{k: v for k, v in results["config"].items() if k in fields})
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="folders of finished pipelined runs")
+    parser.add_argument("--modes", nargs="+", default=list(MODES[1:]), choices=list(MODES[1:]))
+    parser.add_argument("--calibration-examples", type=int, default=None,
+                        help="the first N examples of each run's calibration data (default: the run's setting)")
+    args = parser.parse_args(argv)
+    runs = [finished_run(folder) for folder in args.runs]  # every folder checked before the long work
+    acc = Accelerator()
+    print("| run | k | reconstruct | " + "metrics | seconds |")
+    print("|---|---|---|---|---|")
+    for folder, (results, cfg) in zip(args.runs, runs):
+        if args.calibration_examples:
+            cfg = dataclasses.replace(cfg, calibration_examples=args.calibration_examples)
+        task = get_task(cfg.task)
+        path, config, _ = task.inspect(cfg.model, require_finetuned=True, unit=cfg.unit)
+        data = task.load_data(cfg)
+        model, tokenizer = task.load_model(cfg, data, path, config, require_finetuned=True)
+        model = model.to(acc.device).eval()
+        model.requires_grad_(False)
+        gates = attach_gates(model, cfg.unit)
+        train_set, evals, collate = task.prepare(data, tokenizer, cfg)
+        calibration = calibration_set(cfg, task, data, tokenizer, train_set)
+        loader = DataLoader(calibration, batch_size=cfg.batch_size, collate_fn=collate)
+        kept = {tuple(h) for h in results["kept_heads"]}
+        mask = torch.tensor([float(h in kept) for h in gates.heads])
+        name = Path(folder).name
+        print(f"| {name} | {len(kept)} | none (the run's) | {json.dumps(results['metrics_pruned'])} | |", flush=True)
+        weights = [(site.output, site.output.weight.detach().clone(),
+                    None if site.output.bias is None else site.output.bias.detach().clone()) for site in gates.sites]
+        for mode in args.modes:
+            start = time.perf_counter()
+            reconstruct(model, gates, mask, loader, task.loss, mode, disable_progress=True)
+            seconds = time.perf_counter() - start
+            with gates.override(mask):
+                metrics = task.evaluate(acc, model, evals, collate, cfg)
+            print(f"| {name} | {len(kept)} | {mode} | {json.dumps(metrics)} | {seconds:.0f} |", flush=True)
+            with torch.no_grad():  # back to the fine-tuned weights for the next mode
+                for output, weight, bias in weights:
+                    output.weight.copy_(weight)
+                    output.bias = None if bias is None else torch.nn.Parameter(bias.clone(), requires_grad=False)
+
+
+if __name__ == "__main__":
+    main()
