@@ -7,7 +7,7 @@ import pytest
 from conftest import one_line_error, tiny
 
 import headprune.outputs as outputs
-import headprune.recipes as recipes
+import headprune.selection as selection
 import headprune.tasks.classification as classification_task
 from headprune.errors import OutputExistsError
 from headprune.recipes import prune
@@ -72,7 +72,7 @@ def test_a_new_run_that_fails_leaves_the_earlier_run_whole(tiny_finetuned, tmp_p
     model, data = tiny_finetuned
     prune(tiny(model, data, tmp_path, method="dsp"))
     before = snapshot(tmp_path)
-    monkeypatch.setattr(recipes, "random_mask", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("failed")))
+    monkeypatch.setattr(selection, "random_mask", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("failed")))
     with pytest.raises(RuntimeError, match="failed"):
         prune(tiny(model, data, tmp_path, method="random", overwrite=True))
     assert snapshot(tmp_path) == before

@@ -130,3 +130,24 @@ def test_the_reproduce_script_refuses_an_unknown_mode():
     run = subprocess.run(["bash", "scripts/reproduce_results.sh", "everything"], cwd=ROOT, capture_output=True,
                          text=True, timeout=60)
     assert run.returncode == 2 and "usage:" in run.stderr
+
+
+def test_targets_compare_dsp_with_each_methods_best_setting(tmp_path, monkeypatch, capsys):
+    def sweep_csv(folder, rows):
+        folder.mkdir()
+        lines = ["method,mode,k,seed,validation,test,passes,seconds,run"]
+        lines += [f"{m},pipelined,{k},{s},{v},{t},1,1,x" for m, k, s, v, t in rows]
+        (folder / "sweep.csv").write_text("\n".join(lines) + "\n")
+    sweep_csv(tmp_path / "dsp", [("dsp", 12, 0, 0.70, 0.74), ("dsp", 12, 1, 0.72, 0.76),
+                                 ("dsp", 36, 0, 0.77, 0.771)])
+    # flap: with the bias better on validation (so chosen) though worse on test; taylor best at 36
+    sweep_csv(tmp_path / "scored", [("flap", 12, 0, 0.60, 0.70), ("flap + bias", 12, 0, 0.65, 0.66),
+                                    ("taylor", 12, 0, 0.55, 0.73), ("flap", 36, 0, 0.70, 0.70),
+                                    ("taylor", 36, 0, 0.76, 0.775)])
+    out = script_here("benchmarks/targets.py", tmp_path / "dsp", tmp_path / "scored", "--ks", 12, 24, 36,
+                      monkeypatch=monkeypatch, capsys=capsys)
+    rows = [line for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    # k = 12: DSP 0.75 (mean of 2 seeds); flap's chosen variant "flap + bias" (0.66); taylor 0.73 best
+    assert rows[0] == "| 12 | 0.7500 | 0.7300 (taylor) | 1 point above: +2.0 points | yes |"
+    assert rows[1] == "| 24 | not run | | | |"
+    assert rows[2] == "| 36 | 0.7710 | 0.7750 (taylor) | level (at most 0.5 point below): -0.4 points | yes |"
