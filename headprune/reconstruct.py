@@ -60,7 +60,8 @@ def reconstruct(model, gates, mask: torch.Tensor, batches, loss_fn, mode: str, r
     scales, shifts, errors = fit_blocks(model, gates, mask, batches, loss_fn, intercept=mode == "both",
                                         reduce=reduce, disable_progress=disable_progress)
     fold(gates, mask, scales, shifts if mode == "both" else {})
-    return {"reconstruct": mode, "reconstruction_passes": 2 * len(gates.sites), "reconstruction_error": errors}
+    # two forward passes (the unpruned and the pruned model, stopped at the block) per block fitted
+    return {"reconstruct": mode, "reconstruction_passes": 2 * len(errors), "reconstruction_error": errors}
 
 
 def flap_shifts(model, gates, mask, batches, loss_fn, reduce=None) -> dict[int, torch.Tensor]:
