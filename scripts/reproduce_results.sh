@@ -7,6 +7,8 @@
 #                                        the Ding pairs and the generation speed (apt-get install trans-de-en)
 #   scripts/reproduce_results.sh llm     SmolLM2-135M by KV group: every method, then the speed of DSP's
 #                                        models (make llm-assets)
+#   scripts/reproduce_results.sh today   the scored methods of issue 21 and reconstruction, on both
+#                                        benchmarks and SmolLM2 (after sweep and llm)
 set -euo pipefail
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 HP=${HEADPRUNE:-headprune}
@@ -110,5 +112,23 @@ case "${1:-dsp}" in
         $HP measure --pruned $OUT/smollm2/dsp-pipelined-k$k-s0/model --threads 1 --batch-sizes 1 8 \
           --lengths 128 --beams 1 --generate-tokens 32 --repeats 5 --output-dir $OUT/smollm2/dsp-pipelined-k$k-s0/speed
     done ;;
-  *) echo "usage: $0 dsp|sweep|speed|translation|llm" >&2; exit 2 ;;
+  today)  # issue 21: the scored methods (Kwon, Minitron, FLAP, LLM-Pruner) with and without reconstruction
+    run $OUT/finetune finetune --config $CFG
+    run $OUT/subjectivity/finetune finetune --config configs/subjectivity.yaml
+    # one run gives the heads without reconstruction and with FLAP's bias (two rows of the sweep)
+    $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model --max-train-examples 4000 \
+      --methods fisher activation flap taylor random michel --reconstruct bias --output-dir $OUT/today-rt
+    $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model --max-train-examples 4000 \
+      --methods fisher activation flap taylor random michel --reconstruct bias --output-dir $OUT/today-subjectivity
+    $HP sweep --config configs/sweep-smollm2.yaml --methods fisher activation flap taylor dsp --ks 30 45 60 \
+      --reconstruct bias --output-dir $OUT/today-smollm2
+    $HP sweep --config configs/sweep-smollm2.yaml --methods michel --michel-normalize none --ks 30 45 60 \
+      --reconstruct bias --output-dir $OUT/today-smollm2-michel-raw
+    # every reconstruction mode on the heads DSP chose at 125 steps (the sweep mode's sweep125-reference)
+    ${PYTHON:-python} benchmarks/reconstruction.py $OUT/sweep125-reference/dsp-pipelined-k*-s0 \
+      --modes rescale both --calibration-examples 1000
+    ${PYTHON:-python} benchmarks/targets.py $OUT/sweep125-reference $OUT/today-rt --ks 6 12 24 36
+    ${PYTHON:-python} benchmarks/targets.py $OUT/today-smollm2 $OUT/today-smollm2-michel-raw $OUT/smollm2 \
+      --lower-is-better --ks 30 45 60 ;;
+  *) echo "usage: $0 dsp|sweep|speed|translation|llm|today" >&2; exit 2 ;;
 esac

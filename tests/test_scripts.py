@@ -111,7 +111,7 @@ def test_step_overhead_on_the_real_minilm():
     assert "joint DSP / plain step:" in out
 
 
-@pytest.mark.parametrize("mode", ["dsp", "sweep", "speed", "translation", "llm"])
+@pytest.mark.parametrize("mode", ["dsp", "sweep", "speed", "translation", "llm", "today"])
 def test_every_mode_of_the_reproduce_script(mode, tmp_path):
     log = tmp_path / "calls"
     dry = f"{sys.executable} {ROOT / 'tests' / 'dry_run.py'}"
