@@ -331,7 +331,8 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
             if cfg.method == "voita":
                 info["heads_on_by_threshold"] = selector.heads_on()
         else:
-            mask, scores, info = choose_by_scores(cfg, task, acc, model, gates, calibration, collate, evaluate_with)
+            mask, scores, info = choose_by_scores(cfg, task, acc, model, gates, calibration, collate, evaluate_with,
+                                                  weights_digest=inputs["model"])
     if not pipelined:  # the jointly trained weights with every head on (before reconstruction changes them)
         with timed(seconds, "evaluate_unpruned"):
             extra["metrics_unpruned"] = evaluate_with(all_heads)

@@ -16,19 +16,27 @@ michel's later rounds). Adding a scorer is that file, its name in `SCORERS` and 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import math
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Subset
 
 from .config import PruneConfig
 from .errors import ConfigError
 from .methods import (activation, fisher, flap, iterative_pruning, make_selector, michel, random_mask,
                       resolve_schedule, taylor)
+from .methods import scoring
 from .methods.dsp import check_budget as check_groups, hard_top_k, per_group
+from .outputs import atomic_path, cache_root
 from .progress import progress_bar
 from .sites import UNIT_NAMES
 from .train import constant_until, explore_then_select, linear_decay, total_steps
@@ -125,7 +133,8 @@ def selector_and_optimizer(cfg: PruneConfig, num_heads: int, steps: int, budget=
 class Calibration:
     """What a scorer reads: the model with its gates, the calibration batches (a loader that can be
     iterated again), the task's loss, the run's config; `reduce` sums a tensor over processes and
-    `gather` stacks one (None on one process)."""
+    `gather` stacks one (None on one process). `key`: where `cached` keeps what a scorer computed
+    from these weights, this data and these settings (None: nothing kept)."""
     model: torch.nn.Module
     gates: object
     batches: object
@@ -134,9 +143,55 @@ class Calibration:
     reduce: Callable | None = None
     gather: Callable | None = None
     show_progress: bool = True
+    key: str | None = None
+    writes: bool = True  # the main process writes the cache
+    hit: bool = False
 
     def progress(self, desc: str):
         return progress_bar(self.batches, desc=desc, leave=False, disable=not self.show_progress)
+
+    def cached(self, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """compute(), or what it gave for the same key before: a sweep scores once for all its ks."""
+        path = cache_root() / "scores" / f"{self.key}.safetensors"
+        if self.key and path.is_file():
+            try:
+                value = load_file(path)["scores"]
+                self.hit = True
+                log.info("%s: scores of these weights on this calibration data, computed before (%s)",
+                         self.cfg.method, path)
+                return value
+            except (OSError, SafetensorError, KeyError):
+                pass  # a damaged entry is computed again
+        value = compute()
+        if self.key and self.writes:
+            try:
+                with atomic_path(path) as tmp:
+                    save_file({"scores": value.detach().cpu().contiguous()}, str(tmp))
+            except OSError as err:  # a cache that cannot be written only costs time
+                log.info("cannot write the scores cache %s: %s", path, err)
+        return value
+
+
+# settings that do not change a scorer's output (the rest of the config is part of the cache key)
+NOT_SCORING = ("k", "k_per_kind", "seed", "output_dir", "overwrite", "reconstruct", "save_format")
+
+
+def scores_key(cfg, weights_digest: str | None, calibration) -> str | None:
+    """The scores cache key: the scorer's code, the weights' and the calibration data's digests and
+    every setting but NOT_SCORING; None for weights that are not a local folder, and for michel
+    (its scores change with each round's mask)."""
+    if cfg.method not in SCORERS or cfg.method == "michel" or not weights_digest or weights_digest == cfg.model:
+        return None
+    code = hashlib.sha256()
+    for module in (sys.modules[SCORERS[cfg.method].__module__], scoring):
+        code.update(Path(module.__file__).read_bytes())
+    data = hashlib.sha256()
+    for start in range(0, len(calibration), 1000):
+        rows = [calibration[i] for i in range(start, min(start + 1000, len(calibration)))]
+        data.update(json.dumps(rows, sort_keys=True, default=str).encode())
+    settings = {name: value for name, value in dataclasses.asdict(cfg).items() if name not in NOT_SCORING}
+    key = [code.hexdigest(), weights_digest, data.hexdigest(), settings]
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
 SCORERS: dict[str, Callable] = {"michel": michel.score, "fisher": fisher.score, "activation": activation.score,
@@ -163,7 +218,7 @@ def method_options(cfg) -> dict:
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name.startswith(cfg.method + "_")}
 
 
-def choose_by_scores(cfg, task, acc, model, gates, calibration, collate, evaluate_with):
+def choose_by_scores(cfg, task, acc, model, gates, calibration, collate, evaluate_with, weights_digest=None):
     """Keep the top k (k_g of each group) by the method's scores on the calibration data (random:
     none); michel in rounds, with the metrics after each (its curve). Returns the mask, the scores
     to show (michel: the round in which a head went) and what to record."""
@@ -176,7 +231,8 @@ def choose_by_scores(cfg, task, acc, model, gates, calibration, collate, evaluat
     many = acc.num_processes > 1
     run = Calibration(model, gates, loader, task.loss, cfg,
                       reduce=(lambda t: acc.reduce(t.to(acc.device), "sum").cpu()) if many else None,
-                      gather=acc.gather if many else None, show_progress=acc.is_local_main_process)
+                      gather=acc.gather if many else None, show_progress=acc.is_local_main_process,
+                      key=scores_key(cfg, weights_digest, calibration), writes=acc.is_main_process)
     info["calibration_examples"] = len(calibration)
     unit = UNIT_NAMES[gates.sites[0].unit]
     if cfg.method == "michel":
@@ -189,7 +245,8 @@ def choose_by_scores(cfg, task, acc, model, gates, calibration, collate, evaluat
     mask = per_group(hard_top_k, scores.values, budget)
     if scores.refine is not None:
         mask = scores.refine(mask)
-    info["scoring_passes"] = 1
+    info["scoring_passes"] = 0 if run.hit else 1
+    info["scores_from_cache"] = run.hit
     log.info("%s: scored %d %s on %d calibration examples", cfg.method, gates.num_heads, unit, len(calibration))
     return mask.float(), scores.values.float(), info
 

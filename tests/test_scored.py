@@ -166,3 +166,26 @@ def test_scored_methods_prune_a_fine_tuned_model_only(tiny_finetuned, tmp_path):
         prune(tiny(*tiny_finetuned, tmp_path, method="flap", mode="joint"))
     with pytest.raises(ConfigError, match="activation_aggregation: 'max' is not one of l2, mean, var"):
         tiny(*tiny_finetuned, tmp_path, method="activation", activation_aggregation="max")
+
+
+def test_a_sweep_scores_once_for_all_its_ks(tiny_finetuned, tmp_path, monkeypatch):
+    import headprune.methods.activation as activation
+    calls = []
+    real = activation.activation_scores
+    monkeypatch.setattr(activation, "activation_scores", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path / "cache"))
+    first = prune(tiny(*tiny_finetuned, tmp_path / "k3", method="activation", k=3))
+    second = prune(tiny(*tiny_finetuned, tmp_path / "k5", method="activation", k=5, reconstruct="bias"))
+    assert calls == [1] and not first["scores_from_cache"] and second["scores_from_cache"]
+    assert second["scoring_passes"] == 0
+    scores = [[h["score"] for h in json.loads((tmp_path / f"k{k}" / "head_scores.json").read_text())] for k in (3, 5)]
+    assert scores[0] == scores[1]
+    # other calibration data, or another option of the method: scored again
+    prune(tiny(*tiny_finetuned, tmp_path / "fewer", method="activation", calibration_examples=20))
+    prune(tiny(*tiny_finetuned, tmp_path / "mean", method="activation", activation_aggregation="mean"))
+    assert calls == [1, 1, 1]
+    # a damaged entry is computed again
+    for entry in (tmp_path / "cache" / "scores").iterdir():
+        entry.write_bytes(b"not safetensors")
+    assert not prune(tiny(*tiny_finetuned, tmp_path / "again", method="activation"))["scores_from_cache"]
+    assert calls == [1, 1, 1, 1]

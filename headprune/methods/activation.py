@@ -39,5 +39,5 @@ def activation_scores(model, gates, batches, loss_fn, aggregation: str = "l2", r
 
 def score(run, mask: torch.Tensor):
     """The scorer of the driver (`headprune.selection`)."""
-    return Scores(activation_scores(run.model, run.gates, run.progress("activation scores"), run.loss_fn,
-                                    run.cfg.activation_aggregation, run.reduce))
+    return Scores(run.cached(lambda: activation_scores(run.model, run.gates, run.progress("activation scores"),
+                                                       run.loss_fn, run.cfg.activation_aggregation, run.reduce)))

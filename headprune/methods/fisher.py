@@ -58,6 +58,7 @@ def score(run, mask: torch.Tensor):
     """The scorer of the driver (`headprune.selection`): the diagonal Fisher, and the rearrangement per layer
     (unless --no-fisher-rearrange) as the step after the top k."""
     gates = run.gates
-    grads = fisher_gradients(run.model, gates, run.progress("fisher scores"), run.loss_fn, gather=run.gather)
+    grads = run.cached(lambda: fisher_gradients(run.model, gates, run.progress("fisher scores"), run.loss_fn,
+                                                gather=run.gather))
     layers = [list(range(offset, offset + site.num_heads)) for offset, site in zip(gates.offsets, gates.sites)]
     return Scores(fisher_scores(grads), refine=(lambda m: rearrange(m, grads, layers)) if run.cfg.fisher_rearrange else None)

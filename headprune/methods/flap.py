@@ -45,5 +45,7 @@ def flap_scores(gates, variances: list[torch.Tensor]) -> torch.Tensor:
 
 def score(run, mask: torch.Tensor):
     """The scorer of the driver (`headprune.selection`)."""
-    _, variances = flap_statistics(run.model, run.gates, run.progress("flap scores"), run.loss_fn, run.reduce)
-    return Scores(flap_scores(run.gates, variances))
+    def compute():
+        _, variances = flap_statistics(run.model, run.gates, run.progress("flap scores"), run.loss_fn, run.reduce)
+        return flap_scores(run.gates, variances)
+    return Scores(run.cached(compute))

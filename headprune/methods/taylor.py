@@ -69,5 +69,5 @@ def taylor_scores(model, gates, batches, loss_fn, variant: str = "element", redu
 
 def score(run, mask: torch.Tensor):
     """The scorer of the driver (`headprune.selection`)."""
-    return Scores(taylor_scores(run.model, run.gates, run.progress("taylor scores"), run.loss_fn,
-                                run.cfg.taylor_variant, run.reduce))
+    return Scores(run.cached(lambda: taylor_scores(run.model, run.gates, run.progress("taylor scores"), run.loss_fn,
+                                                   run.cfg.taylor_variant, run.reduce)))
