@@ -27,6 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
+from .card import command_of, write_model_card
 from .config import DEMO_DIR, SCORED, FinetuneConfig, PruneConfig
 from .errors import ConfigError
 from .gates import attach_gates, detach_gates
@@ -248,6 +249,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     results = {"method": "none", "mode": "finetune", "metrics": metrics, "steps": steps,
                "selected_epoch": extra.get("best"),
                **_common_results(cfg, task, data, seconds, state and state["step"])}
+    if acc.is_main_process:
+        write_model_card(out / "model", results, command_of("finetune", cfg))
     return _finish(acc, out, results, history, written={"model"})
 
 
@@ -356,6 +359,8 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
                "kept_per_kind": {kind: sum(h[0] == kind for h in kept) for kind in kinds},
                "kept_heads": kept, "metrics_pruned": metrics, "metrics_unpruned": extra["metrics_unpruned"],
                **info, **_common_results(cfg, task, data, seconds, state and state["step"])}
+    if acc.is_main_process:
+        write_model_card(out / "model", results, command_of("prune", cfg))
     _finish(acc, out, results, history, written={"model", "head_scores.json", "heads.png"})
     if acc.is_main_process:
         write_run_report(out, results, history)

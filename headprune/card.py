@@ -1,0 +1,110 @@
+"""The model card (README.md with the Hub's YAML header) written into every saved model folder:
+what the model is, how it was made (the command), what it measured, and how to load it."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections import Counter
+from pathlib import Path
+
+from .outputs import atomic_path
+
+PIPELINES = {"classification": "text-classification", "translation": "translation", "causal-lm": "text-generation"}
+OFFLINE_BASES = {"offline:minilm-l6": "sentence-transformers/all-MiniLM-L6-v2",
+                 "offline:smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def command_of(command: str, cfg) -> str:
+    """The `headprune` command line that gives `cfg`: every option that differs from its default."""
+    parts = ["headprune", command]
+    defaults = type(cfg)()  # as built, e.g. k filled in from its default
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value == getattr(defaults, f.name) or (f.name == "k" and getattr(cfg, "k_per_kind", None)):
+            continue  # a default; or k, which --k-per-kind gives
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            parts.append(flag if value else "--no-" + f.name.replace("_", "-"))
+        elif isinstance(value, (list, tuple)):
+            parts += [flag, *map(str, value)]
+        else:
+            parts += [flag, str(value)]
+    return " ".join(_quoted(p) for p in parts)
+
+
+def _quoted(part: str) -> str:
+    return part if re.fullmatch(r"[\w@%+=:,./-]+", part) else "'" + part.replace("'", "'\"'\"'") + "'"
+
+
+def base_model_of(name: str) -> str | None:
+    """The hub id a model came from: an offline asset's source, a hub id, or what the card of a
+    local folder says; None where nothing says."""
+    if name in OFFLINE_BASES:
+        return OFFLINE_BASES[name]
+    card = Path(name).expanduser() / "README.md"
+    if card.is_file():
+        found = re.search(r"^base_model:\s*(\S+)\s*$", card.read_text(encoding="utf-8", errors="replace"), re.M)
+        return found.group(1) if found else None
+    looks_local = name.startswith(("/", ".", "~")) or name.count("/") > 1 or Path(name).expanduser().exists()
+    return None if looks_local else name
+
+
+def _metrics_table(results: dict) -> list[str]:
+    before = results.get("metrics_unpruned") or {}
+    after = results["metrics_pruned"] if "metrics_pruned" in results else results.get("metrics", {})
+    middle = results.get("metrics_before_reconstruction")
+    header = "| split | unpruned | " + ("pruned, before reconstruction | " if middle else "") + "this model |"
+    lines = [header, "|---|---|" + ("---|" if middle else "") + "---|"]
+    for split, value in after.items():
+        cells = [f"{before[split]:.4f}" if split in before else "", *([f"{middle[split]:.4f}"] if middle else []),
+                 f"{value:.4f}"]
+        lines.append(f"| {split} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def model_card(results: dict, command: str, folder_name: str = "model") -> str:
+    """The card of a model that `finetune` or `prune` saved, from its results."""
+    base = base_model_of(results["model"])
+    pruned = "kept_heads" in results
+    tags = ["headprune"] + (["pruned", "attention-head-pruning", results["method"]] if pruned else [])
+    header = ["---", "library_name: transformers", *([f"base_model: {base}"] if base else []),
+              f"pipeline_tag: {PIPELINES.get(results['task'], results['task'])}", "tags:",
+              *[f"- {tag}" for tag in tags], "---", ""]
+    metric = results.get("metric", "accuracy")
+    if not pruned:
+        body = [f"# {results['task']} model fine-tuned with headprune", "",
+                f"From `{results['model']}` on `{results['dataset']}`; {metric} ({'higher' if metric != 'perplexity' else 'lower'} "
+                "is better):", "", *_metrics_table(results), "", "Made with:", "", "```", command, "```", "",
+                "Load it with `transformers` (`AutoModelFor...from_pretrained`) or `headprune.load_pruned`.", ""]
+        return "\n".join(header + body)
+    unit = {"group": "KV groups", "query": "query positions"}.get(results.get("unit"), "heads")
+    per_layer = Counter((kind, layer) for kind, layer, _ in results["kept_heads"])
+    kinds = list(dict.fromkeys(kind for kind, _ in sorted(per_layer)))
+    body = [f"# {results['method']} {results['mode']}: {results['k']} of {results['num_heads']} {unit} kept", "",
+            f"Attention heads pruned with headprune from `{results['model']}`"
+            f"{f' ({base})' if base else ''} on `{results['dataset']}`: method `{results['method']}`, "
+            f"{results['mode']}, unit `{results.get('unit', 'group')}`"
+            + (f", reconstruction `{results['reconstruct']}`" if results.get("reconstruct") else "") + ".", "",
+            f"{metric.capitalize()}:", "", *_metrics_table(results), "",
+            "Kept per layer (layers that keep none skip their attention):", "",
+            "| kind | " + " | ".join(f"layer {i}" for i in range(1 + max(layer for _, layer in per_layer))) + " |"
+            if per_layer else "(no head kept)"]
+    if per_layer:
+        layers = 1 + max(layer for _, layer in per_layer)
+        body.append("|---|" + "---|" * layers)
+        for kind in kinds:
+            body.append(f"| {kind} | " + " | ".join(str(per_layer.get((kind, i), 0)) for i in range(layers)) + " |")
+    zeroed = results.get("config", {}).get("save_format") == "zeroed"
+    how = ("Load it with `from_pretrained` (the pruned heads' output weights are zero, the shapes are the "
+           "original ones) or with headprune:" if zeroed else
+           "Load it (its layers have different numbers of heads, which stock `from_pretrained` cannot build):")
+    body += ["", "The exact heads are in `config.json` (`headprune.kept_heads`, original numbering).", "",
+             "Made with:", "", "```", command, "```", "", how, "", "```python", "from headprune import load_pruned",
+             f'model = load_pruned("{folder_name}")  # the path of this folder', "```", ""]
+    return "\n".join(header + body)
+
+
+def write_model_card(folder: Path, results: dict, command: str) -> None:
+    with atomic_path(Path(folder) / "README.md") as tmp:
+        tmp.write_text(model_card(results, command, Path(folder).name), encoding="utf-8")

@@ -1,0 +1,48 @@
+"""The model card in every saved model folder (issue 22): the Hub's header, the pruning facts, a
+command that rebuilds the same settings, and how to load it."""
+import dataclasses
+import shlex
+
+from conftest import tiny
+from headprune import config as cfgmod
+from headprune.card import command_of
+from headprune.cli import parser
+from headprune.recipes import prune
+
+
+def settings_of(command: str, cls):
+    args = parser().parse_args(shlex.split(command)[1:])
+    return cfgmod.build_config(cls, args)
+
+
+def test_a_pruned_models_card_says_what_was_kept_and_how_it_was_made(tiny_finetuned, tmp_path):
+    cfg = tiny(*tiny_finetuned, tmp_path / "run dir", k=3, reconstruct="bias", michel_exact=False)
+    results = prune(cfg)
+    card = (tmp_path / "run dir" / "model" / "README.md").read_text()
+    header = card.split("---")[1]
+    assert "library_name: transformers" in header and "pipeline_tag: text-classification" in header
+    assert "- headprune\n- pruned\n- attention-head-pruning\n- dsp" in header
+    assert "base_model" not in header  # a local folder whose card names none
+    assert "# dsp pipelined: 3 of 8 heads kept" in card and "reconstruction `bias`" in card
+    per_layer = [sum(h[1] == layer for h in results["kept_heads"]) for layer in (0, 1)]
+    assert f"| encoder | {per_layer[0]} | {per_layer[1]} |" in card
+    split = next(iter(results["metrics_pruned"]))
+    assert (f"| {split} | {results['metrics_unpruned'][split]:.4f} | "
+            f"{results['metrics_before_reconstruction'][split]:.4f} | {results['metrics_pruned'][split]:.4f} |") in card
+    assert 'model = load_pruned("model")' in card and "stock `from_pretrained` cannot build" in card
+    command = card.split("Made with:\n\n```\n")[1].split("\n```")[0]
+    assert settings_of(command, cfgmod.PruneConfig) == cfg  # quoted paths, booleans and lists survive
+
+
+def test_the_command_of_the_defaults_is_the_bare_command():
+    assert command_of("prune", cfgmod.PruneConfig()) == "headprune prune"
+    cfg = cfgmod.PruneConfig(k_per_kind=[2, 3], fisher_rearrange=False, output_dir="a b")
+    command = command_of("prune", cfg)
+    assert "--k-per-kind 2 3" in command and "--no-fisher-rearrange" in command and "'a b'" in command
+    assert dataclasses.asdict(settings_of(command, cfgmod.PruneConfig)) == dataclasses.asdict(cfg)
+
+
+def test_a_fine_tuned_models_card_names_its_base(tiny_finetuned):
+    card = (tiny_finetuned[0] / "README.md").read_text()
+    assert "- headprune\n" in card and "pruned" not in card.split("---")[1]
+    assert "headprune finetune --model" in card
