@@ -1,4 +1,4 @@
-"""The `headprune` command: `finetune`, `prune`, `sweep`, `measure` and `demo`.
+"""The `headprune` command: `finetune`, `prune`, `sweep`, `measure`, `export` and `demo`.
 
 Every option of finetune and prune comes from the config dataclasses (headprune/config.py), so the
 flags, the YAML keys and the Python API are the same names. Options are parsed and checked before
@@ -46,6 +46,11 @@ def parser() -> argparse.ArgumentParser:
                                     "by side (alternating the two models) across batch sizes and lengths, "
                                     "with the speedup the FLOP ratio predicts.")
     cfgmod.add_arguments(ms, MeasureConfig)
+    ex = sub.add_parser("export", help="a saved model for another runtime (onnx: ONNX Runtime)",
+                        description="Write a model saved by headprune (pruned: uneven heads, empty layers) "
+                                    "for ONNX Runtime, with dynamic batch and sequence axes; the graph is run "
+                                    "and compared with PyTorch before it is written.")
+    cfgmod.add_arguments(ex, cfgmod.ExportConfig)
     dm = sub.add_parser("demo", help="the default job on the offline assets, then DSP-pruned",
                         description="classification (default): fine-tune MiniLM-L6 on 4,000 Rotten "
                                     "Tomatoes snippets (1 epoch), then prune it to --k (36 of 72) heads "
@@ -92,6 +97,12 @@ def run(args: argparse.Namespace) -> int:
             with atomic_path(Path(cfg.output_dir) / "measure.md") as tmp:
                 tmp.write_text(table)
         print(table)
+        return 0
+    if args.command == "export":
+        cfg = cfgmod.build_config(cfgmod.ExportConfig, args)
+        from .export import export_onnx
+        result = export_onnx(cfg)
+        print(f"{result['output']}: ONNX Runtime against PyTorch, largest difference {result['max_abs_difference']:.2g}")
         return 0
     if args.command == "sweep":
         cfg = cfgmod.build_config(SweepConfig, args)

@@ -396,6 +396,21 @@ class MeasureConfig(Checked):
     overwrite: bool = option(False, "Allow replacing an earlier measure.json in --output-dir.")
 
 
+@dataclass
+class ExportConfig(Checked):
+    model: str = option(None, "Folder of a model saved by headprune (pruned or not).")
+    format: str = option("onnx", "onnx: a graph for ONNX Runtime with dynamic batch and sequence axes, "
+                         "checked against PyTorch's outputs after export.", choices=["onnx"])
+    output: str = option(None, "The file to write (e.g. model.onnx).")
+    opset: int = option(None, "ONNX opset (default: the exporter's).", min=7)
+    overwrite: bool = option(False, "Allow replacing an existing --output.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.model or not self.output:
+            raise ConfigError("export needs --model (a saved model folder) and --output (the file to write)")
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 

@@ -1,0 +1,80 @@
+"""`headprune export`: a saved model where users serve it.
+
+ONNX (`--format onnx`): the model as headprune loads it (uneven heads per layer, layers without
+heads that skip attention) traced by torch's exporter (`torch.onnx.export(dynamo=True)`) with
+dynamic batch and sequence axes, then run in ONNX Runtime on two input shapes and compared with
+PyTorch: a graph whose outputs differ by more than `TOLERANCE` is not written. Encoder
+classifiers (sequence classification) for now; other models get an error that says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import ModelError, OutputExistsError
+from .outputs import atomic_path
+from .pruning import load_pruned, load_pruned_config
+
+log = logging.getLogger(__name__)
+
+TOLERANCE = 1e-4  # largest difference allowed between ONNX Runtime's outputs and PyTorch's
+
+
+def sample_inputs(config, batch: int, length: int, seed: int) -> dict[str, torch.Tensor]:
+    """Token ids and an attention mask with the last sequence padded, as a tokenizer gives them."""
+    g = torch.Generator().manual_seed(seed)
+    low = min(10, config.vocab_size - 1)
+    ids = torch.randint(low, config.vocab_size, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    if batch > 1:
+        mask[-1, length // 2:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def export_onnx(cfg) -> dict:
+    """Write cfg.model as ONNX to cfg.output after checking it in ONNX Runtime; what was checked."""
+    import onnxruntime
+
+    output = Path(cfg.output)
+    if output.exists() and not cfg.overwrite:
+        raise OutputExistsError(f"{output} exists: give --overwrite to replace it, or another --output")
+    if output.is_dir():
+        raise OutputExistsError(f"{output} is a folder: --output names the .onnx file to write")
+    if not os.access(output.parent if output.parent.exists() else Path.cwd(), os.W_OK):
+        raise OutputExistsError(f"cannot write into {output.parent}")
+    config = load_pruned_config(cfg.model)
+    names = getattr(config, "architectures", None) or []
+    if getattr(config, "is_encoder_decoder", False) or not any(n.endswith("ForSequenceClassification") for n in names):
+        raise ModelError(f"{cfg.model} is a {', '.join(names) or config.model_type} model: `headprune export "
+                         "--format onnx` exports encoder classifiers (...ForSequenceClassification) so far")
+    model = load_pruned(cfg.model).float().eval()
+    model.config.use_cache = False
+    example = sample_inputs(config, 2, 8, seed=0)
+    batch, length = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    log.info("exporting %s to ONNX", cfg.model)
+    with torch.no_grad():
+        program = torch.onnx.export(model, (), kwargs=example, dynamo=True, opset_version=cfg.opset,
+                                    dynamic_shapes={name: {0: batch, 1: length} for name in example},
+                                    input_names=list(example), output_names=["logits"], verbose=False)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(output) as tmp:
+        program.save(str(tmp))
+        session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        worst = 0.0
+        for shape, seed in (((3, 13), 1), ((1, 5), 2)):  # other shapes than the traced one
+            inputs = sample_inputs(config, *shape, seed=seed)
+            with torch.no_grad():
+                expected = model(**inputs).logits.numpy()
+            got = session.run(["logits"], {name: t.numpy() for name, t in inputs.items()})[0]
+            worst = max(worst, float(np.abs(got - expected).max()))
+        if not worst <= TOLERANCE:  # leave nothing behind: atomic_path drops the file
+            raise ModelError(f"the ONNX graph of {cfg.model} differs from PyTorch by {worst:.2g} (more than "
+                             f"{TOLERANCE:g}): not written")
+    log.info("wrote %s (ONNX Runtime against PyTorch: largest difference %.2g)", output, worst)
+    return {"output": str(output), "format": "onnx", "max_abs_difference": worst,
+            "inputs": list(example), "outputs": ["logits"]}

@@ -1,0 +1,50 @@
+"""headprune export (issue 22): an uneven pruned classifier, an empty layer among them, runs in ONNX
+Runtime with PyTorch's outputs at any batch and length; bad input is refused in one line."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import one_line_error, tiny_model
+from headprune.cli import main
+from headprune.export import sample_inputs
+from headprune.pruning import load_pruned, save_pruned
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pruned") / "model"
+    model = tiny_model("bert", layers=3)
+    save_pruned(model, folder, [("encoder", 0, 1), ("encoder", 0, 2), ("encoder", 2, 3)])  # layer 1: no head
+    return folder
+
+
+def test_a_pruned_classifier_runs_in_onnx_runtime_as_in_pytorch(pruned, tmp_path):
+    import onnxruntime
+    out = tmp_path / "model.onnx"
+    assert main(["export", "--model", str(pruned), "--output", str(out)]) == 0
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
+    model = load_pruned(pruned)
+    for shape in ((4, 21), (1, 3)):  # batch and length are free
+        inputs = sample_inputs(model.config, *shape, seed=7)
+        with torch.no_grad():
+            expected = model(**inputs).logits.numpy()
+        got = session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+        assert np.abs(got - expected).max() < 1e-4
+
+
+def test_export_refuses_bad_input_in_one_line(pruned, tmp_path, capsys):
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"an earlier export")
+    assert "exists: give --overwrite" in one_line_error(capsys, ["export", "--model", pruned, "--output", out])
+    assert out.read_bytes() == b"an earlier export"
+    assert "export needs --model" in one_line_error(capsys, ["export", "--output", out])
+    assert "no such model folder" in one_line_error(capsys, ["export", "--model", tmp_path / "none", "--output", tmp_path / "x.onnx"])
+
+
+def test_models_it_cannot_export_yet_are_named(tmp_path, capsys):
+    from conftest import write_tiny_lm
+    model, _ = write_tiny_lm(tmp_path / "lm")
+    line = one_line_error(capsys, ["export", "--model", model, "--output", tmp_path / "lm.onnx"])
+    assert "LlamaForCausalLM model" in line and "exports encoder classifiers" in line
+    assert not (tmp_path / "lm.onnx").exists()
