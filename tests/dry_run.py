@@ -1,14 +1,15 @@
-"""Stand-ins for `headprune` and `python` that check a command instead of running it, for the
-smoke test of scripts/reproduce_results.sh (tests/test_scripts.py): every command line parses and
-builds its config (types, ranges, YAML files); every benchmark script imports and accepts its
-arguments. Each call is appended to $DRY_RUN_LOG.
+"""Checks of a command instead of running it, for the smoke test of scripts/reproduce_results.sh
+(tests/test_scripts.py): every command line parses and builds its config (types, ranges, YAML
+files); every benchmark script imports and accepts its arguments. The test runs the script with
+`headprune` and `python` standing in as a stub that only writes each call to a log, then checks
+every logged call here, in its own process (torch imported once, not once per call).
 
-    python tests/dry_run.py headprune prune --config configs/rotten-tomatoes.yaml --k 12 ...
-    python tests/dry_run.py script benchmarks/loss_and_accuracy.py RUN ... --ks 6 12
+    check("headprune prune --config configs/rotten-tomatoes.yaml --k 12 ...")
+    check("script benchmarks/loss_and_accuracy.py RUN ... --ks 6 12")
 """
 import argparse
-import os
 import runpy
+import shlex
 import sys
 from pathlib import Path
 
@@ -30,27 +31,37 @@ def check_headprune(argv: list[str]) -> None:
 
 def check_script(path: str, argv: list[str]) -> None:
     """Import the script (its imports must resolve), then run its main() until its arguments are parsed."""
-    sys.path.insert(0, str(Path(path).parent))
-    module = runpy.run_path(path, run_name="dry_run")
-    real = argparse.ArgumentParser.parse_args
+    saved_path, saved_argv, real = list(sys.path), list(sys.argv), argparse.ArgumentParser.parse_args
 
     def parse_then_stop(self, args=None, namespace=None):
         real(self, args, namespace)
         raise Parsed
-    argparse.ArgumentParser.parse_args = parse_then_stop
-    sys.argv = [path, *argv]
     try:
-        module["main"]()
-    except Parsed:
-        return
-    raise SystemExit(f"{path}: main() never parsed its arguments")
+        sys.path.insert(0, str(Path(path).parent))
+        module = runpy.run_path(path, run_name="dry_run")
+        argparse.ArgumentParser.parse_args = parse_then_stop
+        sys.argv = [path, *argv]
+        try:
+            module["main"]()
+        except Parsed:
+            return
+        raise SystemExit(f"{path}: main() never parsed its arguments")
+    finally:
+        sys.path[:], sys.argv[:] = saved_path, saved_argv
+        argparse.ArgumentParser.parse_args = real
 
 
-if __name__ == "__main__":
-    kind, *rest = sys.argv[1:]
-    with open(os.environ["DRY_RUN_LOG"], "a") as log:
-        log.write(" ".join([kind, *rest]) + "\n")
+def check(call: str) -> None:
+    """One logged call ("headprune ..." or "script PATH ..."); any error names the call in one line."""
+    kind, *rest = shlex.split(call)
     try:
         check_headprune(rest) if kind == "headprune" else check_script(rest[0], rest[1:])
-    except Exception as err:  # one line, like headprune's own errors
-        sys.exit(f"dry run: {' '.join(rest)}: {type(err).__name__}: {err}")
+    except (Exception, SystemExit) as err:
+        raise AssertionError(f"dry run: {call}: {type(err).__name__}: {err}") from None
+
+
+# The stand-in for `headprune` and `python` in the reproduce script: logs the call, runs nothing.
+STUB = """#!/usr/bin/env bash
+{ printf '%s' "$1"; shift; printf ' %q' "$@"; printf '\\n'; } >> "$DRY_RUN_LOG"
+"""
+

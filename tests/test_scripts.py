@@ -113,15 +113,17 @@ def test_step_overhead_on_the_real_minilm():
 
 @pytest.mark.parametrize("mode", ["dsp", "sweep", "speed", "translation", "llm", "today"])
 def test_every_mode_of_the_reproduce_script(mode, tmp_path):
-    log = tmp_path / "calls"
-    dry = f"{sys.executable} {ROOT / 'tests' / 'dry_run.py'}"
+    import dry_run
+    log, stub = tmp_path / "calls", tmp_path / "stub"
+    stub.write_text(dry_run.STUB)
     run = subprocess.run(["bash", "scripts/reproduce_results.sh", mode], cwd=ROOT, capture_output=True, text=True,
-                         timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT), "DRY_RUN_LOG": str(log),
-                                           "HEADPRUNE": f"{dry} headprune", "PYTHON": f"{dry} script",
-                                           "OUT": str(tmp_path / "results")})
+                         timeout=600, env={**os.environ, "DRY_RUN_LOG": str(log), "HEADPRUNE": f"bash {stub} headprune",
+                                           "PYTHON": f"bash {stub} script", "OUT": str(tmp_path / "results")})
     assert run.returncode == 0, run.stderr[-3000:]
     calls = log.read_text().splitlines()
     assert calls and all(call.startswith(("headprune ", "script ")) for call in calls)
+    for call in calls:
+        dry_run.check(call)
     if mode == "sweep":
         assert sum(call.startswith("script benchmarks/") for call in calls) == 6
 
