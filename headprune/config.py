@@ -205,6 +205,10 @@ class FinetuneConfig(Checked):
                                       "faster for training on CPU).", choices=["eager", "sdpa"])
     mixed_precision: str = option("no", "Accelerate mixed precision: no, fp16 or bf16.",
                                   choices=["no", "fp16", "bf16"])
+    report_to: str = option("none", "Also log the training curves and the final metrics to an experiment "
+                            "tracker, through Accelerate: tensorboard (event files in <output-dir>/tracker; "
+                            "needs tensorboard or tensorboardX), wandb, mlflow or none.",
+                            choices=["none", "tensorboard", "wandb", "mlflow"])
     # where results go
     output_dir: str = option("runs/finetune", OUTPUT_HELP)
     overwrite: bool = option(False, "Replace the results of an earlier run in the output folder "

@@ -49,6 +49,8 @@ log = logging.getLogger("headprune")
 
 # -- shared set-up -------------------------------------------------------------------------------
 
+TRACKER_DIR = "tracker"  # --report-to tensorboard: the event files
+
 @contextmanager
 def timed(seconds: dict, phase: str):
     start = time.perf_counter()
@@ -69,11 +71,29 @@ def _start(cfg, model_path: str):
     check_not_inside(out, input_paths(cfg, model_path))
     resume = check_output_dir(out, cfg.overwrite, needed_bytes=2 * folder_bytes(model_path))
     state = resume_state(out, cfg) if resume else None
-    acc = Accelerator(mixed_precision=cfg.mixed_precision)
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, **tracker_settings(cfg, out))
     if not acc.is_main_process:  # one process speaks for all
         log.setLevel(logging.WARNING)
+    if cfg.report_to != "none":
+        acc.init_trackers(out.resolve().name, config={k: v if isinstance(v, (bool, int, float, str)) else str(v)
+                                                      for k, v in asdict(cfg).items()})
     set_seed(cfg.seed)  # the new classifier's initialisation
     return out, state, acc
+
+
+TRACKER_PACKAGES = {"tensorboard": ("is_tensorboard_available", "tensorboard or tensorboardX"),
+                    "wandb": ("is_wandb_available", "wandb"), "mlflow": ("is_mlflow_available", "mlflow")}
+
+
+def tracker_settings(cfg, out: Path) -> dict:
+    """Accelerate's tracker for --report-to, its files in out/tracker; refused at once without its package."""
+    if cfg.report_to == "none":
+        return {}
+    import accelerate.utils
+    check, package = TRACKER_PACKAGES[cfg.report_to]
+    if not getattr(accelerate.utils, check)():
+        raise ConfigError(f"--report-to {cfg.report_to} needs {package}: pip install {package.split()[-1]}")
+    return {"log_with": cfg.report_to, "project_dir": str(out / TRACKER_DIR)}
 
 
 def _load(cfg, task, path, config, require_finetuned: bool):
@@ -85,6 +105,11 @@ def _load(cfg, task, path, config, require_finetuned: bool):
 def _finish(acc, out: Path, results: dict, history: list, written: set[str]) -> dict:
     """`written`: the run files this run wrote besides its log and results (an earlier run's
     others are removed now, just before the new results.json)."""
+    if acc.trackers:
+        metrics = results.get("metrics_pruned", results.get("metrics", {}))
+        acc.log({f"final/{split}": value for split, value in metrics.items()}, step=results.get("steps"))
+        acc.end_training()
+        written = written | {TRACKER_DIR}
     if acc.is_main_process:
         if history:
             write_jsonl(out / "train_log.jsonl", history)

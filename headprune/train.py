@@ -356,6 +356,8 @@ def _train(acc, cfg, out, model, optimizer, scheduler, train_set, collate, loss_
                 if selector is not None:
                     row.update(selector.log_values(), score_grad_norm=scores_grad.item())
                 history.append(row)
+                acc.log({f"{phase}/{name}": value for name, value in row.items()
+                         if name != "step" and isinstance(value, (int, float))}, step=step)  # --report-to
                 loss_sum.zero_()
                 loss_count = 0
                 progress.set_postfix(loss=f"{row['loss']:.4f}")
