@@ -394,6 +394,8 @@ class MeasureConfig(Checked):
                          nargs="+", type=int, min=1)
     generate_tokens: int = option(32, "Models that generate: tokens each generation produces (exactly).", min=1)
     device: str = option("cpu", "cpu or cuda.")
+    runtime: str = option("torch", "What runs the two models: torch, or onnxruntime (both exported to ONNX "
+                          "first, run by its CPU provider; encoder classifiers).", choices=["torch", "onnxruntime"])
     threads: int = option(None, "CPU threads for torch (default: torch's choice).", min=1)
     attn_implementation: str = option("sdpa", "Attention kernel for both models.", choices=["eager", "sdpa"])
     output_dir: str = option(None, "Also write measure.json and measure.md into this folder.")

@@ -36,10 +36,13 @@ def sample_inputs(config, batch: int, length: int, seed: int) -> dict[str, torch
     return {"input_ids": ids, "attention_mask": mask}
 
 
+def is_classifier(config) -> bool:
+    names = getattr(config, "architectures", None) or []
+    return not getattr(config, "is_encoder_decoder", False) and any(n.endswith("ForSequenceClassification") for n in names)
+
+
 def export_onnx(cfg) -> dict:
     """Write cfg.model as ONNX to cfg.output after checking it in ONNX Runtime; what was checked."""
-    import onnxruntime
-
     output = Path(cfg.output)
     if output.exists() and not cfg.overwrite:
         raise OutputExistsError(f"{output} exists: give --overwrite to replace it, or another --output")
@@ -48,17 +51,30 @@ def export_onnx(cfg) -> dict:
     if not os.access(output.parent if output.parent.exists() else Path.cwd(), os.W_OK):
         raise OutputExistsError(f"cannot write into {output.parent}")
     config = load_pruned_config(cfg.model)
-    names = getattr(config, "architectures", None) or []
-    if getattr(config, "is_encoder_decoder", False) or not any(n.endswith("ForSequenceClassification") for n in names):
+    if not is_classifier(config):
+        names = getattr(config, "architectures", None) or []
         raise ModelError(f"{cfg.model} is a {', '.join(names) or config.model_type} model: `headprune export "
                          "--format onnx` exports encoder classifiers (...ForSequenceClassification) so far")
-    model = load_pruned(cfg.model).float().eval()
-    model.config.use_cache = False
+    model = load_pruned(cfg.model)
+    log.info("exporting %s to ONNX", cfg.model)
+    worst = write_onnx(model, output, cfg.opset)
+    log.info("wrote %s (ONNX Runtime against PyTorch: largest difference %.2g)", output, worst)
+    return {"output": str(output), "format": "onnx", "max_abs_difference": worst,
+            "inputs": ["input_ids", "attention_mask"], "outputs": ["logits"]}
+
+
+def write_onnx(model, output: Path, opset: int | None = None) -> float:
+    """Trace `model` (a classifier) with dynamic batch and sequence axes, run the graph in ONNX
+    Runtime on two other shapes and write it to `output` only if its logits are within TOLERANCE of
+    PyTorch's; returns the largest difference."""
+    import onnxruntime
+
+    model = model.float().eval()
+    config = model.config
     example = sample_inputs(config, 2, 8, seed=0)
     batch, length = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    log.info("exporting %s to ONNX", cfg.model)
     with torch.no_grad():
-        program = torch.onnx.export(model, (), kwargs=example, dynamo=True, opset_version=cfg.opset,
+        program = torch.onnx.export(model, (), kwargs=example, dynamo=True, opset_version=opset,
                                     dynamic_shapes={name: {0: batch, 1: length} for name in example},
                                     input_names=list(example), output_names=["logits"], verbose=False)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -73,8 +89,21 @@ def export_onnx(cfg) -> dict:
             got = session.run(["logits"], {name: t.numpy() for name, t in inputs.items()})[0]
             worst = max(worst, float(np.abs(got - expected).max()))
         if not worst <= TOLERANCE:  # leave nothing behind: atomic_path drops the file
-            raise ModelError(f"the ONNX graph of {cfg.model} differs from PyTorch by {worst:.2g} (more than "
-                             f"{TOLERANCE:g}): not written")
-    log.info("wrote %s (ONNX Runtime against PyTorch: largest difference %.2g)", output, worst)
-    return {"output": str(output), "format": "onnx", "max_abs_difference": worst,
-            "inputs": list(example), "outputs": ["logits"]}
+            raise ModelError(f"the ONNX graph differs from PyTorch by {worst:.2g} (more than {TOLERANCE:g}): "
+                             "not written")
+    return worst
+
+
+def onnx_sessions(models: dict, folder: Path, threads: int | None = None) -> dict:
+    """An ONNX Runtime session (CPU) for each of `models` (name -> classifier), exported into `folder`."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    if threads:
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    sessions = {}
+    for name, model in models.items():
+        write_onnx(model, Path(folder) / f"{name}.onnx")
+        sessions[name] = onnxruntime.InferenceSession(str(Path(folder) / f"{name}.onnx"), options,
+                                                      providers=["CPUExecutionProvider"])
+    return sessions

@@ -14,6 +14,7 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -178,24 +179,44 @@ def measure(cfg: MeasureConfig, progress=print) -> dict:
     positions = getattr(load_pruned_config(cfg.pruned), "max_position_embeddings", None)
     if positions and max(cfg.lengths) > positions:
         raise ConfigError(f"--lengths {max(cfg.lengths)}: longer than the model's {positions} positions")
+    if cfg.runtime == "onnxruntime":
+        from .export import is_classifier
+        if cfg.device != "cpu":
+            raise ConfigError("--runtime onnxruntime runs on its CPU provider here: use --device cpu")
+        if not is_classifier(load_pruned_config(cfg.pruned)):
+            raise ConfigError("--runtime onnxruntime measures encoder classifiers so far (what headprune export "
+                              "writes); use --runtime torch for this model")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     models = load_models(cfg)
+    sessions = None
+    if cfg.runtime == "onnxruntime":
+        import tempfile
+
+        from .export import onnx_sessions
+        progress("exporting both models to ONNX")
+        folder = tempfile.mkdtemp(prefix="headprune-measure-")
+        sessions = onnx_sessions(models, Path(folder), cfg.threads)
     original = models["original"]
     unit = (getattr(models["pruned"].config, "headprune", None) or {}).get("unit", "group")
     sites = {name: find_sites(m, unit) for name, m in models.items()}
     heads = {name: sum(s.num_heads for s in found) for name, found in sites.items()}
     result = {"heads": heads, "unit": sites["original"][0].unit, "parameters": {n: parameters(m) for n, m in models.items()},
               "device": cfg.device, "threads": torch.get_num_threads(),
-              "attn_implementation": cfg.attn_implementation, "settings": [], "generation": []}
+              "attn_implementation": cfg.attn_implementation, "runtime": cfg.runtime, "settings": [], "generation": []}
     if not original.config.is_encoder_decoder and is_generator(original):
         result["kv_cache_bytes_per_token"] = {n: kv_cache_bytes_per_token(m, unit) for n, m in models.items()}
     for batch in cfg.batch_sizes:
         for length in cfg.lengths:
             flops = {n: total_flops(m, batch, length) for n, m in models.items()}
             attn = {n: attention_flops(m, batch, length, unit) for n, m in models.items()}
-            timings = time_side_by_side(models, batch, length, cfg.repeats, cfg.warmup, cfg.device,
-                                        original.config.vocab_size)
+            if sessions is None:
+                timings = time_side_by_side(models, batch, length, cfg.repeats, cfg.warmup, cfg.device,
+                                            original.config.vocab_size)
+            else:
+                ids = random_ids(batch, length, original.config.vocab_size, "cpu", seed=0).numpy()
+                feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+                timings = alternate(sessions, lambda session: session.run(None, feeds), cfg.repeats, cfg.warmup, "cpu")
             seconds = {n: t["median"] for n, t in timings.items()}
             row = {"batch": batch, "length": length, "flops": flops, "attention_flops": attn,
                    "seconds": seconds, "timings": timings,
@@ -257,7 +278,8 @@ def markdown(result: dict) -> str:
     lines = [f"{_upper_first(UNIT_NAMES[result.get('unit', 'head')])} {h['original']} -> {h['pruned']}; parameters "
              f"{p['original']:,} -> {p['pruned']:,} ({p['pruned'] / p['original']:.1%}){cache}; "
              f"{result['device']}, {result['threads']} thread{'s' * (result['threads'] != 1)}, "
-             f"{result['attn_implementation']} attention.", "",
+             + ("ONNX Runtime (CPU provider; FLOPs counted on the torch models)." if result.get("runtime") == "onnxruntime"
+                else f"{result['attn_implementation']} attention."), "",
              "| batch | length | GFLOPs orig | GFLOPs pruned | attention share | ms orig (IQR) "
              "| ms pruned (IQR) | seq/s orig | seq/s pruned | speedup | FLOP-predicted | measured / predicted | note |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -48,3 +48,24 @@ def test_models_it_cannot_export_yet_are_named(tmp_path, capsys):
     line = one_line_error(capsys, ["export", "--model", model, "--output", tmp_path / "lm.onnx"])
     assert "LlamaForCausalLM model" in line and "exports encoder classifiers" in line
     assert not (tmp_path / "lm.onnx").exists()
+
+
+def test_measure_times_both_models_in_onnx_runtime(pruned):
+    from headprune.config import MeasureConfig
+    from headprune.measure import markdown, measure
+    result = measure(MeasureConfig(pruned=str(pruned), runtime="onnxruntime", batch_sizes=[2], lengths=[16],
+                                   repeats=2, warmup=0, threads=1), progress=lambda line: None)
+    (row,) = result["settings"]
+    assert result["runtime"] == "onnxruntime" and result["heads"] == {"original": 12, "pruned": 3}
+    assert row["predicted_speedup"] > 1 and row["speedup"] > 0 and set(row["seconds"]) == {"original", "pruned"}
+    assert "ONNX Runtime (CPU provider" in markdown(result)
+
+
+def test_measure_in_onnx_runtime_refuses_what_it_cannot_run(tmp_path):
+    from conftest import write_tiny_lm
+    from headprune.config import MeasureConfig
+    from headprune.errors import ConfigError
+    from headprune.measure import measure
+    model, _ = write_tiny_lm(tmp_path / "lm")
+    with pytest.raises(ConfigError, match="--runtime onnxruntime measures encoder classifiers so far"):
+        measure(MeasureConfig(pruned=str(model), runtime="onnxruntime"))
