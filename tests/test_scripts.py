@@ -71,6 +71,14 @@ def test_reconstruction_on_a_finished_run(finished_runs, tmp_path, monkeypatch, 
     assert json.loads(rows[1][3]) == again["metrics_pruned"]
 
 
+def test_prune_in_trainer_on_the_real_minilm(tmp_path):
+    out = script("scripts/prune_in_trainer.py", "--k", 12, "--max-steps", 3, "--train-examples", 48,
+                 "--eval-examples", 32, "--output-dir", tmp_path)
+    assert "kept 12 heads" in out and "validation accuracy of the pruned model" in out
+    from headprune.pruning import load_pruned
+    assert len(load_pruned(tmp_path / "pruned").config.headprune["kept_heads"]) == 12
+
+
 def test_recovery_finetune(finished_runs, tmp_path, monkeypatch, capsys):
     out = script_here("benchmarks/recovery_finetune.py", finished_runs / "dsp-pipelined-k4-s0", "--ks", 2,
                       "--output-dir", tmp_path, monkeypatch=monkeypatch, capsys=capsys)
