@@ -101,7 +101,7 @@ def rows_of(results: dict, ks: list[int], folder: str) -> list[dict]:
         rows = [{**common, "k": results["k"], "passes": passes,
                  **{split: metrics[split] for split in headline_splits(metrics)}}]
     for row in reconstructed:  # the forward passes of the fit come on top of the selection's
-        row["passes"] = max(r["passes"] for r in rows) + results["reconstruction_passes"]
+        row["passes"] = max((r["passes"] for r in rows), default=0) + results["reconstruction_passes"]
     return rows + reconstructed
 
 
