@@ -36,7 +36,7 @@ case "${1:-dsp}" in
     # issue 25: 125-step pipelined runs (all 4,000 training snippets) at the steady and the reference
     # schedule, and steady with a constant rate for the scores or the select rate, at 125 and 32 steps
     R125="$HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model --methods dsp --seeds 0 1 2 --max-train-examples 4000"
-    $R125 --ks 6 12 36 --schedule steady --output-dir $OUT/sweep125-steady
+    $R125 --ks 6 12 24 36 --schedule steady --output-dir $OUT/sweep125-steady
     $R125 --ks 6 12 24 36 --schedule reference --output-dir $OUT/sweep125-reference
     $R125 --ks 12 36 --schedule steady --pruning-lr-schedule constant --output-dir $OUT/sweep125-constant
     $R125 --ks 12 --schedule steady --pruning-lr-schedule select --output-dir $OUT/sweep125-select
@@ -47,6 +47,7 @@ case "${1:-dsp}" in
     $R32 --ks 12 24 --seeds 0 --pruning-lr-schedule select --output-dir $OUT/sweep-select
     S125="$HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model --methods dsp --max-train-examples 4000"
     $S125 --ks 6 12 24 36 --schedule reference --output-dir $OUT/sweep-subjectivity125-reference
+    $S125 --ks 6 12 24 36 --schedule steady --output-dir $OUT/sweep-subjectivity125-steady
     $S125 --ks 6 12 --schedule steady --pruning-lr-schedule constant --output-dir $OUT/sweep-subjectivity125-constant
     # along one run: the heads kept per layer, the hard mask's validation accuracy, the noise gap
     T="${PYTHON:-python} benchmarks/schedule_trace.py --config $CFG --model $OUT/finetune/model --k 12 --seed 0 --max-train-examples 4000"
