@@ -23,7 +23,7 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from headprune.config import PruneConfig
+from headprune.config import PruneConfig, default_of
 from headprune.gates import attach_gates
 from headprune.reconstruct import MODES, reconstruct
 from headprune.selection import calibration_set
@@ -37,8 +37,10 @@ def finished_run(folder: str) -> tuple[dict, PruneConfig]:
     results = json.loads((Path(folder) / "results.json").read_text())
     if results["mode"] != "pipelined":
         raise SystemExit(f"{folder}: only pipelined runs (their weights are the fine-tuned model's)")
-    fields = {f.name for f in dataclasses.fields(PruneConfig)}
-    return results, PruneConfig(**{k: v for k, v in results["config"].items() if k in fields})
+    fields = {f.name: f for f in dataclasses.fields(PruneConfig)}
+    # an option the run's headprune did not have yet is recorded as null: it ran as today's default
+    return results, PruneConfig(**{k: v for k, v in results["config"].items()
+                                   if k in fields and not (v is None and default_of(fields[k]) is not None)})
 
 
 def main(argv=None) -> None:

@@ -57,7 +57,12 @@ def test_loss_and_accuracy(finished_runs, monkeypatch, capsys):
 
 
 def test_reconstruction_on_a_finished_run(finished_runs, tmp_path, monkeypatch, capsys):
-    run = finished_runs / "dsp-pipelined-k4-s0"
+    import shutil
+    run = tmp_path / "dsp-pipelined-k4-s0"  # as recorded by a headprune without --pruning-lr-schedule
+    shutil.copytree(finished_runs / "dsp-pipelined-k4-s0", run)
+    recorded = json.loads((run / "results.json").read_text())
+    recorded["config"]["pruning_lr_schedule"] = None
+    (run / "results.json").write_text(json.dumps(recorded))
     out = script_here("benchmarks/reconstruction.py", run, "--modes", "bias", "both", "bias",
                       monkeypatch=monkeypatch, capsys=capsys)
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| dsp")]
@@ -66,6 +71,7 @@ def test_reconstruction_on_a_finished_run(finished_runs, tmp_path, monkeypatch, 
     # the same as a run that chose these heads and reconstructed itself
     results = json.loads((run / "results.json").read_text())
     fields = {k: v for k, v in results["config"].items() if k in PruneConfig.__dataclass_fields__}
+    fields["pruning_lr_schedule"] = "linear"
     again = prune(PruneConfig(**{**fields, "reconstruct": "bias", "output_dir": str(tmp_path / "again")}))
     assert [list(h) for h in again["kept_heads"]] == results["kept_heads"]
     assert json.loads(rows[1][3]) == again["metrics_pruned"]
