@@ -20,6 +20,7 @@ _WHERE = {
     "DSPSelector": "methods", "hard_top_k": "methods", "make_selector": "methods", "soft_top_k": "methods",
     "load_pruned": "pruning", "remove_heads": "pruning", "save_pruned": "pruning", "zero_pruned_heads": "pruning",
     "demo": "recipes", "finetune": "recipes", "prune": "recipes", "sweep": "sweep",
+    "reconstruct": "reconstruct", "export_onnx": "export", "HeadPruningCallback": "integrations",
     "AttentionSite": "sites", "find_sites": "sites",
     "HeadpruneError": "errors", "PrunedCheckpointError": "errors", "UnsupportedArchitectureError": "errors",
 }
