@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from headprune.config import PruneConfig
+from headprune.config import PruneConfig, default_of
 from headprune.gates import attach_gates
 from headprune.tasks import get_task
 
@@ -45,15 +45,25 @@ def kept_sets(results: dict, ks: list[int]) -> dict[int, set]:
     return sets
 
 
-def pipelined_run(folder: str) -> tuple[dict, PruneConfig]:
-    """The results and settings of a finished pipelined classification run (an error otherwise)."""
+def finished_run(folder: str) -> tuple[dict, PruneConfig]:
+    """The results and settings of a finished pipelined run (an error otherwise)."""
     if not (Path(folder) / "results.json").is_file():
         raise SystemExit(f"{folder}: no results.json (not a finished headprune run)")
     results = json.loads((Path(folder) / "results.json").read_text())
-    if results["mode"] != "pipelined" or results["task"] != "classification":
-        raise SystemExit(f"{folder}: only pipelined classification runs (their weights are the fine-tuned model's)")
-    fields = {f.name for f in dataclasses.fields(PruneConfig)}
-    return results, PruneConfig(**{k: v for k, v in results["config"].items() if k in fields})
+    if results["mode"] != "pipelined":
+        raise SystemExit(f"{folder}: only pipelined runs (their weights are the fine-tuned model's)")
+    fields = {f.name: f for f in dataclasses.fields(PruneConfig)}
+    # an option the run's headprune did not have yet is recorded as null: it ran as today's default
+    return results, PruneConfig(**{k: v for k, v in results["config"].items()
+                                   if k in fields and not (v is None and default_of(fields[k]) is not None)})
+
+
+def pipelined_run(folder: str) -> tuple[dict, PruneConfig]:
+    """The results and settings of a finished pipelined classification run (an error otherwise)."""
+    results, cfg = finished_run(folder)
+    if results["task"] != "classification":
+        raise SystemExit(f"{folder}: only pipelined classification runs (accuracy and cross-entropy of a classifier)")
+    return results, cfg
 
 
 def frozen_model(cfg: PruneConfig):

@@ -23,24 +23,9 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from headprune.config import PruneConfig, default_of
-from headprune.gates import attach_gates
 from headprune.reconstruct import MODES, reconstruct
 from headprune.selection import calibration_set
-from headprune.tasks import get_task
-
-
-def finished_run(folder: str) -> tuple[dict, PruneConfig]:
-    """The results and settings of a finished pipelined run (an error otherwise)."""
-    if not (Path(folder) / "results.json").is_file():
-        raise SystemExit(f"{folder}: no results.json (not a finished headprune run)")
-    results = json.loads((Path(folder) / "results.json").read_text())
-    if results["mode"] != "pipelined":
-        raise SystemExit(f"{folder}: only pipelined runs (their weights are the fine-tuned model's)")
-    fields = {f.name: f for f in dataclasses.fields(PruneConfig)}
-    # an option the run's headprune did not have yet is recorded as null: it ran as today's default
-    return results, PruneConfig(**{k: v for k, v in results["config"].items()
-                                   if k in fields and not (v is None and default_of(fields[k]) is not None)})
+from loss_and_accuracy import finished_run, frozen_model  # a run's settings; its gated fine-tuned model
 
 
 def main(argv=None) -> None:
@@ -51,21 +36,19 @@ def main(argv=None) -> None:
                         help="the first N examples of each run's calibration data (default: the run's setting)")
     args = parser.parse_args(argv)
     runs = [finished_run(folder) for folder in args.runs]  # every folder checked before the long work
+    for folder, (_, cfg) in zip(args.runs, runs):
+        if cfg.calibration_dataset:
+            raise SystemExit(f"{folder}: calibrated on another dataset ({cfg.calibration_dataset}); this script "
+                             "reconstructs on the run's pruning data only")
     acc = Accelerator()
     print("| run | k | reconstruct | " + "metrics | seconds |")
     print("|---|---|---|---|---|")
     for folder, (results, cfg) in zip(args.runs, runs):
         if args.calibration_examples:
             cfg = dataclasses.replace(cfg, calibration_examples=args.calibration_examples)
-        task = get_task(cfg.task)
-        path, config, _ = task.inspect(cfg.model, require_finetuned=True, unit=cfg.unit)
-        data = task.load_data(cfg)
-        model, tokenizer = task.load_model(cfg, data, path, config, require_finetuned=True)
-        model = model.to(acc.device).eval()
-        model.requires_grad_(False)
-        gates = attach_gates(model, cfg.unit)
-        train_set, evals, collate = task.prepare(data, tokenizer, cfg)
-        calibration = calibration_set(cfg, task, data, tokenizer, train_set)
+        task, model, gates, train_set, evals, collate = frozen_model(cfg)
+        model = model.to(acc.device)
+        calibration = calibration_set(cfg, task, None, None, train_set)
         loader = DataLoader(calibration, batch_size=cfg.batch_size, collate_fn=collate)
         kept = {tuple(h) for h in results["kept_heads"]}
         mask = torch.tensor([float(h in kept) for h in gates.heads])

@@ -46,8 +46,8 @@ def base_model_of(name: str) -> str | None:
     if card.is_file():
         found = re.search(r"^base_model:\s*(\S+)\s*$", card.read_text(encoding="utf-8", errors="replace"), re.M)
         return found.group(1) if found else None
-    looks_local = name.startswith(("/", ".", "~")) or name.count("/") > 1 or Path(name).expanduser().exists()
-    return None if looks_local else name
+    from .tasks.base import looks_like_path
+    return None if looks_like_path(name) else name
 
 
 def _metrics_table(results: dict) -> list[str]:

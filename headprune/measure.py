@@ -195,8 +195,8 @@ def measure(cfg: MeasureConfig, progress=print) -> dict:
 
         from .export import onnx_sessions
         progress("exporting both models to ONNX")
-        folder = tempfile.mkdtemp(prefix="headprune-measure-")
-        sessions = onnx_sessions(models, Path(folder), cfg.threads)
+        with tempfile.TemporaryDirectory(prefix="headprune-measure-") as folder:  # a session holds its graph
+            sessions = onnx_sessions(models, Path(folder), cfg.threads)
     original = models["original"]
     unit = (getattr(models["pruned"].config, "headprune", None) or {}).get("unit", "group")
     sites = {name: find_sites(m, unit) for name, m in models.items()}

