@@ -46,7 +46,7 @@ def parser() -> argparse.ArgumentParser:
                                     "by side (alternating the two models) across batch sizes and lengths, "
                                     "with the speedup the FLOP ratio predicts.")
     cfgmod.add_arguments(ms, MeasureConfig)
-    ex = sub.add_parser("export", help="a saved model for another runtime (onnx: ONNX Runtime)",
+    ex = sub.add_parser("export", help="a saved model for another runtime (onnx: ONNX Runtime; gguf: llama.cpp)",
                         description="Write a model saved by headprune (pruned: uneven heads, empty layers) "
                                     "for ONNX Runtime, with dynamic batch and sequence axes; the graph is run "
                                     "and compared with PyTorch before it is written.")
@@ -100,6 +100,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "export":
         cfg = cfgmod.build_config(cfgmod.ExportConfig, args)
+        if cfg.format == "gguf":
+            from .llamacpp import export_gguf
+            result = export_gguf(cfg)
+            print(f"{result['output']}: llama.cpp `deci`, {sum(result['head_count'])} query and "
+                  f"{sum(result['head_count_kv'])} key/value heads, {result['dtype']}")
+            return 0
         from .export import export_onnx
         result = export_onnx(cfg)
         print(f"{result['output']}: ONNX Runtime against PyTorch, largest difference {result['max_abs_difference']:.2g}")

@@ -406,9 +406,15 @@ class MeasureConfig(Checked):
 class ExportConfig(Checked):
     model: str = option(None, "Folder of a model saved by headprune (pruned or not).")
     format: str = option("onnx", "onnx: a graph for ONNX Runtime with dynamic batch and sequence axes, "
-                         "checked against PyTorch's outputs after export.", choices=["onnx"])
-    output: str = option(None, "The file to write (e.g. model.onnx).")
+                         "checked against PyTorch's outputs after export (encoder classifiers); gguf: a file "
+                         "for llama.cpp with each layer's own head counts (Llama-family decoders).",
+                         choices=["onnx", "gguf"])
+    output: str = option(None, "The file to write (e.g. model.onnx, model.gguf).")
     opset: int = option(None, "ONNX opset (default: the exporter's).", min=7)
+    dtype: str = option("f16", "GGUF: the type of the weight matrices (norms stay f32).",
+                        choices=["f32", "f16", "q8_0"])
+    tokenizer_gguf: str = option(None, "GGUF: a GGUF file of the unpruned model whose tokenizer is copied "
+                                 "(default for offline:smollm2-135m: the file its package ships).")
     overwrite: bool = option(False, "Allow replacing an existing --output.")
 
     def __post_init__(self):

