@@ -3,6 +3,8 @@ temperature falls over the whole run to where the soft top-k is hard, and the sc
 rate follows from the run's length. On planted head importances it finds the best heads where the
 reference's schedule does not; on held-out text the reference's generalises better, so it is
 pipelined DSP's default (issue 25)."""
+import statistics
+
 import pytest
 import torch
 
@@ -67,18 +69,22 @@ def test_the_soft_mask_is_nearly_hard_at_the_end_of_the_steady_schedule_and_not_
     cfg = PruneConfig(k=12, schedule="steady")
     selector, optimizer, _, _ = selector_and_optimizer(cfg, NUM_HEADS, 100)
     w, g = planted_importance(0), torch.Generator().manual_seed(0)
-    gaps = {}
+    gaps = []
     for step in range(100):
         selector.set_step(step)
         loss = planted_loss(selector(), w, g)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        gaps[step] = selector.log_values()["mask_gap"]
-    # half the L1 distance between the soft mask and the hard top-k of the same noisy scores:
-    # 10 of the 12 heads' worth at first (uniform), 6.4 mid-run, 0.37 at the end (measured)
-    assert gaps[0] > 9.9 and gaps[50] > 5
-    assert gaps[99] < 1  # at Tf = 0.01 only near-ties of the noisy scores are still soft
+        gaps.append(selector.log_values()["mask_gap"])
+    # half the L1 distance between the soft mask and the hard top-k of the same noisy scores,
+    # averaged over windows of steps because one step's Gumbel draw can make a near-tie (the last
+    # step alone measured 0.05 to 1.3 over seeds 0-5). Window means measured with seed 0: 9.99
+    # (uniform: 10 of the 12 heads' worth), 5.6 mid-run, 2.9 at 3/4, 1.5 over the last 10 steps.
+    windows = [statistics.mean(gaps[a:b]) for a, b in [(0, 5), (45, 55), (70, 80), (90, 100)]]
+    assert windows[0] > 9.9 and windows[1] > 4
+    assert windows == sorted(windows, reverse=True)  # harder and harder as the temperature falls
+    assert windows[3] < 2.5  # at Tf = 0.01 only near-ties of the noisy scores are still soft
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

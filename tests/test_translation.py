@@ -2,6 +2,7 @@
 encoder-decoder trained from scratch, pruned and reloaded as a complete translation model."""
 import json
 import random
+from collections import Counter
 
 import pytest
 import sacrebleu
@@ -143,8 +144,16 @@ def test_training_from_scratch_learns_and_saves_a_complete_model(trained):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)  # the learned vocabulary travels with it
     model = load_pruned(model_dir)
     assert type(model).__name__ == "MarianMTModel"
-    out = model.generate(**tokenizer(["der hund"], return_tensors="pt"), num_beams=2, max_new_tokens=6)
-    assert tokenizer.decode(out[0], skip_special_tokens=True).split()[:2] == ["the", "dog"]
+    # the words of the reference found in the output, over sentences like the training ones: a tiny
+    # model trained for seconds gets some words wrong, and which ones differs between CPUs
+    # (measured: 15 of 19), while output that ignores its input finds a few "the"s and "a"s
+    sources = ["der hund sieht ein haus", "die katze mag ein kleines haus", "ein großes haus", "der hund mag die katze"]
+    found = 0
+    for source in sources:
+        out = model.generate(**tokenizer([source], return_tensors="pt"), num_beams=2, max_new_tokens=10)
+        words = Counter(tokenizer.decode(out[0], skip_special_tokens=True).split())
+        found += sum((words & Counter(LEXICON[w] for w in source.split())).values())
+    assert found >= 11  # of 19
 
 
 def test_pipelined_pruning_of_a_translation_model_reloads_with_the_masked_outputs(trained, tmp_path):
