@@ -112,7 +112,10 @@ case "${1:-dsp}" in
       [ -f $OUT/smollm2/dsp-pipelined-k$k-s0/speed/measure.md ] || \
         $HP measure --pruned $OUT/smollm2/dsp-pipelined-k$k-s0/model --threads 1 --batch-sizes 1 8 \
           --lengths 128 --beams 1 --generate-tokens 32 --repeats 5 --output-dir $OUT/smollm2/dsp-pipelined-k$k-s0/speed
-    done ;;
+    done
+    # issue 22: the pruned model in llama.cpp (needs llama-cpp-python): same tokens, KV cache, speed
+    ${PYTHON:-python} benchmarks/llamacpp.py $OUT/smollm2/dsp-pipelined-k45-s0/model \
+      --output-dir $OUT/smollm2/dsp-pipelined-k45-s0/llamacpp ;;
   today)  # issue 21: the scored methods (Kwon, Minitron, FLAP, LLM-Pruner) with and without reconstruction
     run $OUT/finetune finetune --config $CFG
     run $OUT/subjectivity/finetune finetune --config configs/subjectivity.yaml

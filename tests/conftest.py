@@ -142,3 +142,19 @@ def tiny(model, data, out, **kw):
     from headprune.config import PruneConfig
     return PruneConfig(**{"model": str(model), "dataset": str(data), "output_dir": str(out), "k": 3,
                           "epochs": 1, "batch_size": 16, "checkpoint_every": 0, **kw})
+
+
+def write_tokenizer_gguf(path, vocab):
+    """A GGUF file holding only a tokenizer of `vocab` made-up tokens, as `--tokenizer-gguf` reads it."""
+    import gguf
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list([f"t{i}" for i in range(vocab)])
+    writer.add_token_types([1] * vocab)
+    writer.add_bos_token_id(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

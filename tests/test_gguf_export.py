@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import one_line_error, tiny_model
+from conftest import one_line_error, tiny_model, write_tokenizer_gguf
 from headprune.cli import main
 from headprune.pruning import load_pruned, save_pruned
 
@@ -17,20 +17,6 @@ VOCAB = 61
 
 def export(*args):
     return main(["export", "--format", "gguf", *map(str, args)])
-
-
-def write_tokenizer_gguf(path, vocab=VOCAB):
-    writer = gguf.GGUFWriter(path, "llama")
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list([f"t{i}" for i in range(vocab)])
-    writer.add_token_types([1] * vocab)
-    writer.add_bos_token_id(1)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
 
 
 def tiny_llama(tied: bool, hidden: int = 48, heads: int = 6):
@@ -109,7 +95,7 @@ def deci_logits(fields, t, ids):
 
 
 def test_the_gguf_file_holds_each_layers_heads_and_computes_what_pytorch_does(pruned, tmp_path):
-    tokenizer = write_tokenizer_gguf(tmp_path / "unpruned.gguf")
+    tokenizer = write_tokenizer_gguf(tmp_path / "unpruned.gguf", vocab=VOCAB)
     out = tmp_path / "pruned.gguf"
     assert export("--model", pruned, "--output", out, "--dtype", "f32", "--tokenizer-gguf", tokenizer) == 0
     fields, tensors = read(out)
@@ -136,7 +122,7 @@ def test_a_quantised_file_and_a_first_layer_without_heads(tmp_path):
     folder = tmp_path / "model"
     # rows of 64 (Q8_0 packs blocks of 32); layer 0 left empty keeps its dead head
     save_pruned(tiny_llama(False, hidden=64, heads=4), folder, [("decoder", 1, 0)])
-    tokenizer = write_tokenizer_gguf(tmp_path / "unpruned.gguf")
+    tokenizer = write_tokenizer_gguf(tmp_path / "unpruned.gguf", vocab=VOCAB)
     out = tmp_path / "pruned.gguf"
     assert export("--model", folder, "--output", out, "--dtype", "q8_0", "--tokenizer-gguf", tokenizer) == 0
     reader = gguf.GGUFReader(out)
@@ -147,7 +133,7 @@ def test_a_quantised_file_and_a_first_layer_without_heads(tmp_path):
 
 
 def test_gguf_export_refuses_bad_input_in_one_line(pruned, tmp_path, capsys):
-    tokenizer = write_tokenizer_gguf(tmp_path / "unpruned.gguf")
+    tokenizer = write_tokenizer_gguf(tmp_path / "unpruned.gguf", vocab=VOCAB)
     args = ["export", "--format", "gguf", "--model", pruned, "--dtype", "f32"]
     assert "needs --tokenizer-gguf" in one_line_error(capsys, [*args, "--output", tmp_path / "a.gguf"])
     wrong = write_tokenizer_gguf(tmp_path / "other.gguf", vocab=VOCAB + 1)

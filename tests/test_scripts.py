@@ -167,3 +167,36 @@ def test_targets_compare_dsp_with_each_methods_best_setting(tmp_path, monkeypatc
     assert rows[0] == "| 12 | 0.7500 | 0.7300 (taylor) | 1 point above: +2.0 points | yes |"
     assert rows[1] == "| 24 | not run | | | |"
     assert rows[2] == "| 36 | 0.7710 | 0.7750 (taylor) | level (at most 0.5 point below): -0.4 points | yes |"
+
+
+def test_llamacpp_exports_both_models_and_runs_them_where_llama_cpp_is_installed(tmp_path, monkeypatch, capsys):
+    from conftest import write_tiny_lm, write_tokenizer_gguf
+    from headprune.pruning import load_pruned, save_pruned
+    pytest.importorskip("gguf")
+    base, _ = write_tiny_lm(tmp_path, layers=2, heads=6, kv_heads=3)
+    save_pruned(load_pruned(base), tmp_path / "pruned", [("decoder", 0, 1), ("decoder", 1, 0), ("decoder", 1, 2)])
+    tokenizer = write_tokenizer_gguf(tmp_path / "tokenizer.gguf", vocab=44)
+    args = ["benchmarks/llamacpp.py", tmp_path / "pruned", "--base", base, "--tokenizer-gguf", tokenizer,
+            "--output-dir", tmp_path / "out", "--prompts", 2, "--new-tokens", 4, "--repeats", 1]
+    try:
+        import llama_cpp  # noqa: F401  (not in CI: it compiles llama.cpp)
+    except ImportError:
+        with pytest.raises(SystemExit, match="llama-cpp-python is not installed"):
+            script_here(*args, monkeypatch=monkeypatch, capsys=capsys)
+        out = capsys.readouterr().out
+    else:
+        out = script_here(*args, monkeypatch=monkeypatch, capsys=capsys)
+        result = json.loads((tmp_path / "out" / "llamacpp.json").read_text())
+        assert result["same_tokens"] == 2 and result["pruned"]["head_count_kv"] == [1, 2]
+        assert result["pruned"]["kv_cache_mib"] == pytest.approx(result["pruned"]["kv_cache_mib_predicted"])
+    assert "pruned: " in out and "(6 query, 3 key/value heads)" in out  # 1 + 2 groups of 2 queries
+    assert "unpruned: " in out and "(12 query, 6 key/value heads)" in out
+
+
+def test_llamacpp_reads_llama_cpp_logs_and_compares_tokens():
+    from benchmarks.llamacpp import first_difference, kv_cache_mib
+    log = ("llama_kv_cache:        CPU KV buffer size =     1.50 MiB\nllama_kv_cache: size = 1.50 MiB\n"
+           "llama_kv_cache:        CPU KV buffer size =     0.25 MiB\n")
+    assert kv_cache_mib(log) == 1.75 and kv_cache_mib("no cache here") is None
+    assert first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert first_difference([1, 5, 3], [1, 2, 3]) == 1 and first_difference([1, 2], [1, 2, 3]) == 2
