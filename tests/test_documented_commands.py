@@ -62,6 +62,10 @@ def offline_names_are_tiny(tmp_path_factory, tiny_assets, monkeypatch):
     lm_model, lm_text = write_tiny_lm(assets[1].parent / "lm", layers=15, heads=12, kv_heads=6, n_train=200)
     monkeypatch.setattr(task_base, "resolve_model", lambda name, inner=task_base.resolve_model: (
         str(lm_model) if name == "offline:smollm2-135m" else inner(name)))
+    # export --format gguf copies the tokenizer from the unpruned model's GGUF: a tiny one here
+    from conftest import write_tokenizer_gguf
+    lm_gguf = write_tokenizer_gguf(assets[1].parent / "lm" / "tokenizer.gguf", vocab=44)
+    monkeypatch.setattr(task_base, "smollm2_gguf", lambda: str(lm_gguf))
     real_text = lm_task.load_text
     monkeypatch.setattr(lm_task, "load_text", lambda name, *a: real_text(
         str(lm_text) if name == "offline:rotten-tomatoes" else name, *a))
