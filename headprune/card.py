@@ -63,6 +63,32 @@ def _metrics_table(results: dict) -> list[str]:
     return lines
 
 
+def _size_table(size: dict) -> list[str]:
+    """The pruned model's size against the unpruned one's, from the shapes (`prune` records it)."""
+    before, after = size["unpruned"], size["pruned"]
+    rows = [("parameters", "parameters"),
+            ("attention_flops", f"attention FLOPs, one sequence of {size['length']} tokens"),
+            ("kv_cache_bytes_per_token", "key/value cache, bytes per token")]
+    lines = ["| | unpruned | this model | ratio |", "|---|---|---|---|"]
+    lines += [f"| {label} | {before[key]:,} | {after[key]:,} | {after[key] / before[key]:.1%} |"
+              for key, label in rows if key in before and before[key]]
+    return lines
+
+
+SPEED_HEADER = "## Measured speed"
+
+
+def with_measured_speed(card: str, table: str, command: str) -> str:
+    """The card with its measured-speed section (what `headprune measure --card` printed) put in
+    or replaced; the rest of the card unchanged."""
+    section = f"{SPEED_HEADER}\n\nMeasured with:\n\n```\n{command}\n```\n\n{table.rstrip()}\n"
+    start = card.find(SPEED_HEADER)
+    if start < 0:
+        return card.rstrip("\n") + "\n\n" + section
+    end = card.find("\n## ", start + len(SPEED_HEADER))
+    return card[:start] + section + (card[end:] if end >= 0 else "")
+
+
 def model_card(results: dict, command: str, folder_name: str = "model") -> str:
     """The card of a model that `finetune` or `prune` saved, from its results."""
     base = base_model_of(results["model"])
@@ -95,6 +121,9 @@ def model_card(results: dict, command: str, folder_name: str = "model") -> str:
         body.append("|---|" + "---|" * layers)
         for kind in kinds:
             body.append(f"| {kind} | " + " | ".join(str(per_layer.get((kind, i), 0)) for i in range(layers)) + " |")
+    if results.get("size"):
+        body += ["", "Size, from the shapes (`headprune measure --pruned <folder> --card` adds measured speed):", "",
+                 *_size_table(results["size"])]
     zeroed = results.get("config", {}).get("save_format") == "zeroed"
     how = ("Load it with `from_pretrained` (the pruned heads' output weights are zero, the shapes are the "
            "original ones) or with headprune:" if zeroed else
@@ -108,3 +137,11 @@ def model_card(results: dict, command: str, folder_name: str = "model") -> str:
 def write_model_card(folder: Path, results: dict, command: str) -> None:
     with atomic_path(Path(folder) / "README.md") as tmp:
         tmp.write_text(model_card(results, command, Path(folder).name), encoding="utf-8")
+
+
+def add_measured_speed(folder: Path, table: str, command: str) -> None:
+    """Puts `headprune measure`'s table into the model card of `folder` (replacing an earlier one)."""
+    path = Path(folder) / "README.md"
+    card = path.read_text(encoding="utf-8") if path.is_file() else ""
+    with atomic_path(path) as tmp:
+        tmp.write_text(with_measured_speed(card, table, command), encoding="utf-8")

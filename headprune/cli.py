@@ -96,6 +96,9 @@ def run(args: argparse.Namespace) -> int:
             write_json(Path(cfg.output_dir) / "measure.json", result)
             with atomic_path(Path(cfg.output_dir) / "measure.md") as tmp:
                 tmp.write_text(table)
+        if cfg.card:
+            from .card import add_measured_speed, command_of
+            add_measured_speed(Path(cfg.pruned), table, command_of("measure", cfg))
         print(table)
         return 0
     if args.command == "export":

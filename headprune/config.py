@@ -400,6 +400,8 @@ class MeasureConfig(Checked):
     attn_implementation: str = option("sdpa", "Attention kernel for both models.", choices=["eager", "sdpa"])
     output_dir: str = option(None, "Also write measure.json and measure.md into this folder.")
     overwrite: bool = option(False, "Allow replacing an earlier measure.json in --output-dir.")
+    card: bool = option(False, "Also write the measured speed into the pruned model's card (its README.md; "
+                        "an earlier measured-speed section there is replaced).")
 
 
 @dataclass

@@ -77,6 +77,15 @@ def parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def size_facts(model, unit: str, length: int) -> dict:
+    """What a model's shapes say without running it: parameters, the attention's FLOPs for one
+    sequence of `length` tokens, and (language models) the key/value cache per token."""
+    facts = {"parameters": parameters(model), "attention_flops": attention_flops(model, 1, length, unit)}
+    if not model.config.is_encoder_decoder and is_generator(model):
+        facts["kv_cache_bytes_per_token"] = kv_cache_bytes_per_token(model, unit)
+    return facts
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -175,6 +184,8 @@ def measure(cfg: MeasureConfig, progress=print) -> dict:
         check_writable(Path(cfg.output_dir))
     if not (Path(cfg.pruned) / "config.json").is_file():
         raise ConfigError(f"--pruned {cfg.pruned}: no such model folder (with a config.json)")
+    if cfg.card:
+        check_writable(Path(cfg.pruned))  # before the timings, not after
     from .pruning import load_pruned_config
     positions = getattr(load_pruned_config(cfg.pruned), "max_position_embeddings", None)
     if positions and max(cfg.lengths) > positions:

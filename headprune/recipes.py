@@ -31,6 +31,7 @@ from .card import command_of, write_model_card
 from .config import DEMO_DIR, SCORED, FinetuneConfig, PruneConfig
 from .errors import ConfigError
 from .gates import attach_gates, detach_gates
+from .measure import size_facts
 from .methods import TRAINED
 from .outputs import (BEST, RESULTS, atomic_folder, cache_root, check_not_inside, check_output_dir, finish_run,
                       folder_bytes, versions, write_json, write_jsonl)
@@ -377,8 +378,10 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
              extra["metrics_unpruned"])
     with timed(seconds, "save"):
         if acc.is_main_process:
-            _save_pruned(cfg, task, out, acc.unwrap_model(model), gates, tokenizer, mask, scores,
-                         output_biases=bool(info.get("output_biases_added")))
+            size = _save_pruned(cfg, task, out, acc.unwrap_model(model), gates, tokenizer, mask, scores,
+                                output_biases=bool(info.get("output_biases_added")))
+            if size:
+                info["size"] = size
     results = {"method": cfg.method, "mode": cfg.mode, "k": len(kept), "num_heads": gates.num_heads,
                "unit": gates.sites[0].unit,
                "kept_per_kind": {kind: sum(h[0] == kind for h in kept) for kind in kinds},
@@ -417,9 +420,12 @@ def _reconstruct(cfg, task, acc, model, gates, mask, calibration, collate) -> di
     return info
 
 
-def _save_pruned(cfg, task, out: Path, model, gates, tokenizer, mask, scores, output_biases=False) -> None:
-    heads, kept = gates.heads, gates.kept_heads(mask)  # before the heads go
+def _save_pruned(cfg, task, out: Path, model, gates, tokenizer, mask, scores, output_biases=False) -> dict | None:
+    """Saves the model without the heads not kept; returns its size before and after (what the
+    shapes say: parameters, attention FLOPs, KV cache), None for --save-format zeroed (same shapes)."""
+    heads, kept, unit = gates.heads, gates.kept_heads(mask), cfg.unit  # before the heads go
     detach_gates(model)
+    before = size_facts(model, unit, cfg.max_length)
     record = {"method": cfg.method, "mode": cfg.mode}
     if cfg.reconstruct != "none":
         record["reconstruct"] = cfg.reconstruct
@@ -439,6 +445,9 @@ def _save_pruned(cfg, task, out: Path, model, gates, tokenizer, mask, scores, ou
     plot_head_map(out / "heads.png", heads, scores.tolist(), kept,
                   f"{cfg.method} {cfg.mode}: {len(kept)} of {len(heads)} heads kept",
                   score_label=score_name.replace("_", " "))
+    if cfg.save_format == "physical":
+        return {"length": cfg.max_length, "unpruned": before, "pruned": size_facts(model, unit, cfg.max_length)}
+    return None
 
 
 # -- the demo ------------------------------------------------------------------------------------

@@ -47,3 +47,19 @@ def test_measure_command_compares_side_by_side(tmp_path, capsys):
 def test_measure_needs_a_pruned_model(capsys):
     assert main(["measure"]) == 2
     assert "--pruned" in capsys.readouterr().err
+
+
+def test_measure_puts_the_measured_speed_into_the_model_card(tmp_path, capsys):
+    save_pruned(tiny_model("bert"), tmp_path / "pruned", [("encoder", 0, 1), ("encoder", 1, 3)])
+    card = tmp_path / "pruned" / "README.md"
+    card.write_text("---\nlibrary_name: transformers\n---\n\n# dsp pipelined: 2 of 8 heads kept\n\nMade with: ...\n")
+    args = ["measure", "--pruned", str(tmp_path / "pruned"), "--batch-sizes", "2", "--lengths", "8", "--repeats", "2"]
+    assert main([*args, "--card"]) == 0
+    first = card.read_text()
+    assert first.startswith("---\nlibrary_name: transformers\n---\n\n# dsp pipelined: 2 of 8 heads kept\n\nMade with: ...\n")
+    assert first.count("## Measured speed") == 1 and "| 2 | 8 |" in first
+    assert "headprune measure --pruned " in first and "--card" in first  # how it was measured
+    assert main([*args, "--lengths", "12", "--card"]) == 0  # measured again: the section is replaced
+    second = card.read_text()
+    assert second.count("## Measured speed") == 1 and "| 2 | 12 |" in second and "| 2 | 8 |" not in second
+    assert main(args) == 0 and card.read_text() == second  # without --card the card is left alone

@@ -30,6 +30,15 @@ def test_a_pruned_models_card_says_what_was_kept_and_how_it_was_made(tiny_finetu
     assert (f"| {split} | {results['metrics_unpruned'][split]:.4f} | "
             f"{results['metrics_before_reconstruction'][split]:.4f} | {results['metrics_pruned'][split]:.4f} |") in card
     assert 'model = load_pruned("model")' in card and "stock `from_pretrained` cannot build" in card
+    # the size from the shapes: a head of the tiny BERT (width 32, 4 heads of 8) holds 3 x (32 x 8 + 8)
+    # query/key/value and 32 x 8 output weights; its attention FLOPs at L tokens are
+    # 2L x 32 x 24 (projections) + 4 L^2 x 8 (two products) + 2L x 8 x 32 (output)
+    size, length = results["size"], cfg.max_length
+    assert size["length"] == length and "kv_cache_bytes_per_token" not in size["pruned"]
+    assert size["unpruned"]["parameters"] - size["pruned"]["parameters"] == 5 * (3 * (32 * 8 + 8) + 32 * 8)
+    per_head = 2 * length * 32 * 24 + 4 * length ** 2 * 8 + 2 * length * 8 * 32
+    assert (size["unpruned"]["attention_flops"], size["pruned"]["attention_flops"]) == (8 * per_head, 3 * per_head)
+    assert f"| attention FLOPs, one sequence of {length} tokens | {8 * per_head:,} | {3 * per_head:,} | 37.5% |" in card
     command = card.split("Made with:\n\n```\n")[1].split("\n```")[0]
     assert settings_of(command, cfgmod.PruneConfig) == cfg  # quoted paths, booleans and lists survive
 
