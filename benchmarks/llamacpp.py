@@ -5,8 +5,9 @@ default: offline:smollm2-135m's float32 folder) to float32 GGUF with `headprune 
 gguf`, loads both in llama.cpp through llama-cpp-python, and prints
 - the greedy tokens of llama.cpp against those of the PyTorch pruned model, on the same prompt
   token ids (--prompts of them, --new-tokens each): equal, or where they first differ;
-- the key/value cache llama.cpp allocates for each (from its log) against the prediction from
-  the head counts;
+- the key/value cache llama.cpp allocates for each (from its log, in MiB to two decimals) against
+  the prediction from the head counts (with --flash-attention off llama.cpp pads every layer's
+  value cache to the widest layer's, so only the keys shrink);
 - decoding speed (tokens per second at batch 1, prompt excluded), both models measured in turn
   in this one process, --repeats times.
 
@@ -73,7 +74,7 @@ def pytorch_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-def load_llama(path: Path, threads: int, context: int):
+def load_llama(path: Path, threads: int, context: int, flash_attention: bool):
     """A llama-cpp-python model and the log text llama.cpp wrote while loading it."""
     import llama_cpp
 
@@ -85,7 +86,7 @@ def load_llama(path: Path, threads: int, context: int):
 
     llama_cpp.llama_log_set(keep, ctypes.c_void_p(0))
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=context, n_threads=threads, n_threads_batch=threads,
-                          n_batch=context, verbose=True, seed=0)
+                          n_batch=context, verbose=True, seed=0, flash_attn=flash_attention)
     llm._headprune_log_callback = keep  # keep the callback alive as long as the model
     return llm, "".join(lines)
 
@@ -113,10 +114,13 @@ def main(argv=None) -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="timed generations per model")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--flash-attention", choices=["on", "off"], default="on",
+                        help="off: llama.cpp pads every layer's value cache to the widest layer's")
     args = parser.parse_args(argv)
     if args.base is None:
-        from headprune.tasks.base import smollm2_folder
+        from headprune.tasks.base import smollm2_folder, smollm2_gguf
         args.base = smollm2_folder()
+        args.tokenizer_gguf = args.tokenizer_gguf or smollm2_gguf()  # the cached folder has no card to say so
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {"pruned": out / "pruned-f32.gguf", "unpruned": out / "unpruned-f32.gguf"}
@@ -136,10 +140,11 @@ def main(argv=None) -> None:
         raise SystemExit("llama-cpp-python is not installed: the GGUF files are written and checked; to run them "
                          "in llama.cpp: CMAKE_BUILD_PARALLEL_LEVEL=2 pip install llama-cpp-python") from None
     context = -(-(max(len(p) for p in prompts) + args.new_tokens + 8) // 256) * 256  # llama.cpp pads to 256
-    result = {"prompts": len(prompts), "new_tokens": args.new_tokens, "threads": args.threads, "context": context}
+    result = {"prompts": len(prompts), "new_tokens": args.new_tokens, "threads": args.threads, "context": context,
+              "flash_attention": args.flash_attention}
     models = {}
     for name, path in files.items():
-        llm, log = load_llama(path, args.threads, context)
+        llm, log = load_llama(path, args.threads, context, args.flash_attention == "on")
         values = exported[name]["kv_cache_values_per_token"]
         models[name] = llm
         result[name] = {"kv_cache_mib": kv_cache_mib(log), "kv_cache_mib_predicted": values * 2 * context / 2**20,

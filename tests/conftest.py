@@ -152,6 +152,7 @@ def write_tokenizer_gguf(path, vocab):
     writer.add_tokenizer_pre("default")
     writer.add_token_list([f"t{i}" for i in range(vocab)])
     writer.add_token_types([1] * vocab)
+    writer.add_token_merges(["t 0"])  # llama.cpp's BPE vocabulary needs merges to load
     writer.add_bos_token_id(1)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

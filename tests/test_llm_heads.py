@@ -2,12 +2,17 @@
 position, physical removal equal to the mask with and without the KV cache, empty layers, save/load."""
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig,
+                          LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 from headprune import attach_gates, detach_gates
 from headprune.errors import UnsupportedArchitectureError
 from headprune.pruning import load_pruned, remove_heads, save_pruned
 from headprune.sites import find_sites
+
+
+ARCHS = {"llama": (LlamaForCausalLM, LlamaConfig), "qwen3": (Qwen3ForCausalLM, Qwen3Config),
+         "gemma2": (Gemma2ForCausalLM, Gemma2Config), "gemma3": (Gemma3ForCausalLM, Gemma3TextConfig)}
 
 
 def tiny_llm(arch="llama", heads=6, kv_heads=2, layers=3, attn="eager", seed=0):
@@ -16,7 +21,14 @@ def tiny_llm(arch="llama", heads=6, kv_heads=2, layers=3, attn="eager", seed=0):
                   num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=8,
                   max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                   initializer_range=0.3, tie_word_embeddings=True)
-    cls, cfg = (LlamaForCausalLM, LlamaConfig) if arch == "llama" else (Qwen3ForCausalLM, Qwen3Config)
+    if arch.startswith("gemma"):
+        # head_dim 12 with 6 heads in a width of 48 (not 48 / 6), sliding windows of 4 tokens on the
+        # first and last layer (shorter than the prompts), Gemma 2's soft-capped attention logits
+        common.update(head_dim=12, sliding_window=4, query_pre_attn_scalar=12,
+                      layer_types=["sliding_attention", "full_attention", "sliding_attention"][:layers])
+        if arch == "gemma2":
+            common.update(attn_logit_softcapping=5.0, final_logit_softcapping=30.0)
+    cls, cfg = ARCHS[arch]
     config = cfg(**common)
     config._attn_implementation = attn
     return cls(config).eval()
@@ -66,8 +78,9 @@ def test_units_of_a_gqa_model():
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("unit", ["group", "query"])
-def test_gates_at_one_change_nothing(unit, attn, prompt):
-    model = tiny_llm(attn=attn)
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_gates_at_one_change_nothing(arch, unit, attn, prompt):
+    model = tiny_llm(arch, attn=attn)
     expected = outputs(model, prompt)
     every = [h for h in attach_gates(model, unit).heads]
     detach_gates(model)
@@ -82,11 +95,15 @@ CASES = {
     # plain multi-head attention (a group per head), and Qwen3 (per-head q/k norms)
     ("llama", "group", 6): [("decoder", 0, 1), ("decoder", 0, 4), ("decoder", 1, 5), ("decoder", 2, 0)],
     ("qwen3", "group", 2): [("decoder", 0, 0), ("decoder", 2, 1)],
+    # Gemma 2 and 3: head_dim not width / heads, sliding windows, soft-capping (Gemma 2), q/k norms (3)
+    ("gemma2", "group", 2): [("decoder", 0, 1), ("decoder", 1, 0), ("decoder", 1, 1)],
+    ("gemma3", "query", 2): [("decoder", 0, 0), ("decoder", 0, 2), ("decoder", 2, 1)],
 }
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("case", list(CASES), ids=lambda c: "-".join(map(str, c)))
+# transformers runs Gemma 2 (soft-capped attention logits) with eager attention only
+@pytest.mark.parametrize("case,attn", [(c, a) for c in CASES for a in ("eager", "sdpa") if (c[0], a) != ("gemma2", "sdpa")],
+                         ids=lambda c: "-".join(map(str, c)) if isinstance(c, tuple) else c)
 def test_physical_removal_equals_the_mask_with_and_without_the_cache(case, attn, prompt):
     arch, unit, kv_heads = case
     kept = CASES[case]
