@@ -97,22 +97,29 @@ def word_tokenizer():
                                    eos_token="</s>", unk_token="<unk>")
 
 
-def write_tiny_lm(folder, layers=3, heads=6, kv_heads=2, n_train=120, n_eval=30, seed=0):
-    """A tiny random Llama with grouped-query attention and a word-level tokenizer in
-    folder/model, and a text folder (train.txt, validation.txt) whose documents follow a pattern
-    (each word is mostly followed by the next one in a cycle) in folder/text."""
+def write_tiny_lm(folder, layers=3, heads=6, kv_heads=2, n_train=120, n_eval=30, seed=0, arch="llama"):
+    """A tiny random Llama (or `arch` gemma2, gemma3: head_dim 12, not width / heads; sliding
+    windows of 4 tokens; Gemma 2's soft-capping) with grouped-query attention and a word-level
+    tokenizer in folder/model, and a text folder (train.txt, validation.txt) whose documents
+    follow a pattern (each word is mostly followed by the next one in a cycle) in folder/text."""
     import random
 
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
     torch.manual_seed(seed)
     tokenizer = word_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=heads * 8, intermediate_size=64, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=8,
-                         max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                         tie_word_embeddings=True)
-    LlamaForCausalLM(config).save_pretrained(folder / "model")
+    common = dict(vocab_size=len(tokenizer), hidden_size=heads * 8, intermediate_size=64, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=8,
+                  max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                  tie_word_embeddings=True)
+    if arch.startswith("gemma"):
+        common.update(head_dim=12, sliding_window=4, query_pre_attn_scalar=12,
+                      layer_types=[("full_attention", "sliding_attention")[i % 2] for i in range(layers)])
+    names = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+             "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM")}[arch]
+    config = getattr(transformers, names[0])(**common)
+    getattr(transformers, names[1])(config).save_pretrained(folder / "model")
     tokenizer.save_pretrained(folder / "model")
     rng = random.Random(seed)
 

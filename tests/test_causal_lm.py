@@ -73,3 +73,33 @@ def test_budgets_are_checked_in_units_before_loading(tiny_lm, tmp_path):
     with pytest.raises(ConfigError, match="k=7 is more than the 6 heads"):
         prune(lm_cfg(model, data, tmp_path, k=7))
     prune(lm_cfg(model, data, tmp_path / "q", unit="query", k=7))  # 9 query positions: fine
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma(tmp_path_factory):
+    return {arch: write_tiny_lm(tmp_path_factory.mktemp(arch), arch=arch) for arch in ("gemma2", "gemma3")}
+
+
+def saved_perplexity(folder, data):
+    blocks = pack((data / "validation.txt").read_text().splitlines(), word_tokenizer(), 16)
+    ids = torch.tensor(blocks)
+    with torch.no_grad():
+        logits = load_pruned(folder)(input_ids=ids).logits
+    return math.exp(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item())
+
+
+@pytest.mark.parametrize("arch,method,mode,reconstruct", [
+    ("gemma3", "dsp", "pipelined", "none"), ("gemma3", "dsp", "joint", "none"), ("gemma3", "ste", "joint", "none"),
+    ("gemma3", "voita", "pipelined", "none"), ("gemma3", "michel", "pipelined", "none"),
+    ("gemma3", "fisher", "pipelined", "both"), ("gemma3", "activation", "pipelined", "none"),
+    ("gemma3", "flap", "pipelined", "bias"), ("gemma3", "taylor", "pipelined", "none"),
+    ("gemma2", "dsp", "pipelined", "none"), ("gemma2", "taylor", "pipelined", "rescale")])
+def test_gemma_with_every_method_and_the_saved_model_scores_the_same(tiny_gemma, tmp_path, arch, method, mode,
+                                                                      reconstruct):
+    model, data = tiny_gemma[arch]
+    results = prune(lm_cfg(model, data, tmp_path, method=method, mode=mode, reconstruct=reconstruct, michel_step=1,
+                           lr=1e-3))
+    assert results["k"] == 3 and results["num_heads"] == 6 and results["unit"] == "group"
+    assert saved_perplexity(tmp_path / "model", data) == pytest.approx(results["metrics_pruned"]["validation"], rel=1e-4)
+    layers = load_pruned(tmp_path / "model").model.layers
+    assert sum(a.self_attn.k_proj.out_features // 12 for a in layers if a.self_attn.o_proj.weight.abs().sum() > 0) == 3

@@ -168,3 +168,9 @@ def test_measure_reports_the_kv_cache_and_times_generation(tmp_path):
     assert row["attention_flops"]["pruned"] < row["attention_flops"]["original"]
     text = markdown(result)
     assert "KV groups 6 -> 3" in text and "KV cache 384 -> 256 bytes per token (66.7%)" in text
+    # Gemma 3 (head_dim 12): 2 x 3 KV heads x 12 x 4 bytes -> 2 x (1 + 1 + 1 dead) x 12 x 4
+    save_pruned(tiny_llm("gemma3"), tmp_path / "gemma", CASES[("llama", "group", 2)][:2], unit="group")
+    result = measure(MeasureConfig(pruned=str(tmp_path / "gemma"), batch_sizes=[1], lengths=[8], repeats=2,
+                                   warmup=0, beams=[1], generate_tokens=4), progress=lambda *_: None)
+    assert result["kv_cache_bytes_per_token"] == {"original": 576, "pruned": 288}
+    assert result["generation"][0]["tokens_per_second"]["pruned"] > 0
