@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .config import MeasureConfig
 from .errors import ConfigError, OutputExistsError
 from .outputs import check_not_inside, check_writable
-from .sites import UNIT_NAMES, find_sites
+from .sites import UNIT_NAMES, find_sites, in_features, out_features
 
 NOISY = 0.10  # a spread (IQR) above this fraction of the median makes a speedup uncertain
 
@@ -32,9 +32,9 @@ def attention_flops(model, batch: int, length: int, unit: str = "group") -> int:
     total = 0
     for site in find_sites(model, unit):
         queries, keys = site.query_heads * site.head_dim, site.kv_heads * site.head_dim
-        projections = 2 * batch * length * site.query.in_features * (queries + 2 * keys)
+        projections = 2 * batch * length * in_features(site.query) * (queries + 2 * keys)
         products = 2 * 2 * batch * site.query_heads * length * length * site.head_dim
-        output = 2 * batch * length * queries * site.output.out_features
+        output = 2 * batch * length * queries * out_features(site.output)
         total += projections + products + output
     return total
 
@@ -49,7 +49,7 @@ def kv_cache_bytes_per_token(model, unit: str = "group") -> int:
 
 def is_generator(model) -> bool:
     """An encoder-decoder or a decoder-only language model: one whose generation is timed."""
-    return model.config.is_encoder_decoder or type(model).__name__.endswith("ForCausalLM")
+    return model.config.is_encoder_decoder or type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
 
 
 def forward_inputs(model, ids: torch.Tensor) -> dict:

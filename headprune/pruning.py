@@ -28,7 +28,9 @@ from torch import nn
 
 from .errors import ModelError, PrunedCheckpointError, first_line
 from .outputs import atomic_folder
-from .sites import DEAD_HEAD, AttentionSite, find_sites
+from transformers.pytorch_utils import Conv1D
+
+from .sites import DEAD_HEAD, AttentionSite, find_sites, out_features, weight_out_in
 
 Head = tuple[str, int, int]
 
@@ -72,7 +74,7 @@ def zero_pruned_heads(sites: list[AttentionSite], mask: torch.Tensor) -> None:
         gate = site.query_gate(mask[offset:offset + site.num_heads])
         for head in range(site.query_heads):
             if gate[head] == 0:
-                site.output.weight[:, head * d:(head + 1) * d] = 0
+                weight_out_in(site.output)[:, head * d:(head + 1) * d] = 0
         offset += site.num_heads
 
 
@@ -85,30 +87,66 @@ def add_output_biases(sites: list[AttentionSite]) -> int:
     for site in sites:
         if site.output.bias is None:
             weight = site.output.weight
-            site.output.bias = nn.Parameter(weight.new_zeros(weight.shape[0]), requires_grad=weight.requires_grad)
+            site.output.bias = nn.Parameter(weight.new_zeros(out_features(site.output)),
+                                            requires_grad=weight.requires_grad)
             added += 1
     return added
 
 
-def _keep_rows(linear: nn.Linear, index: torch.Tensor) -> None:
-    linear.weight = nn.Parameter(linear.weight.detach().index_select(0, index).clone())
+def _keep_rows(linear: nn.Module, index: torch.Tensor) -> None:
+    """Keep these output features of an nn.Linear (rows of its weight) or a Conv1D (columns)."""
+    conv = isinstance(linear, Conv1D)
+    linear.weight = nn.Parameter(linear.weight.detach().index_select(1 if conv else 0, index).clone())
     if linear.bias is not None:
         linear.bias = nn.Parameter(linear.bias.detach().index_select(0, index).clone())
-    linear.out_features = len(index)
+    if conv:
+        linear.nf = len(index)
+    else:
+        linear.out_features = len(index)
 
 
-def _keep_columns(linear: nn.Linear, index: torch.Tensor) -> None:
-    linear.weight = nn.Parameter(linear.weight.detach().index_select(1, index).clone())
-    linear.in_features = len(index)
+def _keep_columns(linear: nn.Module, index: torch.Tensor) -> None:
+    """Keep these input features of an nn.Linear (columns of its weight) or a Conv1D (rows)."""
+    conv = isinstance(linear, Conv1D)
+    linear.weight = nn.Parameter(linear.weight.detach().index_select(0 if conv else 1, index).clone())
+    if conv:
+        linear.nx = len(index)
+    else:
+        linear.in_features = len(index)
 
 
-def _set_head_count(attention: nn.Module, n: int, head_dim: int) -> None:
+class LayerConfig:
+    """One layer's view of the model's config with its own head counts, for attention code that
+    reads them from the config (Phi-3); everything else, the attention kernel included, is read
+    from the shared config as it is now."""
+
+    def __init__(self, shared, **own):
+        self.__dict__.update(_shared=shared, _own=own)
+
+    def __getattr__(self, name):
+        if name.startswith("__") or "_shared" not in self.__dict__:
+            raise AttributeError(name)
+        own = self.__dict__["_own"]
+        return own[name] if name in own else getattr(self.__dict__["_shared"], name)
+
+
+def _set_head_count(site: AttentionSite, queries: int, keys: int) -> None:
     """Keep the module's own bookkeeping true (DeBERTa-like code reads it; BERT infers it)."""
+    attention, d = site.attention, site.head_dim
     for name in ("num_attention_heads", "n_heads", "num_heads"):
         if isinstance(getattr(attention, name, None), int):
-            setattr(attention, name, n)
+            setattr(attention, name, queries)
     if isinstance(getattr(attention, "all_head_size", None), int):
-        attention.all_head_size = n * head_dim
+        attention.all_head_size = queries * d
+    if isinstance(getattr(attention, "num_key_value_heads", None), int):
+        attention.num_key_value_heads = keys
+    if isinstance(getattr(attention, "num_key_value_groups", None), int) and keys:
+        attention.num_key_value_groups = queries // keys
+    if site.fused and isinstance(getattr(attention, "split_size", None), int):
+        attention.split_size = queries * d  # GPT-2 splits its fused output into three equal parts
+    if site.layer_config:
+        shared = attention.config._shared if isinstance(attention.config, LayerConfig) else attention.config
+        attention.config = LayerConfig(shared, num_attention_heads=queries, num_key_value_heads=keys)
 
 
 def _skip_attention(attention: nn.Module, output: nn.Linear) -> None:
@@ -140,18 +178,17 @@ def remove_heads(model: nn.Module, kept: list[Head], unit: str = "group") -> nn.
             continue
         dead = not keep and site.kind in ("decoder", "cross")
         queries, keys = ([0], [0]) if dead else (site.query_heads_of(keep), site.kv_heads_of(keep))
-        d = site.head_dim
         device = site.query.weight.device
 
-        def rows(heads):
-            return torch.tensor([h * d + i for h in heads for i in range(d)], dtype=torch.long, device=device)
-        _keep_rows(site.query, rows(queries))
-        for linear in (site.key, site.value):
-            _keep_rows(linear, rows(keys))
-        _keep_columns(site.output, rows(queries))
-        _set_head_count(site.attention, len(queries), d)
-        if isinstance(getattr(site.attention, "num_key_value_groups", None), int) and keys:
-            site.attention.num_key_value_groups = len(queries) // len(keys)
+        def index(rows):
+            return torch.tensor(rows, dtype=torch.long, device=device)
+        if site.fused:
+            _keep_rows(site.query, index(site.fused_rows(queries, keys)))
+        else:
+            for which in ("query", "key", "value"):
+                _keep_rows(getattr(site, which), index(site.rows(which, queries if which == "query" else keys)))
+        _keep_columns(site.output, index([h * site.head_dim + i for h in queries for i in range(site.head_dim)]))
+        _set_head_count(site, len(queries), len(keys))
         if dead:
             with torch.no_grad():
                 site.output.weight.zero_()
@@ -188,7 +225,9 @@ def save_pruned(model: nn.Module, folder: Path, kept: list[Head], tokenizer=None
     model.config.headprune = {"kept_heads": [list(h) for h in recorded], "physical": True, "unit": unit,
                               "kept_heads_sha256": heads_checksum(recorded), **record}
     with atomic_folder(Path(folder)) as tmp:  # a kill leaves no half-written model folder
-        model.save_pretrained(tmp)
+        # the module's own weight names (not transformers' renaming back to an older checkpoint
+        # layout, e.g. GPT-NeoX's embed_out): load_pruned loads them into the rebuilt modules as they are
+        model.save_pretrained(tmp, save_original_format=False)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 

@@ -34,6 +34,7 @@ from .methods.flap import flap_statistics
 from .methods.scoring import token_mask, unit_channels
 from .pruning import add_output_biases
 from .progress import progress_bar
+from .sites import weight_out_in
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def flap_shifts(model, gates, mask, batches, loss_fn, reduce=None) -> dict[int, 
     for i, (offset, site, mean) in enumerate(zip(gates.offsets, gates.sites, means)):
         removed = [c for u in range(site.num_heads) if mask[offset + u] == 0 for c in unit_channels(site, u)]
         if removed:
-            weight = site.output.weight.detach().double().cpu()
+            weight = weight_out_in(site.output).detach().double().cpu()
             shifts[i] = weight[:, removed] @ mean[removed]
     return shifts
 
@@ -176,7 +177,7 @@ def block_sums(model, gates, i, kept, batches, loss_fn, scales, shifts, reduce=N
     accumulated (input width squared, whatever the number of tokens); the sums over outputs
     follow from them and W^T W."""
     site = gates.sites[i]
-    weight = site.output.weight.detach().double()
+    weight = weight_out_in(site.output).detach().double()
     width = weight.shape[1]
     moments = {name: torch.zeros(width, width, dtype=torch.float64, device=weight.device) for name in ("SS", "ST", "TT")}
     moments.update({name: torch.zeros(width, dtype=torch.float64, device=weight.device) for name in ("S", "T")})
@@ -251,7 +252,7 @@ def fold(gates, mask, scales, shifts: dict[int, torch.Tensor]) -> None:
     if shifts:
         add_output_biases(gates.sites)
     for i, (offset, site) in enumerate(zip(gates.offsets, gates.sites)):
-        weight = site.output.weight
+        weight = weight_out_in(site.output)  # a view: scaling it scales the weight
         for u in range(site.num_heads):
             if mask[offset + u] > 0 and scales[offset + u] != 1:
                 weight[:, unit_channels(site, u)] *= float(scales[offset + u])

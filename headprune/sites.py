@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .errors import UnsupportedArchitectureError
 
@@ -33,25 +34,73 @@ UNITS = ("group", "query")  # what a gate prunes in grouped-query attention (see
 DEAD_HEAD = "headprune_dead_head"  # attribute of an attention module that keeps one zeroed head
 
 
+def weight_out_in(projection: nn.Module):
+    """A projection's weight as (out, in), the way nn.Linear holds it; GPT-2's Conv1D holds (in,
+    out). A view: writing into it writes the weight."""
+    return projection.weight.T if isinstance(projection, Conv1D) else projection.weight
+
+
+def in_features(projection: nn.Module) -> int:
+    return weight_out_in(projection).shape[1]
+
+
+def out_features(projection: nn.Module) -> int:
+    return weight_out_in(projection).shape[0]
+
+
+def output_rows(projection: nn.Module, rows) -> tuple:
+    """The index of a projection's weight that selects these output features (rows of nn.Linear's)."""
+    return (slice(None), rows) if isinstance(projection, Conv1D) else (rows,)
+
+
+def input_columns(projection: nn.Module, columns) -> tuple:
+    """The index of a projection's weight that selects these input features."""
+    return (columns,) if isinstance(projection, Conv1D) else (slice(None), columns)
+
+
 @dataclass
 class AttentionSite:
     kind: str
     layer: int
     attention: nn.Module  # the module that runs attention and holds its head size
-    query: nn.Linear
-    key: nn.Linear
-    value: nn.Linear
-    output: nn.Linear  # input: the heads' contexts, concatenated head-major
+    query: nn.Module  # nn.Linear, or GPT-2's Conv1D
+    key: nn.Module
+    value: nn.Module
+    output: nn.Module  # input: the heads' contexts, concatenated head-major
     head_dim: int
     unit: str = "head"  # "head" (one key/value head per query head), "group" or "query" (GQA)
+    # One projection computes queries, keys and values (query, key and value are then that module):
+    # "blocks": its rows are every query head's, then every key head's, then every value head's
+    # (GPT-2, Phi-3); "heads": per head its query, key and value rows (GPT-NeoX, Pythia).
+    fused: str | None = None
+    fused_counts: tuple[int, int] | None = None  # fused: (query heads, key/value heads), read at discovery
+    layer_config: bool = False  # the module reads its head counts from the config (Phi-3)
 
     @property
     def query_heads(self) -> int:
-        return self.query.out_features // self.head_dim
+        return self.fused_counts[0] if self.fused else out_features(self.query) // self.head_dim
 
     @property
     def kv_heads(self) -> int:
-        return self.key.out_features // self.head_dim
+        return self.fused_counts[1] if self.fused else out_features(self.key) // self.head_dim
+
+    def rows(self, which: str, heads: list[int]) -> list[int]:
+        """The rows (output features) of the projection that computes `which` ("query", "key" or
+        "value") that belong to `heads` (query heads for "query", key/value heads otherwise)."""
+        d = self.head_dim
+        if self.fused == "heads":
+            start = {"query": 0, "key": d, "value": 2 * d}[which]
+            return [h * 3 * d + start + i for h in heads for i in range(d)]
+        start = 0
+        if self.fused == "blocks":
+            start = {"query": 0, "key": self.query_heads * d, "value": (self.query_heads + self.kv_heads) * d}[which]
+        return [start + h * d + i for h in heads for i in range(d)]
+
+    def fused_rows(self, queries: list[int], keys: list[int]) -> list[int]:
+        """Fused: the rows that keep these query and key/value heads, in the projection's layout."""
+        if self.fused == "heads":  # one key/value head per query head
+            return [r for h in queries for which in ("query", "key", "value") for r in self.rows(which, [h])]
+        return self.rows("query", queries) + self.rows("key", keys) + self.rows("value", keys)
 
     @property
     def num_heads(self) -> int:
@@ -142,12 +191,56 @@ def causal_lm_sites(model: nn.Module) -> Iterator[AttentionSite]:
                                 module.k_proj, module.v_proj, module.o_proj, module.head_dim, unit="group")
 
 
+def gpt2_sites(model: nn.Module) -> Iterator[AttentionSite]:
+    """GPT-2: `h.i.attn` with one Conv1D `c_attn` for queries, keys and values (in blocks) and the
+    Conv1D `c_proj`."""
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if (parts[-1] == "attn" and "h" in parts and hasattr(module, "c_attn") and hasattr(module, "c_proj")
+                and hasattr(module, "split_size") and not getattr(module, "is_cross_attention", False)):
+            heads = out_features(module.c_attn) // (3 * module.head_dim)
+            yield AttentionSite("decoder", int(parts[parts.index("h") + 1]), module, module.c_attn, module.c_attn,
+                                module.c_attn, module.c_proj, module.head_dim, unit="group", fused="blocks",
+                                fused_counts=(heads, heads))
+
+
+def gpt_neox_sites(model: nn.Module) -> Iterator[AttentionSite]:
+    """GPT-NeoX, Pythia: `layers.i.attention` with `query_key_value` (per head its query, key and
+    value rows) and `dense`."""
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if (parts[-1] == "attention" and "layers" in parts and hasattr(module, "query_key_value")
+                and hasattr(module, "dense") and hasattr(module, "head_size")):
+            heads = out_features(module.query_key_value) // (3 * module.head_size)
+            yield AttentionSite("decoder", int(parts[parts.index("layers") + 1]), module, module.query_key_value,
+                                module.query_key_value, module.query_key_value, module.dense, module.head_size,
+                                unit="group", fused="heads", fused_counts=(heads, heads))
+
+
+def phi3_sites(model: nn.Module) -> Iterator[AttentionSite]:
+    """Phi-3, Phi-4-mini: `layers.i.self_attn` with `qkv_proj` (in blocks, grouped keys and values)
+    and `o_proj`. Its forward reads the number of query heads from the config, so a pruned layer
+    gets a view of the config with its own counts."""
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if (parts[-1] == "self_attn" and "layers" in parts and hasattr(module, "qkv_proj")
+                and hasattr(module, "o_proj") and hasattr(module, "num_key_value_heads")):
+            kv = module.num_key_value_heads
+            queries = out_features(module.qkv_proj) // module.head_dim - 2 * kv
+            yield AttentionSite("decoder", int(parts[parts.index("layers") + 1]), module, module.qkv_proj,
+                                module.qkv_proj, module.qkv_proj, module.o_proj, module.head_dim, unit="group",
+                                fused="blocks", fused_counts=(queries, kv), layer_config=True)
+
+
 # layout name (with the models known to use it) -> the function that finds its sites
 LAYOUTS: dict[str, Callable[[nn.Module], Iterator[AttentionSite]]] = {
     "BERT-style (BERT, RoBERTa, XLM-R, ELECTRA, MiniLM, CamemBERT, ERNIE)": bert_sites,
     "DistilBERT-style": distilbert_sites,
     "BART-style encoder-decoder (BART, mBART, Marian, Pegasus)": seq2seq_sites,
     "Llama-style decoder with grouped-query attention (Llama, Mistral, Qwen2, Qwen3, SmolLM, Gemma 2/3)": causal_lm_sites,
+    "GPT-2 (one Conv1D for queries, keys and values)": gpt2_sites,
+    "GPT-NeoX-style decoder (GPT-NeoX, Pythia: one projection, per head its query, key, value)": gpt_neox_sites,
+    "Phi-3-style decoder (Phi-3, Phi-4-mini: one projection for queries, keys and values)": phi3_sites,
 }
 
 

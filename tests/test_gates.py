@@ -98,10 +98,10 @@ def test_heads_are_addressed_by_kind_layer_head():
 
 
 def test_unsupported_architecture_names_the_supported_layouts():
-    from transformers import GPT2Config, GPT2ForSequenceClassification, MPNetConfig, MPNetForSequenceClassification
-    gpt2 = GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=20))
-    with pytest.raises(UnsupportedArchitectureError, match="'gpt2'.*layouts it knows: BERT-style.*DistilBERT-style"):
-        attach_gates(gpt2)
+    from transformers import BloomConfig, BloomForSequenceClassification, MPNetConfig, MPNetForSequenceClassification
+    bloom = BloomForSequenceClassification(BloomConfig(n_layer=1, n_head=2, hidden_size=8, vocab_size=20))
+    with pytest.raises(UnsupportedArchitectureError, match="'bloom'.*layouts it knows: BERT-style.*DistilBERT-style"):
+        attach_gates(bloom)
     mpnet = MPNetForSequenceClassification(MPNetConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                                        intermediate_size=8, vocab_size=20))
     with pytest.raises(UnsupportedArchitectureError, match="'mpnet'"):

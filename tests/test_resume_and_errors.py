@@ -92,14 +92,14 @@ def test_budget_outside_1_to_n(tiny_finetuned, tmp_path, no_training, k, message
 
 
 def test_unknown_architecture(tmp_path, no_training):
-    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+    from transformers import AutoTokenizer, BloomConfig, BloomForSequenceClassification
     from conftest import write_tiny_assets
     _, data = write_tiny_assets(tmp_path / "assets")
-    GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=99,
-                                             num_labels=2)).save_pretrained(tmp_path / "gpt2")
-    AutoTokenizer.from_pretrained(tmp_path / "assets" / "model").save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(UnsupportedArchitectureError, match="'gpt2'.*layouts it knows: BERT-style"):
-        prune(cfg(tmp_path / "gpt2", data, tmp_path / "out", k=1, mode="joint"))
+    BloomForSequenceClassification(BloomConfig(n_layer=1, n_head=2, hidden_size=8, vocab_size=99,
+                                               num_labels=2)).save_pretrained(tmp_path / "bloom")
+    AutoTokenizer.from_pretrained(tmp_path / "assets" / "model").save_pretrained(tmp_path / "bloom")
+    with pytest.raises(UnsupportedArchitectureError, match="'bloom'.*layouts it knows: BERT-style"):
+        prune(cfg(tmp_path / "bloom", data, tmp_path / "out", k=1, mode="joint"))
 
 
 def test_missing_label_column(tiny_finetuned, tmp_path, no_training):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from ..sites import weight_out_in
 from .scoring import Scores, channel_moments, per_unit
 
 
@@ -36,7 +37,7 @@ def flap_scores(gates, variances: list[torch.Tensor]) -> torch.Tensor:
     """One score per gate from the channels' variances (see the module's docstring)."""
     standardised = []
     for site, var in zip(gates.sites, variances):
-        weight = site.output.weight.detach().double().cpu()
+        weight = weight_out_in(site.output).detach().double().cpu()
         fluctuation = var * weight.pow(2).sum(0)  # times the squared norm of each input channel's column
         std = fluctuation.std()
         standardised.append((fluctuation - fluctuation.mean()) / std if std > 0 else torch.zeros_like(fluctuation))

@@ -18,6 +18,8 @@ from typing import Callable
 
 import torch
 
+from ..sites import in_features
+
 
 @dataclass
 class Scores:
@@ -93,7 +95,7 @@ def channel_moments(model, gates, batches, loss_fn, rows_of: Callable, reduce=No
         counts[i] += rows.shape[0]
 
     observe_calibration(model, gates, batches, loss_fn, on_context)
-    zeros = [torch.zeros(site.output.in_features, dtype=torch.float64) for site in gates.sites]
+    zeros = [torch.zeros(in_features(site.output), dtype=torch.float64) for site in gates.sites]
     sums = [z if t is None else t.cpu() for z, t in zip(zeros, sums)]
     squares = [z if t is None else t.cpu() for z, t in zip(zeros, squares)]
     if reduce is not None:

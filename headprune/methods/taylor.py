@@ -15,23 +15,26 @@ from __future__ import annotations
 
 import torch
 
+from ..sites import input_columns, output_rows
 from .scoring import Scores
 
 VARIANTS = ("element", "vector")
 
 
 def group_weights(site, unit: int) -> list[tuple[torch.nn.Parameter, tuple]]:
-    """(parameter, index) pairs: the slices of the site's weights that belong to `unit`."""
-    d = site.head_dim
-    queries = [h * d + i for h in site.query_heads_of([unit]) for i in range(d)]
-    keys = [] if site.unit == "query" else [h * d + i for h in site.kv_heads_of([unit]) for i in range(d)]
+    """(parameter, index) pairs: the slices of the site's weights that belong to `unit` (rows of
+    one fused projection where queries, keys and values share one)."""
+    queries = site.query_heads_of([unit])
+    keys = [] if site.unit == "query" else site.kv_heads_of([unit])
     parts = []
-    for linear, rows in ((site.query, queries), (site.key, keys), (site.value, keys)):
-        if rows:
-            parts.append((linear.weight, (rows,)))
+    for which, heads in (("query", queries), ("key", keys), ("value", keys)):
+        if heads:
+            linear, rows = getattr(site, which), site.rows(which, heads)
+            parts.append((linear.weight, output_rows(linear, rows)))
             if linear.bias is not None:
                 parts.append((linear.bias, (rows,)))
-    parts.append((site.output.weight, (slice(None), queries)))
+    channels = [h * site.head_dim + i for h in queries for i in range(site.head_dim)]
+    parts.append((site.output.weight, input_columns(site.output, channels)))
     return parts
 
 

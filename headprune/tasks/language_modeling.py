@@ -39,7 +39,7 @@ class LanguageModeling(Task):
     metric = "perplexity"
     higher_is_better = False
     auto_class = AutoModelForCausalLM
-    architecture_suffixes = ("ForCausalLM",)
+    architecture_suffixes = ("ForCausalLM", "LMHeadModel")  # GPT-2: GPT2LMHeadModel
     trained_model = "a causal language model"
 
     def check_model(self, name: str, config, sites) -> None:

@@ -1,0 +1,133 @@
+"""Models whose queries, keys and values come from one projection (issue 23): GPT-2 (a Conv1D, in
+blocks of query, key and value heads), GPT-NeoX and Pythia (per head its query, key and value
+rows) and Phi-3 (in blocks, grouped keys and values; its forward reads the head count from the
+config). Gates at 1 change nothing, removal slices the right rows and equals the mask with and
+without the cache, save and load give the same outputs, and every method runs end to end."""
+import pytest
+import torch
+from conftest import write_tiny_lm
+from test_causal_lm import lm_cfg, saved_perplexity
+from test_llm_heads import masked, outputs, same
+from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, Phi3Config,
+                          Phi3ForCausalLM)
+
+from headprune import attach_gates, detach_gates
+from headprune.pruning import load_pruned, remove_heads, save_pruned
+from headprune.recipes import prune
+from headprune.sites import find_sites
+
+COMMON = dict(vocab_size=61, hidden_size=48, num_hidden_layers=3, num_attention_heads=6, max_position_embeddings=64,
+              initializer_range=0.3, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def tiny_fused(arch: str, attn: str = "eager"):
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        config = GPT2Config(**COMMON, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        cls = GPT2LMHeadModel
+    elif arch == "gpt_neox":
+        config = GPTNeoXConfig(**COMMON, intermediate_size=64, rotary_pct=0.5, attention_bias=True)
+        cls = GPTNeoXForCausalLM
+    else:
+        config = Phi3Config(**COMMON, intermediate_size=64, num_key_value_heads=2)
+        cls = Phi3ForCausalLM
+    config._attn_implementation = attn
+    model = cls(config).eval()
+    with torch.no_grad():  # biases too, so that slicing them wrongly shows
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.3)
+    return model
+
+
+@pytest.fixture
+def prompt():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 61, (2, 9), generator=g)
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = 0, 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_each_heads_rows_in_the_fused_projection():
+    gpt2, neox, phi3 = (find_sites(tiny_fused(a))[0] for a in ("gpt2", "gpt_neox", "phi3"))
+    assert (gpt2.query_heads, gpt2.kv_heads, gpt2.num_heads) == (6, 6, 6) and gpt2.query is gpt2.key is gpt2.value
+    # GPT-2: 6 query heads of 8, then 6 key heads, then 6 value heads (Conv1D: columns of its weight)
+    assert gpt2.rows("key", [1])[:2] == [56, 57] and gpt2.rows("value", [0])[0] == 96
+    assert gpt2.fused_rows([2], [2]) == [*range(16, 24), *range(64, 72), *range(112, 120)]
+    # GPT-NeoX: per head 24 rows: its query, key and value
+    assert neox.rows("query", [1])[0] == 24 and neox.rows("key", [1])[0] == 32 and neox.rows("value", [1])[0] == 40
+    assert neox.fused_rows([1], [1]) == list(range(24, 48))
+    # Phi-3: 6 query heads, then 2 key heads, then 2 value heads, of 8; a KV group is 3 query heads
+    assert (phi3.query_heads, phi3.kv_heads, phi3.num_heads) == (6, 2, 2)
+    assert phi3.fused_rows(phi3.query_heads_of([1]), phi3.kv_heads_of([1])) == [
+        *range(24, 48), *range(56, 64), *range(72, 80)]
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "phi3"])
+def test_gates_at_one_change_nothing(arch, attn, prompt):
+    model = tiny_fused(arch, attn)
+    expected = outputs(model, prompt)
+    every = list(attach_gates(model, "group").heads)
+    detach_gates(model)
+    same(masked(model, every, "group", lambda m: outputs(m, prompt)), expected)
+
+
+# layer 0 keeps units 1 and 4 (Phi-3: group 1), layer 1 one, layer 2 none (one dead head keeps the cache)
+KEPT = {"gpt2": [("decoder", 0, 1), ("decoder", 0, 4), ("decoder", 1, 5)],
+        "gpt_neox": [("decoder", 0, 1), ("decoder", 0, 4), ("decoder", 1, 5)],
+        "phi3": [("decoder", 0, 1), ("decoder", 1, 0)]}
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "phi3"])
+def test_physical_removal_equals_the_mask_with_and_without_the_cache(arch, attn, prompt):
+    model = tiny_fused(arch, attn)
+    expected = masked(model, KEPT[arch], "group", lambda m: outputs(m, prompt))
+    remove_heads(model, KEPT[arch], "group")
+    same(outputs(model, prompt), expected)
+    sites = find_sites(model)
+    assert [s.num_heads for s in sites] == ([2, 1, 0] if arch != "phi3" else [1, 1, 0])
+    fused = [s.query for s in sites]
+    width = [f.weight.shape[1] if arch == "gpt2" else f.weight.shape[0] for f in fused]
+    # a head's query, key and value rows: 3 x 8; a Phi-3 group's: 3 query heads, a key and a value
+    # head; the last layer's dead unit keeps one query head and its key and value head: 3 x 8
+    assert width == ([48, 24, 24] if arch != "phi3" else [40, 40, 24])
+    if arch == "gpt2":
+        assert [s.attention.split_size for s in sites] == [16, 8, 8]
+    if arch == "phi3":  # its forward reads the query heads from the config: a view with the layer's own
+        assert [s.attention.config.num_attention_heads for s in sites] == [3, 3, 1]
+        assert model.config.num_attention_heads == 6 and sites[0].attention.config.hidden_size == 48
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "phi3"])
+def test_save_and_load_gives_identical_logits_and_generations(arch, prompt, tmp_path):
+    model = tiny_fused(arch)
+    expected = masked(model, KEPT[arch], "group", lambda m: outputs(m, prompt))
+    save_pruned(model, tmp_path, KEPT[arch], unit="group")
+    loaded = load_pruned(tmp_path)
+    assert type(loaded) is type(model)
+    same(outputs(loaded, prompt), expected)
+    loaded.set_attn_implementation("sdpa")  # the per-layer config of Phi-3 follows the model's kernel
+    same(outputs(loaded, prompt), expected)
+
+
+@pytest.fixture(scope="module")
+def tiny_fused_lms(tmp_path_factory):
+    return {arch: write_tiny_lm(tmp_path_factory.mktemp(arch), arch=arch) for arch in ("gpt2", "gpt_neox", "phi3")}
+
+
+@pytest.mark.parametrize("arch,method,mode,reconstruct", [
+    ("gpt2", "dsp", "pipelined", "none"), ("gpt2", "dsp", "joint", "none"), ("gpt2", "michel", "pipelined", "none"),
+    ("gpt2", "taylor", "pipelined", "both"), ("gpt2", "flap", "pipelined", "bias"),
+    ("gpt_neox", "voita", "pipelined", "none"), ("gpt_neox", "fisher", "pipelined", "rescale"),
+    ("gpt_neox", "activation", "pipelined", "none"), ("phi3", "ste", "joint", "none"),
+    ("phi3", "taylor", "pipelined", "bias"), ("phi3", "fisher", "pipelined", "both")])
+def test_every_method_and_the_saved_model_scores_the_same(tiny_fused_lms, tmp_path, arch, method, mode, reconstruct):
+    model, data = tiny_fused_lms[arch]
+    results = prune(lm_cfg(model, data, tmp_path, method=method, mode=mode, reconstruct=reconstruct, michel_step=1,
+                           lr=1e-3))
+    assert results["k"] == 3 and results["num_heads"] == (18 if arch != "phi3" else 6)
+    assert saved_perplexity(tmp_path / "model", data) == pytest.approx(results["metrics_pruned"]["validation"], rel=1e-4)
+    assert sum(s.num_heads for s in find_sites(load_pruned(tmp_path / "model"))) == 3
