@@ -191,6 +191,17 @@ def causal_lm_sites(model: nn.Module) -> Iterator[AttentionSite]:
                                 module.k_proj, module.v_proj, module.o_proj, module.head_dim, unit="group")
 
 
+def modernbert_sites(model: nn.Module) -> Iterator[AttentionSite]:
+    """ModernBERT: `layers.i.attn` with `Wqkv` (in blocks of query, key and value heads) and `Wo`."""
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if (parts[-1] == "attn" and "layers" in parts and hasattr(module, "Wqkv") and hasattr(module, "Wo")
+                and hasattr(module, "head_dim")):
+            heads = out_features(module.Wqkv) // (3 * module.head_dim)
+            yield AttentionSite("encoder", int(parts[parts.index("layers") + 1]), module, module.Wqkv, module.Wqkv,
+                                module.Wqkv, module.Wo, module.head_dim, fused="blocks", fused_counts=(heads, heads))
+
+
 def gpt2_sites(model: nn.Module) -> Iterator[AttentionSite]:
     """GPT-2: `h.i.attn` with one Conv1D `c_attn` for queries, keys and values (in blocks) and the
     Conv1D `c_proj`."""
@@ -238,6 +249,7 @@ LAYOUTS: dict[str, Callable[[nn.Module], Iterator[AttentionSite]]] = {
     "DistilBERT-style": distilbert_sites,
     "BART-style encoder-decoder (BART, mBART, Marian, Pegasus)": seq2seq_sites,
     "Llama-style decoder with grouped-query attention (Llama, Mistral, Qwen2, Qwen3, SmolLM, Gemma 2/3)": causal_lm_sites,
+    "ModernBERT (one projection for queries, keys and values)": modernbert_sites,
     "GPT-2 (one Conv1D for queries, keys and values)": gpt2_sites,
     "GPT-NeoX-style decoder (GPT-NeoX, Pythia: one projection, per head its query, key, value)": gpt_neox_sites,
     "Phi-3-style decoder (Phi-3, Phi-4-mini: one projection for queries, keys and values)": phi3_sites,

@@ -19,6 +19,12 @@ def tiny_config(arch: str, attn: str = "eager", num_labels: int = 3, layers: int
     common = dict(vocab_size=99, num_labels=num_labels, max_position_embeddings=64, initializer_range=0.3)
     if arch == "distilbert":
         cfg = DistilBertConfig(dim=32, n_layers=layers, n_heads=4, hidden_dim=37, **common)
+    elif arch == "modernbert":  # not in ARCHS: its fused projection has tests of its own (test_fused_heads.py)
+        from transformers import ModernBertConfig
+        cfg = ModernBertConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=37,
+                               pad_token_id=0, bos_token_id=2, eos_token_id=3, cls_token_id=2, sep_token_id=3,
+                               attention_bias=True, global_attn_every_n_layers=2, local_attention=4,
+                               embedding_dropout=0.0, mlp_dropout=0.0, attention_dropout=0.0, **common)
     else:
         cls = {"bert": BertConfig, "roberta": RobertaConfig, "xlm-roberta": XLMRobertaConfig,
                "electra": ElectraConfig}[arch]

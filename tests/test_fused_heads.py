@@ -1,4 +1,5 @@
-"""Models whose queries, keys and values come from one projection (issue 23): GPT-2 (a Conv1D, in
+"""Models whose queries, keys and values come from one projection (issue 23): ModernBERT (an
+encoder, in blocks), GPT-2 (a Conv1D, in
 blocks of query, key and value heads), GPT-NeoX and Pythia (per head its query, key and value
 rows) and Phi-3 (in blocks, grouped keys and values; its forward reads the head count from the
 config). Gates at 1 change nothing, removal slices the right rows and equals the mask with and
@@ -130,4 +131,55 @@ def test_every_method_and_the_saved_model_scores_the_same(tiny_fused_lms, tmp_pa
                            lr=1e-3))
     assert results["k"] == 3 and results["num_heads"] == (18 if arch != "phi3" else 6)
     assert saved_perplexity(tmp_path / "model", data) == pytest.approx(results["metrics_pruned"]["validation"], rel=1e-4)
+    assert sum(s.num_heads for s in find_sites(load_pruned(tmp_path / "model"))) == 3
+
+
+# -- ModernBERT: an encoder with one projection for queries, keys and values -------------------------
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 99, (3, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def classify(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_modernbert_gates_removal_and_reload(attn, batch, tmp_path):
+    from conftest import tiny_model
+    model = tiny_model("modernbert", attn, layers=3)  # 3 layers x 4 heads; layers 0 and 2 global, 1 local
+    site = find_sites(model)[0]
+    assert (site.kind, site.num_heads, site.fused) == ("encoder", 4, "blocks") and site.rows("value", [1])[0] == 72
+    before = classify(model, batch)
+    every = list(attach_gates(model).heads)
+    detach_gates(model)
+    assert torch.allclose(masked(model, every, "group", lambda m: classify(m, batch)), before, atol=1e-6)
+    kept = [("encoder", 0, 1), ("encoder", 0, 3), ("encoder", 2, 2)]  # layer 1 keeps none: it skips attention
+    expected = masked(model, kept, "group", lambda m: classify(m, batch))
+    assert not torch.allclose(expected, before, atol=1e-3)
+    save_pruned(model, tmp_path, kept)
+    loaded = load_pruned(tmp_path)
+    assert [s.num_heads for s in find_sites(loaded)] == [2, 0, 1]
+    assert torch.allclose(classify(loaded, batch), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("method,reconstruct", [("dsp", "none"), ("flap", "both"), ("taylor", "none")])
+def test_modernbert_classifier_pruned_by_each_method(method, reconstruct, tmp_path_factory, tmp_path):
+    from conftest import tiny, write_tiny_assets
+    from headprune.config import FinetuneConfig
+    from headprune.recipes import finetune
+    folder = tmp_path_factory.getbasetemp() / "modernbert"
+    if not (folder / "ft" / "model").is_dir():
+        model, data = write_tiny_assets(folder / "assets", arch="modernbert")
+        finetune(FinetuneConfig(model=str(model), dataset=str(data), epochs=2, batch_size=16,
+                                output_dir=str(folder / "ft"), checkpoint_every=0))
+    data = folder / "assets" / "data.jsonl"
+    results = prune(tiny(folder / "ft" / "model", data, tmp_path, method=method, reconstruct=reconstruct))
+    assert results["k"] == 3 and results["num_heads"] == 8
     assert sum(s.num_heads for s in find_sites(load_pruned(tmp_path / "model"))) == 3
