@@ -290,6 +290,11 @@ def find_sites(model: nn.Module, unit: str = "group") -> list[AttentionSite]:
     model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
     if model_type in NOT_YET:
         raise UnsupportedArchitectureError(f"headprune does not support {model_type!r} yet: {NOT_YET[model_type]}")
+    unread = next(((name, type(m).__name__) for name, m in model.named_modules()
+                   if type(m).__name__.endswith(("Attention", "SelfAttention"))), None)
     raise UnsupportedArchitectureError(
-        f"headprune does not support {model_type!r}: its attention modules match none of the "
-        f"layouts it knows: {'; '.join(LAYOUTS)}")
+        f"headprune does not support {model_type!r}: "
+        + (f"its attention module {unread[0]} ({unread[1]}) " if unread else "none of its modules ")
+        + "matches none of the layouts it knows (a layout names the query, key and value projections, or one "
+        "fused projection and where each head's rows are in it, the output projection that reads the heads' "
+        f"contexts, and the head size; see headprune/sites.py): {'; '.join(LAYOUTS)}")
