@@ -101,7 +101,7 @@ def test_unsupported_architecture_names_the_supported_layouts():
     from transformers import BloomConfig, BloomForSequenceClassification, MPNetConfig, MPNetForSequenceClassification
     bloom = BloomForSequenceClassification(BloomConfig(n_layer=1, n_head=2, hidden_size=8, vocab_size=20))
     with pytest.raises(UnsupportedArchitectureError, match=r"'bloom': its attention module transformer\.h\.0\."
-                       r"self_attention \(BloomAttention\).*head size.*layouts it knows.*: BERT-style.*DistilBERT-style"):
+                       r"self_attention \(BloomAttention\) matches none of the layouts it knows.*head size.*: BERT-style.*DistilBERT-style"):
         attach_gates(bloom)
     mpnet = MPNetForSequenceClassification(MPNetConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                                        intermediate_size=8, vocab_size=20))
