@@ -75,6 +75,9 @@ class AttentionSite:
     fused: str | None = None
     fused_counts: tuple[int, int] | None = None  # fused: (query heads, key/value heads), read at discovery
     layer_config: bool = False  # the module reads its head counts from the config (Phi-3)
+    # More projections whose output rows are per head, as (projection, "query" or "key"): DeBERTa's
+    # relative-position projections; sliced with the heads they belong to
+    extra: tuple = ()
 
     @property
     def query_heads(self) -> int:
@@ -154,6 +157,21 @@ def bert_sites(model: nn.Module) -> Iterator[AttentionSite]:
             kind = "cross" if name.endswith("crossattention") else "encoder"
             yield AttentionSite(kind, _layer_index(name), attn, attn.query, attn.key, attn.value,
                                 module.output.dense, attn.attention_head_size)
+
+
+def deberta_v2_sites(model: nn.Module) -> Iterator[AttentionSite]:
+    """DeBERTa-v2 and v3: `layer.i.attention.self.{query_proj,key_proj,value_proj}` and
+    `layer.i.attention.output.dense`; with relative attention that does not share the key and
+    query projections (`share_att_key` false), `pos_key_proj` (c2p) and `pos_query_proj` (p2c)
+    project the relative positions per head too."""
+    for name, module in model.named_modules():
+        attn = getattr(module, "self", None)
+        if (name.endswith("attention") and hasattr(attn, "query_proj") and hasattr(attn, "attention_head_size")
+                and hasattr(getattr(module, "output", None), "dense")):
+            extra = tuple((getattr(attn, p), which) for p, which in (("pos_key_proj", "key"), ("pos_query_proj", "query"))
+                          if isinstance(getattr(attn, p, None), nn.Linear))
+            yield AttentionSite("encoder", _layer_index(name), attn, attn.query_proj, attn.key_proj, attn.value_proj,
+                                module.output.dense, attn.attention_head_size, extra=extra)
 
 
 def distilbert_sites(model: nn.Module) -> Iterator[AttentionSite]:
@@ -247,6 +265,7 @@ def phi3_sites(model: nn.Module) -> Iterator[AttentionSite]:
 LAYOUTS: dict[str, Callable[[nn.Module], Iterator[AttentionSite]]] = {
     "BERT-style (BERT, RoBERTa, XLM-R, ELECTRA, MiniLM, CamemBERT, ERNIE)": bert_sites,
     "DistilBERT-style": distilbert_sites,
+    "DeBERTa-v2/v3 (disentangled attention)": deberta_v2_sites,
     "BART-style encoder-decoder (BART, mBART, Marian, Pegasus)": seq2seq_sites,
     "Llama-style decoder with grouped-query attention (Llama, Mistral, Qwen2, Qwen3, SmolLM, Gemma 2/3)": causal_lm_sites,
     "ModernBERT (one projection for queries, keys and values)": modernbert_sites,
@@ -260,8 +279,8 @@ LAYOUTS: dict[str, Callable[[nn.Module], Iterator[AttentionSite]]] = {
 _T5 = ("its relative position bias is computed in the first layer of each stack and shared by all "
        "layers, so removing heads needs the bias sliced per layer (BART, mBART and Marian are supported)")
 NOT_YET = {"t5": _T5, "mt5": _T5, "umt5": _T5, "longt5": _T5,
-           "deberta": "its relative attention reads the head count from the module",
-           "deberta-v2": "its relative attention reads the head count from the module"}
+           "deberta": "its one projection for queries, keys and values keeps the query and value biases "
+                      "apart (DeBERTa-v2 and v3 are supported)"}
 
 
 # What one unit of pruning is called in logs and reports.

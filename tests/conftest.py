@@ -19,6 +19,12 @@ def tiny_config(arch: str, attn: str = "eager", num_labels: int = 3, layers: int
     common = dict(vocab_size=99, num_labels=num_labels, max_position_embeddings=64, initializer_range=0.3)
     if arch == "distilbert":
         cfg = DistilBertConfig(dim=32, n_layers=layers, n_heads=4, hidden_dim=37, **common)
+    elif arch == "deberta-v2":  # not in ARCHS: tests of its own (test_deberta_heads.py)
+        from transformers import DebertaV2Config
+        cfg = DebertaV2Config(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=37,
+                              relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=8,
+                              max_relative_positions=16, share_att_key=False, norm_rel_ebd="layer_norm",
+                              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **common)
     elif arch == "modernbert":  # not in ARCHS: its fused projection has tests of its own (test_fused_heads.py)
         from transformers import ModernBertConfig
         cfg = ModernBertConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=37,

@@ -27,9 +27,11 @@ def group_weights(site, unit: int) -> list[tuple[torch.nn.Parameter, tuple]]:
     queries = site.query_heads_of([unit])
     keys = [] if site.unit == "query" else site.kv_heads_of([unit])
     parts = []
-    for which, heads in (("query", queries), ("key", keys), ("value", keys)):
+    projections = [(getattr(site, which), which) for which in ("query", "key", "value")] + list(site.extra)
+    for linear, which in projections:  # the extra ones: DeBERTa's relative-position projections
+        heads = queries if which == "query" else keys
         if heads:
-            linear, rows = getattr(site, which), site.rows(which, heads)
+            rows = site.rows(which, heads)
             parts.append((linear.weight, output_rows(linear, rows)))
             if linear.bias is not None:
                 parts.append((linear.bias, (rows,)))
@@ -43,7 +45,7 @@ def taylor_scores(model, gates, batches, loss_fn, variant: str = "element", redu
     if variant not in VARIANTS:
         raise ValueError(f"variant {variant!r}: choose one of {', '.join(VARIANTS)}")
     params = list({id(p): p for site in gates.sites
-                   for linear in (site.query, site.key, site.value, site.output)
+                   for linear in (site.query, site.key, site.value, site.output, *[p for p, _ in site.extra])
                    for p in (linear.weight, linear.bias) if p is not None}.values())
     was = [p.requires_grad for p in params]
     model.eval()

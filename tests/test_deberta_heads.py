@@ -1,0 +1,75 @@
+"""DeBERTa-v2 and v3 (issue 23): disentangled attention, whose relative-position projections
+(`pos_key_proj`, `pos_query_proj`, when `share_att_key` is off) hold rows per head too. Gates at 1
+change nothing, removal (with a layer left without heads) equals the mask, save and load give the
+same outputs, with and without shared keys; a classifier prunes by every family of method."""
+import copy
+
+import pytest
+import torch
+from conftest import tiny, tiny_model, write_tiny_assets
+
+from headprune import attach_gates, detach_gates
+from headprune.config import FinetuneConfig
+from headprune.pruning import load_pruned, remove_heads, save_pruned
+from headprune.recipes import finetune, prune
+from headprune.sites import find_sites
+
+KEPT = [("encoder", 0, 1), ("encoder", 0, 3), ("encoder", 2, 2)]  # layer 1 keeps none
+
+
+def tiny_deberta(share_att_key: bool):
+    model = tiny_model("deberta-v2", layers=3)
+    if share_att_key:  # the same weights otherwise: keys and queries project the positions too
+        config = copy.deepcopy(model.config)
+        config.share_att_key = True
+        torch.manual_seed(0)
+        model = type(model)(config).eval()
+    return model
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def gated(model, kept, batch):
+    gates = attach_gates(model)
+    gates.set_mask(torch.tensor([float(h in kept) for h in gates.heads]))
+    try:
+        return logits(model, batch)
+    finally:
+        detach_gates(model)
+
+
+@pytest.mark.parametrize("share_att_key", [False, True])
+def test_gates_removal_and_reload(share_att_key, batch, tmp_path):
+    model = tiny_deberta(share_att_key)
+    site = find_sites(model)[0]
+    assert site.num_heads == 4 and len(site.extra) == (0 if share_att_key else 2)
+    before = logits(model, batch)
+    every = list(attach_gates(model).heads)
+    detach_gates(model)
+    assert torch.allclose(gated(model, every, batch), before, atol=1e-6)
+    expected = gated(model, KEPT, batch)
+    assert not torch.allclose(expected, before, atol=1e-3)
+    save_pruned(copy.deepcopy(model), tmp_path, KEPT)
+    remove_heads(model, KEPT)
+    assert torch.allclose(logits(model, batch), expected, atol=1e-6)
+    attention = find_sites(model)[0].attention
+    assert attention.num_attention_heads == 2 and attention.all_head_size == 16
+    if not share_att_key:  # the relative-position projections keep the rows of the heads kept
+        assert attention.pos_key_proj.out_features == attention.pos_query_proj.out_features == 16
+    assert torch.allclose(logits(load_pruned(tmp_path), batch), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("method,reconstruct", [("dsp", "none"), ("fisher", "rescale"), ("taylor", "bias")])
+def test_a_deberta_classifier_pruned_by_each_family(method, reconstruct, tmp_path_factory, tmp_path):
+    folder = tmp_path_factory.getbasetemp() / "deberta"
+    if not (folder / "ft" / "model").is_dir():
+        model, data = write_tiny_assets(folder / "assets", arch="deberta-v2")
+        finetune(FinetuneConfig(model=str(model), dataset=str(data), epochs=2, batch_size=16,
+                                output_dir=str(folder / "ft"), checkpoint_every=0))
+    results = prune(tiny(folder / "ft" / "model", folder / "assets" / "data.jsonl", tmp_path, method=method,
+                         reconstruct=reconstruct))
+    assert results["k"] == 3 and results["num_heads"] == 8
+    assert sum(s.num_heads for s in find_sites(load_pruned(tmp_path / "model"))) == 3
