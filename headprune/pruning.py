@@ -162,6 +162,42 @@ def _skip_attention(attention: nn.Module, output: nn.Linear) -> None:
     attention.__class__ = type(f"Headless{base.__name__}", (base,), {"forward": forward})
 
 
+BIAS_HEADS = "headprune_bias_heads"  # T5: the heads (original numbers) of a layer's slice of the position bias
+
+
+def _share_position_bias(attention: nn.Module, heads: list[int]) -> None:
+    """T5: each stack's first layer computes the relative position bias for every head and the
+    stack hands it from layer to layer, so a pruned layer takes the slice of its own heads (in
+    the original numbering: `heads`) and hands on the whole; a layer left without heads still
+    hands it on (and computes it, where it owns the table)."""
+    base = type(attention)
+    if not base.__name__.startswith("HeadPruned"):
+        width = attention.n_heads  # the bias of every head, before any is removed
+
+        def forward(self, hidden_states, mask=None, key_value_states=None, position_bias=None, cache=None, **kwargs):
+            if position_bias is None:
+                position_bias = self.headprune_full_bias(hidden_states, key_value_states, cache)
+            mine = getattr(self, BIAS_HEADS)
+            if not mine:
+                return self.o(hidden_states.new_zeros(*hidden_states.shape[:-1], 0)), position_bias, None
+            output, _, weights = base.forward(self, hidden_states, mask=mask, key_value_states=key_value_states,
+                                              position_bias=position_bias[:, mine], cache=cache, **kwargs)
+            return output, position_bias, weights
+
+        def full_bias(self, hidden_states, key_value_states, cache):
+            """What T5Attention computes when no bias is handed in, for every head."""
+            queries = hidden_states.shape[1]
+            past = 0 if key_value_states is not None or cache is None else cache.get_seq_length(self.layer_idx)
+            keys = key_value_states.shape[1] if key_value_states is not None else past + queries
+            if self.has_relative_attention_bias:
+                return self.compute_bias(queries, keys, device=hidden_states.device, past_seen_tokens=past)
+            return hidden_states.new_zeros(1, width, queries, keys)
+
+        attention.__class__ = type(f"HeadPruned{base.__name__}", (base,),
+                                   {"forward": forward, "headprune_full_bias": full_bias})
+    setattr(attention, BIAS_HEADS, heads)
+
+
 def remove_heads(model: nn.Module, kept: list[Head], unit: str = "group") -> nn.Module:
     """Remove every head (unit: see `headprune.sites`) of `model` not in `kept`, addressed by the
     model's current numbering.
@@ -179,6 +215,9 @@ def remove_heads(model: nn.Module, kept: list[Head], unit: str = "group") -> nn.
         dead = not keep and site.kind in ("decoder", "cross")
         queries, keys = ([0], [0]) if dead else (site.query_heads_of(keep), site.kv_heads_of(keep))
         device = site.query.weight.device
+        if site.position_bias:  # before the counts change: the heads' numbers in the bias
+            numbers = getattr(site.attention, BIAS_HEADS, None) or list(range(site.query_heads))
+            _share_position_bias(site.attention, [numbers[h] for h in queries] if keep or dead else [])
 
         def index(rows):
             return torch.tensor(rows, dtype=torch.long, device=device)
@@ -195,7 +234,7 @@ def remove_heads(model: nn.Module, kept: list[Head], unit: str = "group") -> nn.
             with torch.no_grad():
                 site.output.weight.zero_()
             setattr(site.attention, DEAD_HEAD, True)
-        elif not keep:
+        elif not keep and not site.position_bias:  # (a T5 layer skips its attention in _share_position_bias)
             _skip_attention(site.attention, site.output)
     return model
 

@@ -78,6 +78,9 @@ class AttentionSite:
     # More projections whose output rows are per head, as (projection, "query" or "key"): DeBERTa's
     # relative-position projections; sliced with the heads they belong to
     extra: tuple = ()
+    # T5: the module takes a position bias for every head from the layer before and hands it on
+    # (computed by each stack's first layer), so a pruned layer takes its own heads' slice of it
+    position_bias: bool = False
 
     @property
     def query_heads(self) -> int:
@@ -197,6 +200,22 @@ def seq2seq_sites(model: nn.Module) -> Iterator[AttentionSite]:
                                 module.k_proj, module.v_proj, module.out_proj, module.head_dim)
 
 
+def t5_sites(model: nn.Module) -> Iterator[AttentionSite]:
+    """T5, Flan-T5, mT5, UMT5-like layouts: `encoder.block.i.layer.0.SelfAttention` (encoder),
+    `decoder.block.i.layer.0.SelfAttention` (decoder) and `decoder.block.i.layer.1.EncDecAttention`
+    (cross), each with `q, k, v, o`. The relative position bias is computed for every head by
+    each stack's first layer and handed on to the next (see AttentionSite.position_bias)."""
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if (parts[-1] in ("SelfAttention", "EncDecAttention") and "block" in parts and parts.index("block") > 0
+                and all(hasattr(module, p) for p in ("q", "k", "v", "o", "key_value_proj_dim", "compute_bias"))):
+            stack = parts[parts.index("block") - 1]
+            kind = "cross" if parts[-1] == "EncDecAttention" else stack
+            if kind in KINDS:
+                yield AttentionSite(kind, int(parts[parts.index("block") + 1]), module, module.q, module.k, module.v,
+                                    module.o, module.key_value_proj_dim, position_bias=True)
+
+
 def causal_lm_sites(model: nn.Module) -> Iterator[AttentionSite]:
     """Llama, Mistral, Qwen2/3, SmolLM, Gemma and others of that layout: `layers.i.self_attn`
     with `q_proj, k_proj, v_proj, o_proj` and `num_key_value_groups` (query heads per key/value
@@ -267,6 +286,7 @@ LAYOUTS: dict[str, Callable[[nn.Module], Iterator[AttentionSite]]] = {
     "DistilBERT-style": distilbert_sites,
     "DeBERTa-v2/v3 (disentangled attention)": deberta_v2_sites,
     "BART-style encoder-decoder (BART, mBART, Marian, Pegasus)": seq2seq_sites,
+    "T5-style encoder-decoder (T5, Flan-T5, mT5: a shared relative position bias)": t5_sites,
     "Llama-style decoder with grouped-query attention (Llama, Mistral, Qwen2, Qwen3, SmolLM, Gemma 2/3)": causal_lm_sites,
     "ModernBERT (one projection for queries, keys and values)": modernbert_sites,
     "GPT-2 (one Conv1D for queries, keys and values)": gpt2_sites,
@@ -276,9 +296,8 @@ LAYOUTS: dict[str, Callable[[nn.Module], Iterator[AttentionSite]]] = {
 
 
 # Known layouts that need more than slicing q, k, v and the output projection.
-_T5 = ("its relative position bias is computed in the first layer of each stack and shared by all "
-       "layers, so removing heads needs the bias sliced per layer (BART, mBART and Marian are supported)")
-NOT_YET = {"t5": _T5, "mt5": _T5, "umt5": _T5, "longt5": _T5,
+NOT_YET = {"longt5": "its local and transient-global attention keeps extra per-head tables (T5, Flan-T5 and mT5 "
+                     "are supported)",
            "deberta": "its one projection for queries, keys and values keeps the query and value biases "
                       "apart (DeBERTa-v2 and v3 are supported)"}
 

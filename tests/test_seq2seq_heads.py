@@ -1,20 +1,29 @@
-"""Encoder-decoders (Marian, BART): gates on encoder self, decoder self and cross attention, and
-physical removal that gives the masked model's logits and generations, with and without the
-key/value cache, including decoder layers left with no heads."""
+"""Encoder-decoders (Marian, BART, T5): gates on encoder self, decoder self and cross attention,
+and physical removal that gives the masked model's logits and generations, with and without the
+key/value cache, including layers left with no heads. T5's relative position bias, computed for
+every head by each stack's first layer and handed on, is sliced per layer, also when a pruned
+model is pruned again."""
 import copy
 
 import pytest
 import torch
-from transformers import BartConfig, BartForConditionalGeneration, MarianConfig, MarianMTModel
+from transformers import (BartConfig, BartForConditionalGeneration, MarianConfig, MarianMTModel, T5Config,
+                          T5ForConditionalGeneration)
 
 from headprune import attach_gates, detach_gates
 from headprune.pruning import load_pruned, remove_heads, save_pruned
 
-SEQ2SEQ = ["marian", "bart"]
+SEQ2SEQ = ["marian", "bart", "t5"]
 
 
 def tiny_seq2seq(arch: str, attn: str = "eager", seed: int = 0, layers: int = 2):
     torch.manual_seed(seed)
+    if arch == "t5":  # no biases; a relative position bias table in each stack's first layer
+        config = T5Config(vocab_size=50, d_model=32, d_kv=8, d_ff=37, num_layers=layers, num_heads=4,
+                          relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
+                          pad_token_id=0, eos_token_id=2, decoder_start_token_id=1, initializer_factor=3.0)
+        config._attn_implementation = attn
+        return T5ForConditionalGeneration(config).eval()
     common = dict(vocab_size=50, d_model=32, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=4,
                   decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=64,
                   pad_token_id=0, eos_token_id=2, bos_token_id=1, decoder_start_token_id=1, init_std=0.3,
@@ -121,8 +130,9 @@ def test_save_and_load_gives_identical_generations(arch, source, tmp_path):
     assert torch.allclose(got[0], expected[0], atol=1e-5)
     assert all(torch.equal(a, b) for a, b in zip(got[1:], expected[1:]))
     full = sum(p.numel() for p in tiny_seq2seq(arch).parameters())
-    # removed: 24 - 6 kept heads, less the 2 dead heads kept for the cache (decoder 0, cross 0)
-    per_head = 3 * (32 * 8 + 8) + 32 * 8
+    # removed: 24 - 6 kept heads, less the 2 dead heads kept for the cache (decoder 0, cross 0);
+    # T5's projections have no biases, and its position bias tables keep every head
+    per_head = 3 * (32 * 8 + (arch != "t5") * 8) + 32 * 8
     assert sum(p.numel() for p in loaded.parameters()) == full - (24 - 6 - 2) * per_head
 
 
@@ -142,15 +152,30 @@ def test_measure_times_generation_side_by_side(tmp_path):
     assert "| 2 | 8 | 3 |" in (tmp_path / "m" / "measure.md").read_text()
 
 
-def test_t5_is_refused_with_the_reason():
-    from transformers import T5Config, T5ForConditionalGeneration
-    from headprune.errors import UnsupportedArchitectureError
-    t5 = T5ForConditionalGeneration(T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2))
-    with pytest.raises(UnsupportedArchitectureError, match="'t5' yet: its relative position bias .* shared"):
-        attach_gates(t5)
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_t5_pruned_again_takes_its_slice_of_the_position_bias_by_original_numbers(attn, source, tmp_path):
+    model = tiny_seq2seq("t5", attn, layers=3)
+    first = [("encoder", 0, 1), ("encoder", 0, 3), ("encoder", 1, 0), ("encoder", 1, 2), ("encoder", 1, 3),
+             ("encoder", 2, 2), ("decoder", 0, 2), ("decoder", 1, 1), ("decoder", 1, 3), ("decoder", 2, 0),
+             ("cross", 0, 0), ("cross", 1, 1), ("cross", 2, 2), ("cross", 2, 3)]
+    # then, in the pruned model's numbers: encoder layer 0 keeps its second head (originally 3),
+    # layer 1 its third (3), layer 2 none; decoder 1 its second (3); cross 2 its first (2)
+    second = [("encoder", 0, 1), ("encoder", 1, 2), ("decoder", 0, 0), ("decoder", 1, 1), ("decoder", 2, 0),
+              ("cross", 0, 0), ("cross", 1, 0), ("cross", 2, 0)]
+    original = [("encoder", 0, 3), ("encoder", 1, 3), ("decoder", 0, 2), ("decoder", 1, 3), ("decoder", 2, 0),
+                ("cross", 0, 0), ("cross", 1, 1), ("cross", 2, 2)]
+    expected = masked(model, original, lambda m: outputs(m, source, DECODER_IDS))
+    save_pruned(model, tmp_path / "once", first)
+    save_pruned(load_pruned(tmp_path / "once"), tmp_path / "twice", second)
+    twice = load_pruned(tmp_path / "twice")
+    assert sorted(map(tuple, twice.config.headprune["kept_heads"])) == sorted(original)
+    got = outputs(twice, source, DECODER_IDS)
+    # logits up to 27 in size through 3 layers of T5 (unscaled scores): float32 rounding reaches 2e-4
+    assert torch.allclose(got[0], expected[0], atol=1e-3)
+    assert all(torch.equal(a, b) for a, b in zip(got[1:], expected[1:]))
 
 
-@pytest.mark.parametrize("arch", SEQ2SEQ)
+@pytest.mark.parametrize("arch", ["marian", "bart"])  # T5 needs headprune's loader (its shared position bias)
 def test_the_plain_transformers_recipe_of_usage_md_loads_a_pruned_seq2seq_model(arch, source, tmp_path):
     """The code block of docs/usage.md, run as written (on folders of ours)."""
     from pathlib import Path
