@@ -25,6 +25,11 @@ def tiny_config(arch: str, attn: str = "eager", num_labels: int = 3, layers: int
                               relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=8,
                               max_relative_positions=16, share_att_key=False, norm_rel_ebd="layer_norm",
                               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **common)
+    elif arch == "t5":  # an encoder-decoder classifier ([SEP], id 3, of the tiny tokenizer ends each input)
+        from transformers import T5Config
+        cfg = T5Config(d_model=32, d_kv=8, d_ff=37, num_layers=layers, num_heads=4, relative_attention_num_buckets=8,
+                       dropout_rate=0.0, pad_token_id=0, eos_token_id=3, decoder_start_token_id=0,
+                       initializer_factor=3.0, vocab_size=99, num_labels=num_labels)
     elif arch == "modernbert":  # not in ARCHS: its fused projection has tests of its own (test_fused_heads.py)
         from transformers import ModernBertConfig
         cfg = ModernBertConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=37,

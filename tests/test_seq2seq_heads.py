@@ -136,10 +136,11 @@ def test_save_and_load_gives_identical_generations(arch, source, tmp_path):
     assert sum(p.numel() for p in loaded.parameters()) == full - (24 - 6 - 2) * per_head
 
 
-def test_measure_times_generation_side_by_side(tmp_path):
+@pytest.mark.parametrize("arch", ["marian", "t5"])
+def test_measure_times_generation_side_by_side(arch, tmp_path):
     import json
     from headprune.cli import main
-    save_pruned(tiny_seq2seq("marian"), tmp_path / "pruned", KEPT)
+    save_pruned(tiny_seq2seq(arch), tmp_path / "pruned", KEPT)
     assert main(["measure", "--pruned", str(tmp_path / "pruned"), "--batch-sizes", "2", "--lengths", "8",
                  "--repeats", "2", "--warmup", "1", "--beams", "1", "3", "--generate-tokens", "5",
                  "--output-dir", str(tmp_path / "m")]) == 0
@@ -195,3 +196,17 @@ def test_the_plain_transformers_recipe_of_usage_md_loads_a_pruned_seq2seq_model(
     save_pruned(tiny_seq2seq(arch), tmp_path / "empty", KEPT)  # encoder layer 0 has no heads
     with pytest.raises(ValueError, match="encoder layers with no heads: load it with headprune.load_pruned"):
         exec(block.replace('"runs/mt-dsp18/model"', repr(str(tmp_path / "empty"))), {})
+
+
+def test_a_t5_classifier_is_pruned_in_all_three_kinds(tmp_path):
+    from conftest import tiny, write_tiny_assets
+    from headprune.config import FinetuneConfig
+    from headprune.recipes import finetune, prune
+    model, data = write_tiny_assets(tmp_path / "assets", arch="t5")
+    finetune(FinetuneConfig(model=str(model), dataset=str(data), epochs=2, batch_size=16, output_dir=str(tmp_path / "ft"),
+                            checkpoint_every=0))
+    results = prune(tiny(tmp_path / "ft" / "model", data, tmp_path / "p", k=5, method="fisher", reconstruct="bias"))
+    assert results["k"] == 5 and results["num_heads"] == 24  # 2 layers x 4 heads x 3 kinds
+    loaded = load_pruned(tmp_path / "p" / "model")
+    assert type(loaded).__name__ == "T5ForSequenceClassification"
+    assert sum(s.num_heads for s in attach_gates(loaded).sites) == 5

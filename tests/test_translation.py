@@ -282,3 +282,29 @@ def test_every_sentence_of_an_evaluation_split_is_translated_once(trained, tmp_p
     hypotheses, references = seen["valid"]
     assert references == [r["en"] for r in rows] and len(hypotheses) == size
     assert results["eval_examples"] == {"valid": size}
+
+
+def test_a_t5_translation_model_prunes_three_kinds_of_heads_and_reloads(tmp_path):
+    from transformers import T5Config, T5ForConditionalGeneration
+    data = write_pairs(tmp_path / "pairs.jsonl", n=120)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    tokenizer = learn_vocabulary([r["de"] for r in rows] + [r["en"] for r in rows], vocab_size=64)
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                      relative_attention_num_buckets=8, dropout_rate=0.0, initializer_factor=3.0,
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                      decoder_start_token_id=tokenizer.pad_token_id)
+    T5ForConditionalGeneration(config).save_pretrained(tmp_path / "t5")
+    tokenizer.save_pretrained(tmp_path / "t5")
+    results = prune(tiny_cfg(PruneConfig, data, tmp_path / "out", model=str(tmp_path / "t5"), k_per_kind=[3, 2, 2],
+                             epochs=1, t0=1.0, tf=1e-3))
+    assert results["kept_per_kind"] == {"encoder": 3, "decoder": 2, "cross": 2} and results["num_heads"] == 24
+    original = load_pruned(tmp_path / "t5")
+    gates = attach_gates(original)
+    gates.set_mask(torch.tensor([float(tuple(h) in map(tuple, results["kept_heads"])) for h in gates.heads]))
+    source = tokenizer(["der hund sieht ein großes haus", "die katze"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = original.generate(**source, num_beams=2, max_new_tokens=8)
+        detach_gates(original)
+        assert torch.equal(load_pruned(tmp_path / "out" / "model").generate(**source, num_beams=2, max_new_tokens=8),
+                           expected)
