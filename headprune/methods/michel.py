@@ -30,7 +30,8 @@ def mask_gradients(model, gates, batches, mask: torch.Tensor, loss_fn=None) -> t
             loss = loss_fn(model, batch) if loss_fn else model(**batch).loss
         (grad,) = torch.autograd.grad(loss, m)
         grads.append(grad.double())
-        tokens += batch["attention_mask"].sum()
+        # tokens that are not padding; images have no padding: count the images
+        tokens += batch["attention_mask"].sum() if "attention_mask" in batch else len(batch["labels"])
     return torch.stack(grads) if grads else mask.new_zeros((0, mask.numel()), dtype=torch.float64), tokens
 
 

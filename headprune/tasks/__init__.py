@@ -7,7 +7,7 @@ from __future__ import annotations
 from ..errors import ConfigError
 from .base import Task, resolve_model
 
-TASK_NAMES = ("classification", "translation", "causal-lm")
+TASK_NAMES = ("classification", "translation", "causal-lm", "image-classification")
 
 
 def get_task(name: str) -> Task:
@@ -20,6 +20,9 @@ def get_task(name: str) -> Task:
     if name == "causal-lm":
         from .language_modeling import LanguageModeling
         return LanguageModeling()
+    if name == "image-classification":
+        from .image_classification import ImageClassification
+        return ImageClassification()
     raise ConfigError(f"unknown task {name!r}; choose from {', '.join(TASK_NAMES)}")
 
 

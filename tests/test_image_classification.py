@@ -1,0 +1,141 @@
+"""Image classification (issue 23): Vision Transformers on the offline digits or an image folder.
+The data in every layout and its one-line errors; ViT's heads: gates at 1 change nothing, removal
+(with a layer left without heads) equals the mask, save and load give the same logits; a small
+ViT trained from scratch and pruned by each family of method."""
+import copy
+
+import pytest
+import torch
+from PIL import Image
+from transformers import ViTConfig, ViTForImageClassification
+
+from headprune import attach_gates, detach_gates
+from headprune.config import FinetuneConfig, PruneConfig
+from headprune.errors import DataError, ModelError
+from headprune.images import load_images
+from headprune.pruning import load_pruned, remove_heads, save_pruned
+from headprune.recipes import finetune, prune
+from headprune.sites import find_sites
+
+
+def test_the_offline_digits_in_fixed_splits():
+    data = load_images("offline:digits")
+    assert (len(data.train), len(data.evals["validation"]), len(data.evals["test"])) == (1197, 300, 300)
+    assert data.label_names == [str(d) for d in range(10)]
+    image = data.train[0]["image"]
+    assert image.size == (8, 8) and image.mode == "L" and 0 <= data.train[0]["label"] < 10
+    assert load_images("offline:digits").evals["test"]["label"] == data.evals["test"]["label"]  # the same order
+
+
+def write_folder(root, layout):
+    for split, counts in layout.items():
+        for label, n in counts.items():
+            folder = root / split / label if split else root / label
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.new("RGB", (6, 6), (40 * i, 0, 255 if label == "b" else 0)).save(folder / f"{i}.png")
+    return root
+
+
+def test_image_folders_with_splits_or_a_held_out_tenth(tmp_path):
+    data = load_images(str(write_folder(tmp_path / "a", {"train": {"a": 4, "b": 3}, "validation": {"b": 2}})))
+    assert data.label_names == ["a", "b"] and len(data.train) == 7 and data.evals["validation"]["label"] == [1, 1]
+    data = load_images(str(write_folder(tmp_path / "b", {"": {"x": 10, "y": 10}})))
+    assert list(data.evals) == ["heldout"] and len(data.evals["heldout"]) == 2 and len(data.train) == 18
+
+
+def test_bad_image_data_is_refused_in_one_line(tmp_path):
+    with pytest.raises(DataError, match="no label folders"):
+        load_images(str((tmp_path / "empty").resolve()) if (tmp_path / "empty").mkdir() is None else "")
+    with pytest.raises(DataError, match=r"labels \['c'\] are not among the training labels"):
+        load_images(str(write_folder(tmp_path / "c", {"train": {"a": 2}, "test": {"c": 1}})))
+    root = write_folder(tmp_path / "d", {"": {"a": 2}})
+    (root / "a" / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(DataError, match="broken.png: not a readable image"):
+        load_images(str(root))
+    with pytest.raises(DataError, match="cannot tell what image set"):
+        load_images(str(tmp_path / "missing"))
+
+
+def tiny_vit(attn="eager"):
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                       intermediate_size=37, num_labels=3, initializer_range=0.3)
+    config._attn_implementation = attn
+    return ViTForImageClassification(config).eval()
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_vit_heads_gates_removal_and_reload(attn, tmp_path):
+    model = tiny_vit(attn)
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(pixel_values=pixels).logits
+    gates = attach_gates(model)
+    assert gates.num_heads == 12 and {s.kind for s in gates.sites} == {"encoder"}
+    kept = [("encoder", 0, 1), ("encoder", 0, 2), ("encoder", 2, 3)]  # layer 1 keeps none: it skips attention
+    with torch.no_grad():
+        assert torch.allclose(model(pixel_values=pixels).logits, before, atol=1e-6)
+        gates.set_mask(torch.tensor([float(h in kept) for h in gates.heads]))
+        expected = model(pixel_values=pixels).logits
+    detach_gates(model)
+    assert not torch.allclose(expected, before, atol=1e-3)
+    save_pruned(copy.deepcopy(model), tmp_path, kept)
+    with torch.no_grad():
+        assert torch.allclose(remove_heads(model, kept)(pixel_values=pixels).logits, expected, atol=1e-5)
+        assert torch.allclose(load_pruned(tmp_path)(pixel_values=pixels).logits, expected, atol=1e-5)
+    assert [s.num_heads for s in find_sites(load_pruned(tmp_path))] == [2, 0, 1]
+
+
+@pytest.fixture(scope="module")
+def trained_vit(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vit")
+    results = finetune(FinetuneConfig(task="image-classification", model="scratch:vit-tiny", dataset="offline:digits",
+                                      max_train_examples=600, max_eval_examples=150, epochs=4, batch_size=32, lr=2e-3,
+                                      output_dir=str(out), checkpoint_every=0))
+    return out / "model", results
+
+
+def test_a_vit_from_scratch_learns_the_digits(trained_vit):
+    model_dir, results = trained_vit
+    assert results["task"] == "image-classification" and list(results["metrics"]) == ["validation", "test"]
+    assert results["metrics"]["validation"] > 0.3  # 10 labels: chance is 0.1 (measured: 0.44 after 4 epochs)
+    assert (model_dir / "preprocessor_config.json").is_file()  # the image processor travels with it
+
+
+@pytest.mark.parametrize("method,reconstruct", [("dsp", "none"), ("michel", "none"), ("fisher", "rescale"),
+                                                ("flap", "bias"), ("taylor", "none"), ("activation", "both")])
+def test_a_vit_pruned_by_each_family_reloads(trained_vit, tmp_path, method, reconstruct):
+    model_dir, _ = trained_vit
+    results = prune(PruneConfig(task="image-classification", model=str(model_dir), dataset="offline:digits",
+                                max_train_examples=200, max_eval_examples=100, k=5, batch_size=32, method=method,
+                                reconstruct=reconstruct, output_dir=str(tmp_path), checkpoint_every=0))
+    assert results["k"] == 5 and results["num_heads"] == 16 and results["labels"] == [str(d) for d in range(10)]
+    assert sum(s.num_heads for s in find_sites(load_pruned(tmp_path / "model"))) == 5
+
+
+def test_an_unknown_model_from_scratch_is_refused(tmp_path):
+    with pytest.raises(ModelError, match="unknown model 'scratch:vit-huge'; from scratch: scratch:vit-tiny"):
+        prune(PruneConfig(task="image-classification", model="scratch:vit-huge", dataset="offline:digits", k=2,
+                          mode="joint", output_dir=str(tmp_path)))
+
+
+def test_measure_times_a_pruned_vit_on_its_patches(tmp_path):
+    import json
+    from headprune.cli import main
+    save_pruned(tiny_vit(), tmp_path / "p", [("encoder", 0, 1), ("encoder", 0, 2), ("encoder", 2, 3)])
+    assert main(["measure", "--pruned", str(tmp_path / "p"), "--batch-sizes", "2", "--repeats", "2", "--warmup", "0",
+                 "--output-dir", str(tmp_path / "m")]) == 0
+    result = json.loads((tmp_path / "m" / "measure.json").read_text())
+    assert result["heads"] == {"original": 12, "pruned": 3}
+    # 16 patches of 4 x 4 pixels and the class token; --lengths does not apply to images
+    assert [(r["batch"], r["length"]) for r in result["settings"]] == [(2, 17)]
+    assert result["settings"][0]["predicted_speedup"] > 1 and "generation" in result and not result["generation"]
+
+
+def test_joint_pruning_trains_a_vit_from_scratch_with_its_heads(tmp_path):
+    results = prune(PruneConfig(task="image-classification", model="scratch:vit-tiny", dataset="offline:digits",
+                                mode="joint", max_train_examples=200, max_eval_examples=100, k=6, epochs=2,
+                                batch_size=32, lr=2e-3, output_dir=str(tmp_path), checkpoint_every=0))
+    assert results["mode"] == "joint" and results["k"] == 6
+    assert sum(s.num_heads for s in find_sites(load_pruned(tmp_path / "model"))) == 6
