@@ -9,6 +9,7 @@
 #                                        models (make llm-assets)
 #   scripts/reproduce_results.sh today   the scored methods of issue 21 and reconstruction, on both
 #                                        benchmarks and SmolLM2 (after sweep and llm)
+#   scripts/reproduce_results.sh vision  a ViT trained from scratch on the digits, pruned by each method
 set -euo pipefail
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 HP=${HEADPRUNE:-headprune}
@@ -134,5 +135,8 @@ case "${1:-dsp}" in
     ${PYTHON:-python} benchmarks/targets.py $OUT/sweep125-reference $OUT/today-rt --ks 6 12 24 36
     ${PYTHON:-python} benchmarks/targets.py $OUT/today-smollm2 $OUT/today-smollm2-michel-raw $OUT/smollm2 \
       --lower-is-better --ks 30 45 60 ;;
-  *) echo "usage: $0 dsp|sweep|speed|translation|llm|today" >&2; exit 2 ;;
+  vision)  # issue 23: image classification (scikit-learn's digits; no pretrained image model offline)
+    run $OUT/vit finetune --config configs/digits-vit.yaml
+    $HP sweep --config configs/sweep-digits-vit.yaml --model $OUT/vit/model --output-dir $OUT/sweep-digits-vit ;;
+  *) echo "usage: $0 dsp|sweep|speed|translation|llm|today|vision" >&2; exit 2 ;;
 esac
