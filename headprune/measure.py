@@ -57,8 +57,9 @@ def is_image_model(model) -> bool:
 
 
 def image_tokens(config) -> int:
-    """The sequence a ViT attends over: its patches and the class token."""
-    return (config.image_size // config.patch_size) ** 2 + 1
+    """The sequence a ViT attends over: its patches and the class token (DeiT: and its
+    distillation token)."""
+    return (config.image_size // config.patch_size) ** 2 + (2 if config.model_type == "deit" else 1)
 
 
 def forward_inputs(model, ids: torch.Tensor) -> dict:

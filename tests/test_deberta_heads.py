@@ -73,3 +73,9 @@ def test_a_deberta_classifier_pruned_by_each_family(method, reconstruct, tmp_pat
                          reconstruct=reconstruct))
     assert results["k"] == 3 and results["num_heads"] == 8
     assert sum(s.num_heads for s in find_sites(load_pruned(tmp_path / "model"))) == 3
+
+
+def test_a_deberta_classifier_pruned_jointly(tmp_path):
+    model, data = write_tiny_assets(tmp_path / "assets", arch="deberta-v2")
+    results = prune(tiny(model, data, tmp_path / "joint", mode="joint", method="voita", k=3, epochs=2))
+    assert results["mode"] == "joint" and results["k"] == 3

@@ -183,3 +183,25 @@ def test_modernbert_classifier_pruned_by_each_method(method, reconstruct, tmp_pa
     results = prune(tiny(folder / "ft" / "model", data, tmp_path, method=method, reconstruct=reconstruct))
     assert results["k"] == 3 and results["num_heads"] == 8
     assert sum(s.num_heads for s in find_sites(load_pruned(tmp_path / "model"))) == 3
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "phi3"])
+def test_measure_counts_the_fused_projection_and_times_generation(arch, tmp_path):
+    from headprune.config import MeasureConfig
+    from headprune.measure import measure
+    save_pruned(tiny_fused(arch), tmp_path, KEPT[arch], unit="group")
+    result = measure(MeasureConfig(pruned=str(tmp_path), batch_sizes=[2], lengths=[8], repeats=2, warmup=0, beams=[1],
+                                   generate_tokens=3), progress=lambda *_: None)
+    # keys and values cached per token, float32: 3 layers x the kept (or dead) key/value heads x 8 x 2 x 4 bytes
+    kv = {"gpt2": (18, 4), "gpt_neox": (18, 4), "phi3": (6, 3)}[arch]
+    assert result["kv_cache_bytes_per_token"] == {"original": kv[0] * 64, "pruned": kv[1] * 64}
+    row = result["settings"][0]
+    assert row["attention_flops"]["pruned"] < row["attention_flops"]["original"] and result["generation"]
+
+
+def test_modernbert_pruned_jointly(tmp_path):
+    from conftest import tiny, write_tiny_assets
+    model, data = write_tiny_assets(tmp_path / "assets", arch="modernbert")
+    results = prune(tiny(model, data, tmp_path / "joint", mode="joint", k=3, epochs=2))
+    assert results["mode"] == "joint" and results["k"] == 3
+    assert sum(s.num_heads for s in find_sites(load_pruned(tmp_path / "joint" / "model"))) == 3

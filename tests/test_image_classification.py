@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from PIL import Image
-from transformers import ViTConfig, ViTForImageClassification
+from transformers import DeiTConfig, DeiTForImageClassification, ViTConfig, ViTForImageClassification
 
 from headprune import attach_gates, detach_gates
 from headprune.config import FinetuneConfig, PruneConfig
@@ -57,17 +57,20 @@ def test_bad_image_data_is_refused_in_one_line(tmp_path):
         load_images(str(tmp_path / "missing"))
 
 
-def tiny_vit(attn="eager"):
+def tiny_vit(attn="eager", arch="vit"):
     torch.manual_seed(0)
-    config = ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                       intermediate_size=37, num_labels=3, initializer_range=0.3)
+    cls, config_cls = (ViTForImageClassification, ViTConfig) if arch == "vit" else \
+        (DeiTForImageClassification, DeiTConfig)
+    config = config_cls(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                        intermediate_size=37, num_labels=3, initializer_range=0.3)
     config._attn_implementation = attn
-    return ViTForImageClassification(config).eval()
+    return cls(config).eval()
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_vit_heads_gates_removal_and_reload(attn, tmp_path):
-    model = tiny_vit(attn)
+@pytest.mark.parametrize("arch", ["vit", "deit"])
+def test_vit_heads_gates_removal_and_reload(arch, attn, tmp_path):
+    model = tiny_vit(attn, arch)
     pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         before = model(pixel_values=pixels).logits
@@ -120,16 +123,17 @@ def test_an_unknown_model_from_scratch_is_refused(tmp_path):
                           mode="joint", output_dir=str(tmp_path)))
 
 
-def test_measure_times_a_pruned_vit_on_its_patches(tmp_path):
+@pytest.mark.parametrize("arch", ["vit", "deit"])
+def test_measure_times_a_pruned_vit_on_its_patches(arch, tmp_path):
     import json
     from headprune.cli import main
-    save_pruned(tiny_vit(), tmp_path / "p", [("encoder", 0, 1), ("encoder", 0, 2), ("encoder", 2, 3)])
+    save_pruned(tiny_vit(arch=arch), tmp_path / "p", [("encoder", 0, 1), ("encoder", 0, 2), ("encoder", 2, 3)])
     assert main(["measure", "--pruned", str(tmp_path / "p"), "--batch-sizes", "2", "--repeats", "2", "--warmup", "0",
                  "--output-dir", str(tmp_path / "m")]) == 0
     result = json.loads((tmp_path / "m" / "measure.json").read_text())
     assert result["heads"] == {"original": 12, "pruned": 3}
-    # 16 patches of 4 x 4 pixels and the class token; --lengths does not apply to images
-    assert [(r["batch"], r["length"]) for r in result["settings"]] == [(2, 17)]
+    # 16 patches of 4 x 4 pixels and the class token (DeiT: and a distillation token); no --lengths
+    assert [(r["batch"], r["length"]) for r in result["settings"]] == [(2, 17 if arch == "vit" else 18)]
     assert result["settings"][0]["predicted_speedup"] > 1 and "generation" in result and not result["generation"]
 
 

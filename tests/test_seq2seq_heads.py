@@ -205,6 +205,8 @@ def test_a_t5_classifier_is_pruned_in_all_three_kinds(tmp_path):
     model, data = write_tiny_assets(tmp_path / "assets", arch="t5")
     finetune(FinetuneConfig(model=str(model), dataset=str(data), epochs=2, batch_size=16, output_dir=str(tmp_path / "ft"),
                             checkpoint_every=0))
+    joint = prune(tiny(model, data, tmp_path / "joint", k=4, mode="joint", method="ste"))  # from the bare T5
+    assert joint["mode"] == "joint" and joint["k"] == 4
     results = prune(tiny(tmp_path / "ft" / "model", data, tmp_path / "p", k=5, method="fisher", reconstruct="bias"))
     assert results["k"] == 5 and results["num_heads"] == 24  # 2 layers x 4 heads x 3 kinds
     loaded = load_pruned(tmp_path / "p" / "model")
