@@ -143,3 +143,12 @@ def test_joint_pruning_trains_a_vit_from_scratch_with_its_heads(tmp_path):
                                 batch_size=32, lr=2e-3, output_dir=str(tmp_path), checkpoint_every=0))
     assert results["mode"] == "joint" and results["k"] == 6
     assert sum(s.num_heads for s in find_sites(load_pruned(tmp_path / "model"))) == 6
+
+
+def test_a_datasets_image_set_by_name(tmp_path):
+    # hf:<name> goes through datasets.load_dataset; a local image folder stands in for a hub set
+    root = write_folder(tmp_path / "set", {"train": {"cat": 3, "dog": 2}, "test": {"cat": 1, "dog": 1}})
+    data = load_images(f"hf:{root}")
+    assert data.label_names == ["cat", "dog"] and len(data.train) == 5 and list(data.evals) == ["test"]
+    with pytest.raises(DataError, match="cannot load the image set"):
+        load_images(f"hf:{tmp_path / 'nothing-here'}")

@@ -63,3 +63,15 @@ def test_measure_puts_the_measured_speed_into_the_model_card(tmp_path, capsys):
     second = card.read_text()
     assert second.count("## Measured speed") == 1 and "| 2 | 12 |" in second and "| 2 | 8 |" not in second
     assert main(args) == 0 and card.read_text() == second  # without --card the card is left alone
+
+
+@pytest.mark.parametrize("arch", ["deberta-v2", "modernbert"])
+def test_measure_on_the_newer_encoders(arch, tmp_path):
+    from headprune.config import MeasureConfig
+    from headprune.measure import measure
+    save_pruned(tiny_model(arch, layers=3), tmp_path, [("encoder", 0, 1), ("encoder", 2, 2)])
+    result = measure(MeasureConfig(pruned=str(tmp_path), batch_sizes=[2], lengths=[8], repeats=2, warmup=0,
+                                   attn_implementation="eager"), progress=lambda *_: None)
+    assert result["heads"] == {"original": 12, "pruned": 2}
+    row = result["settings"][0]
+    assert row["attention_flops"]["pruned"] < row["attention_flops"]["original"] and row["speedup"] > 0
