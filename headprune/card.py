@@ -21,8 +21,9 @@ def command_of(command: str, cfg) -> str:
     defaults = type(cfg)()  # as built, e.g. k filled in from its default
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        if value == getattr(defaults, f.name) or (f.name == "k" and getattr(cfg, "k_per_kind", None)):
-            continue  # a default; or k, which --k-per-kind gives
+        budgets = ("k_per_kind", "target_params", "target_kv_cache")
+        if value == getattr(defaults, f.name) or (f.name == "k" and any(getattr(cfg, b, None) for b in budgets)):
+            continue  # a default; or k, which --k-per-kind or a target gives
         flag = "--" + f.name.replace("_", "-")
         if isinstance(value, bool):
             parts.append(flag if value else "--no-" + f.name.replace("_", "-"))

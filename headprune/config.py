@@ -254,6 +254,12 @@ class PruneConfig(FinetuneConfig):
     k_per_kind: list = option(None, "Instead of --k: heads to keep of each kind, in the order "
                               "encoder decoder cross (encoder-decoders: three numbers; encoders: one), "
                               "each budget exact.", nargs="+", type=int, min=0)
+    target_params: float = option(None, "Instead of --k: keep at most this many parameters (e.g. 1.2e8) or, "
+                                  "at most 1, this fraction of the model's; the number of heads follows from "
+                                  "what one costs, and the lowest-ranked are dropped until the model fits.",
+                                  positive=True)
+    target_kv_cache: float = option(None, "Instead of --k (decoder-only models, by KV group): keep at most this "
+                                    "fraction of the key/value cache per generated token.", positive=True)
     schedule: str = option("default", "Preset of the scores' training: reference (the paper's "
                            "BERT values: temperature 1000 to 1e-8 over 2/3 of the run; lr 0.5 for dsp "
                            "and ste, 0.1 for voita), steady (dsp: temperature 1000 to 0.01 over the "
@@ -336,6 +342,14 @@ class PruneConfig(FinetuneConfig):
         super().__post_init__()
         if self.k is not None and self.k_per_kind:
             raise ConfigError("give --k (one budget) or --k-per-kind (a budget per kind), not both")
+        targets = [f"--{n.replace('_', '-')}" for n in ("target_params", "target_kv_cache") if getattr(self, n) is not None]
+        if len(targets) > 1 or (targets and (self.k is not None or self.k_per_kind)):
+            given = targets + (["--k"] if self.k is not None else []) + (["--k-per-kind"] if self.k_per_kind else [])
+            raise ConfigError(f"give one budget: {', '.join(given)} were given")
+        if self.target_kv_cache is not None and self.target_kv_cache > 1:
+            raise ConfigError(f"--target-kv-cache {self.target_kv_cache:g}: a fraction of the cache, at most 1")
+        if targets and self.method == "voita" and self.voita_selection == "threshold":
+            raise ConfigError(f"{targets[0]} fixes the number of heads: Voita's threshold selection does not")
         if self.k is None:
             self.k = sum(self.k_per_kind) if self.k_per_kind else DEFAULT_K
         modes = getattr(self, "modes", [self.mode])  # a sweep: the settle is for its joint runs
@@ -355,7 +369,7 @@ class PruneConfig(FinetuneConfig):
 @dataclass
 class SweepConfig(PruneConfig):
     # set per run from --methods, --modes, --ks and --seeds: not options of a sweep
-    PER_RUN = ("method", "mode", "k", "seed")
+    PER_RUN = ("method", "mode", "k", "seed", "target_params", "target_kv_cache")  # (targets: prune's only)
 
     methods: list = option(list(METHODS), "Methods to compare.", nargs="+", choices=list(METHODS))
     modes: list = option(["pipelined"], "Modes: pipelined (from --model, fine-tuned) and/or joint "

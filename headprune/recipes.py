@@ -14,6 +14,7 @@ data) before any long work starts, then trains, evaluates and writes its output 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -30,6 +31,7 @@ from torch.utils.data import DataLoader
 from .card import command_of, write_model_card
 from .config import DEMO_DIR, SCORED, FinetuneConfig, PruneConfig
 from .errors import ConfigError
+from .budget import budget_units, fit
 from .gates import attach_gates, detach_gates
 from .measure import size_facts
 from .methods import TRAINED
@@ -296,12 +298,18 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
         raise ConfigError(f"{cfg.method} prunes a fine-tuned model and trains nothing: use --mode pipelined")
     task = get_task(cfg.task)
     path, config, counts = task.inspect(cfg.model, require_finetuned=pipelined, unit=cfg.unit)
-    check_budget(cfg, counts, threshold)
+    targeted = cfg.target_params is not None or cfg.target_kv_cache is not None
+    check_budget(cfg, counts, threshold or targeted)  # a target's k follows once the model is loaded
     out, state, acc = _start(cfg, path)
     seconds: dict = dict(state["seconds"]) if state else {}
     with timed(seconds, "load"):
         data, model, tokenizer = _load(cfg, task, path, config, require_finetuned=pipelined)
         gates = attach_gates(model, cfg.unit)
+        if targeted:  # the budget in units: what fits --target-params or --target-kv-cache
+            cfg = copy.copy(cfg)
+            cfg.k = budget_units(cfg, model, gates.sites)
+            log.info("the budget keeps at most %d %s (before the dead heads of empty layers)", cfg.k,
+                     UNIT_NAMES[gates.sites[0].unit])
         check_reconstruct(cfg, gates)
         train_set, evals, collate = task.prepare(data, tokenizer, cfg)
         calibration = calibration_set(cfg, task, data, tokenizer, train_set) if needs_calibration(cfg) else None
@@ -362,6 +370,11 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
         else:
             mask, scores, info = choose_by_scores(cfg, task, acc, model, gates, calibration, collate, evaluate_with,
                                                   weights_digest=inputs["model"])
+    if targeted:  # the lowest-ranked units go until the model, dead heads included, fits
+        mask, info["budget"] = fit(cfg, acc.unwrap_model(model), gates.sites, mask, scores)
+        log.info("budget: %s at most %s of %s: predicted %s with %d %s", info["budget"]["target"],
+                 f"{info['budget']['target_value']:,.0f}", f"{info['budget']['original']:,}",
+                 f"{info['budget']['predicted']:,}", info["budget"]["units"], UNIT_NAMES[gates.sites[0].unit])
     if not pipelined:  # the jointly trained weights with every head on (before reconstruction changes them)
         with timed(seconds, "evaluate_unpruned"):
             extra["metrics_unpruned"] = evaluate_with(all_heads)
@@ -382,6 +395,8 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
                                 output_biases=bool(info.get("output_biases_added")))
             if size:
                 info["size"] = size
+                if "budget" in info:  # counted on the smaller model itself
+                    info["budget"]["measured"] = size["pruned"].get(info["budget"]["target"])
     results = {"method": cfg.method, "mode": cfg.mode, "k": len(kept), "num_heads": gates.num_heads,
                "unit": gates.sites[0].unit,
                "kept_per_kind": {kind: sum(h[0] == kind for h in kept) for kind in kinds},

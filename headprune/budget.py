@@ -1,0 +1,137 @@
+"""Budgets in what the user wants (issue 24, in part): a parameter count or a share of the key/value
+cache instead of a number of heads.
+
+The cost model counts, from the weights' shapes, what one unit (a head, a KV group or a query
+position: see headprune.sites) of each site costs: its rows of the query, key and value
+projections and its columns of the output projection (biases included) in parameters, and its
+keys and values in bytes of cache per generated token (decoder self-attention only: an encoder's
+or a cross-attention's cache does not grow with the tokens generated). Every unit of a site costs
+the same, and in the models headprune knows every site of a kind too, so a budget becomes a number
+of units: the most whose cost fits, before any weights are trained.
+
+A decoder layer left without units keeps one dead head for the cache (see pruning.remove_heads),
+which costs too; after the method has ranked the units, `fit` drops the lowest-ranked kept units
+until the model with its dead heads fits the budget exactly in this cost model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ConfigError
+from .sites import AttentionSite, in_features, out_features
+
+
+@dataclass
+class SiteCost:
+    kind: str
+    units: int
+    params: int  # of one unit
+    kv_bytes: int  # of one unit, per generated token
+    dead_params: int  # of the dead head kept where a decoder layer keeps no unit
+    dead_kv_bytes: int
+
+
+def _params(site: AttentionSite, queries: int, kvs: int) -> int:
+    """Parameters of `queries` query heads and `kvs` key/value heads of `site` (rows, biases, output columns)."""
+    d, width = site.head_dim, in_features(site.query)
+    rows = (queries + 2 * kvs) * d
+    biases = sum(d * n for p, n in ((site.query, queries), (site.key, kvs), (site.value, kvs)) if p.bias is not None)
+    return rows * width + biases + queries * d * out_features(site.output)
+
+
+def site_costs(sites: list[AttentionSite]) -> list[SiteCost]:
+    costs = []
+    for site in sites:
+        per_group = site.query_heads // max(site.kv_heads, 1)
+        queries = per_group if site.unit == "group" else site.kv_heads if site.unit == "query" else 1
+        kvs = 0 if site.unit == "query" else 1
+        bytes_per_value = site.key.weight.element_size()
+        cached = site.kind == "decoder"
+        costs.append(SiteCost(site.kind, site.num_heads, _params(site, queries, kvs),
+                              2 * kvs * site.head_dim * bytes_per_value if cached else 0,
+                              _params(site, 1, 1) if site.kind in ("decoder", "cross") else 0,
+                              2 * site.head_dim * bytes_per_value if cached else 0))
+    return costs
+
+
+def total_params(model) -> int:
+    """The model's parameters, not counting the gates' (their scores)."""
+    from .gates import ATTRIBUTE
+    return sum(p.numel() for name, p in model.named_parameters() if not name.startswith(ATTRIBUTE + "."))
+
+
+def budget_units(cfg, model, sites: list[AttentionSite]) -> int:
+    """The most units whose cost fits --target-params or --target-kv-cache (dead heads aside: `fit`
+    sees to them once the units are ranked)."""
+    costs = site_costs(sites)
+    if cfg.target_params is not None:
+        total = total_params(model)
+        target = cfg.target_params * total if cfg.target_params <= 1 else cfg.target_params
+        per_unit = {c.params for c in costs if c.units}
+        fixed = total - sum(c.units * c.params for c in costs)
+        if len(per_unit) != 1:
+            raise ConfigError("--target-params: this model's heads differ in size between layers; give --k")
+        k = int((target - fixed) // per_unit.pop())
+        if k < 1:
+            raise ConfigError(f"--target-params {cfg.target_params:g}: the model without its attention heads "
+                              f"already has {fixed:,} parameters (of {total:,})")
+        return min(k, sum(c.units for c in costs))
+    cached = [c for c in costs if c.kv_bytes]
+    if not cached:
+        raise ConfigError("--target-kv-cache: this model caches no keys and values per generated token "
+                          "(no decoder self-attention pruned by key/value head; --unit query keeps the cache)")
+    if len(cached) != len(costs):
+        raise ConfigError("--target-kv-cache is for decoder-only models: an encoder-decoder's other heads "
+                          "cost no cache; give --k-per-kind")
+    per_unit = {c.kv_bytes for c in cached}
+    if len(per_unit) != 1:
+        raise ConfigError("--target-kv-cache: this model's key/value heads differ in size between layers; give --k")
+    k = int(cfg.target_kv_cache * sum(c.units * c.kv_bytes for c in cached) // per_unit.pop())
+    if k < 1:
+        raise ConfigError(f"--target-kv-cache {cfg.target_kv_cache:g} keeps less than one key/value head")
+    return k
+
+
+def cost_of(costs: list[SiteCost], mask: torch.Tensor, fixed_params: int) -> dict:
+    """Parameters and cache bytes per token of the model that keeps `mask`, dead heads included."""
+    params, kv, offset = fixed_params, 0, 0
+    for c in costs:
+        kept = int(mask[offset:offset + c.units].sum())
+        params += kept * c.params + (c.dead_params if kept == 0 else 0)
+        kv += kept * c.kv_bytes + (c.dead_kv_bytes if kept == 0 else 0)
+        offset += c.units
+    return {"parameters": params, "kv_cache_bytes_per_token": kv}
+
+
+def fit(cfg, model, sites: list[AttentionSite], mask: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """`mask` with its lowest-scored kept units dropped until the model, dead heads included, fits
+    the budget; and the budget's record (target, predicted value)."""
+    costs = site_costs(sites)
+    total = total_params(model)
+    fixed = total - sum(c.units * c.params for c in costs)
+    if cfg.target_params is not None:
+        key, target = "parameters", (cfg.target_params * total if cfg.target_params <= 1 else cfg.target_params)
+    else:
+        key = "kv_cache_bytes_per_token"
+        target = cfg.target_kv_cache * sum(c.units * c.kv_bytes for c in costs)
+    mask = mask.clone()
+    order = [i for i in torch.argsort(scores.double(), stable=True).tolist() if mask[i] > 0]  # lowest first
+    while cost_of(costs, mask, fixed)[key] > target and mask.sum() > 1:
+        now = cost_of(costs, mask, fixed)[key]
+        for j, i in enumerate(order):  # the lowest-ranked unit whose removal saves (a layer's last one
+            trial = mask.clone()       # may not: its dead head costs as much)
+            trial[i] = 0
+            if cost_of(costs, trial, fixed)[key] < now:
+                mask = trial
+                order.pop(j)
+                break
+        else:
+            break
+    predicted = cost_of(costs, mask, fixed)
+    if predicted[key] > target:
+        raise ConfigError(f"the budget ({key.replace('_', ' ')} {target:,.0f}) cannot be met keeping one unit")
+    return mask, {"target": key, "target_value": target, "original": cost_of(costs, torch.ones_like(mask), fixed)[key],
+                  "predicted": predicted[key], "units": int(mask.sum())}
