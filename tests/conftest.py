@@ -170,6 +170,19 @@ def tiny(model, data, out, **kw):
                           "epochs": 1, "batch_size": 16, "checkpoint_every": 0, **kw})
 
 
+def finetuned_tiny(arch: str, tmp_path_factory):
+    """A tiny classifier of `arch` fine-tuned on the tiny assets, made once per test session:
+    (model folder, data file)."""
+    from headprune.config import FinetuneConfig
+    from headprune.recipes import finetune
+    folder = tmp_path_factory.getbasetemp() / f"finetuned-{arch}"
+    if not (folder / "ft" / "model").is_dir():
+        model, data = write_tiny_assets(folder / "assets", arch=arch)
+        finetune(FinetuneConfig(model=str(model), dataset=str(data), epochs=2, batch_size=16,
+                                output_dir=str(folder / "ft"), checkpoint_every=0))
+    return folder / "ft" / "model", folder / "assets" / "data.jsonl"
+
+
 def write_tokenizer_gguf(path, vocab):
     """A GGUF file holding only a tokenizer of `vocab` made-up tokens, as `--tokenizer-gguf` reads it."""
     import gguf

@@ -6,12 +6,11 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny, tiny_model, write_tiny_assets
+from conftest import finetuned_tiny, tiny, tiny_model, write_tiny_assets
 
 from headprune import attach_gates, detach_gates
-from headprune.config import FinetuneConfig
 from headprune.pruning import load_pruned, remove_heads, save_pruned
-from headprune.recipes import finetune, prune
+from headprune.recipes import prune
 from headprune.sites import find_sites
 
 KEPT = [("encoder", 0, 1), ("encoder", 0, 3), ("encoder", 2, 2)]  # layer 1 keeps none
@@ -64,13 +63,8 @@ def test_gates_removal_and_reload(share_att_key, batch, tmp_path):
 
 @pytest.mark.parametrize("method,reconstruct", [("dsp", "none"), ("fisher", "rescale"), ("taylor", "bias")])
 def test_a_deberta_classifier_pruned_by_each_family(method, reconstruct, tmp_path_factory, tmp_path):
-    folder = tmp_path_factory.getbasetemp() / "deberta"
-    if not (folder / "ft" / "model").is_dir():
-        model, data = write_tiny_assets(folder / "assets", arch="deberta-v2")
-        finetune(FinetuneConfig(model=str(model), dataset=str(data), epochs=2, batch_size=16,
-                                output_dir=str(folder / "ft"), checkpoint_every=0))
-    results = prune(tiny(folder / "ft" / "model", folder / "assets" / "data.jsonl", tmp_path, method=method,
-                         reconstruct=reconstruct))
+    model, data = finetuned_tiny("deberta-v2", tmp_path_factory)
+    results = prune(tiny(model, data, tmp_path, method=method, reconstruct=reconstruct))
     assert results["k"] == 3 and results["num_heads"] == 8
     assert sum(s.num_heads for s in find_sites(load_pruned(tmp_path / "model"))) == 3
 

@@ -171,16 +171,9 @@ def test_modernbert_gates_removal_and_reload(attn, batch, tmp_path):
 
 @pytest.mark.parametrize("method,reconstruct", [("dsp", "none"), ("flap", "both"), ("taylor", "none")])
 def test_modernbert_classifier_pruned_by_each_method(method, reconstruct, tmp_path_factory, tmp_path):
-    from conftest import tiny, write_tiny_assets
-    from headprune.config import FinetuneConfig
-    from headprune.recipes import finetune
-    folder = tmp_path_factory.getbasetemp() / "modernbert"
-    if not (folder / "ft" / "model").is_dir():
-        model, data = write_tiny_assets(folder / "assets", arch="modernbert")
-        finetune(FinetuneConfig(model=str(model), dataset=str(data), epochs=2, batch_size=16,
-                                output_dir=str(folder / "ft"), checkpoint_every=0))
-    data = folder / "assets" / "data.jsonl"
-    results = prune(tiny(folder / "ft" / "model", data, tmp_path, method=method, reconstruct=reconstruct))
+    from conftest import finetuned_tiny, tiny
+    model, data = finetuned_tiny("modernbert", tmp_path_factory)
+    results = prune(tiny(model, data, tmp_path, method=method, reconstruct=reconstruct))
     assert results["k"] == 3 and results["num_heads"] == 8
     assert sum(s.num_heads for s in find_sites(load_pruned(tmp_path / "model"))) == 3
 

@@ -162,17 +162,23 @@ def test_pipelined_pruning_of_a_translation_model_reloads_with_the_masked_output
     assert results["k"] == 10 and results["num_heads"] == 24 and set(results["metrics_pruned"]) == {"heldout", "heldout chrF"}
     kinds = {h[0] for h in results["kept_heads"]}
     assert kinds <= {"encoder", "decoder", "cross"}
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
-    pruned = load_pruned(tmp_path / "model")
-    original = load_pruned(model_dir)
+    pruned, original = same_generations_as_the_mask(model_dir, tmp_path / "model", results["kept_heads"])
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in original.parameters())
+
+
+def same_generations_as_the_mask(original_dir, pruned_dir, kept):
+    """The saved pruned model's beam search equals the original's with the other heads masked:
+    (pruned, original)."""
+    tokenizer = AutoTokenizer.from_pretrained(pruned_dir)
+    pruned, original = load_pruned(pruned_dir), load_pruned(original_dir)
     gates = attach_gates(original)
-    gates.set_mask(torch.tensor([float(tuple(h) in map(tuple, results["kept_heads"])) for h in gates.heads]))
+    gates.set_mask(torch.tensor([float(tuple(h) in map(tuple, kept)) for h in gates.heads]))
     source = tokenizer(["der hund sieht ein großes haus", "die katze"], return_tensors="pt", padding=True)
     with torch.no_grad():
         expected = original.generate(**source, num_beams=2, max_new_tokens=8)
         detach_gates(original)
         assert torch.equal(pruned.generate(**source, num_beams=2, max_new_tokens=8), expected)
-    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in original.parameters())
+    return pruned, original
 
 
 def test_joint_pruning_from_scratch_and_errors(trained, tmp_path):
@@ -299,12 +305,4 @@ def test_a_t5_translation_model_prunes_three_kinds_of_heads_and_reloads(tmp_path
     results = prune(tiny_cfg(PruneConfig, data, tmp_path / "out", model=str(tmp_path / "t5"), k_per_kind=[3, 2, 2],
                              epochs=1, t0=1.0, tf=1e-3))
     assert results["kept_per_kind"] == {"encoder": 3, "decoder": 2, "cross": 2} and results["num_heads"] == 24
-    original = load_pruned(tmp_path / "t5")
-    gates = attach_gates(original)
-    gates.set_mask(torch.tensor([float(tuple(h) in map(tuple, results["kept_heads"])) for h in gates.heads]))
-    source = tokenizer(["der hund sieht ein großes haus", "die katze"], return_tensors="pt", padding=True)
-    with torch.no_grad():
-        expected = original.generate(**source, num_beams=2, max_new_tokens=8)
-        detach_gates(original)
-        assert torch.equal(load_pruned(tmp_path / "out" / "model").generate(**source, num_beams=2, max_new_tokens=8),
-                           expected)
+    same_generations_as_the_mask(tmp_path / "t5", tmp_path / "out" / "model", results["kept_heads"])
