@@ -25,11 +25,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .errors import ModelError, PrunedCheckpointError, first_line
 from .outputs import atomic_folder
-from transformers.pytorch_utils import Conv1D
-
 from .sites import DEAD_HEAD, AttentionSite, find_sites, out_features, weight_out_in
 
 Head = tuple[str, int, int]
