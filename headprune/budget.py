@@ -1,5 +1,5 @@
-"""Budgets in what the user wants (issue 24, in part): a parameter count or a share of the key/value
-cache instead of a number of heads.
+"""Budgets in what the user wants (issue 24, in part): a parameter count, a share of the key/value
+cache or a speedup on this machine (headprune.latency) instead of a number of heads.
 
 The cost model counts, from the weights' shapes, what one unit (a head, a KV group or a query
 position: see headprune.sites) of each site costs: its rows of the query, key and value
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ConfigError
+from .latency import even_mask, predicted_seconds
 from .sites import AttentionSite, in_features, out_features
 
 
@@ -106,32 +107,61 @@ def cost_of(costs: list[SiteCost], mask: torch.Tensor, fixed_params: int) -> dic
     return {"parameters": params, "kv_cache_bytes_per_token": kv}
 
 
-def fit(cfg, model, sites: list[AttentionSite], mask: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def speed_units(cfg, sites: list[AttentionSite], table: dict) -> int:
+    """The most units that, spread evenly over the layers, the latency table predicts to run
+    --target-speedup times faster than the whole model (the fit then sees to the units chosen)."""
+    target = table["whole"] / cfg.target_speedup
+    total = sum(s.num_heads for s in sites)
+    for k in range(total, 0, -1):
+        if predicted_seconds(table, sites, even_mask(sites, k)) <= target:
+            return k
+    raise ConfigError(f"--target-speedup {cfg.target_speedup:g}: even one head predicts "
+                      f"{table['whole'] / predicted_seconds(table, sites, even_mask(sites, 1)):.2f}x on this machine "
+                      "(the rest of the model takes the time)")
+
+
+def fit(cfg, model, sites: list[AttentionSite], mask: torch.Tensor, scores: torch.Tensor,
+        table: dict | None = None) -> tuple[torch.Tensor, dict]:
     """`mask` with its lowest-scored kept units dropped until the model, dead heads included, fits
-    the budget; and the budget's record (target, predicted value)."""
-    costs = site_costs(sites)
-    total = total_params(model)
-    fixed = total - sum(c.units * c.params for c in costs)
-    if cfg.target_params is not None:
-        key, target = "parameters", (cfg.target_params * total if cfg.target_params <= 1 else cfg.target_params)
+    the budget; and the budget's record (target, predicted value). `table`: the latency table of
+    --target-speedup."""
+    if cfg.target_speedup is not None:
+        key, original, target = "seconds", table["whole"], table["whole"] / cfg.target_speedup
+
+        def cost(m):
+            return predicted_seconds(table, sites, m)
     else:
-        key = "kv_cache_bytes_per_token"
-        target = cfg.target_kv_cache * sum(c.units * c.kv_bytes for c in costs)
+        costs = site_costs(sites)
+        total = total_params(model)
+        fixed = total - sum(c.units * c.params for c in costs)
+        if cfg.target_params is not None:
+            key, target = "parameters", (cfg.target_params * total if cfg.target_params <= 1 else cfg.target_params)
+        else:
+            key = "kv_cache_bytes_per_token"
+            target = cfg.target_kv_cache * sum(c.units * c.kv_bytes for c in costs)
+
+        def cost(m):
+            return cost_of(costs, m, fixed)[key]
+        original = cost(torch.ones_like(mask))
     mask = mask.clone()
     order = [i for i in torch.argsort(scores.double(), stable=True).tolist() if mask[i] > 0]  # lowest first
-    while cost_of(costs, mask, fixed)[key] > target and mask.sum() > 1:
-        now = cost_of(costs, mask, fixed)[key]
+    while cost(mask) > target and mask.sum() > 1:
+        now = cost(mask)
         for j, i in enumerate(order):  # the lowest-ranked unit whose removal saves (a layer's last one
             trial = mask.clone()       # may not: its dead head costs as much)
             trial[i] = 0
-            if cost_of(costs, trial, fixed)[key] < now:
+            if cost(trial) < now:
                 mask = trial
                 order.pop(j)
                 break
         else:
             break
-    predicted = cost_of(costs, mask, fixed)
-    if predicted[key] > target:
-        raise ConfigError(f"the budget ({key.replace('_', ' ')} {target:,.0f}) cannot be met keeping one unit")
-    return mask, {"target": key, "target_value": target, "original": cost_of(costs, torch.ones_like(mask), fixed)[key],
-                  "predicted": predicted[key], "units": int(mask.sum())}
+    predicted = cost(mask)
+    if predicted > target:
+        raise ConfigError(f"the budget ({key.replace('_', ' ')} {target:,.4g}) cannot be met keeping one unit")
+    record = {"target": key, "target_value": target, "original": original, "predicted": predicted,
+              "units": int(mask.sum())}
+    if key == "seconds":  # said as the user asked: a speedup
+        record.update(target="speedup", target_value=cfg.target_speedup, original=1.0, predicted=original / predicted,
+                      predicted_seconds=predicted, whole_seconds=original)
+    return mask, record

@@ -21,7 +21,7 @@ def command_of(command: str, cfg) -> str:
     defaults = type(cfg)()  # as built, e.g. k filled in from its default
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        budgets = ("k_per_kind", "target_params", "target_kv_cache")
+        budgets = ("k_per_kind", "target_params", "target_kv_cache", "target_speedup")
         if value == getattr(defaults, f.name) or (f.name == "k" and any(getattr(cfg, b, None) for b in budgets)):
             continue  # a default; or k, which --k-per-kind or a target gives
         flag = "--" + f.name.replace("_", "-")

@@ -260,6 +260,13 @@ class PruneConfig(FinetuneConfig):
                                   positive=True)
     target_kv_cache: float = option(None, "Instead of --k (decoder-only models, by KV group): keep at most this "
                                     "fraction of the key/value cache per generated token.", positive=True)
+    target_speedup: float = option(None, "Instead of --k: a model this many times faster than the whole one in a "
+                                   "forward pass of --at-batch-size x --at-length on this machine, predicted by a "
+                                   "latency table measured here once (cached) and measured again after pruning.",
+                                   positive=True)
+    at_batch_size: int = option(1, "--target-speedup: the batch size it is measured at.", min=1)
+    at_length: int = option(None, "--target-speedup: the sequence length it is measured at (default: --max-length; "
+                            "image models: their patches).", min=1)
     schedule: str = option("default", "Preset of the scores' training: reference (the paper's "
                            "BERT values: temperature 1000 to 1e-8 over 2/3 of the run; lr 0.5 for dsp "
                            "and ste, 0.1 for voita), steady (dsp: temperature 1000 to 0.01 over the "
@@ -342,7 +349,10 @@ class PruneConfig(FinetuneConfig):
         super().__post_init__()
         if self.k is not None and self.k_per_kind:
             raise ConfigError("give --k (one budget) or --k-per-kind (a budget per kind), not both")
-        targets = [f"--{n.replace('_', '-')}" for n in ("target_params", "target_kv_cache") if getattr(self, n) is not None]
+        targets = [f"--{n.replace('_', '-')}" for n in ("target_params", "target_kv_cache", "target_speedup")
+                   if getattr(self, n) is not None]
+        if self.target_speedup is not None and self.target_speedup <= 1:
+            raise ConfigError(f"--target-speedup {self.target_speedup:g}: a speedup, more than 1")
         if len(targets) > 1 or (targets and (self.k is not None or self.k_per_kind)):
             given = targets + (["--k"] if self.k is not None else []) + (["--k-per-kind"] if self.k_per_kind else [])
             raise ConfigError(f"give one budget: {', '.join(given)} were given")
@@ -369,7 +379,8 @@ class PruneConfig(FinetuneConfig):
 @dataclass
 class SweepConfig(PruneConfig):
     # set per run from --methods, --modes, --ks and --seeds: not options of a sweep
-    PER_RUN = ("method", "mode", "k", "seed", "target_params", "target_kv_cache")  # (targets: prune's only)
+    PER_RUN = ("method", "mode", "k", "seed", "target_params", "target_kv_cache", "target_speedup", "at_batch_size",
+               "at_length")  # (targets: prune's only)
 
     methods: list = option(list(METHODS), "Methods to compare.", nargs="+", choices=list(METHODS))
     modes: list = option(["pipelined"], "Modes: pipelined (from --model, fine-tuned) and/or joint "

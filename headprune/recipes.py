@@ -31,8 +31,9 @@ from torch.utils.data import DataLoader
 from .card import command_of, write_model_card
 from .config import DEMO_DIR, SCORED, FinetuneConfig, PruneConfig
 from .errors import ConfigError
-from .budget import budget_units, fit
+from .budget import budget_units, fit, speed_units
 from .gates import attach_gates, detach_gates
+from .latency import latency_table
 from .measure import size_facts
 from .methods import TRAINED
 from .outputs import (BEST, RESULTS, atomic_folder, cache_root, check_not_inside, check_output_dir, finish_run,
@@ -298,16 +299,20 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
         raise ConfigError(f"{cfg.method} prunes a fine-tuned model and trains nothing: use --mode pipelined")
     task = get_task(cfg.task)
     path, config, counts = task.inspect(cfg.model, require_finetuned=pipelined, unit=cfg.unit)
-    targeted = cfg.target_params is not None or cfg.target_kv_cache is not None
+    targeted = any(t is not None for t in (cfg.target_params, cfg.target_kv_cache, cfg.target_speedup))
     check_budget(cfg, counts, threshold or targeted)  # a target's k follows once the model is loaded
     out, state, acc = _start(cfg, path)
     seconds: dict = dict(state["seconds"]) if state else {}
     with timed(seconds, "load"):
         data, model, tokenizer = _load(cfg, task, path, config, require_finetuned=pipelined)
+        table = None
+        if cfg.target_speedup is not None:  # timed before any gate is on it
+            table = latency_table(model.to(acc.device), cfg.unit, cfg.at_batch_size, cfg.at_length or cfg.max_length,
+                                  acc.device.type)
         gates = attach_gates(model, cfg.unit)
-        if targeted:  # the budget in units: what fits --target-params or --target-kv-cache
+        if targeted:  # the budget in units: what fits the target
             cfg = copy.copy(cfg)
-            cfg.k = budget_units(cfg, model, gates.sites)
+            cfg.k = speed_units(cfg, gates.sites, table) if table else budget_units(cfg, model, gates.sites)
             log.info("the budget keeps at most %d %s (before the dead heads of empty layers)", cfg.k,
                      UNIT_NAMES[gates.sites[0].unit])
         check_reconstruct(cfg, gates)
@@ -371,10 +376,10 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
             mask, scores, info = choose_by_scores(cfg, task, acc, model, gates, calibration, collate, evaluate_with,
                                                   weights_digest=inputs["model"])
     if targeted:  # the lowest-ranked units go until the model, dead heads included, fits
-        mask, info["budget"] = fit(cfg, acc.unwrap_model(model), gates.sites, mask, scores)
-        log.info("budget: %s at most %s of %s: predicted %s with %d %s", info["budget"]["target"],
-                 f"{info['budget']['target_value']:,.0f}", f"{info['budget']['original']:,}",
-                 f"{info['budget']['predicted']:,}", info["budget"]["units"], UNIT_NAMES[gates.sites[0].unit])
+        mask, info["budget"] = fit(cfg, acc.unwrap_model(model), gates.sites, mask, scores, table)
+        log.info("budget: %s %s (the whole model: %s): predicted %s with %d %s", info["budget"]["target"],
+                 f"{info['budget']['target_value']:,.4g}", f"{info['budget']['original']:,.4g}",
+                 f"{info['budget']['predicted']:,.4g}", info["budget"]["units"], UNIT_NAMES[gates.sites[0].unit])
     if not pipelined:  # the jointly trained weights with every head on (before reconstruction changes them)
         with timed(seconds, "evaluate_unpruned"):
             extra["metrics_unpruned"] = evaluate_with(all_heads)
@@ -395,8 +400,11 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
                                 output_biases=bool(info.get("output_biases_added")))
             if size:
                 info["size"] = size
-                if "budget" in info:  # counted on the smaller model itself
-                    info["budget"]["measured"] = size["pruned"].get(info["budget"]["target"])
+                if "budget" in info:  # counted, or timed, on the smaller model itself
+                    info["budget"]["measured"] = (measured_speedup(cfg, out / "model", acc.device.type) if table
+                                                  else size["pruned"].get(info["budget"]["target"]))
+                    log.info("budget: %s measured on the saved model: %s", info["budget"]["target"],
+                             f"{info['budget']['measured']:,.4g}")
     results = {"method": cfg.method, "mode": cfg.mode, "k": len(kept), "num_heads": gates.num_heads,
                "unit": gates.sites[0].unit,
                "kept_per_kind": {kind: sum(h[0] == kind for h in kept) for kind in kinds},
@@ -408,6 +416,17 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
     if acc.is_main_process:
         write_run_report(out, results, history)
     return results
+
+
+def measured_speedup(cfg, folder: Path, device: str) -> float:
+    """The saved model against the whole architecture, taking turns on one random batch (as
+    `headprune measure` times them)."""
+    from .config import MeasureConfig
+    from .measure import load_models, time_side_by_side
+    models = load_models(MeasureConfig(pruned=str(folder), attn_implementation=cfg.attn_implementation, device=device))
+    timings = time_side_by_side(models, cfg.at_batch_size, cfg.at_length or cfg.max_length, 10, 2, device,
+                                models["original"].config)
+    return timings["original"]["median"] / timings["pruned"]["median"]
 
 
 def check_reconstruct(cfg, gates) -> None:

@@ -73,3 +73,49 @@ def test_bad_budgets_are_refused_in_one_line(tiny_finetuned, tmp_path, capsys):
         "prune", "--model", model, "--dataset", data, "--target-params", "100", "--output-dir", tmp_path / "b"])
     with pytest.raises(SystemExit):  # a sweep compares budgets in --ks: no target option
         main(["sweep", "--model", str(model), "--target-params", "0.5", "--output-dir", str(tmp_path / "c")])
+
+
+# -- a speedup on this machine: the latency table ---------------------------------------------------
+
+def test_the_latency_table_from_pairs_of_timings_and_its_prediction(tiny_lm, tmp_path, monkeypatch):
+    import headprune.latency as latency
+    model = load_pruned(tiny_lm[0])
+    monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path))
+
+    def fake_alternate(models, run, repeats, warmup, device):  # no clock: 10 ms plus 1 ms a kept group
+        return {name: {"median": 0.010 + 0.001 * sum(s.num_heads for s in find_sites(m))} for name, m in models.items()}
+    monkeypatch.setattr(latency, "alternate", fake_alternate)
+    table = latency.latency_table(model, "group", 2, 8, "cpu")
+    # whole: 10 + 6 ms; all 3 layers at h = 0, 1, 2 groups: 10 + 3h ms (the fake clock does not count
+    # dead groups), so one layer with h groups costs A(h) = (T(h) - T(0)) / 3 = h ms
+    assert table["whole"] == pytest.approx(0.016)
+    assert table["kinds"]["decoder"]["per_layer"] == pytest.approx([0.0, 0.001, 0.002])
+    sites = find_sites(model, "group")
+    # 1, 2 and 0 groups: 16 - (2 - 1) - 0 - (2 - 0) ms
+    assert latency.predicted_seconds(table, sites, torch.tensor([1.0, 0, 1, 1, 0, 0])) == pytest.approx(0.013)
+    monkeypatch.setattr(latency, "alternate", None)  # measured once: read back, not timed again
+    assert latency.latency_table(model, "group", 2, 8, "cpu") == table
+    assert latency.even_mask(sites, 4).tolist() == [1, 1, 1, 0, 1, 0]  # 2, 1, 1 a layer
+    # 16 / 14 ms: 4 groups spread 2, 1, 1 are predicted to give it; the fit drops the lowest-scored
+    cfg = PruneConfig(task="causal-lm", target_speedup=16 / 14)
+    from headprune.budget import fit, speed_units
+    assert speed_units(cfg, sites, table) == 4
+    mask, record = fit(cfg, model, sites, torch.ones(6), torch.tensor([6.0, 5, 4, 3, 2, 1]), table)
+    assert mask.tolist() == [1, 1, 1, 1, 0, 0] and record["predicted"] == pytest.approx(16 / 14)
+    assert record["target"] == "speedup" and record["predicted_seconds"] == pytest.approx(0.014)
+    with pytest.raises(ConfigError, match="a speedup, more than 1"):
+        PruneConfig(target_speedup=0.9)
+
+
+def test_a_speed_target_end_to_end_records_the_measured_speedup(tiny_finetuned, tmp_path, monkeypatch):
+    import headprune.latency as latency
+    monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(latency, "alternate", lambda models, run, *a: {  # 8 ms plus 1 ms a kept head
+        name: {"median": 0.008 + 0.001 * sum(s.num_heads for s in find_sites(m))} for name, m in models.items()})
+    results = prune(tiny(*tiny_finetuned, tmp_path / "run", k=None, target_speedup=1.5, at_batch_size=4,
+                         at_length=16))
+    budget = results["budget"]
+    # whole 16 ms; 1.5x: at most 10.67 ms, so 2 of the 8 heads
+    assert results["k"] == budget["units"] == 2 and budget["predicted"] == pytest.approx(16 / 10)
+    assert budget["measured"] > 0  # timed on the saved model against the whole architecture (no bound asserted)
+    assert "--target-speedup 1.5" in (tmp_path / "run" / "model" / "README.md").read_text()

@@ -1,0 +1,99 @@
+"""A latency table for `--target-speedup` (issue 24, in part), measured on this machine once and
+cached, the way Kwon et al. (2022) budget BERT by time: measured time is not linear in heads.
+
+For each kind of head (encoder, decoder, cross), copies of the model with every layer of that kind
+pruned to h units (h = 0 .. all; the other kinds whole) are timed against the whole model, each
+pair taking turns on the same random batch (`--at-batch-size` x `--at-length`: one forward pass,
+as `headprune measure` times it). One layer of the kind with h units then costs
+A(h) = (T(h) - T(0)) / layers, and a model with h_l units in layer l is predicted to take
+T_whole - sum over layers of (A(all) - A(h_l)).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+
+import torch
+
+from .errors import ConfigError
+from .measure import alternate, forward_inputs, random_ids
+from .outputs import atomic_path, cache_root
+from .pruning import remove_heads
+from .sites import find_sites
+
+log = logging.getLogger("headprune")
+
+
+def _key(model, unit: str, batch: int, length: int, device: str) -> str:
+    config = {k: v for k, v in model.config.to_dict().items() if k not in ("headprune", "id2label", "label2id")}
+    what = [config, unit, batch, length, device, torch.get_num_threads(), torch.__version__]
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def latency_table(model, unit: str, batch: int, length: int, device: str, repeats: int = 5, warmup: int = 2) -> dict:
+    """{"whole": seconds, "kinds": {kind: {"units": n, "layers": [layer...], "per_layer": [A(0)..A(n)]}}}."""
+    path = cache_root() / "latency" / f"{_key(model, unit, batch, length, device)}.json"
+    if path.is_file():
+        log.info("latency table measured before on this machine (%s)", path)
+        return json.loads(path.read_text())
+    whole, was_training = model, model.training  # timed as it is; the pruned copies one at a time
+    whole.eval()
+    sites = find_sites(whole, unit)
+    ids = random_ids(batch, length, whole.config, device, seed=0)
+
+    def run(m):
+        with torch.no_grad():
+            m(**forward_inputs(m, ids))
+    table = {"kinds": {}}
+    whole_times = []
+    for kind in dict.fromkeys(s.kind for s in sites):
+        mine = [s for s in sites if s.kind == kind]
+        units = {s.num_heads for s in mine}
+        if len(units) != 1:
+            raise ConfigError(f"--target-speedup: this model's {kind} layers have different numbers of heads")
+        n = units.pop()
+        times = []
+        for h in range(n):  # h = n is the whole model
+            kept = [(s.kind, s.layer, u) for s in sites for u in range(h if s.kind == kind else s.num_heads)]
+            pruned = remove_heads(copy.deepcopy(whole), kept, unit)
+            timing = alternate({"whole": whole, "pruned": pruned}, run, repeats, warmup, device)
+            whole_times.append(timing["whole"]["median"])
+            times.append(timing["pruned"]["median"] / timing["whole"]["median"])  # as a share of the whole
+            del pruned
+        times.append(1.0)
+        table["kinds"][kind] = {"units": n, "layers": [s.layer for s in mine], "relative": times}
+    whole.train(was_training)
+    seconds = sorted(whole_times)[len(whole_times) // 2]
+    for entry in table["kinds"].values():  # seconds of one layer with h units, from T(0)
+        layers = len(entry["layers"])
+        relative = entry.pop("relative")
+        entry["per_layer"] = [(r - relative[0]) * seconds / layers for r in relative]
+    table["whole"] = seconds
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(table))
+    return table
+
+
+def predicted_seconds(table: dict, sites, mask: torch.Tensor) -> float:
+    """The table's prediction for the model that keeps `mask` (gate order: the sites')."""
+    seconds, offset = table["whole"], 0
+    for site in sites:
+        entry = table["kinds"][site.kind]
+        kept = int(mask[offset:offset + site.num_heads].sum())
+        seconds -= entry["per_layer"][entry["units"]] - entry["per_layer"][kept]
+        offset += site.num_heads
+    return seconds
+
+
+def even_mask(sites, k: int) -> torch.Tensor:
+    """k units spread as evenly as the layers allow (the first of each layer): for sizing k."""
+    counts = [0] * len(sites)
+    for i in range(k):
+        order = sorted(range(len(sites)), key=lambda j: (counts[j] / sites[j].num_heads, j))
+        j = next(j for j in order if counts[j] < sites[j].num_heads)
+        counts[j] += 1
+    return torch.tensor([float(u < c) for s, c in zip(sites, counts) for u in range(s.num_heads)])
