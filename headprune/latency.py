@@ -33,7 +33,7 @@ def _key(model, unit: str, batch: int, length: int, device: str) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def latency_table(model, unit: str, batch: int, length: int, device: str, repeats: int = 5, warmup: int = 2) -> dict:
+def latency_table(model, unit: str, batch: int, length: int, device: str, repeats: int = 10, warmup: int = 2) -> dict:
     """{"whole": seconds, "kinds": {kind: {"units": n, "layers": [layer...], "per_layer": [A(0)..A(n)]}}}."""
     path = cache_root() / "latency" / f"{_key(model, unit, batch, length, device)}.json"
     if path.is_file():
