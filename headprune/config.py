@@ -267,6 +267,8 @@ class PruneConfig(FinetuneConfig):
     at_batch_size: int = option(1, "--target-speedup: the batch size it is measured at.", min=1)
     at_length: int = option(None, "--target-speedup: the sequence length it is measured at (default: --max-length; "
                             "image models: their patches).", min=1)
+    at_new_tokens: int = option(None, "--target-speedup of models that generate: time generating this many tokens "
+                                "greedily from a prompt of --at-length tokens instead of one forward pass.", min=1)
     schedule: str = option("default", "Preset of the scores' training: reference (the paper's "
                            "BERT values: temperature 1000 to 1e-8 over 2/3 of the run; lr 0.5 for dsp "
                            "and ste, 0.1 for voita), steady (dsp: temperature 1000 to 0.01 over the "
@@ -351,6 +353,8 @@ class PruneConfig(FinetuneConfig):
             raise ConfigError("give --k (one budget) or --k-per-kind (a budget per kind), not both")
         targets = [f"--{n.replace('_', '-')}" for n in ("target_params", "target_kv_cache", "target_speedup")
                    if getattr(self, n) is not None]
+        if self.at_new_tokens and self.target_speedup is None:
+            raise ConfigError("--at-new-tokens says how --target-speedup is timed: give --target-speedup")
         if self.target_speedup is not None and self.target_speedup <= 1:
             raise ConfigError(f"--target-speedup {self.target_speedup:g}: a speedup, more than 1")
         if len(targets) > 1 or (targets and (self.k is not None or self.k_per_kind)):
@@ -380,7 +384,7 @@ class PruneConfig(FinetuneConfig):
 class SweepConfig(PruneConfig):
     # set per run from --methods, --modes, --ks and --seeds: not options of a sweep
     PER_RUN = ("method", "mode", "k", "seed", "target_params", "target_kv_cache", "target_speedup", "at_batch_size",
-               "at_length")  # (targets: prune's only)
+               "at_length", "at_new_tokens")  # (targets: prune's only)
 
     methods: list = option(list(METHODS), "Methods to compare.", nargs="+", choices=list(METHODS))
     modes: list = option(["pipelined"], "Modes: pipelined (from --model, fine-tuned) and/or joint "

@@ -4,7 +4,8 @@ cached, the way Kwon et al. (2022) budget BERT by time: measured time is not lin
 For each kind of head (encoder, decoder, cross), copies of the model with every layer of that kind
 pruned to h units (h = 0 .. all; the other kinds whole) are timed against the whole model, each
 pair taking turns on the same random batch (`--at-batch-size` x `--at-length`: one forward pass,
-as `headprune measure` times it). One layer of the kind with h units then costs
+as `headprune measure` times it; with `--at-new-tokens`, generating that many tokens greedily, where
+a decoder's heads are paid once per token). One layer of the kind with h units then costs
 A(h) = (T(h) - T(0)) / layers, and a model with h_l units in layer l is predicted to take
 T_whole - sum over layers of (A(all) - A(h_l)).
 """
@@ -27,15 +28,18 @@ from .sites import find_sites
 log = logging.getLogger("headprune")
 
 
-def _key(model, unit: str, batch: int, length: int, device: str) -> str:
+def _key(model, unit: str, batch: int, length: int, device: str, new_tokens: int | None) -> str:
     config = {k: v for k, v in model.config.to_dict().items() if k not in ("headprune", "id2label", "label2id")}
-    what = [config, unit, batch, length, device, torch.get_num_threads(), torch.__version__]
+    what = [config, unit, batch, length, device, new_tokens, torch.get_num_threads(), torch.__version__]
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def latency_table(model, unit: str, batch: int, length: int, device: str, repeats: int = 10, warmup: int = 2) -> dict:
-    """{"whole": seconds, "kinds": {kind: {"units": n, "layers": [layer...], "per_layer": [A(0)..A(n)]}}}."""
-    path = cache_root() / "latency" / f"{_key(model, unit, batch, length, device)}.json"
+def latency_table(model, unit: str, batch: int, length: int, device: str, new_tokens: int | None = None,
+                  repeats: int = 10, warmup: int = 2) -> dict:
+    """{"whole": seconds, "kinds": {kind: {"units": n, "layers": [layer...], "per_layer": [A(0)..A(n)]}}}:
+    of one forward pass, or with `new_tokens` of generating that many tokens greedily (the prompt:
+    `length` tokens)."""
+    path = cache_root() / "latency" / f"{_key(model, unit, batch, length, device, new_tokens)}.json"
     if path.is_file():
         log.info("latency table measured before on this machine (%s)", path)
         return json.loads(path.read_text())
@@ -46,7 +50,11 @@ def latency_table(model, unit: str, batch: int, length: int, device: str, repeat
 
     def run(m):
         with torch.no_grad():
-            m(**forward_inputs(m, ids))
+            if new_tokens:
+                m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, num_beams=1,
+                           max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+            else:
+                m(**forward_inputs(m, ids))
     table = {"kinds": {}}
     whole_times = []
     for kind in dict.fromkeys(s.kind for s in sites):

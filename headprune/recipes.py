@@ -34,7 +34,7 @@ from .errors import ConfigError
 from .budget import budget_units, fit, speed_units
 from .gates import attach_gates, detach_gates
 from .latency import latency_table
-from .measure import size_facts
+from .measure import is_generator, size_facts
 from .methods import TRAINED
 from .outputs import (BEST, RESULTS, atomic_folder, cache_root, check_not_inside, check_output_dir, finish_run,
                       folder_bytes, versions, write_json, write_jsonl)
@@ -307,8 +307,11 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
         data, model, tokenizer = _load(cfg, task, path, config, require_finetuned=pipelined)
         table = None
         if cfg.target_speedup is not None:  # timed before any gate is on it
+            if cfg.at_new_tokens and not is_generator(model):
+                raise ConfigError("--at-new-tokens times generation: this model does not generate (drop it to "
+                                  "time one forward pass)")
             table = latency_table(model.to(acc.device), cfg.unit, cfg.at_batch_size, cfg.at_length or cfg.max_length,
-                                  acc.device.type)
+                                  acc.device.type, cfg.at_new_tokens)
         gates = attach_gates(model, cfg.unit)
         if targeted:  # the budget in units: what fits the target
             cfg = copy.copy(cfg)
@@ -422,10 +425,13 @@ def measured_speedup(cfg, folder: Path, device: str) -> float:
     """The saved model against the whole architecture, taking turns on one random batch (as
     `headprune measure` times them)."""
     from .config import MeasureConfig
-    from .measure import load_models, time_side_by_side
+    from .measure import load_models, time_generation, time_side_by_side
     models = load_models(MeasureConfig(pruned=str(folder), attn_implementation=cfg.attn_implementation, device=device))
-    timings = time_side_by_side(models, cfg.at_batch_size, cfg.at_length or cfg.max_length, 10, 2, device,
-                                models["original"].config)
+    length, config = cfg.at_length or cfg.max_length, models["original"].config
+    if cfg.at_new_tokens:
+        timings = time_generation(models, cfg.at_batch_size, length, cfg.at_new_tokens, 1, 10, 2, device, config)
+    else:
+        timings = time_side_by_side(models, cfg.at_batch_size, length, 10, 2, device, config)
     return timings["original"]["median"] / timings["pruned"]["median"]
 
 

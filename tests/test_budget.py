@@ -119,3 +119,17 @@ def test_a_speed_target_end_to_end_records_the_measured_speedup(tiny_finetuned, 
     assert results["k"] == budget["units"] == 2 and budget["predicted"] == pytest.approx(16 / 10)
     assert budget["measured"] > 0  # timed on the saved model against the whole architecture (no bound asserted)
     assert "--target-speedup 1.5" in (tmp_path / "run" / "model" / "README.md").read_text()
+
+
+def test_a_generation_latency_table_and_its_options(tiny_lm, tiny_finetuned, tmp_path, monkeypatch, capsys):
+    import headprune.latency as latency
+    monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path))
+    table = latency.latency_table(load_pruned(tiny_lm[0]), "group", 1, 4, "cpu", new_tokens=2, repeats=1, warmup=0)
+    entry = table["kinds"]["decoder"]
+    assert entry["units"] == 2 and len(entry["per_layer"]) == 3 and entry["per_layer"][0] == 0 and table["whole"] > 0
+    with pytest.raises(ConfigError, match="give --target-speedup"):
+        PruneConfig(at_new_tokens=8)
+    model, data = tiny_finetuned
+    assert "this model does not generate" in one_line_error(capsys, [
+        "prune", "--model", model, "--dataset", data, "--target-speedup", "1.2", "--at-new-tokens", "4",
+        "--output-dir", tmp_path / "x"])
