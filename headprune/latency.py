@@ -22,6 +22,7 @@ import torch
 from .errors import ConfigError
 from .measure import alternate, forward_inputs, random_ids
 from .outputs import atomic_path, cache_root
+from .progress import progress_bar
 from .pruning import remove_heads
 from .sites import find_sites
 
@@ -57,7 +58,12 @@ def latency_table(model, unit: str, batch: int, length: int, device: str, new_to
                 m(**forward_inputs(m, ids))
     table = {"kinds": {}}
     whole_times = []
-    for kind in dict.fromkeys(s.kind for s in sites):
+    kinds = list(dict.fromkeys(s.kind for s in sites))
+    settings = sum(next(s.num_heads for s in sites if s.kind == kind) for kind in kinds)
+    log.info("measuring a latency table on %s: %d settings, each timed %d times against the whole model (once "
+             "per machine: cached)", device, settings, repeats)
+    bar = progress_bar(total=settings, desc="latency table")
+    for kind in kinds:
         mine = [s for s in sites if s.kind == kind]
         units = {s.num_heads for s in mine}
         if len(units) != 1:
@@ -71,8 +77,10 @@ def latency_table(model, unit: str, batch: int, length: int, device: str, new_to
             whole_times.append(timing["whole"]["median"])
             times.append(timing["pruned"]["median"] / timing["whole"]["median"])  # as a share of the whole
             del pruned
+            bar.update(1)
         times.append(1.0)
         table["kinds"][kind] = {"units": n, "layers": [s.layer for s in mine], "relative": times}
+    bar.close()
     whole.train(was_training)
     seconds = sorted(whole_times)[len(whole_times) // 2]
     for entry in table["kinds"].values():  # seconds of one layer with h units, from T(0)
