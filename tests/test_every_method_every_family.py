@@ -1,0 +1,40 @@
+"""Every method, pipelined, and every trained method, joint, on a tiny model of each family that
+issue 23 added (the files of each family test their equalities; here: that each method keeps
+exactly k units and the saved model reloads with them)."""
+import pytest
+from conftest import finetuned_tiny, tiny, write_tiny_lm
+from test_causal_lm import lm_cfg
+
+from headprune.config import METHODS
+from headprune.pruning import load_pruned
+from headprune.recipes import prune
+from headprune.sites import find_sites
+
+LANGUAGE_MODELS = ["gemma2", "gemma3", "gpt2", "gpt_neox", "phi3"]
+CLASSIFIERS = ["modernbert", "deberta-v2", "t5"]
+RUNS = [(family, method, "pipelined") for family in LANGUAGE_MODELS + CLASSIFIERS for method in METHODS] + \
+       [(family, method, "joint") for family in LANGUAGE_MODELS + CLASSIFIERS for method in ("dsp", "ste", "voita")]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    made = {}
+
+    def get(family):
+        if family not in made:
+            made[family] = (write_tiny_lm(tmp_path_factory.mktemp(family), arch=family, n_train=40, n_eval=10)
+                            if family in LANGUAGE_MODELS else finetuned_tiny(family, tmp_path_factory))
+        return made[family]
+    return get
+
+
+@pytest.mark.parametrize("family,method,mode", RUNS, ids=lambda v: str(v))
+def test_each_method_keeps_k_and_the_model_reloads(models, tmp_path, family, method, mode):
+    model, data = models(family)
+    if family in LANGUAGE_MODELS:
+        cfg = lm_cfg(model, data, tmp_path, method=method, mode=mode, michel_step=1, k=3, lr=1e-3)
+    else:
+        cfg = tiny(model, data, tmp_path, method=method, mode=mode, k=3)
+    results = prune(cfg)
+    assert results["k"] == 3
+    assert sum(s.num_heads for s in find_sites(load_pruned(tmp_path / "model"))) == 3
