@@ -64,6 +64,12 @@ def total_params(model) -> int:
     return sum(p.numel() for name, p in model.named_parameters() if not name.startswith(ATTRIBUTE + "."))
 
 
+def fixed_params(model, costs: list[SiteCost]) -> int:
+    """The parameters no choice of units changes: all but the units' and the dead heads' (a model
+    pruned before may already hold dead heads; `cost_of` counts them again where they stay)."""
+    return total_params(model) - sum(c.units * c.params + (c.dead_params if c.units == 0 else 0) for c in costs)
+
+
 def budget_units(cfg, model, sites: list[AttentionSite]) -> int:
     """The most units whose cost fits --target-params or --target-kv-cache (dead heads aside: `fit`
     sees to them once the units are ranked)."""
@@ -72,7 +78,7 @@ def budget_units(cfg, model, sites: list[AttentionSite]) -> int:
         total = total_params(model)
         target = cfg.target_params * total if cfg.target_params <= 1 else cfg.target_params
         per_unit = {c.params for c in costs if c.units}
-        fixed = total - sum(c.units * c.params for c in costs)
+        fixed = fixed_params(model, costs)
         if len(per_unit) != 1:
             raise ConfigError("--target-params: this model's heads differ in size between layers; give --k")
         k = int((target - fixed) // per_unit.pop())
@@ -96,9 +102,10 @@ def budget_units(cfg, model, sites: list[AttentionSite]) -> int:
     return k
 
 
-def cost_of(costs: list[SiteCost], mask: torch.Tensor, fixed_params: int) -> dict:
-    """Parameters and cache bytes per token of the model that keeps `mask`, dead heads included."""
-    params, kv, offset = fixed_params, 0, 0
+def cost_of(costs: list[SiteCost], mask: torch.Tensor, fixed: int) -> dict:
+    """Parameters and cache bytes per token of the model that keeps `mask`, dead heads included
+    (`fixed`: the parameters no choice of units changes)."""
+    params, kv, offset = fixed, 0, 0
     for c in costs:
         kept = int(mask[offset:offset + c.units].sum())
         params += kept * c.params + (c.dead_params if kept == 0 else 0)
@@ -133,7 +140,7 @@ def fit(cfg, model, sites: list[AttentionSite], mask: torch.Tensor, scores: torc
     else:
         costs = site_costs(sites)
         total = total_params(model)
-        fixed = total - sum(c.units * c.params for c in costs)
+        fixed = fixed_params(model, costs)
         if cfg.target_params is not None:
             key, target = "parameters", (cfg.target_params * total if cfg.target_params <= 1 else cfg.target_params)
         else:

@@ -133,3 +133,21 @@ def test_a_generation_latency_table_and_its_options(tiny_lm, tiny_finetuned, tmp
     assert "this model does not generate" in one_line_error(capsys, [
         "prune", "--model", model, "--dataset", data, "--target-speedup", "1.2", "--at-new-tokens", "4",
         "--output-dir", tmp_path / "x"])
+
+
+@pytest.mark.parametrize("method", ["fisher", "activation", "flap", "taylor", "michel", "dsp"])
+def test_a_parameter_target_on_a_model_pruned_before_counts_its_dead_heads_once(tiny_lm, tmp_path, method):
+    from transformers import AutoTokenizer
+
+    from headprune.pruning import save_pruned
+    model, data = tiny_lm
+    save_pruned(load_pruned(model), tmp_path / "once", [("decoder", 0, 0), ("decoder", 0, 1), ("decoder", 1, 0)],
+                tokenizer=AutoTokenizer.from_pretrained(model))
+    before = total_params(load_pruned(tmp_path / "once"))  # layer 2 holds a dead head already
+    results = prune(lm_cfg(tmp_path / "once", data, tmp_path / "twice", method=method, k=None, michel_step=1,
+                           target_params=before - 3072))  # room for one group fewer
+    budget = results["budget"]
+    # 2 groups fit; 1 where the method's two empty layer 1, whose dead head then costs too
+    assert results["k"] in (1, 2) and budget["original"] == before
+    assert budget["predicted"] == budget["measured"] == total_params(load_pruned(tmp_path / "twice" / "model"))
+    assert budget["measured"] <= before - 3072

@@ -37,7 +37,7 @@ def rearrange(mask: torch.Tensor, grads: torch.Tensor, layers: list[list[int]]) 
     the smallest || sum of the set's gradient vectors ||^2."""
     mask = mask.clone()
     for layer in layers:
-        index = torch.tensor(layer)
+        index = torch.tensor(layer, dtype=torch.long)  # a layer pruned empty before has no gates
         pruned_count = int((mask[index] == 0).sum())
         if pruned_count in (0, len(layer)):
             continue
