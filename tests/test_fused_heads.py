@@ -198,3 +198,14 @@ def test_modernbert_pruned_jointly(tmp_path):
     results = prune(tiny(model, data, tmp_path / "joint", mode="joint", k=3, epochs=2))
     assert results["mode"] == "joint" and results["k"] == 3
     assert sum(s.num_heads for s in find_sites(load_pruned(tmp_path / "joint" / "model"))) == 3
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_phi3_by_query_position(attn, prompt):
+    model = tiny_fused("phi3", attn)  # 3 query positions a layer (6 query heads in 2 groups)
+    kept = [("decoder", 0, 0), ("decoder", 0, 2), ("decoder", 1, 1)]
+    expected = masked(model, kept, "query", lambda m: outputs(m, prompt))
+    remove_heads(model, kept, "query")
+    same(outputs(model, prompt), expected)
+    sites = find_sites(model, "query")
+    assert [s.num_heads for s in sites] == [2, 1, 0] and [s.kv_heads for s in sites] == [2, 2, 1]
