@@ -70,13 +70,20 @@ def fixed_params(model, costs: list[SiteCost]) -> int:
     return total_params(model) - sum(c.units * c.params + (c.dead_params if c.units == 0 else 0) for c in costs)
 
 
+def target_of(cfg, model, costs: list[SiteCost]) -> tuple[str, float]:
+    """What --target-params or --target-kv-cache bounds, and the bound (a fraction made absolute)."""
+    if cfg.target_params is not None:
+        return "parameters", (cfg.target_params * total_params(model) if cfg.target_params <= 1 else cfg.target_params)
+    return "kv_cache_bytes_per_token", cfg.target_kv_cache * sum(c.units * c.kv_bytes for c in costs)
+
+
 def budget_units(cfg, model, sites: list[AttentionSite]) -> int:
     """The most units whose cost fits --target-params or --target-kv-cache (dead heads aside: `fit`
     sees to them once the units are ranked)."""
     costs = site_costs(sites)
-    if cfg.target_params is not None:
+    key, target = target_of(cfg, model, costs)
+    if key == "parameters":
         total = total_params(model)
-        target = cfg.target_params * total if cfg.target_params <= 1 else cfg.target_params
         per_unit = {c.params for c in costs if c.units}
         fixed = fixed_params(model, costs)
         if len(per_unit) != 1:
@@ -96,7 +103,7 @@ def budget_units(cfg, model, sites: list[AttentionSite]) -> int:
     per_unit = {c.kv_bytes for c in cached}
     if len(per_unit) != 1:
         raise ConfigError("--target-kv-cache: this model's key/value heads differ in size between layers; give --k")
-    k = int(cfg.target_kv_cache * sum(c.units * c.kv_bytes for c in cached) // per_unit.pop())
+    k = int(target // per_unit.pop())
     if k < 1:
         raise ConfigError(f"--target-kv-cache {cfg.target_kv_cache:g} keeps less than one key/value head")
     return k
@@ -139,13 +146,8 @@ def fit(cfg, model, sites: list[AttentionSite], mask: torch.Tensor, scores: torc
             return predicted_seconds(table, sites, m)
     else:
         costs = site_costs(sites)
-        total = total_params(model)
         fixed = fixed_params(model, costs)
-        if cfg.target_params is not None:
-            key, target = "parameters", (cfg.target_params * total if cfg.target_params <= 1 else cfg.target_params)
-        else:
-            key = "kv_cache_bytes_per_token"
-            target = cfg.target_kv_cache * sum(c.units * c.kv_bytes for c in costs)
+        key, target = target_of(cfg, model, costs)
 
         def cost(m):
             return cost_of(costs, m, fixed)[key]

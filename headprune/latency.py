@@ -20,7 +20,7 @@ import logging
 import torch
 
 from .errors import ConfigError
-from .measure import alternate, forward_inputs, random_ids
+from .measure import time_generation, time_side_by_side
 from .outputs import atomic_path, cache_root
 from .progress import progress_bar
 from .pruning import remove_heads
@@ -47,39 +47,35 @@ def latency_table(model, unit: str, batch: int, length: int, device: str, new_to
     whole, was_training = model, model.training  # timed as it is; the pruned copies one at a time
     whole.eval()
     sites = find_sites(whole, unit)
-    ids = random_ids(batch, length, whole.config, device, seed=0)
+    kinds = list(dict.fromkeys(s.kind for s in sites))
+    units = {kind: {s.num_heads for s in sites if s.kind == kind} for kind in kinds}
+    uneven = [kind for kind in kinds if len(units[kind]) != 1]
+    if uneven:
+        raise ConfigError(f"--target-speedup: this model's {uneven[0]} layers have different numbers of heads")
 
-    def run(m):
-        with torch.no_grad():
-            if new_tokens:
-                m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, num_beams=1,
-                           max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-            else:
-                m(**forward_inputs(m, ids))
+    def timed(pair):  # as `headprune measure` times them: taking turns on one random batch
+        if new_tokens:
+            return time_generation(pair, batch, length, new_tokens, 1, repeats, warmup, device, whole.config)
+        return time_side_by_side(pair, batch, length, repeats, warmup, device, whole.config)
     table = {"kinds": {}}
     whole_times = []
-    kinds = list(dict.fromkeys(s.kind for s in sites))
-    settings = sum(next(s.num_heads for s in sites if s.kind == kind) for kind in kinds)
+    settings = sum(next(iter(units[kind])) for kind in kinds)
     log.info("measuring a latency table on %s: %d settings, each timed %d times against the whole model (once "
              "per machine: cached)", device, settings, repeats)
     bar = progress_bar(total=settings, desc="latency table")
     for kind in kinds:
-        mine = [s for s in sites if s.kind == kind]
-        units = {s.num_heads for s in mine}
-        if len(units) != 1:
-            raise ConfigError(f"--target-speedup: this model's {kind} layers have different numbers of heads")
-        n = units.pop()
+        n = next(iter(units[kind]))
         times = []
         for h in range(n):  # h = n is the whole model
             kept = [(s.kind, s.layer, u) for s in sites for u in range(h if s.kind == kind else s.num_heads)]
             pruned = remove_heads(copy.deepcopy(whole), kept, unit)
-            timing = alternate({"whole": whole, "pruned": pruned}, run, repeats, warmup, device)
+            timing = timed({"whole": whole, "pruned": pruned})
             whole_times.append(timing["whole"]["median"])
             times.append(timing["pruned"]["median"] / timing["whole"]["median"])  # as a share of the whole
             del pruned
             bar.update(1)
         times.append(1.0)
-        table["kinds"][kind] = {"units": n, "layers": [s.layer for s in mine], "relative": times}
+        table["kinds"][kind] = {"units": n, "layers": [s.layer for s in sites if s.kind == kind], "relative": times}
     bar.close()
     whole.train(was_training)
     seconds = sorted(whole_times)[len(whole_times) // 2]

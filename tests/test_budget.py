@@ -79,12 +79,13 @@ def test_bad_budgets_are_refused_in_one_line(tiny_finetuned, tmp_path, capsys):
 
 def test_the_latency_table_from_pairs_of_timings_and_its_prediction(tiny_lm, tmp_path, monkeypatch):
     import headprune.latency as latency
+    import headprune.measure as measure
     model = load_pruned(tiny_lm[0])
     monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path))
 
     def fake_alternate(models, run, repeats, warmup, device):  # no clock: 10 ms plus 1 ms a kept group
         return {name: {"median": 0.010 + 0.001 * sum(s.num_heads for s in find_sites(m))} for name, m in models.items()}
-    monkeypatch.setattr(latency, "alternate", fake_alternate)
+    monkeypatch.setattr(measure, "alternate", fake_alternate)
     table = latency.latency_table(model, "group", 2, 8, "cpu")
     # whole: 10 + 6 ms; all 3 layers at h = 0, 1, 2 groups: 10 + 3h ms (the fake clock does not count
     # dead groups), so one layer with h groups costs A(h) = (T(h) - T(0)) / 3 = h ms
@@ -93,7 +94,7 @@ def test_the_latency_table_from_pairs_of_timings_and_its_prediction(tiny_lm, tmp
     sites = find_sites(model, "group")
     # 1, 2 and 0 groups: 16 - (2 - 1) - 0 - (2 - 0) ms
     assert latency.predicted_seconds(table, sites, torch.tensor([1.0, 0, 1, 1, 0, 0])) == pytest.approx(0.013)
-    monkeypatch.setattr(latency, "alternate", None)  # measured once: read back, not timed again
+    monkeypatch.setattr(measure, "alternate", None)  # measured once: read back, not timed again
     assert latency.latency_table(model, "group", 2, 8, "cpu") == table
     assert latency.even_mask(sites, 4).tolist() == [1, 1, 1, 0, 1, 0]  # 2, 1, 1 a layer
     # 16 / 14 ms: 4 groups spread 2, 1, 1 are predicted to give it; the fit drops the lowest-scored
@@ -108,9 +109,9 @@ def test_the_latency_table_from_pairs_of_timings_and_its_prediction(tiny_lm, tmp
 
 
 def test_a_speed_target_end_to_end_records_the_measured_speedup(tiny_finetuned, tmp_path, monkeypatch):
-    import headprune.latency as latency
+    import headprune.measure as measure
     monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(latency, "alternate", lambda models, run, *a: {  # 8 ms plus 1 ms a kept head
+    monkeypatch.setattr(measure, "alternate", lambda models, run, *a: {  # 8 ms plus 1 ms a kept head
         name: {"median": 0.008 + 0.001 * sum(s.num_heads for s in find_sites(m))} for name, m in models.items()})
     results = prune(tiny(*tiny_finetuned, tmp_path / "run", k=None, target_speedup=1.5, at_batch_size=4,
                          at_length=16))
