@@ -62,6 +62,11 @@ def image_tokens(config) -> int:
     return (config.image_size // config.patch_size) ** 2 + (2 if config.model_type == "deit" else 1)
 
 
+def sequence_length(model, length: int) -> int:
+    """The length a model's attention sees: `length` tokens, or an image model's patches."""
+    return image_tokens(model.config) if is_image_model(model) else length
+
+
 def forward_inputs(model, ids: torch.Tensor) -> dict:
     """A forward pass's inputs; an encoder-decoder reads the same length on both sides; an image
     model reads `ids` as its pixels."""

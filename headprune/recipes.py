@@ -34,7 +34,7 @@ from .errors import ConfigError
 from .budget import budget_units, fit, speed_units
 from .gates import attach_gates, detach_gates
 from .latency import latency_table
-from .measure import is_generator, size_facts
+from .measure import is_generator, sequence_length, size_facts
 from .methods import TRAINED
 from .outputs import (BEST, RESULTS, atomic_folder, cache_root, check_not_inside, check_output_dir, finish_run,
                       folder_bytes, versions, write_json, write_jsonl)
@@ -465,7 +465,8 @@ def _save_pruned(cfg, task, out: Path, model, gates, tokenizer, mask, scores, ou
     shapes say: parameters, attention FLOPs, KV cache), None for --save-format zeroed (same shapes)."""
     heads, kept, unit = gates.heads, gates.kept_heads(mask), cfg.unit  # before the heads go
     detach_gates(model)
-    before = size_facts(model, unit, cfg.max_length)
+    length = sequence_length(model, cfg.max_length)  # an image model: its patches
+    before = size_facts(model, unit, length)
     record = {"method": cfg.method, "mode": cfg.mode}
     if cfg.reconstruct != "none":
         record["reconstruct"] = cfg.reconstruct
@@ -486,7 +487,7 @@ def _save_pruned(cfg, task, out: Path, model, gates, tokenizer, mask, scores, ou
                   f"{cfg.method} {cfg.mode}: {len(kept)} of {len(heads)} heads kept",
                   score_label=score_name.replace("_", " "))
     if cfg.save_format == "physical":
-        return {"length": cfg.max_length, "unpruned": before, "pruned": size_facts(model, unit, cfg.max_length)}
+        return {"length": length, "unpruned": before, "pruned": size_facts(model, unit, length)}
     return None
 
 
