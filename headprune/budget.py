@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ConfigError
-from .latency import even_mask, predicted_seconds
+from .latency import even_counts, even_mask, predicted_seconds
 from .sites import AttentionSite, in_features, out_features
 
 
@@ -134,24 +134,46 @@ def speed_units(cfg, sites: list[AttentionSite], table: dict) -> int:
                       "(the rest of the model takes the time)")
 
 
+def _budget(cfg, model, sites: list[AttentionSite], mask: torch.Tensor, table: dict | None):
+    """What the target bounds (its name, the whole model's value, the bound) and the cost of a mask."""
+    if cfg.target_speedup is not None:
+        def cost(m):
+            return predicted_seconds(table, sites, m)
+        return "seconds", table["whole"], table["whole"] / cfg.target_speedup, cost
+    costs = site_costs(sites)
+    fixed = fixed_params(model, costs)
+    key, target = target_of(cfg, model, costs)
+
+    def cost(m):
+        return cost_of(costs, m, fixed)[key]
+    return key, cost(torch.ones_like(mask)), target, cost
+
+
+def _record(cfg, key: str, original: float, target: float, predicted: float, mask: torch.Tensor) -> dict:
+    if predicted > target:
+        raise ConfigError(f"the budget ({key.replace('_', ' ')} {target:,.4g}) cannot be met: the fewest units "
+                          f"the fit reaches cost {predicted:,.4g} (a decoder layer without units keeps a dead head)")
+    record = {"target": key, "target_value": target, "original": original, "predicted": predicted,
+              "units": int(mask.sum()), "allocation": cfg.allocation}
+    if key == "seconds":  # said as the user asked: a speedup
+        record.update(target="speedup", target_value=cfg.target_speedup, original=1.0, predicted=original / predicted,
+                      predicted_seconds=predicted, whole_seconds=original)
+    return record
+
+
 def fit(cfg, model, sites: list[AttentionSite], mask: torch.Tensor, scores: torch.Tensor,
         table: dict | None = None) -> tuple[torch.Tensor, dict]:
     """`mask` with its lowest-scored kept units dropped until the model, dead heads included, fits
     the budget; and the budget's record (target, predicted value). `table`: the latency table of
-    --target-speedup."""
-    if cfg.target_speedup is not None:
-        key, original, target = "seconds", table["whole"], table["whole"] / cfg.target_speedup
-
-        def cost(m):
-            return predicted_seconds(table, sites, m)
-    else:
-        costs = site_costs(sites)
-        fixed = fixed_params(model, costs)
-        key, target = target_of(cfg, model, costs)
-
-        def cost(m):
-            return cost_of(costs, m, fixed)[key]
-        original = cost(torch.ones_like(mask))
+    --target-speedup. With --allocation uniform, the most units spread evenly that fit instead."""
+    key, original, target, cost = _budget(cfg, model, sites, mask, table)
+    if cfg.allocation == "uniform":
+        k = int(mask.sum())
+        mask = uniform_mask(sites, scores, k)
+        while cost(mask) > target and k > 1:
+            k -= 1
+            mask = uniform_mask(sites, scores, k)
+        return mask, _record(cfg, key, original, target, cost(mask), mask)
     mask = mask.clone()
     order = [i for i in torch.argsort(scores.double(), stable=True).tolist() if mask[i] > 0]  # lowest first
     while cost(mask) > target and mask.sum() > 1:
@@ -165,12 +187,22 @@ def fit(cfg, model, sites: list[AttentionSite], mask: torch.Tensor, scores: torc
                 break
         else:
             break
-    predicted = cost(mask)
-    if predicted > target:
-        raise ConfigError(f"the budget ({key.replace('_', ' ')} {target:,.4g}) cannot be met keeping one unit")
-    record = {"target": key, "target_value": target, "original": original, "predicted": predicted,
-              "units": int(mask.sum())}
-    if key == "seconds":  # said as the user asked: a speedup
-        record.update(target="speedup", target_value=cfg.target_speedup, original=1.0, predicted=original / predicted,
-                      predicted_seconds=predicted, whole_seconds=original)
-    return mask, record
+    return mask, _record(cfg, key, original, target, cost(mask), mask)
+
+
+def uniform_mask(sites: list[AttentionSite], scores: torch.Tensor, k: int | list[int]) -> torch.Tensor:
+    """The k units (or, given one number per kind, each kind's) spread as evenly as the layers
+    allow, each layer keeping its highest-scored: --allocation uniform."""
+    counts = [0] * len(sites)
+    kinds = list(dict.fromkeys(s.kind for s in sites))
+    budgets = dict(zip(kinds, k)) if isinstance(k, (list, tuple)) else None
+    for kind in kinds if budgets else [None]:
+        chosen = [j for j, s in enumerate(sites) if budgets is None or s.kind == kind]
+        for j, c in zip(chosen, even_counts([sites[j] for j in chosen], budgets[kind] if budgets else k)):
+            counts[j] = c
+    mask, offset = torch.zeros(sum(s.num_heads for s in sites)), 0
+    for site, c in zip(sites, counts):
+        layer = scores[offset:offset + site.num_heads].double()
+        mask[offset + torch.argsort(layer, descending=True, stable=True)[:c]] = 1.0
+        offset += site.num_heads
+    return mask

@@ -269,6 +269,11 @@ class PruneConfig(FinetuneConfig):
                             "image models: their patches).", min=1)
     at_new_tokens: int = option(None, "--target-speedup of models that generate: time generating this many tokens "
                                 "greedily from a prompt of --at-length tokens instead of one forward pass.", min=1)
+    allocation: str = option("global", "How a budget is shared between layers: global (the method's ranking "
+                             "decides how many units each layer keeps; with a --target-*, the lowest-ranked kept "
+                             "units are then dropped until the model fits) or uniform (every layer of a kind keeps "
+                             "the same number, as even as the budget allows, the method ranking within each "
+                             "layer: the baseline a global allocation should beat).", choices=["global", "uniform"])
     schedule: str = option("default", "Preset of the scores' training: reference (the paper's "
                            "BERT values: temperature 1000 to 1e-8 over 2/3 of the run; lr 0.5 for dsp "
                            "and ste, 0.1 for voita), steady (dsp: temperature 1000 to 0.01 over the "
@@ -351,19 +356,23 @@ class PruneConfig(FinetuneConfig):
         super().__post_init__()
         if self.k is not None and self.k_per_kind:
             raise ConfigError("give --k (one budget) or --k-per-kind (a budget per kind), not both")
-        targets = [f"--{n.replace('_', '-')}" for n in ("target_params", "target_kv_cache", "target_speedup")
-                   if getattr(self, n) is not None]
+        targets = [_flag(name) for name in TARGETS if getattr(self, name) is not None]
         if self.at_new_tokens and self.target_speedup is None:
             raise ConfigError("--at-new-tokens says how --target-speedup is timed: give --target-speedup")
-        if self.target_speedup is not None and self.target_speedup <= 1:
-            raise ConfigError(f"--target-speedup {self.target_speedup:g}: a speedup, more than 1")
+        for value in _values(self.target_speedup):
+            if value <= 1:
+                raise ConfigError(f"--target-speedup {value:g}: a speedup, more than 1")
         if len(targets) > 1 or (targets and (self.k is not None or self.k_per_kind)):
             given = targets + (["--k"] if self.k is not None else []) + (["--k-per-kind"] if self.k_per_kind else [])
             raise ConfigError(f"give one budget: {', '.join(given)} were given")
-        if self.target_kv_cache is not None and self.target_kv_cache > 1:
-            raise ConfigError(f"--target-kv-cache {self.target_kv_cache:g}: a fraction of the cache, at most 1")
+        for value in _values(self.target_kv_cache):
+            if value > 1:
+                raise ConfigError(f"--target-kv-cache {value:g}: a fraction of the cache, at most 1")
         if targets and self.method == "voita" and self.voita_selection == "threshold":
             raise ConfigError(f"{targets[0]} fixes the number of heads: Voita's threshold selection does not")
+        if self.allocation == "uniform" and self.method == "voita" and self.voita_selection == "threshold":
+            raise ConfigError("--allocation uniform fixes the heads of each layer: Voita's threshold selection "
+                              "does not")
         if self.k is None:
             self.k = sum(self.k_per_kind) if self.k_per_kind else DEFAULT_K
         modes = getattr(self, "modes", [self.mode])  # a sweep: the settle is for its joint runs
@@ -383,8 +392,15 @@ class PruneConfig(FinetuneConfig):
 @dataclass
 class SweepConfig(PruneConfig):
     # set per run from --methods, --modes, --ks and --seeds: not options of a sweep
-    PER_RUN = ("method", "mode", "k", "seed", "target_params", "target_kv_cache", "target_speedup", "at_batch_size",
-               "at_length", "at_new_tokens")  # (targets: prune's only)
+    PER_RUN = ("method", "mode", "k", "seed")
+
+    # a sweep's budgets: --ks, or the values of one target (each run gets one of them)
+    target_params: list = option(None, "Instead of --ks: parameter budgets (counts, or fractions at most 1), "
+                                 "one run each.", nargs="+", type=float, positive=True)
+    target_kv_cache: list = option(None, "Instead of --ks: fractions of the key/value cache per generated "
+                                   "token, one run each.", nargs="+", type=float, positive=True)
+    target_speedup: list = option(None, "Instead of --ks: speedups on this machine (as prune's --target-speedup), "
+                                  "one run each.", nargs="+", type=float, positive=True)
 
     methods: list = option(list(METHODS), "Methods to compare.", nargs="+", choices=list(METHODS))
     modes: list = option(["pipelined"], "Modes: pipelined (from --model, fine-tuned) and/or joint "
@@ -454,6 +470,14 @@ class ExportConfig(Checked):
         super().__post_init__()
         if not self.model or not self.output:
             raise ConfigError("export needs --model (a saved model folder) and --output (the file to write)")
+
+
+TARGETS = ("target_params", "target_kv_cache", "target_speedup")  # budgets instead of --k
+
+
+def _values(value) -> list:
+    """A target's values: a sweep holds a list, a run one number."""
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _flag(name: str) -> str:

@@ -101,11 +101,18 @@ def predicted_seconds(table: dict, sites, mask: torch.Tensor) -> float:
     return seconds
 
 
-def even_mask(sites, k: int) -> torch.Tensor:
-    """k units spread as evenly as the layers allow (the first of each layer): for sizing k."""
+def even_counts(sites, k: int) -> list[int]:
+    """Units per site when k are spread as evenly as the layers allow (each layer's share of its
+    units as equal as can be; ties to the first layers)."""
     counts = [0] * len(sites)
-    for i in range(k):
+    for _ in range(min(k, sum(s.num_heads for s in sites))):
         order = sorted(range(len(sites)), key=lambda j: (counts[j] / sites[j].num_heads, j))
         j = next(j for j in order if counts[j] < sites[j].num_heads)
         counts[j] += 1
+    return counts
+
+
+def even_mask(sites, k: int) -> torch.Tensor:
+    """k units spread evenly (even_counts), the first of each layer: for sizing k."""
+    counts = even_counts(sites, k)
     return torch.tensor([float(u < c) for s, c in zip(sites, counts) for u in range(s.num_heads)])

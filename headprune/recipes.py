@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from .card import command_of, write_model_card
 from .config import DEMO_DIR, SCORED, FinetuneConfig, PruneConfig
 from .errors import ConfigError
-from .budget import budget_units, fit, speed_units
+from .budget import budget_units, fit, speed_units, uniform_mask
 from .gates import attach_gates, detach_gates
 from .latency import latency_table
 from .measure import is_generator, sequence_length, size_facts
@@ -378,6 +378,8 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
         else:
             mask, scores, info = choose_by_scores(cfg, task, acc, model, gates, calibration, collate, evaluate_with,
                                                   weights_digest=inputs["model"])
+    if cfg.allocation == "uniform" and not targeted:  # as many per layer (of a kind), the best of each layer
+        mask = uniform_mask(gates.sites, scores, cfg.k_per_kind or cfg.k)
     if targeted:  # the lowest-ranked units go until the model, dead heads included, fits
         mask, info["budget"] = fit(cfg, acc.unwrap_model(model), gates.sites, mask, scores, table)
         log.info("budget: %s %s (the whole model: %s): predicted %s with %d %s", info["budget"]["target"],

@@ -20,7 +20,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from .config import SCORED, SHRINKING, PruneConfig, SweepConfig
+from .config import SCORED, SHRINKING, TARGETS, PruneConfig, SweepConfig
 from .errors import ConfigError, OutputExistsError
 from .outputs import RESULTS, atomic_path
 from .outputs import check_not_inside
@@ -48,16 +48,35 @@ def planned_runs(cfg: SweepConfig) -> list[PruneConfig]:
                 continue
             model = cfg.model if mode == "pipelined" else cfg.pretrained_model
             seeds = cfg.seeds[:1] if method in DETERMINISTIC else cfg.seeds
-            ks = [min(cfg.ks)] if method == "michel" else cfg.ks
-            for k in ks:
+            budgets = (target_budgets(cfg) or ([{"k": None}] if cfg.k_per_kind else  # one budget per kind: one run
+                       [{"k": k} for k in ([min(cfg.ks)] if method == "michel" else cfg.ks)]))
+            for budget in budgets:
                 for seed in seeds:
-                    name = f"{method}-{mode}-s{seed}" if method == "michel" else f"{method}-{mode}-k{k}-s{seed}"
-                    runs.append(PruneConfig(**{**base, "method": method, "mode": mode, "seed": seed,
-                                               "k": None if cfg.k_per_kind else k,
+                    name = (f"{method}-{mode}-s{seed}" if method == "michel" and budget.get("k")
+                            else f"{method}-{mode}-{budget_name(budget, cfg.k_per_kind)}-s{seed}")
+                    runs.append(PruneConfig(**{**base, **budget, "method": method, "mode": mode, "seed": seed,
                                                "model": model, "overwrite": False, "settle_fraction": settle[mode],
                                                "shrink_fraction": cfg.shrink_fraction if method in SHRINKING else None,
                                                "output_dir": str(Path(cfg.output_dir) / name)}))
     return runs
+
+
+def target_budgets(cfg: SweepConfig) -> list[dict]:
+    """One run's budget per value of the sweep's target (--target-speedup 1.2 1.4 ...), if it has one;
+    --ks is then not used (each method ends with the units that fit)."""
+    for name in TARGETS:
+        if getattr(cfg, name):
+            return [{"k": None, "k_per_kind": None, **{other: None for other in TARGETS}, name: value}
+                    for value in getattr(cfg, name)]
+    return []
+
+
+def budget_name(budget: dict, k_per_kind: list | None = None) -> str:
+    """A run folder's budget: k12, k4-6-8 (per kind), speedup1.4, kv0.5, params0.8 (or params1.2e+08)."""
+    if not any(budget.get(name) is not None for name in TARGETS):
+        return f"k{budget['k']}" if budget["k"] is not None else "k" + "-".join(map(str, k_per_kind))
+    name, value = next((n, budget[n]) for n in TARGETS if budget.get(n) is not None)
+    return {"target_speedup": "speedup", "target_kv_cache": "kv", "target_params": "params"}[name] + f"{value:g}"
 
 
 def headline_splits(metrics: dict) -> list[str]:
@@ -82,27 +101,46 @@ def rows_of(results: dict, ks: list[int], folder: str) -> list[dict]:
     ("<method> + <mode>"), whose passes add the fit's forward passes over the calibration data."""
     seconds = round(sum(results["seconds"].values()), 1)
     common = {"method": results["method"], "mode": results["mode"], "seed": results["seed"],
-              "seconds": seconds, "run": folder}
+              "seconds": seconds, "run": folder, **budget_of(results)}
     reconstructed = []
     if "metrics_before_reconstruction" in results:  # one run gives the heads with and without the fit
         common["seconds"] = round(seconds - results["seconds"].get("reconstruct", 0.0), 1)
         reconstructed = [{**common, "method": f"{results['method']} + {results['reconstruct']}", "seconds": seconds,
                           "k": results["k"], "passes": None,
                           **{split: results["metrics_pruned"][split] for split in headline_splits(results["metrics_pruned"])}}]
-    if "curve" in results:
+    if "curve" in results and "budget" not in results:  # (a target's run reports where it ended)
         exact = results.get("michel_exact", True)
         rows = [{**common, "k": e["heads"], "passes": estimates if exact else min(estimates, 1),
                  **{split: e["metrics"][split] for split in headline_splits(e["metrics"])}}
                 for estimates, e in enumerate(results["curve"]) if e["heads"] in ks]
     else:
         passes = (0 if results["method"] == "random" else 1 if results["method"] in SCORED
-                  else results["config"]["epochs"])
+                  else len(results["curve"]) - 1 if "curve" in results else results["config"]["epochs"])
         metrics = results.get("metrics_before_reconstruction", results["metrics_pruned"])
         rows = [{**common, "k": results["k"], "passes": passes,
                  **{split: metrics[split] for split in headline_splits(metrics)}}]
     for row in reconstructed:  # the forward passes of the fit come on top of the selection's
         row["passes"] = max((r["passes"] for r in rows), default=0) + results["reconstruction_passes"]
+    for row in rows + reconstructed:
+        row.setdefault("budget", f"k={row['k']}")
+        row.setdefault("budget_value", row["k"])
     return rows + reconstructed
+
+
+TARGET_LABELS = {"speedup": "{:g}x speed", "kv_cache_bytes_per_token": "{:g} of the KV cache",
+                 "parameters": "{:,.4g} parameters"}
+
+
+def budget_of(results: dict) -> dict:
+    """A targeted run's budget as the tables show it (the target as given, the predicted and the
+    measured value); nothing for a run with --k (its rows are labelled by k)."""
+    if "budget" not in results:
+        return {}
+    budget, config = results["budget"], results["config"]
+    given = {"speedup": config.get("target_speedup"), "kv_cache_bytes_per_token": config.get("target_kv_cache"),
+             "parameters": config.get("target_params")}[budget["target"]]
+    return {"budget": TARGET_LABELS[budget["target"]].format(given), "budget_value": given,
+            "predicted": budget["predicted"], "measured": budget.get("measured")}
 
 
 RESULT_KEYS = ("method", "mode", "seed", "k", "num_heads", "seconds", "config", "metrics_pruned", "metric")
@@ -147,7 +185,8 @@ def check_plan(cfg: SweepConfig, runs: list[PruneConfig]) -> None:
             models[(run.model, run.mode)] = counts, input_paths(run, path)
             check_not_inside(Path(cfg.output_dir), models[(run.model, run.mode)][1])
         counts, inputs = models[(run.model, run.mode)]
-        check_budget(run, counts, threshold=run.method == "voita" and run.voita_selection == "threshold")
+        targeted = any(getattr(run, name) is not None for name in TARGETS)  # its k follows from the model
+        check_budget(run, counts, threshold=targeted or run.method == "voita" and run.voita_selection == "threshold")
         check_not_inside(Path(run.output_dir), inputs)
 
 
@@ -203,14 +242,20 @@ def write_outputs(cfg: SweepConfig, out: Path, rows: list[dict], results: dict, 
 
 
 def write_tables(out: Path, rows: list[dict], splits: list[str], summaries: dict[str, str]) -> None:
-    columns = ["method", "mode", "k", "seed", *splits, "passes", "seconds", "run"]
-    rows = sorted(rows, key=lambda r: (r["method"], r["mode"], r["k"], r["seed"]))
+    targeted = ["budget", "predicted", "measured"] if any("predicted" in r for r in rows) else []
+    columns = ["method", "mode", *targeted, "k", "seed", *splits, "passes", "seconds", "run"]
+    rows = sorted(rows, key=lambda r: (r["method"], r["mode"], r["budget_value"], r["k"], r["seed"]))
     with atomic_path(out / "sweep.csv") as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+
+    def cell(row, column):
+        value = row.get(column)
+        return (f"{value:.4f}" if column in splits else "" if value is None else
+                f"{value:,.4g}" if isinstance(value, float) else str(value))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(f"{r[c]:.4f}" if c in splits else str(r[c]) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(r, c) for c in columns) + " |" for r in rows]
     with atomic_path(out / "sweep.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     with atomic_path(out / "summary.md") as tmp:
@@ -228,11 +273,11 @@ def mean_cell(values: list[float]) -> str:
 def summary_table(rows: list[dict], split: str, unpruned: float | None) -> str:
     """Per method and mode, one column per k: the metric on `split` over seeds (mean_cell); then
     the compute each run used (passes over the pruning data) and the time per method."""
-    ks = sorted({r["k"] for r in rows})
+    ks = [label for _, label in sorted({(r["budget_value"], r["budget"]) for r in rows})]
     groups = defaultdict(list)
     for r in rows:
-        groups[(r["method"], r["mode"], r["k"])].append(r)
-    lines = ["| method | mode | seeds | " + " | ".join(f"k={k}" for k in ks) + " | passes over the "
+        groups[(r["method"], r["mode"], r["budget"])].append(r)
+    lines = ["| method | mode | seeds | " + " | ".join(ks) + " | passes over the "
              "pruning data | run time |", "|---|---|---|" + "---|" * len(ks) + "---|---|"]
     for method, mode in sorted({(r["method"], r["mode"]) for r in rows}):
         cells, seeds, runs, passes = [], 0, {}, {}
@@ -241,17 +286,28 @@ def summary_table(rows: list[dict], split: str, unpruned: float | None) -> str:
             seeds = max(seeds, len(group))
             runs.update({r["run"]: r["seconds"] for r in group})
             passes.update({k: r["passes"] for r in group})
-            cells.append(mean_cell([r[split] for r in group]) if group else "")
+            kept = sorted({r["k"] for r in group})  # a target's runs: the units that fit
+            cells.append((mean_cell([r[split] for r in group]) if group else "") +
+                         (f" [k {', '.join(map(str, kept))}]" if group and not k.startswith("k=") else ""))
         total = sum(runs.values())
-        per_run = "whole curve in one run" if method == "michel" else f"{total / max(1, len(runs)):.0f} s a run"
+        per_run = ("whole curve in one run" if method == "michel" and len(runs) == 1
+                   else f"{total / max(1, len(runs)):.0f} s a run")
         distinct = sorted(set(passes.values()))
         compute = (f"{distinct[0]:g}" if len(distinct) == 1 else
-                   ", ".join(f"{passes[k]:g} to k={k}" for k in sorted(passes)))
+                   ", ".join(f"{passes[k]:g} to {k}" for k in ks if k in passes))
         lines.append(f"| {method} | {mode} | {seeds} | " + " | ".join(cells) +
                      f" | {compute} | {total / 60:.1f} min ({per_run}) |")
     if unpruned is not None:
         lines.append(f"\nUnpruned model: {unpruned:.3f}.")
     return "\n".join(lines) + "\n\nMean ± standard error over seeds (min-max).\n"
+
+
+def budgets_said(cfg: SweepConfig) -> str:
+    for name in TARGETS:
+        if getattr(cfg, name):
+            return f"budgets --{name.replace('_', '-')} {' '.join(f'{v:g}' for v in getattr(cfg, name))}" + \
+                (f" (allocation {cfg.allocation})" if cfg.allocation != "global" else "")
+    return f"k per kind {cfg.k_per_kind}" if cfg.k_per_kind else f"k in {cfg.ks}"
 
 
 def write_sweep_report(out: Path, cfg: SweepConfig, summaries: dict[str, str], reported: str | None) -> None:
@@ -260,7 +316,7 @@ def write_sweep_report(out: Path, cfg: SweepConfig, summaries: dict[str, str], r
     text = (f"# Sweep: {', '.join(cfg.methods)} ({', '.join(cfg.modes)})\n\n"
             f"Model `{cfg.model}`, data `{cfg.dataset}`, pruning data: the first "
             f"{cfg.max_train_examples or 'all'} training examples, {cfg.epochs} epoch(s); "
-            f"schedule {cfg.schedule}; k in {cfg.ks}; seeds {cfg.seeds}.\n\n"
+            f"schedule {cfg.schedule}; {budgets_said(cfg)}; seeds {cfg.seeds}.\n\n"
             f"![metric against kept heads](sweep.png)\n\n{tables}"
             "Every run: [sweep.md](sweep.md) ([sweep.csv](sweep.csv)); "
             "each run's folder has its own report.md.\n")

@@ -7,7 +7,6 @@ from conftest import one_line_error, tiny, write_tiny_lm
 from test_causal_lm import lm_cfg
 
 from headprune.budget import budget_units, cost_of, site_costs, total_params
-from headprune.cli import main
 from headprune.config import PruneConfig
 from headprune.errors import ConfigError
 from headprune.measure import kv_cache_bytes_per_token
@@ -71,8 +70,12 @@ def test_bad_budgets_are_refused_in_one_line(tiny_finetuned, tmp_path, capsys):
         "prune", "--model", model, "--dataset", data, "--target-kv-cache", "0.5", "--output-dir", tmp_path / "a"])
     assert "already has" in one_line_error(capsys, [
         "prune", "--model", model, "--dataset", data, "--target-params", "100", "--output-dir", tmp_path / "b"])
-    with pytest.raises(SystemExit):  # a sweep compares budgets in --ks: no target option
-        main(["sweep", "--model", str(model), "--target-params", "0.5", "--output-dir", str(tmp_path / "c")])
+    assert "a speedup, more than 1" in one_line_error(capsys, [  # a sweep's targets are checked the same way
+        "sweep", "--model", model, "--dataset", data, "--target-speedup", "1.2", "0.9", "--output-dir", tmp_path / "c"])
+    assert "give one budget" in one_line_error(capsys, [
+        "sweep", "--model", model, "--dataset", data, "--target-speedup", "1.2", "--target-params", "0.5",
+        "--output-dir", tmp_path / "d"])
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
 
 
 # -- a speedup on this machine: the latency table ---------------------------------------------------
@@ -104,6 +107,11 @@ def test_the_latency_table_from_pairs_of_timings_and_its_prediction(tiny_lm, tmp
     mask, record = fit(cfg, model, sites, torch.ones(6), torch.tensor([6.0, 5, 4, 3, 2, 1]), table)
     assert mask.tolist() == [1, 1, 1, 1, 0, 0] and record["predicted"] == pytest.approx(16 / 14)
     assert record["target"] == "speedup" and record["predicted_seconds"] == pytest.approx(0.014)
+    # uniform: the most units spread evenly that fit (4 would be 2, 1, 1: 14 ms), each layer's best
+    cfg = PruneConfig(task="causal-lm", target_speedup=16 / 13, allocation="uniform")
+    mask, record = fit(cfg, model, sites, torch.ones(6), torch.tensor([6.0, 5, 3, 4, 1, 2]), table)
+    assert mask.tolist() == [1, 0, 0, 1, 0, 1] and record["units"] == 3 and record["allocation"] == "uniform"
+    assert record["predicted_seconds"] == pytest.approx(0.013)  # 3 units: 1 a layer, 13 ms
     with pytest.raises(ConfigError, match="a speedup, more than 1"):
         PruneConfig(target_speedup=0.9)
 
@@ -152,3 +160,39 @@ def test_a_parameter_target_on_a_model_pruned_before_counts_its_dead_heads_once(
     assert results["k"] in (1, 2) and budget["original"] == before
     assert budget["predicted"] == budget["measured"] == total_params(load_pruned(tmp_path / "twice" / "model"))
     assert budget["measured"] <= before - 3072
+
+
+# -- how a budget is shared between layers; budgets in a sweep --------------------------------------
+
+def test_a_uniform_allocation_by_hand(tiny_lm):
+    from headprune.budget import uniform_mask
+    sites = find_sites(load_pruned(tiny_lm[0]), "group")  # 3 layers x 2 groups
+    scores = torch.tensor([0.1, 0.9, 5.0, 4.0, -1.0, -2.0])
+    assert uniform_mask(sites, scores, 4).tolist() == [1, 1, 1, 0, 1, 0]  # 2, 1, 1: the best of each layer
+    assert uniform_mask(sites, scores, 3).tolist() == [0, 1, 1, 0, 1, 0]  # one each, not the top 3 overall
+    assert uniform_mask(sites, scores, 6).tolist() == [1] * 6
+
+
+def test_prune_with_a_uniform_allocation_keeps_as_many_heads_per_layer(tiny_lm, tmp_path):
+    model, data = tiny_lm
+    results = prune(lm_cfg(model, data, tmp_path, method="fisher", k=3, allocation="uniform"))
+    assert sorted(layer for _, layer, _ in results["kept_heads"]) == [0, 1, 2]
+    assert results["config"]["allocation"] == "uniform"
+
+
+def test_a_sweep_over_kv_cache_targets(tiny_lm, tmp_path):
+    from headprune.config import SweepConfig
+    from headprune.sweep import sweep
+    model, data = tiny_lm
+    rows = sweep(SweepConfig(task="causal-lm", model=str(model), dataset=str(data), max_length=16, batch_size=8,
+                             eval_batch_size=8, checkpoint_every=0, methods=["fisher", "random"], seeds=[0],
+                             target_kv_cache=[0.5, 0.67], output_dir=str(tmp_path)))
+    assert sorted(r["run"] for r in rows) == ["fisher-pipelined-kv0.5-s0", "fisher-pipelined-kv0.67-s0",
+                                              "random-pipelined-kv0.5-s0", "random-pipelined-kv0.67-s0"]
+    for row in rows:  # 6 groups of 64 bytes a token: 3 fit in half, 4 in 0.67 (257.3 bytes)
+        assert row["measured"] == row["predicted"] <= 64 * row["k"] + 64
+        assert row["k"] <= (3 if row["budget_value"] == 0.5 else 4)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| 0.5 of the KV cache | 0.67 of the KV cache |" in summary and "[k " in summary
+    assert "budget | predicted | measured" in (tmp_path / "sweep.md").read_text()
+    assert "--target-kv-cache 0.5 0.67" in (tmp_path / "report.md").read_text()
