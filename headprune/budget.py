@@ -77,9 +77,10 @@ def target_of(cfg, model, costs: list[SiteCost]) -> tuple[str, float]:
     return "kv_cache_bytes_per_token", cfg.target_kv_cache * sum(c.units * c.kv_bytes for c in costs)
 
 
-def budget_units(cfg, model, sites: list[AttentionSite]) -> int:
+def budget_units(cfg, model, sites: list[AttentionSite]) -> int | list[int]:
     """The most units whose cost fits --target-params or --target-kv-cache (dead heads aside: `fit`
-    sees to them once the units are ranked)."""
+    sees to them once the units are ranked). An encoder-decoder's cache budget is one per kind: only
+    its decoder self-attention caches per generated token, so its encoder and cross heads stay."""
     costs = site_costs(sites)
     key, target = target_of(cfg, model, costs)
     if key == "parameters":
@@ -97,15 +98,15 @@ def budget_units(cfg, model, sites: list[AttentionSite]) -> int:
     if not cached:
         raise ConfigError("--target-kv-cache: this model caches no keys and values per generated token "
                           "(no decoder self-attention pruned by key/value head; --unit query keeps the cache)")
-    if len(cached) != len(costs):
-        raise ConfigError("--target-kv-cache is for decoder-only models: an encoder-decoder's other heads "
-                          "cost no cache; give --k-per-kind")
     per_unit = {c.kv_bytes for c in cached}
     if len(per_unit) != 1:
         raise ConfigError("--target-kv-cache: this model's key/value heads differ in size between layers; give --k")
     k = int(target // per_unit.pop())
     if k < 1:
         raise ConfigError(f"--target-kv-cache {cfg.target_kv_cache:g} keeps less than one key/value head")
+    if len(cached) != len(costs):  # the other kinds cost no cache per token: all of them kept
+        kinds = list(dict.fromkeys(c.kind for c in costs))
+        return [k if kind == "decoder" else sum(c.units for c in costs if c.kind == kind) for kind in kinds]
     return k
 
 
@@ -167,12 +168,21 @@ def fit(cfg, model, sites: list[AttentionSite], mask: torch.Tensor, scores: torc
     the budget; and the budget's record (target, predicted value). `table`: the latency table of
     --target-speedup. With --allocation uniform, the most units spread evenly that fit instead."""
     key, original, target, cost = _budget(cfg, model, sites, mask, table)
-    if cfg.allocation == "uniform":
-        k = int(mask.sum())
-        mask = uniform_mask(sites, scores, k)
-        while cost(mask) > target and k > 1:
-            k -= 1
-            mask = uniform_mask(sites, scores, k)
+    if cfg.allocation == "uniform":  # one count (per kind, with a budget per kind) shrinks until it fits
+        kind_of = [s.kind for s in sites for _ in range(s.num_heads)]
+        kinds = list(dict.fromkeys(kind_of))
+        counts = ([sum(int(m) for m, k in zip(mask.tolist(), kind_of) if k == kind) for kind in kinds]
+                  if cfg.k_per_kind else [int(mask.sum())])
+
+        def spread(c):
+            return uniform_mask(sites, scores, c if cfg.k_per_kind else c[0])
+        mask = spread(counts)
+        while cost(mask) > target:
+            fewer = [counts[:j] + [c - 1] + counts[j + 1:] for j, c in enumerate(counts) if c > 0 and sum(counts) > 1]
+            best = min(fewer, key=lambda c: cost(spread(c)), default=None)
+            if best is None or cost(spread(best)) >= cost(mask):
+                break
+            counts, mask = best, spread(best)
         return mask, _record(cfg, key, original, target, cost(mask), mask)
     mask = mask.clone()
     order = [i for i in torch.argsort(scores.double(), stable=True).tolist() if mask[i] > 0]  # lowest first

@@ -258,7 +258,8 @@ class PruneConfig(FinetuneConfig):
                                   "at most 1, this fraction of the model's; the number of heads follows from "
                                   "what one costs, and the lowest-ranked are dropped until the model fits.",
                                   positive=True)
-    target_kv_cache: float = option(None, "Instead of --k (decoder-only models, by KV group): keep at most this "
+    target_kv_cache: float = option(None, "Instead of --k (language models by KV group; encoder-decoders: their decoder "
+                                    "self-attention, the other heads kept): keep at most this "
                                     "fraction of the key/value cache per generated token.", positive=True)
     target_speedup: float = option(None, "Instead of --k: a model this many times faster than the whole one in a "
                                    "forward pass of --at-batch-size x --at-length on this machine, predicted by a "

@@ -97,9 +97,9 @@ def parameters(model) -> int:
 
 def size_facts(model, unit: str, length: int) -> dict:
     """What a model's shapes say without running it: parameters, the attention's FLOPs for one
-    sequence of `length` tokens, and (language models) the key/value cache per token."""
+    sequence of `length` tokens, and (models that generate) the key/value cache per generated token."""
     facts = {"parameters": parameters(model), "attention_flops": attention_flops(model, 1, length, unit)}
-    if not model.config.is_encoder_decoder and is_generator(model):
+    if is_generator(model):
         facts["kv_cache_bytes_per_token"] = kv_cache_bytes_per_token(model, unit)
     return facts
 

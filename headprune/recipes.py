@@ -315,9 +315,12 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
         gates = attach_gates(model, cfg.unit)
         if targeted:  # the budget in units: what fits the target
             cfg = copy.copy(cfg)
-            cfg.k = speed_units(cfg, gates.sites, table) if table else budget_units(cfg, model, gates.sites)
-            log.info("the budget keeps at most %d %s (before the dead heads of empty layers)", cfg.k,
-                     UNIT_NAMES[gates.sites[0].unit])
+            units = speed_units(cfg, gates.sites, table) if table else budget_units(cfg, model, gates.sites)
+            if isinstance(units, list):  # a budget per kind (an encoder-decoder's cache)
+                cfg.k_per_kind, units = units, sum(units)
+            cfg.k = units
+            log.info("the budget keeps at most %s %s (before the dead heads of empty layers)",
+                     f"{cfg.k_per_kind} (per kind)" if cfg.k_per_kind else cfg.k, UNIT_NAMES[gates.sites[0].unit])
         check_reconstruct(cfg, gates)
         train_set, evals, collate = task.prepare(data, tokenizer, cfg)
         calibration = calibration_set(cfg, task, data, tokenizer, train_set) if needs_calibration(cfg) else None

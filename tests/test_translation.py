@@ -237,6 +237,22 @@ def test_a_translation_run_with_a_budget_per_kind(trained, tmp_path, capsys):
         in capsys.readouterr().err
 
 
+def test_a_kv_cache_target_on_an_encoder_decoder_prunes_its_decoder_self_attention(trained, tmp_path):
+    from headprune.measure import kv_cache_bytes_per_token
+    from headprune.pruning import load_pruned
+    model_dir, data, _ = trained
+    whole = kv_cache_bytes_per_token(load_pruned(model_dir))
+    for method, allocation in (("fisher", "global"), ("dsp", "uniform")):
+        results = prune(tiny_cfg(PruneConfig, data, tmp_path / method, model=str(model_dir), method=method, k=None,
+                                 target_kv_cache=0.5, allocation=allocation, epochs=1, t0=1.0, tf=1e-3))
+        # only the decoder's self-attention caches per generated token: 4 of its 8 heads; the rest stay
+        assert results["kept_per_kind"] == {"encoder": 8, "decoder": 4, "cross": 8}
+        assert results["budget"]["measured"] == results["budget"]["predicted"] == whole / 2
+        assert kv_cache_bytes_per_token(load_pruned(tmp_path / method / "model")) == whole / 2
+    per_layer = [layer for kind, layer, _ in results["kept_heads"] if kind == "decoder"]
+    assert sorted(per_layer) == [0, 0, 1, 1]  # uniform: as many in each decoder layer
+
+
 def test_token_batches_cover_every_example_once_within_the_budget():
     from headprune.train import TokenBatches
     lengths = [random.Random(i).randint(2, 30) for i in range(200)]
