@@ -148,6 +148,28 @@ def test_the_reproduce_script_refuses_an_unknown_mode():
     assert run.returncode == 2 and "usage:" in run.stderr
 
 
+def test_speed_targets_with_both_allocations_timed_side_by_side(tiny_finetuned, tmp_path, monkeypatch, capsys):
+    import headprune.measure as measure
+    from headprune.sites import find_sites
+    monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(measure, "alternate", lambda models, run, *a: {  # no clock: 8 ms plus 1 ms a kept head
+        name: {"median": 0.008 + 0.001 * sum(s.num_heads for s in find_sites(m))} for name, m in models.items()})
+    model, data = tiny_finetuned
+    out = script_here("benchmarks/speed_targets.py", "--model", model, "--dataset", data, "--methods", "fisher",
+                      "--batch-size", 16, "--max-length", 16, "--at-batch-size", 2, "--targets", 1.2, 1.5,
+                      "--output-dir", tmp_path / "speed", monkeypatch=monkeypatch, capsys=capsys)
+    rows = {tuple(line.split(" | ")[1:4]): line.split(" | ") for line in out.splitlines() if line.startswith("| fisher")}
+    # whole 16 ms; 1.2x: 5 of the 8 heads (13 ms), 1.5x: 2 (10 ms); uniform spreads them 3 + 2 and 1 + 1
+    assert set(rows) == {("1.2x", "global", "5"), ("1.2x", "uniform", "5"), ("1.5x", "global", "2"),
+                         ("1.5x", "uniform", "2")}
+    assert rows[("1.2x", "global", "5")][6] == f"{16 / 13:.3f}x" and rows[("1.5x", "uniform", "2")][6] == "1.600x"
+    saved = json.loads((tmp_path / "speed" / "speed_targets.json").read_text())
+    uniform = next(r for r in saved["rows"] if r["allocation"] == "uniform" and r["budget_value"] == 1.5)
+    kept = json.loads((Path(uniform["folder"]) / "results.json").read_text())["kept_heads"]
+    assert sorted(layer for _, layer, _ in kept) == [0, 1]
+    assert (tmp_path / "speed" / "global" / "summary.md").exists() and "heldout" in saved["rows"][0]
+
+
 def test_targets_compare_dsp_with_each_methods_best_setting(tmp_path, monkeypatch, capsys):
     def sweep_csv(folder, rows):
         folder.mkdir()
