@@ -2,8 +2,9 @@
 saved model against the whole architecture side by side in this one process, and put the
 measured speedup beside the target, the latency table's prediction and the quality.
 
-The pruning runs are a `headprune sweep` per allocation (in <output-dir>/<allocation>; finished
-runs are read back, not run again): global lets the method's ranking decide how many units each
+The pruning runs are those a `headprune sweep --target-speedup ...` plans, one set per allocation
+(in <output-dir>/<allocation>; finished runs are read back, not run again; a target the model
+cannot reach on this machine is reported, not fatal): global lets the method's ranking decide how many units each
 layer keeps, uniform keeps as many in every layer of a kind (the baseline a better allocation
 should beat at the same speed). Any other option is the sweep's (e.g. --config, --model, --methods).
 
@@ -24,7 +25,10 @@ from headprune.cli import parser as headprune_parser
 from headprune.config import MeasureConfig, SweepConfig, build_config
 from headprune.measure import load_models, time_generation, time_side_by_side
 from headprune.outputs import atomic_path
-from headprune.sweep import sweep
+from headprune.errors import ConfigError
+from headprune.outputs import RESULTS
+from headprune.recipes import prune
+from headprune.sweep import check_plan, planned_runs, read_results, rows_of
 
 
 NOT_SPLITS = ("method", "mode", "seed", "seconds", "run", "budget", "budget_value", "predicted", "measured", "k",
@@ -42,11 +46,21 @@ def main(argv=None) -> None:
     configs = {allocation: build_config(SweepConfig, sweep_args, target_speedup=args.targets, allocation=allocation,
                                         output_dir=str(Path(args.output_dir) / allocation))
                for allocation in args.allocations}  # every option checked before the first run
-    rows = []
+    rows, unreachable = [], []
     for allocation, cfg in configs.items():
-        for row in sweep(cfg):
-            if " + " not in row["method"]:  # (a reconstructed row is the same model's speed)
-                rows.append({**row, "allocation": allocation, "folder": str(Path(cfg.output_dir) / row["run"])})
+        runs = planned_runs(cfg)
+        check_plan(cfg, runs)
+        for run in runs:
+            folder = Path(run.output_dir)
+            try:
+                results = read_results(folder) if (folder / RESULTS).exists() else prune(run)
+            except ConfigError as err:  # a target this model cannot reach on this machine: said, not fatal
+                unreachable.append(f"{run.method}, {run.target_speedup:g}x, {allocation}: {err}")
+                continue
+            rows += [{**row, "allocation": allocation, "folder": str(folder)}
+                     for row in rows_of(results, [], folder.name) if " + " not in row["method"]]
+    if not rows:
+        raise SystemExit("no target could be reached:\n" + "\n".join(unreachable))
     cfg = next(iter(configs.values()))
     timings = time_all(cfg, rows, args.repeats)
     splits = [key for key in rows[0] if key not in NOT_SPLITS]  # the metric on each evaluation split
@@ -59,13 +73,14 @@ def main(argv=None) -> None:
                      f"{row['predicted']:.3f}x | {row['measured']:.3f}x | {here:.3f}x | "
                      f"{100 * (here / row['budget_value'] - 1):+.1f}% | " +
                      " | ".join(f"{row[s]:.4f}" for s in splits) + " |")
-    table = "\n".join(lines)
+    table = "\n".join(lines + [""] + [f"Unreachable: {line}" for line in unreachable])
     print(table)
     out = Path(args.output_dir)
     with atomic_path(out / "speed_targets.md") as tmp:
         tmp.write_text(f"`python {' '.join(sys.argv)}`\n\n{table}\n")
     with atomic_path(out / "speed_targets.json") as tmp:
-        tmp.write_text(json.dumps({"rows": rows, "whole_seconds": timings["whole"]}, indent=1, default=str))
+        tmp.write_text(json.dumps({"rows": rows, "unreachable": unreachable, "whole_seconds": timings["whole"]},
+                                  indent=1, default=str))
 
 
 def time_all(cfg: SweepConfig, rows: list[dict], repeats: int) -> dict[str, float]:

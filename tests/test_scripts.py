@@ -156,7 +156,7 @@ def test_speed_targets_with_both_allocations_timed_side_by_side(tiny_finetuned, 
         name: {"median": 0.008 + 0.001 * sum(s.num_heads for s in find_sites(m))} for name, m in models.items()})
     model, data = tiny_finetuned
     out = script_here("benchmarks/speed_targets.py", "--model", model, "--dataset", data, "--methods", "fisher",
-                      "--batch-size", 16, "--max-length", 16, "--at-batch-size", 2, "--targets", 1.2, 1.5,
+                      "--batch-size", 16, "--max-length", 16, "--at-batch-size", 2, "--targets", 1.2, 1.5, 3,
                       "--output-dir", tmp_path / "speed", monkeypatch=monkeypatch, capsys=capsys)
     rows = {tuple(line.split(" | ")[1:4]): line.split(" | ") for line in out.splitlines() if line.startswith("| fisher")}
     # whole 16 ms; 1.2x: 5 of the 8 heads (13 ms), 1.5x: 2 (10 ms); uniform spreads them 3 + 2 and 1 + 1
@@ -167,7 +167,8 @@ def test_speed_targets_with_both_allocations_timed_side_by_side(tiny_finetuned, 
     uniform = next(r for r in saved["rows"] if r["allocation"] == "uniform" and r["budget_value"] == 1.5)
     kept = json.loads((Path(uniform["folder"]) / "results.json").read_text())["kept_heads"]
     assert sorted(layer for _, layer, _ in kept) == [0, 1]
-    assert (tmp_path / "speed" / "global" / "summary.md").exists() and "heldout" in saved["rows"][0]
+    assert "heldout" in saved["rows"][0] and len(saved["unreachable"]) == 2  # 3x: 8 ms are not the heads'
+    assert "--target-speedup 3: even one head predicts 1.78x" in saved["unreachable"][0]
 
 
 def test_targets_compare_dsp_with_each_methods_best_setting(tmp_path, monkeypatch, capsys):
