@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from headprune.cli import parser as headprune_parser
 from headprune.config import MeasureConfig, SweepConfig, build_config
 from headprune.measure import load_models, time_generation, time_side_by_side
 from headprune.outputs import atomic_path
-from headprune.errors import ConfigError
+from headprune.errors import ConfigError, HeadpruneError
 from headprune.outputs import RESULTS
 from headprune.recipes import prune
 from headprune.sweep import check_plan, planned_runs, read_results, rows_of
@@ -42,6 +43,7 @@ def main(argv=None) -> None:
     own.add_argument("--repeats", type=int, default=10, help="timed turns of every model, side by side")
     own.add_argument("--output-dir", required=True)
     args, rest = own.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     sweep_args = headprune_parser().parse_args(["sweep", *rest, "--seeds", "0"])
     configs = {allocation: build_config(SweepConfig, sweep_args, target_speedup=args.targets, allocation=allocation,
                                         output_dir=str(Path(args.output_dir) / allocation))
@@ -104,4 +106,7 @@ def time_all(cfg: SweepConfig, rows: list[dict], repeats: int) -> dict[str, floa
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except HeadpruneError as err:  # bad options: one line, as headprune says them
+        raise SystemExit(f"speed_targets: error: {err}") from None

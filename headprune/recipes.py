@@ -14,6 +14,7 @@ data) before any long work starts, then trains, evaluates and writes its output 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -30,7 +31,7 @@ from torch.utils.data import DataLoader
 
 from .card import command_of, write_model_card
 from .config import DEMO_DIR, SCORED, FinetuneConfig, PruneConfig
-from .errors import ConfigError
+from .errors import ConfigError, HeadpruneError
 from .budget import budget_units, fit, speed_units, uniform_mask
 from .gates import attach_gates, detach_gates
 from .latency import latency_table
@@ -83,6 +84,17 @@ def _start(cfg, model_path: str):
                                                       for k, v in asdict(cfg).items()})
     set_seed(cfg.seed)  # the new classifier's initialisation
     return out, state, acc
+
+
+@contextlib.contextmanager
+def _no_empty_folder_if_refused(out: Path):
+    """A run refused once the model is loaded (a budget it cannot meet) leaves no empty folder behind."""
+    try:
+        yield
+    except HeadpruneError:
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
 
 
 TRACKER_PACKAGES = {"tensorboard": ("is_tensorboard_available", "tensorboard or tensorboardX"),
@@ -303,7 +315,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
     check_budget(cfg, counts, threshold or targeted)  # a target's k follows once the model is loaded
     out, state, acc = _start(cfg, path)
     seconds: dict = dict(state["seconds"]) if state else {}
-    with timed(seconds, "load"):
+    with timed(seconds, "load"), _no_empty_folder_if_refused(out):
         data, model, tokenizer = _load(cfg, task, path, config, require_finetuned=pipelined)
         table = None
         if cfg.target_speedup is not None:  # timed before any gate is on it

@@ -169,6 +169,7 @@ def test_speed_targets_with_both_allocations_timed_side_by_side(tiny_finetuned, 
     assert sorted(layer for _, layer, _ in kept) == [0, 1]
     assert "heldout" in saved["rows"][0] and len(saved["unreachable"]) == 2  # 3x: 8 ms are not the heads'
     assert "--target-speedup 3: even one head predicts 1.78x" in saved["unreachable"][0]
+    assert not (tmp_path / "speed" / "global" / "fisher-pipelined-speedup3-s0").exists()  # no empty folder left
 
 
 def test_targets_compare_dsp_with_each_methods_best_setting(tmp_path, monkeypatch, capsys):
