@@ -165,8 +165,10 @@ def _record(cfg, key: str, original: float, target: float, predicted: float, mas
 def fit(cfg, model, sites: list[AttentionSite], mask: torch.Tensor, scores: torch.Tensor,
         table: dict | None = None) -> tuple[torch.Tensor, dict]:
     """`mask` with its lowest-scored kept units dropped until the model, dead heads included, fits
-    the budget; and the budget's record (target, predicted value). `table`: the latency table of
-    --target-speedup. With --allocation uniform, the most units spread evenly that fit instead."""
+    the budget, then the highest-scored units left out added while they still fit (so the count
+    follows the cost, not k); and the budget's record (target, predicted value). `table`: the
+    latency table of --target-speedup. With --allocation uniform, the most units spread evenly
+    that fit instead."""
     key, original, target, cost = _budget(cfg, model, sites, mask, table)
     if cfg.allocation == "uniform":  # one count (per kind, with a budget per kind) shrinks until it fits
         kind_of = [s.kind for s in sites for _ in range(s.num_heads)]
@@ -197,6 +199,12 @@ def fit(cfg, model, sites: list[AttentionSite], mask: torch.Tensor, scores: torc
                 break
         else:
             break
+    for i in torch.argsort(scores.double(), descending=True, stable=True).tolist():  # then what room is left
+        if mask[i] == 0:  # (a layer's last unit saves more than one more unit elsewhere costs) goes to
+            trial = mask.clone()  # the highest-ranked units left out that still fit
+            trial[i] = 1
+            if cost(trial) <= target:
+                mask = trial
     return mask, _record(cfg, key, original, target, cost(mask), mask)
 
 

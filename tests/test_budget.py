@@ -164,6 +164,19 @@ def test_a_parameter_target_on_a_model_pruned_before_counts_its_dead_heads_once(
 
 # -- how a budget is shared between layers; budgets in a sweep --------------------------------------
 
+def test_the_fit_spends_what_emptying_a_layer_saves_on_the_best_units_left_out(tiny_lm):
+    from headprune.budget import fit
+    sites = find_sites(load_pruned(tiny_lm[0]), "group")  # 3 layers x 2 groups
+    # 10 ms besides attention; a layer's first group costs 3 ms, its second 1 ms: 22 ms whole
+    table = {"whole": 0.022, "kinds": {"decoder": {"units": 2, "layers": [0, 1, 2], "per_layer": [0, 0.003, 0.004]}}}
+    cfg = PruneConfig(task="causal-lm", target_speedup=22 / 18)  # at most 18 ms
+    # the method kept one group a layer (19 ms): dropping the lowest (layer 2's) saves 3 ms, which
+    # buys the second group of layers 0 and 1 (1 ms each): 4 groups in 18 ms, not 2 in 16
+    mask, record = fit(cfg, None, sites, torch.tensor([1.0, 0, 1, 0, 1, 0]), torch.tensor([6.0, 5, 4, 3, 2, 1]), table)
+    assert mask.tolist() == [1, 1, 1, 1, 0, 0] and record["units"] == 4
+    assert record["predicted_seconds"] == pytest.approx(0.018)
+
+
 def test_a_uniform_allocation_by_hand(tiny_lm):
     from headprune.budget import uniform_mask
     sites = find_sites(load_pruned(tiny_lm[0]), "group")  # 3 layers x 2 groups
