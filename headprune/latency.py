@@ -7,7 +7,9 @@ pair taking turns on the same random batch (`--at-batch-size` x `--at-length`: o
 as `headprune measure` times it; with `--at-new-tokens`, generating that many tokens greedily, where
 a decoder's heads are paid once per token). One layer of the kind with h units then costs
 A(h) = (T(h) - T(0)) / layers, and a model with h_l units in layer l is predicted to take
-T_whole - sum over layers of (A(all) - A(h_l)).
+T_whole - sum over layers of (A(all) - A(h_l)). That sum is checked once: a model with half the
+units of every layer of every kind is timed too, and if it saves more or less than the sum says
+(by over 1%), every A is scaled to match (`check` in the table).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ log = logging.getLogger("headprune")
 
 def _key(model, unit: str, batch: int, length: int, device: str, new_tokens: int | None) -> str:
     config = {k: v for k, v in model.config.to_dict().items() if k not in ("headprune", "id2label", "label2id")}
-    what = [config, unit, batch, length, device, new_tokens, torch.get_num_threads(), torch.__version__]
+    what = [config, unit, batch, length, device, new_tokens, torch.get_num_threads(), torch.__version__, "checked"]
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -59,7 +61,7 @@ def latency_table(model, unit: str, batch: int, length: int, device: str, new_to
         return time_side_by_side(pair, batch, length, repeats, warmup, device, whole.config)
     table = {"kinds": {}}
     whole_times = []
-    settings = sum(next(iter(units[kind])) for kind in kinds)
+    settings = sum(next(iter(units[kind])) for kind in kinds) + 1  # (+1: the check below)
     log.info("measuring a latency table on %s: %d settings, each timed %d times against the whole model (once "
              "per machine: cached)", device, settings, repeats)
     bar = progress_bar(total=settings, desc="latency table")
@@ -76,14 +78,30 @@ def latency_table(model, unit: str, batch: int, length: int, device: str, new_to
             bar.update(1)
         times.append(1.0)
         table["kinds"][kind] = {"units": n, "layers": [s.layer for s in sites if s.kind == kind], "relative": times}
-    bar.close()
-    whole.train(was_training)
     seconds = sorted(whole_times)[len(whole_times) // 2]
     for entry in table["kinds"].values():  # seconds of one layer with h units, from T(0)
         layers = len(entry["layers"])
         relative = entry.pop("relative")
         entry["per_layer"] = [(r - relative[0]) * seconds / layers for r in relative]
     table["whole"] = seconds
+    # The sum over layers assumes each layer's cost is its own, and the settings above vary one kind
+    # at a time; one model with half the units of every layer of every kind checks the sum.
+    counts = even_counts(sites, sum(s.num_heads for s in sites) // 2)
+    mask = even_mask(sites, sum(counts))
+    kept = [(s.kind, s.layer, u) for s, c in zip(sites, counts) for u in range(c)]
+    timing = timed({"whole": whole, "pruned": remove_heads(copy.deepcopy(whole), kept, unit)})
+    measured = seconds * (1 - timing["pruned"]["median"] / timing["whole"]["median"])  # what half the units save
+    predicted = seconds - predicted_seconds(table, sites, mask)
+    scale = min(max(measured / predicted, 0.5), 1.5) if predicted > 0 else 1.0  # (a wild check is not trusted;
+    scale = 1.0 if abs(scale - 1) < 0.01 else scale                              # within 1%, the sum holds)
+    for entry in table["kinds"].values():
+        entry["per_layer"] = [a * scale for a in entry["per_layer"]]
+    table["check"] = {"units": int(mask.sum()), "saved_predicted": predicted, "saved_measured": measured, "scale": scale}
+    bar.update(1)
+    bar.close()
+    whole.train(was_training)
+    log.info("latency table: half the units save %.4g s where the layers' sum says %.4g: costs scaled by %.3f",
+             measured, predicted, scale)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(table))
@@ -114,5 +132,4 @@ def even_counts(sites, k: int) -> list[int]:
 
 def even_mask(sites, k: int) -> torch.Tensor:
     """k units spread evenly (even_counts), the first of each layer: for sizing k."""
-    counts = even_counts(sites, k)
-    return torch.tensor([float(u < c) for s, c in zip(sites, counts) for u in range(s.num_heads)])
+    return torch.tensor([float(u < c) for s, c in zip(sites, even_counts(sites, k)) for u in range(s.num_heads)])

@@ -94,6 +94,7 @@ def test_the_latency_table_from_pairs_of_timings_and_its_prediction(tiny_lm, tmp
     # dead groups), so one layer with h groups costs A(h) = (T(h) - T(0)) / 3 = h ms
     assert table["whole"] == pytest.approx(0.016)
     assert table["kinds"]["decoder"]["per_layer"] == pytest.approx([0.0, 0.001, 0.002])
+    assert table["check"]["scale"] == pytest.approx(1.0)  # half the groups, one a layer: the sum holds
     sites = find_sites(model, "group")
     # 1, 2 and 0 groups: 16 - (2 - 1) - 0 - (2 - 0) ms
     assert latency.predicted_seconds(table, sites, torch.tensor([1.0, 0, 1, 1, 0, 0])) == pytest.approx(0.013)

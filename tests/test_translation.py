@@ -253,6 +253,28 @@ def test_a_kv_cache_target_on_an_encoder_decoder_prunes_its_decoder_self_attenti
     assert sorted(per_layer) == [0, 0, 1, 1]  # uniform: as many in each decoder layer
 
 
+def test_the_latency_table_checks_its_sum_with_every_kind_pruned_at_once(trained, tmp_path, monkeypatch):
+    import headprune.latency as latency
+    import headprune.measure as measure
+    from headprune.pruning import load_pruned
+    from headprune.sites import find_sites
+    monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path))
+
+    def fake_alternate(models, run, repeats, warmup, device):  # no clock: 10 ms + kept^2 / 24 ms (not additive)
+        return {name: {"median": 0.010 + sum(s.num_heads for s in find_sites(m)) ** 2 / 24 / 1000}
+                for name, m in models.items()}
+    monkeypatch.setattr(measure, "alternate", fake_alternate)
+    model = load_pruned(trained[0])  # 3 kinds x 2 layers x 4 heads
+    table = latency.latency_table(model, "group", 2, 8, "cpu")
+    # each kind at h (the others whole): 10 + (16 + 2h)^2 / 24 ms, so one layer's 2 heads more cost
+    # (24^2 - 20^2) / 24 / 2 = 3.67 ms: half the heads (2 a layer) should save 6 x 3.67 = 22 ms; the
+    # check times them: 34 - (10 + 12^2 / 24) = 18 ms, and scales every cost by 18 / 22
+    assert table["check"]["saved_predicted"] == pytest.approx(0.022)
+    assert table["check"]["saved_measured"] == pytest.approx(0.018) and table["check"]["scale"] == pytest.approx(18 / 22)
+    half = latency.even_mask(find_sites(model), 12)
+    assert latency.predicted_seconds(table, find_sites(model), half) == pytest.approx(0.016)
+
+
 def test_token_batches_cover_every_example_once_within_the_budget():
     from headprune.train import TokenBatches
     lengths = [random.Random(i).randint(2, 30) for i in range(200)]
