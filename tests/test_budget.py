@@ -94,7 +94,7 @@ def test_the_latency_table_from_pairs_of_timings_and_its_prediction(tiny_lm, tmp
     # dead groups), so one layer with h groups costs A(h) = (T(h) - T(0)) / 3 = h ms
     assert table["whole"] == pytest.approx(0.016)
     assert table["kinds"]["decoder"]["per_layer"] == pytest.approx([0.0, 0.001, 0.002])
-    assert table["check"]["scale"] == pytest.approx(1.0)  # half the groups, one a layer: the sum holds
+    assert "check" not in table  # one kind: the half model would be the setting h = 1 timed again
     sites = find_sites(model, "group")
     # 1, 2 and 0 groups: 16 - (2 - 1) - 0 - (2 - 0) ms
     assert latency.predicted_seconds(table, sites, torch.tensor([1.0, 0, 1, 1, 0, 0])) == pytest.approx(0.013)
@@ -176,6 +176,18 @@ def test_the_fit_spends_what_emptying_a_layer_saves_on_the_best_units_left_out(t
     mask, record = fit(cfg, None, sites, torch.tensor([1.0, 0, 1, 0, 1, 0]), torch.tensor([6.0, 5, 4, 3, 2, 1]), table)
     assert mask.tolist() == [1, 1, 1, 1, 0, 0] and record["units"] == 4
     assert record["predicted_seconds"] == pytest.approx(0.018)
+
+
+def test_an_empty_layers_dead_head_becomes_its_best_group_at_no_cost_in_cache(tiny_lm):
+    from headprune.budget import fit
+    model = load_pruned(tiny_lm[0])
+    sites = find_sites(model, "group")
+    cfg = PruneConfig(task="causal-lm", target_kv_cache=0.5)  # 192 bytes a token: 3 key/value heads
+    # the method kept layers 0 and 1 whole (4 groups + layer 2's dead head: 320 bytes); the fit drops
+    # layer 1's lower group (256), skips its last one (its dead head would cost as much) and drops
+    # layer 0's lower one (192); layer 2 holds a dead head anyway, so its best group takes its place free
+    mask, record = fit(cfg, model, sites, torch.tensor([1.0, 1, 1, 1, 0, 0]), torch.tensor([6.0, 5, 4, 3, 2, 1]))
+    assert mask.tolist() == [1, 0, 1, 0, 1, 0] and record["predicted"] == 192
 
 
 def test_a_uniform_allocation_by_hand(tiny_lm):
