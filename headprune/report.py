@@ -103,6 +103,12 @@ def write_run_report(out: Path, results: dict, history: list[dict]) -> None:
     if results.get("shrink_steps"):
         lines.append(f"- the training budget fell from all {results['num_heads']} heads to {results['k']} over "
                      f"the first {results['shrink_steps']} steps")
+    if "budget" in results:  # a --target-*: what was asked, what the cost model predicted, what was measured
+        b = results["budget"]
+        measured = "not measured" if b.get("measured") is None else f"{b['measured']:,.4g}"
+        lines.append(f"- budget ({b['target'].replace('_', ' ')}, allocation {b.get('allocation', 'global')}): target "
+                     f"{b['target_value']:,.4g} (the whole model: {b['original']:,.4g}), predicted {b['predicted']:,.4g} "
+                     f"with {b['units']} units, measured on the saved model {measured}")
     if "calibration_examples" in results:
         source = results["config"].get("calibration_dataset") or "the pruning data"
         lines.append(f"- calibration data: {results['calibration_examples']} examples of {source}")

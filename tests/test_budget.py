@@ -129,6 +129,8 @@ def test_a_speed_target_end_to_end_records_the_measured_speedup(tiny_finetuned, 
     assert results["k"] == budget["units"] == 2 and budget["predicted"] == pytest.approx(16 / 10)
     assert budget["measured"] > 0  # timed on the saved model against the whole architecture (no bound asserted)
     assert "--target-speedup 1.5" in (tmp_path / "run" / "model" / "README.md").read_text()
+    assert "- budget (speedup, allocation global): target 1.5 (the whole model: 1), predicted 1.6 with 2 units, " \
+        "measured on the saved model " in (tmp_path / "run" / "report.md").read_text()
 
 
 def test_a_generation_latency_table_and_its_options(tiny_lm, tiny_finetuned, tmp_path, monkeypatch, capsys):
