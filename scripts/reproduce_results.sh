@@ -10,6 +10,8 @@
 #   scripts/reproduce_results.sh today   the scored methods of issue 21 and reconstruction, on both
 #                                        benchmarks and SmolLM2 (after sweep and llm)
 #   scripts/reproduce_results.sh vision  a ViT trained from scratch on the digits, pruned by each method
+#   scripts/reproduce_results.sh budgets speed targets with both allocations on MiniLM (subjectivity), a
+#                                        translation model and SmolLM2, timed side by side (issue 24)
 set -euo pipefail
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 HP=${HEADPRUNE:-headprune}
@@ -138,5 +140,20 @@ case "${1:-dsp}" in
   vision)  # issue 23: image classification (scikit-learn's digits; no pretrained image model offline)
     run $OUT/vit finetune --config configs/digits-vit.yaml
     $HP sweep --config configs/sweep-digits-vit.yaml --model $OUT/vit/model --output-dir $OUT/sweep-digits-vit ;;
-  *) echo "usage: $0 dsp|sweep|speed|translation|llm|today|vision" >&2; exit 2 ;;
+  budgets)  # issue 24; needs an idle machine (timings); trans-de-en for the translation model, make llm-assets
+    run $OUT/subjectivity/finetune finetune --config configs/subjectivity.yaml
+    ST="${PYTHON:-python} benchmarks/speed_targets.py"
+    M="--config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model --methods fisher dsp --max-eval-examples 1000"
+    $ST $M --attn-implementation sdpa --at-batch-size 32 --at-length 64 --output-dir $OUT/speed-targets/minilm-subjectivity
+    $ST $M --attn-implementation sdpa --at-batch-size 32 --at-length 128 --output-dir $OUT/speed-targets/minilm-subjectivity-128
+    $ST $M --at-batch-size 32 --at-length 64 --output-dir $OUT/speed-targets/minilm-subjectivity-eager
+    $ST $M --targets 1.6 --attn-implementation sdpa --at-batch-size 8 --at-length 256 \
+      --output-dir $OUT/speed-targets/minilm-subjectivity-256-r20
+    run $OUT/translation3/finetune finetune --config configs/ding-de-en.yaml --epochs 3
+    $ST --config configs/sweep-ding-de-en.yaml --model $OUT/translation3/finetune/model --methods fisher dsp \
+      --targets 1.2 1.4 --max-train-examples 3000 --max-eval-examples 500 --at-batch-size 32 --at-length 64 \
+      --at-new-tokens 32 --output-dir $OUT/speed-targets/translation-b32-checked
+    $ST --config configs/sweep-smollm2.yaml --methods fisher --max-eval-examples 100 --at-batch-size 1 \
+      --at-length 512 --at-new-tokens 32 --output-dir $OUT/speed-targets/smollm2-512 ;;
+  *) echo "usage: $0 dsp|sweep|speed|translation|llm|today|vision|budgets" >&2; exit 2 ;;
 esac

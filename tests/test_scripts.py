@@ -125,7 +125,7 @@ def test_step_overhead_on_the_real_minilm():
     assert "joint DSP / plain step:" in out
 
 
-@pytest.mark.parametrize("mode", ["dsp", "sweep", "speed", "translation", "llm", "today", "vision"])
+@pytest.mark.parametrize("mode", ["dsp", "sweep", "speed", "translation", "llm", "today", "vision", "budgets"])
 def test_every_mode_of_the_reproduce_script(mode, tmp_path):
     import dry_run
     log, stub = tmp_path / "calls", tmp_path / "stub"
