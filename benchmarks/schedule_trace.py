@@ -32,6 +32,9 @@ def run_with_trace(cfg) -> tuple[dict, list[list[float]]]:
     out = Path(cfg.output_dir)
     if (out / "results.json").is_file() and (out / "trace.json").is_file():
         return json.loads((out / "results.json").read_text()), json.loads((out / "trace.json").read_text())
+    if (out / "results.json").is_file():  # a run made without this script: its steps were not recorded
+        raise SystemExit(f"schedule_trace: error: {out} holds a run without its trace (trace.json); choose "
+                         "another --output-dir, or delete that folder to run it again with the trace")
     trace: list[list[float]] = []
     set_step = DSPSelector.set_step
 

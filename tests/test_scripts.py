@@ -108,6 +108,10 @@ def test_schedule_trace(finished_runs, tiny_finetuned, tmp_path, monkeypatch, ca
     assert rows[-1][3] == "0"  # the last row is the run's own choice
     assert float(rows[0][1]) < 5  # the temperature falls from t0 = 5
     assert script_here(*args, monkeypatch=monkeypatch, capsys=capsys) == out  # read back, not run again
+    (tmp_path / "run" / "trace.json").unlink()  # a run without its trace: one line, the run kept
+    with pytest.raises(SystemExit, match="holds a run without its trace"):
+        script_here(*args, monkeypatch=monkeypatch, capsys=capsys)
+    assert (tmp_path / "run" / "results.json").is_file()
 
 
 def test_planted_heads(monkeypatch, capsys):
