@@ -25,9 +25,8 @@ import torch
 from headprune.cli import parser as headprune_parser
 from headprune.config import MeasureConfig, SweepConfig, build_config
 from headprune.measure import load_models, time_generation, time_side_by_side
-from headprune.outputs import atomic_path
 from headprune.errors import ConfigError, HeadpruneError
-from headprune.outputs import RESULTS
+from headprune.outputs import RESULTS, atomic_path
 from headprune.recipes import prune
 from headprune.sweep import check_plan, planned_runs, read_results, rows_of
 
