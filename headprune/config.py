@@ -272,7 +272,8 @@ class PruneConfig(FinetuneConfig):
                                 "greedily from a prompt of --at-length tokens instead of one forward pass.", min=1)
     allocation: str = option("global", "How a budget is shared between layers: global (the method's ranking "
                              "decides how many units each layer keeps; with a --target-*, the lowest-ranked kept "
-                             "units are then dropped until the model fits) or uniform (every layer of a kind keeps "
+                             "units are then dropped until the model fits, and the room left goes to the best "
+                             "left out) or uniform (every layer of a kind keeps "
                              "the same number, as even as the budget allows, the method ranking within each "
                              "layer: the baseline a global allocation should beat).", choices=["global", "uniform"])
     schedule: str = option("default", "Preset of the scores' training: reference (the paper's "
