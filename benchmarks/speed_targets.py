@@ -24,9 +24,10 @@ import torch
 
 from headprune.cli import parser as headprune_parser
 from headprune.config import MeasureConfig, SweepConfig, build_config
-from headprune.measure import load_models, time_generation, time_side_by_side
+from headprune.measure import load_models, time_forward_or_generation
 from headprune.errors import ConfigError, HeadpruneError
 from headprune.outputs import RESULTS, atomic_path
+from headprune.pruning import load_pruned
 from headprune.recipes import prune
 from headprune.sweep import check_plan, planned_runs, read_results, rows_of
 
@@ -92,15 +93,10 @@ def time_all(cfg: SweepConfig, rows: list[dict], repeats: int) -> dict[str, floa
     first = load_models(MeasureConfig(pruned=str(Path(folders[0]) / "model"),
                                       attn_implementation=cfg.attn_implementation, device=device))
     models = {"whole": first["original"], folders[0]: first["pruned"]}
-    for folder in folders[1:]:
-        models[folder] = load_models(MeasureConfig(pruned=str(Path(folder) / "model"),
-                                                   attn_implementation=cfg.attn_implementation,
-                                                   device=device))["pruned"]
-    length, config = cfg.at_length or cfg.max_length, models["whole"].config
-    if cfg.at_new_tokens:
-        timings = time_generation(models, cfg.at_batch_size, length, cfg.at_new_tokens, 1, repeats, 2, device, config)
-    else:
-        timings = time_side_by_side(models, cfg.at_batch_size, length, repeats, 2, device, config)
+    for folder in folders[1:]:  # the same architecture: one whole model for them all
+        models[folder] = load_pruned(Path(folder) / "model", attn_implementation=cfg.attn_implementation).eval().to(device)
+    timings = time_forward_or_generation(models, cfg.at_batch_size, cfg.at_length or cfg.max_length,
+                                         cfg.at_new_tokens, repeats, 2, device, models["whole"].config)
     return {name: t["median"] for name, t in timings.items()}
 
 

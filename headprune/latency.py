@@ -22,7 +22,7 @@ import logging
 import torch
 
 from .errors import ConfigError
-from .measure import time_generation, time_side_by_side
+from .measure import time_forward_or_generation
 from .outputs import atomic_path, cache_root
 from .progress import progress_bar
 from .pruning import remove_heads
@@ -56,9 +56,7 @@ def latency_table(model, unit: str, batch: int, length: int, device: str, new_to
         raise ConfigError(f"--target-speedup: this model's {uneven[0]} layers have different numbers of heads")
 
     def timed(pair):  # as `headprune measure` times them: taking turns on one random batch
-        if new_tokens:
-            return time_generation(pair, batch, length, new_tokens, 1, repeats, warmup, device, whole.config)
-        return time_side_by_side(pair, batch, length, repeats, warmup, device, whole.config)
+        return time_forward_or_generation(pair, batch, length, new_tokens, repeats, warmup, device, whole.config)
     table = {"kinds": {}}
     whole_times = []
     settings = sum(next(iter(units[kind])) for kind in kinds)

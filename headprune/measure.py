@@ -161,6 +161,15 @@ def time_generation(models: dict, batch: int, length: int, new_tokens: int, beam
         max_new_tokens=new_tokens, min_new_tokens=new_tokens, early_stopping=False), repeats, warmup, device)
 
 
+def time_forward_or_generation(models: dict, batch: int, length: int, new_tokens: int | None, repeats: int,
+                               warmup: int, device: str, config) -> dict[str, dict]:
+    """As a speed budget is timed: one forward pass of `batch` x `length`, or with `new_tokens`
+    generating that many greedily from a prompt (source) of `length` tokens; the models taking turns."""
+    if new_tokens:
+        return time_generation(models, batch, length, new_tokens, 1, repeats, warmup, device, config)
+    return time_side_by_side(models, batch, length, repeats, warmup, device, config)
+
+
 def load_models(cfg: MeasureConfig) -> dict:
     """The pruned model and its original (the same architecture at full size, unless --original)."""
     from transformers import AutoConfig

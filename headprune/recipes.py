@@ -442,13 +442,10 @@ def measured_speedup(cfg, folder: Path, device: str) -> float:
     """The saved model against the whole architecture, taking turns on one random batch (as
     `headprune measure` times them)."""
     from .config import MeasureConfig
-    from .measure import load_models, time_generation, time_side_by_side
+    from .measure import load_models, time_forward_or_generation
     models = load_models(MeasureConfig(pruned=str(folder), attn_implementation=cfg.attn_implementation, device=device))
-    length, config = cfg.at_length or cfg.max_length, models["original"].config
-    if cfg.at_new_tokens:
-        timings = time_generation(models, cfg.at_batch_size, length, cfg.at_new_tokens, 1, 10, 2, device, config)
-    else:
-        timings = time_side_by_side(models, cfg.at_batch_size, length, 10, 2, device, config)
+    timings = time_forward_or_generation(models, cfg.at_batch_size, cfg.at_length or cfg.max_length, cfg.at_new_tokens,
+                                         10, 2, device, models["original"].config)
     return timings["original"]["median"] / timings["pruned"]["median"]
 
 
