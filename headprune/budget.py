@@ -1,4 +1,4 @@
-"""Budgets in what the user wants (issue 24, in part): a parameter count, a share of the key/value
+"""Budgets in what the user wants (issue 24): a parameter count, a share of the key/value
 cache or a speedup on this machine (headprune.latency) instead of a number of heads.
 
 The cost model counts, from the weights' shapes, what one unit (a head, a KV group or a query
@@ -11,7 +11,9 @@ of units: the most whose cost fits, before any weights are trained.
 
 A decoder layer left without units keeps one dead head for the cache (see pruning.remove_heads),
 which costs too; after the method has ranked the units, `fit` drops the lowest-ranked kept units
-until the model with its dead heads fits the budget exactly in this cost model.
+until the model with its dead heads fits the budget exactly in this cost model, then gives the
+room left to the best units left out (or, --allocation uniform, keeps the most units spread
+evenly that fit).
 """
 
 from __future__ import annotations

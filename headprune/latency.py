@@ -1,4 +1,4 @@
-"""A latency table for `--target-speedup` (issue 24, in part), measured on this machine once and
+"""A latency table for `--target-speedup` (issue 24), measured on this machine once and
 cached, the way Kwon et al. (2022) budget BERT by time: measured time is not linear in heads.
 
 For each kind of head (encoder, decoder, cross), copies of the model with every layer of that kind
