@@ -30,7 +30,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from .card import command_of, write_model_card
-from .config import DEMO_DIR, SCORED, FinetuneConfig, PruneConfig
+from .config import DEMO_DIR, SCORED, FinetuneConfig, PruneConfig, reconstruct_in_effect
 from .errors import ConfigError, HeadpruneError
 from .budget import budget_units, fit, speed_units, uniform_mask
 from .gates import attach_gates, detach_gates
@@ -403,7 +403,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
     if not pipelined:  # the jointly trained weights with every head on (before reconstruction changes them)
         with timed(seconds, "evaluate_unpruned"):
             extra["metrics_unpruned"] = evaluate_with(all_heads)
-    if cfg.reconstruct != "none":
+    if reconstruct_in_effect(vars(cfg)) != "none":
         with timed(seconds, "evaluate_pruned"):
             info["metrics_before_reconstruction"] = evaluate_with(mask)
         with timed(seconds, "reconstruct"):
@@ -451,15 +451,16 @@ def measured_speedup(cfg, folder: Path, device: str) -> float:
 
 def check_reconstruct(cfg, gates) -> None:
     """A bias added by reconstruction must be saved where plain from_pretrained would drop it."""
-    if cfg.reconstruct in ("bias", "both") and cfg.save_format == "zeroed" and \
+    mode = reconstruct_in_effect(vars(cfg))
+    if mode in ("bias", "both") and cfg.save_format == "zeroed" and \
             any(site.output.bias is None for site in gates.sites):
-        raise ConfigError(f"--reconstruct {cfg.reconstruct} adds a bias to attention output projections that "
+        raise ConfigError(f"--reconstruct {mode} adds a bias to attention output projections that "
                           "have none, which a model saved --save-format zeroed would lose on loading: use "
                           "--save-format physical (load it with headprune.load_pruned)")
 
 
 def needs_calibration(cfg) -> bool:
-    return cfg.method in SCORERS or cfg.reconstruct != "none"
+    return cfg.method in SCORERS or reconstruct_in_effect(vars(cfg)) != "none"
 
 
 def _reconstruct(cfg, task, acc, model, gates, mask, calibration, collate) -> dict:
@@ -467,7 +468,7 @@ def _reconstruct(cfg, task, acc, model, gates, mask, calibration, collate) -> di
     loader = acc.prepare(DataLoader(calibration, batch_size=cfg.batch_size, collate_fn=collate))
     reduce = process_sum(acc)
     biased = sum(site.output.bias is not None for site in gates.sites)
-    info = reconstruct(model, gates, mask, loader, task.loss, cfg.reconstruct, reduce=reduce,
+    info = reconstruct(model, gates, mask, loader, task.loss, reconstruct_in_effect(vars(cfg)), reduce=reduce,
                        disable_progress=not acc.is_local_main_process)
     info.update(calibration_examples=len(calibration),
                 output_biases_added=sum(site.output.bias is not None for site in gates.sites) - biased)
@@ -482,8 +483,8 @@ def _save_pruned(cfg, task, out: Path, model, gates, tokenizer, mask, scores, ou
     length = sequence_length(model, cfg.max_length)  # an image model: its patches
     before = size_facts(model, unit, length)
     record = {"method": cfg.method, "mode": cfg.mode}
-    if cfg.reconstruct != "none":
-        record["reconstruct"] = cfg.reconstruct
+    if reconstruct_in_effect(vars(cfg)) != "none":
+        record["reconstruct"] = reconstruct_in_effect(vars(cfg))
     if output_biases:
         record["output_biases"] = True
     if cfg.save_format == "physical":

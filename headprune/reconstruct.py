@@ -62,7 +62,8 @@ def reconstruct(model, gates, mask: torch.Tensor, batches, loss_fn, mode: str, r
                                         reduce=reduce, disable_progress=disable_progress)
     fold(gates, mask, scales, shifts if mode == "both" else {})
     # two forward passes (the unpruned and the pruned model, stopped at the block) per block fitted
-    return {"reconstruct": mode, "reconstruction_passes": 2 * len(errors), "reconstruction_error": errors}
+    passes = 2 * sum(e.pop("fitted", True) for e in errors)
+    return {"reconstruct": mode, "reconstruction_passes": passes, "reconstruction_error": errors}
 
 
 def flap_shifts(model, gates, mask, batches, loss_fn, reduce=None) -> dict[int, torch.Tensor]:
@@ -151,6 +152,9 @@ def fit_blocks(model, gates, mask, batches, loss_fn, intercept: bool, reduce=Non
         kept = [u for u in range(site.num_heads) if mask[offset + u] > 0]
         if site.num_heads == 0 or len(kept) == site.num_heads:
             continue  # nothing removed: the block's output is the unpruned one already
+        if not kept and not intercept:  # no scale to fit: the block gives nothing, its error stays all of it
+            errors.append({"kind": site.kind, "layer": site.layer, "before": 1.0, "after": 1.0, "fitted": False})
+            continue
         sums = block_sums(model, gates, i, kept, batches, loss_fn, scales, shifts, reduce)
         s, beta, before, after = solve(sums, intercept)
         if not (torch.isfinite(s).all() and (s.abs() <= MAX_SCALE).all() and after <= before):

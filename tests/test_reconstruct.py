@@ -67,6 +67,22 @@ def test_nothing_removed_changes_nothing():
     assert info["reconstruction_error"] == [] and model.output.weight.tolist() == [[1.0, 1.0]]
 
 
+@pytest.mark.parametrize("mode,passes", [("rescale", 4), ("both", 6)])
+def test_a_block_with_no_head_kept_has_no_scale_to_fit_and_costs_no_pass(mode, passes):
+    model = tiny_model("bert", layers=3).double()
+    gates = attach_gates(model)
+    mask = torch.tensor([0.0, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0])  # layer 0 loses every head
+    info = reconstruct(model, gates, mask, calibration(), lambda m, b: m(**b).logits.sum(), mode, disable_progress=True)
+    first = info["reconstruction_error"][0]
+    assert info["reconstruction_passes"] == passes
+    assert first["before"] == pytest.approx(1.0)  # the block gives nothing: its error is all of its output
+    if mode == "rescale":
+        assert first["after"] == 1.0
+    else:  # both fits layer 0's intercept: FLAP's bias in effect
+        assert first["after"] < 0.999
+    assert set(first) == {"kind", "layer", "before", "after"}
+
+
 def calibration(n=4, seed=5):
     g = torch.Generator().manual_seed(seed)
     batches = []
@@ -195,3 +211,38 @@ def test_calibration_data_can_come_from_another_dataset_with_the_same_labels(tin
     with pytest.raises(ConfigError, match="--calibration-dataset .*relabelled.jsonl: its label names"):
         prune(tiny(model, data, tmp_path / "bad", method="activation", calibration_dataset=str(relabelled)))
     assert not (tmp_path / "bad" / "results.json").exists()
+
+
+def test_the_default_is_the_bias_for_pipelined_language_models_and_none_for_the_rest():
+    from headprune.config import PruneConfig, reconstruct_in_effect
+    assert reconstruct_in_effect(vars(PruneConfig())) == "none"
+    assert reconstruct_in_effect(vars(PruneConfig(task="translation"))) == "none"
+    assert reconstruct_in_effect(vars(PruneConfig(task="causal-lm"))) == "bias"
+    assert reconstruct_in_effect(vars(PruneConfig(task="causal-lm", method="fisher"))) == "bias"
+    assert reconstruct_in_effect(vars(PruneConfig(task="causal-lm", mode="joint"))) == "none"
+    assert reconstruct_in_effect(vars(PruneConfig(task="causal-lm", save_format="zeroed"))) == "none"
+    assert reconstruct_in_effect(vars(PruneConfig(task="causal-lm", reconstruct="none"))) == "none"
+    assert reconstruct_in_effect(vars(PruneConfig(reconstruct="rescale"))) == "rescale"
+    assert reconstruct_in_effect({"task": "causal-lm"}) == "none"  # saved before the option existed
+
+
+def test_a_run_saved_with_what_the_default_chose_is_the_same_run(tmp_path):
+    from headprune.config import PruneConfig
+    from headprune.train import changed_settings
+    lm = PruneConfig(task="causal-lm")
+    assert changed_settings({**vars(lm), "reconstruct": "bias"}, lm) == {}
+    assert changed_settings({**vars(lm), "reconstruct": "none"}, lm) == {"reconstruct (in effect)": ("none", "bias")}
+    old = {k: v for k, v in vars(lm).items() if k != "reconstruct"}  # before --reconstruct existed
+    assert changed_settings(old, lm) == {"reconstruct (in effect)": ("none", "bias")}
+    classifier = {k: v for k, v in vars(PruneConfig()).items() if k != "reconstruct"}
+    assert changed_settings(classifier, PruneConfig()) == {}
+
+
+def test_a_language_model_pruned_at_the_default_gets_the_bias_and_reloads_with_it(tiny_lm, tmp_path):
+    from test_causal_lm import lm_cfg, saved_perplexity
+    model, data = tiny_lm
+    results = prune(lm_cfg(model, data, tmp_path, method="fisher"))
+    assert results["reconstruct"] == "bias" and results["output_biases_added"] > 0
+    assert results["config"]["reconstruct"] == "default"
+    assert results["metrics_pruned"] != results["metrics_before_reconstruction"]
+    assert saved_perplexity(tmp_path / "model", data) == pytest.approx(results["metrics_pruned"]["validation"], rel=1e-4)
