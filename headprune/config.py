@@ -19,6 +19,7 @@ import yaml
 from .errors import ConfigError
 
 METHODS = ("dsp", "ste", "voita", "michel", "fisher", "activation", "flap", "taylor", "random")
+TRAINED_METHODS = METHODS[:3]  # they learn a score per head through the gates
 SCORED = ("fisher", "activation", "flap", "taylor")  # one pass of calibration data gives a score per head, then the top k
 SHRINKING = ("dsp", "ste")  # the methods whose training masks have a budget that --shrink-fraction shrinks
 DEMO_DIR = Path("runs/demo")
@@ -362,6 +363,10 @@ class PruneConfig(FinetuneConfig):
                               "fitted together) or none; default: bias for pipelined language models, none for the "
                               "rest (what validation chose).",
                               choices=["default", "none", "rescale", "bias", "both"])
+    ablation: str = option("zero", "What a closed gate leaves in a head's place while DSP, STE or Voita "
+                           "learn the scores: zero (the head removed), or mean: the head's mean output on the "
+                           "calibration data, which --reconstruct bias puts in the saved model, so that the "
+                           "heads are chosen for the model that is saved.", choices=["zero", "mean"])
     calibration_dataset: str = option(None, "Calibration data of the scored methods (michel, fisher, "
                                       "activation, flap, taylor) and of --reconstruct: the training split of "
                                       "this dataset (any the task reads, with the same labels or languages) "
@@ -405,6 +410,13 @@ class PruneConfig(FinetuneConfig):
                               "of training masks")
         if self.relaxation == "k-rounds" and "dsp" not in methods:
             raise ConfigError("--relaxation is DSP's: the other methods have no soft top-k")
+        if self.ablation == "mean":
+            if not set(TRAINED_METHODS) & set(methods):
+                raise ConfigError("--ablation is for the methods that learn scores through the gates (dsp, ste, "
+                                  "voita): the others do not train")
+            if reconstruct_in_effect(vars(self)) not in ("bias", "both"):
+                raise ConfigError("--ablation mean chooses the heads for the model that --reconstruct bias saves: "
+                                  "give --reconstruct bias (or both)")
         if self.shrink_fraction is not None and self.shrink_fraction > 1:
             raise ConfigError(f"shrink_fraction={self.shrink_fraction}: must be at most 1")
 

@@ -2,6 +2,7 @@
 
 The gate of a head scales that head's slice of the context just before the attention output
 projection, which is what transformers 4.x `head_mask` did (the projection's bias is untouched).
+With `fill` set (`--ablation mean`) a closed gate leaves the slice's mean instead of zero.
 A forward pre-hook on each output projection applies it; a forward pre-hook on the whole model
 computes the mask once per model forward, so every site of one pass sees the same sample and
 activation checkpointing does not re-sample.
@@ -41,6 +42,8 @@ class HeadGates(nn.Module):
         self._mask: torch.Tensor | None = None  # the mask of the forward pass in progress
         self._override: torch.Tensor | None = None
         self._handles: list = []
+        # per site, what a closed gate leaves in its heads' place (each context channel's mean), or None: zero
+        self.fill: list[torch.Tensor] | None = None
 
     @property
     def heads(self) -> list[Head]:
@@ -80,7 +83,7 @@ class HeadGates(nn.Module):
     def _refresh(self, module, args, kwargs=None):
         self._mask = self()
 
-    def _site_hook(self, offset: int, site: AttentionSite):
+    def _site_hook(self, index: int, offset: int, site: AttentionSite):
         def scale_heads(module, args):
             if site.num_heads == 0:  # a dead head kept for the cache: its output is zero already
                 return None
@@ -88,14 +91,17 @@ class HeadGates(nn.Module):
                 self._mask = self()
             context = args[0]
             gate = site.query_gate(self._mask[offset:offset + site.num_heads].to(context.dtype))
-            context = (context.unflatten(-1, (site.query_heads, site.head_dim)) * gate[:, None]).flatten(-2)
-            return (context, *args[1:])
+            heads = context.unflatten(-1, (site.query_heads, site.head_dim))
+            gated = heads * gate[:, None]
+            if self.fill is not None:  # mean ablation: a closed head gives its mean output, not zero
+                gated = gated + (1 - gate[:, None]) * self.fill[index].to(context.dtype).view(site.query_heads, -1)
+            return (gated.flatten(-2), *args[1:])
         return scale_heads
 
     def register_hooks(self, model: nn.Module) -> None:
         self._handles.append(model.register_forward_pre_hook(self._refresh))
-        for offset, site in zip(self.offsets, self.sites):
-            self._handles.append(site.output.register_forward_pre_hook(self._site_hook(offset, site)))
+        for index, (offset, site) in enumerate(zip(self.offsets, self.sites)):
+            self._handles.append(site.output.register_forward_pre_hook(self._site_hook(index, offset, site)))
 
     def remove_hooks(self) -> None:
         for handle in self._handles:

@@ -41,7 +41,7 @@ from .outputs import (BEST, RESULTS, atomic_folder, cache_root, check_not_inside
                       folder_bytes, versions, write_json, write_jsonl)
 from .pruning import save_pruned, zero_pruned_heads
 from .randomness import keeps_global_rng
-from .reconstruct import reconstruct
+from .reconstruct import mean_contexts, reconstruct
 from .selection import SCORERS, attach_selector, calibration_set, check_budget, choose_by_scores, process_sum
 from .report import plot_head_map, write_run_report
 from .sites import UNIT_NAMES
@@ -340,6 +340,8 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
         state = check_inputs(out, state, inputs, cfg)
         if state is None:
             seconds.clear()
+        if cfg.ablation == "mean" and cfg.method in TRAINED:  # the scores learn on the model the bias makes
+            gates.fill = _mean_fill(cfg, acc, model, gates, calibration, collate, task.loss)
         if pipelined:  # the fine-tuned weights stay as they are; dropout stays on while training
             model.requires_grad_(False)
         if cfg.method in TRAINED:
@@ -388,6 +390,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
             selector.eval()
             mask, scores = selector(), selector.scores()
             gates.selector = None  # from here on the gates hold the final mask
+            gates.fill = None  # zero again: the reconstruction puts the means into the weights
             if cfg.method == "voita":
                 info["heads_on_by_threshold"] = selector.heads_on()
         else:
@@ -461,6 +464,15 @@ def check_reconstruct(cfg, gates) -> None:
 
 def needs_calibration(cfg) -> bool:
     return cfg.method in SCORERS or reconstruct_in_effect(vars(cfg)) != "none"
+
+
+def _mean_fill(cfg, acc, model, gates, calibration, collate, loss_fn) -> list[torch.Tensor]:
+    """--ablation mean: each block's mean context on the calibration data, on the model's device."""
+    loader = acc.prepare(DataLoader(calibration, batch_size=cfg.batch_size, collate_fn=collate))
+    model.to(acc.device)
+    means = mean_contexts(model, gates, loader, loss_fn, reduce=process_sum(acc))
+    log.info("--ablation mean: a closed gate leaves its heads' mean output on %d calibration examples", len(calibration))
+    return [mean.float().to(acc.device) for mean in means]
 
 
 def _reconstruct(cfg, task, acc, model, gates, mask, calibration, collate) -> dict:

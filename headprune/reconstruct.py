@@ -66,10 +66,17 @@ def reconstruct(model, gates, mask: torch.Tensor, batches, loss_fn, mode: str, r
     return {"reconstruct": mode, "reconstruction_passes": passes, "reconstruction_error": errors}
 
 
-def flap_shifts(model, gates, mask, batches, loss_fn, reduce=None) -> dict[int, torch.Tensor]:
-    """FLAP: per block, W_o[:, removed] @ mean(x[removed]) over the unpruned model's tokens."""
+def mean_contexts(model, gates, batches, loss_fn, reduce=None) -> list[torch.Tensor]:
+    """Per block, the mean of each input channel of its output projection over the unpruned
+    model's real tokens (what FLAP's compensation puts in place of a removed head)."""
     with gates.override(torch.ones(gates.num_heads)):
         means, _ = flap_statistics(model, gates, batches, loss_fn, reduce)
+    return means
+
+
+def flap_shifts(model, gates, mask, batches, loss_fn, reduce=None) -> dict[int, torch.Tensor]:
+    """FLAP: per block, W_o[:, removed] @ mean(x[removed]) over the unpruned model's tokens."""
+    means = mean_contexts(model, gates, batches, loss_fn, reduce)
     shifts = {}
     for i, (offset, site, mean) in enumerate(zip(gates.offsets, gates.sites, means)):
         removed = [c for u in range(site.num_heads) if mask[offset + u] == 0 for c in unit_channels(site, u)]

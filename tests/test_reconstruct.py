@@ -246,3 +246,40 @@ def test_a_language_model_pruned_at_the_default_gets_the_bias_and_reloads_with_i
     assert results["config"]["reconstruct"] == "default"
     assert results["metrics_pruned"] != results["metrics_before_reconstruction"]
     assert saved_perplexity(tmp_path / "model", data) == pytest.approx(results["metrics_pruned"]["validation"], rel=1e-4)
+
+
+def test_a_closed_gate_with_mean_ablation_gives_the_model_the_bias_makes():
+    # the removed head's mean on the calibration tokens (4/3) stands in for it: FLAP's bias, by hand
+    from headprune.reconstruct import mean_contexts
+    model, gates, forward = one_block()
+    gates.fill = mean_contexts(model, gates, [{"x": TOKENS}], forward)
+    assert gates.fill[0].tolist() == pytest.approx([4 / 3, 4 / 3])
+    with gates.override(torch.tensor([1.0, 0.0])), torch.no_grad():
+        assert model(TOKENS)[0, :, 0].tolist() == pytest.approx([7 / 3, 10 / 3, 7 / 3])
+    with gates.override(torch.tensor([1.0, 0.25])), torch.no_grad():  # a soft gate: between the head and its mean
+        assert model(TOKENS)[0, :, 0].tolist() == pytest.approx([1 + 0.25 + 0.75 * 4 / 3, 2 + 0.25 + 1, 1 + 0.5 + 1])
+
+
+def test_dsp_with_mean_ablation_saves_the_model_it_learnt_on(tiny_lm, tmp_path):
+    from test_causal_lm import lm_cfg, saved_perplexity
+    model, data = tiny_lm
+    results = prune(lm_cfg(model, data, tmp_path / "mean", ablation="mean", lr=1e-3))
+    assert results["reconstruct"] == "bias" and results["config"]["ablation"] == "mean"
+    assert saved_perplexity(tmp_path / "mean" / "model", data) == \
+        pytest.approx(results["metrics_pruned"]["validation"], rel=1e-4)
+    prune(lm_cfg(model, data, tmp_path / "zero", lr=1e-3))
+    scores = [json.loads((tmp_path / run / "head_scores.json").read_text()) for run in ("mean", "zero")]
+    assert scores[0] != scores[1]  # the same seed and steps: the scores learnt on another model
+
+
+def test_mean_ablation_needs_the_bias_and_a_trained_method():
+    from headprune.config import PruneConfig, SweepConfig
+    from headprune.errors import ConfigError
+    with pytest.raises(ConfigError, match="give --reconstruct bias"):
+        PruneConfig(ablation="mean")  # a classifier: no bias by default
+    with pytest.raises(ConfigError, match="the others do not train"):
+        PruneConfig(task="causal-lm", method="fisher", ablation="mean")
+    PruneConfig(ablation="mean", reconstruct="both")
+    sweep = SweepConfig(task="causal-lm", methods=["dsp", "fisher"], ablation="mean")
+    from headprune.sweep import planned_runs
+    assert {run.method: run.ablation for run in planned_runs(sweep)} == {"dsp": "mean", "fisher": "zero"}

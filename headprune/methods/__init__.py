@@ -15,13 +15,13 @@ import math
 import torch
 from torch import nn
 
-from ..config import (JOINT_SETTLE_FRACTION, METHODS, SHRINKING, schedule_in_effect,
+from ..config import (JOINT_SETTLE_FRACTION, METHODS, SHRINKING, TRAINED_METHODS, schedule_in_effect,
                       settle_fraction_in_effect, shrink_fraction_in_effect)
 from .dsp import Budget, DSPSelector, geometric_temperature, hard_top_k, per_group, soft_top_k
 from .michel import head_importance, iterative_pruning, normalize_importance
 from .voita import HardConcreteSelector, hard_concrete_eval, hard_concrete_sample, l0_penalty
 
-TRAINED = ("dsp", "ste", "voita")
+TRAINED = TRAINED_METHODS
 REFERENCE_PRUNING_LR = {"dsp": 0.5, "ste": 0.5, "voita": 0.1}  # the reference's BERT values
 # DSP's temperature: T0 at the first step, Tf after `cooldown_fraction` of the run, geometric between.
 # Which preset a run uses by default: config.schedule_in_effect.
