@@ -30,7 +30,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from .card import command_of, write_model_card
-from .config import DEMO_DIR, SCORED, FinetuneConfig, PruneConfig, reconstruct_in_effect
+from .config import DEMO_DIR, SCORED, FinetuneConfig, PruneConfig, ablation_in_effect, reconstruct_in_effect
 from .errors import ConfigError, HeadpruneError
 from .budget import budget_units, fit, speed_units, uniform_mask
 from .gates import attach_gates, detach_gates
@@ -340,7 +340,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
         state = check_inputs(out, state, inputs, cfg)
         if state is None:
             seconds.clear()
-        if cfg.ablation == "mean" and cfg.method in TRAINED:  # the scores learn on the model the bias makes
+        if ablation_in_effect(vars(cfg)) == "mean":  # the scores learn on the model the bias makes
             gates.fill = _mean_fill(cfg, acc, model, gates, calibration, collate, task.loss)
         if pipelined:  # the fine-tuned weights stay as they are; dropout stays on while training
             model.requires_grad_(False)

@@ -231,10 +231,14 @@ def test_a_run_saved_with_what_the_default_chose_is_the_same_run(tmp_path):
     from headprune.train import changed_settings
     lm = PruneConfig(task="causal-lm")
     assert changed_settings({**vars(lm), "reconstruct": "bias"}, lm) == {}
-    assert changed_settings({**vars(lm), "reconstruct": "none"}, lm) == {"reconstruct (in effect)": ("none", "bias")}
-    old = {k: v for k, v in vars(lm).items() if k != "reconstruct"}  # before --reconstruct existed
-    assert changed_settings(old, lm) == {"reconstruct (in effect)": ("none", "bias")}
-    classifier = {k: v for k, v in vars(PruneConfig()).items() if k != "reconstruct"}
+    assert changed_settings({**vars(lm), "reconstruct": "bias", "ablation": "mean"}, lm) == {}
+    assert changed_settings({**vars(lm), "reconstruct": "none"}, lm) == {"ablation (in effect)": ("zero", "mean"),
+                                                                         "reconstruct (in effect)": ("none", "bias")}
+    assert changed_settings({**vars(lm), "ablation": "zero"}, lm) == {"ablation (in effect)": ("zero", "mean")}
+    old = {k: v for k, v in vars(lm).items() if k not in ("reconstruct", "ablation")}  # before either existed
+    assert changed_settings(old, lm) == {"ablation (in effect)": ("zero", "mean"),
+                                         "reconstruct (in effect)": ("none", "bias")}
+    classifier = {k: v for k, v in vars(PruneConfig()).items() if k not in ("reconstruct", "ablation")}
     assert changed_settings(classifier, PruneConfig()) == {}
 
 
@@ -267,9 +271,21 @@ def test_dsp_with_mean_ablation_saves_the_model_it_learnt_on(tiny_lm, tmp_path):
     assert results["reconstruct"] == "bias" and results["config"]["ablation"] == "mean"
     assert saved_perplexity(tmp_path / "mean" / "model", data) == \
         pytest.approx(results["metrics_pruned"]["validation"], rel=1e-4)
-    prune(lm_cfg(model, data, tmp_path / "zero", lr=1e-3))
+    prune(lm_cfg(model, data, tmp_path / "zero", ablation="zero", lr=1e-3))
     scores = [json.loads((tmp_path / run / "head_scores.json").read_text()) for run in ("mean", "zero")]
     assert scores[0] != scores[1]  # the same seed and steps: the scores learnt on another model
+
+
+def test_the_default_ablation_is_the_mean_where_a_trained_method_saves_the_bias():
+    from headprune.config import PruneConfig, ablation_in_effect
+    assert ablation_in_effect(vars(PruneConfig(task="causal-lm"))) == "mean"
+    assert ablation_in_effect(vars(PruneConfig(task="causal-lm", method="voita"))) == "mean"
+    assert ablation_in_effect(vars(PruneConfig(reconstruct="both"))) == "mean"
+    assert ablation_in_effect(vars(PruneConfig(task="causal-lm", method="fisher"))) == "zero"  # trains no gate
+    assert ablation_in_effect(vars(PruneConfig(task="causal-lm", reconstruct="rescale"))) == "zero"
+    assert ablation_in_effect(vars(PruneConfig())) == "zero"  # a classifier saves no bias by default
+    assert ablation_in_effect(vars(PruneConfig(task="causal-lm", ablation="zero"))) == "zero"
+    assert ablation_in_effect({"method": "dsp", "reconstruct": "bias"}) == "zero"  # saved before the option
 
 
 def test_mean_ablation_needs_the_bias_and_a_trained_method():
@@ -282,4 +298,4 @@ def test_mean_ablation_needs_the_bias_and_a_trained_method():
     PruneConfig(ablation="mean", reconstruct="both")
     sweep = SweepConfig(task="causal-lm", methods=["dsp", "fisher"], ablation="mean")
     from headprune.sweep import planned_runs
-    assert {run.method: run.ablation for run in planned_runs(sweep)} == {"dsp": "mean", "fisher": "zero"}
+    assert {run.method: run.ablation for run in planned_runs(sweep)} == {"dsp": "mean", "fisher": "default"}
