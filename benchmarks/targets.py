@@ -45,7 +45,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweeps", nargs="+", help="folders of finished sweeps")
     parser.add_argument("--ks", type=int, nargs="+", required=True)
-    parser.add_argument("--dsp", default="dsp", help="the method label of DSP at its default (e.g. 'dsp + bias')")
+    parser.add_argument("--dsp", default="dsp", help="the method label of DSP at its default (e.g. 'dsp (mean ablation) + bias')")
     parser.add_argument("--choose-on", default="validation")
     parser.add_argument("--report-on", default="test")
     parser.add_argument("--lower-is-better", action="store_true", help="a metric like perplexity")
@@ -63,7 +63,7 @@ def main(argv=None) -> None:
         best: dict[str, str] = {}  # base method -> its variant with the best mean on --choose-on
         for (label, kk) in chosen:
             base = label.split(" + ")[0]
-            if kk != k or base == "dsp" or (label, k) not in reported:
+            if kk != k or base.split(" (")[0] == "dsp" or (label, k) not in reported:  # "dsp (mean ablation)" too
                 continue
             if base not in best or sign * chosen[(label, k)] > sign * chosen[(best[base], k)]:
                 best[base] = label

@@ -20,7 +20,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from .config import SCORED, SHRINKING, TARGETS, PruneConfig, SweepConfig
+from .config import SCORED, SHRINKING, TARGETS, PruneConfig, SweepConfig, ablation_in_effect
 from .errors import ConfigError, OutputExistsError
 from .outputs import RESULTS, atomic_path
 from .outputs import check_not_inside
@@ -101,12 +101,14 @@ def rows_of(results: dict, ks: list[int], folder: str) -> list[dict]:
     run with --reconstruct gives a row without it (its metrics before the fit) and one with it
     ("<method> + <mode>"), whose passes add the fit's forward passes over the calibration data."""
     seconds = round(sum(results["seconds"].values()), 1)
-    common = {"method": results["method"], "mode": results["mode"], "seed": results["seed"],
+    mean_ablation = ablation_in_effect(results["config"]) == "mean"  # one more pass: the means, before training
+    method = results["method"] + (" (mean ablation)" if mean_ablation else "")
+    common = {"method": method, "mode": results["mode"], "seed": results["seed"],
               "seconds": seconds, "run": folder, **budget_of(results)}
     reconstructed = []
     if "metrics_before_reconstruction" in results:  # one run gives the heads with and without the fit
         common["seconds"] = round(seconds - results["seconds"].get("reconstruct", 0.0), 1)
-        reconstructed = [{**common, "method": f"{results['method']} + {results['reconstruct']}", "seconds": seconds,
+        reconstructed = [{**common, "method": f"{method} + {results['reconstruct']}", "seconds": seconds,
                           "k": results["k"], "passes": None,
                           **{split: results["metrics_pruned"][split] for split in headline_splits(results["metrics_pruned"])}}]
     if "curve" in results and "budget" not in results:  # (a target's run reports where it ended)
@@ -116,7 +118,7 @@ def rows_of(results: dict, ks: list[int], folder: str) -> list[dict]:
                 for estimates, e in enumerate(results["curve"]) if e["heads"] in ks]
     else:
         passes = (0 if results["method"] == "random" else 1 if results["method"] in SCORED
-                  else len(results["curve"]) - 1 if "curve" in results else results["config"]["epochs"])
+                  else len(results["curve"]) - 1 if "curve" in results else results["config"]["epochs"] + mean_ablation)
         metrics = results.get("metrics_before_reconstruction", results["metrics_pruned"])
         rows = [{**common, "k": results["k"], "passes": passes,
                  **{split: metrics[split] for split in headline_splits(metrics)}}]

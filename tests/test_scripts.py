@@ -72,7 +72,7 @@ def test_reconstruction_on_a_finished_run(finished_runs, tmp_path, monkeypatch, 
     results = json.loads((run / "results.json").read_text())
     fields = {k: v for k, v in results["config"].items() if k in PruneConfig.__dataclass_fields__}
     fields["pruning_lr_schedule"] = "linear"
-    again = prune(PruneConfig(**{**fields, "reconstruct": "bias", "output_dir": str(tmp_path / "again")}))
+    again = prune(PruneConfig(**{**fields, "reconstruct": "bias", "ablation": "zero", "output_dir": str(tmp_path / "again")}))
     assert [list(h) for h in again["kept_heads"]] == results["kept_heads"]
     assert json.loads(rows[1][3]) == again["metrics_pruned"]
 
@@ -183,7 +183,7 @@ def test_targets_compare_dsp_with_each_methods_best_setting(tmp_path, monkeypatc
         lines += [f"{m},pipelined,{k},{s},{v},{t},1,1,x" for m, k, s, v, t in rows]
         (folder / "sweep.csv").write_text("\n".join(lines) + "\n")
     sweep_csv(tmp_path / "dsp", [("dsp", 12, 0, 0.70, 0.74), ("dsp", 12, 1, 0.72, 0.76),
-                                 ("dsp", 36, 0, 0.77, 0.771)])
+                                 ("dsp", 36, 0, 0.77, 0.771), ("dsp (mean ablation) + bias", 12, 0, 0.9, 0.9)])
     # flap: with the bias better on validation (so chosen) though worse on test; taylor best at 36
     sweep_csv(tmp_path / "scored", [("flap", 12, 0, 0.60, 0.70), ("flap + bias", 12, 0, 0.65, 0.66),
                                     ("taylor", 12, 0, 0.55, 0.73), ("flap", 36, 0, 0.70, 0.70),

@@ -161,11 +161,14 @@ def test_a_summary_cell_is_the_mean_its_standard_error_and_the_range():
 
 def test_a_run_with_reconstruction_gives_a_row_without_it_and_one_with_it(tiny_finetuned, tmp_path):
     model, data = tiny_finetuned
-    rows = sweep(sweep_cfg(model, data, tmp_path, methods=["flap", "michel"], ks=[2, 4], seeds=[0],
+    rows = sweep(sweep_cfg(model, data, tmp_path, methods=["flap", "michel", "dsp"], ks=[2, 4], seeds=[0],
                            reconstruct="bias"))
     got = {(r["method"], r["k"]): r for r in rows}
+    dsp = "dsp (mean ablation)"  # a trained method saving the bias learns with it by default
     assert set(got) == {("flap", 2), ("flap + bias", 2), ("flap", 4), ("flap + bias", 4),
-                        ("michel", 2), ("michel", 4), ("michel + bias", 2)}  # michel: its final k only
+                        ("michel", 2), ("michel", 4), ("michel + bias", 2),  # michel: its final k only
+                        (dsp, 2), (dsp + " + bias", 2), (dsp, 4), (dsp + " + bias", 4)}
+    assert got[(dsp, 2)]["passes"] == 1 + 1 and got[(dsp + " + bias", 2)]["passes"] == 3  # the means, one epoch, the bias
     import json
     results = json.loads((tmp_path / "flap-pipelined-k2-s0" / "results.json").read_text())
     assert got[("flap", 2)]["heldout"] == results["metrics_before_reconstruction"]["heldout"]
