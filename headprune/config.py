@@ -20,6 +20,7 @@ from .errors import ConfigError
 
 METHODS = ("dsp", "ste", "voita", "michel", "fisher", "activation", "flap", "taylor", "random")
 TRAINED_METHODS = METHODS[:3]  # they learn a score per head through the gates
+GATED_METHODS = METHODS[:5]  # their scores come through the gates (trained, or the gates' gradients)
 SCORED = ("fisher", "activation", "flap", "taylor")  # one pass of calibration data gives a score per head, then the top k
 SHRINKING = ("dsp", "ste")  # the methods whose training masks have a budget that --shrink-fraction shrinks
 DEMO_DIR = Path("runs/demo")
@@ -376,11 +377,12 @@ class PruneConfig(FinetuneConfig):
                               "fitted together) or none; default: bias for pipelined language models, none for the "
                               "rest (what validation chose).",
                               choices=["default", "none", "rescale", "bias", "both"])
-    ablation: str = option("default", "What a closed gate leaves in a head's place while DSP, STE or Voita "
-                           "learn the scores: zero (the head removed), or mean: the head's mean output on the "
-                           "calibration data, which --reconstruct bias puts in the saved model, so that the "
-                           "heads are chosen for the model that is saved; default: mean where the run saves "
-                           "the bias, zero otherwise.", choices=["default", "zero", "mean"])
+    ablation: str = option("default", "What a closed gate leaves in a head's place while the heads are "
+                           "scored (dsp, ste, voita, michel, fisher): zero (the head removed), or mean: the "
+                           "head's mean output on the calibration data, which --reconstruct bias puts in the "
+                           "saved model, so that the heads are chosen for the model that is saved; default: "
+                           "mean where dsp, ste or voita save the bias, zero otherwise (michel and fisher as "
+                           "published).", choices=["default", "zero", "mean"])
     calibration_dataset: str = option(None, "Calibration data of the scored methods (michel, fisher, "
                                       "activation, flap, taylor) and of --reconstruct: the training split of "
                                       "this dataset (any the task reads, with the same labels or languages) "
@@ -425,9 +427,9 @@ class PruneConfig(FinetuneConfig):
         if self.relaxation == "k-rounds" and "dsp" not in methods:
             raise ConfigError("--relaxation is DSP's: the other methods have no soft top-k")
         if self.ablation == "mean":
-            if not set(TRAINED_METHODS) & set(methods):
-                raise ConfigError("--ablation is for the methods that learn scores through the gates (dsp, ste, "
-                                  "voita): the others do not train")
+            if not set(GATED_METHODS) & set(methods):
+                raise ConfigError("--ablation is for the methods whose scores come through the gates (dsp, ste, "
+                                  "voita, michel, fisher): the others never close a gate while scoring")
             if reconstruct_in_effect(vars(self)) not in ("bias", "both"):
                 raise ConfigError("--ablation mean chooses the heads for the model that --reconstruct bias saves: "
                                   "give --reconstruct bias (or both)")

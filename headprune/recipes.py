@@ -390,12 +390,12 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
             selector.eval()
             mask, scores = selector(), selector.scores()
             gates.selector = None  # from here on the gates hold the final mask
-            gates.fill = None  # zero again: the reconstruction puts the means into the weights
             if cfg.method == "voita":
                 info["heads_on_by_threshold"] = selector.heads_on()
         else:
             mask, scores, info = choose_by_scores(cfg, task, acc, model, gates, calibration, collate, evaluate_with,
                                                   weights_digest=inputs["model"])
+    gates.fill = None  # zero again: the reconstruction puts the means into the weights
     if cfg.allocation == "uniform" and not targeted:  # as many per layer (of a kind), the best of each layer
         mask = uniform_mask(gates.sites, scores, cfg.k_per_kind or cfg.k)
     if targeted:  # the lowest-ranked units go until the model, dead heads included, fits

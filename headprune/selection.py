@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Subset
 
-from .config import PruneConfig
+from .config import PruneConfig, ablation_in_effect
 from .errors import ConfigError
 from .methods import (activation, fisher, flap, iterative_pruning, make_selector, michel, random_mask,
                       resolve_schedule, taylor)
@@ -191,6 +191,9 @@ def scores_key(cfg, weights_digest: str | None, calibration) -> str | None:
         rows = [calibration[i] for i in range(start, min(start + 1000, len(calibration)))]
         data.update(json.dumps(rows, sort_keys=True, default=str).encode())
     settings = {name: value for name, value in dataclasses.asdict(cfg).items() if name not in NOT_SCORING}
+    settings.pop("ablation", None)  # in the key only where it changes the scores (older keys stay valid)
+    if ablation_in_effect(dataclasses.asdict(cfg)) == "mean":
+        settings["ablation"] = "mean"
     key = [code.hexdigest(), weights_digest, data.hexdigest(), settings]
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 

@@ -20,7 +20,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from .config import SCORED, SHRINKING, TARGETS, PruneConfig, SweepConfig, ablation_in_effect
+from .config import GATED_METHODS, SCORED, SHRINKING, TARGETS, PruneConfig, SweepConfig, ablation_in_effect
 from .errors import ConfigError, OutputExistsError
 from .outputs import RESULTS, atomic_path
 from .outputs import check_not_inside
@@ -57,7 +57,7 @@ def planned_runs(cfg: SweepConfig) -> list[PruneConfig]:
                     runs.append(PruneConfig(**{**base, **budget, "method": method, "mode": mode, "seed": seed,
                                                "model": model, "overwrite": False, "settle_fraction": settle[mode],
                                                "shrink_fraction": cfg.shrink_fraction if method in SHRINKING else None,
-                                               "ablation": "default" if method in UNTRAINED else cfg.ablation,
+                                               "ablation": cfg.ablation if method in GATED_METHODS else "default",
                                                "output_dir": str(Path(cfg.output_dir) / name)}))
     return runs
 
@@ -113,12 +113,12 @@ def rows_of(results: dict, ks: list[int], folder: str) -> list[dict]:
                           **{split: results["metrics_pruned"][split] for split in headline_splits(results["metrics_pruned"])}}]
     if "curve" in results and "budget" not in results:  # (a target's run reports where it ended)
         exact = results.get("michel_exact", True)
-        rows = [{**common, "k": e["heads"], "passes": estimates if exact else min(estimates, 1),
+        rows = [{**common, "k": e["heads"], "passes": mean_ablation + (estimates if exact else min(estimates, 1)),
                  **{split: e["metrics"][split] for split in headline_splits(e["metrics"])}}
                 for estimates, e in enumerate(results["curve"]) if e["heads"] in ks]
     else:
-        passes = (0 if results["method"] == "random" else 1 if results["method"] in SCORED
-                  else len(results["curve"]) - 1 if "curve" in results else results["config"]["epochs"] + mean_ablation)
+        passes = mean_ablation + (0 if results["method"] == "random" else 1 if results["method"] in SCORED
+                                  else len(results["curve"]) - 1 if "curve" in results else results["config"]["epochs"])
         metrics = results.get("metrics_before_reconstruction", results["metrics_pruned"])
         rows = [{**common, "k": results["k"], "passes": passes,
                  **{split: metrics[split] for split in headline_splits(metrics)}}]

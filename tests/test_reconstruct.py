@@ -281,7 +281,7 @@ def test_the_default_ablation_is_the_mean_where_a_trained_method_saves_the_bias(
     assert ablation_in_effect(vars(PruneConfig(task="causal-lm"))) == "mean"
     assert ablation_in_effect(vars(PruneConfig(task="causal-lm", method="voita"))) == "mean"
     assert ablation_in_effect(vars(PruneConfig(reconstruct="both"))) == "mean"
-    assert ablation_in_effect(vars(PruneConfig(task="causal-lm", method="fisher"))) == "zero"  # trains no gate
+    assert ablation_in_effect(vars(PruneConfig(task="causal-lm", method="fisher"))) == "zero"  # as published
     assert ablation_in_effect(vars(PruneConfig(task="causal-lm", reconstruct="rescale"))) == "zero"
     assert ablation_in_effect(vars(PruneConfig())) == "zero"  # a classifier saves no bias by default
     assert ablation_in_effect(vars(PruneConfig(task="causal-lm", ablation="zero"))) == "zero"
@@ -293,9 +293,34 @@ def test_mean_ablation_needs_the_bias_and_a_trained_method():
     from headprune.errors import ConfigError
     with pytest.raises(ConfigError, match="give --reconstruct bias"):
         PruneConfig(ablation="mean")  # a classifier: no bias by default
-    with pytest.raises(ConfigError, match="the others do not train"):
-        PruneConfig(task="causal-lm", method="fisher", ablation="mean")
+    with pytest.raises(ConfigError, match="never close a gate while scoring"):
+        PruneConfig(task="causal-lm", method="flap", ablation="mean")
     PruneConfig(ablation="mean", reconstruct="both")
-    sweep = SweepConfig(task="causal-lm", methods=["dsp", "fisher"], ablation="mean")
+    sweep = SweepConfig(task="causal-lm", methods=["dsp", "fisher", "flap"], ablation="mean")
     from headprune.sweep import planned_runs
-    assert {run.method: run.ablation for run in planned_runs(sweep)} == {"dsp": "mean", "fisher": "default"}
+    assert {run.method: run.ablation for run in planned_runs(sweep)} == {"dsp": "mean", "fisher": "mean",
+                                                                          "flap": "default"}
+
+
+def test_the_gate_gradient_with_mean_ablation_is_that_of_the_head_against_its_mean():
+    # loss = the sum of the block's outputs: d/dg1 of sum(x0 + g1 x1 + (1 - g1) m1) = sum(x1 - m1) = 4 - 3 * 4/3
+    from headprune.methods.michel import mask_gradients
+    from headprune.reconstruct import mean_contexts
+    model, gates, forward = one_block()
+    loss = (lambda m, batch: forward(m, batch).sum())
+    batches = [{"x": TOKENS, "labels": torch.zeros(1)}]
+    (zero,), _ = mask_gradients(model, gates, batches, torch.ones(2), loss)
+    gates.fill = mean_contexts(model, gates, batches, forward)
+    (mean,), _ = mask_gradients(model, gates, batches, torch.ones(2), loss)
+    assert zero.tolist() == pytest.approx([4.0, 4.0]) and mean.tolist() == pytest.approx([0.0, 0.0], abs=1e-6)
+
+
+def test_fisher_with_mean_ablation_differentiates_the_gates_of_the_mean_filled_model(tiny_lm, tmp_path):
+    # d loss / d g at g = 1 of g x + (1 - g) m is the gradient at the context times (x - m), not times x
+    from test_causal_lm import lm_cfg
+    model, data = tiny_lm
+    runs = {a: prune(lm_cfg(model, data, tmp_path / a, method="fisher", ablation=a, reconstruct="bias"))
+            for a in ("zero", "mean")}
+    scores = [json.loads((tmp_path / a / "head_scores.json").read_text()) for a in ("zero", "mean")]
+    assert scores[0] != scores[1]
+    assert runs["mean"]["metrics_pruned"]["validation"] > 0
