@@ -107,10 +107,11 @@ case "${1:-dsp}" in
     [ -f $MT/dsp-pipelined-k18/speed/measure.md ] || \
       $HP measure --pruned $MT/dsp-pipelined-k18/model --threads 2 --batch-sizes 1 16 --lengths 16 \
         --beams 1 5 --generate-tokens 24 --output-dir $MT/dsp-pipelined-k18/speed ;;
-  llm)
-    $HP sweep --config configs/sweep-smollm2.yaml --output-dir $OUT/smollm2
+  llm)  # made before language models were reconstructed by default (issue 21): --reconstruct none
+    $HP sweep --config configs/sweep-smollm2.yaml --reconstruct none --output-dir $OUT/smollm2
     # DSP at the reference's schedule beside it (issue 25: language models keep steady)
-    $HP sweep --config configs/sweep-smollm2.yaml --methods dsp --schedule reference --output-dir $OUT/smollm2-reference
+    $HP sweep --config configs/sweep-smollm2.yaml --methods dsp --schedule reference --reconstruct none \
+      --output-dir $OUT/smollm2-reference
     for k in 45 30; do
       [ -f $OUT/smollm2/dsp-pipelined-k$k-s0/speed/measure.md ] || \
         $HP measure --pruned $OUT/smollm2/dsp-pipelined-k$k-s0/model --threads 1 --batch-sizes 1 8 \
@@ -128,15 +129,22 @@ case "${1:-dsp}" in
     $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model --max-train-examples 4000 \
       --methods fisher activation flap taylor random michel --reconstruct bias --output-dir $OUT/today-subjectivity
     $HP sweep --config configs/sweep-smollm2.yaml --methods fisher activation flap taylor dsp --ks 30 45 60 \
-      --reconstruct bias --output-dir $OUT/today-smollm2
+      --reconstruct bias --ablation zero --output-dir $OUT/today-smollm2
     $HP sweep --config configs/sweep-smollm2.yaml --methods michel --michel-normalize none --ks 30 45 60 \
       --reconstruct bias --output-dir $OUT/today-smollm2-michel-raw
+    # the heads chosen for the model the bias saves (--ablation mean; DSP's default for language models)
+    $HP sweep --config configs/sweep-smollm2.yaml --methods dsp --ks 30 45 60 --output-dir $OUT/today-smollm2-mean
+    $HP sweep --config configs/sweep-smollm2.yaml --methods fisher --ks 30 45 60 --ablation mean \
+      --output-dir $OUT/today-smollm2-mean-fisher
+    $HP sweep --config configs/sweep-smollm2.yaml --methods michel --michel-normalize none --ks 30 45 60 \
+      --ablation mean --output-dir $OUT/today-smollm2-mean-michel
     # every reconstruction mode on the heads DSP chose at 125 steps (the sweep mode's sweep125-reference)
     ${PYTHON:-python} benchmarks/reconstruction.py $OUT/sweep125-reference/dsp-pipelined-k*-s0 \
       --modes rescale both --calibration-examples 1000
     ${PYTHON:-python} benchmarks/targets.py $OUT/sweep125-reference $OUT/today-rt --ks 6 12 24 36
     ${PYTHON:-python} benchmarks/targets.py $OUT/today-smollm2 $OUT/today-smollm2-michel-raw $OUT/smollm2 \
-      --lower-is-better --ks 30 45 60 ;;
+      $OUT/today-smollm2-mean $OUT/today-smollm2-mean-fisher $OUT/today-smollm2-mean-michel \
+      --dsp "dsp (mean ablation) + bias" --lower-is-better --ks 30 45 60 ;;
   vision)  # issue 23: image classification (scikit-learn's digits; no pretrained image model offline)
     run $OUT/vit finetune --config configs/digits-vit.yaml
     $HP sweep --config configs/sweep-digits-vit.yaml --model $OUT/vit/model --output-dir $OUT/sweep-digits-vit ;;
