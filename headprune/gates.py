@@ -74,6 +74,15 @@ class HeadGates(nn.Module):
         finally:
             self._override = None
 
+    @contextmanager
+    def filled(self, fill: list[torch.Tensor] | None):
+        """Use `fill` (None: zero) for the closed gates inside the block."""
+        before, self.fill = self.fill, fill
+        try:
+            yield
+        finally:
+            self.fill = before
+
     def kept_heads(self, mask: torch.Tensor | None = None) -> list[Head]:
         mask = self.fixed_mask if mask is None else mask
         return [head for head, m in zip(self.heads, mask.tolist()) if m > 0]

@@ -352,8 +352,8 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
         else:  # nothing to train: no DDP wrapper (it refuses a model without trainable weights)
             model, info = model.to(acc.device), {}
 
-    def evaluate_with(mask):
-        with gates.override(mask):
+    def evaluate_with(mask):  # the heads removed (zero), whatever --ablation: before any reconstruction
+        with gates.override(mask), gates.filled(None):
             return task.evaluate(acc, model, evals, collate, cfg)
 
     all_heads = torch.ones(gates.num_heads)

@@ -324,3 +324,12 @@ def test_fisher_with_mean_ablation_differentiates_the_gates_of_the_mean_filled_m
     scores = [json.loads((tmp_path / a / "head_scores.json").read_text()) for a in ("zero", "mean")]
     assert scores[0] != scores[1]
     assert runs["mean"]["metrics_pruned"]["validation"] > 0
+
+
+def test_michels_curve_with_mean_ablation_is_of_the_heads_removed_as_its_rows_say(tiny_lm, tmp_path):
+    # the means steer the gradients; the curve, like every metric before reconstruction, has the heads at zero
+    from test_causal_lm import lm_cfg
+    model, data = tiny_lm
+    results = prune(lm_cfg(model, data, tmp_path, method="michel", michel_step=1, ablation="mean", reconstruct="bias"))
+    assert results["curve"][-1]["metrics"] == results["metrics_before_reconstruction"]
+    assert results["metrics_pruned"] != results["metrics_before_reconstruction"]
