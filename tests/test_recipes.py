@@ -14,7 +14,7 @@ from headprune.recipes import prune
 
 def prune_cfg(model, data, out, **kw):
     base = dict(model=str(model), dataset=str(data), epochs=1, batch_size=16, k=3,
-                output_dir=str(out), checkpoint_every=0, t0=1.0, tf=1e-4)
+                output_dir=str(out), checkpoint_every=0, t0=1.0, tf=1e-4, reconstruct="none")  # saved = masked
     return PruneConfig(**{**base, **kw})
 
 

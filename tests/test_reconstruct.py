@@ -215,8 +215,12 @@ def test_calibration_data_can_come_from_another_dataset_with_the_same_labels(tin
 
 def test_the_default_is_the_bias_for_pipelined_language_models_and_none_for_the_rest():
     from headprune.config import PruneConfig, reconstruct_in_effect
-    assert reconstruct_in_effect(vars(PruneConfig())) == "none"
+    assert reconstruct_in_effect(vars(PruneConfig())) == "bias"  # DSP on a text classifier: chosen for the bias
+    assert reconstruct_in_effect(vars(PruneConfig(method="fisher"))) == "none"
+    assert reconstruct_in_effect(vars(PruneConfig(method="ste"))) == "none"
+    assert reconstruct_in_effect(vars(PruneConfig(mode="joint"))) == "none"
     assert reconstruct_in_effect(vars(PruneConfig(task="translation"))) == "none"
+    assert reconstruct_in_effect(vars(PruneConfig(task="image-classification"))) == "none"
     assert reconstruct_in_effect(vars(PruneConfig(task="causal-lm"))) == "bias"
     assert reconstruct_in_effect(vars(PruneConfig(task="causal-lm", method="fisher"))) == "bias"
     assert reconstruct_in_effect(vars(PruneConfig(task="causal-lm", mode="joint"))) == "none"
@@ -238,8 +242,11 @@ def test_a_run_saved_with_what_the_default_chose_is_the_same_run(tmp_path):
     old = {k: v for k, v in vars(lm).items() if k not in ("reconstruct", "ablation")}  # before either existed
     assert changed_settings(old, lm) == {"ablation (in effect)": ("zero", "mean"),
                                          "reconstruct (in effect)": ("none", "bias")}
-    classifier = {k: v for k, v in vars(PruneConfig()).items() if k not in ("reconstruct", "ablation")}
-    assert changed_settings(classifier, PruneConfig()) == {}
+    fisher = PruneConfig(method="fisher")  # a scored method on a classifier: no reconstruction by default
+    assert changed_settings({k: v for k, v in vars(fisher).items() if k not in ("reconstruct", "ablation")}, fisher) == {}
+    dsp = {k: v for k, v in vars(PruneConfig()).items() if k not in ("reconstruct", "ablation")}
+    assert changed_settings(dsp, PruneConfig()) == {"ablation (in effect)": ("zero", "mean"),
+                                                    "reconstruct (in effect)": ("none", "bias")}
 
 
 def test_a_language_model_pruned_at_the_default_gets_the_bias_and_reloads_with_it(tiny_lm, tmp_path):
@@ -283,7 +290,8 @@ def test_the_default_ablation_is_the_mean_where_a_trained_method_saves_the_bias(
     assert ablation_in_effect(vars(PruneConfig(reconstruct="both"))) == "mean"
     assert ablation_in_effect(vars(PruneConfig(task="causal-lm", method="fisher"))) == "zero"  # as published
     assert ablation_in_effect(vars(PruneConfig(task="causal-lm", reconstruct="rescale"))) == "zero"
-    assert ablation_in_effect(vars(PruneConfig())) == "zero"  # a classifier saves no bias by default
+    assert ablation_in_effect(vars(PruneConfig())) == "mean"  # DSP on a text classifier saves the bias
+    assert ablation_in_effect(vars(PruneConfig(method="ste"))) == "zero"  # there STE does not
     assert ablation_in_effect(vars(PruneConfig(task="causal-lm", ablation="zero"))) == "zero"
     assert ablation_in_effect({"method": "dsp", "reconstruct": "bias"}) == "zero"  # saved before the option
 
@@ -292,7 +300,9 @@ def test_mean_ablation_needs_the_bias_and_a_trained_method():
     from headprune.config import PruneConfig, SweepConfig
     from headprune.errors import ConfigError
     with pytest.raises(ConfigError, match="give --reconstruct bias"):
-        PruneConfig(ablation="mean")  # a classifier: no bias by default
+        PruneConfig(ablation="mean", method="ste")  # STE on a classifier: no bias by default
+    with pytest.raises(ConfigError, match="give --reconstruct bias"):
+        PruneConfig(ablation="mean", reconstruct="rescale")
     with pytest.raises(ConfigError, match="never close a gate while scoring"):
         PruneConfig(task="causal-lm", method="flap", ablation="mean")
     PruneConfig(ablation="mean", reconstruct="both")
@@ -333,3 +343,13 @@ def test_michels_curve_with_mean_ablation_is_of_the_heads_removed_as_its_rows_sa
     results = prune(lm_cfg(model, data, tmp_path, method="michel", michel_step=1, ablation="mean", reconstruct="bias"))
     assert results["curve"][-1]["metrics"] == results["metrics_before_reconstruction"]
     assert results["metrics_pruned"] != results["metrics_before_reconstruction"]
+
+
+def test_dsp_on_a_classifier_at_the_defaults_saves_the_bias_it_chose_the_heads_for(tiny_finetuned, tmp_path):
+    results = prune(tiny(*tiny_finetuned, tmp_path, reconstruct="default", epochs=0.5))
+    assert results["reconstruct"] == "bias" and results["config"]["ablation"] == "default"
+    assert results["reconstruction_passes"] == 1 and "metrics_before_reconstruction" in results
+    saved = json.loads((tmp_path / "model" / "config.json").read_text())["headprune"]
+    assert saved["reconstruct"] == "bias"
+    fisher = prune(tiny(*tiny_finetuned, tmp_path / "fisher", method="fisher", reconstruct="default"))
+    assert "reconstruct" not in fisher  # the scored methods keep their heads as chosen on a classifier
