@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import reconstruct_in_effect
 from .errors import ConfigError
 from .latency import even_counts, even_mask, predicted_seconds
 from .sites import AttentionSite, in_features, out_features
@@ -72,6 +73,14 @@ def fixed_params(model, costs: list[SiteCost]) -> int:
     return total_params(model) - sum(c.units * c.params + (c.dead_params if c.units == 0 else 0) for c in costs)
 
 
+def added_bias_params(cfg, sites: list[AttentionSite]) -> int:
+    """The output biases that --reconstruct bias or both will add where the architecture has none
+    (a cost no choice of units changes)."""
+    if reconstruct_in_effect(vars(cfg)) not in ("bias", "both"):
+        return 0
+    return sum(out_features(site.output) for site in sites if site.output.bias is None)
+
+
 def target_of(cfg, model, costs: list[SiteCost]) -> tuple[str, float]:
     """What --target-params or --target-kv-cache bounds, and the bound (a fraction made absolute)."""
     if cfg.target_params is not None:
@@ -88,7 +97,7 @@ def budget_units(cfg, model, sites: list[AttentionSite]) -> int | list[int]:
     if key == "parameters":
         total = total_params(model)
         per_unit = {c.params for c in costs if c.units}
-        fixed = fixed_params(model, costs)
+        fixed = fixed_params(model, costs) + added_bias_params(cfg, sites)
         if len(per_unit) != 1:
             raise ConfigError("--target-params: this model's heads differ in size between layers; give --k")
         k = int((target - fixed) // per_unit.pop())
@@ -146,10 +155,11 @@ def _budget(cfg, model, sites: list[AttentionSite], mask: torch.Tensor, table: d
     costs = site_costs(sites)
     fixed = fixed_params(model, costs)
     key, target = target_of(cfg, model, costs)
+    added = added_bias_params(cfg, sites)  # the pruned model's cost, not the original's
 
     def cost(m):
-        return cost_of(costs, m, fixed)[key]
-    return key, cost(torch.ones_like(mask)), target, cost
+        return cost_of(costs, m, fixed + added)[key]
+    return key, cost_of(costs, torch.ones_like(mask), fixed)[key], target, cost
 
 
 def _record(cfg, key: str, original: float, target: float, predicted: float, mask: torch.Tensor) -> dict:

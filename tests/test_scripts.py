@@ -44,7 +44,7 @@ def finished_runs(tiny_finetuned, tmp_path_factory):
         (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in part))
     common = dict(model=str(model), dataset=str(data), batch_size=16, checkpoint_every=0,
                   eval_files=[str(folder / "validation.jsonl"), str(folder / "test.jsonl")])
-    prune(PruneConfig(**common, k=4, output_dir=str(folder / "dsp-pipelined-k4-s0")))
+    prune(PruneConfig(**common, k=4, reconstruct="none", output_dir=str(folder / "dsp-pipelined-k4-s0")))
     prune(PruneConfig(**common, method="michel", k=2, michel_step=2, output_dir=str(folder / "michel-pipelined-s0")))
     return folder
 
