@@ -18,15 +18,20 @@ HP=${HEADPRUNE:-headprune}
 OUT=${OUT:-runs/results}
 CFG=configs/rotten-tomatoes.yaml
 run() { if [ -f "$1/results.json" ]; then echo "done: $1"; else $HP "${@:2}" --output-dir "$1"; fi; }
+# The tables made before issue 21's defaults (FLAP's bias, the heads chosen for it, for DSP on text
+# classifiers and for language models): the same runs with --reconstruct none (HP=before21).
+before21() { case "$1" in prune|sweep) ${HEADPRUNE:-headprune} "$@" --reconstruct none ;; *) ${HEADPRUNE:-headprune} "$@" ;; esac; }
 
 case "${1:-dsp}" in
   dsp)  # made before the default schedule changed: the reference's
+    HP=before21
     run $OUT/finetune finetune --config $CFG
     for k in 12 24 36; do
       run $OUT/dsp-pipelined-k$k prune --config $CFG --mode pipelined --k $k --model $OUT/finetune/model --schedule reference
       run $OUT/dsp-joint-k$k prune --config $CFG --mode joint --k $k --schedule reference
     done ;;
   sweep)  # both benchmarks, the steady schedule (the default then) and (DSP) the reference's beside it
+    HP=before21
     run $OUT/finetune finetune --config $CFG
     $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model --schedule steady --output-dir $OUT/sweep
     $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model --methods dsp \
@@ -54,8 +59,8 @@ case "${1:-dsp}" in
     $S125 --ks 6 12 --schedule steady --pruning-lr-schedule constant --output-dir $OUT/sweep-subjectivity125-constant
     # along one run: the heads kept per layer, the hard mask's validation accuracy, the noise gap
     T="${PYTHON:-python} benchmarks/schedule_trace.py --config $CFG --model $OUT/finetune/model --k 12 --seed 0 --max-train-examples 4000"
-    $T --schedule steady --output-dir $OUT/trace/steady
-    $T --schedule reference --output-dir $OUT/trace/reference
+    $T --schedule steady --set reconstruct=none --output-dir $OUT/trace/steady
+    $T --schedule reference --set reconstruct=none --output-dir $OUT/trace/reference
     # the same at --schedule steady with --set pruning_lr_schedule=constant or --set cooldown_fraction=0.3333 (own --output-dir)
     # DSP with a training budget that shrinks from every head to k (--shrink-fraction), both benchmarks
     for F in 0.5 1; do
@@ -91,6 +96,7 @@ case "${1:-dsp}" in
     ${PYTHON:-python} benchmarks/recovery_finetune.py $OUT/sweep-subjectivity/dsp-pipelined-k{6,12,24}-s{0,1,2} \
       $OUT/sweep-subjectivity/michel-pipelined-s0 --ks 6 12 24 --output-dir $OUT/recovery-subjectivity ;;
   speed)
+    HP=before21
     run $OUT/dsp-pipelined-k60 prune --config $CFG --mode pipelined --k 60 --model $OUT/finetune/model --schedule reference
     for k in 12 36 60; do
       [ -f $OUT/dsp-pipelined-k$k/speed/measure.md ] || \
@@ -138,11 +144,25 @@ case "${1:-dsp}" in
       --output-dir $OUT/today-smollm2-mean-fisher
     $HP sweep --config configs/sweep-smollm2.yaml --methods michel --michel-normalize none --ks 30 45 60 \
       --ablation mean --output-dir $OUT/today-smollm2-mean-michel
+    for k in 45 60; do  # Michel with the bias at its final k: one run per k
+      $HP sweep --config configs/sweep-smollm2.yaml --methods michel --michel-normalize none --ks $k \
+        --reconstruct bias --output-dir $OUT/today-smollm2-michel-raw-k$k
+    done
+    # DSP at its default (the heads chosen for the bias) and with its heads removed (+ Kwon's rescale), seed 0
+    R="--methods dsp --seeds 0 --max-train-examples 4000 --ks 6 12 24 36"
+    $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model $R --output-dir $OUT/rt-mean
+    $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model $R --output-dir $OUT/subjectivity-mean
+    $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model $R --reconstruct rescale \
+      --output-dir $OUT/sweep125-reference-s0
+    $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model $R --reconstruct none \
+      --output-dir $OUT/sweep-subjectivity125-reference-s0
+    ${PYTHON:-python} benchmarks/targets.py $OUT/rt-mean $OUT/today-rt --ks 6 12 24 36 --dsp "dsp (mean ablation) + bias"
+    ${PYTHON:-python} benchmarks/targets.py $OUT/subjectivity-mean $OUT/today-subjectivity --ks 6 12 24 36 \
+      --dsp "dsp (mean ablation) + bias"
     # every reconstruction mode on the heads DSP chose at 125 steps (the sweep mode's sweep125-reference)
     ${PYTHON:-python} benchmarks/reconstruction.py $OUT/sweep125-reference/dsp-pipelined-k*-s0 \
       --modes rescale both --calibration-examples 1000
-    ${PYTHON:-python} benchmarks/targets.py $OUT/sweep125-reference $OUT/today-rt --ks 6 12 24 36
-    ${PYTHON:-python} benchmarks/targets.py $OUT/today-smollm2 $OUT/today-smollm2-michel-raw $OUT/smollm2 \
+    ${PYTHON:-python} benchmarks/targets.py $OUT/today-smollm2 $OUT/today-smollm2-michel-raw* $OUT/smollm2 \
       $OUT/today-smollm2-mean $OUT/today-smollm2-mean-fisher $OUT/today-smollm2-mean-michel \
       --dsp "dsp (mean ablation) + bias" --lower-is-better --ks 30 45 60 ;;
   vision)  # issue 23: image classification (scikit-learn's digits; no pretrained image model offline)
@@ -150,7 +170,7 @@ case "${1:-dsp}" in
     $HP sweep --config configs/sweep-digits-vit.yaml --model $OUT/vit/model --output-dir $OUT/sweep-digits-vit ;;
   budgets)  # issue 24; needs an idle machine (timings); trans-de-en for the translation model, make llm-assets
     run $OUT/subjectivity/finetune finetune --config configs/subjectivity.yaml
-    ST="${PYTHON:-python} benchmarks/speed_targets.py"
+    ST="${PYTHON:-python} benchmarks/speed_targets.py --reconstruct none"  # made before issue 21's defaults
     M="--config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model --methods fisher dsp --max-eval-examples 1000"
     $ST $M --attn-implementation sdpa --at-batch-size 32 --at-length 64 --output-dir $OUT/speed-targets/minilm-subjectivity
     $ST $M --attn-implementation sdpa --at-batch-size 32 --at-length 128 --output-dir $OUT/speed-targets/minilm-subjectivity-128
