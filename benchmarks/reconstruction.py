@@ -53,7 +53,8 @@ def main(argv=None) -> None:
         kept = {tuple(h) for h in results["kept_heads"]}
         mask = torch.tensor([float(h in kept) for h in gates.heads])
         name = Path(folder).name
-        print(f"| {name} | {len(kept)} | none (the run's) | {json.dumps(results['metrics_pruned'])} | |", flush=True)
+        before = results.get("metrics_before_reconstruction", results["metrics_pruned"])  # a run with its own fit
+        print(f"| {name} | {len(kept)} | none (the run's heads) | {json.dumps(before)} | |", flush=True)
         weights = [(site.output, site.output.weight.detach().clone(),
                     None if site.output.bias is None else site.output.bias.detach().clone()) for site in gates.sites]
         for mode in args.modes:

@@ -66,7 +66,7 @@ def test_reconstruction_on_a_finished_run(finished_runs, tmp_path, monkeypatch, 
     out = script_here("benchmarks/reconstruction.py", run, "--modes", "bias", "both", "bias",
                       monkeypatch=monkeypatch, capsys=capsys)
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| dsp")]
-    assert [r[2] for r in rows] == ["none (the run's)", "bias", "both", "bias"]
+    assert [r[2] for r in rows] == ["none (the run's heads)", "bias", "both", "bias"]
     assert rows[1][3] == rows[3][3]  # the weights were put back between modes
     # the same as a run that chose these heads and reconstructed itself
     results = json.loads((run / "results.json").read_text())
