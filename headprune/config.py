@@ -377,8 +377,8 @@ class PruneConfig(FinetuneConfig):
                               "folded into the saved weights: rescale (Kwon et al.'s mask tuning: a scale "
                               "per kept head, least squares block by block), bias (FLAP: the removed heads' "
                               "mean output added to the output projection's bias), both (scales and bias "
-                              "fitted together) or none; default: bias for pipelined language models, none for the "
-                              "rest (what validation chose).",
+                              "fitted together) or none; default (what validation chose): bias for pipelined runs on "
+                              "language models and for pipelined DSP on text classifiers, none for the rest.",
                               choices=["default", "none", "rescale", "bias", "both"])
     ablation: str = option("default", "What a closed gate leaves in a head's place while the heads are "
                            "scored (dsp, ste, voita, michel, fisher): zero (the head removed), or mean: the "
