@@ -148,13 +148,13 @@ case "${1:-dsp}" in
       $HP sweep --config configs/sweep-smollm2.yaml --methods michel --michel-normalize none --ks $k \
         --reconstruct bias --output-dir $OUT/today-smollm2-michel-raw-k$k
     done
-    # DSP at its default (the heads chosen for the bias) and with its heads removed (+ Kwon's rescale), seed 0
-    R="--methods dsp --seeds 0 --max-train-examples 4000 --ks 6 12 24 36"
+    # DSP at its default (the heads chosen for the bias; seeds 0-2) and with its heads removed (+ Kwon's rescale; seed 0)
+    R="--methods dsp --max-train-examples 4000 --ks 6 12 24 36"
     $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model $R --output-dir $OUT/rt-mean
     $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model $R --output-dir $OUT/subjectivity-mean
-    $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model $R --reconstruct rescale \
+    $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model $R --seeds 0 --reconstruct rescale \
       --output-dir $OUT/sweep125-reference-s0
-    $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model $R --reconstruct none \
+    $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model $R --seeds 0 --reconstruct none \
       --output-dir $OUT/sweep-subjectivity125-reference-s0
     ${PYTHON:-python} benchmarks/targets.py $OUT/rt-mean $OUT/today-rt --ks 6 12 24 36 --dsp "dsp (mean ablation) + bias"
     ${PYTHON:-python} benchmarks/targets.py $OUT/subjectivity-mean $OUT/today-subjectivity --ks 6 12 24 36 \
