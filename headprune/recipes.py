@@ -340,8 +340,10 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
         state = check_inputs(out, state, inputs, cfg)
         if state is None:
             seconds.clear()
+        means = None
         if ablation_in_effect(vars(cfg)) == "mean":  # the scores learn on the model the bias makes
-            gates.fill = _mean_fill(cfg, acc, model, gates, calibration, collate, task.loss)
+            means = _mean_contexts(cfg, acc, model, gates, calibration, collate, task.loss)
+            gates.fill = [mean.float().to(acc.device) for mean in means]
         if pipelined:  # the fine-tuned weights stay as they are; dropout stays on while training
             model.requires_grad_(False)
         if cfg.method in TRAINED:
@@ -410,7 +412,9 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
         with timed(seconds, "evaluate_pruned"):
             info["metrics_before_reconstruction"] = evaluate_with(mask)
         with timed(seconds, "reconstruct"):
-            info.update(_reconstruct(cfg, task, acc, model, gates, mask, calibration, collate))
+            # a pipelined run's weights are those the means were measured on: the bias reuses them
+            info.update(_reconstruct(cfg, task, acc, model, gates, mask, calibration, collate,
+                                     means=means if pipelined else None))
     with timed(seconds, "evaluate_pruned"):
         metrics = evaluate_with(mask)
     kept = gates.kept_heads(mask)
@@ -466,22 +470,22 @@ def needs_calibration(cfg) -> bool:
     return cfg.method in SCORERS or reconstruct_in_effect(vars(cfg)) != "none"
 
 
-def _mean_fill(cfg, acc, model, gates, calibration, collate, loss_fn) -> list[torch.Tensor]:
-    """--ablation mean: each block's mean context on the calibration data, on the model's device."""
+def _mean_contexts(cfg, acc, model, gates, calibration, collate, loss_fn) -> list[torch.Tensor]:
+    """--ablation mean: each block's mean context on the calibration data (unpruned model)."""
     loader = acc.prepare(DataLoader(calibration, batch_size=cfg.batch_size, collate_fn=collate))
     model.to(acc.device)
     means = mean_contexts(model, gates, loader, loss_fn, reduce=process_sum(acc))
     log.info("--ablation mean: a closed gate leaves its heads' mean output on %d calibration examples", len(calibration))
-    return [mean.float().to(acc.device) for mean in means]
+    return means
 
 
-def _reconstruct(cfg, task, acc, model, gates, mask, calibration, collate) -> dict:
+def _reconstruct(cfg, task, acc, model, gates, mask, calibration, collate, means=None) -> dict:
     """--reconstruct on the calibration data, folded into the model's weights."""
     loader = acc.prepare(DataLoader(calibration, batch_size=cfg.batch_size, collate_fn=collate))
     reduce = process_sum(acc)
     biased = sum(site.output.bias is not None for site in gates.sites)
     info = reconstruct(model, gates, mask, loader, task.loss, reconstruct_in_effect(vars(cfg)), reduce=reduce,
-                       disable_progress=not acc.is_local_main_process)
+                       disable_progress=not acc.is_local_main_process, means=means)
     info.update(calibration_examples=len(calibration),
                 output_biases_added=sum(site.output.bias is not None for site in gates.sites) - biased)
     return info

@@ -46,18 +46,20 @@ class _Reached(Exception):
     """Stops a forward pass at the block of interest: the blocks after it do not matter."""
 
 
-def reconstruct(model, gates, mask: torch.Tensor, batches, loss_fn, mode: str, reduce=None, disable_progress=False) -> dict:
+def reconstruct(model, gates, mask: torch.Tensor, batches, loss_fn, mode: str, reduce=None, disable_progress=False,
+                means: list[torch.Tensor] | None = None) -> dict:
     """Fit `mode`'s correction for the heads `mask` keeps on `batches` (a re-iterable loader),
     fold it into the model's output projections and return what to record. `loss_fn(model, batch)`
-    runs a forward pass; `reduce` sums a tensor over processes."""
+    runs a forward pass; `reduce` sums a tensor over processes; `means`: the unpruned model's
+    `mean_contexts` on these batches if already measured (mean ablation), for `bias`."""
     if mode not in MODES[1:]:
         raise ValueError(f"reconstruct {mode!r}: choose one of {', '.join(MODES[1:])}")
     model.eval()
     mask = mask.detach().double().cpu()
     if mode == "bias":
-        shifts = flap_shifts(model, gates, mask, batches, loss_fn, reduce)
+        shifts = flap_shifts(model, gates, mask, batches, loss_fn, reduce, means)
         fold(gates, mask, mask, shifts)
-        return {"reconstruct": mode, "reconstruction_passes": 1}
+        return {"reconstruct": mode, "reconstruction_passes": 0 if means is not None else 1}
     scales, shifts, errors = fit_blocks(model, gates, mask, batches, loss_fn, intercept=mode == "both",
                                         reduce=reduce, disable_progress=disable_progress)
     fold(gates, mask, scales, shifts if mode == "both" else {})
@@ -74,9 +76,10 @@ def mean_contexts(model, gates, batches, loss_fn, reduce=None) -> list[torch.Ten
     return means
 
 
-def flap_shifts(model, gates, mask, batches, loss_fn, reduce=None) -> dict[int, torch.Tensor]:
+def flap_shifts(model, gates, mask, batches, loss_fn, reduce=None, means=None) -> dict[int, torch.Tensor]:
     """FLAP: per block, W_o[:, removed] @ mean(x[removed]) over the unpruned model's tokens."""
-    means = mean_contexts(model, gates, batches, loss_fn, reduce)
+    if means is None:
+        means = mean_contexts(model, gates, batches, loss_fn, reduce)
     shifts = {}
     for i, (offset, site, mean) in enumerate(zip(gates.offsets, gates.sites, means)):
         removed = [c for u in range(site.num_heads) if mask[offset + u] == 0 for c in unit_channels(site, u)]

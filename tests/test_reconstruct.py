@@ -61,6 +61,14 @@ def test_each_fit_by_hand_on_one_block(mode, weight, bias, before, after):
     assert got.tolist() == pytest.approx(expected)
 
 
+def test_the_bias_uses_means_already_measured_and_costs_no_pass():
+    # mean ablation measured the means before selection: the bias takes them (here made up) as they are
+    model, gates, forward = one_block()
+    info = reconstruct(model, gates, torch.tensor([1.0, 0.0]), [{"x": TOKENS}], forward, "bias", disable_progress=True,
+                       means=[torch.tensor([5.0, 3.0], dtype=torch.float64)])
+    assert model.output.bias.item() == pytest.approx(3.0) and info["reconstruction_passes"] == 0
+
+
 def test_nothing_removed_changes_nothing():
     model, gates, forward = one_block()
     info = reconstruct(model, gates, torch.ones(2), [{"x": TOKENS}], forward, "both", disable_progress=True)
@@ -348,7 +356,8 @@ def test_michels_curve_with_mean_ablation_is_of_the_heads_removed_as_its_rows_sa
 def test_dsp_on_a_classifier_at_the_defaults_saves_the_bias_it_chose_the_heads_for(tiny_finetuned, tmp_path):
     results = prune(tiny(*tiny_finetuned, tmp_path, reconstruct="default", epochs=0.5))
     assert results["reconstruct"] == "bias" and results["config"]["ablation"] == "default"
-    assert results["reconstruction_passes"] == 1 and "metrics_before_reconstruction" in results
+    # the bias reuses the means that mean ablation measured: no pass of its own
+    assert results["reconstruction_passes"] == 0 and "metrics_before_reconstruction" in results
     saved = json.loads((tmp_path / "model" / "config.json").read_text())["headprune"]
     assert saved["reconstruct"] == "bias"
     fisher = prune(tiny(*tiny_finetuned, tmp_path / "fisher", method="fisher", reconstruct="default"))
