@@ -74,15 +74,17 @@ def reconstruct_in_effect(settings: dict) -> str:
 
 def ablation_in_effect(settings: dict) -> str:
     """What a closed gate leaves while the scores learn: --ablation, or for `default` the heads'
-    mean where the run saves FLAP's bias (--reconstruct bias or both in effect) and learns through
-    the gates (dsp, ste, voita), so that the heads are chosen for the model it saves (SmolLM2, DSP
-    with the bias: test perplexity 194 against 347 at 30 of 90 KV groups, 136 against 169 at 45);
-    zero (the head removed) otherwise. Runs saved before the option existed had zero."""
+    mean where a pipelined run saves FLAP's bias (--reconstruct bias or both in effect) and learns
+    through the gates (dsp, ste, voita), so that the heads are chosen for the model it saves
+    (SmolLM2, DSP with the bias: test perplexity 194 against 347 at 30 of 90 KV groups, 136
+    against 169 at 45); zero (the head removed) otherwise: a joint run trains the weights the
+    means are measured on. Runs saved before the option existed had zero."""
     chosen = settings.get("ablation", "zero")
     if chosen != "default":
         return chosen
     trained = settings.get("method", "dsp") in TRAINED_METHODS
-    return "mean" if trained and reconstruct_in_effect(settings) in ("bias", "both") else "zero"
+    pipelined = settings.get("mode", "pipelined") == "pipelined"
+    return "mean" if trained and pipelined and reconstruct_in_effect(settings) in ("bias", "both") else "zero"
 
 
 def settle_fraction_in_effect(settings: dict) -> float:
@@ -383,8 +385,8 @@ class PruneConfig(FinetuneConfig):
     ablation: str = option("default", "What a closed gate leaves in a head's place while the heads are "
                            "scored (dsp, ste, voita, michel, fisher): zero (the head removed), or mean: the "
                            "head's mean output on the calibration data, which --reconstruct bias puts in the "
-                           "saved model, so that the heads are chosen for the model that is saved; default: "
-                           "mean where dsp, ste or voita save the bias, zero otherwise (michel and fisher as "
+                           "saved model, so that the heads are chosen for the model that is saved (pipelined runs); "
+                           "default: mean where dsp, ste or voita save the bias, zero otherwise (michel and fisher as "
                            "published).", choices=["default", "zero", "mean"])
     calibration_dataset: str = option(None, "Calibration data of the scored methods (michel, fisher, "
                                       "activation, flap, taylor) and of --reconstruct: the training split of "
@@ -433,6 +435,9 @@ class PruneConfig(FinetuneConfig):
             if not set(GATED_METHODS) & set(methods):
                 raise ConfigError("--ablation is for the methods whose scores come through the gates (dsp, ste, "
                                   "voita, michel, fisher): the others never close a gate while scoring")
+            if "pipelined" not in modes:
+                raise ConfigError("--ablation mean is for pipelined runs: the means are measured once, on the "
+                                  "weights before pruning, which a joint run then trains")
             if reconstruct_in_effect(vars(self)) not in ("bias", "both"):
                 raise ConfigError("--ablation mean chooses the heads for the model that --reconstruct bias saves: "
                                   "give --reconstruct bias (or both)")

@@ -57,7 +57,8 @@ def planned_runs(cfg: SweepConfig) -> list[PruneConfig]:
                     runs.append(PruneConfig(**{**base, **budget, "method": method, "mode": mode, "seed": seed,
                                                "model": model, "overwrite": False, "settle_fraction": settle[mode],
                                                "shrink_fraction": cfg.shrink_fraction if method in SHRINKING else None,
-                                               "ablation": cfg.ablation if method in GATED_METHODS else "default",
+                                               "ablation": (cfg.ablation if method in GATED_METHODS and mode == "pipelined"
+                                                            else "default"),
                                                "output_dir": str(Path(cfg.output_dir) / name)}))
     return runs
 

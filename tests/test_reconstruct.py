@@ -301,11 +301,12 @@ def test_the_default_ablation_is_the_mean_where_a_trained_method_saves_the_bias(
     assert ablation_in_effect(vars(PruneConfig())) == "mean"  # DSP on a text classifier saves the bias
     assert ablation_in_effect(vars(PruneConfig(method="ste"))) == "zero"  # there STE does not
     assert ablation_in_effect(vars(PruneConfig(task="causal-lm", ablation="zero"))) == "zero"
+    assert ablation_in_effect(vars(PruneConfig(task="causal-lm", mode="joint", reconstruct="bias"))) == "zero"
     assert ablation_in_effect({"method": "dsp", "reconstruct": "bias"}) == "zero"  # saved before the option
 
 
 def test_mean_ablation_needs_the_bias_and_a_trained_method():
-    from headprune.config import PruneConfig, SweepConfig
+    from headprune.config import PruneConfig, SweepConfig, ablation_in_effect
     from headprune.errors import ConfigError
     with pytest.raises(ConfigError, match="give --reconstruct bias"):
         PruneConfig(ablation="mean", method="ste")  # STE on a classifier: no bias by default
@@ -314,10 +315,16 @@ def test_mean_ablation_needs_the_bias_and_a_trained_method():
     with pytest.raises(ConfigError, match="never close a gate while scoring"):
         PruneConfig(task="causal-lm", method="flap", ablation="mean")
     PruneConfig(ablation="mean", reconstruct="both")
+    with pytest.raises(ConfigError, match="is for pipelined runs"):  # the means would be of weights that then train
+        PruneConfig(ablation="mean", reconstruct="bias", mode="joint")
     sweep = SweepConfig(task="causal-lm", methods=["dsp", "fisher", "flap"], ablation="mean")
     from headprune.sweep import planned_runs
     assert {run.method: run.ablation for run in planned_runs(sweep)} == {"dsp": "mean", "fisher": "mean",
                                                                           "flap": "default"}
+    both = SweepConfig(task="causal-lm", methods=["dsp"], modes=["joint", "pipelined"], ablation="mean",
+                       reconstruct="bias")
+    assert {run.mode: ablation_in_effect(vars(run)) for run in planned_runs(both)} == {"joint": "zero",
+                                                                                     "pipelined": "mean"}
 
 
 def test_the_gate_gradient_with_mean_ablation_is_that_of_the_head_against_its_mean():
