@@ -134,6 +134,11 @@ case "${1:-dsp}" in
       --methods fisher activation flap taylor random michel --reconstruct bias --output-dir $OUT/today-rt
     $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model --max-train-examples 4000 \
       --methods fisher activation flap taylor random michel --reconstruct bias --output-dir $OUT/today-subjectivity
+    # STE and Voita (seeds 0-2), their heads chosen at zero, without and with the bias (two rows of the sweep)
+    T="--methods ste voita --max-train-examples 4000 --reconstruct bias --ablation zero"
+    $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model $T --output-dir $OUT/today-rt-trained
+    $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model $T \
+      --output-dir $OUT/today-subjectivity-trained
     $HP sweep --config configs/sweep-smollm2.yaml --methods fisher activation flap taylor dsp --ks 30 45 60 \
       --reconstruct bias --ablation zero --output-dir $OUT/today-smollm2
     $HP sweep --config configs/sweep-smollm2.yaml --methods michel --michel-normalize none --ks 30 45 60 \
@@ -156,8 +161,10 @@ case "${1:-dsp}" in
       --output-dir $OUT/sweep125-reference-s0
     $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model $R --seeds 0 --reconstruct none \
       --output-dir $OUT/sweep-subjectivity125-reference-s0
-    ${PYTHON:-python} benchmarks/targets.py $OUT/rt-mean $OUT/today-rt --ks 6 12 24 36 --dsp "dsp (mean ablation) + bias"
-    ${PYTHON:-python} benchmarks/targets.py $OUT/subjectivity-mean $OUT/today-subjectivity --ks 6 12 24 36 \
+    ${PYTHON:-python} benchmarks/targets.py $OUT/rt-mean $OUT/today-rt $OUT/today-rt-trained --ks 6 12 24 36 \
+      --dsp "dsp (mean ablation) + bias"
+    ${PYTHON:-python} benchmarks/targets.py $OUT/subjectivity-mean $OUT/today-subjectivity $OUT/today-subjectivity-trained \
+      --ks 6 12 24 36 \
       --dsp "dsp (mean ablation) + bias"
     # every reconstruction mode on the heads DSP chose at 125 steps (the sweep mode's sweep125-reference)
     ${PYTHON:-python} benchmarks/reconstruction.py $OUT/sweep125-reference/dsp-pipelined-k*-s0 \
