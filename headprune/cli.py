@@ -29,10 +29,11 @@ def parser() -> argparse.ArgumentParser:
                         description="Fine-tune a classifier, a translation model (or train one from scratch) or "
                                     "a language model for --task, and save it with its metric.")
     cfgmod.add_arguments(ft, cfgmod.FinetuneConfig)
-    pr = sub.add_parser("prune", help="keep exactly k attention heads (DSP, STE, Voita, Michel or "
-                                      "random; joint or pipelined)",
-                        description="Learn which k heads to keep and save the pruned model, the "
-                                    "kept heads, the head logits and the accuracy before and after.")
+    pr = sub.add_parser("prune", help="keep exactly k attention heads (DSP, STE, Voita, Michel, Fisher, "
+                                      "activation, FLAP, Taylor or random; joint or pipelined)",
+                        description="Choose which k heads to keep (learnt or scored), optionally "
+                                    "reconstruct the blocks' outputs, and save the pruned model, the "
+                                    "kept heads, the head scores and the metric before and after.")
     cfgmod.add_arguments(pr, cfgmod.PruneConfig)
     sw = sub.add_parser("sweep", help="compare methods x modes x budgets x seeds; table, plot, report",
                         description="Run every combination of --methods, --modes, --ks and --seeds as "
