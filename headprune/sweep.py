@@ -204,6 +204,12 @@ def sweep(cfg: SweepConfig) -> list[dict]:
         raise OutputExistsError(
             f"{out} holds {len(stale)} run(s) made with other settings (e.g. {first}: {stale[first]}); "
             "pass --overwrite to run them again with these settings, or choose another --output-dir")
+    planned = {Path(run.output_dir).name for run in runs}
+    others = sorted(d.name for d in out.iterdir() if d.name not in planned and (d / RESULTS).is_file()) \
+        if out.is_dir() else []
+    if others:  # the tables are rewritten from this plan: say so before they lose rows
+        log.warning("%s holds %d finished run(s) outside this sweep (e.g. %s): its tables will show this sweep's "
+                    "runs only; give those methods, --ks and --seeds too to keep them", out, len(others), others[0])
     rows, finished, unpruned_metrics = [], [], None
     try:
         for i, run in enumerate(runs, start=1):

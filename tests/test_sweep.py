@@ -60,6 +60,18 @@ def test_sweep_writes_table_and_plot_and_skips_finished_runs(tiny_finetuned, tmp
     assert calls == [str(tmp_path / "dsp-pipelined-k4-s1")]
 
 
+
+def test_a_sweep_of_part_of_a_folder_warns_that_its_tables_leave_the_rest_out(tiny_finetuned, tmp_path, caplog):
+    model, data = tiny_finetuned
+    sweep(sweep_cfg(model, data, tmp_path, methods=["random"], ks=[2, 4], seeds=[0]))
+    with caplog.at_level("WARNING"):
+        sweep(sweep_cfg(model, data, tmp_path, methods=["random"], ks=[2], seeds=[0]))
+    assert "holds 1 finished run(s) outside this sweep (e.g. random-pipelined-k4-s0)" in caplog.text
+    with open(tmp_path / "sweep.csv") as f:
+        assert [r["k"] for r in csv.DictReader(f)] == ["2"]  # the tables are of the plan; the run itself stays
+    assert (tmp_path / "random-pipelined-k4-s0" / "results.json").is_file()
+
+
 def test_a_missing_model_stops_the_sweep_before_any_run(tiny_finetuned, tmp_path, monkeypatch):
     monkeypatch.setattr(sweep_mod, "prune", lambda *a, **k: pytest.fail("a run started"))
     cfg = sweep_cfg(*tiny_finetuned, tmp_path, modes=["pipelined", "joint"], pretrained_model=str(tmp_path / "nowhere"))
