@@ -169,6 +169,9 @@ case "${1:-dsp}" in
     # every reconstruction mode on the heads DSP chose at 125 steps (the sweep mode's sweep125-reference)
     ${PYTHON:-python} benchmarks/reconstruction.py $OUT/sweep125-reference/dsp-pipelined-k*-s0 \
       --modes rescale both --calibration-examples 1000
+    # FLAP's bias on the heads DSP chose at zero, on all the calibration data (both classifiers)
+    ${PYTHON:-python} benchmarks/reconstruction.py $OUT/sweep125-reference/dsp-pipelined-k*-s0 --modes bias
+    ${PYTHON:-python} benchmarks/reconstruction.py $OUT/sweep-subjectivity125-reference-s0/dsp-pipelined-k*-s0 --modes bias
     ${PYTHON:-python} benchmarks/targets.py $OUT/today-smollm2 $OUT/today-smollm2-michel-raw* $OUT/smollm2 \
       $OUT/today-smollm2-mean $OUT/today-smollm2-mean-fisher $OUT/today-smollm2-mean-michel \
       --dsp "dsp (mean ablation) + bias" --lower-is-better --ks 30 45 60 ;;
