@@ -204,12 +204,13 @@ def sweep(cfg: SweepConfig) -> list[dict]:
         raise OutputExistsError(
             f"{out} holds {len(stale)} run(s) made with other settings (e.g. {first}: {stale[first]}); "
             "pass --overwrite to run them again with these settings, or choose another --output-dir")
-    planned = {Path(run.output_dir).name for run in runs}
-    others = sorted(d.name for d in out.iterdir() if d.name not in planned and (d / RESULTS).is_file()) \
-        if out.is_dir() else []
-    if others:  # the tables are rewritten from this plan: say so before they lose rows
-        log.warning("%s holds %d finished run(s) outside this sweep (e.g. %s): its tables will show this sweep's "
-                    "runs only; give those methods, --ks and --seeds too to keep them", out, len(others), others[0])
+    joining, others = runs_outside_the_plan(cfg, {Path(run.output_dir).name for run in runs})
+    if joining:
+        log.info("%d finished run(s) of %s made with these settings join the tables (e.g. %s)",
+                 len(joining), out, joining[0][0])
+    if others:  # the tables are rewritten: say so before they lose rows
+        log.warning("%s holds %d finished run(s) made with other settings (e.g. %s): the tables leave them out",
+                    out, len(others), others[0])
     rows, finished, unpruned_metrics = [], [], None
     try:
         for i, run in enumerate(runs, start=1):
@@ -228,11 +229,47 @@ def sweep(cfg: SweepConfig) -> list[dict]:
             if results["mode"] == "pipelined" and unpruned_metrics is None:  # the same for every run
                 unpruned_metrics = results["metrics_unpruned"]
     finally:  # a sweep stopped part-way still shows the runs it finished
+        for name, results in joining:  # a Michel curve: at this sweep's budgets and its own last one
+            rows += rows_of(results, sorted({*cfg.ks, results["k"]}), name)
         if finished:
             if len(finished) < len(runs):
                 log.warning("the sweep stopped after %d of %d runs: the tables show those", len(finished), len(runs))
             write_outputs(cfg, out, rows, finished[-1], unpruned_metrics)
     return rows
+
+
+def runs_outside_the_plan(cfg: SweepConfig, planned: set[str]) -> tuple[list[tuple[str, dict]], list[str]]:
+    """The finished runs in the sweep's folder that it does not plan: those it would have made itself,
+    given their method, mode, budget and seed (folder name -> results; a sweep of one more method
+    adds that method to the tables of the ones before it), and the names of the rest."""
+    out = Path(cfg.output_dir)
+    joining, others = [], []
+    for folder in sorted(out.iterdir()) if out.is_dir() else []:
+        if folder.name in planned or not (folder / RESULTS).is_file():
+            continue
+        results = read_results(folder)
+        twin = twin_run(cfg, results)
+        if twin is not None and Path(twin.output_dir).name == folder.name \
+                and not changed_settings(results["config"], twin):
+            joining.append((folder.name, results))
+        else:
+            others.append(folder.name)
+    return joining, others
+
+
+def twin_run(cfg: SweepConfig, results: dict) -> PruneConfig | None:
+    """The run this sweep would plan for a finished run's method, mode, budget and seed (None: none)."""
+    saved = results["config"]
+    budget = {name: [saved[name]] if saved.get(name) is not None else None for name in TARGETS}
+    budget["k_per_kind"] = saved.get("k_per_kind")
+    if saved.get("k") is not None:
+        budget["ks"] = [saved["k"]]
+    try:
+        runs = planned_runs(dataclasses.replace(cfg, methods=[results["method"]], modes=[results["mode"]],
+                                                seeds=[results["seed"]], **budget))
+    except (ConfigError, ValueError):
+        return None
+    return runs[0] if len(runs) == 1 else None
 
 
 def write_outputs(cfg: SweepConfig, out: Path, rows: list[dict], results: dict, unpruned_metrics: dict | None) -> None:

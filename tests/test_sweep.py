@@ -61,15 +61,26 @@ def test_sweep_writes_table_and_plot_and_skips_finished_runs(tiny_finetuned, tmp
 
 
 
-def test_a_sweep_of_part_of_a_folder_warns_that_its_tables_leave_the_rest_out(tiny_finetuned, tmp_path, caplog):
+def test_finished_runs_of_the_same_settings_join_the_tables_and_others_are_named(tiny_finetuned, tmp_path, caplog):
     model, data = tiny_finetuned
+
+    def table_ks():
+        with open(tmp_path / "sweep.csv") as f:
+            return sorted(r["k"] for r in csv.DictReader(f))
+
     sweep(sweep_cfg(model, data, tmp_path, methods=["random"], ks=[2, 4], seeds=[0]))
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("INFO"):
         sweep(sweep_cfg(model, data, tmp_path, methods=["random"], ks=[2], seeds=[0]))
-    assert "holds 1 finished run(s) outside this sweep (e.g. random-pipelined-k4-s0)" in caplog.text
-    with open(tmp_path / "sweep.csv") as f:
-        assert [r["k"] for r in csv.DictReader(f)] == ["2"]  # the tables are of the plan; the run itself stays
-    assert (tmp_path / "random-pipelined-k4-s0" / "results.json").is_file()
+    assert "1 finished run(s) of" in caplog.text and "join the tables (e.g. random-pipelined-k4-s0)" in caplog.text
+    assert table_ks() == ["2", "4"]  # a sweep of part of the grid keeps the rest in its tables
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # other settings: its own run only, and the others named
+        sweep(sweep_cfg(model, data, tmp_path, methods=["random"], ks=[3], seeds=[0], max_length=16))
+    assert "holds 2 finished run(s) made with other settings (e.g. random-pipelined-k2-s0)" in caplog.text
+    assert table_ks() == ["3"]
+    assert (tmp_path / "random-pipelined-k4-s0" / "results.json").is_file()  # left out, not lost
+    sweep(sweep_cfg(model, data, tmp_path, methods=["random"], ks=[2], seeds=[0]))
+    assert table_ks() == ["2", "4"]
 
 
 def test_a_missing_model_stops_the_sweep_before_any_run(tiny_finetuned, tmp_path, monkeypatch):
