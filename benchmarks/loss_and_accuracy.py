@@ -9,7 +9,9 @@ mean cross-entropy and the accuracy on the pruning data (the first --max-train-e
 examples of the run) and on the test split; and the cross-entropy once the logits are multiplied by
 the one factor that minimises it on the pruning data (the "best logit scale", fitted on a grid):
 with many heads gone the frozen classifier is less sure overall, and this takes that out of the
-loss, leaving how well the kept heads separate the classes.
+loss, leaving how well the kept heads separate the classes. A run that folded a reconstruction into
+its saved model (`--reconstruct`, e.g. DSP's default bias) is measured on that saved model: its kept
+heads alone are not what it saved.
 
     python benchmarks/loss_and_accuracy.py runs/sweep-subjectivity/dsp-pipelined-k6-s0 \
         runs/sweep-subjectivity/michel-pipelined-s0 --ks 6 12 24 36
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from headprune.config import PruneConfig, default_of
+from headprune.config import PruneConfig, default_of, reconstruct_in_effect
 from headprune.gates import attach_gates
 from headprune.tasks import get_task
 
@@ -78,6 +80,15 @@ def frozen_model(cfg: PruneConfig):
     return task, model.eval(), gates, train_set, evals, collate
 
 
+def saved_model_if_reconstructed(folder: str, results: dict):
+    """The model a run saved, where it folded a reconstruction into it (a Michel curve saves only
+    its last k: None there too, as for runs without one)."""
+    if reconstruct_in_effect(results["config"]) == "none" or "curve" in results:
+        return None
+    from headprune import load_pruned
+    return load_pruned(Path(folder) / "model").eval()
+
+
 @torch.no_grad()
 def logits_and_labels(model, batches) -> tuple[torch.Tensor, torch.Tensor]:
     logits, labels = [], []
@@ -105,10 +116,11 @@ def main() -> None:
 
     prepared = {}  # (model, data settings) -> (model, gates, pruning batches, test batches)
 
-    def row(name: str, key, kept: set) -> None:
+    def row(name: str, key, kept: set, saved=None) -> None:
         model, gates, pruning_batches, test_batches = prepared[key]
         mask = torch.tensor([float(h in kept) for h in gates.heads])
         with gates.override(mask):
+            model = saved if saved is not None else model  # the saved model: its own heads only
             (z, y), (z_test, y_test) = logits_and_labels(model, pruning_batches), logits_and_labels(model, test_batches)
         scale = best_scale(z, y)
         cells = [F.cross_entropy(z, y), (z.argmax(-1) == y).float().mean(), scale, F.cross_entropy(z * scale, y),
@@ -130,8 +142,9 @@ def main() -> None:
                         for j in range(0, len(ds), args.batch_size)]
             prepared[key] = model, gates, batches(train_set), batches(evals["test"])
             row(f"unpruned: {cfg.model}", key, set(gates.heads))
+        saved = saved_model_if_reconstructed(folder, results)
         for k, kept in sorted(kept_sets(results, args.ks).items()):
-            row(Path(folder).name, key, kept)
+            row(Path(folder).name + (f" + {results['reconstruct']}" if saved is not None else ""), key, kept, saved)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ pipelined `headprune prune` or sweep run; a Michel run gives one row per k of --
 this script removes the heads the run did not keep from the run's fine-tuned model, fine-tunes
 what is left with `headprune finetune` on the run's own pruning data (its first
 --max-train-examples training examples; --epochs, --lr, one fine-tuning seed for every row, so
-that only the heads differ) and prints the accuracy before and after. Finished rows are reused
+that only the heads differ) and prints the accuracy before and after. A run that folded a
+reconstruction into its saved model (`--reconstruct`, e.g. DSP's default bias) is fine-tuned from
+that saved model, the one its "before" accuracy is of. Finished rows are reused
 (each row's folder under --output-dir holds its results.json).
 
     python benchmarks/recovery_finetune.py runs/sweep-subjectivity/dsp-pipelined-k6-s0 \
@@ -22,7 +24,7 @@ from pathlib import Path
 
 from loss_and_accuracy import kept_sets, pipelined_run  # a run's kept heads (a Michel curve: at each k)
 
-from headprune.config import FinetuneConfig
+from headprune.config import FinetuneConfig, reconstruct_in_effect
 from headprune.pruning import save_pruned
 from headprune.recipes import finetune
 from headprune.tasks import get_task
@@ -52,12 +54,16 @@ def main() -> None:
         for k, kept in sorted(kept_sets(results, args.ks).items()):
             row = Path(args.output_dir) / f"{Path(folder).name}-k{k}"
             if not (row / "recovered" / "results.json").is_file():
-                task = get_task(cfg.task)
-                path, config, _ = task.inspect(cfg.model, require_finetuned=True)
-                data = task.load_data(cfg)
-                model, tokenizer = task.load_model(cfg, data, path, config, require_finetuned=True)
-                save_pruned(model, row / "pruned", sorted(kept), tokenizer, method=results["method"], mode="pipelined")
-                finetune(FinetuneConfig(**{**{f: getattr(cfg, f) for f in fields}, "model": str(row / "pruned"),
+                start = row / "pruned"
+                if reconstruct_in_effect(results["config"]) != "none" and "curve" not in results:
+                    start = Path(folder) / "model"  # its heads with the reconstruction folded into them
+                else:
+                    task = get_task(cfg.task)
+                    path, config, _ = task.inspect(cfg.model, require_finetuned=True)
+                    data = task.load_data(cfg)
+                    model, tokenizer = task.load_model(cfg, data, path, config, require_finetuned=True)
+                    save_pruned(model, start, sorted(kept), tokenizer, method=results["method"], mode="pipelined")
+                finetune(FinetuneConfig(**{**{f: getattr(cfg, f) for f in fields}, "model": str(start),
                                            "epochs": args.epochs, "lr": args.lr, "seed": args.seed,
                                            "output_dir": str(row / "recovered"), "overwrite": True}))
             after = json.loads((row / "recovered" / "results.json").read_text())["metrics"]

@@ -56,6 +56,26 @@ def test_loss_and_accuracy(finished_runs, monkeypatch, capsys):
     assert [row.split(" | ")[1] for row in rows] == ["8", "4", "2", "6"]  # unpruned, DSP, Michel at k = 2, 6
 
 
+@pytest.fixture(scope="module")
+def biased_run(finished_runs):
+    """A pipelined DSP run at its default for text classifiers: mean ablation and FLAP's bias."""
+    results = json.loads((finished_runs / "dsp-pipelined-k4-s0" / "results.json").read_text())
+    fields = {k: v for k, v in results["config"].items() if k in PruneConfig.__dataclass_fields__}
+    run = finished_runs / "dsp-pipelined-k4-s0-bias"
+    if not (run / "results.json").is_file():
+        prune(PruneConfig(**{**fields, "reconstruct": "default", "ablation": "default", "output_dir": str(run)}))
+    assert json.loads((run / "results.json").read_text())["reconstruct"] == "bias"
+    return run
+
+
+def test_loss_and_accuracy_of_a_run_with_a_bias_is_of_its_saved_model(biased_run, monkeypatch, capsys):
+    out = script_here("benchmarks/loss_and_accuracy.py", biased_run, monkeypatch=monkeypatch, capsys=capsys)
+    row = [line.split(" | ") for line in out.splitlines() if line.startswith("| dsp")][0]
+    assert row[0] == "| dsp-pipelined-k4-s0-bias + bias" and row[1] == "4"
+    test_accuracy = json.loads((biased_run / "results.json").read_text())["metrics_pruned"]["test"]
+    assert float(row[7]) == pytest.approx(test_accuracy, abs=5e-5)  # the run's own accuracy, with its bias
+
+
 def test_reconstruction_on_a_finished_run(finished_runs, tmp_path, monkeypatch, capsys):
     import shutil
     run = tmp_path / "dsp-pipelined-k4-s0"  # as recorded by a headprune without --pruning-lr-schedule
@@ -91,6 +111,14 @@ def test_recovery_finetune(finished_runs, tmp_path, monkeypatch, capsys):
     row = out.splitlines()[-1].split(" | ")
     assert row[1] == "4" and all(0 <= float(cell) <= 1 for cell in row[2:5])
     assert (tmp_path / "dsp-pipelined-k4-s0-k4" / "recovered" / "results.json").is_file()
+
+
+def test_recovery_finetune_starts_from_the_saved_model_of_a_run_with_a_bias(biased_run, tmp_path, monkeypatch, capsys):
+    script_here("benchmarks/recovery_finetune.py", biased_run, "--output-dir", tmp_path,
+                monkeypatch=monkeypatch, capsys=capsys)
+    row = tmp_path / "dsp-pipelined-k4-s0-bias-k4"
+    recovered = json.loads((row / "recovered" / "results.json").read_text())
+    assert recovered["config"]["model"] == str(biased_run / "model") and not (row / "pruned").exists()
 
 
 def test_schedule_trace(finished_runs, tiny_finetuned, tmp_path, monkeypatch, capsys):
