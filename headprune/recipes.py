@@ -183,6 +183,9 @@ def best_epoch_keeper(cfg, task, acc, model, evals: dict, collate, out: Path, ex
 
 # -- unpruned metrics, measured once per (weights, evaluation data) -----------------------------------
 
+METRICS_KEPT = 500  # unpruned models' metrics kept in the cache (the newest)
+
+
 def _cache_file() -> Path:
     return cache_root() / "unpruned-metrics.json"
 
@@ -242,8 +245,10 @@ def remember_metrics(key: str | None, metrics: dict) -> None:
         cache = json.loads(_cache_file().read_text())
     except (OSError, ValueError):
         cache = {}
+    cache.pop(key, None)  # the newest last: the oldest go first once the cache is full
+    kept = list(cache.items())[-(METRICS_KEPT - 1):] if METRICS_KEPT > 1 else []
     try:
-        write_json(_cache_file(), {**cache, key: metrics})
+        write_json(_cache_file(), {**dict(kept), key: metrics})
     except OSError as err:  # a cache that cannot be written only costs time
         log.info("cannot write the metrics cache %s: %s", _cache_file(), err)
 

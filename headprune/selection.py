@@ -167,9 +167,20 @@ class Calibration:
             try:
                 with atomic_path(path) as tmp:
                     save_file({"scores": value.detach().cpu().contiguous()}, str(tmp))
+                drop_oldest(path.parent, keep=SCORES_KEPT)
             except OSError as err:  # a cache that cannot be written only costs time
                 log.info("cannot write the scores cache %s: %s", path, err)
         return value
+
+
+SCORES_KEPT = 1000  # entries of the scores cache (a few kB each): the newest are kept
+
+
+def drop_oldest(folder: Path, keep: int) -> None:
+    """Removes all but the `keep` most recently written entries of a cache folder."""
+    entries = sorted(folder.glob("*.safetensors"), key=lambda f: f.stat().st_mtime, reverse=True)
+    for old in entries[keep:]:
+        old.unlink(missing_ok=True)
 
 
 # settings that do not change a scorer's output (the rest of the config is part of the cache key)

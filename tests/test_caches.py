@@ -1,0 +1,28 @@
+"""headprune's caches (scores of scored methods, metrics of unpruned models) stay bounded: the
+newest entries are kept."""
+import json
+import os
+
+import headprune.recipes as recipes
+from headprune.selection import drop_oldest
+
+
+def test_the_scores_cache_keeps_the_newest_entries(tmp_path):
+    for age, name in enumerate(["newest", "middle", "oldest"]):
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(b"x")
+        os.utime(path, (1_000_000 - age, 1_000_000 - age))
+    (tmp_path / "not-an-entry.txt").write_text("kept")
+    drop_oldest(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["middle.safetensors", "newest.safetensors", "not-an-entry.txt"]
+
+
+def test_the_metrics_cache_keeps_the_newest_entries(tmp_path, monkeypatch):
+    monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(recipes, "METRICS_KEPT", 2)
+    for key in ("a", "b", "c"):
+        recipes.remember_metrics(key, {"accuracy": key})
+    assert recipes.cached_metrics("a") is None and recipes.cached_metrics("c") == {"accuracy": "c"}
+    recipes.remember_metrics("b", {"accuracy": "b2"})  # written again: the newest now
+    recipes.remember_metrics("d", {"accuracy": "d"})
+    assert list(json.loads((tmp_path / "unpruned-metrics.json").read_text())) == ["b", "d"]
