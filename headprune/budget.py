@@ -220,9 +220,9 @@ def fit(cfg, model, sites: list[AttentionSite], mask: torch.Tensor, scores: torc
     return mask, _record(cfg, key, original, target, cost(mask), mask)
 
 
-def uniform_mask(sites: list[AttentionSite], scores: torch.Tensor, k: int | list[int]) -> torch.Tensor:
-    """The k units (or, given one number per kind, each kind's) spread as evenly as the layers
-    allow, each layer keeping its highest-scored: --allocation uniform."""
+def uniform_counts(sites: list[AttentionSite], k: int | list[int]) -> list[int]:
+    """Units per site when k (or, given one number per kind, each kind's) are spread as evenly as
+    the layers allow: --allocation uniform."""
     counts = [0] * len(sites)
     kinds = list(dict.fromkeys(s.kind for s in sites))
     budgets = dict(zip(kinds, k)) if isinstance(k, (list, tuple)) else None
@@ -230,6 +230,12 @@ def uniform_mask(sites: list[AttentionSite], scores: torch.Tensor, k: int | list
         chosen = [j for j, s in enumerate(sites) if budgets is None or s.kind == kind]
         for j, c in zip(chosen, even_counts([sites[j] for j in chosen], budgets[kind] if budgets else k)):
             counts[j] = c
+    return counts
+
+
+def uniform_mask(sites: list[AttentionSite], scores: torch.Tensor, k: int | list[int]) -> torch.Tensor:
+    """uniform_counts' units of each layer, each layer keeping its highest-scored."""
+    counts = uniform_counts(sites, k)
     mask, offset = torch.zeros(sum(s.num_heads for s in sites)), 0
     for site, c in zip(sites, counts):
         layer = scores[offset:offset + site.num_heads].double()

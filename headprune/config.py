@@ -311,7 +311,8 @@ class PruneConfig(FinetuneConfig):
                              "units are then dropped until the model fits, and the room left goes to the best "
                              "left out) or uniform (every layer of a kind keeps "
                              "the same number, as even as the budget allows, the method ranking within each "
-                             "layer: the baseline a global allocation should beat).", choices=["global", "uniform"])
+                             "layer, and dsp, ste and voita learning with that budget per layer: the baseline a "
+                             "global allocation should beat).", choices=["global", "uniform"])
     schedule: str = option("default", "Preset of the scores' training: reference (the paper's "
                            "BERT values: temperature 1000 to 1e-8 over 2/3 of the run; lr 0.5 for dsp "
                            "and ste, 0.1 for voita), steady (dsp: temperature 1000 to 0.01 over the "

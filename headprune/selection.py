@@ -30,7 +30,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Subset
 
-from .config import PruneConfig, ablation_in_effect
+from .budget import uniform_counts
+from .config import TARGETS, PruneConfig, ablation_in_effect
 from .errors import ConfigError
 from .methods import (activation, fisher, flap, iterative_pruning, make_selector, michel, random_mask,
                       resolve_schedule, taylor)
@@ -63,7 +64,14 @@ def check_budget(cfg, counts: dict[str, int], threshold: bool) -> None:
 
 
 def budget_of(cfg, gates):
-    """--k-per-kind as groups of gate indices, one per kind; None for one global budget."""
+    """The budget as groups of gate indices: --k-per-kind, one group per kind; --allocation uniform
+    (with --k or --k-per-kind), one group per layer, the layers of a kind keeping as many units as
+    the budget allows (so that a trained method learns with the per-layer choice it keeps); None
+    for one global budget."""
+    if cfg.allocation == "uniform" and not any(getattr(cfg, name) is not None for name in TARGETS):
+        counts = uniform_counts(gates.sites, cfg.k_per_kind or cfg.k)
+        return [(list(range(offset, offset + site.num_heads)), count)
+                for offset, site, count in zip(gates.offsets, gates.sites, counts)]
     if not cfg.k_per_kind:
         return None
     kinds = list(dict.fromkeys(kind for kind, _, _ in gates.heads))

@@ -225,3 +225,23 @@ def test_a_sweep_over_kv_cache_targets(tiny_lm, tmp_path):
     assert "| 0.5 of the KV cache | 0.67 of the KV cache |" in summary and "[k " in summary
     assert "budget | predicted | measured" in (tmp_path / "sweep.md").read_text()
     assert "--target-kv-cache 0.5 0.67" in (tmp_path / "report.md").read_text()
+
+
+def test_dsp_with_a_uniform_allocation_learns_with_the_per_layer_budget_it_keeps(tiny_lm, tmp_path):
+    from headprune.gates import attach_gates
+    from headprune.selection import budget_of, selector_and_optimizer
+    model, data = tiny_lm
+    cfg = lm_cfg(model, data, tmp_path, method="dsp", k=4, allocation="uniform")
+    gates = attach_gates(load_pruned(model), "group")  # 3 layers x 2 groups: 2, 1, 1 kept
+    budget = budget_of(cfg, gates)
+    assert budget == [([0, 1], 2), ([2, 3], 1), ([4, 5], 1)]
+    selector = selector_and_optimizer(cfg, gates.num_heads, steps=10, budget=budget)[0].train()
+    mask = selector().detach()  # a training mask: soft, but each layer's share exactly its budget
+    assert [round(float(mask[i:i + 2].sum()), 6) for i in (0, 2, 4)] == [2, 1, 1]
+    assert 0 < float(mask[2:].max()) < 1
+    results = prune(cfg)
+    assert sorted(layer for _, layer, _ in results["kept_heads"]) == [0, 0, 1, 2]
+    global_cfg = lm_cfg(model, data, tmp_path / "global", method="dsp", k=4)
+    assert budget_of(global_cfg, gates) is None  # one budget over every layer
+    targeted = lm_cfg(model, data, tmp_path / "t", method="dsp", k=None, target_kv_cache=0.5, allocation="uniform")
+    assert budget_of(targeted, gates) is None  # a target's count is known only after training
