@@ -247,7 +247,11 @@ def runs_outside_the_plan(cfg: SweepConfig, planned: set[str]) -> tuple[list[tup
     for folder in sorted(out.iterdir()) if out.is_dir() else []:
         if folder.name in planned or not (folder / RESULTS).is_file():
             continue
-        results = read_results(folder)
+        try:
+            results = read_results(folder)
+        except OutputExistsError:  # damaged: not this sweep's to judge
+            others.append(folder.name)
+            continue
         twin = twin_run(cfg, results)
         if twin is not None and Path(twin.output_dir).name == folder.name \
                 and not changed_settings(results["config"], twin):
