@@ -70,6 +70,22 @@ def offline_names_are_tiny(tmp_path_factory, tiny_assets, monkeypatch):
     monkeypatch.setattr(lm_task, "load_text", lambda name, *a: real_text(
         str(lm_text) if name == "offline:rotten-tomatoes" else name, *a))
 
+    # timings on a clock that counts heads (10 ms plus 1 ms a head), so that a speed target or a
+    # measurement on these tiny models does not depend on how busy the machine is; the real clock
+    # is tested in test_budget.py and test_measure.py (ONNX Runtime sessions keep it)
+    import torch
+
+    import headprune.measure as measure
+    from headprune.sites import find_sites
+    real_alternate = measure.alternate
+
+    def head_clock(models, run, repeats, warmup, device):
+        if not all(isinstance(m, torch.nn.Module) for m in models.values()):
+            return real_alternate(models, run, repeats, warmup, device)
+        return {name: measure.spread([0.010 + 0.001 * sum(s.num_heads for s in find_sites(m))] * repeats)
+                for name, m in models.items()}
+    monkeypatch.setattr(measure, "alternate", head_clock)
+
     # the figures of a run (a second each, a hundred runs here) are tested in test_recipes.py
     import headprune.recipes as recipes
     import headprune.report as report
