@@ -145,6 +145,7 @@ case "${1:-dsp}" in
       --reconstruct bias --output-dir $OUT/today-smollm2-michel-raw
     # the heads chosen for the model the bias saves (--ablation mean; DSP's default for language models)
     $HP sweep --config configs/sweep-smollm2.yaml --methods dsp --ks 30 45 60 --output-dir $OUT/today-smollm2-mean
+    $HP sweep --config configs/sweep-smollm2.yaml --methods dsp --ks 30 45 60 --seeds 0 1 2 --output-dir $OUT/smollm2-dsp-seeds
     $HP sweep --config configs/sweep-smollm2.yaml --methods fisher --ks 30 45 60 --ablation mean \
       --output-dir $OUT/today-smollm2-mean-fisher
     $HP sweep --config configs/sweep-smollm2.yaml --methods michel --michel-normalize none --ks 30 45 60 \
