@@ -115,7 +115,10 @@ def test_random_masks_per_kind(arch, source):
         kept = [h for h, keep in zip(heads, torch.rand(len(heads), generator=g) < 0.4) if keep]
         expected = masked(model, kept, lambda m: outputs(m, source, DECODER_IDS))
         got = outputs(remove_heads(model, kept), source, DECODER_IDS)
-        assert torch.allclose(got[0], expected[0], atol=1e-5)
+        # float32 sums over fewer heads, to the scale of the logits: T5's reach 30 here (initializer_factor
+        # 3), and with transformers 5.25 its sdpa path differs by up to 1e-3 (3e-5 of that scale); the
+        # tokens generated agree exactly
+        assert torch.allclose(got[0], expected[0], atol=1e-4 * float(expected[0].abs().max()))
         assert all(torch.equal(a, b) for a, b in zip(got[1:], expected[1:]))
 
 
