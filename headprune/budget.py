@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import reconstruct_in_effect
+from .config import ROOMY_UNIFORM, allocation_in_effect, reconstruct_in_effect
 from .errors import ConfigError
 from .latency import even_counts, even_mask, predicted_seconds
 from .sites import AttentionSite, in_features, out_features
@@ -167,7 +167,7 @@ def _record(cfg, key: str, original: float, target: float, predicted: float, mas
         raise ConfigError(f"the budget ({key.replace('_', ' ')} {target:,.4g}) cannot be met: the fewest units "
                           f"the fit reaches cost {predicted:,.4g} (a decoder layer without units keeps a dead head)")
     record = {"target": key, "target_value": target, "original": original, "predicted": predicted,
-              "units": int(mask.sum()), "allocation": cfg.allocation}
+              "units": int(mask.sum()), "allocation": allocation_in_effect(vars(cfg))}
     if key == "seconds":  # said as the user asked: a speedup
         record.update(target="speedup", target_value=cfg.target_speedup, original=1.0, predicted=original / predicted,
                       predicted_seconds=predicted, whole_seconds=original)
@@ -182,7 +182,7 @@ def fit(cfg, model, sites: list[AttentionSite], mask: torch.Tensor, scores: torc
     latency table of --target-speedup. With --allocation uniform, the most units spread evenly
     that fit instead."""
     key, original, target, cost = _budget(cfg, model, sites, mask, table)
-    if cfg.allocation == "uniform":  # one count (per kind, with a budget per kind) shrinks until it fits
+    if allocation_in_effect(vars(cfg)) == "uniform":  # one count (per kind, with a budget per kind) shrinks until it fits
         kind_of = [s.kind for s in sites for _ in range(s.num_heads)]
         kinds = list(dict.fromkeys(kind_of))
         counts = ([sum(int(m) for m, k in zip(mask.tolist(), kind_of) if k == kind) for kind in kinds]
@@ -231,6 +231,15 @@ def uniform_counts(sites: list[AttentionSite], k: int | list[int]) -> list[int]:
         for j, c in zip(chosen, even_counts([sites[j] for j in chosen], budgets[kind] if budgets else k)):
             counts[j] = c
     return counts
+
+
+def uniform_allocation(cfg, sites: list[AttentionSite]) -> bool:
+    """Whether a run with --k or --k-per-kind spreads it evenly over the layers: --allocation
+    uniform, or the default's rule for DSP on text (every layer keeping 2 or more)."""
+    mode = allocation_in_effect(vars(cfg))
+    if mode == ROOMY_UNIFORM:
+        return min(uniform_counts(sites, cfg.k_per_kind or cfg.k)) >= 2
+    return mode == "uniform"
 
 
 def uniform_mask(sites: list[AttentionSite], scores: torch.Tensor, k: int | list[int]) -> torch.Tensor:

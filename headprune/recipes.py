@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from .card import command_of, write_model_card
 from .config import DEMO_DIR, SCORED, FinetuneConfig, PruneConfig, ablation_in_effect, reconstruct_in_effect
 from .errors import ConfigError, HeadpruneError
-from .budget import budget_units, fit, speed_units, uniform_mask
+from .budget import budget_units, fit, speed_units, uniform_allocation, uniform_mask
 from .gates import attach_gates, detach_gates
 from .latency import latency_table
 from .measure import is_generator, sequence_length, size_facts
@@ -403,7 +403,8 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
             mask, scores, info = choose_by_scores(cfg, task, acc, model, gates, calibration, collate, evaluate_with,
                                                   weights_digest=inputs["model"])
     gates.fill = None  # zero again: the reconstruction puts the means into the weights
-    if cfg.allocation == "uniform" and not targeted:  # as many per layer (of a kind), the best of each layer
+    info["allocation"] = "uniform" if not targeted and uniform_allocation(cfg, gates.sites) else "global"
+    if info["allocation"] == "uniform" and not targeted:  # as many per layer (of a kind), the best of each layer
         mask = uniform_mask(gates.sites, scores, cfg.k_per_kind or cfg.k)
     if targeted:  # the lowest-ranked units go until the model, dead heads included, fits
         mask, info["budget"] = fit(cfg, acc.unwrap_model(model), gates.sites, mask, scores, table)

@@ -357,7 +357,7 @@ def budgets_said(cfg: SweepConfig) -> str:
     for name in TARGETS:
         if getattr(cfg, name):
             return f"budgets --{name.replace('_', '-')} {' '.join(f'{v:g}' for v in getattr(cfg, name))}" + \
-                (f" (allocation {cfg.allocation})" if cfg.allocation != "global" else "")
+                (" (allocation uniform)" if cfg.allocation == "uniform" else "")
     return f"k per kind {cfg.k_per_kind}" if cfg.k_per_kind else f"k in {cfg.ks}"
 
 

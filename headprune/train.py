@@ -146,8 +146,8 @@ def changed_settings(saved: dict, cfg) -> dict[str, tuple]:
     """The settings of `cfg` that differ from those `saved` with a run: name -> (saved, now). A
     setting the saved run did not have yet (an option added later) counts as its default; the
     settle and the shrink count as what they did (runs saved before they existed had neither)."""
-    from .config import (ablation_in_effect, default_of, reconstruct_in_effect, settle_fraction_in_effect,
-                         shrink_fraction_in_effect)
+    from .config import (ablation_in_effect, allocation_in_effect, default_of, reconstruct_in_effect,
+                         settle_fraction_in_effect, shrink_fraction_in_effect)
 
     defaults = {f.name: default_of(f) for f in fields(cfg)}
     current = asdict(cfg)
@@ -161,7 +161,8 @@ def changed_settings(saved: dict, cfg) -> dict[str, tuple]:
             now = in_effect(current)
             if round(then, 4) != round(now, 4):
                 changed[f"{name} (in effect)"] = (round(then, 4), round(now, 4))
-    for name, in_effect in (("reconstruct", reconstruct_in_effect), ("ablation", ablation_in_effect)):
+    for name, in_effect in (("reconstruct", reconstruct_in_effect), ("ablation", ablation_in_effect),
+                            ("allocation", allocation_in_effect)):
         if name in current:  # "default" and what it chose are the same run
             changed.pop(name, None)
             then, now = in_effect(saved), in_effect(current)

@@ -245,3 +245,22 @@ def test_dsp_with_a_uniform_allocation_learns_with_the_per_layer_budget_it_keeps
     assert budget_of(global_cfg, gates) is None  # one budget over every layer
     targeted = lm_cfg(model, data, tmp_path / "t", method="dsp", k=None, target_kv_cache=0.5, allocation="uniform")
     assert budget_of(targeted, gates) is None  # a target's count is known only after training
+
+
+def test_the_default_allocation_spreads_dsp_on_text_classifiers_where_each_layer_keeps_two(tiny_finetuned):
+    from headprune.budget import uniform_allocation
+    from headprune.config import ROOMY_UNIFORM, allocation_in_effect
+    from headprune.gates import attach_gates
+    from headprune.pruning import load_pruned
+    default = {"allocation": "default", "task": "classification", "method": "dsp", "mode": "pipelined", "k": 24}
+    assert allocation_in_effect(default) == ROOMY_UNIFORM
+    assert allocation_in_effect({**default, "allocation": "global"}) == "global"  # as asked
+    for other in ({"task": "causal-lm"}, {"task": "translation"}, {"task": "image-classification"},
+                  {"method": "michel"}, {"method": "ste"}, {"mode": "joint"}, {"target_speedup": 1.3}):
+        assert allocation_in_effect({**default, **other}) == "global", other
+    assert allocation_in_effect({"method": "dsp"}) == "global"  # recorded before `default` existed
+    sites = attach_gates(load_pruned(tiny_finetuned[0])).sites  # 2 layers x 4 heads
+    for k, spread in ((4, True), (5, True), (3, False), (2, False)):  # 2 + 2, 3 + 2: spread; 2 + 1: not
+        assert uniform_allocation(PruneConfig(k=k), sites) is spread, k
+        assert uniform_allocation(PruneConfig(k=k, allocation="uniform"), sites)  # asked: always
+        assert not uniform_allocation(PruneConfig(k=k, method="michel"), sites)

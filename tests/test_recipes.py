@@ -105,7 +105,8 @@ def test_temperature_follows_the_schedule_during_a_run(tiny_finetuned, tmp_path)
 
 def test_a_shrinking_budget_is_logged_and_ends_at_k(tiny_finetuned, tmp_path):
     model_dir, data = tiny_finetuned
-    results = prune(prune_cfg(model_dir, data, tmp_path, k=4, epochs=2, shrink_fraction=0.5))
+    # one budget over both layers (the default would give each layer 2 of its 4 heads, shrinking per layer)
+    results = prune(prune_cfg(model_dir, data, tmp_path, k=4, epochs=2, shrink_fraction=0.5, allocation="global"))
     assert results["steps"] == 18 and results["shrink_steps"] == 9 and len(results["kept_heads"]) == 4
     n = results["num_heads"]
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
