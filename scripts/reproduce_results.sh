@@ -19,8 +19,10 @@ OUT=${OUT:-runs/results}
 CFG=configs/rotten-tomatoes.yaml
 run() { if [ -f "$1/results.json" ]; then echo "done: $1"; else $HP "${@:2}" --output-dir "$1"; fi; }
 # The tables made before issue 21's defaults (FLAP's bias, the heads chosen for it, for DSP on text
-# classifiers and for language models): the same runs with --reconstruct none (HP=before21).
-before21() { case "$1" in prune|sweep) ${HEADPRUNE:-headprune} "$@" --reconstruct none ;; *) ${HEADPRUNE:-headprune} "$@" ;; esac; }
+# classifiers and for language models) and before DSP on text classifiers spread its heads over the
+# layers (the eighteenth session): the same runs with --reconstruct none --allocation global (HP=before21).
+before21() { case "$1" in prune|sweep) ${HEADPRUNE:-headprune} "$@" --reconstruct none --allocation global ;;
+                          *) ${HEADPRUNE:-headprune} "$@" ;; esac; }
 
 case "${1:-dsp}" in
   dsp)  # made before the default schedule changed: the reference's
@@ -155,13 +157,20 @@ case "${1:-dsp}" in
         --reconstruct bias --output-dir $OUT/today-smollm2-michel-raw-k$k
     done
     # DSP at its default (the heads chosen for the bias; seeds 0-2) and with its heads removed (+ Kwon's rescale; seed 0)
+    # (the former default: one budget over all layers; the default from 2 heads a layer since the eighteenth session: uniform)
     R="--methods dsp --max-train-examples 4000 --ks 6 12 24 36"
-    $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model $R --output-dir $OUT/rt-mean
-    $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model $R --output-dir $OUT/subjectivity-mean
+    $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model $R --allocation global --output-dir $OUT/rt-mean
+    $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model $R --allocation global \
+      --output-dir $OUT/subjectivity-mean
+    # the same number of heads in every layer (seeds 0-2)
+    $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model $R --allocation uniform \
+      --output-dir $OUT/rt-mean-uniform
+    $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model $R --allocation uniform \
+      --output-dir $OUT/subjectivity-mean-uniform
     $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model $R --seeds 0 --reconstruct rescale \
-      --output-dir $OUT/sweep125-reference-s0
+      --allocation global --output-dir $OUT/sweep125-reference-s0
     $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model $R --seeds 0 --reconstruct none \
-      --output-dir $OUT/sweep-subjectivity125-reference-s0
+      --allocation global --output-dir $OUT/sweep-subjectivity125-reference-s0
     ${PYTHON:-python} benchmarks/targets.py $OUT/rt-mean $OUT/today-rt $OUT/today-rt-trained --ks 6 12 24 36 \
       --dsp "dsp (mean ablation) + bias"
     ${PYTHON:-python} benchmarks/targets.py $OUT/subjectivity-mean $OUT/today-subjectivity $OUT/today-subjectivity-trained \
