@@ -334,7 +334,8 @@ class PruneConfig(FinetuneConfig):
                              "the same number, as even as the budget allows, the method ranking within each "
                              "layer, and dsp, ste and voita learning with that budget per layer); default (what "
                              "validation chose): for pipelined dsp on text classifiers with a budget in heads, "
-                             "uniform where every layer keeps 2 heads or more, else global; global for the rest.", choices=["default", "global", "uniform"])
+                             "uniform where every layer keeps 2 heads or more, else global; global for the rest.",
+                             choices=["default", "global", "uniform"])
     schedule: str = option("default", "Preset of the scores' training: reference (the paper's "
                            "BERT values: temperature 1000 to 1e-8 over 2/3 of the run; lr 0.5 for dsp "
                            "and ste, 0.1 for voita), steady (dsp: temperature 1000 to 0.01 over the "

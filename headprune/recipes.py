@@ -404,7 +404,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
                                                   weights_digest=inputs["model"])
     gates.fill = None  # zero again: the reconstruction puts the means into the weights
     info["allocation"] = "uniform" if not targeted and uniform_allocation(cfg, gates.sites) else "global"
-    if info["allocation"] == "uniform" and not targeted:  # as many per layer (of a kind), the best of each layer
+    if info["allocation"] == "uniform":  # as many per layer (of a kind), the best of each layer
         mask = uniform_mask(gates.sites, scores, cfg.k_per_kind or cfg.k)
     if targeted:  # the lowest-ranked units go until the model, dead heads included, fits
         mask, info["budget"] = fit(cfg, acc.unwrap_model(model), gates.sites, mask, scores, table)
