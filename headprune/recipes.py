@@ -403,7 +403,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
             mask, scores, info = choose_by_scores(cfg, task, acc, model, gates, calibration, collate, evaluate_with,
                                                   weights_digest=inputs["model"])
     gates.fill = None  # zero again: the reconstruction puts the means into the weights
-    info["allocation"] = "uniform" if not targeted and uniform_allocation(cfg, gates.sites) else "global"
+    info["allocation"] = "uniform" if uniform_allocation(cfg, gates.sites) else "global"
     if info["allocation"] == "uniform":  # as many per layer (of a kind), the best of each layer
         mask = uniform_mask(gates.sites, scores, cfg.k_per_kind or cfg.k)
     if targeted:  # the lowest-ranked units go until the model, dead heads included, fits

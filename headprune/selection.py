@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Subset
 
 from .budget import uniform_allocation, uniform_counts
-from .config import TARGETS, PruneConfig, ablation_in_effect
+from .config import PruneConfig, ablation_in_effect
 from .errors import ConfigError
 from .methods import (activation, fisher, flap, iterative_pruning, make_selector, michel, random_mask,
                       resolve_schedule, taylor)
@@ -68,7 +68,7 @@ def budget_of(cfg, gates):
     (with --k or --k-per-kind), one group per layer, the layers of a kind keeping as many units as
     the budget allows (so that a trained method learns with the per-layer choice it keeps); None
     for one global budget."""
-    if not any(getattr(cfg, name) is not None for name in TARGETS) and uniform_allocation(cfg, gates.sites):
+    if uniform_allocation(cfg, gates.sites):
         counts = uniform_counts(gates.sites, cfg.k_per_kind or cfg.k)
         return [(list(range(offset, offset + site.num_heads)), count)
                 for offset, site, count in zip(gates.offsets, gates.sites, counts)]
