@@ -408,6 +408,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
         mask = uniform_mask(gates.sites, scores, cfg.k_per_kind or cfg.k)
     if targeted:  # the lowest-ranked units go until the model, dead heads included, fits
         mask, info["budget"] = fit(cfg, acc.unwrap_model(model), gates.sites, mask, scores, table)
+        info["allocation"] = info["budget"]["allocation"]  # the fit's: it spreads the count it reaches
         log.info("budget: %s %s (the whole model: %s): predicted %s with %d %s", info["budget"]["target"],
                  f"{info['budget']['target_value']:,.4g}", f"{info['budget']['original']:,.4g}",
                  f"{info['budget']['predicted']:,.4g}", info["budget"]["units"], UNIT_NAMES[gates.sites[0].unit])

@@ -247,6 +247,7 @@ def test_a_kv_cache_target_on_an_encoder_decoder_prunes_its_decoder_self_attenti
                                  target_kv_cache=0.5, allocation=allocation, epochs=1, t0=1.0, tf=1e-3))
         # only the decoder's self-attention caches per generated token: 4 of its 8 heads; the rest stay
         assert results["kept_per_kind"] == {"encoder": 8, "decoder": 4, "cross": 8}
+        assert results["allocation"] == results["budget"]["allocation"] == allocation
         assert results["budget"]["measured"] == results["budget"]["predicted"] == whole / 2
         assert kv_cache_bytes_per_token(load_pruned(tmp_path / method / "model")) == whole / 2
     per_layer = [layer for kind, layer, _ in results["kept_heads"] if kind == "decoder"]
