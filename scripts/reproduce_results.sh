@@ -182,6 +182,15 @@ case "${1:-dsp}" in
     # FLAP's bias on the heads DSP chose at zero, on all the calibration data (both classifiers)
     ${PYTHON:-python} benchmarks/reconstruction.py $OUT/sweep125-reference/dsp-pipelined-k*-s0 --modes bias
     ${PYTHON:-python} benchmarks/reconstruction.py $OUT/sweep-subjectivity125-reference-s0/dsp-pipelined-k*-s0 --modes bias
+    # the nineteenth session: Kwon's scales with the bias on the default's heads; three epochs; the steady schedule
+    ${PYTHON:-python} benchmarks/reconstruction.py $OUT/rt-mean-uniform/dsp-pipelined-k{12,24,36}-s0 --modes both
+    ${PYTHON:-python} benchmarks/reconstruction.py $OUT/subjectivity-mean-uniform/dsp-pipelined-k{24,36}-s0 --modes both
+    for more in "--epochs 3" "--schedule steady"; do
+      $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model $R --ks 24 --seeds 0 $more \
+        --output-dir "$OUT/rt-24-${more// /}"
+      $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model $R --ks 24 --seeds 0 $more \
+        --output-dir "$OUT/subjectivity-24-${more// /}"
+    done
     ${PYTHON:-python} benchmarks/targets.py $OUT/today-smollm2 $OUT/today-smollm2-michel-raw* $OUT/smollm2 \
       $OUT/today-smollm2-mean $OUT/today-smollm2-mean-fisher $OUT/today-smollm2-mean-michel \
       --dsp "dsp (mean ablation) + bias" --lower-is-better --ks 30 45 60 ;;
