@@ -96,7 +96,7 @@ def allocation_in_effect(settings: dict) -> str:
     (--k or --k-per-kind), uniform where that leaves every layer 2 heads or more (ROOMY_UNIFORM;
     DSP's global choice crowds the heads into the last layers, where the frozen classifier stays
     sure and separates the classes worse: results.md; at one head a layer the uniform choice lost
-    4 and 9 points on validation), else global; global for the rest (on SmolLM2 spreading Michel's choice over
+    4 and 7 points on validation), else global; global for the rest (on SmolLM2 spreading Michel's choice over
     the layers cost 2,705 against 469 perplexity at 30 KV groups; targets, translation and images
     were not measured). Runs saved before `default` existed recorded global or uniform."""
     chosen = settings.get("allocation", "global")
