@@ -185,11 +185,11 @@ case "${1:-dsp}" in
     # the nineteenth session: Kwon's scales with the bias on the default's heads; three epochs; the steady schedule
     ${PYTHON:-python} benchmarks/reconstruction.py $OUT/rt-mean-uniform/dsp-pipelined-k{12,24,36}-s0 --modes both
     ${PYTHON:-python} benchmarks/reconstruction.py $OUT/subjectivity-mean-uniform/dsp-pipelined-k{24,36}-s0 --modes both
-    for more in "--epochs 3" "--schedule steady"; do
+    for more in "--epochs 3" "--schedule steady" "--pruning-lr 0.2" "--pruning-lr 1.0"; do
       $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model $R --ks 24 --seeds 0 $more \
-        --output-dir "$OUT/rt-24-${more// /}"
+        --output-dir "$OUT/rt-24-${more//[- ]/}"
       $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model $R --ks 24 --seeds 0 $more \
-        --output-dir "$OUT/subjectivity-24-${more// /}"
+        --output-dir "$OUT/subjectivity-24-${more//[- ]/}"
     done
     ${PYTHON:-python} benchmarks/targets.py $OUT/today-smollm2 $OUT/today-smollm2-michel-raw* $OUT/smollm2 \
       $OUT/today-smollm2-mean $OUT/today-smollm2-mean-fisher $OUT/today-smollm2-mean-michel \
