@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ROOMY_UNIFORM, TARGETS, allocation_in_effect, reconstruct_in_effect
+from .config import TARGETS, allocation_in_effect, reconstruct_in_effect, roomy_uniform
 from .errors import ConfigError
 from .latency import even_counts, even_mask, predicted_seconds
 from .sites import AttentionSite, in_features, out_features
@@ -235,13 +235,13 @@ def uniform_counts(sites: list[AttentionSite], k: int | list[int]) -> list[int]:
 
 def uniform_allocation(cfg, sites: list[AttentionSite]) -> bool:
     """Whether a run with --k or --k-per-kind spreads it evenly over the layers: --allocation
-    uniform, or the default's rule for DSP on text (every layer keeping 2 or more). A run with a
+    uniform, or the default's rule for DSP on text (every layer keeping --uniform-from or more). A run with a
     --target-* does not here: its count is known only after selection (`fit` spreads it)."""
     if any(getattr(cfg, name) is not None for name in TARGETS):
         return False
     mode = allocation_in_effect(vars(cfg))
-    if mode == ROOMY_UNIFORM:
-        return min(uniform_counts(sites, cfg.k_per_kind or cfg.k)) >= 2
+    if mode == roomy_uniform(cfg.uniform_from):
+        return min(uniform_counts(sites, cfg.k_per_kind or cfg.k)) >= cfg.uniform_from
     return mode == "uniform"
 
 

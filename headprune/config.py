@@ -87,25 +87,29 @@ def ablation_in_effect(settings: dict) -> str:
     return "mean" if trained and pipelined and reconstruct_in_effect(settings) in ("bias", "both") else "zero"
 
 
-ROOMY_UNIFORM = "uniform where every layer keeps 2 or more"  # --allocation default's rule for DSP on text
+def roomy_uniform(heads: int) -> str:
+    """--allocation default's rule for DSP on text: uniform where every layer keeps `heads` or more."""
+    return f"uniform where every layer keeps {heads} or more"
 
 
 def allocation_in_effect(settings: dict) -> str:
     """How a run shares its budget between layers: --allocation, or for `default` what validation
-    chose (the eighteenth session): for pipelined DSP on text classifiers with a budget in heads
-    (--k or --k-per-kind), uniform where that leaves every layer 2 heads or more (ROOMY_UNIFORM;
-    DSP's global choice crowds the heads into the last layers, where the frozen classifier stays
-    sure and separates the classes worse: results.md; at one head a layer the uniform choice lost
-    4 and 7 points on validation), else global; global for the rest (on SmolLM2 spreading Michel's choice over
-    the layers cost 2,705 against 469 perplexity at 30 KV groups; targets, translation and images
-    were not measured). Runs saved before `default` existed recorded global or uniform."""
+    chose (the eighteenth and nineteenth sessions): for pipelined DSP on text classifiers with a
+    budget in heads (--k or --k-per-kind), uniform where that leaves every layer --uniform-from
+    heads or more (3; DSP's global choice crowds the heads into the last layers, where the frozen
+    classifier stays sure and separates the classes worse: results.md; with 3 to 6 heads a layer
+    the uniform choice gained 0.1 to 1.5 points on validation, with 2 it lost 0.2 on average and
+    with 1 4 and 7 points), else global; global for the rest (on SmolLM2 spreading Michel's
+    choice over the layers cost 2,705 against 469 perplexity at 30 KV groups; targets,
+    translation and images were not measured). Runs saved before `default` existed recorded
+    global or uniform; those saved before --uniform-from existed used 2."""
     chosen = settings.get("allocation", "global")
     if chosen != "default":
         return chosen
     text_dsp = settings.get("task", "classification") == "classification" and settings.get("method", "dsp") == "dsp"
     pipelined = settings.get("mode", "pipelined") == "pipelined"
     targeted = any(settings.get(name) is not None for name in TARGETS)
-    return ROOMY_UNIFORM if text_dsp and pipelined and not targeted else "global"
+    return roomy_uniform(settings.get("uniform_from", 2)) if text_dsp and pipelined and not targeted else "global"
 
 
 def settle_fraction_in_effect(settings: dict) -> float:
@@ -334,8 +338,10 @@ class PruneConfig(FinetuneConfig):
                              "the same number, as even as the budget allows, the method ranking within each "
                              "layer, and dsp, ste and voita learning with that budget per layer); default (what "
                              "validation chose): for pipelined dsp on text classifiers with a budget in heads, "
-                             "uniform where every layer keeps 2 heads or more, else global; global for the rest.",
-                             choices=["default", "global", "uniform"])
+                             "uniform where every layer keeps --uniform-from heads or more, else global; global "
+                             "for the rest.", choices=["default", "global", "uniform"])
+    uniform_from: int = option(3, "--allocation default: the fewest heads a layer at which pipelined dsp on text "
+                               "classifiers spreads its budget evenly (chosen on validation: 3).", min=1)
     schedule: str = option("default", "Preset of the scores' training: reference (the paper's "
                            "BERT values: temperature 1000 to 1e-8 over 2/3 of the run; lr 0.5 for dsp "
                            "and ste, 0.1 for voita), steady (dsp: temperature 1000 to 0.01 over the "

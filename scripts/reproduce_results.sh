@@ -167,6 +167,14 @@ case "${1:-dsp}" in
       --output-dir $OUT/rt-mean-uniform
     $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model $R --allocation uniform \
       --output-dir $OUT/subjectivity-mean-uniform
+    # three heads a layer (18 of 72) both ways, 3 seeds (the nineteenth session: the default's --uniform-from 3)
+    for a in global uniform; do
+      if [ $a = uniform ]; then suffix=-uniform; else suffix=; fi
+      $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model $R --ks 18 --allocation $a \
+        --output-dir $OUT/rt-mean$suffix
+      $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model $R --ks 18 \
+        --allocation $a --output-dir $OUT/subjectivity-mean$suffix
+    done
     $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model $R --seeds 0 --reconstruct rescale \
       --allocation global --output-dir $OUT/sweep125-reference-s0
     $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model $R --seeds 0 --reconstruct none \

@@ -247,20 +247,29 @@ def test_dsp_with_a_uniform_allocation_learns_with_the_per_layer_budget_it_keeps
     assert budget_of(targeted, gates) is None  # a target's count is known only after training
 
 
-def test_the_default_allocation_spreads_dsp_on_text_classifiers_where_each_layer_keeps_two(tiny_finetuned):
+def test_the_default_allocation_spreads_dsp_on_text_classifiers_where_each_layer_keeps_three(tiny_finetuned, tmp_path):
     from headprune.budget import uniform_allocation
-    from headprune.config import ROOMY_UNIFORM, allocation_in_effect
+    from headprune.config import allocation_in_effect, roomy_uniform
     from headprune.gates import attach_gates
     from headprune.pruning import load_pruned
-    default = {"allocation": "default", "task": "classification", "method": "dsp", "mode": "pipelined", "k": 24}
-    assert allocation_in_effect(default) == ROOMY_UNIFORM
+    from headprune.train import changed_settings
+    default = {"allocation": "default", "task": "classification", "method": "dsp", "mode": "pipelined", "k": 24,
+               "uniform_from": 3}
+    assert allocation_in_effect(default) == roomy_uniform(3) == "uniform where every layer keeps 3 or more"
     assert allocation_in_effect({**default, "allocation": "global"}) == "global"  # as asked
     for other in ({"task": "causal-lm"}, {"task": "translation"}, {"task": "image-classification"},
                   {"method": "michel"}, {"method": "ste"}, {"mode": "joint"}, {"target_speedup": 1.3}):
         assert allocation_in_effect({**default, **other}) == "global", other
     assert allocation_in_effect({"method": "dsp"}) == "global"  # recorded before `default` existed
+    saved = {k: v for k, v in default.items() if k != "uniform_from"}  # the eighteenth session's rule
+    assert allocation_in_effect(saved) == roomy_uniform(2)
+    now = PruneConfig(model="m", dataset="d", output_dir=str(tmp_path), k=24)
+    assert changed_settings({**vars(now), "uniform_from": 3}, now) == {}
+    old = {k: v for k, v in vars(now).items() if k != "uniform_from"}  # a sweep runs such a run again
+    assert changed_settings(old, now) == {"allocation (in effect)": (roomy_uniform(2), roomy_uniform(3))}
     sites = attach_gates(load_pruned(tiny_finetuned[0])).sites  # 2 layers x 4 heads
-    for k, spread in ((4, True), (5, True), (3, False), (2, False)):  # 2 + 2, 3 + 2: spread; 2 + 1: not
+    for k, spread in ((6, True), (7, True), (5, False), (4, False), (2, False)):  # 3 + 3, 4 + 3: spread; 3 + 2: not
         assert uniform_allocation(PruneConfig(k=k), sites) is spread, k
+        assert uniform_allocation(PruneConfig(k=k, uniform_from=2), sites) is (k >= 4), k
         assert uniform_allocation(PruneConfig(k=k, allocation="uniform"), sites)  # asked: always
         assert not uniform_allocation(PruneConfig(k=k, method="michel"), sites)
