@@ -98,7 +98,7 @@ def allocation_in_effect(settings: dict) -> str:
     budget in heads (--k or --k-per-kind), uniform where that leaves every layer --uniform-from
     heads or more (3; DSP's global choice crowds the heads into the last layers, where the frozen
     classifier stays sure and separates the classes worse: results.md; with 3 to 6 heads a layer
-    the uniform choice gained 0.1 to 1.5 points on validation, with 2 it lost 0.2 on average and
+    the uniform choice gained 0.05 to 1.5 points on validation, with 2 it lost 0.2 on average and
     with 1 4 and 7 points), else global; global for the rest (on SmolLM2 spreading Michel's
     choice over the layers cost 2,705 against 469 perplexity at 30 KV groups; targets,
     translation and images were not measured). Runs saved before `default` existed recorded

@@ -193,7 +193,8 @@ def drop_oldest(folder: Path, keep: int) -> None:
 
 # settings that do not change a scorer's output (the rest of the config is part of the cache key)
 NOT_SCORING = ("k", "k_per_kind", "seed", "output_dir", "overwrite", "reconstruct", "save_format", "allocation",
-               "uniform_from", "target_params", "target_kv_cache", "target_speedup", "at_batch_size", "at_length", "at_new_tokens")
+               "uniform_from", "target_params", "target_kv_cache", "target_speedup", "at_batch_size", "at_length",
+               "at_new_tokens")
 
 
 def scores_key(cfg, weights_digest: str | None, calibration) -> str | None:

@@ -265,7 +265,7 @@ def test_the_default_allocation_spreads_dsp_on_text_classifiers_where_each_layer
     assert allocation_in_effect(saved) == roomy_uniform(2)
     now = PruneConfig(model="m", dataset="d", output_dir=str(tmp_path), k=24)
     assert changed_settings({**vars(now), "uniform_from": 3}, now) == {}
-    old = {k: v for k, v in vars(now).items() if k != "uniform_from"}  # a sweep runs such a run again
+    old = {k: v for k, v in vars(now).items() if k != "uniform_from"}  # other settings: a sweep asks for --overwrite
     assert changed_settings(old, now) == {"allocation (in effect)": (roomy_uniform(2), roomy_uniform(3))}
     sites = attach_gates(load_pruned(tiny_finetuned[0])).sites  # 2 layers x 4 heads
     for k, spread in ((6, True), (7, True), (5, False), (4, False), (2, False)):  # 3 + 3, 4 + 3: spread; 3 + 2: not
