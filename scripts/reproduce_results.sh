@@ -190,7 +190,7 @@ case "${1:-dsp}" in
     # FLAP's bias on the heads DSP chose at zero, on all the calibration data (both classifiers)
     ${PYTHON:-python} benchmarks/reconstruction.py $OUT/sweep125-reference/dsp-pipelined-k*-s0 --modes bias
     ${PYTHON:-python} benchmarks/reconstruction.py $OUT/sweep-subjectivity125-reference-s0/dsp-pipelined-k*-s0 --modes bias
-    # the nineteenth session: Kwon's scales with the bias on the default's heads; three epochs; the steady schedule
+    # the nineteenth session: Kwon's scales with the bias on the default's heads; three epochs; the steady schedule; lr
     ${PYTHON:-python} benchmarks/reconstruction.py $OUT/rt-mean-uniform/dsp-pipelined-k{12,24,36}-s0 --modes both
     ${PYTHON:-python} benchmarks/reconstruction.py $OUT/subjectivity-mean-uniform/dsp-pipelined-k{24,36}-s0 --modes both
     for more in "--epochs 3" "--schedule steady" "--pruning-lr 0.2" "--pruning-lr 1.0"; do
