@@ -104,8 +104,8 @@ def write_run_report(out: Path, results: dict, history: list[dict]) -> None:
         lines.append(f"- the training budget fell from all {results['num_heads']} heads to {results['k']} over "
                      f"the first {results['shrink_steps']} steps")
     if results.get("allocation") == "uniform" and "budget" not in results:
-        lines.append("- allocation uniform: every layer kept as many heads as the budget allows, the scores learning "
-                     "with that budget in each layer")
+        lines.append("- allocation uniform: every layer kept as many heads as the budget allows, its best ones (a "
+                     "trained method's scores learning with that budget in each layer)")
     if "budget" in results:  # a --target-*: what was asked, what the cost model predicted, what was measured
         b = results["budget"]
         measured = "not measured" if b.get("measured") is None else f"{b['measured']:,.4g}"
