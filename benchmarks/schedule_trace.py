@@ -4,8 +4,10 @@ A run ends with the hard top-k of its scores; this script shows how that choice 
 `headprune prune` (pipelined, DSP) with the settings given, records the scores before every step,
 and prints, at --points steps spread over the run, the temperature, the kept heads per layer, how
 many differ from the final choice and the hard mask's accuracy on --split (a mask seen before is
-not evaluated again). Then the training log's noise gap: how many of the heads a step's noisy
-top-k chose the noise-free one would not.
+not evaluated again). Where the run chose its heads for FLAP's bias (`--ablation mean`, DSP's
+default on text classifiers) a closed head leaves its mean output there too, so each accuracy is
+that of the model the run would save with that mask. Then the training log's noise gap: how many
+of the heads a step's noisy top-k chose the noise-free one would not.
 
     python benchmarks/schedule_trace.py --config configs/rotten-tomatoes.yaml --model runs/results/finetune/model \
         --k 12 --seed 0 --max-train-examples 4000 --schedule steady --output-dir runs/trace/steady-k12-s0
@@ -20,10 +22,14 @@ from pathlib import Path
 import torch
 from loss_and_accuracy import frozen_model  # the gated fine-tuned model of a run's settings
 
-from headprune.config import PruneConfig, build_config, load_yaml
+from torch.utils.data import DataLoader
+
+from headprune.config import PruneConfig, ablation_in_effect, build_config, load_yaml
 from headprune.methods import DSPSelector, geometric_temperature, hard_top_k
 from headprune.outputs import write_json
+from headprune.reconstruct import mean_contexts
 from headprune.recipes import prune
+from headprune.selection import calibration_set
 
 
 def run_with_trace(cfg) -> tuple[dict, list[list[float]]]:
@@ -84,9 +90,13 @@ def main() -> None:
     results, trace = run_with_trace(cfg)
     steps = len(trace)
 
-    task, model, gates, _, evals, collate = frozen_model(cfg)
+    task, model, gates, train_set, evals, collate = frozen_model(cfg)
     from accelerate import Accelerator
     acc = Accelerator()
+    if ablation_in_effect(vars(cfg)) == "mean":  # the model the bias saves: closed heads leave their means
+        loader = DataLoader(calibration_set(cfg, task, None, None, train_set), batch_size=cfg.batch_size,
+                            collate_fn=collate)
+        gates.fill = mean_contexts(model, gates, loader, task.loss)
     last_scores = final_scores(args.output_dir, gates.heads)
     final = hard_top_k(last_scores, args.k)
     log = [json.loads(line) for line in (Path(args.output_dir) / "train_log.jsonl").read_text().splitlines()]

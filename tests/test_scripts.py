@@ -134,6 +134,10 @@ def test_schedule_trace(finished_runs, tiny_finetuned, tmp_path, monkeypatch, ca
     assert [int(row[0][2:]) for row in rows] == [round(steps / 3), round(2 * steps / 3), steps]
     assert all(sum(map(int, row[2].split())) == 4 for row in rows)  # 4 heads kept, counted per layer
     assert rows[-1][3] == "0"  # the last row is the run's own choice
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["config"]["reconstruct"] == "default" and "output_biases_added" in results  # chosen for the bias
+    # ... and measured on the model the run saved, the closed heads' means included
+    assert rows[-1][4].rstrip(" |") == f"{results['metrics_pruned']['validation']:.4f}"
     assert float(rows[0][1]) < 5  # the temperature falls from t0 = 5
     assert script_here(*args, monkeypatch=monkeypatch, capsys=capsys) == out  # read back, not run again
     (tmp_path / "run" / "trace.json").unlink()  # a run without its trace: one line, the run kept
