@@ -67,12 +67,13 @@ class HeadGates(nn.Module):
     def override(self, mask: torch.Tensor):
         """Use `mask` instead of the selector's inside the block (e.g. all ones: the unpruned model)."""
         mask = torch.as_tensor(mask, device=self.fixed_mask.device)
+        before = self._override  # blocks nest: the outer mask is back after the inner block
         # keep a float mask's dtype (and its graph: Michel's importance differentiates through it)
         self._override = mask if mask.is_floating_point() else mask.to(self.fixed_mask.dtype)
         try:
             yield
         finally:
-            self._override = None
+            self._override = before
 
     @contextmanager
     def filled(self, fill: list[torch.Tensor] | None):

@@ -42,7 +42,8 @@ from .outputs import (BEST, RESULTS, atomic_folder, cache_root, check_not_inside
 from .pruning import save_pruned, zero_pruned_heads
 from .randomness import keeps_global_rng
 from .reconstruct import mean_contexts, reconstruct
-from .selection import SCORERS, attach_selector, calibration_set, check_budget, choose_by_scores, process_sum
+from .selection import (SCORERS, attach_selector, calibration_set, check_budget, choose_by_scores, process_sum,
+                        pruning_loss)
 from .report import plot_head_map, write_run_report
 from .sites import UNIT_NAMES
 from .tasks import get_task
@@ -388,7 +389,8 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
         if cfg.method in TRAINED:
             selector = gates.selector
             on_epoch_end, keep_best = best_epoch_keeper(cfg, task, acc, model, evals, collate, out, extra)
-            history = train(acc, cfg, out, model, optimizer, scheduler, train_set, collate, loss_fn=task.loss,
+            history = train(acc, cfg, out, model, optimizer, scheduler, train_set, collate,
+                            loss_fn=pruning_loss(cfg, task, gates),
                             selector=selector, resume_state=state, extra=extra, seconds=seconds,
                             phase="prune", desc=f"{cfg.method} {cfg.mode}", on_epoch_end=on_epoch_end)
             keep_best()

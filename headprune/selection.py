@@ -93,6 +93,23 @@ def attach_selector(cfg, task, model, gates, train_set, acc):
     return optimizer, scheduler, info
 
 
+def pruning_loss(cfg, task, gates):
+    """What the scores learn from: the task's loss, or for `--pruning-loss distill` (pipelined
+    classifiers) KL(unpruned || pruned) of the class distributions: the teacher is the same frozen
+    model with every head on and no dropout, run in the same step without a graph."""
+    if cfg.pruning_loss != "distill":
+        return task.loss
+
+    def distill(model, batch):
+        training = model.training
+        with torch.no_grad(), gates.override(torch.ones(gates.num_heads)):
+            teacher = model.eval()(**batch).logits.float().log_softmax(-1)
+        model.train(training)
+        student = model(**batch).logits.float().log_softmax(-1)
+        return torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
+    return distill
+
+
 def selector_and_optimizer(cfg: PruneConfig, num_heads: int, steps: int, budget=None, joint=None,
                            betas=(0.9, 0.999)):
     """A trained method's selector for `steps` training steps, and AdamW with the scores in their

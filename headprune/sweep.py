@@ -59,6 +59,8 @@ def planned_runs(cfg: SweepConfig) -> list[PruneConfig]:
                                                "shrink_fraction": cfg.shrink_fraction if method in SHRINKING else None,
                                                "ablation": (cfg.ablation if method in GATED_METHODS and mode == "pipelined"
                                                             else "default"),
+                                               "pruning_loss": (cfg.pruning_loss if method not in UNTRAINED and
+                                                                mode == "pipelined" else "label"),
                                                "output_dir": str(Path(cfg.output_dir) / name)}))
     return runs
 
