@@ -199,6 +199,13 @@ case "${1:-dsp}" in
       $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model $R --ks 24 --seeds 0 $more \
         --output-dir "$OUT/subjectivity-24-${more//[- ]/}"
     done
+    # the twentieth session: the scores learn from the unpruned model's predictions; all the training data
+    for more in "--pruning-loss distill" "--max-train-examples 100000"; do
+      $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model $R --ks 12 24 --seeds 0 $more \
+        --output-dir "$OUT/rt-${more//[- ]/}"
+      $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model $R --ks 24 36 --seeds 0 \
+        $more --output-dir "$OUT/subjectivity-${more//[- ]/}"
+    done
     ${PYTHON:-python} benchmarks/targets.py $OUT/today-smollm2 $OUT/today-smollm2-michel-raw* $OUT/smollm2 \
       $OUT/today-smollm2-mean $OUT/today-smollm2-mean-fisher $OUT/today-smollm2-mean-michel \
       --dsp "dsp (mean ablation) + bias" --lower-is-better --ks 30 45 60 ;;
