@@ -83,11 +83,17 @@ def total_flops(model, batch: int, length: int) -> int:
     counter = FlopCounterMode(display=False)
     kernel = model.config._attn_implementation
     model.set_attn_implementation("eager")  # the counter does not see inside SDPA's CPU kernel
+    # the counter's module tracker hooks inputs that need a gradient, and fails on a weight fed to a
+    # module as it is (DeBERTa's relative embeddings): no weight needs one here
+    needs_grad = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
     try:
         with torch.no_grad(), counter:
             model(**forward_inputs(model, ids))
     finally:
         model.set_attn_implementation(kernel)
+        for p, flag in zip(model.parameters(), needs_grad):
+            p.requires_grad_(flag)
     return counter.get_total_flops()
 
 

@@ -226,7 +226,12 @@ def remove_heads(model: nn.Module, kept: list[Head], unit: str = "group") -> nn.
             for which in ("query", "key", "value"):
                 _keep_rows(getattr(site, which), index(site.rows(which, queries if which == "query" else keys)))
         for projection, which in site.extra:
-            _keep_rows(projection, index(site.rows(which, queries if which == "query" else keys)))
+            _keep_rows(projection, index(site.own_rows(queries if which == "query" else keys)))
+        for owner, name, which in site.extra_biases:
+            bias = getattr(owner, name)
+            rows = index(site.own_rows(queries if which == "query" else keys))
+            setattr(owner, name, nn.Parameter(bias.detach().index_select(0, rows).clone(),
+                                              requires_grad=bias.requires_grad))
         _keep_columns(site.output, index([h * site.head_dim + i for h in queries for i in range(site.head_dim)]))
         _set_head_count(site, len(queries), len(keys))
         if dead:

@@ -78,6 +78,9 @@ class AttentionSite:
     # More projections whose output rows are per head, as (projection, "query" or "key"): DeBERTa's
     # relative-position projections; sliced with the heads they belong to
     extra: tuple = ()
+    # Bias vectors kept apart from a fused projection, per head, as (module, attribute, "query" or
+    # "value"): DeBERTa v1's q_bias and v_bias; sliced with their heads
+    extra_biases: tuple = ()
     # T5: the module takes a position bias for every head from the layer before and hands it on
     # (computed by each stack's first layer), so a pruned layer takes its own heads' slice of it
     position_bias: bool = False
@@ -101,6 +104,11 @@ class AttentionSite:
         if self.fused == "blocks":
             start = {"query": 0, "key": self.query_heads * d, "value": (self.query_heads + self.kv_heads) * d}[which]
         return [start + h * d + i for h in heads for i in range(d)]
+
+    def own_rows(self, heads: list[int]) -> list[int]:
+        """The rows of `heads` in a tensor of the site's own with head_dim rows per head, head-major
+        (the `extra` projections and `extra_biases`), whatever the layout of a fused projection."""
+        return [h * self.head_dim + i for h in heads for i in range(self.head_dim)]
 
     def fused_rows(self, queries: list[int], keys: list[int]) -> list[int]:
         """Fused: the rows that keep these query and key/value heads, in the projection's layout."""
@@ -175,6 +183,27 @@ def deberta_v2_sites(model: nn.Module) -> Iterator[AttentionSite]:
                           if isinstance(getattr(attn, p, None), nn.Linear))
             yield AttentionSite("encoder", _layer_index(name), attn, attn.query_proj, attn.key_proj, attn.value_proj,
                                 module.output.dense, attn.attention_head_size, extra=extra)
+
+
+def deberta_sites(model: nn.Module) -> Iterator[AttentionSite]:
+    """DeBERTa (v1): `layer.i.attention.self.in_proj` (per head its query, key and value rows), the
+    query and value biases apart (`q_bias`, `v_bias`), `layer.i.attention.output.dense`; with
+    relative attention `pos_proj` (c2p) and `pos_q_proj` (p2c) project the positions per head."""
+    for name, module in model.named_modules():
+        attn = getattr(module, "self", None)
+        if (name.endswith("attention") and isinstance(getattr(attn, "in_proj", None), nn.Linear)
+                and hasattr(attn, "q_bias") and hasattr(attn, "attention_head_size")
+                and hasattr(getattr(module, "output", None), "dense")):
+            if getattr(attn, "head_logits_proj", None) is not None:
+                raise UnsupportedArchitectureError("this DeBERTa mixes its heads' scores and weights (talking heads: "
+                                                   "config.talking_head): its heads cannot be removed one by one")
+            heads = out_features(attn.in_proj) // (3 * attn.attention_head_size)
+            extra = tuple((getattr(attn, p), which) for p, which in (("pos_proj", "key"), ("pos_q_proj", "query"))
+                          if isinstance(getattr(attn, p, None), nn.Linear))
+            yield AttentionSite("encoder", _layer_index(name), attn, attn.in_proj, attn.in_proj, attn.in_proj,
+                                module.output.dense, attn.attention_head_size, fused="heads",
+                                fused_counts=(heads, heads), extra=extra,
+                                extra_biases=((attn, "q_bias", "query"), (attn, "v_bias", "value")))
 
 
 def vit_sites(model: nn.Module) -> Iterator[AttentionSite]:
@@ -297,6 +326,7 @@ LAYOUTS: dict[str, Callable[[nn.Module], Iterator[AttentionSite]]] = {
     "DistilBERT-style": distilbert_sites,
     "ViT-style image encoder (ViT, DeiT)": vit_sites,
     "DeBERTa-v2/v3 (disentangled attention)": deberta_v2_sites,
+    "DeBERTa (v1: one projection, per head its query, key, value; the query and value biases apart)": deberta_sites,
     "BART-style encoder-decoder (BART, mBART, Marian, Pegasus)": seq2seq_sites,
     "T5-style encoder-decoder (T5, Flan-T5, mT5: a shared relative position bias)": t5_sites,
     "Llama-style decoder with grouped-query attention (Llama, Mistral, Qwen2, Qwen3, SmolLM, Gemma 2/3)": causal_lm_sites,
@@ -309,9 +339,7 @@ LAYOUTS: dict[str, Callable[[nn.Module], Iterator[AttentionSite]]] = {
 
 # Known layouts that need more than slicing q, k, v and the output projection.
 NOT_YET = {"longt5": "its local and transient-global attention keeps extra per-head tables (T5, Flan-T5 and mT5 "
-                     "are supported)",
-           "deberta": "its one projection for queries, keys and values keeps the query and value biases "
-                      "apart (DeBERTa-v2 and v3 are supported)"}
+                     "are supported)"}
 
 
 # What one unit of pruning is called in logs and reports.

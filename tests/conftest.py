@@ -25,6 +25,11 @@ def tiny_config(arch: str, attn: str = "eager", num_labels: int = 3, layers: int
                               relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=8,
                               max_relative_positions=16, share_att_key=False, norm_rel_ebd="layer_norm",
                               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **common)
+    elif arch == "deberta":  # v1: one projection, per head its q, k, v rows; the q and v biases apart
+        from transformers import DebertaConfig
+        cfg = DebertaConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=37,
+                            relative_attention=True, pos_att_type=["c2p", "p2c"], max_relative_positions=16,
+                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **common)
     elif arch == "t5":  # an encoder-decoder classifier ([SEP], id 3, of the tiny tokenizer ends each input)
         from transformers import T5Config
         cfg = T5Config(d_model=32, d_kv=8, d_ff=37, num_layers=layers, num_heads=4, relative_attention_num_buckets=8,

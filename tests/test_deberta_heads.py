@@ -1,4 +1,4 @@
-"""DeBERTa-v2 and v3 (issue 23): disentangled attention, whose relative-position projections
+"""DeBERTa-v2 and v3 (issue 23) and DeBERTa v1: disentangled attention, whose relative-position projections
 (`pos_key_proj`, `pos_query_proj`, when `share_att_key` is off) hold rows per head too. Gates at 1
 change nothing, removal (with a layer left without heads) equals the mask, save and load give the
 same outputs, with and without shared keys; a classifier prunes by every family of method."""
@@ -73,3 +73,42 @@ def test_a_deberta_classifier_pruned_jointly(tmp_path):
     model, data = write_tiny_assets(tmp_path / "assets", arch="deberta-v2")
     results = prune(tiny(model, data, tmp_path / "joint", mode="joint", method="voita", k=3, epochs=2))
     assert results["mode"] == "joint" and results["k"] == 3
+
+
+def tiny_deberta_v1():
+    """DeBERTa v1: one projection with per head its query, key and value rows, the query and value
+    biases apart (zero at init: random here, so that slicing them wrongly shows)."""
+    model = tiny_model("deberta", layers=3)
+    with torch.no_grad():
+        for site in find_sites(model):
+            site.attention.q_bias.normal_(0, 0.5)
+            site.attention.v_bias.normal_(0, 0.5)
+    return model
+
+
+def test_deberta_v1_gates_removal_and_reload(batch, tmp_path):
+    model = tiny_deberta_v1()
+    site = find_sites(model)[0]
+    assert (site.num_heads, site.fused, len(site.extra), len(site.extra_biases)) == (4, "heads", 2, 2)
+    before = logits(model, batch)
+    every = list(attach_gates(model).heads)
+    detach_gates(model)
+    assert torch.allclose(gated(model, every, batch), before, atol=1e-6)
+    expected = gated(model, KEPT, batch)
+    assert not torch.allclose(expected, before, atol=1e-3)
+    save_pruned(copy.deepcopy(model), tmp_path, KEPT)
+    remove_heads(model, KEPT)
+    assert torch.allclose(logits(model, batch), expected, atol=1e-6)
+    attention = find_sites(model)[0].attention
+    assert (attention.num_attention_heads, attention.in_proj.out_features) == (2, 48)
+    assert attention.q_bias.shape == attention.v_bias.shape == (16,)
+    assert attention.pos_proj.out_features == attention.pos_q_proj.out_features == 16
+    assert torch.allclose(logits(load_pruned(tmp_path), batch), expected, atol=1e-6)
+
+
+def test_deberta_v1_with_talking_heads_is_refused_in_one_line():
+    config = tiny_model("deberta").config
+    config.talking_head = True
+    from headprune.errors import UnsupportedArchitectureError
+    with pytest.raises(UnsupportedArchitectureError, match="talking heads"):
+        find_sites(type(tiny_model("deberta"))(config))

@@ -11,7 +11,7 @@ from headprune.recipes import finetune, prune
 from headprune.sites import find_sites
 
 LANGUAGE_MODELS = ["gemma2", "gemma3", "gpt2", "gpt_neox", "phi3"]
-CLASSIFIERS = ["modernbert", "deberta-v2", "t5"]
+CLASSIFIERS = ["modernbert", "deberta-v2", "deberta", "t5"]
 FAMILIES = LANGUAGE_MODELS + CLASSIFIERS + ["vit"]
 RUNS = [(family, method, "pipelined") for family in FAMILIES for method in METHODS] + \
        [(family, method, "joint") for family in FAMILIES for method in ("dsp", "ste", "voita")]

@@ -33,6 +33,22 @@ def test_a_pruned_classifier_runs_in_onnx_runtime_as_in_pytorch(pruned, tmp_path
         assert np.abs(got - expected).max() < 1e-4
 
 
+def test_a_pruned_deberta_v1_runs_in_onnx_runtime_as_in_pytorch(tmp_path):
+    import onnxruntime
+    from test_deberta_heads import KEPT, tiny_deberta_v1  # relative positions; the q and v biases apart
+    save_pruned(tiny_deberta_v1(), tmp_path / "model", KEPT)
+    assert main(["export", "--model", str(tmp_path / "model"), "--output", str(tmp_path / "model.onnx")]) == 0
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    model = load_pruned(tmp_path / "model")
+    names = [i.name for i in session.get_inputs()]
+    for shape in ((4, 21), (1, 3)):
+        inputs = sample_inputs(model.config, *shape, seed=7)
+        with torch.no_grad():
+            expected = model(**inputs).logits.numpy()
+        got = session.run(None, {k: v.numpy() for k, v in inputs.items() if k in names})[0]
+        assert np.abs(got - expected).max() < 1e-4
+
+
 def test_export_refuses_bad_input_in_one_line(pruned, tmp_path, capsys):
     out = tmp_path / "model.onnx"
     out.write_bytes(b"an earlier export")

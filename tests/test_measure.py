@@ -65,7 +65,7 @@ def test_measure_puts_the_measured_speed_into_the_model_card(tmp_path, capsys):
     assert main(args) == 0 and card.read_text() == second  # without --card the card is left alone
 
 
-@pytest.mark.parametrize("arch", ["deberta-v2", "modernbert"])
+@pytest.mark.parametrize("arch", ["deberta-v2", "deberta", "modernbert"])
 def test_measure_on_the_newer_encoders(arch, tmp_path):
     from headprune.config import MeasureConfig
     from headprune.measure import measure

@@ -27,14 +27,19 @@ def group_weights(site, unit: int) -> list[tuple[torch.nn.Parameter, tuple]]:
     queries = site.query_heads_of([unit])
     keys = [] if site.unit == "query" else site.kv_heads_of([unit])
     parts = []
-    projections = [(getattr(site, which), which) for which in ("query", "key", "value")] + list(site.extra)
-    for linear, which in projections:  # the extra ones: DeBERTa's relative-position projections
+    projections = [(getattr(site, which), which, site.rows) for which in ("query", "key", "value")] + \
+        [(linear, which, lambda _, heads: site.own_rows(heads)) for linear, which in site.extra]
+    for linear, which, rows_of in projections:  # the extra ones: DeBERTa's relative-position projections
         heads = queries if which == "query" else keys
         if heads:
-            rows = site.rows(which, heads)
+            rows = rows_of(which, heads)
             parts.append((linear.weight, output_rows(linear, rows)))
             if linear.bias is not None:
                 parts.append((linear.bias, (rows,)))
+    for owner, name, which in site.extra_biases:  # DeBERTa v1's query and value biases
+        heads = queries if which == "query" else keys
+        if heads:
+            parts.append((getattr(owner, name), (site.own_rows(heads),)))
     channels = [h * site.head_dim + i for h in queries for i in range(site.head_dim)]
     parts.append((site.output.weight, input_columns(site.output, channels)))
     return parts
@@ -47,6 +52,7 @@ def taylor_scores(model, gates, batches, loss_fn, variant: str = "element", redu
     params = list({id(p): p for site in gates.sites
                    for linear in (site.query, site.key, site.value, site.output, *[p for p, _ in site.extra])
                    for p in (linear.weight, linear.bias) if p is not None}.values())
+    params += [getattr(owner, name) for site in gates.sites for owner, name, _ in site.extra_biases]
     was = [p.requires_grad for p in params]
     model.eval()
     try:
