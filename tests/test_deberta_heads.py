@@ -26,6 +26,17 @@ def tiny_deberta(share_att_key: bool):
     return model
 
 
+def tiny_deberta_v1():
+    """DeBERTa v1: one projection with per head its query, key and value rows, the query and value
+    biases apart (zero at init: random here, so that slicing them wrongly shows)."""
+    model = tiny_model("deberta", layers=3)
+    with torch.no_grad():
+        for site in find_sites(model):
+            site.attention.q_bias.normal_(0, 0.5)
+            site.attention.v_bias.normal_(0, 0.5)
+    return model
+
+
 def logits(model, batch):
     with torch.no_grad():
         return model(**batch).logits
@@ -40,11 +51,12 @@ def gated(model, kept, batch):
         detach_gates(model)
 
 
-@pytest.mark.parametrize("share_att_key", [False, True])
-def test_gates_removal_and_reload(share_att_key, batch, tmp_path):
-    model = tiny_deberta(share_att_key)
+@pytest.mark.parametrize("version", ["v2", "v2 with shared keys", "v1"])
+def test_gates_removal_and_reload(version, batch, tmp_path):
+    model = tiny_deberta_v1() if version == "v1" else tiny_deberta(share_att_key=version == "v2 with shared keys")
     site = find_sites(model)[0]
-    assert site.num_heads == 4 and len(site.extra) == (0 if share_att_key else 2)
+    assert site.num_heads == 4 and len(site.extra) == (0 if version == "v2 with shared keys" else 2)
+    assert (site.fused, len(site.extra_biases)) == (("heads", 2) if version == "v1" else (None, 0))
     before = logits(model, batch)
     every = list(attach_gates(model).heads)
     detach_gates(model)
@@ -56,8 +68,11 @@ def test_gates_removal_and_reload(share_att_key, batch, tmp_path):
     assert torch.allclose(logits(model, batch), expected, atol=1e-6)
     attention = find_sites(model)[0].attention
     assert attention.num_attention_heads == 2 and attention.all_head_size == 16
-    if not share_att_key:  # the relative-position projections keep the rows of the heads kept
+    if version == "v2":  # the relative-position projections keep the rows of the heads kept
         assert attention.pos_key_proj.out_features == attention.pos_query_proj.out_features == 16
+    if version == "v1":  # and the fused projection its 3 x 2 heads' rows, the biases apart theirs
+        assert attention.in_proj.out_features == 48 and attention.q_bias.shape == attention.v_bias.shape == (16,)
+        assert attention.pos_proj.out_features == attention.pos_q_proj.out_features == 16
     assert torch.allclose(logits(load_pruned(tmp_path), batch), expected, atol=1e-6)
 
 
@@ -75,38 +90,7 @@ def test_a_deberta_classifier_pruned_jointly(tmp_path):
     assert results["mode"] == "joint" and results["k"] == 3
 
 
-def tiny_deberta_v1():
-    """DeBERTa v1: one projection with per head its query, key and value rows, the query and value
-    biases apart (zero at init: random here, so that slicing them wrongly shows)."""
-    model = tiny_model("deberta", layers=3)
-    with torch.no_grad():
-        for site in find_sites(model):
-            site.attention.q_bias.normal_(0, 0.5)
-            site.attention.v_bias.normal_(0, 0.5)
-    return model
-
-
-def test_deberta_v1_gates_removal_and_reload(batch, tmp_path):
-    model = tiny_deberta_v1()
-    site = find_sites(model)[0]
-    assert (site.num_heads, site.fused, len(site.extra), len(site.extra_biases)) == (4, "heads", 2, 2)
-    before = logits(model, batch)
-    every = list(attach_gates(model).heads)
-    detach_gates(model)
-    assert torch.allclose(gated(model, every, batch), before, atol=1e-6)
-    expected = gated(model, KEPT, batch)
-    assert not torch.allclose(expected, before, atol=1e-3)
-    save_pruned(copy.deepcopy(model), tmp_path, KEPT)
-    remove_heads(model, KEPT)
-    assert torch.allclose(logits(model, batch), expected, atol=1e-6)
-    attention = find_sites(model)[0].attention
-    assert (attention.num_attention_heads, attention.in_proj.out_features) == (2, 48)
-    assert attention.q_bias.shape == attention.v_bias.shape == (16,)
-    assert attention.pos_proj.out_features == attention.pos_q_proj.out_features == 16
-    assert torch.allclose(logits(load_pruned(tmp_path), batch), expected, atol=1e-6)
-
-
-def test_deberta_v1_with_talking_heads_is_refused_in_one_line():
+def test_deberta_v1_with_talking_heads_is_refused():
     config = tiny_model("deberta").config
     config.talking_head = True
     from headprune.errors import UnsupportedArchitectureError
