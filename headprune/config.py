@@ -354,9 +354,9 @@ class PruneConfig(FinetuneConfig):
     pruning_lr: float = option(None, "Learning rate of the head scores (their own AdamW group); "
                                "default: from --schedule.", min=0)
     pruning_loss: str = option("label", "What the scores of dsp, ste and voita learn from: label (the task's "
-                               "loss, as the reference) or distill (pipelined classifiers: the KL divergence from "
-                               "the unpruned model's class distribution to the pruned one's; measured: no better "
-                               "on our benchmarks).", choices=["label", "distill"])
+                               "loss, as the reference) or distill (pipelined runs: the KL divergence from the "
+                               "unpruned model's output distribution to the pruned one's, per example or per "
+                               "target token).", choices=["label", "distill"])
     pruning_lr_schedule: str = option("linear", "Schedule of the scores' learning rate: linear "
                                       "decay to 0, constant, or select (steady: linear decay while the "
                                       "temperature is above 1, then a jump to 0.5 decaying to 0).",
@@ -479,9 +479,9 @@ class PruneConfig(FinetuneConfig):
             if not set(TRAINED_METHODS) & set(methods):
                 raise ConfigError("--pruning-loss is what dsp, ste and voita learn from: the scored methods "
                                   "have their own criteria")
-            if "pipelined" not in modes or self.task not in ("classification", "image-classification"):
-                raise ConfigError("--pruning-loss distill is for pipelined classifiers: the teacher is the "
-                                  "frozen model with every head on, one class distribution an example")
+            if "pipelined" not in modes:
+                raise ConfigError("--pruning-loss distill is for pipelined runs: the teacher is the frozen "
+                                  "model with every head on")
         if self.shrink_fraction is not None and self.shrink_fraction > 1:
             raise ConfigError(f"shrink_fraction={self.shrink_fraction}: must be at most 1")
 

@@ -94,19 +94,27 @@ def attach_selector(cfg, task, model, gates, train_set, acc):
 
 
 def pruning_loss(cfg, task, gates):
-    """What the scores learn from: the task's loss, or for `--pruning-loss distill` (pipelined
-    classifiers) KL(unpruned || pruned) of the class distributions: the teacher is the same frozen
-    model with every head on and no dropout, run in the same step without a graph."""
+    """What the scores learn from: the task's loss, or for `--pruning-loss distill` (pipelined runs)
+    the KL divergence from the unpruned model's output distribution to the pruned one's, per
+    example (classifiers) or per target token (the tokens the task's loss reads): the teacher is
+    the same frozen model with every head on and no dropout, run in the same step without a graph."""
     if cfg.pruning_loss != "distill":
         return task.loss
 
     def distill(model, batch):
+        inputs = {name: value for name, value in batch.items() if name != "labels"}
         training = model.training
         with torch.no_grad(), gates.override(torch.ones(gates.num_heads)):
-            teacher = model.eval()(**batch).logits.float().log_softmax(-1)
+            teacher = model.eval()(**inputs).logits.float().log_softmax(-1)
         model.train(training)
-        student = model(**batch).logits.float().log_softmax(-1)
-        return torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
+        student = model(**inputs).logits.float().log_softmax(-1)
+        kl = torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="none").sum(-1)
+        if kl.dim() == 1:  # one distribution an example
+            return kl.mean()
+        labels = batch["labels"]
+        if not getattr(model, "module", model).config.is_encoder_decoder:  # a decoder predicts the next token
+            kl, labels = kl[:, :-1], labels[:, 1:]
+        return kl[labels != -100].mean()
     return distill
 
 

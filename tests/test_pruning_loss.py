@@ -1,4 +1,5 @@
-"""--pruning-loss distill: what the scores of a pipelined classifier learn from instead of the labels."""
+"""--pruning-loss distill: what the scores of a pipelined run learn from instead of the labels: the KL
+divergence from the unpruned model's outputs, per example or per target token."""
 import json
 
 import pytest
@@ -35,6 +36,58 @@ def test_distillation_is_the_kl_from_the_whole_model_without_dropout_to_the_mask
     assert loss.item() > 0.01  # the masked heads change the predictions
 
 
+def kl_by_hand(model, gates, inputs, mask):
+    """Per position: sum over the vocabulary of p (log p - log q), p the whole model's, q the masked one's."""
+    with torch.no_grad():
+        with gates.override(torch.ones(gates.num_heads)):
+            p = model(**inputs).logits.log_softmax(-1)
+        with gates.override(mask):
+            q = model(**inputs).logits.log_softmax(-1)
+    return (p.exp() * (p - q)).sum(-1)
+
+
+def test_a_language_model_distils_every_next_token_its_loss_reads():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3)).eval()
+    gates = attach_gates(model)  # 2 KV groups a layer
+    mask = torch.tensor([1, 0, 0, 1.])
+    gates.set_mask(mask)
+    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, 3] = -100  # a token the loss does not read: position 2 predicts it
+    distill = pruning_loss(PruneConfig(task="causal-lm", pruning_loss="distill"), get_task("causal-lm"), gates)
+    loss = distill(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    kl = kl_by_hand(model, gates, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, mask)
+    read = torch.ones(2, 5, dtype=torch.bool)  # positions 0-4 predict tokens 1-5
+    read[0, 2] = False
+    assert loss.item() == pytest.approx(kl[:, :-1][read].mean().item(), rel=1e-5)
+    assert loss.item() > 0.01
+
+
+def test_a_translation_model_distils_the_target_tokens_and_not_the_padding():
+    from transformers import BartConfig, BartForConditionalGeneration
+    torch.manual_seed(0)
+    model = BartForConditionalGeneration(BartConfig(vocab_size=50, d_model=32, encoder_layers=1, decoder_layers=1,
+                                                    encoder_attention_heads=4, decoder_attention_heads=4,
+                                                    encoder_ffn_dim=37, decoder_ffn_dim=37, init_std=0.3,
+                                                    max_position_embeddings=32)).eval()
+    gates = attach_gates(model)  # encoder, decoder and cross heads: 12
+    mask = torch.tensor([1, 0, 1, 1, 0, 1, 1, 0, 1, 1, 1, 0.])
+    gates.set_mask(mask)
+    g = torch.Generator().manual_seed(2)
+    inputs = {"input_ids": torch.randint(3, 50, (2, 5), generator=g), "attention_mask": torch.ones(2, 5, dtype=torch.long),
+              "decoder_input_ids": torch.randint(3, 50, (2, 4), generator=g)}
+    labels = torch.randint(3, 50, (2, 4), generator=g)
+    labels[1, 2:] = -100  # the shorter target's padding
+    distill = pruning_loss(PruneConfig(task="translation", pruning_loss="distill"), get_task("translation"), gates)
+    loss = distill(model, {**inputs, "labels": labels})
+    kl = kl_by_hand(model, gates, inputs, mask)
+    assert loss.item() == pytest.approx(kl[labels != -100].mean().item(), rel=1e-5)
+    assert loss.item() > 0.01
+
+
 def test_the_label_loss_is_the_tasks_own():
     task = get_task("classification")
     assert pruning_loss(PruneConfig(), task, gates=None) == task.loss
@@ -53,10 +106,9 @@ def test_an_outer_override_is_back_after_an_inner_one(batch):
 
 @pytest.mark.parametrize("settings,message", [
     (dict(method="michel"), "the scored methods have their own criteria"),
-    (dict(mode="joint"), "is for pipelined classifiers"),
-    (dict(task="causal-lm"), "is for pipelined classifiers"),
+    (dict(mode="joint"), "is for pipelined runs"),
 ])
-def test_distillation_is_refused_where_there_is_no_frozen_classifier(settings, message):
+def test_distillation_is_refused_where_there_is_no_frozen_teacher(settings, message):
     with pytest.raises(ConfigError, match=message):
         PruneConfig(pruning_loss="distill", **settings)
 
