@@ -206,6 +206,8 @@ case "${1:-dsp}" in
       $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model $R --ks 24 36 --seeds 0 \
         $more --output-dir "$OUT/subjectivity-${more//[- ]/}"
     done
+    $HP sweep --config configs/sweep-smollm2.yaml --methods dsp --ks 30 60 --seeds 0 --pruning-loss distill \
+      --output-dir $OUT/smollm2-distill
     ${PYTHON:-python} benchmarks/targets.py $OUT/today-smollm2 $OUT/today-smollm2-michel-raw* $OUT/smollm2 \
       $OUT/today-smollm2-mean $OUT/today-smollm2-mean-fisher $OUT/today-smollm2-mean-michel \
       --dsp "dsp (mean ablation) + bias" --lower-is-better --ks 30 45 60 ;;
