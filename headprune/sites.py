@@ -354,6 +354,9 @@ def find_sites(model: nn.Module, unit: str = "group") -> list[AttentionSite]:
     Raises UnsupportedArchitectureError, naming the known layouts, when none matches."""
     if unit not in UNITS:
         raise ValueError(f"unit {unit!r}: choose one of {', '.join(UNITS)}")
+    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    if model_type in NOT_YET:  # before the layouts: one may match a part of it (LongT5's decoder is T5's)
+        raise UnsupportedArchitectureError(f"headprune does not support {model_type!r} yet: {NOT_YET[model_type]}")
     for layout in LAYOUTS.values():
         sites = sorted(layout(model), key=lambda s: (KINDS.index(s.kind), s.layer))
         if sites and unit == "query":
@@ -365,9 +368,6 @@ def find_sites(model: nn.Module, unit: str = "group") -> list[AttentionSite]:
                 site.unit = "query"
         if sites:
             return sites
-    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-    if model_type in NOT_YET:
-        raise UnsupportedArchitectureError(f"headprune does not support {model_type!r} yet: {NOT_YET[model_type]}")
     unread = next(((name, type(m).__name__) for name, m in model.named_modules()
                    if type(m).__name__.endswith(("Attention", "SelfAttention"))), None)
     raise UnsupportedArchitectureError(

@@ -109,6 +109,16 @@ def test_unsupported_architecture_names_the_supported_layouts():
         attach_gates(mpnet)
 
 
+@pytest.mark.parametrize("attention", ["local", "transient-global"])
+def test_longt5_is_refused_although_its_decoder_is_t5s(attention):
+    """Its decoder's modules are T5's: without the refusal its encoder heads would go unpruned, unsaid."""
+    from transformers import LongT5Config, LongT5ForConditionalGeneration
+    model = LongT5ForConditionalGeneration(LongT5Config(vocab_size=20, d_model=16, d_kv=4, d_ff=8, num_layers=1,
+                                                        num_heads=4, encoder_attention_type=attention))
+    with pytest.raises(UnsupportedArchitectureError, match="does not support 'longt5' yet: its local and transient"):
+        attach_gates(model)
+
+
 @pytest.mark.parametrize("name", ["CamembertConfig", "ErnieConfig"])
 def test_a_bert_layout_under_another_name_is_recognised(name, batch):
     """Recognised by its modules, not its model_type: gate 0 on a head equals zeroing its weights."""
