@@ -15,12 +15,15 @@ hold a fixed mask (all ones unless set).
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from .sites import AttentionSite, find_sites
+from .sites import AttentionSite, find_sites, unpruned_attention
+
+log = logging.getLogger("headprune")
 
 ATTRIBUTE = "head_gates"
 
@@ -130,6 +133,9 @@ def attach_gates(model: nn.Module, unit: str = "group") -> HeadGates:
     if hasattr(model, ATTRIBUTE):
         raise RuntimeError("this model already has head gates; call detach_gates first")
     gates = HeadGates(find_sites(model, unit))
+    whole = unpruned_attention(model, gates.sites)
+    if whole:
+        log.warning("no layout reads the heads of %s: they are kept whole", ", ".join(whole))
     param = next(model.parameters(), None)
     if param is not None:
         gates.to(param.device)

@@ -342,6 +342,17 @@ NOT_YET = {"longt5": "its local and transient-global attention keeps extra per-h
                      "are supported)"}
 
 
+def unpruned_attention(model: nn.Module, sites: list[AttentionSite]) -> list[str]:
+    """Modules named like attention (class name ending in "Attention") that are neither a site's
+    nor inside or around one: heads that no layout reads (GPT-2's optional cross-attention), so
+    a run can say that they stay whole."""
+    names = {id(module): name for name, module in model.named_modules()}
+    found = [names[id(site.attention)] for site in sites]
+    return [f"{name} ({type(module).__name__})" for name, module in model.named_modules()
+            if type(module).__name__.endswith("Attention")
+            and not any(name == f or name.startswith(f + ".") or f.startswith(name + ".") for f in found)]
+
+
 # What one unit of pruning is called in logs and reports.
 UNIT_NAMES = {"head": "heads", "group": "KV groups", "query": "query positions (of every group)"}
 

@@ -119,6 +119,20 @@ def test_longt5_is_refused_although_its_decoder_is_t5s(attention):
         attach_gates(model)
 
 
+def test_attention_no_layout_reads_is_named_in_a_warning(caplog):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=8, vocab_size=20, add_cross_attention=True))
+    with caplog.at_level("WARNING", logger="headprune"):
+        gates = attach_gates(model)
+    assert [(kind, layer) for kind, layer, _ in gates.heads[::2]] == [("decoder", 0), ("decoder", 1)]
+    assert ("no layout reads the heads of transformer.h.0.crossattention (GPT2Attention), "
+            "transformer.h.1.crossattention (GPT2Attention): they are kept whole") in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="headprune"):
+        attach_gates(tiny_model("bert"))  # every attention module of a supported layout is read
+    assert caplog.text == ""
+
+
 @pytest.mark.parametrize("name", ["CamembertConfig", "ErnieConfig"])
 def test_a_bert_layout_under_another_name_is_recognised(name, batch):
     """Recognised by its modules, not its model_type: gate 0 on a head equals zeroing its weights."""
