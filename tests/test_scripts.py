@@ -76,6 +76,24 @@ def test_loss_and_accuracy_of_a_run_with_a_bias_is_of_its_saved_model(biased_run
     assert float(row[7]) == pytest.approx(test_accuracy, abs=5e-5)  # the run's own accuracy, with its bias
 
 
+def test_paired(finished_runs, biased_run, monkeypatch, capsys):
+    def row(*args):
+        out = script_here("benchmarks/paired.py", *args, "--resamples", 200, monkeypatch=monkeypatch, capsys=capsys)
+        return [line.split(" | ") for line in out.splitlines() if line.startswith("| ") and "---" not in line][1]
+    dsp, michel = finished_runs / "dsp-pipelined-k4-s0", finished_runs / "michel-pipelined-s0"
+    accuracy = {run: json.loads((run / "results.json").read_text())["metrics_pruned"]["test"] for run in (dsp, biased_run)}
+    same = row("--a", dsp, "--b", dsp)
+    assert float(same[2]) == float(same[3]) == pytest.approx(accuracy[dsp], abs=5e-5)  # the run's own accuracy
+    assert same[4:7] == ["+0.00 points", "0.00", "+0.00 to +0.00"] and same[7].startswith("0 of 20")
+    # two sides: DSP (and its default with the bias, measured on its saved model) against Michel's curve at 4 heads
+    both = row("--a", dsp, biased_run, "--b", michel, "--k", 4)
+    mean = (accuracy[dsp] + accuracy[biased_run]) / 2
+    assert float(both[2]) == pytest.approx(mean, abs=5e-5)
+    assert float(both[4].split()[0]) == pytest.approx(100 * (mean - float(both[3])), abs=0.006)
+    with pytest.raises(SystemExit, match="has no curve through k=3"):
+        row("--a", dsp, "--b", michel, "--k", 3)
+
+
 def test_reconstruction_on_a_finished_run(finished_runs, tmp_path, monkeypatch, capsys):
     import shutil
     run = tmp_path / "dsp-pipelined-k4-s0"  # as recorded by a headprune without --pruning-lr-schedule

@@ -1,0 +1,86 @@
+"""Is one method ahead of another by more than the test split's noise? A paired comparison.
+
+Each side is one or more finished pipelined classification runs (a method's seeds; a Michel curve
+is read at --k). For every test example, each side scores the fraction of its runs that classify
+it right; the difference of the two sides' accuracies is the mean of the per-example differences,
+its standard error is theirs over the examples (paired: both sides see the same examples, so what
+both get right or wrong cancels), and the 95% interval comes from resampling the examples
+(bootstrap). A run whose saved model holds a reconstruction (DSP's default bias, FLAP's) is
+measured on that model, as its own test accuracy was.
+
+    python benchmarks/paired.py --a runs/results/rt-mean-uniform/dsp-pipelined-k24-s{0,1,2} \\
+        --b runs/s20/today-rt-michel/michel-pipelined-s0 --k 24
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from loss_and_accuracy import (kept_sets, logits_and_labels, pipelined_run,  # a run's settings, heads and model
+                               saved_model_if_reconstructed, frozen_model)
+from torch.utils.data import DataLoader
+
+
+def correct(folders: list[str], k: int | None, split: str, batch_size: int, prepared: dict) -> torch.Tensor:
+    """Per example of `split`, the fraction of the runs in `folders` that classify it right."""
+    rows = []
+    for folder in folders:
+        results, cfg = pipelined_run(folder)
+        at = k if k is not None else results["k"]
+        kept = kept_sets(results, [at]).get(at)
+        if kept is None or len(kept) != at:
+            raise SystemExit(f"paired: error: {folder} kept {results['k']} heads and has no curve through k={at}")
+        key = (cfg.model, cfg.dataset, cfg.max_length, cfg.eval_files and tuple(cfg.eval_files))
+        if key not in prepared:
+            _, model, gates, _, evals, collate = frozen_model(cfg)
+            if split not in evals:
+                raise SystemExit(f"paired: error: {folder} has no {split} split (it has {', '.join(evals)})")
+            prepared[key] = model, gates, DataLoader(evals[split], batch_size=batch_size, collate_fn=collate)
+        model, gates, batches = prepared[key]
+        saved = saved_model_if_reconstructed(folder, results)  # None for a curve: its heads at k, no bias
+        with gates.override(torch.tensor([float(h in kept) for h in gates.heads])):
+            logits, labels = logits_and_labels(saved if saved is not None else model, batches)
+        rows.append((logits.argmax(-1) == labels).double())
+    return torch.stack(rows).mean(0)
+
+
+def paired_difference(a: torch.Tensor, b: torch.Tensor, resamples: int = 10_000, seed: int = 0) -> dict:
+    """a - b in accuracy, its standard error over the examples and a 95% bootstrap interval."""
+    d = a - b
+    n = len(d)
+    means = d[torch.randint(n, (resamples, n), generator=torch.Generator().manual_seed(seed))].mean(1)
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=means.dtype)).tolist()
+    return {"a": a.mean().item(), "b": b.mean().item(), "difference": d.mean().item(),
+            "standard_error": (d.std() / n ** 0.5).item(), "low": low, "high": high,
+            "examples": n, "differ": int((d != 0).sum())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--a", nargs="+", required=True, help="runs of the first side (e.g. a method's seeds)")
+    parser.add_argument("--b", nargs="+", required=True, help="runs of the second side")
+    parser.add_argument("--k", type=int, default=None, help="heads kept (a Michel curve is read there; "
+                        "default: each run's own)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--resamples", type=int, default=10_000)
+    args = parser.parse_args()
+    for folder in args.a + args.b:  # every folder checked before the long work
+        pipelined_run(folder)
+    prepared: dict = {}
+    a, b = (correct(side, args.k, args.split, args.batch_size, prepared) for side in (args.a, args.b))
+    if len(a) != len(b):
+        raise SystemExit("paired: error: the two sides were evaluated on different examples")
+    r = paired_difference(a, b, args.resamples)
+    names = [", ".join(Path(f).name for f in side) for side in (args.a, args.b)]
+    print(f"| a | b | {args.split} accuracy, a | b | a - b | standard error | 95% interval | examples where they differ |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| {names[0]} | {names[1]} | {r['a']:.4f} | {r['b']:.4f} | {100 * r['difference']:+.2f} points | "
+          f"{100 * r['standard_error']:.2f} | {100 * r['low']:+.2f} to {100 * r['high']:+.2f} | "
+          f"{r['differ']} of {r['examples']} |")
+
+
+if __name__ == "__main__":
+    main()
