@@ -208,6 +208,21 @@ case "${1:-dsp}" in
     done
     $HP sweep --config configs/sweep-smollm2.yaml --methods dsp --ks 30 60 --seeds 0 --pruning-loss distill \
       --output-dir $OUT/smollm2-distill
+    # the missed cells paired over the test examples: the other methods' runs made again, DSP's 3 seeds
+    $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model --max-train-examples 4000 \
+      --methods michel --ks 12 24 --output-dir $OUT/today-rt-michel
+    $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model --max-train-examples 4000 \
+      --methods flap --ks 24 36 --seeds 0 --reconstruct bias --output-dir $OUT/today-subjectivity-flap
+    $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model $R --ks 12 --seeds 0 1 2 \
+      --allocation global --output-dir $OUT/rt-mean
+    ${PYTHON:-python} benchmarks/paired.py --a $OUT/rt-mean/dsp-pipelined-k12-s{0,1,2} \
+      --b $OUT/today-rt-michel/michel-pipelined-s0 --k 12
+    ${PYTHON:-python} benchmarks/paired.py --a $OUT/rt-mean-uniform/dsp-pipelined-k24-s{0,1,2} \
+      --b $OUT/today-rt-michel/michel-pipelined-s0 --k 24
+    for k in 24 36; do
+      ${PYTHON:-python} benchmarks/paired.py --a $OUT/subjectivity-mean-uniform/dsp-pipelined-k$k-s{0,1,2} \
+        --b $OUT/today-subjectivity-flap/flap-pipelined-k$k-s0
+    done
     ${PYTHON:-python} benchmarks/targets.py $OUT/today-smollm2 $OUT/today-smollm2-michel-raw* $OUT/smollm2 \
       $OUT/today-smollm2-mean $OUT/today-smollm2-mean-fisher $OUT/today-smollm2-mean-michel \
       --dsp "dsp (mean ablation) + bias" --lower-is-better --ks 30 45 60 ;;
