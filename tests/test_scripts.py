@@ -94,6 +94,18 @@ def test_paired(finished_runs, biased_run, monkeypatch, capsys):
         row("--a", dsp, "--b", michel, "--k", 3)
 
 
+def test_a_paired_difference_by_hand(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from paired import paired_difference
+    import torch
+    # differences 0, 1, -1, 0, 1: mean 0.2, sample standard deviation sqrt(2.8 / 4), over sqrt(5)
+    r = paired_difference(torch.tensor([1, 1, 0, 0, 1.], dtype=torch.float64),
+                          torch.tensor([1, 0, 1, 0, 0.], dtype=torch.float64), resamples=2000)
+    assert (r["a"], r["b"], r["differ"], r["examples"]) == (0.6, 0.4, 3, 5)
+    assert r["difference"] == pytest.approx(0.2) and r["standard_error"] == pytest.approx((2.8 / 4) ** 0.5 / 5 ** 0.5)
+    assert -1 <= r["low"] < 0.2 < r["high"] <= 1  # resampled means of five differences in -1..1
+
+
 def test_reconstruction_on_a_finished_run(finished_runs, tmp_path, monkeypatch, capsys):
     import shutil
     run = tmp_path / "dsp-pipelined-k4-s0"  # as recorded by a headprune without --pruning-lr-schedule
