@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 from loss_and_accuracy import frozen_model  # the gated fine-tuned model of a run's settings
-
 from torch.utils.data import DataLoader
 
 from headprune.config import PruneConfig, ablation_in_effect, build_config, load_yaml
