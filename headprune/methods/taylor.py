@@ -27,12 +27,12 @@ def group_weights(site, unit: int) -> list[tuple[torch.nn.Parameter, tuple]]:
     queries = site.query_heads_of([unit])
     keys = [] if site.unit == "query" else site.kv_heads_of([unit])
     parts = []
-    projections = [(getattr(site, which), which, site.rows) for which in ("query", "key", "value")] + \
-        [(linear, which, lambda _, heads: site.own_rows(heads)) for linear, which in site.extra]
-    for linear, which, rows_of in projections:  # the extra ones: DeBERTa's relative-position projections
+    projections = [(getattr(site, which), which, False) for which in ("query", "key", "value")] + \
+        [(linear, which, True) for linear, which in site.extra]  # DeBERTa's relative-position projections
+    for linear, which, extra in projections:
         heads = queries if which == "query" else keys
         if heads:
-            rows = rows_of(which, heads)
+            rows = site.own_rows(heads) if extra else site.rows(which, heads)
             parts.append((linear.weight, output_rows(linear, rows)))
             if linear.bias is not None:
                 parts.append((linear.bias, (rows,)))
