@@ -86,6 +86,9 @@ def main() -> None:
                                        "schedule": args.schedule,
                                        **({"max_train_examples": args.max_train_examples}
                                           if args.max_train_examples else {})})
+    if cfg.calibration_dataset and ablation_in_effect(vars(cfg)) == "mean":  # before the run: one line
+        raise SystemExit("schedule_trace: error: the means of another --calibration-dataset are not rebuilt here: "
+                         "leave calibration_dataset out")
     results, trace = run_with_trace(cfg)
     steps = len(trace)
 

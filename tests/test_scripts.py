@@ -174,6 +174,8 @@ def test_schedule_trace(finished_runs, tiny_finetuned, tmp_path, monkeypatch, ca
     with pytest.raises(SystemExit, match="holds a run without its trace"):
         script_here(*args, monkeypatch=monkeypatch, capsys=capsys)
     assert (tmp_path / "run" / "results.json").is_file()
+    with pytest.raises(SystemExit, match="the means of another --calibration-dataset are not rebuilt here"):
+        script_here(*args[:-1], "t0=5.0", "calibration_dataset=other", monkeypatch=monkeypatch, capsys=capsys)
 
 
 def test_planted_heads(monkeypatch, capsys):
