@@ -3,7 +3,7 @@ newest entries are kept."""
 import json
 import os
 
-import headprune.recipes as recipes
+import headprune.digests as digests
 from headprune.selection import drop_oldest
 
 
@@ -19,10 +19,10 @@ def test_the_scores_cache_keeps_the_newest_entries(tmp_path):
 
 def test_the_metrics_cache_keeps_the_newest_entries(tmp_path, monkeypatch):
     monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path))
-    monkeypatch.setattr(recipes, "METRICS_KEPT", 2)
+    monkeypatch.setattr(digests, "METRICS_KEPT", 2)
     for key in ("a", "b", "c"):
-        recipes.remember_metrics(key, {"accuracy": key})
-    assert recipes.cached_metrics("a") is None and recipes.cached_metrics("c") == {"accuracy": "c"}
-    recipes.remember_metrics("b", {"accuracy": "b2"})  # written again: the newest now
-    recipes.remember_metrics("d", {"accuracy": "d"})
+        digests.remember_metrics(key, {"accuracy": key})
+    assert digests.cached_metrics("a") is None and digests.cached_metrics("c") == {"accuracy": "c"}
+    digests.remember_metrics("b", {"accuracy": "b2"})  # written again: the newest now
+    digests.remember_metrics("d", {"accuracy": "d"})
     assert list(json.loads((tmp_path / "unpruned-metrics.json").read_text())) == ["b", "d"]

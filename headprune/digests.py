@@ -1,0 +1,86 @@
+"""What a run is made from, and what is measured once for it.
+
+Digests of a model's weights and of the model-ready data say what a checkpoint was made from (a
+resume from other inputs is refused) and key the cache of unpruned models' metrics: a sweep or a
+second run on the same weights and evaluation data does not evaluate the whole model again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from .outputs import cache_root, write_json
+
+log = logging.getLogger("headprune")
+
+METRICS_KEPT = 500  # unpruned models' metrics kept in the cache (the newest)
+
+
+def _cache_file() -> Path:
+    return cache_root() / "unpruned-metrics.json"
+
+
+def digest_of_weights(model_path: str | None) -> str | None:
+    """sha256 of a local model folder's weight files; None for a hub id or a model from scratch."""
+    files = sorted(Path(model_path).glob("*.safetensors")) if model_path and Path(model_path).is_dir() else []
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as stream:
+            for chunk in iter(lambda: stream.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def digest_of_data(splits: dict) -> str:
+    """sha256 of the model-ready examples of every split, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(splits):
+        ds = splits[name]
+        h.update(json.dumps([name, len(ds)]).encode())
+        for start in range(0, len(ds), 10_000):
+            h.update(json.dumps(ds[start:start + 10_000], sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def run_inputs(cfg, model_path: str | None, train_set, evals: dict) -> dict:
+    """What a checkpoint must have been made from to be resumed: digests of the model's weights
+    (or its name) and of the training and evaluation data."""
+    return {"model": digest_of_weights(model_path) or cfg.model,
+            "training data": digest_of_data({"train": train_set}), "evaluation data": digest_of_data(evals)}
+
+
+def metrics_key(inputs: dict, cfg) -> str | None:
+    """The unpruned metrics' cache key: the digests of the weights and the evaluation data, and the
+    settings that change a score (task, attention kernel, beam); None for a model that is not a
+    local folder."""
+    if not inputs["model"] or inputs["model"] == cfg.model:  # no digest of the weights
+        return None
+    key = [cfg.task, cfg.attn_implementation, cfg.beam, inputs["model"], inputs["evaluation data"]]
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()
+
+
+def cached_metrics(key: str | None) -> dict | None:
+    try:
+        return json.loads(_cache_file().read_text()).get(key) if key else None
+    except (OSError, ValueError):
+        return None
+
+
+def remember_metrics(key: str | None, metrics: dict) -> None:
+    if not key:
+        return
+    try:
+        cache = json.loads(_cache_file().read_text())
+    except (OSError, ValueError):
+        cache = {}
+    cache.pop(key, None)  # the newest last: the oldest go first once the cache is full
+    kept = list(cache.items())[-(METRICS_KEPT - 1):] if METRICS_KEPT > 1 else []
+    try:
+        write_json(_cache_file(), {**dict(kept), key: metrics})
+    except OSError as err:  # a cache that cannot be written only costs time
+        log.info("cannot write the metrics cache %s: %s", _cache_file(), err)
