@@ -541,7 +541,8 @@ class MeasureConfig(Checked):
     runtime: str = option("torch", "What runs the two models: torch, or onnxruntime (both exported to ONNX "
                           "first, run by its CPU provider; encoder classifiers).", choices=["torch", "onnxruntime"])
     threads: int = option(None, "CPU threads for torch (default: torch's choice).", min=1)
-    attn_implementation: str = option("sdpa", "Attention kernel for both models.", choices=["eager", "sdpa"])
+    attn_implementation: str = option("sdpa", "Attention kernel for both models (eager where transformers gives the "
+                                      "model no sdpa, e.g. LongT5).", choices=["eager", "sdpa"])
     output_dir: str = option(None, "Also write measure.json and measure.md into this folder.")
     overwrite: bool = option(False, "Allow replacing an earlier measure.json in --output-dir.")
     card: bool = option(False, "Also write the measured speed into the pruned model's card (its README.md; "

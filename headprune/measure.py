@@ -10,6 +10,7 @@ speedup the FLOP ratio predicts.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -234,6 +235,11 @@ def measure(cfg: MeasureConfig, progress=print) -> dict:
         if not is_classifier(load_pruned_config(cfg.pruned)):
             raise ConfigError("--runtime onnxruntime measures encoder classifiers so far (what headprune export "
                               "writes); use --runtime torch for this model")
+    from .pruning import model_class_of
+    cls = model_class_of(load_pruned_config(cfg.pruned))
+    if cfg.attn_implementation == "sdpa" and not getattr(cls, "_supports_sdpa", True):
+        progress(f"{cls.__name__} has no sdpa attention in transformers: both models run eager attention")
+        cfg = dataclasses.replace(cfg, attn_implementation="eager")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     models = load_models(cfg)

@@ -135,8 +135,9 @@ def _set_head_count(site: AttentionSite, queries: int, keys: int) -> None:
     for name in ("num_attention_heads", "n_heads", "num_heads"):
         if isinstance(getattr(attention, name, None), int):
             setattr(attention, name, queries)
-    if isinstance(getattr(attention, "all_head_size", None), int):
-        attention.all_head_size = queries * d
+    for name in ("all_head_size", "inner_dim"):  # inner_dim: T5-like (LongT5's block attention reads it)
+        if isinstance(getattr(attention, name, None), int):
+            setattr(attention, name, queries * d)
     if isinstance(getattr(attention, "num_key_value_heads", None), int):
         attention.num_key_value_heads = keys
     if isinstance(getattr(attention, "num_key_value_groups", None), int) and keys:
@@ -168,20 +169,24 @@ def _share_position_bias(attention: nn.Module, heads: list[int]) -> None:
     """T5: each stack's first layer computes the relative position bias for every head and the
     stack hands it from layer to layer, so a pruned layer takes the slice of its own heads (in
     the original numbering: `heads`) and hands on the whole; a layer left without heads still
-    hands it on (and computes it, where it owns the table)."""
+    hands it on (and computes it, where it owns the table). LongT5's encoder attends in blocks
+    (local or transient-global): its bias holds the heads at dim 2 (see _block_bias_forward)."""
     base = type(attention)
     if not base.__name__.startswith("HeadPruned"):
         width = attention.n_heads  # the bias of every head, before any is removed
-
-        def forward(self, hidden_states, mask=None, key_value_states=None, position_bias=None, cache=None, **kwargs):
-            if position_bias is None:
-                position_bias = self.headprune_full_bias(hidden_states, key_value_states, cache)
-            mine = getattr(self, BIAS_HEADS)
-            if not mine:
-                return self.o(hidden_states.new_zeros(*hidden_states.shape[:-1], 0)), position_bias, None
-            output, _, weights = base.forward(self, hidden_states, mask=mask, key_value_states=key_value_states,
-                                              position_bias=position_bias[:, mine], cache=cache, **kwargs)
-            return output, position_bias, weights
+        if hasattr(attention, "block_len"):
+            forward = _block_bias_forward(base)
+        else:
+            def forward(self, hidden_states, mask=None, key_value_states=None, position_bias=None, cache=None,
+                        **kwargs):
+                if position_bias is None:
+                    position_bias = self.headprune_full_bias(hidden_states, key_value_states, cache)
+                mine = getattr(self, BIAS_HEADS)
+                if not mine:
+                    return self.o(hidden_states.new_zeros(*hidden_states.shape[:-1], 0)), position_bias, None
+                output, _, weights = base.forward(self, hidden_states, mask=mask, key_value_states=key_value_states,
+                                                  position_bias=position_bias[:, mine], cache=cache, **kwargs)
+                return output, position_bias, weights
 
         def full_bias(self, hidden_states, key_value_states, cache):
             """What T5Attention computes when no bias is handed in, for every head."""
@@ -193,8 +198,47 @@ def _share_position_bias(attention: nn.Module, heads: list[int]) -> None:
             return hidden_states.new_zeros(1, width, queries, keys)
 
         attention.__class__ = type(f"HeadPruned{base.__name__}", (base,),
-                                   {"forward": forward, "headprune_full_bias": full_bias})
+                                   {"forward": forward, "headprune_full_bias": full_bias, "headprune_width": width})
     setattr(attention, BIAS_HEADS, heads)
+
+
+def _block_bias_forward(base: type):
+    """The forward of LongT5's local or transient-global attention taking its heads' slice of a
+    position bias shaped (1 or batch, 1 or blocks, heads, block, keys). Without one handed in (the
+    stack's first layer) it builds the bias of every head as transformers' own forward does: the
+    relative table, the local mask and, transient-global, the side bias to the global tokens."""
+
+    def forward(self, hidden_states, mask=None, position_bias=None, output_attentions=False, **kwargs):
+        if position_bias is None:
+            position_bias = _full_block_bias(self, hidden_states, mask)
+        mine = getattr(self, BIAS_HEADS)
+        if not mine:
+            output = self.o(hidden_states.new_zeros(*hidden_states.shape[:-1], 0))
+            return (output, position_bias) + ((None,) if output_attentions else ())
+        outputs = base.forward(self, hidden_states, mask=mask, position_bias=position_bias[:, :, mine],
+                               output_attentions=output_attentions, **kwargs)
+        return (outputs[0], position_bias) + tuple(outputs[2:])
+    return forward
+
+
+def _full_block_bias(attention: nn.Module, hidden_states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    from transformers.models.longt5 import modeling_longt5 as longt5
+    blocks, width = attention.block_len, attention.headprune_width
+    if attention.has_relative_attention_bias:
+        bias = attention.compute_bias(blocks)
+    else:
+        bias = hidden_states.new_zeros(1, 1, width, blocks, 3 * blocks)
+    side = hasattr(attention, "global_block_size")  # transient-global
+    if mask is not None:  # local: the stack hands in the local mask; transient-global: the plain one
+        local = longt5._get_local_attention_mask(mask, blocks, hidden_states.device) if side else mask
+        bias = bias + torch.where(local > 0, 0.0, -1e10).transpose(1, 2)
+    if not side:
+        return bias
+    bias = bias.to(hidden_states.dtype)
+    mask = mask if mask is not None else hidden_states.new_ones(hidden_states.shape[:-1])
+    _, segments = longt5._make_global_fixed_block_ids(mask, attention.global_block_size)
+    side_bias = longt5._split_into_blocks(attention.compute_side_bias(mask, segments), blocks, dim=-2).transpose(1, 2)
+    return torch.cat([bias, side_bias.to(hidden_states.dtype).to(hidden_states.device)], dim=-1)
 
 
 def remove_heads(model: nn.Module, kept: list[Head], unit: str = "group") -> nn.Module:

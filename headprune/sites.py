@@ -240,14 +240,20 @@ def seq2seq_sites(model: nn.Module) -> Iterator[AttentionSite]:
                                 module.k_proj, module.v_proj, module.out_proj, module.head_dim)
 
 
+# T5's attention modules by their names in a block; LongT5's encoder attends locally in blocks or
+# to transient global tokens as well (its decoder is T5's)
+T5_ATTENTION = ("SelfAttention", "EncDecAttention", "LocalSelfAttention", "TransientGlobalSelfAttention")
+
+
 def t5_sites(model: nn.Module) -> Iterator[AttentionSite]:
-    """T5, Flan-T5, mT5, UMT5-like layouts: `encoder.block.i.layer.0.SelfAttention` (encoder),
+    """T5, Flan-T5, mT5, UMT5, LongT5-like layouts: `encoder.block.i.layer.0.SelfAttention`
+    (encoder; LongT5: `LocalSelfAttention` or `TransientGlobalSelfAttention`),
     `decoder.block.i.layer.0.SelfAttention` (decoder) and `decoder.block.i.layer.1.EncDecAttention`
     (cross), each with `q, k, v, o`. The relative position bias is computed for every head by
     each stack's first layer and handed on to the next (see AttentionSite.position_bias)."""
     for name, module in model.named_modules():
         parts = name.split(".")
-        if (parts[-1] in ("SelfAttention", "EncDecAttention") and "block" in parts and parts.index("block") > 0
+        if (parts[-1] in T5_ATTENTION and "block" in parts and parts.index("block") > 0
                 and all(hasattr(module, p) for p in ("q", "k", "v", "o", "key_value_proj_dim", "compute_bias"))):
             stack = parts[parts.index("block") - 1]
             kind = "cross" if parts[-1] == "EncDecAttention" else stack
@@ -328,18 +334,13 @@ LAYOUTS: dict[str, Callable[[nn.Module], Iterator[AttentionSite]]] = {
     "DeBERTa-v2/v3 (disentangled attention)": deberta_v2_sites,
     "DeBERTa (v1: one projection, per head its query, key, value; the query and value biases apart)": deberta_sites,
     "BART-style encoder-decoder (BART, mBART, Marian, Pegasus)": seq2seq_sites,
-    "T5-style encoder-decoder (T5, Flan-T5, mT5: a shared relative position bias)": t5_sites,
+    "T5-style encoder-decoder (T5, Flan-T5, mT5, LongT5: a shared relative position bias)": t5_sites,
     "Llama-style decoder with grouped-query attention (Llama, Mistral, Qwen2, Qwen3, SmolLM, Gemma 2/3)": causal_lm_sites,
     "ModernBERT (one projection for queries, keys and values)": modernbert_sites,
     "GPT-2 (one Conv1D for queries, keys and values)": gpt2_sites,
     "GPT-NeoX-style decoder (GPT-NeoX, Pythia: one projection, per head its query, key, value)": gpt_neox_sites,
     "Phi-3-style decoder (Phi-3, Phi-4-mini: one projection for queries, keys and values)": phi3_sites,
 }
-
-
-# Known layouts that need more than slicing q, k, v and the output projection.
-NOT_YET = {"longt5": "its local and transient-global attention keeps extra per-head tables (T5, Flan-T5 and mT5 "
-                     "are supported)"}
 
 
 def unpruned_attention(model: nn.Module, sites: list[AttentionSite]) -> list[str]:
@@ -366,8 +367,6 @@ def find_sites(model: nn.Module, unit: str = "group") -> list[AttentionSite]:
     if unit not in UNITS:
         raise ValueError(f"unit {unit!r}: choose one of {', '.join(UNITS)}")
     model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-    if model_type in NOT_YET:  # before the layouts: one may match a part of it (LongT5's decoder is T5's)
-        raise UnsupportedArchitectureError(f"headprune does not support {model_type!r} yet: {NOT_YET[model_type]}")
     for layout in LAYOUTS.values():
         sites = sorted(layout(model), key=lambda s: (KINDS.index(s.kind), s.layer))
         if sites and unit == "query":

@@ -187,7 +187,7 @@ def check_plan(cfg: SweepConfig, runs: list[PruneConfig]) -> None:
     for run in runs:
         if (run.model, run.mode) not in models:
             path, _, counts = get_task(cfg.task).inspect(run.model, require_finetuned=run.mode == "pipelined",
-                                                         unit=cfg.unit)
+                                                         unit=cfg.unit, attn_implementation=cfg.attn_implementation)
             models[(run.model, run.mode)] = counts, input_paths(run, path)
             check_not_inside(Path(cfg.output_dir), models[(run.model, run.mode)][1])
         counts, inputs = models[(run.model, run.mode)]

@@ -109,16 +109,6 @@ def test_unsupported_architecture_names_the_supported_layouts():
         attach_gates(mpnet)
 
 
-@pytest.mark.parametrize("attention", ["local", "transient-global"])
-def test_longt5_is_refused_although_its_decoder_is_t5s(attention):
-    """Its decoder's modules are T5's: without the refusal its encoder heads would go unpruned, unsaid."""
-    from transformers import LongT5Config, LongT5ForConditionalGeneration
-    model = LongT5ForConditionalGeneration(LongT5Config(vocab_size=20, d_model=16, d_kv=4, d_ff=8, num_layers=1,
-                                                        num_heads=4, encoder_attention_type=attention))
-    with pytest.raises(UnsupportedArchitectureError, match="does not support 'longt5' yet: its local and transient"):
-        attach_gates(model)
-
-
 def test_attention_no_layout_reads_is_named_in_a_warning(caplog):
     from transformers import GPT2Config, GPT2LMHeadModel
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=8, vocab_size=20, add_cross_attention=True))

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from headprune import attach_gates, detach_gates, load_pruned
 from headprune.config import FinetuneConfig, PruneConfig
-from headprune.errors import DataError, ModelError
+from headprune.errors import ConfigError, DataError, ModelError
 from headprune.parallel import ding_pairs, load_parallel, remove_bpe
 from headprune.recipes import finetune, prune
 from headprune.tasks.translation import bleu_scores, inverse_sqrt, learn_vocabulary
@@ -329,19 +329,31 @@ def test_every_sentence_of_an_evaluation_split_is_translated_once(trained, tmp_p
     assert results["eval_examples"] == {"valid": size}
 
 
-def test_a_t5_translation_model_prunes_three_kinds_of_heads_and_reloads(tmp_path):
-    from transformers import T5Config, T5ForConditionalGeneration
+@pytest.mark.parametrize("family", ["t5", "longt5"])
+def test_a_t5_translation_model_prunes_three_kinds_of_heads_and_reloads(tmp_path, family):
+    from transformers import LongT5Config, LongT5ForConditionalGeneration, T5Config, T5ForConditionalGeneration
     data = write_pairs(tmp_path / "pairs.jsonl", n=120)
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     tokenizer = learn_vocabulary([r["de"] for r in rows] + [r["en"] for r in rows], vocab_size=64)
     torch.manual_seed(0)
-    config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-                      relative_attention_num_buckets=8, dropout_rate=0.0, initializer_factor=3.0,
-                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                      decoder_start_token_id=tokenizer.pad_token_id)
-    T5ForConditionalGeneration(config).save_pretrained(tmp_path / "t5")
+    common = dict(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                  relative_attention_num_buckets=8, dropout_rate=0.0, initializer_factor=3.0,
+                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                  decoder_start_token_id=tokenizer.pad_token_id)
+    if family == "t5":
+        model = T5ForConditionalGeneration(T5Config(**common))
+    else:  # its encoder attends in blocks of 3 and to the means of every 2 tokens
+        model = LongT5ForConditionalGeneration(LongT5Config(**common, local_radius=2, global_block_size=2,
+                                                            encoder_attention_type="transient-global"))
+    model.save_pretrained(tmp_path / "t5")
     tokenizer.save_pretrained(tmp_path / "t5")
     results = prune(tiny_cfg(PruneConfig, data, tmp_path / "out", model=str(tmp_path / "t5"), k_per_kind=[3, 2, 2],
                              epochs=1, t0=1.0, tf=1e-3))
     assert results["kept_per_kind"] == {"encoder": 3, "decoder": 2, "cross": 2} and results["num_heads"] == 24
     same_generations_as_the_mask(tmp_path / "t5", tmp_path / "out" / "model", results["kept_heads"])
+    if family == "longt5":  # transformers runs it with eager attention only: said before anything starts
+        with pytest.raises(ConfigError, match="^LongT5ForConditionalGeneration has no sdpa attention in "
+                                              "transformers: use --attn-implementation eager$"):
+            prune(tiny_cfg(PruneConfig, data, tmp_path / "sdpa", model=str(tmp_path / "t5"), k=4,
+                           attn_implementation="sdpa"))
+        assert not (tmp_path / "sdpa").exists()

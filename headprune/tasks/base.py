@@ -116,11 +116,11 @@ class Task:
             raise ModelError(f"cannot load model {name!r}: no such folder, and no hub model of that "
                              f"name{hint}: {first_line(err)}") from err
 
-    def inspect(self, name: str, require_finetuned: bool, unit: str = "group"):
+    def inspect(self, name: str, require_finetuned: bool, unit: str = "group", attn_implementation: str = "eager"):
         """The model's config, checked before any weights or data are loaded: that it can be read,
         that headprune knows its attention layout (on a weightless copy built from the config),
-        and for pipelined pruning that it is a trained model of this task. Returns (path, config,
-        {kind: number of heads})."""
+        that transformers runs it with the attention kernel asked for, and for pipelined pruning
+        that it is a trained model of this task. Returns (path, config, {kind: number of heads})."""
         path, config = self.model_config(name)
         try:
             with torch.device("meta"):  # shapes only: nothing is allocated or read
@@ -130,6 +130,9 @@ class Task:
                 f"headprune does not support {config.model_type!r} for {self.name} (transformers has "
                 f"no {self.auto_class.__name__.removeprefix('AutoModelFor')} model for it)") from err
         sites = find_sites(skeleton, unit)  # or UnsupportedArchitectureError
+        if attn_implementation == "sdpa" and not type(skeleton)._supports_sdpa:
+            raise ConfigError(f"{type(skeleton).__name__} has no sdpa attention in transformers: use "
+                              "--attn-implementation eager")
         counts: dict[str, int] = {}
         for site in sites:
             counts[site.kind] = counts.get(site.kind, 0) + site.num_heads
