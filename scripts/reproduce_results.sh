@@ -223,6 +223,16 @@ case "${1:-dsp}" in
       ${PYTHON:-python} benchmarks/paired.py --a $OUT/subjectivity-mean-uniform/dsp-pipelined-k$k-s{0,1,2} \
         --b $OUT/today-subjectivity-flap/flap-pipelined-k$k-s0
     done
+    # subjectivity at 6 heads (the twenty-first session): Michel's curve, DSP's 3 seeds (global at 1 head a layer)
+    $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model --max-train-examples 4000 \
+      --methods michel --ks 6 --output-dir $OUT/today-subjectivity-michel
+    $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model $R --ks 6 --seeds 0 1 2 \
+      --allocation global --output-dir $OUT/subjectivity-mean
+    ${PYTHON:-python} benchmarks/paired.py --a $OUT/subjectivity-mean/dsp-pipelined-k6-s{0,1,2} \
+      --b $OUT/today-subjectivity-michel/michel-pipelined-s0 --k 6
+    # why DSP trails FLAP with its bias at 36 heads on subjectivity: loss and accuracy on the pruning data and on test
+    ${PYTHON:-python} benchmarks/loss_and_accuracy.py $OUT/subjectivity-mean-uniform/dsp-pipelined-k36-s{0,1,2} \
+      $OUT/today-subjectivity-flap/flap-pipelined-k36-s0
     ${PYTHON:-python} benchmarks/targets.py $OUT/today-smollm2 $OUT/today-smollm2-michel-raw* $OUT/smollm2 \
       $OUT/today-smollm2-mean $OUT/today-smollm2-mean-fisher $OUT/today-smollm2-mean-michel \
       --dsp "dsp (mean ablation) + bias" --lower-is-better --ks 30 45 60 ;;
