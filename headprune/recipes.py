@@ -30,13 +30,13 @@ from torch.utils.data import DataLoader
 
 from .card import command_of, write_model_card
 from .config import DEMO_DIR, SCORED, FinetuneConfig, PruneConfig, ablation_in_effect, reconstruct_in_effect
+from .digests import cached_metrics, digest_of_weights, metrics_key, remember_metrics, run_inputs
 from .errors import ConfigError, HeadpruneError
 from .budget import budget_units, fit, speed_units, uniform_allocation, uniform_mask
 from .gates import attach_gates, detach_gates
 from .latency import latency_table
 from .measure import is_generator, sequence_length, size_facts
 from .methods import TRAINED
-from .digests import cached_metrics, digest_of_weights, metrics_key, remember_metrics, run_inputs
 from .outputs import (BEST, RESULTS, atomic_folder, check_not_inside, check_output_dir, finish_run,
                       folder_bytes, versions, write_json, write_jsonl)
 from .pruning import save_pruned, zero_pruned_heads
