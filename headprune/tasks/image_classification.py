@@ -3,15 +3,16 @@ image encoders of their layout) on the offline digits, an image folder or a `dat
 (headprune.images); the model's own image processor; accuracy per evaluation split.
 
 `--model scratch:vit-tiny` builds a small ViT from a config (no pretrained image model can be had
-offline here); a local folder or hub id loads with its image processor."""
+offline here), `scratch:swin-tiny` a small Swin (shifted windows); a local folder or hub id loads
+with its image processor."""
 
 from __future__ import annotations
 
 import logging
 
 from safetensors import SafetensorError
-from transformers import (AutoImageProcessor, AutoModelForImageClassification, ViTConfig,
-                          ViTForImageClassification, ViTImageProcessorPil, default_data_collator)
+from transformers import (AutoImageProcessor, AutoModelForImageClassification, SwinConfig, SwinForImageClassification,
+                          ViTConfig, ViTForImageClassification, ViTImageProcessorPil, default_data_collator)
 
 from ..errors import ModelError, first_line
 from ..images import ImageData, load_images, subsample
@@ -21,12 +22,18 @@ from .classification import evaluate
 
 log = logging.getLogger("headprune")
 
-# Models built from a config (`--model scratch:<name>`): patches of 8 pixels of a 32 x 32 image
-SCRATCH = {"vit-tiny": dict(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                            intermediate_size=128)}
+# Models built from a config (`--model scratch:<name>`) for a 32 x 32 image: (config class, model
+# class, settings). ViT: patches of 8 pixels; Swin: patches of 4, windows of 4 x 4 patches shifted
+# every other block, 2 then 4 heads in its two stages (12 heads)
+SCRATCH = {
+    "vit-tiny": (ViTConfig, ViTForImageClassification, dict(
+        image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128)),
+    "swin-tiny": (SwinConfig, SwinForImageClassification, dict(
+        image_size=32, patch_size=4, embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=4)),
+}
 
 
-def scratch_preset(name: str) -> dict:
+def scratch_preset(name: str) -> tuple:
     preset = name.removeprefix("scratch:")
     if preset not in SCRATCH:
         raise ModelError(f"unknown model {name!r}; from scratch: {', '.join('scratch:' + n for n in SCRATCH)}")
@@ -42,7 +49,8 @@ class ImageClassification(Task):
 
     def model_config(self, name: str):
         if name.startswith("scratch:"):
-            return None, ViTConfig(**scratch_preset(name))
+            config_class, _, preset = scratch_preset(name)
+            return None, config_class(**preset)
         return super().model_config(name)
 
     def load_data(self, cfg) -> ImageData:
@@ -54,13 +62,13 @@ class ImageClassification(Task):
     def load_model(self, cfg, data: ImageData, path, config, require_finetuned: bool):
         labels = data.label_names
         names = {"id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}}
-        if path is None:  # from scratch: a ViT from the preset; its processor (PIL: no torchvision) maps pixels to [-1, 1]
-            preset = scratch_preset(cfg.model)
-            config = ViTConfig(**preset, num_labels=len(labels), **names)
+        if path is None:  # from scratch: the preset's model; its processor (PIL: no torchvision) maps pixels to [-1, 1]
+            config_class, model_class, preset = scratch_preset(cfg.model)
+            config = config_class(**preset, num_labels=len(labels), **names)
             config._attn_implementation = cfg.attn_implementation
             size = preset["image_size"]
             processor = ViTImageProcessorPil(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-            return ViTForImageClassification(config), processor
+            return model_class(config), processor
         try:
             processor = AutoImageProcessor.from_pretrained(path, **SAFE)
         except (OSError, ValueError) as err:
