@@ -370,6 +370,30 @@ def unpruned_attention(model: nn.Module, sites: list[AttentionSite]) -> list[str
             and not any(name == f or name.startswith(f + ".") or f.startswith(name + ".") for f in found)]
 
 
+# Norms of the queries or keys inside an attention module: one norm of a head's size, shared by
+# every head (Qwen3, Gemma 3), slices with nothing; one over all heads together (OLMo 2, OLMoE) or
+# with weights per head (Cohere with qk norms) does not
+QK_NORMS = ("q_norm", "k_norm", "q_layernorm", "k_layernorm", "query_layernorm", "key_layernorm")
+
+
+def check_sites(model_type: str, sites: list[AttentionSite]) -> None:
+    """What a layout's match must also hold: one site per (kind, layer), since heads are addressed
+    by them, and no query or key norm that couples the heads (QK_NORMS)."""
+    seen = [(site.kind, site.layer) for site in sites]
+    if len(set(seen)) < len(seen):
+        twice = next(place for place in seen if seen.count(place) > 1)
+        raise UnsupportedArchitectureError(f"headprune does not support {model_type!r}: two of its attention modules "
+                                           f"are both {twice[0]} layer {twice[1]} in the layout it matches")
+    for site in sites:
+        for name in QK_NORMS:
+            weight = getattr(getattr(site.attention, name, None), "weight", None)
+            if weight is not None and tuple(weight.shape) != (site.head_dim,):
+                raise UnsupportedArchitectureError(
+                    f"headprune does not support {model_type!r}: its attention's {name} has weights of shape "
+                    f"{tuple(weight.shape)} for heads of size {site.head_dim} (a norm over all heads together, or "
+                    "one per head), so a head cannot be removed without changing the others or the norm")
+
+
 # What one unit of pruning is called in logs and reports.
 UNIT_NAMES = {"head": "heads", "group": "KV groups", "query": "query positions (of every group)"}
 
@@ -393,6 +417,7 @@ def find_sites(model: nn.Module, unit: str = "group") -> list[AttentionSite]:
             for site in sites:
                 site.unit = "query"
         if sites:
+            check_sites(model_type, sites)
             return sites
     unread = next(((name, type(m).__name__) for name, m in model.named_modules()
                    if type(m).__name__.endswith(("Attention", "SelfAttention"))), None)

@@ -109,6 +109,31 @@ def test_unsupported_architecture_names_the_supported_layouts():
         attach_gates(mpnet)
 
 
+@pytest.mark.parametrize("model_type,settings,norm", [
+    ("olmo2", {}, r"q_norm has weights of shape \(32,\) for heads of size 8 \(a norm over all heads together"),
+    ("cohere", {"use_qk_norm": True}, r"q_norm has weights of shape \(4, 8\) for heads of size 8"),
+])
+def test_query_or_key_norms_that_couple_the_heads_are_refused(model_type, settings, norm):
+    """OLMo 2 normalises the queries of all heads together: removing a head would change the others
+    (Qwen3's and Gemma 3's norm, of one head's size, shared by all, is pruned in test_llm_heads)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.for_model(model_type, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                  num_key_value_heads=2, intermediate_size=16, vocab_size=20, **settings)
+    with pytest.raises(UnsupportedArchitectureError, match=f"^headprune does not support '{model_type}': its "
+                       f"attention's {norm}"):
+        attach_gates(AutoModelForCausalLM.from_config(config))
+
+
+def test_two_sites_at_one_layer_are_refused():
+    from headprune.sites import AttentionSite, check_sites
+    linear = nn.Linear(4, 4)
+    site = AttentionSite("encoder", 3, nn.Module(), linear, linear, linear, linear, 2)
+    check_sites("x", [site])
+    with pytest.raises(UnsupportedArchitectureError, match="^headprune does not support 'x': two of its attention "
+                       "modules are both encoder layer 3 in the layout it matches$"):
+        check_sites("x", [site, AttentionSite("encoder", 3, nn.Module(), linear, linear, linear, linear, 2)])
+
+
 def test_attention_no_layout_reads_is_named_in_a_warning(caplog):
     from transformers import GPT2Config, GPT2LMHeadModel
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=8, vocab_size=20, add_cross_attention=True))
