@@ -124,6 +124,32 @@ def test_query_or_key_norms_that_couple_the_heads_are_refused(model_type, settin
         attach_gates(AutoModelForCausalLM.from_config(config))
 
 
+@pytest.mark.parametrize("model_type,module", [
+    ("nystromformer", r"encoder\.layer\.0\.attention \(NystromformerAttention\)"),  # a convolution per head
+    ("convbert", r"encoder\.layer\.0\.attention \(ConvBertAttention\)"),  # span convolutions
+    ("gpt_bigcode", r"h\.0\.attn \(GPTBigCodeAttention\)"),  # multi-query, not GPT-2's blocks
+])
+def test_lookalikes_of_supported_layouts_are_refused_in_one_line(model_type, module):
+    """Their modules are named as BERT's or GPT-2's, but they hold more per head (removal crashed)."""
+    from transformers import AutoConfig, AutoModel
+    config = AutoConfig.for_model(model_type, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                  intermediate_size=16, vocab_size=20, n_embd=32, n_layer=1, n_head=4)
+    with pytest.raises(UnsupportedArchitectureError, match=f"^headprune does not support '{model_type}': its "
+                       f"attention module {module} matches none of the layouts"):
+        attach_gates(AutoModel.from_config(config))
+
+
+def test_led_is_refused_although_its_decoder_matches_barts_layout():
+    """Without the refusal its encoder heads would stay whole and its pruned decoder would fail after the run."""
+    from transformers import LEDConfig, LEDForConditionalGeneration
+    model = LEDForConditionalGeneration(LEDConfig(vocab_size=20, d_model=16, encoder_layers=1, decoder_layers=1,
+                                                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=8,
+                                                  decoder_ffn_dim=8, attention_window=4))
+    with pytest.raises(UnsupportedArchitectureError, match="^headprune does not support 'led' yet: its encoder's "
+                       "Longformer attention matches no layout"):
+        attach_gates(model)
+
+
 def test_two_sites_at_one_layer_are_refused():
     from headprune.sites import AttentionSite, check_sites
     linear = nn.Linear(4, 4)
