@@ -276,7 +276,9 @@ def remove_heads(model: nn.Module, kept: list[Head], unit: str = "group") -> nn.
             rows = index(site.own_rows(queries if which == "query" else keys))
             setattr(owner, name, nn.Parameter(bias.detach().index_select(0, rows).clone(),
                                               requires_grad=bias.requires_grad))
-        for owner, name in site.head_columns:
+        # tables with a column per head; a layer left without heads keeps its table whole (BEiT's
+        # layer still computes the bias from it, which the skipped attention then drops)
+        for owner, name in site.head_columns if queries else ():
             table = getattr(owner, name)
             setattr(owner, name, nn.Parameter(table.detach().index_select(1, index(queries)).clone(),
                                               requires_grad=table.requires_grad))

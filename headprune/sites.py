@@ -81,8 +81,8 @@ class AttentionSite:
     # Bias vectors kept apart from a fused projection, per head, as (module, attribute, "query" or
     # "value"): DeBERTa v1's q_bias and v_bias; sliced with their heads
     extra_biases: tuple = ()
-    # Tables with one column per query head, as (module, attribute): Swin's relative position bias
-    # table; sliced with their heads
+    # Tables with one column per query head, as (module, attribute): Swin's and BEiT's relative
+    # position bias tables; sliced with their heads
     head_columns: tuple = ()
     # T5: the module takes a position bias for every head from the layer before and hands it on
     # (computed by each stack's first layer), so a pruned layer takes its own heads' slice of it
@@ -168,9 +168,20 @@ def _in_layer_list(name: str) -> bool:
     return "layer" in name.split(".")
 
 
+def _holds_only(module: nn.Module, names: tuple[str, ...]) -> bool:
+    """Whether every parameter of `module` belongs to one of its children `names`: a module named
+    as a layout's but holding more (a convolution or a norm over the heads, per-head scalars) is of
+    another layout, whose heads removal would get wrong."""
+    return all(name.split(".")[0] in names for name, _ in module.named_parameters())
+
+
+# Norms of the queries or keys inside an attention module: one norm of a head's size, shared by
+# every head (Qwen3, Gemma 3), slices with nothing; one over all heads together (OLMo 2, OLMoE) or
+# with weights per head (Cohere with qk norms) does not
+QK_NORMS = ("q_norm", "k_norm", "q_layernorm", "k_layernorm", "query_layernorm", "key_layernorm")
+
 # What a BERT-style self-attention module may hold: its projections and BERT's relative-position
-# embedding (one head's size, shared). Anything else (Nystromformer's convolution per head,
-# ConvBERT's span convolutions) belongs to another layout.
+# embedding (one head's size, shared); not Nystromformer's convolution per head or ConvBERT's spans
 BERT_SELF = ("query", "key", "value", "distance_embedding")
 
 
@@ -181,7 +192,7 @@ def bert_sites(model: nn.Module) -> Iterator[AttentionSite]:
         attn = getattr(module, "self", None)
         if (name.endswith("attention") and _in_layer_list(name) and hasattr(attn, "query")
                 and hasattr(attn, "attention_head_size") and hasattr(getattr(module, "output", None), "dense")
-                and all(p.split(".")[0] in BERT_SELF for p, _ in attn.named_parameters())):
+                and _holds_only(attn, BERT_SELF)):
             kind = "cross" if name.endswith("crossattention") else "encoder"
             yield AttentionSite(kind, _layer_index(name), attn, attn.query, attn.key, attn.value,
                                 module.output.dense, attn.attention_head_size)
@@ -224,17 +235,24 @@ def deberta_sites(model: nn.Module) -> Iterator[AttentionSite]:
 
 
 def vit_sites(model: nn.Module) -> Iterator[AttentionSite]:
-    """ViT, DeiT, Swin and image encoders of their layout: `layers.i.attention` (Swin:
+    """ViT, DeiT, BEiT, Swin and image encoders of their layout: `layers.i.attention` (Swin:
     `layers.i.blocks.j.attention`, numbered in order over the stages) with `q_proj, k_proj,
-    v_proj, o_proj` (transformers 5), attending both ways. Swin's windows add a relative position
-    bias table with a column per head, sliced with the heads."""
+    v_proj, o_proj` (transformers 5), attending both ways. A relative position bias table with a
+    column per head, in the attention (Swin) or in its layer (BEiT), is sliced with the heads; one
+    table shared by every layer (BEiT's option) is refused."""
     layer = 0
     for name, module in model.named_modules():
         parts = name.split(".")
+        if getattr(module, "shared_position_bias", None) is not None:
+            raise UnsupportedArchitectureError(
+                f"headprune does not support the relative position bias that {type(module).__name__} shares among its "
+                "layers (a column per head, one table for layers that keep different heads): use a model without it")
         if (parts[-1] == "attention" and "layers" in parts and getattr(module, "is_causal", None) is False
-                and all(hasattr(module, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim"))):
-            table = getattr(getattr(module, "relative_position_bias", None), "relative_position_bias_table", None)
-            columns = ((module.relative_position_bias, "relative_position_bias_table"),) if table is not None else ()
+                and all(hasattr(module, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim"))
+                and _holds_only(module, ("q_proj", "k_proj", "v_proj", "o_proj", "relative_position_bias"))):
+            parent = model.get_submodule(".".join(parts[:-1]))
+            columns = tuple((owner.relative_position_bias, "relative_position_bias_table") for owner in (module, parent)
+                            if hasattr(getattr(owner, "relative_position_bias", None), "relative_position_bias_table"))
             yield AttentionSite("encoder", layer, module, module.q_proj, module.k_proj, module.v_proj, module.o_proj,
                                 module.head_dim, head_columns=columns)
             layer += 1
@@ -254,7 +272,8 @@ def seq2seq_sites(model: nn.Module) -> Iterator[AttentionSite]:
     for name, module in model.named_modules():
         parts = name.split(".")
         if not (hasattr(module, "q_proj") and hasattr(module, "out_proj") and hasattr(module, "head_dim")
-                and "layers" in parts and parts.index("layers") > 0):
+                and "layers" in parts and parts.index("layers") > 0
+                and _holds_only(module, ("q_proj", "k_proj", "v_proj", "out_proj"))):
             continue
         stack = parts[parts.index("layers") - 1]
         kind = "cross" if parts[-1] == "encoder_attn" else stack
@@ -288,11 +307,14 @@ def t5_sites(model: nn.Module) -> Iterator[AttentionSite]:
 def causal_lm_sites(model: nn.Module) -> Iterator[AttentionSite]:
     """Llama, Mistral, Qwen2/3, SmolLM, Gemma and others of that layout: `layers.i.self_attn`
     with `q_proj, k_proj, v_proj, o_proj` and `num_key_value_groups` (query heads per key/value
-    head: 1 for plain multi-head attention). Pruned by KV group unless asked otherwise."""
+    head: 1 for plain multi-head attention), and at most norms of the queries and keys (not GPT-OSS's
+    sinks per head, DiffLlama's lambdas, BitNet's norm of the heads' output). Pruned by KV group
+    unless asked otherwise."""
     for name, module in model.named_modules():
         parts = name.split(".")
         if (parts[-1] == "self_attn" and "layers" in parts and hasattr(module, "num_key_value_groups")
-                and all(hasattr(module, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim"))):
+                and all(hasattr(module, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim"))
+                and _holds_only(module, ("q_proj", "k_proj", "v_proj", "o_proj") + QK_NORMS)):
             yield AttentionSite("decoder", int(parts[parts.index("layers") + 1]), module, module.q_proj,
                                 module.k_proj, module.v_proj, module.o_proj, module.head_dim, unit="group")
 
@@ -354,7 +376,7 @@ def phi3_sites(model: nn.Module) -> Iterator[AttentionSite]:
 LAYOUTS: dict[str, Callable[[nn.Module], Iterator[AttentionSite]]] = {
     "BERT-style (BERT, RoBERTa, XLM-R, ELECTRA, MiniLM, CamemBERT, ERNIE)": bert_sites,
     "DistilBERT-style": distilbert_sites,
-    "ViT-style image encoder (ViT, DeiT, Swin)": vit_sites,
+    "ViT-style image encoder (ViT, DeiT, BEiT, Swin)": vit_sites,
     "DeBERTa-v2/v3 (disentangled attention)": deberta_v2_sites,
     "DeBERTa (v1: one projection, per head its query, key, value; the query and value biases apart)": deberta_sites,
     "BART-style encoder-decoder (BART, mBART, Marian, Pegasus)": seq2seq_sites,
@@ -380,14 +402,12 @@ def unpruned_attention(model: nn.Module, sites: list[AttentionSite]) -> list[str
 
 # Models that a layout matches only in part, refused by model_type before the layouts are tried:
 # model_type -> why
+RESHAPES_TO_WIDTH = ("its attention reshapes its heads' outputs to the model's width, which a pruned layer no "
+                     "longer has")
 NOT_YET = {"led": "its encoder's Longformer attention matches no layout, and its decoder's attention reshapes "
-                  "its heads to the model's width, which a pruned layer no longer has"}
-
-
-# Norms of the queries or keys inside an attention module: one norm of a head's size, shared by
-# every head (Qwen3, Gemma 3), slices with nothing; one over all heads together (OLMo 2, OLMoE) or
-# with weights per head (Cohere with qk norms) does not
-QK_NORMS = ("q_norm", "k_norm", "q_layernorm", "k_layernorm", "query_layernorm", "key_layernorm")
+                  "its heads' outputs to the model's width, which a pruned layer no longer has",
+           "fsmt": RESHAPES_TO_WIDTH, "mvp": RESHAPES_TO_WIDTH, "pegasus_x": RESHAPES_TO_WIDTH,
+           "layoutlmv3": "its relative position biases, computed once with a column per head, go to every layer"}
 
 
 def check_sites(model_type: str, sites: list[AttentionSite]) -> None:

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 from PIL import Image
-from transformers import (DeiTConfig, DeiTForImageClassification, SwinConfig, SwinForImageClassification, Swinv2Config,
+from transformers import (BeitConfig, BeitForImageClassification, DeiTConfig, DeiTForImageClassification, SwinConfig, SwinForImageClassification, Swinv2Config,
                           Swinv2ForImageClassification, ViTConfig, ViTForImageClassification)
 
 from headprune import attach_gates, detach_gates
@@ -124,15 +124,45 @@ def test_swin_heads_gates_removal_and_reload(attn, tmp_path):
     assert not torch.allclose(expected, before, atol=1e-3)
     save_pruned(copy.deepcopy(model), tmp_path, kept)
     pruned = remove_heads(model, kept)
-    # each block's table keeps the columns of its kept heads (block 1 keeps none: it skips attention)
+    # each block's table keeps the columns of its kept heads (block 1 keeps none: it skips attention, its
+    # table stays whole)
     tables = [m.relative_position_bias_table for m in pruned.modules() if hasattr(m, "relative_position_bias_table")]
-    assert [t.shape[1] for t in tables] == [1, 0, 2, 2]
+    assert [t.shape[1] for t in tables] == [1, 2, 2, 2]
     assert torch.equal(tables[2], tiny_swin(attn).swin.encoder.layers[1].blocks[0].attention
                        .relative_position_bias.relative_position_bias_table[:, [0, 3]])
     with torch.no_grad():
         assert torch.allclose(pruned(pixel_values=pixels).logits, expected, atol=1e-5)
         assert torch.allclose(load_pruned(tmp_path)(pixel_values=pixels).logits, expected, atol=1e-5)
     assert [s.num_heads for s in find_sites(load_pruned(tmp_path))] == [1, 0, 2, 2]
+
+
+def test_beit_slices_its_position_bias_table_per_layer_and_refuses_a_shared_one(tmp_path):
+    torch.manual_seed(0)
+    common = dict(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                  intermediate_size=37, num_labels=3)
+    model = BeitForImageClassification(BeitConfig(**common, use_relative_position_bias=True)).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "relative_position_bias_table"):
+                module.relative_position_bias_table.normal_(0.0, 2.0)
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    kept = [("encoder", 0, 1), ("encoder", 0, 2), ("encoder", 2, 3)]
+    gates = attach_gates(model)
+    gates.set_mask(torch.tensor([float(h in kept) for h in gates.heads]))
+    with torch.no_grad():
+        expected = model(pixel_values=pixels).logits
+    detach_gates(model)
+    save_pruned(copy.deepcopy(model), tmp_path, kept)
+    pruned = remove_heads(model, kept)
+    assert [layer.relative_position_bias.relative_position_bias_table.shape[1]
+            for layer in pruned.beit.layers] == [2, 4, 1]  # layer 1 keeps no heads: its table stays whole
+    with torch.no_grad():
+        assert torch.allclose(pruned(pixel_values=pixels).logits, expected, atol=1e-5)
+        assert torch.allclose(load_pruned(tmp_path)(pixel_values=pixels).logits, expected, atol=1e-5)
+    shared = BeitForImageClassification(BeitConfig(**common, use_shared_relative_position_bias=True))
+    with pytest.raises(UnsupportedArchitectureError, match="^headprune does not support the relative position bias "
+                       "that BeitModel shares among its layers"):
+        attach_gates(shared)
 
 
 def test_swin_v2_is_refused_in_one_line():
