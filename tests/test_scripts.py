@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from headprune.config import PruneConfig
 from headprune.recipes import prune
@@ -133,6 +134,26 @@ def test_prune_in_trainer_on_the_real_minilm(tmp_path):
     assert "kept 12 heads" in out and "validation accuracy of the pruned model" in out
     from headprune.pruning import load_pruned
     assert len(load_pruned(tmp_path / "pruned").config.headprune["kept_heads"]) == 12
+
+
+def test_check_architectures_tells_supported_refused_and_wrong(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import check_architectures
+    assert check_architectures.main(["bert", "olmo2", "no-such-type"]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert rows[0] == "| bert | supported | 2 attention blocks, 8 heads; pruned = masked (max 0) |"
+    assert rows[1].startswith("| olmo2 | refused | headprune does not support 'olmo2': its attention's q_norm")
+    assert rows[2].startswith("| no-such-type | not built here | ValueError")
+    real_removal = check_architectures.remove_heads
+
+    def off_by_a_little(model, kept):  # a removal that gets one weight wrong
+        model = real_removal(model, kept)
+        with torch.no_grad():
+            model.bert.encoder.layer[0].attention.output.dense.weight[0, 0] += 0.5
+        return model
+    monkeypatch.setattr(check_architectures, "remove_heads", off_by_a_little)
+    assert check_architectures.main(["bert"]) == 1
+    assert capsys.readouterr().out.splitlines()[2].startswith("| bert | mismatch | outputs differ by")
 
 
 def test_recovery_finetune(finished_runs, tmp_path, monkeypatch, capsys):
