@@ -69,26 +69,40 @@ def tiny_vit(attn="eager", arch="vit"):
     return cls(config).eval()
 
 
+PIXELS = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+def gated_logits(model, kept) -> tuple[torch.Tensor, list]:
+    """The logits of PIXELS with only the `kept` heads open, once gates at 1 are seen to change
+    nothing, and the (kind, layer, heads) of each site."""
+    with torch.no_grad():
+        before = model(pixel_values=PIXELS).logits
+    gates = attach_gates(model)
+    with torch.no_grad():
+        assert torch.allclose(model(pixel_values=PIXELS).logits, before, atol=1e-6)
+        gates.set_mask(torch.tensor([float(h in kept) for h in gates.heads]))
+        expected = model(pixel_values=PIXELS).logits
+    sites = [(s.kind, s.layer, s.num_heads) for s in gates.sites]
+    detach_gates(model)
+    assert not torch.allclose(expected, before, atol=1e-3)
+    return expected, sites
+
+
+def pruned_and_reloaded_logits(model, kept, folder) -> tuple[torch.Tensor, torch.Tensor]:
+    save_pruned(copy.deepcopy(model), folder, kept)
+    with torch.no_grad():
+        return remove_heads(model, kept)(pixel_values=PIXELS).logits, load_pruned(folder)(pixel_values=PIXELS).logits
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("arch", ["vit", "deit"])
 def test_vit_heads_gates_removal_and_reload(arch, attn, tmp_path):
     model = tiny_vit(attn, arch)
-    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        before = model(pixel_values=pixels).logits
-    gates = attach_gates(model)
-    assert gates.num_heads == 12 and {s.kind for s in gates.sites} == {"encoder"}
     kept = [("encoder", 0, 1), ("encoder", 0, 2), ("encoder", 2, 3)]  # layer 1 keeps none: it skips attention
-    with torch.no_grad():
-        assert torch.allclose(model(pixel_values=pixels).logits, before, atol=1e-6)
-        gates.set_mask(torch.tensor([float(h in kept) for h in gates.heads]))
-        expected = model(pixel_values=pixels).logits
-    detach_gates(model)
-    assert not torch.allclose(expected, before, atol=1e-3)
-    save_pruned(copy.deepcopy(model), tmp_path, kept)
-    with torch.no_grad():
-        assert torch.allclose(remove_heads(model, kept)(pixel_values=pixels).logits, expected, atol=1e-5)
-        assert torch.allclose(load_pruned(tmp_path)(pixel_values=pixels).logits, expected, atol=1e-5)
+    expected, sites = gated_logits(model, kept)
+    assert sites == [("encoder", 0, 4), ("encoder", 1, 4), ("encoder", 2, 4)]
+    for got in pruned_and_reloaded_logits(model, kept, tmp_path):
+        assert torch.allclose(got, expected, atol=1e-5)
     assert [s.num_heads for s in find_sites(load_pruned(tmp_path))] == [2, 0, 1]
 
 
@@ -110,29 +124,17 @@ def tiny_swin(attn="eager"):
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_swin_heads_gates_removal_and_reload(attn, tmp_path):
     model = tiny_swin(attn)
-    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        before = model(pixel_values=pixels).logits
-    gates = attach_gates(model)
-    assert [(s.layer, s.num_heads) for s in gates.sites] == [(0, 2), (1, 2), (2, 4), (3, 4)]  # blocks in order
     kept = [("encoder", 0, 1), ("encoder", 2, 0), ("encoder", 2, 3), ("encoder", 3, 1), ("encoder", 3, 2)]
-    with torch.no_grad():
-        assert torch.allclose(model(pixel_values=pixels).logits, before, atol=1e-6)
-        gates.set_mask(torch.tensor([float(h in kept) for h in gates.heads]))
-        expected = model(pixel_values=pixels).logits
-    detach_gates(model)
-    assert not torch.allclose(expected, before, atol=1e-3)
-    save_pruned(copy.deepcopy(model), tmp_path, kept)
-    pruned = remove_heads(model, kept)
+    expected, sites = gated_logits(model, kept)
+    assert [(layer, heads) for _, layer, heads in sites] == [(0, 2), (1, 2), (2, 4), (3, 4)]  # blocks in order
+    for got in pruned_and_reloaded_logits(model, kept, tmp_path):
+        assert torch.allclose(got, expected, atol=1e-5)
     # each block's table keeps the columns of its kept heads (block 1 keeps none: it skips attention, its
     # table stays whole)
-    tables = [m.relative_position_bias_table for m in pruned.modules() if hasattr(m, "relative_position_bias_table")]
+    tables = [m.relative_position_bias_table for m in model.modules() if hasattr(m, "relative_position_bias_table")]
     assert [t.shape[1] for t in tables] == [1, 2, 2, 2]
     assert torch.equal(tables[2], tiny_swin(attn).swin.encoder.layers[1].blocks[0].attention
                        .relative_position_bias.relative_position_bias_table[:, [0, 3]])
-    with torch.no_grad():
-        assert torch.allclose(pruned(pixel_values=pixels).logits, expected, atol=1e-5)
-        assert torch.allclose(load_pruned(tmp_path)(pixel_values=pixels).logits, expected, atol=1e-5)
     assert [s.num_heads for s in find_sites(load_pruned(tmp_path))] == [1, 0, 2, 2]
 
 
@@ -145,20 +147,12 @@ def test_beit_slices_its_position_bias_table_per_layer_and_refuses_a_shared_one(
         for module in model.modules():
             if hasattr(module, "relative_position_bias_table"):
                 module.relative_position_bias_table.normal_(0.0, 2.0)
-    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     kept = [("encoder", 0, 1), ("encoder", 0, 2), ("encoder", 2, 3)]
-    gates = attach_gates(model)
-    gates.set_mask(torch.tensor([float(h in kept) for h in gates.heads]))
-    with torch.no_grad():
-        expected = model(pixel_values=pixels).logits
-    detach_gates(model)
-    save_pruned(copy.deepcopy(model), tmp_path, kept)
-    pruned = remove_heads(model, kept)
+    expected, _ = gated_logits(model, kept)
+    for got in pruned_and_reloaded_logits(model, kept, tmp_path):
+        assert torch.allclose(got, expected, atol=1e-5)
     assert [layer.relative_position_bias.relative_position_bias_table.shape[1]
-            for layer in pruned.beit.layers] == [2, 4, 1]  # layer 1 keeps no heads: its table stays whole
-    with torch.no_grad():
-        assert torch.allclose(pruned(pixel_values=pixels).logits, expected, atol=1e-5)
-        assert torch.allclose(load_pruned(tmp_path)(pixel_values=pixels).logits, expected, atol=1e-5)
+            for layer in model.beit.layers] == [2, 4, 1]  # layer 1 keeps no heads: its table stays whole
     shared = BeitForImageClassification(BeitConfig(**common, use_shared_relative_position_bias=True))
     with pytest.raises(UnsupportedArchitectureError, match="^headprune does not support the relative position bias "
                        "that BeitModel shares among its layers"):
