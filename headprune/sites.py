@@ -84,6 +84,9 @@ class AttentionSite:
     # Tables with one column per query head, as (module, attribute): Swin's and BEiT's relative
     # position bias tables; sliced with their heads
     head_columns: tuple = ()
+    # Parameters with one row (dim 0) per head, as (module, attribute, "query" or "key"): GPT-OSS's
+    # attention sinks, Cohere's query and key norms of each head; sliced with their heads
+    head_rows: tuple = ()
     # T5: the module takes a position bias for every head from the layer before and hands it on
     # (computed by each stack's first layer), so a pruned layer takes its own heads' slice of it
     position_bias: bool = False
@@ -176,8 +179,8 @@ def _holds_only(module: nn.Module, names: tuple[str, ...]) -> bool:
 
 
 # Norms of the queries or keys inside an attention module: one norm of a head's size, shared by
-# every head (Qwen3, Gemma 3), slices with nothing; one over all heads together (OLMo 2, OLMoE) or
-# with weights per head (Cohere with qk norms) does not
+# every head (Qwen3, Gemma 3), slices with nothing; one per head (Cohere) is sliced by head (its
+# weights have a row per head); one over all heads together (OLMo 2, OLMoE) couples them: refused
 QK_NORMS = ("q_norm", "k_norm", "q_layernorm", "k_layernorm", "query_layernorm", "key_layernorm")
 
 # What a BERT-style self-attention module may hold: its projections and BERT's relative-position
@@ -307,16 +310,21 @@ def t5_sites(model: nn.Module) -> Iterator[AttentionSite]:
 def causal_lm_sites(model: nn.Module) -> Iterator[AttentionSite]:
     """Llama, Mistral, Qwen2/3, SmolLM, Gemma and others of that layout: `layers.i.self_attn`
     with `q_proj, k_proj, v_proj, o_proj` and `num_key_value_groups` (query heads per key/value
-    head: 1 for plain multi-head attention), and at most norms of the queries and keys (not GPT-OSS's
-    sinks per head, DiffLlama's lambdas, BitNet's norm of the heads' output). Pruned by KV group
-    unless asked otherwise."""
+    head: 1 for plain multi-head attention), and at most norms of the queries and keys (shared, or
+    one per head: Cohere) and an attention sink per head (GPT-OSS); not DiffLlama's lambdas or
+    BitNet's norm of the heads' output. Pruned by KV group unless asked otherwise."""
     for name, module in model.named_modules():
         parts = name.split(".")
         if (parts[-1] == "self_attn" and "layers" in parts and hasattr(module, "num_key_value_groups")
                 and all(hasattr(module, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim"))
-                and _holds_only(module, ("q_proj", "k_proj", "v_proj", "o_proj") + QK_NORMS)):
+                and _holds_only(module, ("q_proj", "k_proj", "v_proj", "o_proj", "sinks") + QK_NORMS)):
+            rows = [(module, "sinks", "query")] if isinstance(getattr(module, "sinks", None), nn.Parameter) else []
+            for norm, which in ((getattr(module, "q_norm", None), "query"), (getattr(module, "k_norm", None), "key")):
+                if norm is not None:  # a norm per head: its weights (and bias) have a row per head
+                    rows += [(norm, p, which) for p, value in norm.named_parameters(recurse=False) if value.dim() == 2]
             yield AttentionSite("decoder", int(parts[parts.index("layers") + 1]), module, module.q_proj,
-                                module.k_proj, module.v_proj, module.o_proj, module.head_dim, unit="group")
+                                module.k_proj, module.v_proj, module.o_proj, module.head_dim, unit="group",
+                                head_rows=tuple(rows))
 
 
 def modernbert_sites(model: nn.Module) -> Iterator[AttentionSite]:
@@ -381,7 +389,8 @@ LAYOUTS: dict[str, Callable[[nn.Module], Iterator[AttentionSite]]] = {
     "DeBERTa (v1: one projection, per head its query, key, value; the query and value biases apart)": deberta_sites,
     "BART-style encoder-decoder (BART, mBART, Marian, Pegasus)": seq2seq_sites,
     "T5-style encoder-decoder (T5, Flan-T5, mT5, LongT5: a shared relative position bias)": t5_sites,
-    "Llama-style decoder with grouped-query attention (Llama, Mistral, Qwen2, Qwen3, SmolLM, Gemma 2/3)": causal_lm_sites,
+    "Llama-style decoder with grouped-query attention (Llama, Mistral, Qwen2/3, SmolLM, Gemma 2/3, Cohere, GPT-OSS)":
+        causal_lm_sites,
     "ModernBERT (one projection for queries, keys and values)": modernbert_sites,
     "GPT-2 (one Conv1D for queries, keys and values)": gpt2_sites,
     "GPT-NeoX-style decoder (GPT-NeoX, Pythia: one projection, per head its query, key, value)": gpt_neox_sites,
@@ -420,12 +429,14 @@ def check_sites(model_type: str, sites: list[AttentionSite]) -> None:
                                            f"are both {twice[0]} layer {twice[1]} in the layout it matches")
     for site in sites:
         for name in QK_NORMS:
-            weight = getattr(getattr(site.attention, name, None), "weight", None)
-            if weight is not None and tuple(weight.shape) != (site.head_dim,):
+            norm = getattr(site.attention, name, None)
+            weight = getattr(norm, "weight", None)
+            sliced = any(owner is norm for owner, _, _ in site.head_rows)
+            if weight is not None and tuple(weight.shape) != (site.head_dim,) and not sliced:
                 raise UnsupportedArchitectureError(
                     f"headprune does not support {model_type!r}: its attention's {name} has weights of shape "
-                    f"{tuple(weight.shape)} for heads of size {site.head_dim} (a norm over all heads together, or "
-                    "one per head), so a head cannot be removed without changing the others or the norm")
+                    f"{tuple(weight.shape)} for heads of size {site.head_dim} (a norm over all heads together), so a "
+                    "head cannot be removed without changing the others")
 
 
 # What one unit of pruning is called in logs and reports.

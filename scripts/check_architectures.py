@@ -33,9 +33,11 @@ TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermed
             decoder_ffn_dim=37, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=8, d_ff=37, n_embd=32, n_layer=2,
             n_head=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=0, image_size=32,
             patch_size=8)
-# Types whose sizes are given per stage: their own tiny settings instead
+# Types with settings of their own: sizes per stage (Swin), experts whose grouped matrix products want
+# aligned widths (GPT-OSS), the option that gives each head its own query and key norm (Cohere)
 SWIN = dict(image_size=16, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=2)
-PER_TYPE = {"swin": SWIN, "swinv2": SWIN}
+PER_TYPE = {"swin": SWIN, "swinv2": SWIN, "cohere": {**TINY, "use_qk_norm": True},
+            "gpt_oss": {**TINY, "intermediate_size": 64, "num_local_experts": 2, "num_experts_per_tok": 1}}
 # The first that has a model for the type (an encoder-decoder's with its three kinds of heads)
 AUTO_CLASSES = ("AutoModelForSeq2SeqLM", "AutoModelForSpeechSeq2Seq", "AutoModelForCausalLM",
                 "AutoModelForSequenceClassification", "AutoModelForImageClassification", "AutoModel")

@@ -111,11 +111,12 @@ def test_unsupported_architecture_names_the_supported_layouts():
 
 @pytest.mark.parametrize("model_type,settings,norm", [
     ("olmo2", {}, r"q_norm has weights of shape \(32,\) for heads of size 8 \(a norm over all heads together"),
-    ("cohere", {"use_qk_norm": True}, r"q_norm has weights of shape \(4, 8\) for heads of size 8"),
+    ("olmoe", {}, r"q_norm has weights of shape \(32,\) for heads of size 8 \(a norm over all heads together"),
 ])
 def test_query_or_key_norms_that_couple_the_heads_are_refused(model_type, settings, norm):
-    """OLMo 2 normalises the queries of all heads together: removing a head would change the others
-    (Qwen3's and Gemma 3's norm, of one head's size, shared by all, is pruned in test_llm_heads)."""
+    """OLMo 2 and OLMoE normalise the queries of all heads together: removing a head would change the
+    others (Qwen3's and Gemma 3's norm, shared by all heads, and Cohere's, one per head, are pruned in
+    test_llm_heads)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     config = AutoConfig.for_model(model_type, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                   num_key_value_heads=2, intermediate_size=16, vocab_size=20, **settings)
@@ -128,12 +129,10 @@ def test_query_or_key_norms_that_couple_the_heads_are_refused(model_type, settin
     ("nystromformer", r"encoder\.layer\.0\.attention \(NystromformerAttention\)"),  # a convolution per head
     ("convbert", r"encoder\.layer\.0\.attention \(ConvBertAttention\)"),  # span convolutions
     ("gpt_bigcode", r"h\.0\.attn \(GPTBigCodeAttention\)"),  # multi-query, not GPT-2's blocks
-    ("gpt_oss", r"layers\.0\.self_attn \(GptOssAttention\)"),  # attention sinks, one per head
     ("diffllama", r"layers\.0\.self_attn \(DiffLlamaAttention\)"),  # heads in pairs, lambdas, a norm over them
 ])
 def test_lookalikes_of_supported_layouts_are_refused_in_one_line(model_type, module):
-    """Their modules are named as BERT's, GPT-2's or Llama's, but they hold more per head (removal crashed or,
-    for GPT-OSS's sinks, would have kept every head's sink)."""
+    """Their modules are named as BERT's, GPT-2's or Llama's, but they hold more per head (removal crashed)."""
     from transformers import AutoConfig, AutoModel
     config = AutoConfig.for_model(model_type, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                   intermediate_size=16, vocab_size=20, n_embd=32, n_layer=1, n_head=4,

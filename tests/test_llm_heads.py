@@ -2,8 +2,9 @@
 position, physical removal equal to the mask with and without the KV cache, empty layers, save/load."""
 import pytest
 import torch
-from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig,
-                          LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM,
+                          Gemma3TextConfig, GptOssConfig, GptOssForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM)
 
 from headprune import attach_gates, detach_gates
 from headprune.errors import UnsupportedArchitectureError
@@ -12,7 +13,8 @@ from headprune.sites import find_sites
 
 
 ARCHS = {"llama": (LlamaForCausalLM, LlamaConfig), "qwen3": (Qwen3ForCausalLM, Qwen3Config),
-         "gemma2": (Gemma2ForCausalLM, Gemma2Config), "gemma3": (Gemma3ForCausalLM, Gemma3TextConfig)}
+         "gemma2": (Gemma2ForCausalLM, Gemma2Config), "gemma3": (Gemma3ForCausalLM, Gemma3TextConfig),
+         "cohere": (CohereForCausalLM, CohereConfig), "gpt_oss": (GptOssForCausalLM, GptOssConfig)}
 
 
 def tiny_llm(arch="llama", heads=6, kv_heads=2, layers=3, attn="eager", seed=0):
@@ -28,10 +30,21 @@ def tiny_llm(arch="llama", heads=6, kv_heads=2, layers=3, attn="eager", seed=0):
                       layer_types=["sliding_attention", "full_attention", "sliding_attention"][:layers])
         if arch == "gemma2":
             common.update(attn_logit_softcapping=5.0, final_logit_softcapping=30.0)
+    if arch == "cohere":  # a query and a key norm of each head's own
+        common.update(use_qk_norm=True)
+    if arch == "gpt_oss":  # an attention sink per head, sliding windows of 4 tokens, 2 experts
+        common.update(num_local_experts=2, num_experts_per_tok=1, sliding_window=4,
+                      layer_types=["sliding_attention", "full_attention", "sliding_attention"][:layers])
     cls, cfg = ARCHS[arch]
     config = cfg(**common)
     config._attn_implementation = attn
-    return cls(config).eval()
+    model = cls(config).eval()
+    if arch == "cohere":  # its norms start at one: give each head weights of its own
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_norm.weight.normal_(1.0, 0.5)
+                layer.self_attn.k_norm.weight.normal_(1.0, 0.5)
+    return model
 
 
 @pytest.fixture
@@ -98,11 +111,17 @@ CASES = {
     # Gemma 2 and 3: head_dim not width / heads, sliding windows, soft-capping (Gemma 2), q/k norms (3)
     ("gemma2", "group", 2): [("decoder", 0, 1), ("decoder", 1, 0), ("decoder", 1, 1)],
     ("gemma3", "query", 2): [("decoder", 0, 0), ("decoder", 0, 2), ("decoder", 2, 1)],
+    # Cohere's norms and GPT-OSS's sinks have a row per head: sliced with them
+    ("cohere", "group", 2): [("decoder", 0, 1), ("decoder", 1, 0), ("decoder", 1, 1)],
+    ("cohere", "query", 2): [("decoder", 0, 0), ("decoder", 0, 2), ("decoder", 1, 1)],
+    ("gpt_oss", "group", 2): [("decoder", 0, 1), ("decoder", 1, 0), ("decoder", 1, 1)],
+    ("gpt_oss", "query", 2): [("decoder", 0, 0), ("decoder", 0, 2), ("decoder", 2, 1)],
 }
+EAGER_ONLY = ("gemma2", "gpt_oss")  # soft-capped logits, attention sinks: transformers runs them eager only
 
 
-# transformers runs Gemma 2 (soft-capped attention logits) with eager attention only
-@pytest.mark.parametrize("case,attn", [(c, a) for c in CASES for a in ("eager", "sdpa") if (c[0], a) != ("gemma2", "sdpa")],
+@pytest.mark.parametrize("case,attn", [(c, a) for c in CASES for a in ("eager", "sdpa")
+                                      if not (c[0] in EAGER_ONLY and a == "sdpa")],
                          ids=lambda c: "-".join(map(str, c)) if isinstance(c, tuple) else c)
 def test_physical_removal_equals_the_mask_with_and_without_the_cache(case, attn, prompt):
     arch, unit, kv_heads = case
