@@ -1,7 +1,8 @@
 """From a mask to a smaller model, and back from disk.
 
 `remove_heads` slices the pruned heads out of the query, key and value projections (their rows)
-and the output projection (its columns), site by site, so each layer keeps its own number of
+and the output projection (its columns), and out of whatever else the site holds per head (position
+bias tables, norms, sinks: see AttentionSite), site by site, so each layer keeps its own number of
 heads; the attention code infers the head count from the tensor shapes. A site left with no heads
 skips attention: its output is the output projection's bias, exactly what the masked model gives.
 
