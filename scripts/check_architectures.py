@@ -36,7 +36,9 @@ TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermed
 # Types with settings of their own: sizes per stage (Swin), experts whose grouped matrix products want
 # aligned widths (GPT-OSS), the option that gives each head its own query and key norm (Cohere)
 SWIN = dict(image_size=16, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=2)
-PER_TYPE = {"swin": SWIN, "swinv2": SWIN, "cohere": {**TINY, "use_qk_norm": True},
+TOWER = dict(hidden_size=16, intermediate_size=20, num_hidden_layers=2, num_attention_heads=4)  # CLIP's, SigLIP's
+TOWERS = dict(vision_config={**TOWER, "image_size": 16, "patch_size": 8}, text_config=TOWER)
+PER_TYPE = {"swin": SWIN, "swinv2": SWIN, "clip": TOWERS, "siglip": TOWERS, "cohere": {**TINY, "use_qk_norm": True},
             "gpt_oss": {**TINY, "intermediate_size": 64, "num_local_experts": 2, "num_experts_per_tok": 1}}
 # The first that has a model for the type (an encoder-decoder's with its three kinds of heads)
 AUTO_CLASSES = ("AutoModelForSeq2SeqLM", "AutoModelForSpeechSeq2Seq", "AutoModelForCausalLM",
@@ -44,7 +46,8 @@ AUTO_CLASSES = ("AutoModelForSeq2SeqLM", "AutoModelForSpeechSeq2Seq", "AutoModel
 # The model types the layouts are known for, and lookalikes refused (the default list)
 KNOWN = ["bert", "roberta", "xlm-roberta", "electra", "distilbert", "deberta", "deberta-v2", "modernbert", "bart",
          "mbart", "marian", "pegasus", "longt5", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
-         "phi3", "gpt2", "gpt_neox", "opt", "olmo", "vit", "deit", "beit", "swin", "whisper", "m2m_100", "t5", "olmo2",
+         "phi3", "gpt2", "gpt_neox", "opt", "olmo", "vit", "deit", "beit", "swin", "clip", "siglip", "whisper", "m2m_100",
+         "t5", "olmo2",
          "cohere",
          "gpt_oss", "diffllama", "bitnet", "gpt_bigcode", "nystromformer", "convbert", "led", "fsmt", "mvp",
          "pegasus_x", "layoutlmv3", "swinv2", "albert", "bloom", "phi"]
@@ -54,6 +57,7 @@ def tiny_model(model_type: str):
     config = AutoConfig.for_model(model_type, **PER_TYPE.get(model_type, TINY))
     errors = []
     for name in AUTO_CLASSES:
+        torch.manual_seed(0)  # the same random weights every run
         try:
             return getattr(transformers, name).from_config(config).eval()
         except Exception as err:  # this auto class has no model for the type: try the next
@@ -63,9 +67,10 @@ def tiny_model(model_type: str):
 
 def random_inputs(model) -> dict:
     g = torch.Generator().manual_seed(0)
-    if model.main_input_name == "pixel_values":
-        size = model.config.image_size if isinstance(model.config.image_size, int) else model.config.image_size[0]
-        return {"pixel_values": torch.randn(2, getattr(model.config, "num_channels", 3), size, size, generator=g)}
+    if model.main_input_name == "pixel_values":  # (CLIP, SigLIP: the vision tower's config)
+        config = getattr(model.config, "vision_config", model.config)
+        size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+        return {"pixel_values": torch.randn(2, getattr(config, "num_channels", 3), size, size, generator=g)}
     if model.main_input_name == "input_features":  # speech: log-mel frames of the length it expects
         frames = 2 * getattr(model.config, "max_source_positions", 1500)
         inputs = {"input_features": torch.randn(2, model.config.num_mel_bins, frames, generator=g)}
@@ -94,10 +99,10 @@ def check(model_type: str) -> tuple[str, str]:
         gates = attach_gates(model)
     except UnsupportedArchitectureError as err:
         return "refused", str(err)[:160]
-    inputs = random_inputs(model)
     kept = [head for i, head in enumerate(gates.heads) if i % 2 == 0]
     gates.set_mask(torch.tensor([float(head in kept) for head in gates.heads]))
     try:
+        inputs = random_inputs(model)
         expected = output_of(model, inputs)
     except Exception as err:
         return "not built here", f"the tiny model does not run on a random input: {type(err).__name__}"
