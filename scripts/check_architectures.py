@@ -43,14 +43,13 @@ PER_TYPE = {"swin": SWIN, "swinv2": SWIN, "clip": TOWERS, "siglip": TOWERS, "coh
 # The first that has a model for the type (an encoder-decoder's with its three kinds of heads)
 AUTO_CLASSES = ("AutoModelForSeq2SeqLM", "AutoModelForSpeechSeq2Seq", "AutoModelForCausalLM",
                 "AutoModelForSequenceClassification", "AutoModelForImageClassification", "AutoModel")
-# The model types the layouts are known for, and lookalikes refused (the default list)
+# The model types the layouts are known for, then lookalikes and others refused (the default list)
 KNOWN = ["bert", "roberta", "xlm-roberta", "electra", "distilbert", "deberta", "deberta-v2", "modernbert", "bart",
-         "mbart", "marian", "pegasus", "longt5", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
-         "phi3", "gpt2", "gpt_neox", "opt", "olmo", "vit", "deit", "beit", "swin", "clip", "siglip", "whisper", "m2m_100",
-         "t5", "olmo2",
-         "cohere",
-         "gpt_oss", "diffllama", "bitnet", "gpt_bigcode", "nystromformer", "convbert", "led", "fsmt", "mvp",
-         "pegasus_x", "layoutlmv3", "swinv2", "albert", "bloom", "phi"]
+         "mbart", "marian", "pegasus", "t5", "longt5", "whisper", "m2m_100", "llama", "mistral", "qwen2", "qwen3",
+         "gemma", "gemma2", "gemma3_text", "cohere", "gpt_oss", "phi3", "gpt2", "gpt_neox", "opt", "olmo", "vit", "deit",
+         "beit", "swin", "clip", "siglip",
+         "olmo2", "diffllama", "bitnet", "gpt_bigcode", "nystromformer", "convbert", "led", "fsmt", "mvp", "pegasus_x",
+         "layoutlmv3", "swinv2", "albert", "bloom", "phi"]
 
 
 def tiny_model(model_type: str):
