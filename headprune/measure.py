@@ -224,19 +224,19 @@ def measure(cfg: MeasureConfig, progress=print) -> dict:
         raise ConfigError(f"--pruned {cfg.pruned}: no such model folder (with a config.json)")
     if cfg.card:
         check_writable(Path(cfg.pruned))  # before the timings, not after
-    from .pruning import load_pruned_config
-    positions = getattr(load_pruned_config(cfg.pruned), "max_position_embeddings", None)
+    from .pruning import load_pruned_config, model_class_of
+    config = load_pruned_config(cfg.pruned)
+    positions = getattr(config, "max_position_embeddings", None)
     if positions and max(cfg.lengths) > positions:
         raise ConfigError(f"--lengths {max(cfg.lengths)}: longer than the model's {positions} positions")
     if cfg.runtime == "onnxruntime":
         from .export import is_classifier
         if cfg.device != "cpu":
             raise ConfigError("--runtime onnxruntime runs on its CPU provider here: use --device cpu")
-        if not is_classifier(load_pruned_config(cfg.pruned)):
+        if not is_classifier(config):
             raise ConfigError("--runtime onnxruntime measures encoder classifiers so far (what headprune export "
                               "writes); use --runtime torch for this model")
-    from .pruning import model_class_of
-    cls = model_class_of(load_pruned_config(cfg.pruned))
+    cls = model_class_of(config)
     if cfg.attn_implementation == "sdpa" and not getattr(cls, "_supports_sdpa", True):
         progress(f"{cls.__name__} has no sdpa attention in transformers: both models run eager attention")
         cfg = dataclasses.replace(cfg, attn_implementation="eager")

@@ -196,7 +196,7 @@ def _share_position_bias(attention: nn.Module, heads: list[int]) -> None:
             keys = key_value_states.shape[1] if key_value_states is not None else past + queries
             if self.has_relative_attention_bias:
                 return self.compute_bias(queries, keys, device=hidden_states.device, past_seen_tokens=past)
-            return hidden_states.new_zeros(1, width, queries, keys)
+            return hidden_states.new_zeros(1, self.headprune_width, queries, keys)
 
         attention.__class__ = type(f"HeadPruned{base.__name__}", (base,),
                                    {"forward": forward, "headprune_full_bias": full_bias, "headprune_width": width})
