@@ -143,6 +143,8 @@ def _set_head_count(site: AttentionSite, queries: int, keys: int) -> None:
         attention.num_key_value_heads = keys
     if isinstance(getattr(attention, "num_key_value_groups", None), int) and keys:
         attention.num_key_value_groups = queries // keys
+    if site.query_width:
+        setattr(attention, site.query_width, queries * d)
     if site.fused and isinstance(getattr(attention, "split_size", None), int):
         attention.split_size = queries * d  # GPT-2 splits its fused output into three equal parts
     if site.layer_config:

@@ -90,6 +90,9 @@ class AttentionSite:
     # T5: the module takes a position bias for every head from the layer before and hands it on
     # (computed by each stack's first layer), so a pruned layer takes its own heads' slice of it
     position_bias: bool = False
+    # An attribute of the module holding the query heads' width, by which its forward splits the fused
+    # output (GPTBigCode's multi-query `embed_dim`); kept true once heads are removed
+    query_width: str | None = None
 
     @property
     def query_heads(self) -> int:
@@ -340,7 +343,7 @@ def modernbert_sites(model: nn.Module) -> Iterator[AttentionSite]:
 
 def gpt2_sites(model: nn.Module) -> Iterator[AttentionSite]:
     """GPT-2: `h.i.attn` with one Conv1D `c_attn` for queries, keys and values (in blocks) and the
-    Conv1D `c_proj` (GPTBigCode's nn.Linear `c_attn`, multi-query or per head, is another layout)."""
+    Conv1D `c_proj` (GPTBigCode's nn.Linear `c_attn` is the next layout)."""
     for name, module in model.named_modules():
         parts = name.split(".")
         if (parts[-1] == "attn" and "h" in parts and isinstance(getattr(module, "c_attn", None), Conv1D)
@@ -350,6 +353,24 @@ def gpt2_sites(model: nn.Module) -> Iterator[AttentionSite]:
             yield AttentionSite("decoder", int(parts[parts.index("h") + 1]), module, module.c_attn, module.c_attn,
                                 module.c_attn, module.c_proj, module.head_dim, unit="group", fused="blocks",
                                 fused_counts=(heads, heads))
+
+
+def gpt_bigcode_sites(model: nn.Module) -> Iterator[AttentionSite]:
+    """GPTBigCode (StarCoder 1, SantaCoder): `h.i.attn` with an nn.Linear `c_attn` and `c_proj`.
+    Multi-query: every query head's rows, then the one key head's and the one value head's (a KV
+    group is the whole layer: `--unit query` prunes its query heads); otherwise per head its query,
+    key and value rows. Its optional cross-attention stays whole."""
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if (parts[-1] == "attn" and "h" in parts and isinstance(getattr(module, "c_attn", None), nn.Linear)
+                and isinstance(getattr(module, "multi_query", None), bool) and hasattr(module, "c_proj")
+                and hasattr(module, "head_dim") and not getattr(module, "is_cross_attention", False)
+                and _holds_only(module, ("c_attn", "c_proj"))):
+            d, rows = module.head_dim, out_features(module.c_attn)
+            layout, counts = ("blocks", (rows // d - 2, 1)) if module.multi_query else ("heads", (rows // (3 * d),) * 2)
+            yield AttentionSite("decoder", int(parts[parts.index("h") + 1]), module, module.c_attn, module.c_attn,
+                                module.c_attn, module.c_proj, d, unit="group", fused=layout, fused_counts=counts,
+                                query_width="embed_dim")
 
 
 def gpt_neox_sites(model: nn.Module) -> Iterator[AttentionSite]:
@@ -393,6 +414,8 @@ LAYOUTS: dict[str, Callable[[nn.Module], Iterator[AttentionSite]]] = {
         causal_lm_sites,
     "ModernBERT (one projection for queries, keys and values)": modernbert_sites,
     "GPT-2 (one Conv1D for queries, keys and values)": gpt2_sites,
+    "GPTBigCode (StarCoder 1, SantaCoder: one projection for queries, keys and values, multi-query or per head)":
+        gpt_bigcode_sites,
     "GPT-NeoX-style decoder (GPT-NeoX, Pythia: one projection, per head its query, key, value)": gpt_neox_sites,
     "Phi-3-style decoder (Phi-3, Phi-4-mini: one projection for queries, keys and values)": phi3_sites,
 }

@@ -46,9 +46,9 @@ AUTO_CLASSES = ("AutoModelForSeq2SeqLM", "AutoModelForSpeechSeq2Seq", "AutoModel
 # The model types the layouts are known for, then lookalikes and others refused (the default list)
 KNOWN = ["bert", "roberta", "xlm-roberta", "electra", "distilbert", "deberta", "deberta-v2", "modernbert", "bart",
          "mbart", "marian", "pegasus", "t5", "longt5", "whisper", "m2m_100", "llama", "mistral", "qwen2", "qwen3",
-         "gemma", "gemma2", "gemma3_text", "cohere", "gpt_oss", "phi3", "gpt2", "gpt_neox", "opt", "olmo", "vit", "deit",
+         "gemma", "gemma2", "gemma3_text", "cohere", "gpt_oss", "phi3", "gpt2", "gpt_bigcode", "gpt_neox", "opt", "olmo", "vit", "deit",
          "beit", "swin", "clip", "siglip",
-         "olmo2", "diffllama", "bitnet", "gpt_bigcode", "nystromformer", "convbert", "led", "fsmt", "mvp", "pegasus_x",
+         "olmo2", "diffllama", "bitnet", "nystromformer", "convbert", "led", "fsmt", "mvp", "pegasus_x",
          "layoutlmv3", "swinv2", "albert", "bloom", "phi"]
 
 

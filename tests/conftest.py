@@ -121,8 +121,9 @@ def word_tokenizer():
 
 def write_tiny_lm(folder, layers=3, heads=6, kv_heads=2, n_train=120, n_eval=30, seed=0, arch="llama"):
     """A tiny random Llama (or `arch` gemma2, gemma3: head_dim 12, not width / heads; sliding
-    windows of 4 tokens; Gemma 2's soft-capping; or gpt2, gpt_neox, phi3: one projection for
-    queries, keys and values; GPT-2 and GPT-NeoX without grouped keys and values) and a word-level
+    windows of 4 tokens; Gemma 2's soft-capping; or gpt2, gpt_neox, phi3, gpt_bigcode: one projection
+    for queries, keys and values; GPT-2 and GPT-NeoX without grouped keys and values, GPTBigCode
+    multi-query) and a word-level
     tokenizer in folder/model, and a text folder (train.txt, validation.txt) whose documents
     follow a pattern (each word is mostly followed by the next one in a cycle) in folder/text."""
     import random
@@ -141,7 +142,8 @@ def write_tiny_lm(folder, layers=3, heads=6, kv_heads=2, n_train=120, n_eval=30,
                       layer_types=[("full_attention", "sliding_attention")[i % 2] for i in range(layers)])
     names = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
              "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"), "gpt2": ("GPT2Config", "GPT2LMHeadModel"),
-             "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM"), "phi3": ("Phi3Config", "Phi3ForCausalLM")}[arch]
+             "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM"), "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+             "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM")}[arch]
     config = getattr(transformers, names[0])(**common)
     getattr(transformers, names[1])(config).save_pretrained(folder / "model")
     tokenizer.save_pretrained(folder / "model")

@@ -1,16 +1,16 @@
 """Models whose queries, keys and values come from one projection (issue 23): ModernBERT (an
 encoder, in blocks), GPT-2 (a Conv1D, in
 blocks of query, key and value heads), GPT-NeoX and Pythia (per head its query, key and value
-rows) and Phi-3 (in blocks, grouped keys and values; its forward reads the head count from the
-config). Gates at 1 change nothing, removal slices the right rows and equals the mask with and
+rows), Phi-3 (in blocks, grouped keys and values; its forward reads the head count from the
+config) and GPTBigCode (multi-query: every query head, then one key and one value head; or per head). Gates at 1 change nothing, removal slices the right rows and equals the mask with and
 without the cache, save and load give the same outputs, and every method runs end to end."""
 import pytest
 import torch
 from conftest import write_tiny_lm
 from test_causal_lm import lm_cfg, saved_perplexity
 from test_llm_heads import masked, outputs, same
-from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, Phi3Config,
-                          Phi3ForCausalLM)
+from transformers import (GPT2Config, GPT2LMHeadModel, GPTBigCodeConfig, GPTBigCodeForCausalLM, GPTNeoXConfig,
+                          GPTNeoXForCausalLM, Phi3Config, Phi3ForCausalLM)
 
 from headprune import attach_gates, detach_gates
 from headprune.pruning import load_pruned, remove_heads, save_pruned
@@ -26,6 +26,10 @@ def tiny_fused(arch: str, attn: str = "eager"):
     if arch == "gpt2":
         config = GPT2Config(**COMMON, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         cls = GPT2LMHeadModel
+    elif arch.startswith("gpt_bigcode"):  # gpt_bigcode: multi-query; gpt_bigcode_mha: a key/value head per head
+        config = GPTBigCodeConfig(**COMMON, multi_query=arch == "gpt_bigcode", resid_pdrop=0.0, embd_pdrop=0.0,
+                                  attn_pdrop=0.0)
+        cls = GPTBigCodeForCausalLM
     elif arch == "gpt_neox":
         config = GPTNeoXConfig(**COMMON, intermediate_size=64, rotary_pct=0.5, attention_bias=True)
         cls = GPTNeoXForCausalLM
@@ -63,10 +67,20 @@ def test_each_heads_rows_in_the_fused_projection():
     assert (phi3.query_heads, phi3.kv_heads, phi3.num_heads) == (6, 2, 2)
     assert phi3.fused_rows(phi3.query_heads_of([1]), phi3.kv_heads_of([1])) == [
         *range(24, 48), *range(56, 64), *range(72, 80)]
+    # GPTBigCode, multi-query: 6 query heads, then the key head, then the value head; one group a
+    # layer (its query heads by --unit query); without multi-query, per head as GPT-NeoX
+    mq, query, mha = (find_sites(tiny_fused(a), u)[0] for a, u in (("gpt_bigcode", "group"), ("gpt_bigcode", "query"),
+                                                                     ("gpt_bigcode_mha", "group")))
+    assert (mq.query_heads, mq.kv_heads, mq.num_heads, query.num_heads) == (6, 1, 1, 6)
+    assert query.fused_rows(query.query_heads_of([2]), query.kv_heads_of([2])) == [*range(16, 24), *range(48, 64)]
+    assert (mha.num_heads, mha.fused) == (6, "heads") and mha.fused_rows([1], [1]) == list(range(24, 48))
+
+
+FUSED = ["gpt2", "gpt_neox", "phi3", "gpt_bigcode", "gpt_bigcode_mha"]
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "phi3"])
+@pytest.mark.parametrize("arch", FUSED)
 def test_gates_at_one_change_nothing(arch, attn, prompt):
     model = tiny_fused(arch, attn)
     expected = outputs(model, prompt)
@@ -75,34 +89,42 @@ def test_gates_at_one_change_nothing(arch, attn, prompt):
     same(masked(model, every, "group", lambda m: outputs(m, prompt)), expected)
 
 
-# layer 0 keeps units 1 and 4 (Phi-3: group 1), layer 1 one, layer 2 none (one dead head keeps the cache)
+# layer 0 keeps units 1 and 4 (Phi-3: group 1; multi-query GPTBigCode: its one group), layer 1 one,
+# layer 2 none (one dead head keeps the cache)
 KEPT = {"gpt2": [("decoder", 0, 1), ("decoder", 0, 4), ("decoder", 1, 5)],
         "gpt_neox": [("decoder", 0, 1), ("decoder", 0, 4), ("decoder", 1, 5)],
-        "phi3": [("decoder", 0, 1), ("decoder", 1, 0)]}
+        "phi3": [("decoder", 0, 1), ("decoder", 1, 0)],
+        "gpt_bigcode": [("decoder", 0, 0), ("decoder", 1, 0)],
+        "gpt_bigcode_mha": [("decoder", 0, 1), ("decoder", 0, 4), ("decoder", 1, 5)]}
+HEADS_LEFT = {"phi3": [1, 1, 0], "gpt_bigcode": [1, 1, 0]}  # the others: [2, 1, 0]
+# the rows of the fused projection left: a head's query, key and value: 3 x 8; a Phi-3 group's: 3 query
+# heads, a key and a value head; a multi-query layer's: 6 query heads and one key and one value head;
+# the last layer's dead unit keeps one query head and its key and value head: 3 x 8
+ROWS_LEFT = {"phi3": [40, 40, 24], "gpt_bigcode": [64, 64, 24]}  # the others: [48, 24, 24]
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "phi3"])
+@pytest.mark.parametrize("arch", FUSED)
 def test_physical_removal_equals_the_mask_with_and_without_the_cache(arch, attn, prompt):
     model = tiny_fused(arch, attn)
     expected = masked(model, KEPT[arch], "group", lambda m: outputs(m, prompt))
     remove_heads(model, KEPT[arch], "group")
     same(outputs(model, prompt), expected)
     sites = find_sites(model)
-    assert [s.num_heads for s in sites] == ([2, 1, 0] if arch != "phi3" else [1, 1, 0])
+    assert [s.num_heads for s in sites] == HEADS_LEFT.get(arch, [2, 1, 0])
     fused = [s.query for s in sites]
     width = [f.weight.shape[1] if arch == "gpt2" else f.weight.shape[0] for f in fused]
-    # a head's query, key and value rows: 3 x 8; a Phi-3 group's: 3 query heads, a key and a value
-    # head; the last layer's dead unit keeps one query head and its key and value head: 3 x 8
-    assert width == ([48, 24, 24] if arch != "phi3" else [40, 40, 24])
+    assert width == ROWS_LEFT.get(arch, [48, 24, 24])
     if arch == "gpt2":
         assert [s.attention.split_size for s in sites] == [16, 8, 8]
     if arch == "phi3":  # its forward reads the query heads from the config: a view with the layer's own
         assert [s.attention.config.num_attention_heads for s in sites] == [3, 3, 1]
         assert model.config.num_attention_heads == 6 and sites[0].attention.config.hidden_size == 48
+    if arch == "gpt_bigcode":  # its forward splits the fused output at the query heads' width
+        assert [s.attention.embed_dim for s in sites] == [48, 48, 8]
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "phi3"])
+@pytest.mark.parametrize("arch", FUSED)
 def test_save_and_load_gives_identical_logits_and_generations(arch, prompt, tmp_path):
     model = tiny_fused(arch)
     expected = masked(model, KEPT[arch], "group", lambda m: outputs(m, prompt))
@@ -116,7 +138,8 @@ def test_save_and_load_gives_identical_logits_and_generations(arch, prompt, tmp_
 
 @pytest.fixture(scope="module")
 def tiny_fused_lms(tmp_path_factory):
-    return {arch: write_tiny_lm(tmp_path_factory.mktemp(arch), arch=arch) for arch in ("gpt2", "gpt_neox", "phi3")}
+    return {arch: write_tiny_lm(tmp_path_factory.mktemp(arch), arch=arch)
+            for arch in ("gpt2", "gpt_neox", "phi3", "gpt_bigcode")}
 
 
 @pytest.mark.parametrize("arch,method,mode,reconstruct", [
@@ -124,11 +147,13 @@ def tiny_fused_lms(tmp_path_factory):
     ("gpt2", "taylor", "pipelined", "both"), ("gpt2", "flap", "pipelined", "bias"),
     ("gpt_neox", "voita", "pipelined", "none"), ("gpt_neox", "fisher", "pipelined", "rescale"),
     ("gpt_neox", "activation", "pipelined", "none"), ("phi3", "ste", "joint", "none"),
-    ("phi3", "taylor", "pipelined", "bias"), ("phi3", "fisher", "pipelined", "both")])
+    ("phi3", "taylor", "pipelined", "bias"), ("phi3", "fisher", "pipelined", "both"),
+    ("gpt_bigcode", "dsp", "pipelined", "bias"), ("gpt_bigcode", "michel", "pipelined", "none")])
 def test_every_method_and_the_saved_model_scores_the_same(tiny_fused_lms, tmp_path, arch, method, mode, reconstruct):
     model, data = tiny_fused_lms[arch]
+    unit = "query" if arch == "gpt_bigcode" else "group"  # multi-query: its query heads (a group is a layer)
     results = prune(lm_cfg(model, data, tmp_path, method=method, mode=mode, reconstruct=reconstruct, michel_step=1,
-                           lr=1e-3))
+                           lr=1e-3, unit=unit))
     assert results["k"] == 3 and results["num_heads"] == (18 if arch != "phi3" else 6)
     assert saved_perplexity(tmp_path / "model", data) == pytest.approx(results["metrics_pruned"]["validation"], rel=1e-4)
     assert sum(s.num_heads for s in find_sites(load_pruned(tmp_path / "model"))) == 3
@@ -178,7 +203,7 @@ def test_modernbert_classifier_pruned_by_each_method(method, reconstruct, tmp_pa
     assert sum(s.num_heads for s in find_sites(load_pruned(tmp_path / "model"))) == 3
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "phi3"])
+@pytest.mark.parametrize("arch", FUSED)
 def test_measure_counts_the_fused_projection_and_times_generation(arch, tmp_path):
     from headprune.config import MeasureConfig
     from headprune.measure import measure
@@ -186,7 +211,7 @@ def test_measure_counts_the_fused_projection_and_times_generation(arch, tmp_path
     result = measure(MeasureConfig(pruned=str(tmp_path), batch_sizes=[2], lengths=[8], repeats=2, warmup=0, beams=[1],
                                    generate_tokens=3), progress=lambda *_: None)
     # keys and values cached per token, float32: 3 layers x the kept (or dead) key/value heads x 8 x 2 x 4 bytes
-    kv = {"gpt2": (18, 4), "gpt_neox": (18, 4), "phi3": (6, 3)}[arch]
+    kv = {"phi3": (6, 3), "gpt_bigcode": (3, 3)}.get(arch, (18, 4))
     assert result["kv_cache_bytes_per_token"] == {"original": kv[0] * 64, "pruned": kv[1] * 64}
     row = result["settings"][0]
     assert row["attention_flops"]["pruned"] < row["attention_flops"]["original"] and result["generation"]
@@ -209,3 +234,16 @@ def test_phi3_by_query_position(attn, prompt):
     same(outputs(model, prompt), expected)
     sites = find_sites(model, "query")
     assert [s.num_heads for s in sites] == [2, 1, 0] and [s.kv_heads for s in sites] == [2, 2, 1]
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_multi_query_gpt_bigcode_by_query_head(attn, prompt, tmp_path):
+    model = tiny_fused("gpt_bigcode", attn)  # 6 query heads a layer sharing one key/value head
+    kept = [("decoder", 0, 0), ("decoder", 0, 3), ("decoder", 0, 5), ("decoder", 1, 2)]
+    expected = masked(model, kept, "query", lambda m: outputs(m, prompt))
+    save_pruned(model, tmp_path, kept, unit="query")  # removes the heads from model, then saves it
+    same(outputs(model, prompt), expected)
+    sites = find_sites(model, "query")
+    assert [s.num_heads for s in sites] == [3, 1, 0] and [s.kv_heads for s in sites] == [1, 1, 1]
+    assert [s.attention.embed_dim for s in sites] == [24, 8, 8]
+    same(outputs(load_pruned(tmp_path), prompt), expected)
