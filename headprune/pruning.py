@@ -165,7 +165,7 @@ def _skip_attention(attention: nn.Module, output: nn.Linear) -> None:
     attention.__class__ = type(f"Headless{base.__name__}", (base,), {"forward": forward})
 
 
-BIAS_HEADS = "headprune_bias_heads"  # T5: the heads (original numbers) of a layer's slice of the position bias
+BIAS_HEADS = "headprune_bias_heads"  # T5, BEiT: the heads (original numbers) of a layer's slice of a position bias
 
 
 def _share_position_bias(attention: nn.Module, heads: list[int]) -> None:
@@ -203,6 +203,22 @@ def _share_position_bias(attention: nn.Module, heads: list[int]) -> None:
         attention.__class__ = type(f"HeadPruned{base.__name__}", (base,),
                                    {"forward": forward, "headprune_full_bias": full_bias, "headprune_width": width})
     setattr(attention, BIAS_HEADS, heads)
+
+
+def _slice_shared_bias(layer: nn.Module, heads: list[int]) -> None:
+    """BEiT's shared relative position bias: the model computes it for every head and hands it to
+    each layer as the attention mask, so a pruned layer takes the slice of its own heads (in the
+    original numbering: `heads`) before it adds the bias of its own table; a layer left without
+    heads takes it whole (its table stays whole; its attention is skipped)."""
+    base = type(layer)
+    if not base.__name__.startswith("HeadPruned"):
+        def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
+            mine = getattr(self, BIAS_HEADS)
+            if attention_mask is not None and mine:
+                attention_mask = attention_mask[:, mine]
+            return base.forward(self, hidden_states, attention_mask, *args, **kwargs)
+        layer.__class__ = type(f"HeadPruned{base.__name__}", (base,), {"forward": forward})
+    setattr(layer, BIAS_HEADS, heads)
 
 
 def _block_bias_forward(base: type):
@@ -264,6 +280,10 @@ def remove_heads(model: nn.Module, kept: list[Head], unit: str = "group") -> nn.
         if site.position_bias:  # before the counts change: the heads' numbers in the bias
             numbers = getattr(site.attention, BIAS_HEADS, None) or list(range(site.query_heads))
             _share_position_bias(site.attention, [numbers[h] for h in queries] if keep or dead else [])
+
+        if site.shared_bias is not None:  # (BEiT) before the counts change, as for T5
+            numbers = getattr(site.shared_bias, BIAS_HEADS, None) or list(range(site.query_heads))
+            _slice_shared_bias(site.shared_bias, [numbers[h] for h in queries])
 
         def index(rows):
             return torch.tensor(rows, dtype=torch.long, device=device)

@@ -90,6 +90,9 @@ class AttentionSite:
     # T5: the module takes a position bias for every head from the layer before and hands it on
     # (computed by each stack's first layer), so a pruned layer takes its own heads' slice of it
     position_bias: bool = False
+    # BEiT's shared relative position bias: the model computes it for every head and hands it to each
+    # layer (this module) in the attention mask, so a pruned layer takes its own heads' slice of it
+    shared_bias: nn.Module | None = None
     # An attribute of the module holding the query heads' width, by which its forward splits the fused
     # output (GPTBigCode's multi-query `embed_dim`); kept true once heads are removed
     query_width: str | None = None
@@ -244,15 +247,13 @@ def vit_sites(model: nn.Module) -> Iterator[AttentionSite]:
     """ViT, DeiT, BEiT, Swin and image encoders of their layout: `layers.i.attention` (Swin:
     `layers.i.blocks.j.attention`, numbered in order over the stages) with `q_proj, k_proj,
     v_proj, o_proj` (transformers 5), attending both ways. A relative position bias table with a
-    column per head, in the attention (Swin) or in its layer (BEiT), is sliced with the heads; one
-    table shared by every layer (BEiT's option) is refused."""
+    column per head, in the attention (Swin) or in its layer (BEiT), is sliced with the heads; the
+    bias of one table shared by every layer (BEiT's option) reaches each layer whole, and each
+    layer takes its heads' slice of it (`AttentionSite.shared_bias`)."""
     layer = 0
+    shared = any(getattr(module, "shared_position_bias", None) is not None for module in model.modules())
     for name, module in model.named_modules():
         parts = name.split(".")
-        if getattr(module, "shared_position_bias", None) is not None:
-            raise UnsupportedArchitectureError(
-                f"headprune does not support the relative position bias that {type(module).__name__} shares among its "
-                "layers (a column per head, one table for layers that keep different heads): use a model without it")
         if (parts[-1] == "attention" and "layers" in parts and getattr(module, "is_causal", None) is False
                 and all(hasattr(module, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim"))
                 and _holds_only(module, ("q_proj", "k_proj", "v_proj", "o_proj", "relative_position_bias"))):
@@ -260,7 +261,7 @@ def vit_sites(model: nn.Module) -> Iterator[AttentionSite]:
             columns = tuple((owner.relative_position_bias, "relative_position_bias_table") for owner in (module, parent)
                             if hasattr(getattr(owner, "relative_position_bias", None), "relative_position_bias_table"))
             yield AttentionSite("encoder", layer, module, module.q_proj, module.k_proj, module.v_proj, module.o_proj,
-                                module.head_dim, head_columns=columns)
+                                module.head_dim, head_columns=columns, shared_bias=parent if shared else None)
             layer += 1
 
 

@@ -27,18 +27,22 @@ from headprune import attach_gates, detach_gates
 from headprune.errors import UnsupportedArchitectureError
 from headprune.pruning import remove_heads
 
-# Tiny sizes under every name configs use for them (each config takes the ones it knows)
+# Tiny sizes under every name configs use for them (each config takes the ones it knows), and wide random
+# weights, so that every head, and a wrong slice of anything per head, shows in the outputs
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, vocab_size=99, d_model=32,
             encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=37,
             decoder_ffn_dim=37, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=8, d_ff=37, n_embd=32, n_layer=2,
             n_head=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=0, image_size=32,
-            patch_size=8)
+            patch_size=8, initializer_range=0.3, init_std=0.3)
 # Types with settings of their own: sizes per stage (Swin), experts whose grouped matrix products want
-# aligned widths (GPT-OSS), the option that gives each head its own query and key norm (Cohere)
+# aligned widths (GPT-OSS), the option that gives each head its own query and key norm (Cohere), BEiT's and
+# Data2Vec's position biases (a table per layer and one shared by the layers)
 SWIN = dict(image_size=16, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=2)
 TOWER = dict(hidden_size=16, intermediate_size=20, num_hidden_layers=2, num_attention_heads=4)  # CLIP's, SigLIP's
 TOWERS = dict(vision_config={**TOWER, "image_size": 16, "patch_size": 8}, text_config=TOWER)
-PER_TYPE = {"swin": SWIN, "swinv2": SWIN, "clip": TOWERS, "siglip": TOWERS, "cohere": {**TINY, "use_qk_norm": True},
+BIASES = {**TINY, "use_relative_position_bias": True, "use_shared_relative_position_bias": True}
+PER_TYPE = {"swin": SWIN, "swinv2": SWIN, "beit": BIASES, "data2vec-vision": BIASES,
+            "clip": TOWERS, "siglip": TOWERS, "cohere": {**TINY, "use_qk_norm": True},
             "gpt_oss": {**TINY, "intermediate_size": 64, "num_local_experts": 2, "num_experts_per_tok": 1}}
 # The first that has a model for the type (an encoder-decoder's with its three kinds of heads)
 AUTO_CLASSES = ("AutoModelForSeq2SeqLM", "AutoModelForSpeechSeq2Seq", "AutoModelForCausalLM",
@@ -49,7 +53,7 @@ KNOWN = ["bert", "roberta", "xlm-roberta", "electra", "distilbert", "deberta", "
          "gemma", "gemma2", "gemma3_text", "cohere", "gpt_oss", "phi3", "gpt2", "gpt_bigcode", "gpt_neox", "opt", "olmo", "vit", "deit",
          "beit", "swin", "clip", "siglip",
          "olmo2", "diffllama", "bitnet", "nystromformer", "convbert", "led", "fsmt", "mvp", "pegasus_x",
-         "layoutlmv3", "swinv2", "albert", "bloom", "phi"]
+         "layoutlmv3", "swinv2", "data2vec-vision", "albert", "bloom", "phi"]
 
 
 def tiny_model(model_type: str):
@@ -58,9 +62,15 @@ def tiny_model(model_type: str):
     for name in AUTO_CLASSES:
         torch.manual_seed(0)  # the same random weights every run
         try:
-            return getattr(transformers, name).from_config(config).eval()
+            model = getattr(transformers, name).from_config(config).eval()
         except Exception as err:  # this auto class has no model for the type: try the next
             errors.append(f"{name}: {type(err).__name__}")
+            continue
+        with torch.no_grad():  # what starts at zero (biases, position bias tables) would hide a wrong slice
+            for p in model.parameters():
+                if p.is_floating_point() and not p.any():
+                    p.normal_(0.0, 0.5)
+        return model
     raise ValueError("; ".join(errors))
 
 

@@ -138,11 +138,15 @@ def test_swin_heads_gates_removal_and_reload(attn, tmp_path):
     assert [s.num_heads for s in find_sites(load_pruned(tmp_path))] == [1, 0, 2, 2]
 
 
-def test_beit_slices_its_position_bias_table_per_layer_and_refuses_a_shared_one(tmp_path):
+@pytest.mark.parametrize("per_layer,shared", [(True, False), (False, True), (True, True)])
+def test_beit_slices_its_position_bias_tables_and_its_shared_bias_per_layer(per_layer, shared, tmp_path):
+    """A table per layer is sliced by column; the bias of the table shared by the layers reaches each
+    layer whole, and each layer takes its kept heads' slice (pruned twice: by their original numbers)."""
     torch.manual_seed(0)
     common = dict(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                  intermediate_size=37, num_labels=3)
-    model = BeitForImageClassification(BeitConfig(**common, use_relative_position_bias=True)).eval()
+                  intermediate_size=37, num_labels=3, initializer_range=0.3)
+    model = BeitForImageClassification(BeitConfig(**common, use_relative_position_bias=per_layer,
+                                                  use_shared_relative_position_bias=shared)).eval()
     with torch.no_grad():
         for module in model.modules():
             if hasattr(module, "relative_position_bias_table"):
@@ -151,12 +155,16 @@ def test_beit_slices_its_position_bias_table_per_layer_and_refuses_a_shared_one(
     expected, _ = gated_logits(model, kept)
     for got in pruned_and_reloaded_logits(model, kept, tmp_path):
         assert torch.allclose(got, expected, atol=1e-5)
-    assert [layer.relative_position_bias.relative_position_bias_table.shape[1]
-            for layer in model.beit.layers] == [2, 4, 1]  # layer 1 keeps no heads: its table stays whole
-    shared = BeitForImageClassification(BeitConfig(**common, use_shared_relative_position_bias=True))
-    with pytest.raises(UnsupportedArchitectureError, match="^headprune does not support the relative position bias "
-                       "that BeitModel shares among its layers"):
-        attach_gates(shared)
+    if per_layer:
+        assert [layer.relative_position_bias.relative_position_bias_table.shape[1]
+                for layer in model.beit.layers] == [2, 4, 1]  # layer 1 keeps no heads: its table stays whole
+    if shared:
+        assert model.beit.shared_position_bias.relative_position_bias_table.shape[1] == 4  # every head's, kept
+    # pruned twice: layer 0 keeps its second head (originally head 2); the shared bias's slice follows
+    again, _ = gated_logits(model, [("encoder", 0, 1), ("encoder", 2, 0)])
+    remove_heads(model, [("encoder", 0, 1), ("encoder", 2, 0)])
+    with torch.no_grad():
+        assert torch.allclose(model(pixel_values=PIXELS).logits, again, atol=1e-5)
 
 
 def test_swin_v2_is_refused_in_one_line():
