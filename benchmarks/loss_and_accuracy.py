@@ -72,7 +72,7 @@ def frozen_model(cfg: PruneConfig):
     """The fine-tuned model of a pipelined run's settings, gated and in eval mode, with its task and
     data: (task, model, gates, pruning data, evaluation splits, collate)."""
     task = get_task(cfg.task)
-    path, config, _ = task.inspect(cfg.model, require_finetuned=True, unit=cfg.unit)
+    path, config, _, _ = task.inspect(cfg.model, require_finetuned=True, unit=cfg.unit)
     data = task.load_data(cfg)
     model, tokenizer = task.load_model(cfg, data, path, config, require_finetuned=True)
     gates = attach_gates(model, cfg.unit)

@@ -59,7 +59,7 @@ def main() -> None:
                     start = Path(folder) / "model"  # its heads with the reconstruction folded into them
                 else:
                     task = get_task(cfg.task)
-                    path, config, _ = task.inspect(cfg.model, require_finetuned=True)
+                    path, config, _, _ = task.inspect(cfg.model, require_finetuned=True)
                     data = task.load_data(cfg)
                     model, tokenizer = task.load_model(cfg, data, path, config, require_finetuned=True)
                     save_pruned(model, start, sorted(kept), tokenizer, method=results["method"], mode="pipelined")

@@ -36,6 +36,7 @@ from .gates import attach_gates, detach_gates
 from .methods import TRAINED
 from .pruning import save_pruned
 from .selection import selector_and_optimizer
+from .sites import UNIT_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,8 @@ class HeadPruningCallback(TrainerCallback):
         model = getattr(model, "module", model)  # under DDP, the model inside
         self.gates = attach_gates(model, self.cfg.unit)
         if self.cfg.k > self.gates.num_heads:
-            raise ConfigError(f"k={self.cfg.k} is more than the {self.gates.num_heads} heads of this model")
+            raise ConfigError(f"k={self.cfg.k} is more than the {self.gates.num_heads} "
+                              f"{UNIT_NAMES[self.gates.sites[0].unit]} of this model")
         selector, self.optimizer, self.scheduler, self.info = selector_and_optimizer(
             self.cfg, self.gates.num_heads, state.max_steps)
         self.gates.selector = selector.to(next(model.parameters()).device)

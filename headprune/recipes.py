@@ -189,7 +189,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     """Plain fine-tuning (or, for translation from scratch, training) of a model for the task:
     what pipelined pruning starts from."""
     task = get_task(cfg.task)
-    path, config, _ = task.inspect(cfg.model, require_finetuned=False, attn_implementation=cfg.attn_implementation)
+    path, config, _, _ = task.inspect(cfg.model, require_finetuned=False, attn_implementation=cfg.attn_implementation)
     out, state, acc = _start(cfg, path)
     seconds: dict = dict(state["seconds"]) if state else {}
     with timed(seconds, "load"):
@@ -244,10 +244,10 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
     if cfg.method not in TRAINED and not pipelined:
         raise ConfigError(f"{cfg.method} prunes a fine-tuned model and trains nothing: use --mode pipelined")
     task = get_task(cfg.task)
-    path, config, counts = task.inspect(cfg.model, require_finetuned=pipelined, unit=cfg.unit,
+    path, config, counts, units = task.inspect(cfg.model, require_finetuned=pipelined, unit=cfg.unit,
                                           attn_implementation=cfg.attn_implementation)
     targeted = any(t is not None for t in (cfg.target_params, cfg.target_kv_cache, cfg.target_speedup))
-    check_budget(cfg, counts, threshold or targeted)  # a target's k follows once the model is loaded
+    check_budget(cfg, counts, threshold or targeted, units)  # a target's k follows once the model is loaded
     out, state, acc = _start(cfg, path)
     seconds: dict = dict(state["seconds"]) if state else {}
     with timed(seconds, "load"), _no_empty_folder_if_refused(out):

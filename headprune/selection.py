@@ -47,8 +47,9 @@ log = logging.getLogger("headprune")
 
 # -- budgets -------------------------------------------------------------------------------------
 
-def check_budget(cfg, counts: dict[str, int], threshold: bool) -> None:
-    """k, or --k-per-kind, against the model's heads of each kind; before anything is loaded."""
+def check_budget(cfg, counts: dict[str, int], threshold: bool, units: str = "heads") -> None:
+    """k, or --k-per-kind, against the model's heads (`units`: what counts, as `UNIT_NAMES` calls
+    them) of each kind; before anything is loaded."""
     num_heads = sum(counts.values())
     if cfg.k_per_kind:
         if len(cfg.k_per_kind) != len(counts):
@@ -60,7 +61,8 @@ def check_budget(cfg, counts: dict[str, int], threshold: bool) -> None:
         if sum(cfg.k_per_kind) < 1:
             raise ConfigError("--k-per-kind keeps no head at all")
     elif cfg.k > num_heads and not threshold:
-        raise ConfigError(f"k={cfg.k} is more than the {num_heads} heads of this model")
+        hint = " (--unit query prunes the query heads within them)" if units == UNIT_NAMES["group"] else ""
+        raise ConfigError(f"k={cfg.k} is more than the {num_heads} {units} of this model{hint}")
 
 
 def budget_of(cfg, gates):

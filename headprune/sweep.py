@@ -186,13 +186,13 @@ def check_plan(cfg: SweepConfig, runs: list[PruneConfig]) -> None:
     models = {}
     for run in runs:
         if (run.model, run.mode) not in models:
-            path, _, counts = get_task(cfg.task).inspect(run.model, require_finetuned=run.mode == "pipelined",
-                                                         unit=cfg.unit, attn_implementation=cfg.attn_implementation)
-            models[(run.model, run.mode)] = counts, input_paths(run, path)
-            check_not_inside(Path(cfg.output_dir), models[(run.model, run.mode)][1])
-        counts, inputs = models[(run.model, run.mode)]
+            path, _, counts, units = get_task(cfg.task).inspect(run.model, require_finetuned=run.mode == "pipelined",
+                                                                unit=cfg.unit, attn_implementation=cfg.attn_implementation)
+            models[(run.model, run.mode)] = counts, units, input_paths(run, path)
+            check_not_inside(Path(cfg.output_dir), models[(run.model, run.mode)][2])
+        counts, units, inputs = models[(run.model, run.mode)]
         targeted = any(getattr(run, name) is not None for name in TARGETS)  # its k follows from the model
-        check_budget(run, counts, threshold=targeted or run.method == "voita" and run.voita_selection == "threshold")
+        check_budget(run, counts, targeted or run.method == "voita" and run.voita_selection == "threshold", units)
         check_not_inside(Path(run.output_dir), inputs)
 
 

@@ -70,8 +70,11 @@ def test_query_units_and_joint_training(tiny_lm, tmp_path):
 
 def test_budgets_are_checked_in_units_before_loading(tiny_lm, tmp_path):
     model, data = tiny_lm
-    with pytest.raises(ConfigError, match="k=7 is more than the 6 heads"):
+    with pytest.raises(ConfigError, match=r"^k=7 is more than the 6 KV groups of this model \(--unit query prunes the "
+                       r"query heads within them\)$"):
         prune(lm_cfg(model, data, tmp_path, k=7))
+    with pytest.raises(ConfigError, match=r"^k=10 is more than the 9 query positions \(of every group\) of this model$"):
+        prune(lm_cfg(model, data, tmp_path / "q", unit="query", k=10))
     prune(lm_cfg(model, data, tmp_path / "q", unit="query", k=7))  # 9 query positions: fine
 
 

@@ -15,7 +15,7 @@ from transformers import AutoConfig
 
 from ..errors import ConfigError, ModelError, UnsupportedArchitectureError, first_line
 from ..pruning import SAFE, check_model_folder, check_record
-from ..sites import find_sites
+from ..sites import UNIT_NAMES, find_sites
 from ..train import linear_decay
 
 log = logging.getLogger("headprune")
@@ -120,7 +120,8 @@ class Task:
         """The model's config, checked before any weights or data are loaded: that it can be read,
         that headprune knows its attention layout (on a weightless copy built from the config),
         that transformers runs it with the attention kernel asked for, and for pipelined pruning
-        that it is a trained model of this task. Returns (path, config, {kind: number of heads})."""
+        that it is a trained model of this task. Returns (path, config, {kind: number of units},
+        what a unit is called: heads, KV groups or query positions)."""
         path, config = self.model_config(name)
         try:
             with torch.device("meta"):  # shapes only: nothing is allocated or read
@@ -151,7 +152,7 @@ class Task:
             kept = check_record(record, sites, name)
             counts = {kind: sum(h[0] == kind for h in kept) for kind in counts}
         self.check_model(name, config, sites)
-        return path, config, counts
+        return path, config, counts, UNIT_NAMES[sites[0].unit]
 
     def check_model(self, name: str, config, sites) -> None:
         """A task's own demands on a model's config and attention sites (e.g. causal attention)."""
