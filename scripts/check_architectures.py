@@ -41,14 +41,20 @@ SWIN = dict(image_size=16, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=
 TOWER = dict(hidden_size=16, intermediate_size=20, num_hidden_layers=2, num_attention_heads=4)  # CLIP's, SigLIP's
 TOWERS = dict(vision_config={**TOWER, "image_size": 16, "patch_size": 8}, text_config=TOWER)
 BIASES = {**TINY, "use_relative_position_bias": True, "use_shared_relative_position_bias": True}
+# Attention over blocks, with inputs long enough for several: BigBird's block-sparse attention (at 8
+# tokens it falls back to full attention), LongT5's local and transient-global blocks of 3 tokens
+BLOCKS = {"big_bird": dict(attention_type="block_sparse", block_size=4, num_random_blocks=1, max_position_embeddings=128),
+          "longt5": dict(local_radius=2, global_block_size=4, encoder_attention_type="transient-global")}
+LENGTH = {"big_bird": 64, "longt5": 16}  # tokens of the random input (8 for the others)
 PER_TYPE = {"swin": SWIN, "swinv2": SWIN, "beit": BIASES, "data2vec-vision": BIASES,
             "clip": TOWERS, "siglip": TOWERS, "cohere": {**TINY, "use_qk_norm": True},
-            "gpt_oss": {**TINY, "intermediate_size": 64, "num_local_experts": 2, "num_experts_per_tok": 1}}
+            "gpt_oss": {**TINY, "intermediate_size": 64, "num_local_experts": 2, "num_experts_per_tok": 1},
+            **{model_type: {**TINY, **settings} for model_type, settings in BLOCKS.items()}}
 # The first that has a model for the type (an encoder-decoder's with its three kinds of heads)
 AUTO_CLASSES = ("AutoModelForSeq2SeqLM", "AutoModelForSpeechSeq2Seq", "AutoModelForCausalLM",
                 "AutoModelForSequenceClassification", "AutoModelForImageClassification", "AutoModel")
 # The model types the layouts are known for, then lookalikes and others refused (the default list)
-KNOWN = ["bert", "roberta", "xlm-roberta", "electra", "distilbert", "deberta", "deberta-v2", "modernbert", "bart",
+KNOWN = ["bert", "roberta", "xlm-roberta", "electra", "distilbert", "big_bird", "deberta", "deberta-v2", "modernbert", "bart",
          "mbart", "marian", "pegasus", "t5", "longt5", "whisper", "m2m_100", "llama", "mistral", "qwen2", "qwen3",
          "gemma", "gemma2", "gemma3_text", "cohere", "gpt_oss", "phi3", "gpt2", "gpt_bigcode", "gpt_neox", "opt", "olmo", "vit", "deit",
          "beit", "swin", "clip", "siglip",
@@ -84,7 +90,7 @@ def random_inputs(model) -> dict:
         frames = 2 * getattr(model.config, "max_source_positions", 1500)
         inputs = {"input_features": torch.randn(2, model.config.num_mel_bins, frames, generator=g)}
         return {**inputs, "decoder_input_ids": torch.randint(3, 90, (2, 4), generator=g)}
-    ids = torch.randint(3, 90, (2, 8), generator=g)
+    ids = torch.randint(3, 90, (2, LENGTH.get(model.config.model_type, 8)), generator=g)
     inputs = {"input_ids": ids}
     if getattr(model.config, "is_encoder_decoder", False):
         inputs["decoder_input_ids"] = ids[:, :4]

@@ -144,7 +144,7 @@ def test_check_architectures_tells_supported_refused_and_wrong(monkeypatch, caps
     assert rows[0] == "| bert | supported | 2 attention blocks, 8 heads; pruned = masked (max 0) |"
     assert rows[1].startswith("| olmo2 | refused | headprune does not support 'olmo2': its attention's q_norm")
     assert rows[2].startswith("| no-such-type | not built here | ValueError")
-    # every model type of its list (37 exact, 15 refused, with transformers 5.25): none matches a layout wrongly
+    # every model type of its list (38 exact, 15 refused, with transformers 5.25): none matches a layout wrongly
     assert check_architectures.main(["--all-known"]) == 0
     capsys.readouterr()
     real_removal = check_architectures.remove_heads
