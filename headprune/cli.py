@@ -47,10 +47,12 @@ def parser() -> argparse.ArgumentParser:
                                     "by side (alternating the two models) across batch sizes and lengths, "
                                     "with the speedup the FLOP ratio predicts.")
     cfgmod.add_arguments(ms, MeasureConfig)
-    ex = sub.add_parser("export", help="a saved model for another runtime (onnx: ONNX Runtime; gguf: llama.cpp)",
+    ex = sub.add_parser("export", help="a saved model for another runtime (onnx: ONNX Runtime; gguf: llama.cpp; "
+                                       "transformers: a plain folder, the same heads in every layer)",
                         description="Write a model saved by headprune (pruned: uneven heads, empty layers) "
-                                    "for ONNX Runtime, with dynamic batch and sequence axes; the graph is run "
-                                    "and compared with PyTorch before it is written.")
+                                    "for ONNX Runtime, with dynamic batch and sequence axes, for llama.cpp, or, "
+                                    "where every layer keeps as many heads, as a plain transformers folder; the "
+                                    "result is run and compared with PyTorch before it is written.")
     cfgmod.add_arguments(ex, cfgmod.ExportConfig)
     dm = sub.add_parser("demo", help="the default job on the offline assets, then DSP-pruned",
                         description="classification (default): fine-tune MiniLM-L6 on 4,000 Rotten "
@@ -109,6 +111,13 @@ def run(args: argparse.Namespace) -> int:
             result = export_gguf(cfg)
             print(f"{result['output']}: llama.cpp `deci`, {sum(result['head_count'])} query and "
                   f"{sum(result['head_count_kv'])} key/value heads, {result['dtype']}")
+            return 0
+        if cfg.format == "transformers":
+            from .plain import export_transformers
+            result = export_transformers(cfg)
+            print(f"{result['output']}: a plain transformers folder, {result['num_attention_heads']} query and "
+                  f"{result['num_key_value_heads']} key/value heads a layer, largest difference "
+                  f"{result['max_abs_difference']:.2g}")
             return 0
         from .export import export_onnx
         result = export_onnx(cfg)

@@ -554,9 +554,11 @@ class ExportConfig(Checked):
     model: str = option(None, "Folder of a model saved by headprune (pruned or not).")
     format: str = option("onnx", "onnx: a graph for ONNX Runtime with dynamic batch and sequence axes, "
                          "checked against PyTorch's outputs after export (encoder classifiers); gguf: a file "
-                         "for llama.cpp with each layer's own head counts (Llama-family decoders).",
-                         choices=["onnx", "gguf"])
-    output: str = option(None, "The file to write (e.g. model.onnx, model.gguf).")
+                         "for llama.cpp with each layer's own head counts (Llama-family decoders); "
+                         "transformers: a folder that plain from_pretrained loads (every layer keeping as "
+                         "many heads, a config that names the head size: Llama, Qwen, Gemma, ...).",
+                         choices=["onnx", "gguf", "transformers"])
+    output: str = option(None, "The file to write (e.g. model.onnx, model.gguf), or the folder (transformers).")
     opset: int = option(None, "ONNX opset (default: the exporter's).", min=7)
     dtype: str = option("f16", "GGUF: the type of the weight matrices (norms stay f32).",
                         choices=["f32", "f16", "q8_0"])
