@@ -80,7 +80,7 @@ def plain_model(model: torch.nn.Module) -> torch.nn.Module:
         got = tuple(state[name].shape) if name in state else "none"
         raise ModelError(f"a plain {cls.__name__} with {config.num_attention_heads} heads a layer has other shapes than "
                          f"this model ({name}: {shapes.get(name, 'none')} there, {got} here): its config cannot "
-                         "hold fewer heads of the same size (it derives the head size from the width); load this "
+                         "hold these heads (BERT's and GPT-2's derive the head size from the width); load this "
                          "model with headprune.load_pruned")
     plain = cls(config)
     plain.load_state_dict(state, strict=True)

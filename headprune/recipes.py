@@ -245,7 +245,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
         raise ConfigError(f"{cfg.method} prunes a fine-tuned model and trains nothing: use --mode pipelined")
     task = get_task(cfg.task)
     path, config, counts, units = task.inspect(cfg.model, require_finetuned=pipelined, unit=cfg.unit,
-                                          attn_implementation=cfg.attn_implementation)
+                                                 attn_implementation=cfg.attn_implementation)
     targeted = any(t is not None for t in (cfg.target_params, cfg.target_kv_cache, cfg.target_speedup))
     check_budget(cfg, counts, threshold or targeted, units)  # a target's k follows once the model is loaded
     out, state, acc = _start(cfg, path)
