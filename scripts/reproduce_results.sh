@@ -127,7 +127,12 @@ case "${1:-dsp}" in
     done
     # issue 22: the pruned model in llama.cpp (needs llama-cpp-python): same tokens, KV cache, speed
     ${PYTHON:-python} benchmarks/llamacpp.py $OUT/smollm2/dsp-pipelined-k45-s0/model \
-      --output-dir $OUT/smollm2/dsp-pipelined-k45-s0/llamacpp ;;
+      --output-dir $OUT/smollm2/dsp-pipelined-k45-s0/llamacpp
+    # the same groups in every layer, written as a plain transformers model (the twenty-second session)
+    $HP sweep --config configs/sweep-smollm2.yaml --methods dsp --ks 60 --seeds 0 --allocation uniform \
+      --output-dir $OUT/smollm2-uniform
+    [ -d $OUT/smollm2-uniform/plain ] || $HP export --format transformers \
+      --model $OUT/smollm2-uniform/dsp-pipelined-k60-s0/model --output $OUT/smollm2-uniform/plain ;;
   today)  # issue 21: the scored methods (Kwon, Minitron, FLAP, LLM-Pruner) with and without reconstruction
     run $OUT/finetune finetune --config $CFG
     run $OUT/subjectivity/finetune finetune --config configs/subjectivity.yaml
