@@ -200,10 +200,13 @@ def check_original(cfg: MeasureConfig, pruned, original) -> None:
     """--original must be the model the pruned one came from: the same architecture, vocabulary,
     width, layers and heads (both run on the same random inputs, and the pruned model's record
     numbers its heads in the original's shape)."""
+    plain = getattr(pruned, "headprune_source", None) is not None  # export --format transformers: fewer heads a layer
+
     def shape(config):
         text = config.get_text_config()
         return {"model": config.model_type, "vocabulary": getattr(text, "vocab_size", None), "width": getattr(text, "hidden_size", None),
-                "layers": getattr(text, "num_hidden_layers", None), "heads": getattr(text, "num_attention_heads", None)}
+                "layers": getattr(text, "num_hidden_layers", None),
+                **({} if plain else {"heads": getattr(text, "num_attention_heads", None)})}
     differs = {name: (value, shape(original)[name]) for name, value in shape(pruned).items()
                if value != shape(original)[name]}
     if differs:
@@ -226,6 +229,9 @@ def measure(cfg: MeasureConfig, progress=print) -> dict:
         check_writable(Path(cfg.pruned))  # before the timings, not after
     from .pruning import load_pruned_config, model_class_of
     config = load_pruned_config(cfg.pruned)
+    if getattr(config, "headprune_source", None) is not None and not cfg.original:
+        raise ConfigError(f"--pruned {cfg.pruned} is a plain export (its config holds the pruned head counts): give "
+                          "--original, the model it was pruned from")
     positions = getattr(config, "max_position_embeddings", None)
     if positions and max(cfg.lengths) > positions:
         raise ConfigError(f"--lengths {max(cfg.lengths)}: longer than the model's {positions} positions")

@@ -11,6 +11,7 @@ from test_llm_heads import outputs, prompt, same, tiny_llm  # noqa: F401 (prompt
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from headprune.cli import main
+from headprune.errors import ConfigError
 from headprune.pruning import add_output_biases, load_pruned, save_pruned
 from headprune.sites import find_sites
 
@@ -35,6 +36,20 @@ def test_a_uniformly_pruned_llama_loads_with_plain_from_pretrained(unit, kept, c
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain").eval()
     same(outputs(plain, prompt), expected)
     assert sum(p.numel() for p in plain.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def test_measure_takes_a_plain_export_beside_its_original_only(capsys, tmp_path):
+    from headprune.config import MeasureConfig
+    from headprune.measure import measure
+    tiny_llm().save_pretrained(tmp_path / "original")
+    model = tiny_llm()
+    save_pruned(model, tmp_path / "pruned", [("decoder", 0, 1), ("decoder", 1, 0), ("decoder", 2, 1)])
+    assert export(tmp_path / "pruned", tmp_path / "plain") == 0
+    settings = dict(pruned=str(tmp_path / "plain"), batch_sizes=[2], lengths=[8], repeats=1, warmup=0)
+    result = measure(MeasureConfig(**settings, original=str(tmp_path / "original")), progress=lambda *_: None)
+    assert result["kv_cache_bytes_per_token"] == {"original": 3 * 2 * 64, "pruned": 3 * 1 * 64}
+    with pytest.raises(ConfigError, match="is a plain export .* give --original"):
+        measure(MeasureConfig(**settings), progress=lambda *_: None)
 
 
 def test_flaps_output_bias_is_kept_by_the_configs_attention_bias(prompt, tmp_path):  # noqa: F811
