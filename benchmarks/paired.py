@@ -10,21 +10,65 @@ measured on that model, as its own test accuracy was.
 
     python benchmarks/paired.py --a runs/results/rt-mean-uniform/dsp-pipelined-k24-s{0,1,2} \\
         --b runs/s20/today-rt-michel/michel-pipelined-s0 --k 24
+
+More examples than the test split holds: `--split test unseen-train --unseen-from 4000` adds the
+training examples after the first 4,000, where neither the fine-tuning of the model nor any run
+(its scores, its calibration) used more than the first 4,000 (checked from their results.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 from pathlib import Path
 
 import torch
 from loss_and_accuracy import (kept_sets, logits_and_labels, pipelined_run,  # a run's settings, heads and model
                                saved_model_if_reconstructed, frozen_model)
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
+
+UNSEEN = "unseen-train"  # the training examples after the first --unseen-from, which nothing learned from
 
 
-def correct(folders: list[str], k: int | None, split: str, batch_size: int, prepared: dict) -> torch.Tensor:
-    """Per example of `split`, the fraction of the runs in `folders` that classify it right."""
+def check_unseen(folder: str, results: dict, model: str, first: int | None) -> None:
+    """That neither the run (its training and calibration data) nor the fine-tuning of its model used
+    more than the first `first` training examples."""
+    if first is None:
+        raise SystemExit(f"paired: error: --split {UNSEEN} needs --unseen-from N (the training examples used)")
+    tuned = Path(model).parent / "results.json"
+    if not tuned.is_file():
+        raise SystemExit(f"paired: error: {folder}: no results.json beside its model {model} says how many training "
+                         f"examples fine-tuned it; --split {UNSEEN} cannot tell they are unseen")
+    used = {"its scores": results.get("train_examples"), "its calibration": results.get("calibration_examples") or 0,
+            f"the fine-tuning of {model}": json.loads(tuned.read_text()).get("train_examples")}  # (no calibration: 0)
+    for what, n in used.items():
+        if n is None or n > first:
+            raise SystemExit(f"paired: error: {folder}: {what} used {n} training examples, not at most the first {first}")
+
+
+def loaders(cfg, splits: list[str], batch_size: int, first: int | None, folder: str):
+    """The gated fine-tuned model of a run's settings and a loader for each of `splits`."""
+    _, model, gates, _, evals, collate = frozen_model(cfg)
+    batches = []
+    for split in splits:
+        if split == UNSEEN:
+            _, _, _, train, _, _ = frozen_model(dataclasses.replace(cfg, max_train_examples=None))
+            if len(train) <= first:
+                raise SystemExit(f"paired: error: {cfg.dataset} has {len(train)} training examples: none after {first}")
+            data = Subset(train, range(first, len(train)))
+        elif split in evals:
+            data = evals[split]
+        else:
+            raise SystemExit(f"paired: error: {folder} has no {split} split (it has {', '.join(evals)}, or {UNSEEN})")
+        batches.append(DataLoader(data, batch_size=batch_size, collate_fn=collate))
+    return model, gates, batches
+
+
+def correct(folders: list[str], k: int | None, splits: list[str], batch_size: int, prepared: dict,
+            first: int | None = None) -> torch.Tensor:
+    """Per example of `splits` (one after the other), the fraction of the runs in `folders` that
+    classify it right."""
     rows = []
     for folder in folders:
         results, cfg = pipelined_run(folder)
@@ -32,17 +76,19 @@ def correct(folders: list[str], k: int | None, split: str, batch_size: int, prep
         kept = kept_sets(results, [at]).get(at)
         if kept is None or len(kept) != at:
             raise SystemExit(f"paired: error: {folder} kept {results['k']} heads and has no curve through k={at}")
+        if UNSEEN in splits:
+            check_unseen(folder, results, cfg.model, first)
         key = (cfg.model, cfg.dataset, cfg.max_length, cfg.eval_files and tuple(cfg.eval_files))
         if key not in prepared:
-            _, model, gates, _, evals, collate = frozen_model(cfg)
-            if split not in evals:
-                raise SystemExit(f"paired: error: {folder} has no {split} split (it has {', '.join(evals)})")
-            prepared[key] = model, gates, DataLoader(evals[split], batch_size=batch_size, collate_fn=collate)
+            prepared[key] = loaders(cfg, splits, batch_size, first, folder)
         model, gates, batches = prepared[key]
         saved = saved_model_if_reconstructed(folder, results)  # None for a curve: its heads at k, no bias
+        right = []
         with gates.override(torch.tensor([float(h in kept) for h in gates.heads])):
-            logits, labels = logits_and_labels(saved if saved is not None else model, batches)
-        rows.append((logits.argmax(-1) == labels).double())
+            for split_batches in batches:
+                logits, labels = logits_and_labels(saved if saved is not None else model, split_batches)
+                right.append((logits.argmax(-1) == labels).double())
+        rows.append(torch.cat(right))
     return torch.stack(rows).mean(0)
 
 
@@ -63,19 +109,22 @@ def main() -> None:
     parser.add_argument("--b", nargs="+", required=True, help="runs of the second side")
     parser.add_argument("--k", type=int, default=None, help="heads kept (a Michel curve is read there; "
                         "default: each run's own)")
-    parser.add_argument("--split", default="test")
+    parser.add_argument("--split", nargs="+", default=["test"],
+                        help=f"evaluation splits, or {UNSEEN} (see above); several are pooled")
+    parser.add_argument("--unseen-from", type=int, default=None,
+                        help=f"{UNSEEN}: the training examples from this index on")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--resamples", type=int, default=10_000)
     args = parser.parse_args()
     for folder in args.a + args.b:  # every folder checked before the long work
         pipelined_run(folder)
     prepared: dict = {}
-    a, b = (correct(side, args.k, args.split, args.batch_size, prepared) for side in (args.a, args.b))
+    a, b = (correct(side, args.k, args.split, args.batch_size, prepared, args.unseen_from) for side in (args.a, args.b))
     if len(a) != len(b):
         raise SystemExit("paired: error: the two sides were evaluated on different examples")
     r = paired_difference(a, b, args.resamples)
     names = [", ".join(Path(f).name for f in side) for side in (args.a, args.b)]
-    print(f"| a | b | {args.split} accuracy, a | b | a - b | standard error | 95% interval | examples where they differ |")
+    print(f"| a | b | {' + '.join(args.split)} accuracy, a | b | a - b | standard error | 95% interval | examples where they differ |")
     print("|---|---|---|---|---|---|---|---|")
     print(f"| {names[0]} | {names[1]} | {r['a']:.4f} | {r['b']:.4f} | {100 * r['difference']:+.2f} points | "
           f"{100 * r['standard_error']:.2f} | {100 * r['low']:+.2f} to {100 * r['high']:+.2f} | "

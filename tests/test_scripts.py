@@ -95,6 +95,37 @@ def test_paired(finished_runs, biased_run, monkeypatch, capsys):
         row("--a", dsp, "--b", michel, "--k", 3)
 
 
+def test_paired_on_training_examples_nothing_learned_from(tiny_assets, finished_runs, tmp_path, monkeypatch, capsys):
+    """--split unseen-train: the training examples after the first N, where the fine-tuning and the
+    runs used at most N (checked); pooled with the test split, its examples follow the test's."""
+    from headprune.config import FinetuneConfig
+    from headprune.recipes import finetune
+    model, data = tiny_assets
+    finetune(FinetuneConfig(model=str(model), dataset=str(data), epochs=1, batch_size=16, max_train_examples=100,
+                            output_dir=str(tmp_path / "ft"), checkpoint_every=0))
+    evals = [str(finished_runs / f"{split}.jsonl") for split in ("validation", "test")]
+    run = tmp_path / "dsp-pipelined-k4-s0"
+    prune(PruneConfig(model=str(tmp_path / "ft" / "model"), dataset=str(data), eval_files=evals, k=4, batch_size=16,
+                      checkpoint_every=0, reconstruct="none", max_train_examples=100, output_dir=str(run)))
+    rows = len(data.read_text().splitlines())
+
+    def table(*args):
+        out = script_here("benchmarks/paired.py", "--a", run, "--b", run, "--resamples", 50, *args,
+                          monkeypatch=monkeypatch, capsys=capsys)
+        return [line.split(" | ") for line in out.splitlines() if line.startswith("| ") and "---" not in line][1]
+    unseen, test = table("--split", "unseen-train", "--unseen-from", 100), table()
+    pooled = table("--split", "test", "unseen-train", "--unseen-from", 100)
+    assert unseen[7] == f"0 of {rows - 100} |" and pooled[7] == f"0 of {rows - 100 + 20} |"
+    assert float(pooled[2]) == pytest.approx((20 * float(test[2]) + (rows - 100) * float(unseen[2])) / (rows - 80),
+                                             abs=1e-4)
+    with pytest.raises(SystemExit, match="used 100 training examples, not at most the first 90"):
+        table("--split", "unseen-train", "--unseen-from", 90)
+    with pytest.raises(SystemExit, match=r"dsp-pipelined-k4-s0: its scores used \d+ training examples, not at most the "
+                       "first 100"):  # a run on the model fine-tuned on every row
+        script_here("benchmarks/paired.py", "--a", finished_runs / "dsp-pipelined-k4-s0", "--b", run, "--split",
+                    "unseen-train", "--unseen-from", 100, monkeypatch=monkeypatch, capsys=capsys)
+
+
 def test_a_paired_difference_by_hand(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     from paired import paired_difference
