@@ -235,6 +235,27 @@ case "${1:-dsp}" in
       --allocation global --output-dir $OUT/subjectivity-mean
     ${PYTHON:-python} benchmarks/paired.py --a $OUT/subjectivity-mean/dsp-pipelined-k6-s{0,1,2} \
       --b $OUT/today-subjectivity-michel/michel-pipelined-s0 --k 6
+    # the twenty-second session: the same comparisons on the training examples nothing learned from, pooled with
+    # test (and the unseen ones alone: --split unseen-train); subjectivity at 12 heads, Rotten Tomatoes at 36
+    $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model $R --ks 12 --seeds 0 1 2 \
+      --allocation global --output-dir $OUT/subjectivity-mean
+    $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model --max-train-examples 4000 \
+      --methods flap --ks 36 --seeds 0 --reconstruct bias --output-dir $OUT/today-rt-flap
+    U="--split test unseen-train --unseen-from 4000"
+    ${PYTHON:-python} benchmarks/paired.py $U --a $OUT/rt-mean/dsp-pipelined-k12-s{0,1,2} \
+      --b $OUT/today-rt-michel/michel-pipelined-s0 --k 12
+    ${PYTHON:-python} benchmarks/paired.py $U --a $OUT/rt-mean-uniform/dsp-pipelined-k24-s{0,1,2} \
+      --b $OUT/today-rt-michel/michel-pipelined-s0 --k 24
+    ${PYTHON:-python} benchmarks/paired.py $U --a $OUT/rt-mean-uniform/dsp-pipelined-k36-s{0,1,2} \
+      --b $OUT/today-rt-flap/flap-pipelined-k36-s0
+    for k in 6 12; do
+      ${PYTHON:-python} benchmarks/paired.py $U --a $OUT/subjectivity-mean/dsp-pipelined-k$k-s{0,1,2} \
+        --b $OUT/today-subjectivity-michel/michel-pipelined-s0 --k $k
+    done
+    for k in 24 36; do
+      ${PYTHON:-python} benchmarks/paired.py $U --a $OUT/subjectivity-mean-uniform/dsp-pipelined-k$k-s{0,1,2} \
+        --b $OUT/today-subjectivity-flap/flap-pipelined-k$k-s0
+    done
     # why DSP trails FLAP with its bias at 36 heads on subjectivity: loss and accuracy on the pruning data and on test
     ${PYTHON:-python} benchmarks/loss_and_accuracy.py $OUT/subjectivity-mean-uniform/dsp-pipelined-k36-s{0,1,2} \
       $OUT/today-subjectivity-flap/flap-pipelined-k36-s0
