@@ -40,8 +40,12 @@ def check_unseen(folder: str, results: dict, model: str, first: int | None) -> N
     if not tuned.is_file():
         raise SystemExit(f"paired: error: {folder}: no results.json beside its model {model} says how many training "
                          f"examples fine-tuned it; --split {UNSEEN} cannot tell they are unseen")
+    tuning = json.loads(tuned.read_text())
+    if tuning.get("dataset") != results.get("dataset"):
+        raise SystemExit(f"paired: error: {folder}: its model was fine-tuned on {tuning.get('dataset')}, not on "
+                         f"{results.get('dataset')}: --split {UNSEEN} cannot tell its examples are unseen")
     used = {"its scores": results.get("train_examples"), "its calibration": results.get("calibration_examples") or 0,
-            f"the fine-tuning of {model}": json.loads(tuned.read_text()).get("train_examples")}  # (no calibration: 0)
+            f"the fine-tuning of {model}": tuning.get("train_examples")}  # (no calibration: 0)
     for what, n in used.items():
         if n is None or n > first:
             raise SystemExit(f"paired: error: {folder}: {what} used {n} training examples, not at most the first {first}")
@@ -76,8 +80,6 @@ def correct(folders: list[str], k: int | None, splits: list[str], batch_size: in
         kept = kept_sets(results, [at]).get(at)
         if kept is None or len(kept) != at:
             raise SystemExit(f"paired: error: {folder} kept {results['k']} heads and has no curve through k={at}")
-        if UNSEEN in splits:
-            check_unseen(folder, results, cfg.model, first)
         key = (cfg.model, cfg.dataset, cfg.max_length, cfg.eval_files and tuple(cfg.eval_files))
         if key not in prepared:
             prepared[key] = loaders(cfg, splits, batch_size, first, folder)
@@ -117,7 +119,9 @@ def main() -> None:
     parser.add_argument("--resamples", type=int, default=10_000)
     args = parser.parse_args()
     for folder in args.a + args.b:  # every folder checked before the long work
-        pipelined_run(folder)
+        results, cfg = pipelined_run(folder)
+        if UNSEEN in args.split:
+            check_unseen(folder, results, cfg.model, args.unseen_from)
     prepared: dict = {}
     a, b = (correct(side, args.k, args.split, args.batch_size, prepared, args.unseen_from) for side in (args.a, args.b))
     if len(a) != len(b):
