@@ -48,7 +48,8 @@ def check_unseen(folder: str, results: dict, model: str, first: int | None) -> N
             f"the fine-tuning of {model}": tuning.get("train_examples")}  # (no calibration: 0)
     for what, n in used.items():
         if n is None or n > first:
-            raise SystemExit(f"paired: error: {folder}: {what} used {n} training examples, not at most the first {first}")
+            raise SystemExit(f"paired: error: {folder}: {what} used {n} training examples, "
+                             f"not at most the first {first}")
 
 
 def loaders(cfg, splits: list[str], batch_size: int, first: int | None, folder: str):

@@ -42,9 +42,10 @@ def plain_config(model: torch.nn.Module):
     empty = [site.layer for site in sites if getattr(site.attention, DEAD_HEAD, False) or not site.query_heads]
     if empty or len(set(counts)) > 1:
         per_layer = ", ".join(f"{q}/{kv}" for q, kv in counts)
+        without = f" (layers without heads: {empty})" if empty else ""
         raise ModelError(f"a plain transformers config holds one head count for every layer; this model's layers keep "
-                         f"{per_layer} query/key-value heads{' (layers without heads: ' + str(empty) + ')' if empty else ''}"
-                         ": prune with --allocation uniform and a k that the layers divide")
+                         f"{per_layer} query/key-value heads{without}: prune with --allocation uniform and a k that "
+                         "the layers divide")
     config = copy.deepcopy(model.config)
     queries, keys = counts[0]
     config.num_attention_heads = queries
@@ -78,8 +79,8 @@ def plain_model(model: torch.nn.Module) -> torch.nn.Module:
     if wrong:
         name = wrong[0]
         got = tuple(state[name].shape) if name in state else "none"
-        raise ModelError(f"a plain {cls.__name__} with {config.num_attention_heads} heads a layer has other shapes than "
-                         f"this model ({name}: {shapes.get(name, 'none')} there, {got} here): its config cannot "
+        raise ModelError(f"a plain {cls.__name__} with {config.num_attention_heads} heads a layer has other shapes "
+                         f"than this model ({name}: {shapes.get(name, 'none')} there, {got} here): its config cannot "
                          "hold these heads (BERT's and GPT-2's derive the head size from the width); load this "
                          "model with headprune.load_pruned")
     plain = cls(config)

@@ -43,7 +43,8 @@ TOWERS = dict(vision_config={**TOWER, "image_size": 16, "patch_size": 8}, text_c
 BIASES = {**TINY, "use_relative_position_bias": True, "use_shared_relative_position_bias": True}
 # Attention over blocks, with inputs long enough for several: BigBird's block-sparse attention (at 8
 # tokens it falls back to full attention), LongT5's local and transient-global blocks of 3 tokens
-BLOCKS = {"big_bird": dict(attention_type="block_sparse", block_size=4, num_random_blocks=1, max_position_embeddings=128),
+BLOCKS = {"big_bird": dict(attention_type="block_sparse", block_size=4, num_random_blocks=1,
+                           max_position_embeddings=128),
           "longt5": dict(local_radius=2, global_block_size=4, encoder_attention_type="transient-global")}
 LENGTH = {"big_bird": 64, "longt5": 16}  # tokens of the random input (8 for the others)
 PER_TYPE = {"swin": SWIN, "swinv2": SWIN, "beit": BIASES, "data2vec-vision": BIASES,
@@ -54,10 +55,10 @@ PER_TYPE = {"swin": SWIN, "swinv2": SWIN, "beit": BIASES, "data2vec-vision": BIA
 AUTO_CLASSES = ("AutoModelForSeq2SeqLM", "AutoModelForSpeechSeq2Seq", "AutoModelForCausalLM",
                 "AutoModelForSequenceClassification", "AutoModelForImageClassification", "AutoModel")
 # The model types the layouts are known for, then lookalikes and others refused (the default list)
-KNOWN = ["bert", "roberta", "xlm-roberta", "electra", "distilbert", "big_bird", "deberta", "deberta-v2", "modernbert", "bart",
-         "mbart", "marian", "pegasus", "t5", "longt5", "whisper", "m2m_100", "llama", "mistral", "qwen2", "qwen3",
-         "gemma", "gemma2", "gemma3_text", "cohere", "gpt_oss", "phi3", "gpt2", "gpt_bigcode", "gpt_neox", "opt", "olmo", "vit", "deit",
-         "beit", "swin", "clip", "siglip",
+KNOWN = ["bert", "roberta", "xlm-roberta", "electra", "distilbert", "big_bird", "deberta", "deberta-v2",
+         "modernbert", "bart", "mbart", "marian", "pegasus", "t5", "longt5", "whisper", "m2m_100", "llama",
+         "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "cohere", "gpt_oss", "phi3", "gpt2",
+         "gpt_bigcode", "gpt_neox", "opt", "olmo", "vit", "deit", "beit", "swin", "clip", "siglip",
          "olmo2", "diffllama", "bitnet", "nystromformer", "convbert", "led", "fsmt", "mvp", "pegasus_x",
          "layoutlmv3", "swinv2", "data2vec-vision", "albert", "bloom", "phi"]
 

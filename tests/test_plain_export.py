@@ -72,7 +72,8 @@ def test_flaps_output_bias_is_kept_by_the_configs_attention_bias(prompt, tmp_pat
 
 def test_what_a_plain_config_cannot_hold_is_refused_in_one_line(capsys, tmp_path):
     uneven = tiny_llm()  # layer 0 keeps both groups, layer 1 one, layer 2 one
-    save_pruned(uneven, tmp_path / "uneven", [("decoder", 0, 0), ("decoder", 0, 1), ("decoder", 1, 0), ("decoder", 2, 1)])
+    save_pruned(uneven, tmp_path / "uneven",
+                [("decoder", 0, 0), ("decoder", 0, 1), ("decoder", 1, 0), ("decoder", 2, 1)])
     assert "this model's layers keep 6/2, 3/1, 3/1 query/key-value heads: prune with --allocation uniform" in \
         one_line_error(capsys, ["export", "--format", "transformers", "--model", tmp_path / "uneven",
                                 "--output", tmp_path / "out"])
