@@ -53,12 +53,13 @@ def check_unseen(folder: str, results: dict, model: str, first: int | None) -> N
 
 
 def loaders(cfg, splits: list[str], batch_size: int, first: int | None, folder: str):
-    """The gated fine-tuned model of a run's settings and a loader for each of `splits`."""
-    _, model, gates, _, evals, collate = frozen_model(cfg)
+    """The gated fine-tuned model of a run's settings and a loader for each of `splits` (the whole
+    training split read where the unseen examples are asked for)."""
+    whole = dataclasses.replace(cfg, max_train_examples=None) if UNSEEN in splits else cfg
+    _, model, gates, train, evals, collate = frozen_model(whole)
     batches = []
     for split in splits:
         if split == UNSEEN:
-            _, _, _, train, _, _ = frozen_model(dataclasses.replace(cfg, max_train_examples=None))
             if len(train) <= first:
                 raise SystemExit(f"paired: error: {cfg.dataset} has {len(train)} training examples: none after {first}")
             data = Subset(train, range(first, len(train)))

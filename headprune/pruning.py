@@ -205,6 +205,13 @@ def _share_position_bias(attention: nn.Module, heads: list[int]) -> None:
     setattr(attention, BIAS_HEADS, heads)
 
 
+def _bias_heads(owner: nn.Module, site: AttentionSite, queries: list[int]) -> list[int]:
+    """The original numbers of the query heads `queries` (current numbering) of a site whose module
+    `owner` slices a position bias computed for every original head (pruned before: its record)."""
+    numbers = getattr(owner, BIAS_HEADS, None) or list(range(site.query_heads))
+    return [numbers[h] for h in queries]
+
+
 def _slice_shared_bias(layer: nn.Module, heads: list[int]) -> None:
     """BEiT's shared relative position bias: the model computes it for every head and hands it to
     each layer as the attention mask, so a pruned layer takes the slice of its own heads (in the
@@ -277,13 +284,11 @@ def remove_heads(model: nn.Module, kept: list[Head], unit: str = "group") -> nn.
         dead = not keep and site.kind in ("decoder", "cross")
         queries, keys = ([0], [0]) if dead else (site.query_heads_of(keep), site.kv_heads_of(keep))
         device = site.query.weight.device
-        if site.position_bias:  # before the counts change: the heads' numbers in the bias
-            numbers = getattr(site.attention, BIAS_HEADS, None) or list(range(site.query_heads))
-            _share_position_bias(site.attention, [numbers[h] for h in queries] if keep or dead else [])
-
-        if site.shared_bias is not None:  # (BEiT) before the counts change, as for T5
-            numbers = getattr(site.shared_bias, BIAS_HEADS, None) or list(range(site.query_heads))
-            _slice_shared_bias(site.shared_bias, [numbers[h] for h in queries])
+        # before the counts change: the kept heads' numbers in a bias computed for every head
+        if site.position_bias:  # T5
+            _share_position_bias(site.attention, _bias_heads(site.attention, site, queries) if keep or dead else [])
+        if site.shared_bias is not None:  # BEiT
+            _slice_shared_bias(site.shared_bias, _bias_heads(site.shared_bias, site, queries))
 
         def index(rows):
             return torch.tensor(rows, dtype=torch.long, device=device)
