@@ -124,6 +124,10 @@ def test_paired_on_training_examples_nothing_learned_from(tiny_assets, finished_
                        "first 100"):  # a run on the model fine-tuned on every row
         script_here("benchmarks/paired.py", "--a", finished_runs / "dsp-pipelined-k4-s0", "--b", run, "--split",
                     "unseen-train", "--unseen-from", 100, monkeypatch=monkeypatch, capsys=capsys)
+    tuned = tmp_path / "ft" / "results.json"  # a model fine-tuned on other data: its unseen rows are not these
+    tuned.write_text(json.dumps({**json.loads(tuned.read_text()), "dataset": "offline:subjectivity"}))
+    with pytest.raises(SystemExit, match="its model was fine-tuned on offline:subjectivity, not on "):
+        table("--split", "unseen-train", "--unseen-from", 100)
 
 
 def test_a_paired_difference_by_hand(monkeypatch):
