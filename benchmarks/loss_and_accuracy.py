@@ -80,10 +80,10 @@ def frozen_model(cfg: PruneConfig):
     return task, model.eval(), gates, train_set, evals, collate
 
 
-def saved_model_if_reconstructed(folder: str, results: dict):
-    """The model a run saved, where it folded a reconstruction into it (a Michel curve saves only
-    its last k: None there too, as for runs without one)."""
-    if reconstruct_in_effect(results["config"]) == "none" or "curve" in results:
+def saved_model_if_reconstructed(folder: str, results: dict, k: int):
+    """The model a run saved at `k` heads, where it folded a reconstruction into it: None for a run
+    without one, and for the other k of a Michel curve (it saves its last k only)."""
+    if reconstruct_in_effect(results["config"]) == "none" or k != results["k"]:
         return None
     from headprune import load_pruned
     return load_pruned(Path(folder) / "model").eval()
@@ -142,8 +142,8 @@ def main() -> None:
                         for j in range(0, len(ds), args.batch_size)]
             prepared[key] = model, gates, batches(train_set), batches(evals["test"])
             row(f"unpruned: {cfg.model}", key, set(gates.heads))
-        saved = saved_model_if_reconstructed(folder, results)
         for k, kept in sorted(kept_sets(results, args.ks).items()):
+            saved = saved_model_if_reconstructed(folder, results, k)
             row(Path(folder).name + (f" + {results['reconstruct']}" if saved is not None else ""), key, kept, saved)
 
 

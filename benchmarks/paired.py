@@ -6,7 +6,8 @@ it right; the difference of the two sides' accuracies is the mean of the per-exa
 its standard error is theirs over the examples (paired: both sides see the same examples, so what
 both get right or wrong cancels), and the 95% interval comes from resampling the examples
 (bootstrap). A run whose saved model holds a reconstruction (DSP's default bias, FLAP's) is
-measured on that model, as its own test accuracy was.
+measured on that model, as its own test accuracy was (a Michel curve's at its last k only; its other
+k are its heads without one, as its curve measured them).
 
     python benchmarks/paired.py --a runs/results/rt-mean-uniform/dsp-pipelined-k24-s{0,1,2} \\
         --b runs/s20/today-rt-michel/michel-pipelined-s0 --k 24
@@ -86,7 +87,7 @@ def correct(folders: list[str], k: int | None, splits: list[str], batch_size: in
         if key not in prepared:
             prepared[key] = loaders(cfg, splits, batch_size, first, folder)
         model, gates, batches = prepared[key]
-        saved = saved_model_if_reconstructed(folder, results)  # None for a curve: its heads at k, no bias
+        saved = saved_model_if_reconstructed(folder, results, at)  # a curve's other k: its heads, no bias
         right = []
         with gates.override(torch.tensor([float(h in kept) for h in gates.heads])):
             for split_batches in batches:

@@ -95,6 +95,25 @@ def test_paired(finished_runs, biased_run, monkeypatch, capsys):
         row("--a", dsp, "--b", michel, "--k", 3)
 
 
+def test_paired_reads_a_michel_curve_with_a_bias_at_its_last_k_on_its_saved_model(finished_runs, monkeypatch,
+                                                                                    capsys):
+    """The curve's saved model (its last k) holds the bias; its other k are its heads without one."""
+    results = json.loads((finished_runs / "michel-pipelined-s0" / "results.json").read_text())
+    fields = {k: v for k, v in results["config"].items() if k in PruneConfig.__dataclass_fields__}
+    run = finished_runs / "michel-pipelined-s0-bias"
+    prune(PruneConfig(**{**fields, "reconstruct": "bias", "output_dir": str(run)}))
+    results = json.loads((run / "results.json").read_text())
+    curve = {e["heads"]: e["metrics"]["test"] for e in results["curve"]}
+
+    def accuracy(k):
+        out = script_here("benchmarks/paired.py", "--a", run, "--b", run, "--k", k, "--resamples", 10,
+                          monkeypatch=monkeypatch, capsys=capsys)
+        return float([line.split(" | ") for line in out.splitlines() if line.startswith("| ")][1][2])
+    assert results["k"] == 2 and results["metrics_pruned"]["test"] != curve[2]  # the bias changed what it classifies
+    assert accuracy(2) == pytest.approx(results["metrics_pruned"]["test"], abs=5e-5)
+    assert accuracy(4) == pytest.approx(curve[4], abs=5e-5)
+
+
 def test_paired_on_training_examples_nothing_learned_from(tiny_assets, finished_runs, tmp_path, monkeypatch, capsys):
     """--split unseen-train: the training examples after the first N, where the fine-tuning and the
     runs used at most N (checked); pooled with the test split, its examples follow the test's."""
