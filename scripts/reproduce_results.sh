@@ -256,6 +256,15 @@ case "${1:-dsp}" in
       ${PYTHON:-python} benchmarks/paired.py $U --a $OUT/subjectivity-mean-uniform/dsp-pipelined-k$k-s{0,1,2} \
         --b $OUT/today-subjectivity-flap/flap-pipelined-k$k-s0
     done
+    # the twenty-third session: Rotten Tomatoes at 6 heads pooled (Michel's curve with the bias, DSP's global 3 seeds)
+    $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model --max-train-examples 4000 \
+      --methods michel --ks 6 --reconstruct bias --output-dir $OUT/today-rt-michel-bias
+    $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model $R --ks 6 --seeds 0 1 2 \
+      --allocation global --output-dir $OUT/rt-mean
+    for split in test "test unseen-train"; do
+      ${PYTHON:-python} benchmarks/paired.py --split $split --unseen-from 4000 --a $OUT/rt-mean/dsp-pipelined-k6-s{0,1,2} \
+        --b $OUT/today-rt-michel-bias/michel-pipelined-s0 --k 6
+    done
     # why DSP trails FLAP with its bias at 36 heads on subjectivity: loss and accuracy on the pruning data and on test
     ${PYTHON:-python} benchmarks/loss_and_accuracy.py $OUT/subjectivity-mean-uniform/dsp-pipelined-k36-s{0,1,2} \
       $OUT/today-subjectivity-flap/flap-pipelined-k36-s0
