@@ -74,8 +74,8 @@ def loaders(cfg, splits: list[str], batch_size: int, first: int | None, folder: 
 
 def correct(folders: list[str], k: int | None, splits: list[str], batch_size: int, prepared: dict,
             first: int | None = None) -> torch.Tensor:
-    """Per example of `splits` (one after the other), the fraction of the runs in `folders` that
-    classify it right."""
+    """Per run of `folders` (rows) and example of `splits` (columns, one split after the other):
+    1 where the run classifies the example right, else 0."""
     rows = []
     for folder in folders:
         results, cfg = pipelined_run(folder)
@@ -94,14 +94,32 @@ def correct(folders: list[str], k: int | None, splits: list[str], batch_size: in
                 logits, labels = logits_and_labels(saved if saved is not None else model, split_batches)
                 right.append((logits.argmax(-1) == labels).double())
         rows.append(torch.cat(right))
-    return torch.stack(rows).mean(0)
+    return torch.stack(rows)
 
 
-def paired_difference(a: torch.Tensor, b: torch.Tensor, resamples: int = 10_000, seed: int = 0) -> dict:
-    """a - b in accuracy, its standard error over the examples and a 95% bootstrap interval."""
-    d = a - b
+def paired_difference(a: torch.Tensor, b: torch.Tensor, resamples: int = 10_000, seed: int = 0,
+                      resample_runs: bool = False) -> dict:
+    """a - b in accuracy, its standard error over the examples and a 95% bootstrap interval. `a`,
+    `b`: per run (rows) and example (columns), 1 where the run is right (a vector: one run, or the
+    fraction of a side's runs right). Each resample draws the examples with replacement; with
+    `resample_runs` also each side's runs (their own generator: the examples drawn stay the same),
+    so that the interval holds the seed-to-seed spread as well as the examples'."""
+    a, b = (x if x.dim() == 2 else x[None] for x in (a, b))
+    d = a.mean(0) - b.mean(0)
     n = len(d)
-    means = d[torch.randint(n, (resamples, n), generator=torch.Generator().manual_seed(seed))].mean(1)
+    examples, runs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+    means, chunk = [], 1000 if resample_runs else resamples  # (one draw of them all: the intervals of results.md)
+    for start in range(0, resamples, chunk):  # a chunk's resamples x examples indices at a time
+        r = min(chunk, resamples - start)
+        index = torch.randint(n, (r, n), generator=examples)
+        if resample_runs:  # each resample's weight of every run: how often it was drawn, over the side's count
+            weights = [torch.zeros(r, len(x), dtype=x.dtype).scatter_add_(
+                1, torch.randint(len(x), (r, len(x)), generator=runs), torch.ones(r, len(x), dtype=x.dtype)) / len(x)
+                for x in (a, b)]
+            means.append((weights[0] @ a - weights[1] @ b).gather(1, index).mean(1))
+        else:
+            means.append(d[index].mean(1))
+    means = torch.cat(means)
     low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=means.dtype)).tolist()
     return {"a": a.mean().item(), "b": b.mean().item(), "difference": d.mean().item(),
             "standard_error": (d.std() / n ** 0.5).item(), "low": low, "high": high,
@@ -120,6 +138,8 @@ def main() -> None:
                         help=f"{UNSEEN}: the training examples from this index on")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--resamples", type=int, default=10_000)
+    parser.add_argument("--resample-runs", action="store_true",
+                        help="the interval also resamples each side's runs (its seeds), not only the examples")
     args = parser.parse_args()
     for folder in args.a + args.b:  # every folder checked before the long work
         results, cfg = pipelined_run(folder)
@@ -127,11 +147,13 @@ def main() -> None:
             check_unseen(folder, results, cfg.model, args.unseen_from)
     prepared: dict = {}
     a, b = (correct(side, args.k, args.split, args.batch_size, prepared, args.unseen_from) for side in (args.a, args.b))
-    if len(a) != len(b):
+    if a.shape[1] != b.shape[1]:
         raise SystemExit("paired: error: the two sides were evaluated on different examples")
-    r = paired_difference(a, b, args.resamples)
+    r = paired_difference(a, b, args.resamples, resample_runs=args.resample_runs)
     names = [", ".join(Path(f).name for f in side) for side in (args.a, args.b)]
-    print(f"| a | b | {' + '.join(args.split)} accuracy, a | b | a - b | standard error | 95% interval | examples where they differ |")
+    interval = "95% interval (examples and runs)" if args.resample_runs else "95% interval"
+    print(f"| a | b | {' + '.join(args.split)} accuracy, a | b | a - b | standard error | {interval} | "
+          "examples where they differ |")
     print("|---|---|---|---|---|---|---|---|")
     print(f"| {names[0]} | {names[1]} | {r['a']:.4f} | {r['b']:.4f} | {100 * r['difference']:+.2f} points | "
           f"{100 * r['standard_error']:.2f} | {100 * r['low']:+.2f} to {100 * r['high']:+.2f} | "

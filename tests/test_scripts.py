@@ -93,6 +93,8 @@ def test_paired(finished_runs, biased_run, monkeypatch, capsys):
     assert float(both[4].split()[0]) == pytest.approx(100 * (mean - float(both[3])), abs=0.006)
     with pytest.raises(SystemExit, match="has no curve through k=3"):
         row("--a", dsp, "--b", michel, "--k", 3)
+    seeds = row("--a", dsp, biased_run, "--b", michel, "--k", 4, "--resample-runs")  # the same difference
+    assert seeds[2:5] == both[2:5]
 
 
 def test_paired_reads_a_michel_curve_with_a_bias_at_its_last_k_on_its_saved_model(finished_runs, monkeypatch,
@@ -159,6 +161,19 @@ def test_a_paired_difference_by_hand(monkeypatch):
     assert (r["a"], r["b"], r["differ"], r["examples"]) == (0.6, 0.4, 3, 5)
     assert r["difference"] == pytest.approx(0.2) and r["standard_error"] == pytest.approx((2.8 / 4) ** 0.5 / 5 ** 0.5)
     assert -1 <= r["low"] < 0.2 < r["high"] <= 1  # resampled means of five differences in -1..1
+    # two runs of a side that agree: resampling the runs too changes nothing (the examples drawn are the same)
+    twice = torch.tensor([[1, 1, 0, 0, 1.]] * 2, dtype=torch.float64)
+    again = paired_difference(twice, torch.tensor([1, 0, 1, 0, 0.], dtype=torch.float64), resamples=2000,
+                              resample_runs=True)
+    assert (again["low"], again["high"], again["difference"]) == (r["low"], r["high"], r["difference"])
+    # two runs that disagree on everything against a constant 0.5: every example's difference is 0, so
+    # over the examples alone the interval is 0 to 0; drawing the runs too, both of the all-wrong run
+    # (a quarter of the resamples) give -0.5 and both of the all-right one +0.5
+    runs = torch.tensor([[1, 1, 1, 1.], [0, 0, 0, 0.]], dtype=torch.float64)
+    half = torch.full((4,), 0.5, dtype=torch.float64)
+    assert (lambda x: (x["low"], x["high"]))(paired_difference(runs, half, resamples=2000)) == (0.0, 0.0)
+    spread = paired_difference(runs, half, resamples=2000, resample_runs=True)
+    assert (spread["low"], spread["high"], spread["difference"]) == (-0.5, 0.5, 0.0)
 
 
 def test_reconstruction_on_a_finished_run(finished_runs, tmp_path, monkeypatch, capsys):
