@@ -15,6 +15,7 @@ k are its heads without one, as its curve measured them).
 More examples than the test split holds: `--split test unseen-train --unseen-from 4000` adds the
 training examples after the first 4,000, where neither the fine-tuning of the model nor any run
 (its scores, its calibration) used more than the first 4,000 (checked from their results.json).
+`--resample-runs`: the interval also resamples each side's runs (seeds), not only the examples.
 """
 
 from __future__ import annotations
