@@ -241,7 +241,8 @@ case "${1:-dsp}" in
       --allocation global --output-dir $OUT/subjectivity-mean
     $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model --max-train-examples 4000 \
       --methods flap --ks 36 --seeds 0 --reconstruct bias --output-dir $OUT/today-rt-flap
-    U="--split test unseen-train --unseen-from 4000"
+    POOLED="--split test unseen-train --unseen-from 4000"
+    for U in "$POOLED" "$POOLED --resample-runs"; do  # the twenty-third session: the seeds' spread in the interval too
     ${PYTHON:-python} benchmarks/paired.py $U --a $OUT/rt-mean/dsp-pipelined-k12-s{0,1,2} \
       --b $OUT/today-rt-michel/michel-pipelined-s0 --k 12
     ${PYTHON:-python} benchmarks/paired.py $U --a $OUT/rt-mean-uniform/dsp-pipelined-k24-s{0,1,2} \
@@ -256,12 +257,13 @@ case "${1:-dsp}" in
       ${PYTHON:-python} benchmarks/paired.py $U --a $OUT/subjectivity-mean-uniform/dsp-pipelined-k$k-s{0,1,2} \
         --b $OUT/today-subjectivity-flap/flap-pipelined-k$k-s0
     done
+    done
     # the twenty-third session: Rotten Tomatoes at 6 heads pooled (Michel's curve with the bias, DSP's global 3 seeds)
     $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model --max-train-examples 4000 \
       --methods michel --ks 6 --reconstruct bias --output-dir $OUT/today-rt-michel-bias
     $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model $R --ks 6 --seeds 0 1 2 \
       --allocation global --output-dir $OUT/rt-mean
-    for split in test "test unseen-train"; do
+    for split in test "test unseen-train" "test unseen-train --resample-runs"; do
       ${PYTHON:-python} benchmarks/paired.py --split $split --unseen-from 4000 --a $OUT/rt-mean/dsp-pipelined-k6-s{0,1,2} \
         --b $OUT/today-rt-michel-bias/michel-pipelined-s0 --k 6
     done
