@@ -137,6 +137,9 @@ class Task:
         counts: dict[str, int] = {}
         for site in sites:
             counts[site.kind] = counts.get(site.kind, 0) + site.num_heads
+        if unit == "group" and all(s.unit == "group" and s.num_heads == 1 < s.query_heads for s in sites):
+            log.warning("every layer of %s has one KV group (multi-query attention): a unit is a layer's whole "
+                        "attention; --unit query prunes the query heads instead", name)
         record = getattr(config, "headprune", None) or {}
         if not isinstance(record, dict):
             check_record(record, sites, name)  # says what is wrong with it
