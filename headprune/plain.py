@@ -23,7 +23,7 @@ import torch
 
 from .errors import ConfigError, ModelError, OutputExistsError
 from .export import TOLERANCE, sample_inputs
-from .outputs import atomic_folder, check_not_inside
+from .outputs import atomic_folder, check_not_inside, check_writable
 from .pruning import load_pruned, load_pruned_config
 from .sites import DEAD_HEAD, find_sites
 
@@ -96,6 +96,8 @@ def check_output_folder(cfg) -> Path:
     if output.is_dir() and any(output.iterdir()) and not cfg.overwrite:
         raise OutputExistsError(f"{output} holds files: give --overwrite to replace them, or another --output")
     check_not_inside(output, {"model": cfg.model})
+    # the nearest folder that exists takes the new one: probed now, nothing created before the work
+    check_writable(next(folder for folder in (output, *output.absolute().parents) if folder.exists()))
     return output
 
 

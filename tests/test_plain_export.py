@@ -96,3 +96,7 @@ def test_what_a_plain_config_cannot_hold_is_refused_in_one_line(capsys, tmp_path
         capsys, ["export", "--format", "transformers", "--model", tmp_path / "uneven", "--output",
                  tmp_path / "uneven" / "plain"])
     assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
+    (tmp_path / "a-file").write_text("")
+    assert "cannot write to the output folder" in one_line_error(
+        capsys, ["export", "--format", "transformers", "--model", tmp_path / "uneven", "--output",
+                 tmp_path / "a-file" / "plain"])
