@@ -250,12 +250,13 @@ def test_multi_query_gpt_bigcode_by_query_head(attn, prompt, tmp_path):
 
 
 @pytest.mark.parametrize("arch, kv_heads, unit, warned", [
-    ("gpt_bigcode", 1, "group", True), ("gpt_bigcode", 1, "query", False), ("llama", 2, "group", False)])
+    ("gpt_bigcode", 1, "group", True), ("gpt_bigcode", 1, "query", False), ("llama", 2, "group", False),
+    ("gpt_bigcode", 1, None, False)])  # None: fine-tuning, which prunes nothing
 def test_a_multi_query_model_pruned_by_kv_group_is_told_a_group_is_a_layer(arch, kv_heads, unit, warned, tmp_path,
                                                                            caplog):
     from headprune.tasks import get_task
     write_tiny_lm(tmp_path, arch=arch, kv_heads=kv_heads, n_train=4, n_eval=2)
     with caplog.at_level("WARNING", logger="headprune"):
         _, _, counts, _ = get_task("causal-lm").inspect(str(tmp_path / "model"), require_finetuned=False, unit=unit)
-    assert counts == {"decoder": 3 * (6 if unit == "query" else kv_heads)}
+    assert counts == {"decoder": 3 * (6 if unit == "query" else kv_heads)}  # None counts by group
     assert ("one KV group (multi-query attention)" in caplog.text) == warned

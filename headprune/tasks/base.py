@@ -116,12 +116,14 @@ class Task:
             raise ModelError(f"cannot load model {name!r}: no such folder, and no hub model of that "
                              f"name{hint}: {first_line(err)}") from err
 
-    def inspect(self, name: str, require_finetuned: bool, unit: str = "group", attn_implementation: str = "eager"):
+    def inspect(self, name: str, require_finetuned: bool, unit: str | None = None, attn_implementation: str = "eager"):
         """The model's config, checked before any weights or data are loaded: that it can be read,
         that headprune knows its attention layout (on a weightless copy built from the config),
         that transformers runs it with the attention kernel asked for, and for pipelined pruning
         that it is a trained model of this task. Returns (path, config, {kind: number of units},
-        what a unit is called: heads, KV groups or query positions)."""
+        what a unit is called: heads, KV groups or query positions). `unit`: what pruning prunes;
+        None (fine-tuning) counts by KV group and says nothing about units."""
+        pruning, unit = unit is not None, unit or "group"
         path, config = self.model_config(name)
         try:
             with torch.device("meta"):  # shapes only: nothing is allocated or read
@@ -137,7 +139,7 @@ class Task:
         counts: dict[str, int] = {}
         for site in sites:
             counts[site.kind] = counts.get(site.kind, 0) + site.num_heads
-        if unit == "group" and all(s.unit == "group" and s.num_heads == 1 < s.query_heads for s in sites):
+        if pruning and unit == "group" and all(s.unit == "group" and s.num_heads == 1 < s.query_heads for s in sites):
             log.warning("every layer of %s has one KV group (multi-query attention): a unit is a layer's whole "
                         "attention; --unit query prunes the query heads instead", name)
         record = getattr(config, "headprune", None) or {}
