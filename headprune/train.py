@@ -139,7 +139,8 @@ def total_steps(cfg, train_set, num_processes: int) -> int:
 
 # -- checkpoints ---------------------------------------------------------------------------------
 
-IGNORED_SETTINGS = {"overwrite", "output_dir", "checkpoint_every"}  # may change between resumes
+# may change between resumes; default_rules counts only through the settings it decides (below)
+IGNORED_SETTINGS = {"overwrite", "output_dir", "checkpoint_every", "default_rules"}
 
 
 def changed_settings(saved: dict, cfg) -> dict[str, tuple]:

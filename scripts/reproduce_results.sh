@@ -275,7 +275,14 @@ case "${1:-dsp}" in
       --dsp "dsp (mean ablation) + bias" --lower-is-better --ks 30 45 60 ;;
   vision)  # issue 23: image classification (scikit-learn's digits; no pretrained image model offline)
     run $OUT/vit finetune --config configs/digits-vit.yaml
-    $HP sweep --config configs/sweep-digits-vit.yaml --model $OUT/vit/model --output-dir $OUT/sweep-digits-vit ;;
+    $HP sweep --config configs/sweep-digits-vit.yaml --model $OUT/vit/model --default-rules 1 --output-dir $OUT/sweep-digits-vit
+    # the twenty-fourth session: DSP with and without FLAP's bias (3 seeds), the scored methods before and after it
+    V="--config configs/sweep-digits-vit.yaml --model $OUT/vit/model"
+    $HP sweep $V --methods dsp --seeds 0 1 2 --default-rules 1 --output-dir $OUT/vit-none
+    $HP sweep $V --methods dsp --seeds 0 1 2 --reconstruct bias --ablation mean --output-dir $OUT/vit-mean-bias
+    $HP sweep $V --methods michel fisher flap random --reconstruct bias --output-dir $OUT/vit-others-bias
+    $HP sweep $V --methods dsp --seeds 0 1 2 --ks 8 12 --reconstruct bias --ablation mean --allocation uniform \
+      --output-dir $OUT/vit-mean-bias-uniform ;;
   budgets)  # issue 24; needs an idle machine (timings); trans-de-en for the translation model, make llm-assets
     run $OUT/subjectivity/finetune finetune --config configs/subjectivity.yaml
     ST="${PYTHON:-python} benchmarks/speed_targets.py --reconstruct none"  # made before issue 21's defaults

@@ -228,7 +228,9 @@ def test_the_default_is_the_bias_for_pipelined_language_models_and_none_for_the_
     assert reconstruct_in_effect(vars(PruneConfig(method="ste"))) == "none"
     assert reconstruct_in_effect(vars(PruneConfig(mode="joint"))) == "none"
     assert reconstruct_in_effect(vars(PruneConfig(task="translation"))) == "none"
-    assert reconstruct_in_effect(vars(PruneConfig(task="image-classification"))) == "none"
+    assert reconstruct_in_effect(vars(PruneConfig(task="image-classification"))) == "bias"  # DSP, as on text
+    assert reconstruct_in_effect(vars(PruneConfig(task="image-classification", method="fisher"))) == "none"
+    assert reconstruct_in_effect(vars(PruneConfig(task="image-classification", default_rules=1))) == "none"
     assert reconstruct_in_effect(vars(PruneConfig(task="causal-lm"))) == "bias"
     assert reconstruct_in_effect(vars(PruneConfig(task="causal-lm", method="fisher"))) == "bias"
     assert reconstruct_in_effect(vars(PruneConfig(task="causal-lm", mode="joint"))) == "none"
@@ -255,6 +257,20 @@ def test_a_run_saved_with_what_the_default_chose_is_the_same_run(tmp_path):
     dsp = {k: v for k, v in vars(PruneConfig()).items() if k not in ("reconstruct", "ablation")}
     assert changed_settings(dsp, PruneConfig()) == {"ablation (in effect)": ("zero", "mean"),
                                                     "reconstruct (in effect)": ("none", "bias")}
+
+
+def test_an_image_run_made_under_the_first_rules_is_not_read_as_one_with_the_bias():
+    from headprune.config import PruneConfig
+    from headprune.train import changed_settings
+    images = PruneConfig(task="image-classification")
+    before = {k: v for k, v in vars(images).items() if k != "default_rules"}  # saved before the option existed
+    assert changed_settings(before, images) == {"ablation (in effect)": ("zero", "mean"),
+                                                "reconstruct (in effect)": ("none", "bias")}
+    assert changed_settings(before, PruneConfig(task="image-classification", default_rules=1)) == {}
+    assert changed_settings(vars(images), images) == {}
+    text = PruneConfig()  # where the rules agree, the generation alone is no change
+    assert changed_settings({k: v for k, v in vars(text).items() if k != "default_rules"}, text) == {}
+    assert changed_settings(vars(text), PruneConfig(default_rules=1)) == {}
 
 
 def test_a_language_model_pruned_at_the_default_gets_the_bias_and_reloads_with_it(tiny_lm, tmp_path):
