@@ -71,6 +71,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    import torch
+    # Subnormal floats (activations near zero) are slow on CPUs: training the Ding translation model
+    # ran at 15 steps a minute from its fourth epoch on, and at 95 with them flushed to zero.
+    torch.set_flush_denormal(True)
     from .progress import quiet_library_bars
     quiet_library_bars()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")

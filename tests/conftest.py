@@ -17,6 +17,14 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs a worker per core:
 ARCHS = ["bert", "roberta", "xlm-roberta", "electra", "distilbert"]
 
 
+@pytest.fixture(autouse=True)
+def _subnormals_as_torch_has_them():
+    """The command line flushes subnormal floats to zero for the whole process; the next test in
+    this worker starts with torch's own setting again."""
+    yield
+    torch.set_flush_denormal(False)
+
+
 def tiny_config(arch: str, attn: str = "eager", num_labels: int = 3, layers: int = 2):
     # A wide init so that outputs depend visibly on every head (the default 0.02 gives ~0 logits).
     common = dict(vocab_size=99, num_labels=num_labels, max_position_embeddings=64, initializer_range=0.3)
