@@ -71,10 +71,6 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    import torch
-    # Subnormal floats (activations near zero) are slow on CPUs: training the Ding translation model
-    # ran at 15 steps a minute from its fourth epoch on, and at 95 with them flushed to zero.
-    torch.set_flush_denormal(True)
     from .progress import quiet_library_bars
     quiet_library_bars()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -87,6 +83,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Check the options, then import what the command needs and run it."""
+    configs = {"measure": MeasureConfig, "export": cfgmod.ExportConfig, "sweep": SweepConfig,
+               "finetune": cfgmod.FinetuneConfig, "prune": cfgmod.PruneConfig}
+    cfg = cfgmod.build_config(configs[args.command], args) if args.command in configs else None
+    import torch  # only now: a bad option is told without loading it
+    # Subnormal floats (activations near zero) are slow on CPUs: training the Ding translation model
+    # ran at 15 steps a minute from its fourth epoch on, and at 95 with them flushed to zero.
+    torch.set_flush_denormal(True)
     if args.command == "demo":
         from .recipes import demo
         root = Path(args.output_dir or (f"{DEMO_DIR}-translation" if args.task == "translation" else DEMO_DIR))
@@ -94,7 +97,6 @@ def run(args: argparse.Namespace) -> int:
         print_summary(results, root / f"dsp-pipelined-k{results['k']}")
         return 0
     if args.command == "measure":
-        cfg = cfgmod.build_config(MeasureConfig, args)
         from .measure import markdown, measure
         from .outputs import atomic_path, write_json
         result = measure(cfg, progress=lambda line: print(line, file=sys.stderr))
@@ -109,7 +111,6 @@ def run(args: argparse.Namespace) -> int:
         print(table)
         return 0
     if args.command == "export":
-        cfg = cfgmod.build_config(cfgmod.ExportConfig, args)
         if cfg.format == "gguf":
             from .llamacpp import export_gguf
             result = export_gguf(cfg)
@@ -128,17 +129,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"{result['output']}: ONNX Runtime against PyTorch, largest difference {result['max_abs_difference']:.2g}")
         return 0
     if args.command == "sweep":
-        cfg = cfgmod.build_config(SweepConfig, args)
         from .sweep import sweep
         sweep(cfg)
         print(f"sweep results: {cfg.output_dir}/report.md")
         return 0
     if args.command == "finetune":
-        cfg = cfgmod.build_config(cfgmod.FinetuneConfig, args)
         from .recipes import finetune
         results = finetune(cfg)
     else:
-        cfg = cfgmod.build_config(cfgmod.PruneConfig, args)
         from .recipes import prune
         results = prune(cfg)
     print(json.dumps({k: results[k] for k in results if k.startswith("metrics")}, indent=2))
