@@ -65,8 +65,8 @@ def reconstruct_in_effect(settings: dict) -> str:
     ahead of DSP without it on validation in 6 of 8 cells of Rotten Tomatoes and subjectivity) and,
     from --default-rules 2, on image classifiers (the digits ViT: +2.5 points of validation over
     3 budgets and 3 seeds); none for the rest (on the classifiers, text and images, the bias cost
-    the loss-ranked scored methods 3-12 points; on translation, with the heads chosen for it, it lowered
-    DSP's valid BLEU at 9, 18 and 27 of 36 heads) and for a zeroed save
+    the loss-ranked scored methods 3-12 points; on translation DSP with it, its heads chosen for it, was
+    level on validation: -0.03 BLEU over 9, 18 and 27 of 36 heads, 2 seeds) and for a zeroed save
     (a bias added to a projection that has none would be lost on loading). Runs saved before the
     option existed had none."""
     chosen = settings.get("reconstruct", "none")

@@ -113,9 +113,9 @@ case "${1:-dsp}" in
     $HP sweep --config configs/sweep-ding-de-en.yaml --model $MT/finetune/model --output-dir $MT/sweep-k4 \
       --schedule reference --pruning-lr 0.2 --ks 4 --seeds 0 1 2 --michel-step 4
     # DSP at its default and with FLAP's bias, its heads chosen for it (the twenty-fourth session)
-    $HP sweep --config configs/sweep-ding-de-en.yaml --model $MT/finetune/model --methods dsp --ks 18 9 27 --seeds 0 \
+    $HP sweep --config configs/sweep-ding-de-en.yaml --model $MT/finetune/model --methods dsp --ks 18 9 27 --seeds 0 1 \
       --output-dir $MT/dsp-none
-    $HP sweep --config configs/sweep-ding-de-en.yaml --model $MT/finetune/model --methods dsp --ks 18 9 27 --seeds 0 \
+    $HP sweep --config configs/sweep-ding-de-en.yaml --model $MT/finetune/model --methods dsp --ks 18 9 27 --seeds 0 1 \
       --reconstruct bias --ablation mean --output-dir $MT/dsp-mean-bias
     [ -f $MT/dsp-pipelined-k18/speed/measure.md ] || \
       $HP measure --pruned $MT/dsp-pipelined-k18/model --threads 2 --batch-sizes 1 16 --lengths 16 \
