@@ -10,14 +10,13 @@ classifiers (sequence classification) for now; other models get an error that sa
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import ModelError, OutputExistsError
-from .outputs import atomic_path
+from .outputs import atomic_path, check_writable, nearest_existing
 from .pruning import load_pruned, load_pruned_config
 
 log = logging.getLogger(__name__)
@@ -48,8 +47,8 @@ def check_output(cfg) -> None:
         raise OutputExistsError(f"{output} exists: give --overwrite to replace it, or another --output")
     if output.is_dir():
         raise OutputExistsError(f"{output} is a folder: --output names the file to write")
-    if not os.access(output.parent if output.parent.exists() else Path.cwd(), os.W_OK):
-        raise OutputExistsError(f"cannot write into {output.parent}")
+    # the nearest folder that exists takes the new file (and any folders above it): probed now
+    check_writable(nearest_existing(output.parent))
 
 
 def export_onnx(cfg) -> dict:

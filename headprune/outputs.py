@@ -110,6 +110,11 @@ def cache_root() -> Path:
     return Path(root)
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path`, or its nearest parent that exists: the folder a new output would be made in."""
+    return next(folder for folder in (path, *path.absolute().parents) if folder.exists())
+
+
 def check_writable(path: Path, needed_bytes: int = 0) -> None:
     """Create `path` and write a probe file in it; check the disk has `needed_bytes` free."""
     try:

@@ -23,7 +23,7 @@ import torch
 
 from .errors import ConfigError, ModelError, OutputExistsError
 from .export import TOLERANCE, sample_inputs
-from .outputs import atomic_folder, check_not_inside, check_writable
+from .outputs import atomic_folder, check_not_inside, check_writable, nearest_existing
 from .pruning import load_pruned, load_pruned_config
 from .sites import DEAD_HEAD, find_sites
 
@@ -97,7 +97,7 @@ def check_output_folder(cfg) -> Path:
         raise OutputExistsError(f"{output} holds files: give --overwrite to replace them, or another --output")
     check_not_inside(output, {"model": cfg.model})
     # the nearest folder that exists takes the new one: probed now, nothing created before the work
-    check_writable(next(folder for folder in (output, *output.absolute().parents) if folder.exists()))
+    check_writable(nearest_existing(output))
     return output
 
 

@@ -56,6 +56,16 @@ def test_export_refuses_bad_input_in_one_line(pruned, tmp_path, capsys):
     assert out.read_bytes() == b"an earlier export"
     assert "export needs --model" in one_line_error(capsys, ["export", "--output", out])
     assert "no such model folder" in one_line_error(capsys, ["export", "--model", tmp_path / "none", "--output", tmp_path / "x.onnx"])
+    # a missing parent is probed at the nearest folder that exists, not the working folder
+    (tmp_path / "a-file").write_text("")
+    line = one_line_error(capsys, ["export", "--model", pruned, "--output", tmp_path / "a-file" / "new" / "m.onnx"])
+    assert "cannot write to the output folder" in line and "a-file" in line
+
+
+def test_export_makes_the_missing_folders_of_its_output(pruned, tmp_path):
+    out = tmp_path / "new" / "deeper" / "model.onnx"
+    assert main(["export", "--model", str(pruned), "--output", str(out)]) == 0
+    assert out.is_file() and [p.name for p in out.parent.iterdir()] == ["model.onnx"]
 
 
 def test_models_it_cannot_export_yet_are_named(tmp_path, capsys):
