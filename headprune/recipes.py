@@ -29,7 +29,8 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from .card import command_of, write_model_card
-from .config import DEMO_DIR, SCORED, FinetuneConfig, PruneConfig, ablation_in_effect, reconstruct_in_effect
+from .config import (DEMO_DIR, SCORED, FinetuneConfig, PruneConfig, ablation_in_effect, pruning_dropout_in_effect,
+                     reconstruct_in_effect)
 from .digests import cached_metrics, digest_of_weights, metrics_key, remember_metrics, run_inputs
 from .errors import ConfigError, HeadpruneError
 from .budget import budget_units, fit, speed_units, uniform_allocation, uniform_mask
@@ -279,7 +280,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
         if ablation_in_effect(vars(cfg)) == "mean":  # the scores learn on the model the bias makes
             means = _mean_contexts(cfg, acc, model, gates, calibration, collate, task.loss)
             gates.fill = [mean.float().to(acc.device) for mean in means]
-        if pipelined:  # the fine-tuned weights stay as they are; dropout stays on while training
+        if pipelined:  # the fine-tuned weights stay as they are (dropout: --pruning-dropout)
             model.requires_grad_(False)
         if cfg.method in TRAINED:
             optimizer, scheduler, info = attach_selector(cfg, task, model, gates, train_set, acc)
@@ -321,10 +322,12 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
             history = train(acc, cfg, out, model, optimizer, scheduler, train_set, collate,
                             loss_fn=pruning_loss(cfg, task, gates),
                             selector=selector, resume_state=state, extra=extra, seconds=seconds,
-                            phase="prune", desc=f"{cfg.method} {cfg.mode}", on_epoch_end=on_epoch_end)
+                            phase="prune", desc=f"{cfg.method} {cfg.mode}", on_epoch_end=on_epoch_end,
+                            dropout=pruning_dropout_in_effect(vars(cfg)) == "on")
             keep_best()
             info["selected_epoch"] = extra.get("best")
             info["live_steps"] = extra.get("live_steps")
+            info["pruning_dropout"] = pruning_dropout_in_effect(vars(cfg))
             selector.eval()
             mask, scores = selector(), selector.scores()
             gates.selector = None  # from here on the gates hold the final mask

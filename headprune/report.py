@@ -100,6 +100,8 @@ def write_run_report(out: Path, results: dict, history: list[dict]) -> None:
         lines.append(f"- the head scores had a gradient (above 1e-6) in {results['live_steps']} of "
                      f"{results['steps']} steps" + (f"; from step {results['settle_step']} the kept heads "
                      "were fixed and only the weights trained" if "settle_step" in results else ""))
+    if results.get("pruning_dropout") == "off":
+        lines.append("- the scores learned with the model's dropout off (as it is evaluated and saved)")
     if results.get("shrink_steps"):
         lines.append(f"- the training budget fell from all {results['num_heads']} heads to {results['k']} over "
                      f"the first {results['shrink_steps']} steps")

@@ -105,10 +105,11 @@ def pruning_loss(cfg, task, gates):
 
     def distill(model, batch):
         inputs = {name: value for name, value in batch.items() if name != "labels"}
-        training = model.training
+        modes = [(module, module.training) for module in (model, gates.selector) if module is not None]
         with torch.no_grad(), gates.override(torch.ones(gates.num_heads)):
             teacher = model.eval()(**inputs).logits.float().log_softmax(-1)
-        model.train(training)
+        for module, training in modes:  # the model first: the selector may train inside a model without dropout
+            module.train(training)
         student = model(**inputs).logits.float().log_softmax(-1)
         kl = torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="none").sum(-1)
         if kl.dim() == 1:  # one distribution an example

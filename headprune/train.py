@@ -147,8 +147,8 @@ def changed_settings(saved: dict, cfg) -> dict[str, tuple]:
     """The settings of `cfg` that differ from those `saved` with a run: name -> (saved, now). A
     setting the saved run did not have yet (an option added later) counts as its default; the
     settle and the shrink count as what they did (runs saved before they existed had neither)."""
-    from .config import (ablation_in_effect, allocation_in_effect, default_of, reconstruct_in_effect,
-                         settle_fraction_in_effect, shrink_fraction_in_effect)
+    from .config import (ablation_in_effect, allocation_in_effect, default_of, pruning_dropout_in_effect,
+                         reconstruct_in_effect, settle_fraction_in_effect, shrink_fraction_in_effect)
 
     defaults = {f.name: default_of(f) for f in fields(cfg)}
     current = asdict(cfg)
@@ -163,7 +163,7 @@ def changed_settings(saved: dict, cfg) -> dict[str, tuple]:
             if round(then, 4) != round(now, 4):
                 changed[f"{name} (in effect)"] = (round(then, 4), round(now, 4))
     for name, in_effect in (("reconstruct", reconstruct_in_effect), ("ablation", ablation_in_effect),
-                            ("allocation", allocation_in_effect)):
+                            ("allocation", allocation_in_effect), ("pruning_dropout", pruning_dropout_in_effect)):
         if name in current:  # "default" and what it chose are the same run
             changed.pop(name, None)
             then, now = in_effect(saved), in_effect(current)
@@ -263,7 +263,7 @@ def restore_checkpoint(acc: Accelerator, state: dict, model, optimizer, schedule
 def train(acc: Accelerator, cfg, out: Path, model, optimizer, scheduler, train_set, collate,
           *, loss_fn=None, selector=None, resume_state: dict | None = None, extra: dict | None = None,
           seconds: dict | None = None, phase: str = "train", desc: str = "train",
-          on_epoch_end=None) -> list[dict]:
+          on_epoch_end=None, dropout: bool = True) -> list[dict]:
     """Run `cfg.epochs` of training; return the training log (a row every 10 steps, or often
     enough for 25 rows in a shorter run).
 
@@ -275,17 +275,26 @@ def train(acc: Accelerator, cfg, out: Path, model, optimizer, scheduler, train_s
     so far; the caller times this one as `phase`), with this phase's seconds so far added.
     `on_epoch_end(epoch)`, if given, runs after the last step of each epoch, before that step's
     checkpoint (e.g. validation that keeps the best weights; what it records in `extra` is saved).
+    `dropout=False`: the model trains in evaluation mode (no dropout), the selector in training mode.
     """
     rng_devices = [acc.device] if acc.device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):  # the caller's RNG is left as it was
         return _train(acc, cfg, out, model, optimizer, scheduler, train_set, collate,
                       loss_fn or (lambda m, b: m(**b).loss), selector, resume_state,
                       extra if extra is not None else {}, seconds if seconds is not None else {}, phase, desc,
-                      on_epoch_end)
+                      on_epoch_end, dropout)
+
+
+def training_mode(model, selector, dropout: bool) -> None:
+    """The model in training mode, or without dropout in evaluation mode with its selector training
+    (a selector in evaluation mode gives its hard choice)."""
+    model.train(dropout)
+    if selector is not None:
+        selector.train()
 
 
 def _train(acc, cfg, out, model, optimizer, scheduler, train_set, collate, loss_fn, selector, resume_state,
-           extra, seconds, phase, desc, on_epoch_end):
+           extra, seconds, phase, desc, on_epoch_end, dropout):
     per_epoch = steps_per_epoch(cfg, train_set, acc.num_processes)
     last_step = total_steps(cfg, train_set, acc.num_processes)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -324,7 +333,7 @@ def _train(acc, cfg, out, model, optimizer, scheduler, train_set, collate, loss_
             f"training diverged: the loss or the weights became NaN or infinite by step {step} of {last_step}; "
             f"stopped ({kept}); lower --lr or --pruning-lr, or clip gradients with --max-grad-norm")
 
-    model.train()
+    training_mode(model, selector, dropout)
     progress = progress_bar(total=last_step, initial=step, desc=desc, disable=not acc.is_local_main_process)
     while step < last_step:
         epoch, done_in_epoch = divmod(step, per_epoch)
@@ -372,7 +381,7 @@ def _train(acc, cfg, out, model, optimizer, scheduler, train_set, collate, loss_
                 progress.set_postfix(loss=f"{row['loss']:.4f}")
             if on_epoch_end is not None and epoch_ends:
                 on_epoch_end(math.ceil(step / per_epoch))
-                model.train()
+                training_mode(model, selector, dropout)
             if checkpoint_due:
                 flush_norms()
                 so_far = {**seconds, phase: round(seconds.get(phase, 0.0) + time.perf_counter() - started, 2)}

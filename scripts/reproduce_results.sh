@@ -20,8 +20,9 @@ CFG=configs/rotten-tomatoes.yaml
 run() { if [ -f "$1/results.json" ]; then echo "done: $1"; else $HP "${@:2}" --output-dir "$1"; fi; }
 # The tables made before issue 21's defaults (FLAP's bias, the heads chosen for it, for DSP on text
 # classifiers and for language models) and before DSP on text classifiers spread its heads over the
-# layers (the eighteenth session): the same runs with --reconstruct none --allocation global (HP=before21).
-before21() { case "$1" in prune|sweep) ${HEADPRUNE:-headprune} "$@" --reconstruct none --allocation global ;;
+# layers (the eighteenth session): the same runs with --reconstruct none --allocation global (HP=before21),
+# and with dropout on while DSP's scores learn (--default-rules 2: before the twenty-fifth session).
+before21() { case "$1" in prune|sweep) ${HEADPRUNE:-headprune} "$@" --reconstruct none --allocation global --default-rules 2 ;;
                           *) ${HEADPRUNE:-headprune} "$@" ;; esac; }
 
 case "${1:-dsp}" in
@@ -168,7 +169,7 @@ case "${1:-dsp}" in
     done
     # DSP at its default (the heads chosen for the bias; seeds 0-2) and with its heads removed (+ Kwon's rescale; seed 0)
     # (the former default: one budget over all layers; the default from 2 heads a layer since the eighteenth session: uniform)
-    R="--methods dsp --max-train-examples 4000 --ks 6 12 24 36"
+    R="--methods dsp --max-train-examples 4000 --ks 6 12 24 36 --default-rules 2"  # dropout on, as before the 25th session
     $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model $R --allocation global --output-dir $OUT/rt-mean
     $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model $R --allocation global \
       --output-dir $OUT/subjectivity-mean
@@ -290,7 +291,7 @@ case "${1:-dsp}" in
       --output-dir $OUT/vit-mean-bias-uniform ;;
   budgets)  # issue 24; needs an idle machine (timings); trans-de-en for the translation model, make llm-assets
     run $OUT/subjectivity/finetune finetune --config configs/subjectivity.yaml
-    ST="${PYTHON:-python} benchmarks/speed_targets.py --reconstruct none"  # made before issue 21's defaults
+    ST="${PYTHON:-python} benchmarks/speed_targets.py --reconstruct none --default-rules 2"  # made before issue 21's defaults
     M="--config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model --methods fisher dsp --max-eval-examples 1000"
     $ST $M --attn-implementation sdpa --at-batch-size 32 --at-length 64 --output-dir $OUT/speed-targets/minilm-subjectivity
     $ST $M --attn-implementation sdpa --at-batch-size 32 --at-length 128 --output-dir $OUT/speed-targets/minilm-subjectivity-128
