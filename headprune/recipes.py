@@ -48,7 +48,7 @@ from .selection import (SCORERS, attach_selector, calibration_set, check_budget,
 from .report import plot_head_map, write_run_report
 from .sites import UNIT_NAMES
 from .tasks import get_task
-from .train import (check_inputs, restore_checkpoint,
+from .train import (changed_settings, check_inputs, describe_changes, restore_checkpoint,
                     resume_state, total_steps, train)
 
 log = logging.getLogger("headprune")
@@ -492,10 +492,15 @@ def demo(root: Path = DEMO_DIR, k: int | None = None, task: str = "classificatio
     else:
         log.info("reusing the trained model in %s", root / "finetune")
     pruned_dir = root / f"dsp-pipelined-k{k}"
+    fields = {f: v for f, v in settings["finetune"].items() if f not in ("model", "epochs", "lr", "warmup_steps")}
+    cfg = PruneConfig(**{**fields, "model": str(root / "finetune" / "model"), "method": "dsp",
+                         "mode": "pipelined", "k": k, "epochs": 1.0, "output_dir": str(pruned_dir)})
     if not (pruned_dir / RESULTS).exists():
-        fields = {f: v for f, v in settings["finetune"].items() if f not in ("model", "epochs", "lr", "warmup_steps")}
-        prune(PruneConfig(**{**fields, "model": str(root / "finetune" / "model"), "method": "dsp",
-                             "mode": "pipelined", "k": k, "epochs": 1.0, "output_dir": str(pruned_dir)}))
+        prune(cfg)
     else:
         log.info("reusing the pruned model in %s", pruned_dir)
+        changed = changed_settings(json.loads((pruned_dir / RESULTS).read_text())["config"], cfg)
+        if changed:  # kept, not overwritten: the user's results stay until they remove them
+            log.warning("%s was made with other defaults (%s): remove it, or give another --output-dir, "
+                        "to prune at today's", pruned_dir, describe_changes(changed))
     return json.loads((pruned_dir / RESULTS).read_text())

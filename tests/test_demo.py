@@ -1,0 +1,31 @@
+"""`headprune demo` reuses what an earlier demo made, and says so when today's defaults would prune
+differently (it never overwrites the earlier results)."""
+import json
+import logging
+from dataclasses import asdict
+
+import headprune.recipes as recipes
+
+
+def test_a_demo_made_under_other_defaults_is_kept_and_named(tmp_path, monkeypatch, caplog):
+    (tmp_path / "finetune").mkdir()
+    (tmp_path / "finetune" / "results.json").write_text("{}")  # the fine-tuned model: reused
+
+    def fake_prune(cfg):
+        out = tmp_path / "dsp-pipelined-k36"
+        out.mkdir()
+        (out / "results.json").write_text(json.dumps({"config": asdict(cfg), "metrics_pruned": {"test": 0.5}}))
+    monkeypatch.setattr(recipes, "prune", fake_prune)
+    assert recipes.demo(tmp_path)["metrics_pruned"] == {"test": 0.5}
+    with caplog.at_level(logging.WARNING, logger="headprune"):
+        recipes.demo(tmp_path)  # the same defaults: reused quietly
+    assert not caplog.records
+
+    saved = tmp_path / "dsp-pipelined-k36" / "results.json"
+    results = json.loads(saved.read_text())
+    results["config"]["default_rules"] = 2  # made before DSP on text classifiers learned without dropout
+    saved.write_text(json.dumps(results))
+    monkeypatch.setattr(recipes, "prune", lambda cfg: (_ for _ in ()).throw(AssertionError("pruned again")))
+    with caplog.at_level(logging.WARNING, logger="headprune"):
+        assert recipes.demo(tmp_path)["metrics_pruned"] == {"test": 0.5}
+    assert "made with other defaults (pruning_dropout (in effect): 'on' -> 'off')" in caplog.text
