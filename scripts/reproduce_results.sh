@@ -273,6 +273,26 @@ case "${1:-dsp}" in
       ${PYTHON:-python} benchmarks/paired.py --split $split --unseen-from 4000 --a $OUT/rt-mean/dsp-pipelined-k6-s{0,1,2} \
         --b $OUT/today-rt-michel-bias/michel-pipelined-s0 --k 6
     done
+    # the twenty-fifth session: DSP's default without dropout while its scores learn (3 seeds), pooled as above
+    N="--methods dsp --max-train-examples 4000 --ks 6 12 24 36 --seeds 0 1 2"
+    $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model $N --output-dir $OUT/rt-nodrop
+    $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model $N --output-dir $OUT/subjectivity-nodrop
+    ${PYTHON:-python} benchmarks/paired.py $POOLED --a $OUT/rt-nodrop/dsp-pipelined-k6-s{0,1,2} \
+      --b $OUT/today-rt-michel-bias/michel-pipelined-s0 --k 6
+    for k in 12 24; do
+      ${PYTHON:-python} benchmarks/paired.py $POOLED --a $OUT/rt-nodrop/dsp-pipelined-k$k-s{0,1,2} \
+        --b $OUT/today-rt-michel/michel-pipelined-s0 --k $k
+    done
+    ${PYTHON:-python} benchmarks/paired.py $POOLED --a $OUT/rt-nodrop/dsp-pipelined-k36-s{0,1,2} \
+      --b $OUT/today-rt-flap/flap-pipelined-k36-s0
+    for k in 6 12; do
+      ${PYTHON:-python} benchmarks/paired.py $POOLED --a $OUT/subjectivity-nodrop/dsp-pipelined-k$k-s{0,1,2} \
+        --b $OUT/today-subjectivity-michel/michel-pipelined-s0 --k $k
+    done
+    for k in 24 36; do
+      ${PYTHON:-python} benchmarks/paired.py $POOLED --a $OUT/subjectivity-nodrop/dsp-pipelined-k$k-s{0,1,2} \
+        --b $OUT/today-subjectivity-flap/flap-pipelined-k$k-s0
+    done
     # why DSP trails FLAP with its bias at 36 heads on subjectivity: loss and accuracy on the pruning data and on test
     ${PYTHON:-python} benchmarks/loss_and_accuracy.py $OUT/subjectivity-mean-uniform/dsp-pipelined-k36-s{0,1,2} \
       $OUT/today-subjectivity-flap/flap-pipelined-k36-s0
