@@ -118,6 +118,9 @@ case "${1:-dsp}" in
       --output-dir $MT/dsp-none
     $HP sweep --config configs/sweep-ding-de-en.yaml --model $MT/finetune/model --methods dsp --ks 18 9 27 --seeds 0 1 \
       --reconstruct bias --ablation mean --output-dir $MT/dsp-mean-bias
+    # and without dropout while the scores learn (the twenty-fifth session)
+    $HP sweep --config configs/sweep-ding-de-en.yaml --model $MT/finetune/model --methods dsp --ks 18 9 27 --seeds 0 1 \
+      --pruning-dropout off --output-dir $MT/dsp-nodrop
     [ -f $MT/dsp-pipelined-k18/speed/measure.md ] || \
       $HP measure --pruned $MT/dsp-pipelined-k18/model --threads 2 --batch-sizes 1 16 --lengths 16 \
         --beams 1 5 --generate-tokens 24 --output-dir $MT/dsp-pipelined-k18/speed ;;
