@@ -50,6 +50,9 @@ class HeadPruningCallback(TrainerCallback):
             raise ConfigError(f"the callback trains head scores: method must be one of {', '.join(TRAINED)}, "
                               f"not {method!r} (scored methods run after training: headprune prune)")
         self.cfg = PruneConfig(method=method, mode="joint", k=k, **options)
+        if self.cfg.pruning_dropout == "off":  # the Trainer puts the model in training mode itself
+            raise ConfigError("pruning_dropout='off' is for headprune's own loop: the Trainer trains with the "
+                              "model's dropout (set the model config's dropout to 0 to train without it)")
         self.output_dir = output_dir
         self.gates = None
         self.kept_heads: list | None = None

@@ -499,7 +499,7 @@ def demo(root: Path = DEMO_DIR, k: int | None = None, task: str = "classificatio
         prune(cfg)
     else:
         log.info("reusing the pruned model in %s", pruned_dir)
-        changed = changed_settings(json.loads((pruned_dir / RESULTS).read_text())["config"], cfg)
+        changed = changed_settings(json.loads((pruned_dir / RESULTS).read_text()).get("config", {}), cfg)
         if changed:  # kept, not overwritten: the user's results stay until they remove them
             log.warning("%s was made with other defaults (%s): remove it, or give another --output-dir, "
                         "to prune at today's", pruned_dir, describe_changes(changed))

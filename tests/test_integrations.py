@@ -53,6 +53,11 @@ def test_a_trainer_with_the_callback_keeps_k_heads_and_saves_them(tmp_path, batc
         assert torch.allclose(loaded(**batch).logits, model(**batch).logits, atol=1e-6)
 
 
+def test_the_callback_refuses_dropout_off_which_the_trainer_would_not_honour():
+    with pytest.raises(ConfigError, match="pruning_dropout='off' is for headprune's own loop"):
+        HeadPruningCallback(k=2, pruning_dropout="off")
+
+
 def test_the_callback_refuses_methods_that_train_nothing():
     with pytest.raises(ConfigError, match="method must be one of dsp, ste, voita, not 'flap'"):
         HeadPruningCallback(k=3, method="flap")
