@@ -107,9 +107,13 @@ def pruning_dropout_in_effect(settings: dict) -> str:
     chosen = settings.get("pruning_dropout", "default")
     if chosen != "default":
         return chosen
-    text_dsp = settings.get("task", "classification") == "classification" and settings.get("method", "dsp") == "dsp"
-    pipelined = settings.get("mode", "pipelined") == "pipelined"
-    return "off" if text_dsp and pipelined and settings.get("default_rules", 1) >= 3 else "on"
+    return "off" if pipelined_dsp_on_text(settings) and settings.get("default_rules", 1) >= 3 else "on"
+
+
+def pipelined_dsp_on_text(settings: dict) -> bool:
+    """Pipelined DSP on a text classifier: the runs whose defaults the classifier benchmarks chose."""
+    return (settings.get("task", "classification") == "classification" and settings.get("method", "dsp") == "dsp"
+            and settings.get("mode", "pipelined") == "pipelined")
 
 
 def roomy_uniform(heads: int) -> str:
@@ -131,10 +135,8 @@ def allocation_in_effect(settings: dict) -> str:
     chosen = settings.get("allocation", "global")
     if chosen != "default":
         return chosen
-    text_dsp = settings.get("task", "classification") == "classification" and settings.get("method", "dsp") == "dsp"
-    pipelined = settings.get("mode", "pipelined") == "pipelined"
     targeted = any(settings.get(name) is not None for name in TARGETS)
-    return roomy_uniform(settings.get("uniform_from", 2)) if text_dsp and pipelined and not targeted else "global"
+    return roomy_uniform(settings.get("uniform_from", 2)) if pipelined_dsp_on_text(settings) and not targeted else "global"
 
 
 def settle_fraction_in_effect(settings: dict) -> float:

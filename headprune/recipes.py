@@ -319,15 +319,15 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
         if cfg.method in TRAINED:
             selector = gates.selector
             on_epoch_end, keep_best = best_epoch_keeper(cfg, task, acc, model, evals, collate, out, extra)
+            info["pruning_dropout"] = pruning_dropout_in_effect(vars(cfg))
             history = train(acc, cfg, out, model, optimizer, scheduler, train_set, collate,
                             loss_fn=pruning_loss(cfg, task, gates),
                             selector=selector, resume_state=state, extra=extra, seconds=seconds,
                             phase="prune", desc=f"{cfg.method} {cfg.mode}", on_epoch_end=on_epoch_end,
-                            dropout=pruning_dropout_in_effect(vars(cfg)) == "on")
+                            dropout=info["pruning_dropout"] == "on")
             keep_best()
             info["selected_epoch"] = extra.get("best")
             info["live_steps"] = extra.get("live_steps")
-            info["pruning_dropout"] = pruning_dropout_in_effect(vars(cfg))
             selector.eval()
             mask, scores = selector(), selector.scores()
             gates.selector = None  # from here on the gates hold the final mask
