@@ -296,6 +296,11 @@ case "${1:-dsp}" in
       ${PYTHON:-python} benchmarks/paired.py $POOLED --a $OUT/subjectivity-nodrop/dsp-pipelined-k$k-s{0,1,2} \
         --b $OUT/today-subjectivity-flap/flap-pipelined-k$k-s0
     done
+    # the twenty-sixth session: Kwon's scales with the bias on the two cells still short; what the pruning data ranks
+    ${PYTHON:-python} benchmarks/reconstruction.py $OUT/subjectivity-nodrop/dsp-pipelined-k{6,24}-s0 --modes bias both
+    ${PYTHON:-python} benchmarks/loss_and_accuracy.py $OUT/subjectivity-nodrop/dsp-pipelined-k6-s1 \
+      $OUT/today-subjectivity-michel/michel-pipelined-s0 $OUT/subjectivity-nodrop/dsp-pipelined-k24-s1 \
+      $OUT/today-subjectivity-flap/flap-pipelined-k24-s0 --ks 6
     # why DSP trails FLAP with its bias at 36 heads on subjectivity: loss and accuracy on the pruning data and on test
     ${PYTHON:-python} benchmarks/loss_and_accuracy.py $OUT/subjectivity-mean-uniform/dsp-pipelined-k36-s{0,1,2} \
       $OUT/today-subjectivity-flap/flap-pipelined-k36-s0
