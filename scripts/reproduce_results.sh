@@ -296,7 +296,14 @@ case "${1:-dsp}" in
       ${PYTHON:-python} benchmarks/paired.py $POOLED --a $OUT/subjectivity-nodrop/dsp-pipelined-k$k-s{0,1,2} \
         --b $OUT/today-subjectivity-flap/flap-pipelined-k$k-s0
     done
-    # the twenty-sixth session: Kwon's scales with the bias on the two cells still short; what the pruning data ranks
+    # the twenty-sixth session: Kwon's scales with the bias on the two cells still short; what the pruning data ranks;
+    # STE and Voita with and without dropout at 24 heads
+    for m in ste voita; do for d in on off; do
+      $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model --methods $m --max-train-examples 4000 \
+        --ks 24 --seeds 0 --pruning-dropout $d --output-dir $OUT/rt-$m-dropout-$d
+      $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model --methods $m \
+        --max-train-examples 4000 --ks 24 --seeds 0 --pruning-dropout $d --output-dir $OUT/subjectivity-$m-dropout-$d
+    done; done
     ${PYTHON:-python} benchmarks/reconstruction.py $OUT/subjectivity-nodrop/dsp-pipelined-k{6,24}-s0 --modes bias both
     ${PYTHON:-python} benchmarks/loss_and_accuracy.py $OUT/subjectivity-nodrop/dsp-pipelined-k6-s1 \
       $OUT/today-subjectivity-michel/michel-pipelined-s0 $OUT/subjectivity-nodrop/dsp-pipelined-k24-s1 \
