@@ -48,8 +48,8 @@ from .selection import (SCORERS, attach_selector, calibration_set, check_budget,
 from .report import plot_head_map, write_run_report
 from .sites import UNIT_NAMES
 from .tasks import get_task
-from .train import (changed_settings, check_inputs, describe_changes, restore_checkpoint,
-                    resume_state, total_steps, train)
+from .train import (changed_settings, check_activation_checkpointing, check_inputs, describe_changes,
+                    restore_checkpoint, resume_state, total_steps, train)
 
 log = logging.getLogger("headprune")
 
@@ -117,6 +117,8 @@ def tracker_settings(cfg, out: Path) -> dict:
 def _load(cfg, task, path, config, require_finetuned: bool):
     data = task.load_data(cfg)
     model, tokenizer = task.load_model(cfg, data, path, config, require_finetuned)
+    if getattr(cfg, "activation_checkpointing", False):
+        check_activation_checkpointing(model)
     return data, model, tokenizer
 
 

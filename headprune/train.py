@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, Sampler
 
 from .checkpoint import read_checkpoint, write_checkpoint
-from .errors import CheckpointError, TrainingDivergedError
+from .errors import CheckpointError, ConfigError, TrainingDivergedError
 from .outputs import checkpoint_folder
 from .progress import progress_bar
 from .randomness import derive_seed
@@ -139,8 +140,9 @@ def total_steps(cfg, train_set, num_processes: int) -> int:
 
 # -- checkpoints ---------------------------------------------------------------------------------
 
-# may change between resumes; default_rules counts only through the settings it decides (below)
-IGNORED_SETTINGS = {"overwrite", "output_dir", "checkpoint_every", "default_rules"}
+# may change between resumes (activation checkpointing: the same run in less memory, e.g. after running
+# out of it); default_rules counts only through the settings it decides (below)
+IGNORED_SETTINGS = {"overwrite", "output_dir", "checkpoint_every", "default_rules", "activation_checkpointing"}
 
 
 def changed_settings(saved: dict, cfg) -> dict[str, tuple]:
@@ -276,13 +278,44 @@ def train(acc: Accelerator, cfg, out: Path, model, optimizer, scheduler, train_s
     `on_epoch_end(epoch)`, if given, runs after the last step of each epoch, before that step's
     checkpoint (e.g. validation that keeps the best weights; what it records in `extra` is saved).
     `dropout=False`: the model trains in evaluation mode (no dropout), the selector in training mode.
+    `cfg.activation_checkpointing`: the model recomputes its layers' activations in the backward
+    pass while it trains here.
     """
     rng_devices = [acc.device] if acc.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=rng_devices):  # the caller's RNG is left as it was
+    checkpointing = getattr(cfg, "activation_checkpointing", False)
+    with torch.random.fork_rng(devices=rng_devices), activation_checkpointing(acc.unwrap_model(model), checkpointing):
         return _train(acc, cfg, out, model, optimizer, scheduler, train_set, collate,
                       loss_fn or (lambda m, b: m(**b).loss), selector, resume_state,
                       extra if extra is not None else {}, seconds if seconds is not None else {}, phase, desc,
                       on_epoch_end, dropout)
+
+
+def check_activation_checkpointing(model) -> None:
+    """--activation-checkpointing on a model transformers cannot checkpoint: one line, before any long work."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"--activation-checkpointing: transformers has no activation checkpointing for "
+                          f"{type(model).__name__}")
+
+
+@contextmanager
+def activation_checkpointing(model, on: bool):
+    """transformers' activation checkpointing while the block runs, non-reentrant: the recomputed
+    layers read the gates' mask of their forward pass (computed once per forward, not drawn again)
+    and get the forward's dropout (torch restores the random state for the recomputation)."""
+    if not on:
+        yield
+        return
+    check_activation_checkpointing(model)
+    enable = getattr(model, "activation_checkpointing_enable", None)  # its name from transformers 5.x on
+    if enable is not None:
+        enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+    try:
+        yield
+    finally:
+        disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+        disable()
 
 
 def training_mode(model, selector, dropout: bool) -> None:

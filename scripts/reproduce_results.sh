@@ -104,7 +104,9 @@ case "${1:-dsp}" in
     for k in 12 36 60; do
       [ -f $OUT/dsp-pipelined-k$k/speed/measure.md ] || \
         $HP measure --pruned $OUT/dsp-pipelined-k$k/model --threads 2 --output-dir $OUT/dsp-pipelined-k$k/speed
-    done ;;
+    done
+    # the twenty-sixth session: memory and time of a step with --activation-checkpointing
+    ${PYTHON:-python} benchmarks/activation_memory.py --batch-size 8 --length 512 --steps 5 --repeats 2 ;;
   translation)
     MT=${OUT}/translation
     $HP demo --task translation --output-dir $MT

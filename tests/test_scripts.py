@@ -5,6 +5,7 @@ command lines parse, its configs load and validate, the scripts it calls import 
 arguments) instead of run for hours."""
 import json
 import os
+import re
 import runpy
 import subprocess
 import sys
@@ -285,6 +286,12 @@ def test_planted_heads(monkeypatch, capsys):
 def test_step_overhead_on_the_real_minilm():
     out = script("benchmarks/step_overhead.py", "--rounds", 2, "--warmup", 0, "--batch-size", 2, "--max-length", 16)
     assert "joint DSP / plain step:" in out
+
+
+def test_activation_memory_on_the_real_minilm():
+    out = script("benchmarks/activation_memory.py", "--batch-size", 2, "--length", 16, "--steps", 2, "--repeats", 1)
+    assert "| off |" in out and "| on |" in out
+    assert re.search(r"with / without: memory \d+\.\d\dx, time \d+\.\d\dx", out)
 
 
 @pytest.mark.parametrize("mode", ["dsp", "sweep", "speed", "translation", "llm", "today", "vision", "budgets"])

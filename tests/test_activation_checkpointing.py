@@ -1,0 +1,92 @@
+"""--activation-checkpointing: the layers' activations are recomputed in the backward pass while the
+model trains, and the run learns exactly what it learns without (the recomputed layers see the same
+mask and the same dropout); refused in one line where it would do nothing or cannot run."""
+import json
+
+import pytest
+import torch
+import transformers.modeling_utils
+from conftest import tiny, tiny_model, write_tiny_lm
+from test_causal_lm import lm_cfg
+
+from headprune.config import PruneConfig, SweepConfig
+from headprune.errors import ConfigError
+from headprune.recipes import prune
+from headprune.train import activation_checkpointing, changed_settings
+
+
+@pytest.fixture
+def recomputed(monkeypatch):
+    """Counts the layers transformers runs under torch's checkpoint."""
+    calls = []
+    real = transformers.modeling_utils.checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint", counting)
+    return calls
+
+
+def scores(folder):
+    return [head["logit"] for head in json.loads((folder / "head_scores.json").read_text())]
+
+
+def test_refused_where_the_model_does_not_train_in_training_mode():
+    with pytest.raises(ConfigError, match="--pruning-dropout on"):
+        PruneConfig(activation_checkpointing=True)  # pipelined dsp on a classifier: dropout off by default
+    with pytest.raises(ConfigError, match="michel score the model in evaluation mode"):
+        PruneConfig(method="michel", activation_checkpointing=True)
+    with pytest.raises(ConfigError, match="fisher score the model"):
+        SweepConfig(methods=["dsp", "fisher"], activation_checkpointing=True, pruning_dropout="on")
+    PruneConfig(activation_checkpointing=True, pruning_dropout="on")
+    PruneConfig(method="ste", activation_checkpointing=True)
+    PruneConfig(mode="joint", activation_checkpointing=True)
+    PruneConfig(task="causal-lm", activation_checkpointing=True)
+
+
+def test_a_run_resumes_or_is_reused_with_it_switched_on():  # e.g. after running out of memory
+    before = vars(PruneConfig(pruning_dropout="on"))
+    assert changed_settings(before, PruneConfig(pruning_dropout="on", activation_checkpointing=True)) == {}
+
+
+def test_switched_on_while_training_and_off_after():
+    model = tiny_model()
+    with activation_checkpointing(model, True):
+        assert model.is_gradient_checkpointing
+    assert not model.is_gradient_checkpointing
+    with activation_checkpointing(model, False):
+        assert not model.is_gradient_checkpointing
+
+
+@pytest.mark.parametrize("settings", [dict(pruning_dropout="on"), dict(mode="joint")])
+def test_a_classifier_learns_the_same_scores_with_it(tiny_finetuned, tmp_path, recomputed, settings):
+    plain = prune(tiny(*tiny_finetuned, tmp_path / "plain", **settings))
+    assert not recomputed
+    checkpointed = prune(tiny(*tiny_finetuned, tmp_path / "checkpointed", activation_checkpointing=True, **settings))
+    assert len(recomputed) == 2 * checkpointed["steps"]  # both layers of the tiny BERT, every step
+    assert checkpointed["kept_heads"] == plain["kept_heads"]
+    assert checkpointed["metrics_pruned"] == pytest.approx(plain["metrics_pruned"], abs=1e-6)
+    learned = scores(tmp_path / "plain")
+    assert len(set(learned)) == len(learned)  # the scores moved from their common start
+    assert scores(tmp_path / "checkpointed") == pytest.approx(learned, abs=1e-6)
+
+
+def test_a_language_model_learns_the_same_kv_groups_with_it(tmp_path, recomputed):
+    model, data = write_tiny_lm(tmp_path / "lm")
+    plain = prune(lm_cfg(model, data, tmp_path / "plain"))
+    checkpointed = prune(lm_cfg(model, data, tmp_path / "checkpointed", activation_checkpointing=True))
+    assert len(recomputed) == 3 * checkpointed["steps"]  # the tiny Llama's 3 layers
+    assert checkpointed["kept_heads"] == plain["kept_heads"]
+    assert checkpointed["metrics_pruned"]["validation"] == pytest.approx(plain["metrics_pruned"]["validation"],
+                                                                         rel=1e-5)
+
+
+def test_a_model_transformers_cannot_checkpoint_is_refused_before_training(tiny_finetuned, tmp_path, monkeypatch):
+    from transformers import BertForSequenceClassification
+    monkeypatch.setattr(BertForSequenceClassification, "supports_gradient_checkpointing", False)
+    with pytest.raises(ConfigError, match="no activation checkpointing for BertForSequenceClassification"):
+        prune(tiny(*tiny_finetuned, tmp_path / "out", pruning_dropout="on", activation_checkpointing=True))
+    assert not (tmp_path / "out" / "results.json").exists()
+    assert torch.is_grad_enabled()
