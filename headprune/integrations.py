@@ -58,6 +58,10 @@ class HeadPruningCallback(TrainerCallback):
         self.kept_heads: list | None = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if args.gradient_checkpointing and (args.gradient_checkpointing_kwargs or {}).get("use_reentrant"):
+            # reentrant recomputation cannot reach the gates' mask, which no layer takes as an input
+            raise ConfigError("HeadPruningCallback: gradient_checkpointing_kwargs use_reentrant=True cannot carry "
+                              "the head scores' gradient; leave it out (non-reentrant, transformers' default)")
         model = getattr(model, "module", model)  # under DDP, the model inside
         self.gates = attach_gates(model, self.cfg.unit)
         if self.cfg.k > self.gates.num_heads:

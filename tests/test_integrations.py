@@ -61,3 +61,33 @@ def test_the_callback_refuses_dropout_off_which_the_trainer_would_not_honour():
 def test_the_callback_refuses_methods_that_train_nothing():
     with pytest.raises(ConfigError, match="method must be one of dsp, ste, voita, not 'flap'"):
         HeadPruningCallback(k=3, method="flap")
+
+
+def trained_with(tmp_path, batch, **arguments):
+    from transformers import Trainer, TrainingArguments
+    model = tiny_model("bert", layers=2)
+    callback = HeadPruningCallback(k=3, method="dsp", output_dir=str(tmp_path / "pruned"), seed=0)
+    args = TrainingArguments(output_dir=str(tmp_path / "trainer"), max_steps=6, per_device_train_batch_size=8,
+                             learning_rate=1e-3, report_to="none", save_strategy="no", use_cpu=True, seed=0,
+                             disable_tqdm=True, **arguments)
+    Trainer(model=model, args=args, train_dataset=examples(), callbacks=[callback]).train()
+    assert model.is_gradient_checkpointing is arguments.get("gradient_checkpointing", False)
+    model.eval()
+    with torch.no_grad():
+        return callback.kept_heads, callback.optimizer.param_groups[0]["params"][0].detach(), model(**batch).logits
+
+
+def test_the_trainer_s_activation_checkpointing_learns_the_same_heads(tmp_path, batch):
+    """The Trainer's own `gradient_checkpointing` (non-reentrant, transformers 5's default): the
+    recomputed layers read the mask of their forward pass, so scores and weights learn as without."""
+    heads, scores, logits = trained_with(tmp_path / "plain", batch)
+    heads_c, scores_c, logits_c = trained_with(tmp_path / "checkpointed", batch, gradient_checkpointing=True)
+    assert heads_c == heads
+    assert not torch.equal(scores, torch.zeros_like(scores))  # the scores learned something
+    assert torch.allclose(scores_c, scores, atol=1e-6) and torch.allclose(logits_c, logits, atol=1e-5)
+
+
+def test_reentrant_checkpointing_is_refused_in_one_line(tmp_path, batch):
+    with pytest.raises(ConfigError, match="use_reentrant"):
+        trained_with(tmp_path, batch, gradient_checkpointing=True,
+                     gradient_checkpointing_kwargs={"use_reentrant": True})
