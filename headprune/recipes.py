@@ -76,9 +76,9 @@ def _start(cfg, model_path: str):
     room for the model and a checkpoint), then any checkpoint to resume from."""
     out = Path(cfg.output_dir)
     check_not_inside(out, input_paths(cfg, model_path))
+    acc = _accelerator(cfg, out)  # before the folder is made: a refusal leaves nothing behind
     resume = check_output_dir(out, cfg.overwrite, needed_bytes=2 * folder_bytes(model_path))
     state = resume_state(out, cfg) if resume else None
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, **tracker_settings(cfg, out))
     if not acc.is_main_process:  # one process speaks for all
         log.setLevel(logging.WARNING)
     if cfg.report_to != "none":
@@ -86,6 +86,20 @@ def _start(cfg, model_path: str):
                                                       for k, v in asdict(cfg).items()})
     set_seed(cfg.seed)  # the new classifier's initialisation
     return out, state, acc
+
+
+def _accelerator(cfg, out: Path) -> Accelerator:
+    """Accelerate's state is one per process, its mixed precision set by the first run: a later run
+    of the same process asking for another is refused in one line, not with Accelerate's traceback."""
+    try:
+        return Accelerator(mixed_precision=cfg.mixed_precision, **tracker_settings(cfg, out))
+    except ValueError as err:
+        if "already been initialized" not in str(err):
+            raise
+        from accelerate.state import AcceleratorState
+        raise ConfigError(f"--mixed-precision {cfg.mixed_precision}: this process already runs Accelerate with "
+                          f"{AcceleratorState().mixed_precision!r}, which is set once per process; run this in "
+                          "a new process") from err
 
 
 @contextlib.contextmanager
