@@ -90,3 +90,22 @@ def test_a_model_transformers_cannot_checkpoint_is_refused_before_training(tiny_
         prune(tiny(*tiny_finetuned, tmp_path / "out", pruning_dropout="on", activation_checkpointing=True))
     assert not (tmp_path / "out" / "results.json").exists()
     assert torch.is_grad_enabled()
+
+
+def test_fine_tuning_trains_the_same_weights_with_it(tiny_assets, tmp_path, recomputed):
+    from safetensors.torch import load_file
+
+    from headprune.config import FinetuneConfig
+    from headprune.recipes import finetune
+    model, data = tiny_assets
+    for name, on in (("plain", False), ("checkpointed", True)):
+        finetune(FinetuneConfig(model=str(model), dataset=str(data), epochs=1, batch_size=16, checkpoint_every=0,
+                                output_dir=str(tmp_path / name), activation_checkpointing=on))
+    assert recomputed  # the second run's layers ran under torch's checkpoint
+    plain, checkpointed = (load_file(str(tmp_path / name / "model" / "model.safetensors"))
+                           for name in ("plain", "checkpointed"))
+    start = load_file(str(model / "model.safetensors"))
+    base = {name.removeprefix("bert."): tensor for name, tensor in plain.items()}  # the saved encoder was a BertModel
+    shared = [name for name in base if name in start]
+    assert shared and any(not torch.equal(base[name], start[name]) for name in shared)  # fine-tuning moved them
+    assert all(torch.allclose(checkpointed[name], plain[name], atol=1e-6) for name in plain)
