@@ -430,7 +430,9 @@ def load_pruned(folder, model_class=None, **config_kwargs) -> nn.Module:
             return model_class.from_pretrained(folder, **SAFE_WEIGHTS, **config_kwargs)
         except (OSError, ValueError, RuntimeError, SafetensorError) as err:
             raise PrunedCheckpointError(f"cannot load the model in {folder}: {first_line(err)}") from err
-    model = model_class.from_config(config) if hasattr(model_class, "from_config") else model_class(config)
+    # built as from_pretrained builds it: in the dtype it was saved in (config.dtype; a bf16 model stays bf16)
+    build = getattr(model_class, "from_config", None) or getattr(model_class, "_from_config", None)
+    model = build(config) if build else model_class(config)
     unit = record.get("unit", "group")
     kept = check_record(record, find_sites(model, unit) if unit in ("group", "query") else [], folder)
     remove_heads(model, kept, unit)

@@ -106,3 +106,22 @@ def test_gemma_with_every_method_and_the_saved_model_scores_the_same(tiny_gemma,
     assert saved_perplexity(tmp_path / "model", data) == pytest.approx(results["metrics_pruned"]["validation"], rel=1e-4)
     layers = load_pruned(tmp_path / "model").model.layers
     assert sum(a.self_attn.k_proj.out_features // 12 for a in layers if a.self_attn.o_proj.weight.abs().sum() > 0) == 3
+
+
+def test_a_bf16_checkpoint_is_pruned_and_reloads_in_bf16(tiny_lm, tmp_path):
+    """Most language models are published in bf16: headprune loads them so (transformers' dtype
+    "auto"), saves the pruned model so, and load_pruned rebuilds it so, with the run's perplexity."""
+    from transformers import AutoModelForCausalLM
+    model, data = tiny_lm
+    bf16 = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(model).to(torch.bfloat16).save_pretrained(bf16)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (bf16 / name).write_bytes((model / name).read_bytes())
+    results = prune(lm_cfg(bf16, data, tmp_path / "out"))
+    loaded = load_pruned(tmp_path / "out" / "model")
+    assert loaded.dtype == torch.bfloat16
+    ids = torch.tensor(pack((data / "validation.txt").read_text().splitlines(), word_tokenizer(), 16))
+    with torch.no_grad():
+        logits = loaded(input_ids=ids).logits.float()
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    assert math.exp(loss.item()) == pytest.approx(results["metrics_pruned"]["validation"], rel=1e-3)
