@@ -181,7 +181,7 @@ def load_models(cfg: MeasureConfig) -> dict:
     """The pruned model and its original (the same architecture at full size, unless --original)."""
     from transformers import AutoConfig
 
-    from .pruning import SAFE, SAFE_WEIGHTS, load_pruned, model_class_of
+    from .pruning import SAFE, SAFE_WEIGHTS, load_pruned, model_class_of, model_from_config
     from .tasks import Task
 
     pruned = load_pruned(cfg.pruned, attn_implementation=cfg.attn_implementation)
@@ -192,7 +192,7 @@ def load_models(cfg: MeasureConfig) -> dict:
         original = cls.from_pretrained(path, attn_implementation=cfg.attn_implementation, **SAFE_WEIGHTS)
     else:
         config = AutoConfig.from_pretrained(cfg.pruned, attn_implementation=cfg.attn_implementation, **SAFE)
-        original = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+        original = model_from_config(cls, config)  # in the pruned model's dtype
     return {"original": original.eval().to(cfg.device), "pruned": pruned.eval().to(cfg.device)}
 
 

@@ -416,6 +416,13 @@ def check_record(record, sites: list[AttentionSite], where) -> list[Head]:
     return kept
 
 
+def model_from_config(model_class, config) -> nn.Module:
+    """A model of `config` with fresh weights, built as from_pretrained builds it: in the dtype it was
+    saved in (config.dtype: a bf16 model stays bf16, not the float32 a plain constructor gives)."""
+    build = getattr(model_class, "from_config", None) or getattr(model_class, "_from_config", None)
+    return build(config) if build else model_class(config)
+
+
 def load_pruned(folder, model_class=None, **config_kwargs) -> nn.Module:
     """Load a model saved by headprune: physically pruned ones get their shapes rebuilt from
     `config.headprune.kept_heads` before the weights are loaded; others load as usual. The class
@@ -430,9 +437,7 @@ def load_pruned(folder, model_class=None, **config_kwargs) -> nn.Module:
             return model_class.from_pretrained(folder, **SAFE_WEIGHTS, **config_kwargs)
         except (OSError, ValueError, RuntimeError, SafetensorError) as err:
             raise PrunedCheckpointError(f"cannot load the model in {folder}: {first_line(err)}") from err
-    # built as from_pretrained builds it: in the dtype it was saved in (config.dtype; a bf16 model stays bf16)
-    build = getattr(model_class, "from_config", None) or getattr(model_class, "_from_config", None)
-    model = build(config) if build else model_class(config)
+    model = model_from_config(model_class, config)
     unit = record.get("unit", "group")
     kept = check_record(record, find_sites(model, unit) if unit in ("group", "query") else [], folder)
     remove_heads(model, kept, unit)
