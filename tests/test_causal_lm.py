@@ -120,6 +120,7 @@ def test_a_bf16_checkpoint_is_pruned_and_reloads_in_bf16(tiny_lm, tmp_path):
     results = prune(lm_cfg(bf16, data, tmp_path / "out"))
     loaded = load_pruned(tmp_path / "out" / "model")
     assert loaded.dtype == torch.bfloat16
+    assert load_pruned(tmp_path / "out" / "model", dtype=torch.float32).dtype == torch.float32  # asked for
     ids = torch.tensor(pack((data / "validation.txt").read_text().splitlines(), word_tokenizer(), 16))
     with torch.no_grad():
         logits = loaded(input_ids=ids).logits.float()
