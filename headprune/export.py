@@ -4,7 +4,8 @@ ONNX (`--format onnx`): the model as headprune loads it (uneven heads per layer,
 heads that skip attention) traced by torch's exporter (`torch.onnx.export(dynamo=True)`) with
 dynamic batch and sequence axes, then run in ONNX Runtime on two input shapes and compared with
 PyTorch: a graph whose outputs differ by more than `TOLERANCE` is not written. Encoder
-classifiers (sequence classification) for now; other models get an error that says so.
+classifiers of text (token ids and attention mask in, dynamic batch and length) and of images
+(pixels in, dynamic batch; the size is the model's) for now; other models get an error that says so.
 """
 
 from __future__ import annotations
@@ -35,9 +36,35 @@ def sample_inputs(config, batch: int, length: int, seed: int) -> dict[str, torch
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def is_classifier(config) -> bool:
+def sample_pixels(config, batch: int, seed: int) -> dict[str, torch.Tensor]:
+    """Random images of the model's size and channels, as its image processor gives them."""
+    size = config.image_size if isinstance(config.image_size, (list, tuple)) else (config.image_size,) * 2
+    g = torch.Generator().manual_seed(seed)
+    return {"pixel_values": torch.randn(batch, getattr(config, "num_channels", 3), *size, generator=g)}
+
+
+def classifier_kind(config) -> str | None:
+    """"text" for a sequence classifier, "image" for an image classifier, None for anything else."""
     names = getattr(config, "architectures", None) or []
-    return not getattr(config, "is_encoder_decoder", False) and any(n.endswith("ForSequenceClassification") for n in names)
+    if getattr(config, "is_encoder_decoder", False):
+        return None
+    if any(n.endswith("ForSequenceClassification") for n in names):
+        return "text"
+    if any(n.endswith("ForImageClassification") for n in names):
+        return "image"
+    return None
+
+
+def is_classifier(config) -> bool:
+    """A text classifier: what `measure --runtime onnxruntime` times on token ids."""
+    return classifier_kind(config) == "text"
+
+
+def example_inputs(config, batch: int, length: int, seed: int) -> dict[str, torch.Tensor]:
+    """The inputs of a classifier of either kind (`length`: tokens; an image's size is the model's)."""
+    if classifier_kind(config) == "image":
+        return sample_pixels(config, batch, seed)
+    return sample_inputs(config, batch, length, seed)
 
 
 def check_output(cfg) -> None:
@@ -56,31 +83,33 @@ def export_onnx(cfg) -> dict:
     output = Path(cfg.output)
     check_output(cfg)
     config = load_pruned_config(cfg.model)
-    if not is_classifier(config):
+    if classifier_kind(config) is None:
         names = getattr(config, "architectures", None) or []
         raise ModelError(f"{cfg.model} is a {', '.join(names) or config.model_type} model: `headprune export "
-                         "--format onnx` exports encoder classifiers (...ForSequenceClassification) so far")
+                         "--format onnx` exports encoder classifiers (...ForSequenceClassification, "
+                         "...ForImageClassification) so far")
     model = load_pruned(cfg.model)
     log.info("exporting %s to ONNX", cfg.model)
     worst = write_onnx(model, output, cfg.opset)
     log.info("wrote %s (ONNX Runtime against PyTorch: largest difference %.2g)", output, worst)
     return {"output": str(output), "format": "onnx", "max_abs_difference": worst,
-            "inputs": ["input_ids", "attention_mask"], "outputs": ["logits"]}
+            "inputs": list(example_inputs(config, 1, 1, seed=0)), "outputs": ["logits"]}
 
 
 def write_onnx(model, output: Path, opset: int | None = None) -> float:
-    """Trace `model` (a classifier) with dynamic batch and sequence axes, run the graph in ONNX
-    Runtime on two other shapes and write it to `output` only if its logits are within TOLERANCE of
-    PyTorch's; returns the largest difference."""
+    """Trace `model` (a classifier of text or images) with a dynamic batch axis (and sequence axis,
+    for text), run the graph in ONNX Runtime on two other shapes and write it to `output` only if its
+    logits are within TOLERANCE of PyTorch's; returns the largest difference."""
     import onnxruntime
 
     model = model.float().eval()
     config = model.config
-    example = sample_inputs(config, 2, 8, seed=0)
+    example = example_inputs(config, 2, 8, seed=0)
     batch, length = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    axes = {0: batch} if classifier_kind(config) == "image" else {0: batch, 1: length}
     with torch.no_grad():
         program = torch.onnx.export(model, (), kwargs=example, dynamo=True, opset_version=opset,
-                                    dynamic_shapes={name: {0: batch, 1: length} for name in example},
+                                    dynamic_shapes={name: axes for name in example},
                                     input_names=list(example), output_names=["logits"], verbose=False)
     output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(output) as tmp:
@@ -88,7 +117,7 @@ def write_onnx(model, output: Path, opset: int | None = None) -> float:
         session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         worst = 0.0
         for shape, seed in (((3, 13), 1), ((1, 5), 2)):  # other shapes than the traced one
-            inputs = sample_inputs(config, *shape, seed=seed)
+            inputs = example_inputs(config, *shape, seed=seed)
             with torch.no_grad():
                 expected = model(**inputs).logits.numpy()
             got = session.run(["logits"], {name: t.numpy() for name, t in inputs.items()})[0]

@@ -95,3 +95,26 @@ def test_measure_in_onnx_runtime_refuses_what_it_cannot_run(tmp_path):
     model, _ = write_tiny_lm(tmp_path / "lm")
     with pytest.raises(ConfigError, match="--runtime onnxruntime measures encoder classifiers so far"):
         measure(MeasureConfig(pruned=str(model), runtime="onnxruntime"))
+
+
+@pytest.mark.parametrize("arch", ["vit", "deit", "swin"])
+def test_a_pruned_image_classifier_runs_in_onnx_runtime_as_in_pytorch(arch, tmp_path):
+    """Pixels in, dynamic batch; ViT and DeiT with a layer left without heads, Swin with its shifted
+    windows and position bias tables sliced per head."""
+    import onnxruntime
+    from test_image_classification import tiny_swin, tiny_vit
+
+    from headprune.export import sample_pixels
+    model, kept = (tiny_vit(arch=arch), [("encoder", 0, 1), ("encoder", 0, 2), ("encoder", 2, 3)]) if arch != "swin" \
+        else (tiny_swin(), [("encoder", 0, 1), ("encoder", 2, 0), ("encoder", 2, 3), ("encoder", 3, 1)])
+    save_pruned(model, tmp_path / "model", kept)
+    assert main(["export", "--model", str(tmp_path / "model"), "--output", str(tmp_path / "model.onnx")]) == 0
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["pixel_values"]
+    loaded = load_pruned(tmp_path / "model")
+    for batch in (5, 1):
+        pixels = sample_pixels(loaded.config, batch, seed=7)
+        with torch.no_grad():
+            expected = loaded(**pixels).logits.numpy()
+        got = session.run(None, {k: v.numpy() for k, v in pixels.items()})[0]
+        assert got.shape == (batch, 3) and np.abs(got - expected).max() < 1e-4
