@@ -596,7 +596,8 @@ class MeasureConfig(Checked):
     generate_tokens: int = option(32, "Models that generate: tokens each generation produces (exactly).", min=1)
     device: str = option("cpu", "cpu or cuda.")
     runtime: str = option("torch", "What runs the two models: torch, or onnxruntime (both exported to ONNX "
-                          "first, run by its CPU provider; encoder classifiers).", choices=["torch", "onnxruntime"])
+                          "first, run by its CPU provider; classifiers of text or images).",
+                          choices=["torch", "onnxruntime"])
     threads: int = option(None, "CPU threads for torch (default: torch's choice).", min=1)
     attn_implementation: str = option("sdpa", "Attention kernel for both models (eager where transformers gives the "
                                       "model no sdpa, e.g. LongT5).", choices=["eager", "sdpa"])

@@ -236,12 +236,12 @@ def measure(cfg: MeasureConfig, progress=print) -> dict:
     if positions and max(cfg.lengths) > positions:
         raise ConfigError(f"--lengths {max(cfg.lengths)}: longer than the model's {positions} positions")
     if cfg.runtime == "onnxruntime":
-        from .export import is_classifier
+        from .export import classifier_kind
         if cfg.device != "cpu":
             raise ConfigError("--runtime onnxruntime runs on its CPU provider here: use --device cpu")
-        if not is_classifier(config):
-            raise ConfigError("--runtime onnxruntime measures encoder classifiers so far (what headprune export "
-                              "writes); use --runtime torch for this model")
+        if classifier_kind(config) is None:
+            raise ConfigError("--runtime onnxruntime measures encoder classifiers of text or images so far (what "
+                              "headprune export writes); use --runtime torch for this model")
     cls = model_class_of(config)
     if cfg.attn_implementation == "sdpa" and not getattr(cls, "_supports_sdpa", True):
         progress(f"{cls.__name__} has no sdpa attention in transformers: both models run eager attention")
@@ -276,8 +276,12 @@ def measure(cfg: MeasureConfig, progress=print) -> dict:
                 timings = time_side_by_side(models, batch, length, cfg.repeats, cfg.warmup, cfg.device,
                                             original.config)
             else:
-                ids = random_ids(batch, length, original.config, "cpu", seed=0).numpy()
-                feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+                if is_image_model(original):
+                    from .export import sample_pixels
+                    feeds = {k: v.numpy() for k, v in sample_pixels(original.config, batch, seed=0).items()}
+                else:
+                    ids = random_ids(batch, length, original.config, "cpu", seed=0).numpy()
+                    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
                 timings = alternate(sessions, lambda session: session.run(None, feeds), cfg.repeats, cfg.warmup, "cpu")
             seconds = {n: t["median"] for n, t in timings.items()}
             row = {"batch": batch, "length": length, "flops": flops, "attention_flops": attn,

@@ -93,7 +93,7 @@ def test_measure_in_onnx_runtime_refuses_what_it_cannot_run(tmp_path):
     from headprune.errors import ConfigError
     from headprune.measure import measure
     model, _ = write_tiny_lm(tmp_path / "lm")
-    with pytest.raises(ConfigError, match="--runtime onnxruntime measures encoder classifiers so far"):
+    with pytest.raises(ConfigError, match="--runtime onnxruntime measures encoder classifiers of text or images"):
         measure(MeasureConfig(pruned=str(model), runtime="onnxruntime"))
 
 
@@ -118,3 +118,16 @@ def test_a_pruned_image_classifier_runs_in_onnx_runtime_as_in_pytorch(arch, tmp_
             expected = loaded(**pixels).logits.numpy()
         got = session.run(None, {k: v.numpy() for k, v in pixels.items()})[0]
         assert got.shape == (batch, 3) and np.abs(got - expected).max() < 1e-4
+
+
+def test_measure_times_a_pruned_vit_in_onnx_runtime(tmp_path):
+    from test_image_classification import tiny_vit
+
+    from headprune.config import MeasureConfig
+    from headprune.measure import measure
+    save_pruned(tiny_vit(), tmp_path / "model", [("encoder", 0, 1), ("encoder", 0, 2), ("encoder", 2, 3)])
+    result = measure(MeasureConfig(pruned=str(tmp_path / "model"), runtime="onnxruntime", batch_sizes=[2],
+                                   repeats=2, warmup=0, threads=1), progress=lambda line: None)
+    (row,) = result["settings"]
+    assert result["heads"] == {"original": 12, "pruned": 3} and row["length"] == 17  # 16 patches and the class token
+    assert row["predicted_speedup"] > 1 and row["speedup"] > 0 and set(row["seconds"]) == {"original", "pruned"}
