@@ -49,7 +49,7 @@ from .report import plot_head_map, write_run_report
 from .sites import UNIT_NAMES
 from .tasks import get_task
 from .train import (changed_settings, check_activation_checkpointing, check_inputs, describe_changes,
-                    restore_checkpoint, resume_state, total_steps, train)
+                    restore_checkpoint, resume_state, save_rounds, total_steps, train)
 
 log = logging.getLogger("headprune")
 
@@ -350,8 +350,10 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
             if cfg.method == "voita":
                 info["heads_on_by_threshold"] = selector.heads_on()
         else:
-            mask, scores, info = choose_by_scores(cfg, task, acc, model, gates, calibration, collate, evaluate_with,
-                                                  weights_digest=inputs["model"])
+            mask, scores, info = choose_by_scores(
+                cfg, task, acc, model, gates, calibration, collate, evaluate_with, weights_digest=inputs["model"],
+                rounds_done=extra.get("michel_rounds"),
+                save_rounds=lambda rounds: save_rounds(acc, out, cfg, rounds, extra, seconds))
     gates.fill = None  # zero again: the reconstruction puts the means into the weights
     info["allocation"] = "uniform" if uniform_allocation(cfg, gates.sites) else "global"
     if info["allocation"] == "uniform":  # as many per layer (of a kind), the best of each layer

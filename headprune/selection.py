@@ -277,10 +277,13 @@ def method_options(cfg) -> dict:
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name.startswith(cfg.method + "_")}
 
 
-def choose_by_scores(cfg, task, acc, model, gates, calibration, collate, evaluate_with, weights_digest=None):
+def choose_by_scores(cfg, task, acc, model, gates, calibration, collate, evaluate_with, weights_digest=None,
+                     rounds_done=None, save_rounds=None):
     """Keep the top k (k_g of each group) by the method's scores on the calibration data (random:
     none); michel in rounds, with the metrics after each (its curve). Returns the mask, the scores
-    to show (michel: the round in which a head went) and what to record."""
+    to show (michel: the round in which a head went) and what to record. `rounds_done`: michel's
+    rounds of an interrupted run (their masks, scores and metrics), reused; `save_rounds(rounds)`
+    is called with all of them after each new one (a checkpoint)."""
     budget = check_groups(gates.num_heads, cfg.k, budget_of(cfg, gates))
     info = method_options(cfg)
     if cfg.method == "random":
@@ -293,7 +296,7 @@ def choose_by_scores(cfg, task, acc, model, gates, calibration, collate, evaluat
     info["calibration_examples"] = len(calibration)
     unit = UNIT_NAMES[gates.sites[0].unit]
     if cfg.method == "michel":
-        mask, order, curve = _rounds(run, budget, evaluate_with, task.metric)
+        mask, order, curve = _rounds(run, budget, evaluate_with, task.metric, rounds_done, save_rounds)
         info.update(scoring_passes=len(curve) - 1 if cfg.michel_exact else 1, curve=[
             {"heads": e["heads"], "metrics": e["metrics"], "pruned_now": [gates.heads[i] for i in e["pruned_now"]]}
             for e in curve])
@@ -308,16 +311,29 @@ def choose_by_scores(cfg, task, acc, model, gates, calibration, collate, evaluat
     return mask.float(), scores.values.float(), info
 
 
-def _rounds(run, budget, evaluate_with, metric: str):
+def _rounds(run, budget, evaluate_with, metric: str, rounds_done=None, save_rounds=None):
     """Michel et al.'s loop: mask the `--michel-step` lowest-scoring heads still on, evaluate, score
-    again under the new mask (--michel-exact), down to the budget."""
+    again under the new mask (--michel-exact), down to the budget. What an interrupted run scored
+    and evaluated under a mask (`rounds_done`) is reused, not computed again."""
     cfg, gates = run.cfg, run.gates
     keep = sum(cfg.k_per_kind) if cfg.k_per_kind else cfg.k
     rounds = progress_bar(total=math.ceil((gates.num_heads - keep) / cfg.michel_step), desc="michel rounds",
                           disable=not run.show_progress)
+    done = {tuple(r["mask"]): r for r in rounds_done or []}  # mask -> {"mask", "scores", "metrics"}
+    if done:
+        log.info("michel: resuming with %d masks scored or evaluated before", len(done))
+
+    def remembered(mask, part: str, compute):
+        entry = done.setdefault(tuple(mask.tolist()), {"mask": mask.tolist()})
+        if part not in entry:
+            value = compute()
+            entry[part] = value.tolist() if torch.is_tensor(value) else value
+            if save_rounds is not None:
+                save_rounds(list(done.values()))
+        return entry[part]
 
     def evaluate_round(mask):
-        metrics = evaluate_with(mask)
+        metrics = remembered(mask, "metrics", lambda: evaluate_with(mask))
         heads = int(mask.sum())
         rounds.set_postfix(heads=heads, **{n: f"{v:.4f}" for n, v in metrics.items()}, refresh=False)
         if heads < gates.num_heads:
@@ -325,8 +341,12 @@ def _rounds(run, budget, evaluate_with, metric: str):
         log.info("michel round %d: %d heads left, %s %s", rounds.n, heads, metric, metrics)
         return metrics
 
-    curve = iterative_pruning(gates.num_heads, cfg.michel_step, cfg.k, lambda mask: SCORERS["michel"](run, mask).values,
-                              evaluate_round, exact=cfg.michel_exact, budget=budget)
+    def importance(mask):
+        return torch.tensor(remembered(mask, "scores", lambda: SCORERS["michel"](run, mask).values),
+                            dtype=torch.float64)
+
+    curve = iterative_pruning(gates.num_heads, cfg.michel_step, cfg.k, importance, evaluate_round,
+                              exact=cfg.michel_exact, budget=budget)
     rounds.close()
     mask = curve[-1]["mask"]
     # rank for the heat map: heads pruned later score higher; the kept ones highest

@@ -238,6 +238,18 @@ def check_inputs(out: Path, state: dict | None, inputs: dict, cfg) -> dict | Non
                           "start over, or choose another --output-dir")
 
 
+def save_rounds(acc: Accelerator, out: Path, cfg, rounds: list, extra: dict, seconds: dict) -> None:
+    """A scored method's rounds so far (Michel's masks with their scores and metrics) as a checkpoint
+    that the same command, started again, reads back (`extra["michel_rounds"]`); no weights: nothing
+    trains. Written after every round unless checkpoints are off (--checkpoint-every 0)."""
+    if cfg.checkpoint_every and acc.is_main_process:
+        write_checkpoint(out, {"step": len(rounds), "config": asdict(cfg), "model": {}, "optimizer": {},
+                               "scheduler": {}, "history": [], "extra": {**extra, "michel_rounds": rounds},
+                               "seconds": seconds})
+    if len(rounds) == int(os.environ.get(KILL_AT_STEP, "0")):  # the tests' interruption
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def save_checkpoint(acc: Accelerator, out: Path, cfg, model, optimizer, scheduler, step: int,
                     history: list, extra: dict, seconds: dict) -> None:
     """Trainable weights, optimiser, scheduler, the log so far (no RNG: it follows from the step)."""

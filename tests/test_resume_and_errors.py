@@ -50,6 +50,27 @@ def test_a_killed_run_resumes_to_the_same_heads(tiny_finetuned, tmp_path, mode):
     assert [r["logit"] for r in lb] == pytest.approx([r["logit"] for r in la], abs=1e-9)
 
 
+def test_a_killed_michel_curve_resumes_without_scoring_its_rounds_again(tiny_finetuned, tmp_path):
+    model, data = tiny_finetuned
+
+    def args(out):  # 8 heads to 3, one a round: six masks scored and evaluated
+        return ["prune", "--method", "michel", "--model", model, "--dataset", data, "--k", 3, "--michel-step", 1,
+                "--batch-size", 16, "--checkpoint-every", 1, "--output-dir", out]
+    whole = cli(*args(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+    killed = cli(*args(tmp_path / "killed"), env={"HEADPRUNE_KILL_AT_STEP": "4"})  # after the fourth mask's part
+    assert killed.returncode == -9 and not (tmp_path / "killed" / "results.json").exists()
+    assert json.loads((tmp_path / "killed" / "checkpoint" / "state.json").read_text())["__items__"][0] == ["step", 4]
+    resumed = cli(*args(tmp_path / "killed"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "michel: resuming with 4 masks scored or evaluated before" in resumed.stderr
+    a = json.loads((tmp_path / "whole" / "results.json").read_text())
+    b = json.loads((tmp_path / "killed" / "results.json").read_text())
+    assert b["kept_heads"] == a["kept_heads"] and b["curve"] == a["curve"] and len(a["curve"]) == 6
+    assert b["metrics_pruned"] == a["metrics_pruned"] and b["resumed_from_step"] == 4
+    assert not (tmp_path / "killed" / "checkpoint").exists()
+
+
 def test_resuming_with_other_settings_is_refused(tiny_finetuned, tmp_path):
     model, data = tiny_finetuned
     cli(*prune_args(model, data, tmp_path), env={"HEADPRUNE_KILL_AT_STEP": "5"})
