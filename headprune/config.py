@@ -112,6 +112,15 @@ def pruning_dropout_in_effect(settings: dict) -> str:
     return "off" if pipelined_dsp_on_text(settings) and settings.get("default_rules", 1) >= 3 else "on"
 
 
+def checkpoints_activations(settings: dict) -> bool:
+    """Whether --activation-checkpointing acts in a run of these settings: asked, and the model trains
+    in training mode (a trained method with the model's dropout on; the scored methods score the
+    model in evaluation mode, where transformers keeps every activation). A sweep passes it to such
+    runs only."""
+    return bool(settings.get("activation_checkpointing")) and settings.get("method", "dsp") in TRAINED_METHODS \
+        and pruning_dropout_in_effect(settings) == "on"
+
+
 def pipelined_dsp_on_text(settings: dict) -> bool:
     """Pipelined DSP on a text classifier: the runs whose defaults the classifier benchmarks chose."""
     return (settings.get("task", "classification") == "classification" and settings.get("method", "dsp") == "dsp"
@@ -303,7 +312,8 @@ class FinetuneConfig(Checked):
                                             "forward pass a step (pipelined DSP on MiniLM, 8 x 512 tokens, CPU: "
                                             "0.37x the memory, 1.63x the time). Works while the model trains in "
                                             "training mode: fine-tuning, joint runs, and dsp, ste or voita "
-                                            "pipelined with the model's dropout on.")
+                                            "pipelined with the model's dropout on (a sweep passes it to those "
+                                            "runs only).")
     report_to: str = option("none", "Also log the training curves and the final metrics to an experiment "
                             "tracker, through Accelerate: tensorboard (event files in <output-dir>/tracker; "
                             "needs tensorboard or tensorboardX), wandb, mlflow or none.",
@@ -531,16 +541,15 @@ class PruneConfig(FinetuneConfig):
                                   "model with every head on")
         if self.shrink_fraction is not None and self.shrink_fraction > 1:
             raise ConfigError(f"shrink_fraction={self.shrink_fraction}: must be at most 1")
-        if self.activation_checkpointing:
-            if set(methods) - set(TRAINED_METHODS):
+        if self.activation_checkpointing and not any(checkpoints_activations({**vars(self), "method": m, "mode": mode})
+                                                     for m in methods for mode in modes):
+            if not set(methods) & set(TRAINED_METHODS):
                 raise ConfigError("--activation-checkpointing saves memory while a model trains: "
-                                  f"{', '.join(sorted(set(methods) - set(TRAINED_METHODS)))} score the model in "
-                                  "evaluation mode, where transformers keeps every activation")
-            if any(pruning_dropout_in_effect({**vars(self), "method": m, "mode": mode}) == "off"
-                   for m in methods for mode in modes):
-                raise ConfigError("--activation-checkpointing works while the model is in training mode: with its "
-                                  "dropout off while the scores learn (--pruning-dropout off, the default for "
-                                  "pipelined dsp on text classifiers) it would do nothing; add --pruning-dropout on")
+                                  f"{', '.join(methods)} score the model in evaluation mode, where transformers "
+                                  "keeps every activation")
+            raise ConfigError("--activation-checkpointing works while the model is in training mode: with its "
+                              "dropout off while the scores learn (--pruning-dropout off, the default for "
+                              "pipelined dsp on text classifiers) it would do nothing; add --pruning-dropout on")
 
 
 @dataclass

@@ -20,7 +20,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from .config import GATED_METHODS, SCORED, SHRINKING, TARGETS, PruneConfig, SweepConfig, ablation_in_effect
+from .config import (GATED_METHODS, SCORED, SHRINKING, TARGETS, PruneConfig, SweepConfig, ablation_in_effect,
+                     checkpoints_activations)
 from .errors import ConfigError, OutputExistsError
 from .outputs import RESULTS, atomic_path
 from .outputs import check_not_inside
@@ -61,6 +62,8 @@ def planned_runs(cfg: SweepConfig) -> list[PruneConfig]:
                                                             else "default"),
                                                "pruning_loss": (cfg.pruning_loss if method not in UNTRAINED and
                                                                 mode == "pipelined" else "label"),
+                                               "activation_checkpointing": checkpoints_activations(
+                                                   {**base, "method": method, "mode": mode}),
                                                "output_dir": str(Path(cfg.output_dir) / name)}))
     return runs
 

@@ -38,12 +38,24 @@ def test_refused_where_the_model_does_not_train_in_training_mode():
         PruneConfig(activation_checkpointing=True)  # pipelined dsp on a classifier: dropout off by default
     with pytest.raises(ConfigError, match="michel score the model in evaluation mode"):
         PruneConfig(method="michel", activation_checkpointing=True)
-    with pytest.raises(ConfigError, match="fisher score the model"):
-        SweepConfig(methods=["dsp", "fisher"], activation_checkpointing=True, pruning_dropout="on")
+    with pytest.raises(ConfigError, match="fisher, michel score the model"):
+        SweepConfig(methods=["fisher", "michel"], activation_checkpointing=True, pruning_dropout="on")
+    with pytest.raises(ConfigError, match="add --pruning-dropout on"):
+        SweepConfig(methods=["dsp", "fisher"], activation_checkpointing=True)
     PruneConfig(activation_checkpointing=True, pruning_dropout="on")
     PruneConfig(method="ste", activation_checkpointing=True)
     PruneConfig(mode="joint", activation_checkpointing=True)
     PruneConfig(task="causal-lm", activation_checkpointing=True)
+
+
+def test_a_sweep_passes_it_to_the_runs_where_it_acts(tmp_path):
+    from headprune.sweep import planned_runs
+    runs = planned_runs(SweepConfig(methods=["dsp", "fisher", "ste"], modes=["pipelined", "joint"], ks=[3],
+                                    activation_checkpointing=True, output_dir=str(tmp_path)))
+    acting = {(run.method, run.mode): run.activation_checkpointing for run in runs}
+    # pipelined dsp learns without dropout by default (evaluation mode); fisher trains nothing
+    assert acting == {("dsp", "pipelined"): False, ("dsp", "joint"): True, ("fisher", "pipelined"): False,
+                      ("ste", "pipelined"): True, ("ste", "joint"): True}
 
 
 def test_a_run_resumes_or_is_reused_with_it_switched_on():  # e.g. after running out of memory
