@@ -106,7 +106,9 @@ def export_transformers(cfg) -> dict:
     output = check_output_folder(cfg)
     if not (getattr(load_pruned_config(cfg.model), "headprune", None) or {}).get("physical"):
         raise ConfigError(f"{cfg.model} is not a physically pruned model: it is a plain transformers folder already")
-    model = load_pruned(cfg.model).float().eval()
+    model = load_pruned(cfg.model)
+    saved_dtype = model.dtype  # checked in float32, written as it was saved (a bf16 model stays bf16)
+    model = model.float().eval()
     plain = plain_model(model)
     worst = 0.0
     for shape, seed in (((2, 12), 1), ((1, 5), 2)):
@@ -118,7 +120,7 @@ def export_transformers(cfg) -> dict:
         raise ModelError(f"the plain model differs from the pruned one by {worst:.2g} (more than {TOLERANCE:g}): "
                          "not written")
     with atomic_folder(output) as tmp:
-        plain.save_pretrained(tmp)
+        plain.to(saved_dtype).save_pretrained(tmp)
         for file in Path(cfg.model).iterdir():  # the tokenizer and the generation settings
             if file.is_file() and file.name not in MODEL_FILES:
                 shutil.copy2(file, tmp / file.name)

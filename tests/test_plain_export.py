@@ -100,3 +100,16 @@ def test_what_a_plain_config_cannot_hold_is_refused_in_one_line(capsys, tmp_path
     assert "cannot write to the output folder" in one_line_error(
         capsys, ["export", "--format", "transformers", "--model", tmp_path / "uneven", "--output",
                  tmp_path / "a-file" / "plain"])
+
+
+def test_a_bf16_model_is_written_in_bf16(tmp_path):
+    model = tiny_llm().to(torch.bfloat16)
+    save_pruned(model, tmp_path / "pruned", [("decoder", 0, 1), ("decoder", 1, 0), ("decoder", 2, 1)])
+    assert export(tmp_path / "pruned", tmp_path / "plain") == 0
+    assert json.loads((tmp_path / "plain" / "config.json").read_text())["dtype"] == "bfloat16"
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
+    pruned = load_pruned(tmp_path / "pruned")
+    assert plain.dtype == pruned.dtype == torch.bfloat16
+    ids = torch.tensor([[3, 5, 7, 9]])
+    with torch.no_grad():  # the same weights and shapes: the same bf16 arithmetic
+        assert torch.equal(plain(input_ids=ids).logits, pruned(input_ids=ids).logits)
