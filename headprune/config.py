@@ -306,6 +306,12 @@ class FinetuneConfig(Checked):
                                       "faster for training on CPU).", choices=["eager", "sdpa"])
     mixed_precision: str = option("no", "Accelerate mixed precision: no, fp16 or bf16.",
                                   choices=["no", "fp16", "bf16"])
+    dtype: str = option("auto", "The dtype of the model's weights in the run: auto (as saved: transformers' "
+                        "default), float32, bfloat16 or float16. Half precision halves the memory of a float32 "
+                        "model, and the pruned model is saved so; for runs whose weights stay frozen "
+                        "(pipelined): fine-tuning and joint runs refuse it (updates to half-precision weights "
+                        "are lost: use --mixed-precision).",
+                        choices=["auto", "float32", "bfloat16", "float16"])
     activation_checkpointing: bool = option(False, "Recompute each layer's activations in the backward pass "
                                             "instead of keeping them (transformers' activation checkpointing): "
                                             "far less memory for long sequences and large models, about one more "
@@ -337,6 +343,10 @@ class FinetuneConfig(Checked):
         if self.task == "causal-lm" and self.max_length < 2:
             raise ConfigError(f"--max-length {self.max_length}: a language model's blocks need at least 2 "
                               "tokens (it predicts each token from those before it)")
+        training = set(getattr(self, "modes", [getattr(self, "mode", "fine-tuning")])) & {"fine-tuning", "joint"}
+        if self.dtype in ("bfloat16", "float16") and training:
+            raise ConfigError(f"--dtype {self.dtype} keeps the weights in half precision, where {training.pop()} "
+                              "loses their updates: use --mixed-precision bf16 (the weights stay float32)")
 
 
 @dataclass
