@@ -92,7 +92,12 @@ def _accelerator(cfg, out: Path) -> Accelerator:
     """Accelerate's state is one per process, its mixed precision set by the first run: a later run
     of the same process asking for another is refused in one line, not with Accelerate's traceback."""
     try:
-        return Accelerator(mixed_precision=cfg.mixed_precision, **tracker_settings(cfg, out))
+        acc = Accelerator(mixed_precision=cfg.mixed_precision, **tracker_settings(cfg, out))
+        if cfg.mixed_precision != "no" and not acc.native_amp:  # fp16 on a CPU: Accelerate leaves it float32
+            log.warning("--mixed-precision %s does nothing on %s (Accelerate does not autocast to it there): this "
+                        "run computes in float32%s", cfg.mixed_precision, acc.device.type,
+                        "; bf16 does autocast on CPU" if cfg.mixed_precision == "fp16" else "")
+        return acc
     except ValueError as err:
         if "already been initialized" not in str(err):
             raise
