@@ -136,7 +136,7 @@ def tracker_settings(cfg, out: Path) -> dict:
 def _load(cfg, task, path, config, require_finetuned: bool):
     data = task.load_data(cfg)
     model, tokenizer = task.load_model(cfg, data, path, config, require_finetuned)
-    if cfg.dtype != "auto":  # --dtype: the run's weights (and the saved model's) in this dtype
+    if cfg.dtype != "auto":  # --dtype: loaded in it (tasks.weights_dtype); a model built from scratch too
         model.to(getattr(torch, cfg.dtype))
     if getattr(cfg, "activation_checkpointing", False):
         check_activation_checkpointing(model)

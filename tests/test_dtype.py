@@ -52,3 +52,16 @@ def test_a_float32_model_pruned_in_bf16_is_saved_and_reloaded_in_bf16(tiny_lm, t
         logits = loaded(input_ids=ids).logits.float()
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     assert math.exp(loss.item()) == pytest.approx(half["metrics_pruned"]["validation"], rel=1e-3)
+
+
+def test_the_weights_are_loaded_straight_into_the_dtype(tiny_lm, tmp_path):  # noqa: F811
+    """Not held in float32 first: the task loads them in the dtype asked, a pruned model too."""
+    from headprune.tasks import get_task
+    model, data = tiny_lm
+    prune(lm_cfg(model, data, tmp_path / "pruned"))
+    task = get_task("causal-lm")
+    for source in (model, tmp_path / "pruned" / "model"):
+        cfg = lm_cfg(source, data, tmp_path / "unused", dtype="bfloat16")
+        path, config, _, _ = task.inspect(cfg.model, require_finetuned=True, attn_implementation=cfg.attn_implementation)
+        loaded, _ = task.load_model(cfg, task.load_data(cfg), path, config, require_finetuned=True)
+        assert loaded.dtype == torch.bfloat16

@@ -67,6 +67,13 @@ def smollm2_folder() -> str:
     return str(folder)
 
 
+def weights_dtype(cfg) -> dict:
+    """from_pretrained's (and load_pruned's) keyword for --dtype: the weights loaded straight into it,
+    never held in a wider dtype first; none for `auto` (transformers' default: the dtype saved)."""
+    chosen = getattr(cfg, "dtype", "auto")
+    return {} if chosen == "auto" else {"dtype": getattr(torch, chosen)}
+
+
 def looks_like_path(name: str) -> bool:
     """A model name that is a local path (or exists) rather than a hub id (`owner/name`)."""
     local = name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name

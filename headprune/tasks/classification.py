@@ -14,7 +14,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Data
 from ..data import ClassificationData, load_classification, subsample
 from ..errors import ModelError, first_line
 from ..pruning import SAFE, SAFE_WEIGHTS, load_pruned
-from .base import Task
+from .base import Task, weights_dtype
 
 log = logging.getLogger("headprune")
 
@@ -36,7 +36,8 @@ class Classification(Task):
         return {"labels": data.label_names, "dropped_rows": data.dropped_rows}
 
     def load_model(self, cfg, data: ClassificationData, path: str, config, require_finetuned: bool):
-        return load_model(cfg.model, path, config, data.label_names, cfg.attn_implementation, require_finetuned)
+        return load_model(cfg.model, path, config, data.label_names, cfg.attn_implementation, require_finetuned,
+                          weights_dtype(cfg))
 
     def prepare(self, data: ClassificationData, tokenizer, cfg):
         def encode(batch):
@@ -55,8 +56,11 @@ def _generic_label_names(config) -> bool:
     return all(str(v) == f"LABEL_{i}" for i, v in sorted((config.id2label or {}).items()))
 
 
-def load_model(name: str, path: str, config, labels: list[str], attn: str, require_finetuned: bool):
-    """The model with a classifier for `labels` (their names go into its config) and its tokenizer."""
+def load_model(name: str, path: str, config, labels: list[str], attn: str, require_finetuned: bool,
+               dtype: dict | None = None):
+    """The model with a classifier for `labels` (their names go into its config) and its tokenizer;
+    `dtype`: the weights' dtype keyword ({} or {"dtype": ...}, see `weights_dtype`)."""
+    dtype = dtype or {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **SAFE)
     except (OSError, ValueError) as err:
@@ -72,10 +76,10 @@ def load_model(name: str, path: str, config, labels: list[str], attn: str, requi
             raise ModelError(f"{name!r} was trained for the labels {model_labels}, the data has {labels}")
     try:
         if pruned:
-            model = load_pruned(path, attn_implementation=attn).train()
+            model = load_pruned(path, attn_implementation=attn, **dtype).train()
         else:
             model, info = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=len(labels), attn_implementation=attn, output_loading_info=True, **SAFE_WEIGHTS,
+                path, num_labels=len(labels), attn_implementation=attn, output_loading_info=True, **SAFE_WEIGHTS, **dtype,
                 ignore_mismatched_sizes=not require_finetuned, **(names if not require_finetuned else {}))
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         raise ModelError(f"cannot load the weights of {name!r}: {first_line(err)}") from err

@@ -17,7 +17,7 @@ from transformers import (AutoImageProcessor, AutoModelForImageClassification, S
 from ..errors import ModelError, first_line
 from ..images import ImageData, load_images, subsample
 from ..pruning import SAFE, SAFE_WEIGHTS, load_pruned
-from .base import Task
+from .base import Task, weights_dtype
 from .classification import evaluate
 
 log = logging.getLogger("headprune")
@@ -79,11 +79,11 @@ class ImageClassification(Task):
                              f"({', '.join(labels)})")
         try:
             if pruned:
-                model = load_pruned(path, attn_implementation=cfg.attn_implementation).train()
+                model = load_pruned(path, attn_implementation=cfg.attn_implementation, **weights_dtype(cfg)).train()
             else:
                 model, info = AutoModelForImageClassification.from_pretrained(
                     path, num_labels=len(labels), attn_implementation=cfg.attn_implementation, output_loading_info=True,
-                    ignore_mismatched_sizes=not require_finetuned, **SAFE_WEIGHTS,
+                    ignore_mismatched_sizes=not require_finetuned, **SAFE_WEIGHTS, **weights_dtype(cfg),
                     **(names if not require_finetuned else {}))
                 new = sorted(info["missing_keys"])
                 if require_finetuned and new:

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ..errors import DataError, ModelError, first_line
 from ..pruning import SAFE, SAFE_WEIGHTS, load_pruned
 from ..text import TextData, load_text, subsample
-from .base import Task
+from .base import Task, weights_dtype
 
 
 def pack(documents: list[str], tokenizer, block: int) -> list[list[int]]:
@@ -61,10 +61,10 @@ class LanguageModeling(Task):
             raise ModelError(f"cannot load the tokenizer of {cfg.model!r}: {first_line(err)}") from err
         try:
             if (getattr(config, "headprune", None) or {}).get("physical"):
-                model = load_pruned(path, attn_implementation=cfg.attn_implementation)
+                model = load_pruned(path, attn_implementation=cfg.attn_implementation, **weights_dtype(cfg))
             else:
                 model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=cfg.attn_implementation,
-                                                             **SAFE_WEIGHTS)
+                                                             **SAFE_WEIGHTS, **weights_dtype(cfg))
         except (OSError, ValueError, RuntimeError, SafetensorError) as err:
             raise ModelError(f"cannot load the weights of {cfg.model!r}: {first_line(err)}") from err
         return model.train(), tokenizer

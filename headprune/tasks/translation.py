@@ -24,7 +24,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, MarianConfig, Mar
 from ..errors import ModelError, first_line
 from ..parallel import ParallelData, load_parallel, subsample
 from ..pruning import SAFE, SAFE_WEIGHTS, load_pruned
-from .base import Task
+from .base import Task, weights_dtype
 
 log = logging.getLogger("headprune")
 
@@ -115,9 +115,10 @@ class Translation(Task):
                 raise ModelError(f"cannot load the tokenizer of {cfg.model!r}: {first_line(err)}") from err
             try:
                 pruned = (getattr(config, "headprune", None) or {}).get("physical", False)
-                model = (load_pruned(path, attn_implementation=cfg.attn_implementation) if pruned else
+                model = (load_pruned(path, attn_implementation=cfg.attn_implementation, **weights_dtype(cfg))
+                         if pruned else
                          AutoModelForSeq2SeqLM.from_pretrained(path, attn_implementation=cfg.attn_implementation,
-                                                               **SAFE_WEIGHTS))
+                                                               **SAFE_WEIGHTS, **weights_dtype(cfg)))
             except (OSError, ValueError, RuntimeError, SafetensorError) as err:
                 raise ModelError(f"cannot load the weights of {cfg.model!r}: {first_line(err)}") from err
         model.set_attn_implementation(cfg.attn_implementation)
