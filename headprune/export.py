@@ -55,11 +55,6 @@ def classifier_kind(config) -> str | None:
     return None
 
 
-def is_classifier(config) -> bool:
-    """A text classifier: what `measure --runtime onnxruntime` times on token ids."""
-    return classifier_kind(config) == "text"
-
-
 def example_inputs(config, batch: int, length: int, seed: int) -> dict[str, torch.Tensor]:
     """The inputs of a classifier of either kind (`length`: tokens; an image's size is the model's)."""
     if classifier_kind(config) == "image":
