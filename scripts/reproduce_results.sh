@@ -24,6 +24,18 @@ run() { if [ -f "$1/results.json" ]; then echo "done: $1"; else $HP "${@:2}" --o
 # and with dropout on while DSP's scores learn (--default-rules 2: before the twenty-fifth session).
 before21() { case "$1" in prune|sweep) ${HEADPRUNE:-headprune} "$@" --reconstruct none --allocation global --default-rules 2 ;;
                           *) ${HEADPRUNE:-headprune} "$@" ;; esac; }
+# Issue 21's cells: the best other method's run at its validation setting (made in the `today` mode below)
+declare -A BEST=([rt6]="$OUT/today-rt-michel-bias/michel-pipelined-s0 --k 6"
+                 [rt12]="$OUT/today-rt-michel/michel-pipelined-s0 --k 12"
+                 [rt24]="$OUT/today-rt-michel/michel-pipelined-s0 --k 24"
+                 [rt36]="$OUT/today-rt-flap/flap-pipelined-k36-s0"
+                 [subjectivity6]="$OUT/today-subjectivity-michel/michel-pipelined-s0 --k 6"
+                 [subjectivity12]="$OUT/today-subjectivity-michel/michel-pipelined-s0 --k 12"
+                 [subjectivity24]="$OUT/today-subjectivity-flap/flap-pipelined-k24-s0"
+                 [subjectivity36]="$OUT/today-subjectivity-flap/flap-pipelined-k36-s0")
+# paired FLAGS DSP CELL: benchmarks/paired.py on the examples FLAGS name (the test split if none), DSP's 3 seeds
+# (the run folders DSP-s0, -s1, -s2) against the best other method's run of CELL
+paired() { ${PYTHON:-python} benchmarks/paired.py $1 --a $2-s{0,1,2} --b ${BEST[$3]}; }
 
 case "${1:-dsp}" in
   dsp)  # made before the default schedule changed: the reference's
@@ -231,21 +243,15 @@ case "${1:-dsp}" in
       --methods flap --ks 24 36 --seeds 0 --reconstruct bias --output-dir $OUT/today-subjectivity-flap
     $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model $R --ks 12 --seeds 0 1 2 \
       --allocation global --output-dir $OUT/rt-mean
-    ${PYTHON:-python} benchmarks/paired.py --a $OUT/rt-mean/dsp-pipelined-k12-s{0,1,2} \
-      --b $OUT/today-rt-michel/michel-pipelined-s0 --k 12
-    ${PYTHON:-python} benchmarks/paired.py --a $OUT/rt-mean-uniform/dsp-pipelined-k24-s{0,1,2} \
-      --b $OUT/today-rt-michel/michel-pipelined-s0 --k 24
-    for k in 24 36; do
-      ${PYTHON:-python} benchmarks/paired.py --a $OUT/subjectivity-mean-uniform/dsp-pipelined-k$k-s{0,1,2} \
-        --b $OUT/today-subjectivity-flap/flap-pipelined-k$k-s0
-    done
+    paired "" $OUT/rt-mean/dsp-pipelined-k12 rt12
+    paired "" $OUT/rt-mean-uniform/dsp-pipelined-k24 rt24
+    for k in 24 36; do paired "" $OUT/subjectivity-mean-uniform/dsp-pipelined-k$k subjectivity$k; done
     # subjectivity at 6 heads (the twenty-first session): Michel's curve, DSP's 3 seeds (global at 1 head a layer)
     $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model --max-train-examples 4000 \
       --methods michel --ks 6 --output-dir $OUT/today-subjectivity-michel
     $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model $R --ks 6 --seeds 0 1 2 \
       --allocation global --output-dir $OUT/subjectivity-mean
-    ${PYTHON:-python} benchmarks/paired.py --a $OUT/subjectivity-mean/dsp-pipelined-k6-s{0,1,2} \
-      --b $OUT/today-subjectivity-michel/michel-pipelined-s0 --k 6
+    paired "" $OUT/subjectivity-mean/dsp-pipelined-k6 subjectivity6
     # the twenty-second session: the same comparisons on the training examples nothing learned from, pooled with
     # test (and the unseen ones alone: --split unseen-train); subjectivity at 12 heads, Rotten Tomatoes at 36
     $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model $R --ks 12 --seeds 0 1 2 \
@@ -254,20 +260,10 @@ case "${1:-dsp}" in
       --methods flap --ks 36 --seeds 0 --reconstruct bias --output-dir $OUT/today-rt-flap
     POOLED="--split test unseen-train --unseen-from 4000"
     for U in "$POOLED" "$POOLED --resample-runs"; do  # the twenty-third session: the seeds' spread in the interval too
-    ${PYTHON:-python} benchmarks/paired.py $U --a $OUT/rt-mean/dsp-pipelined-k12-s{0,1,2} \
-      --b $OUT/today-rt-michel/michel-pipelined-s0 --k 12
-    ${PYTHON:-python} benchmarks/paired.py $U --a $OUT/rt-mean-uniform/dsp-pipelined-k24-s{0,1,2} \
-      --b $OUT/today-rt-michel/michel-pipelined-s0 --k 24
-    ${PYTHON:-python} benchmarks/paired.py $U --a $OUT/rt-mean-uniform/dsp-pipelined-k36-s{0,1,2} \
-      --b $OUT/today-rt-flap/flap-pipelined-k36-s0
-    for k in 6 12; do
-      ${PYTHON:-python} benchmarks/paired.py $U --a $OUT/subjectivity-mean/dsp-pipelined-k$k-s{0,1,2} \
-        --b $OUT/today-subjectivity-michel/michel-pipelined-s0 --k $k
-    done
-    for k in 24 36; do
-      ${PYTHON:-python} benchmarks/paired.py $U --a $OUT/subjectivity-mean-uniform/dsp-pipelined-k$k-s{0,1,2} \
-        --b $OUT/today-subjectivity-flap/flap-pipelined-k$k-s0
-    done
+      paired "$U" $OUT/rt-mean/dsp-pipelined-k12 rt12
+      for k in 24 36; do paired "$U" $OUT/rt-mean-uniform/dsp-pipelined-k$k rt$k; done
+      for k in 6 12; do paired "$U" $OUT/subjectivity-mean/dsp-pipelined-k$k subjectivity$k; done
+      for k in 24 36; do paired "$U" $OUT/subjectivity-mean-uniform/dsp-pipelined-k$k subjectivity$k; done
     done
     # the twenty-third session: Rotten Tomatoes at 6 heads pooled (Michel's curve with the bias, DSP's global 3 seeds)
     $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model --max-train-examples 4000 \
@@ -275,28 +271,14 @@ case "${1:-dsp}" in
     $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model $R --ks 6 --seeds 0 1 2 \
       --allocation global --output-dir $OUT/rt-mean
     for split in test "test unseen-train" "test unseen-train --resample-runs"; do
-      ${PYTHON:-python} benchmarks/paired.py --split $split --unseen-from 4000 --a $OUT/rt-mean/dsp-pipelined-k6-s{0,1,2} \
-        --b $OUT/today-rt-michel-bias/michel-pipelined-s0 --k 6
+      paired "--split $split --unseen-from 4000" $OUT/rt-mean/dsp-pipelined-k6 rt6
     done
     # the twenty-fifth session: DSP's default without dropout while its scores learn (3 seeds), pooled as above
     N="--methods dsp --max-train-examples 4000 --ks 6 12 24 36 --seeds 0 1 2"
     $HP sweep --config configs/sweep-rotten-tomatoes.yaml --model $OUT/finetune/model $N --output-dir $OUT/rt-nodrop
     $HP sweep --config configs/sweep-subjectivity.yaml --model $OUT/subjectivity/finetune/model $N --output-dir $OUT/subjectivity-nodrop
-    ${PYTHON:-python} benchmarks/paired.py $POOLED --a $OUT/rt-nodrop/dsp-pipelined-k6-s{0,1,2} \
-      --b $OUT/today-rt-michel-bias/michel-pipelined-s0 --k 6
-    for k in 12 24; do
-      ${PYTHON:-python} benchmarks/paired.py $POOLED --a $OUT/rt-nodrop/dsp-pipelined-k$k-s{0,1,2} \
-        --b $OUT/today-rt-michel/michel-pipelined-s0 --k $k
-    done
-    ${PYTHON:-python} benchmarks/paired.py $POOLED --a $OUT/rt-nodrop/dsp-pipelined-k36-s{0,1,2} \
-      --b $OUT/today-rt-flap/flap-pipelined-k36-s0
-    for k in 6 12; do
-      ${PYTHON:-python} benchmarks/paired.py $POOLED --a $OUT/subjectivity-nodrop/dsp-pipelined-k$k-s{0,1,2} \
-        --b $OUT/today-subjectivity-michel/michel-pipelined-s0 --k $k
-    done
-    for k in 24 36; do
-      ${PYTHON:-python} benchmarks/paired.py $POOLED --a $OUT/subjectivity-nodrop/dsp-pipelined-k$k-s{0,1,2} \
-        --b $OUT/today-subjectivity-flap/flap-pipelined-k$k-s0
+    for benchmark in rt subjectivity; do
+      for k in 6 12 24 36; do paired "$POOLED" $OUT/$benchmark-nodrop/dsp-pipelined-k$k $benchmark$k; done
     done
     # the twenty-sixth session: Kwon's scales with the bias on the two cells still short; what the pruning data ranks;
     # STE and Voita with and without dropout at 24 heads
