@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Subset
 
 from .budget import uniform_allocation, uniform_counts
-from .config import PruneConfig, ablation_in_effect
+from .config import PruneConfig, ablation_in_effect, checkpoints_activations
 from .errors import ConfigError
 from .methods import (activation, fisher, flap, iterative_pruning, make_selector, michel, random_mask,
                       resolve_schedule, taylor)
@@ -40,7 +40,7 @@ from .methods.dsp import check_budget as check_groups, hard_top_k, per_group
 from .outputs import atomic_path, cache_root
 from .progress import progress_bar
 from .sites import UNIT_NAMES
-from .train import constant_until, explore_then_select, linear_decay, total_steps
+from .train import activation_checkpointing, constant_until, explore_then_select, linear_decay, total_steps
 
 log = logging.getLogger("headprune")
 
@@ -295,13 +295,15 @@ def choose_by_scores(cfg, task, acc, model, gates, calibration, collate, evaluat
                       key=scores_key(cfg, weights_digest, calibration), writes=acc.is_main_process)
     info["calibration_examples"] = len(calibration)
     unit = UNIT_NAMES[gates.sites[0].unit]
-    if cfg.method == "michel":
-        mask, order, curve = _rounds(run, budget, evaluate_with, task.metric, rounds_done, save_rounds)
-        info.update(scoring_passes=len(curve) - 1 if cfg.michel_exact else 1, curve=[
-            {"heads": e["heads"], "metrics": e["metrics"], "pruned_now": [gates.heads[i] for i in e["pruned_now"]]}
-            for e in curve])
-        return mask, order, info
-    scores = SCORERS[cfg.method](run, torch.ones(gates.num_heads))
+    # --activation-checkpointing: michel's, fisher's and taylor's backward passes recompute the layers
+    with activation_checkpointing(acc.unwrap_model(model), checkpoints_activations(vars(cfg))):
+        if cfg.method == "michel":
+            mask, order, curve = _rounds(run, budget, evaluate_with, task.metric, rounds_done, save_rounds)
+            info.update(scoring_passes=len(curve) - 1 if cfg.michel_exact else 1, curve=[
+                {"heads": e["heads"], "metrics": e["metrics"], "pruned_now": [gates.heads[i] for i in e["pruned_now"]]}
+                for e in curve])
+            return mask, order, info
+        scores = SCORERS[cfg.method](run, torch.ones(gates.num_heads))
     mask = per_group(hard_top_k, scores.values, budget)
     if scores.refine is not None:
         mask = scores.refine(mask)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, Sampler
 
 from .checkpoint import read_checkpoint, write_checkpoint
@@ -304,16 +305,28 @@ def train(acc: Accelerator, cfg, out: Path, model, optimizer, scheduler, train_s
 
 def check_activation_checkpointing(model) -> None:
     """--activation-checkpointing on a model transformers cannot checkpoint: one line, before any long work."""
-    if not getattr(model, "supports_gradient_checkpointing", False):
+    if not getattr(model, "supports_gradient_checkpointing", False) or not checkpointing_layers(model):
         raise ConfigError(f"--activation-checkpointing: transformers has no activation checkpointing for "
                           f"{type(model).__name__}")
 
 
+def checkpointing_layers(model) -> list[torch.nn.Module]:
+    """The layers transformers can run under torch's checkpoint (its GradientCheckpointingLayer)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
 @contextmanager
 def activation_checkpointing(model, on: bool):
-    """transformers' activation checkpointing while the block runs, non-reentrant: the recomputed
-    layers read the gates' mask of their forward pass (computed once per forward, not drawn again)
-    and get the forward's dropout (torch restores the random state for the recomputation)."""
+    """Activation checkpointing while the block runs, non-reentrant: the recomputed layers read the
+    gates' mask of their forward pass (computed once per forward, not drawn again) and get the
+    forward's dropout (torch restores the random state for the recomputation).
+
+    transformers checkpoints a layer in training mode only; the backward passes of a model in
+    evaluation mode (DSP's scores learned without dropout, Michel's, Fisher's and Taylor's
+    gradients) would keep every activation. So each layer is marked training for transformers'
+    check while gradients are on, and runs in the mode it was in, forward and recomputation alike
+    (some layers read their own flag for dropout: BART's)."""
     if not on:
         yield
         return
@@ -323,11 +336,45 @@ def activation_checkpointing(model, on: bool):
         enable({"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable({"use_reentrant": False})
+    layers = checkpointing_layers(model)
+    for layer in layers:
+        mode = {"training": layer.training}
+        layer._gradient_checkpointing_func = _checkpoint_in_mode(layer, mode)
+        layer.forward = _forward_marked_training(layer, type(layer).forward, mode)
     try:
         yield
     finally:
+        for layer in layers:
+            del layer.forward  # the class's own again
         disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
         disable()
+
+
+def _forward_marked_training(layer, forward, mode: dict):
+    def marked(*args, **kwargs):
+        mode["training"] = layer.training
+        if layer.training or not torch.is_grad_enabled():
+            return forward(layer, *args, **kwargs)
+        layer.training = True  # for transformers' check only: _checkpoint_in_mode runs it in evaluation mode
+        try:
+            return forward(layer, *args, **kwargs)
+        finally:
+            layer.training = False
+    return marked
+
+
+def _checkpoint_in_mode(layer, mode: dict):
+    def checkpointed(function, *args):
+        training = mode["training"]  # this forward's mode, kept for its recomputation
+
+        def run(*inputs):
+            before, layer.training = layer.training, training
+            try:
+                return function(*inputs)
+            finally:
+                layer.training = before
+        return checkpoint(run, *args, use_reentrant=False)
+    return checkpointed
 
 
 def training_mode(model, selector, dropout: bool) -> None:

@@ -117,8 +117,11 @@ case "${1:-dsp}" in
       [ -f $OUT/dsp-pipelined-k$k/speed/measure.md ] || \
         $HP measure --pruned $OUT/dsp-pipelined-k$k/model --threads 2 --output-dir $OUT/dsp-pipelined-k$k/speed
     done
-    # the twenty-sixth session: memory and time of a step with --activation-checkpointing
-    ${PYTHON:-python} benchmarks/activation_memory.py --batch-size 8 --length 512 --steps 5 --repeats 2 ;;
+    # memory and time of a backward pass with --activation-checkpointing: a DSP step with dropout (the
+    # twenty-sixth session) and without, Michel's and Fisher's gradients, Taylor's (the twenty-seventh)
+    for how in "--method dsp --dropout on" "--method dsp" "--method fisher" "--method taylor"; do
+      ${PYTHON:-python} benchmarks/activation_memory.py $how --batch-size 8 --length 512 --steps 5 --repeats 2
+    done ;;
   translation)
     MT=${OUT}/translation
     $HP demo --task translation --output-dir $MT

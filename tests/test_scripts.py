@@ -288,9 +288,11 @@ def test_step_overhead_on_the_real_minilm():
     assert "joint DSP / plain step:" in out
 
 
-def test_activation_memory_on_the_real_minilm():
-    out = script("benchmarks/activation_memory.py", "--batch-size", 2, "--length", 16, "--steps", 2, "--repeats", 1)
-    assert "| off |" in out and "| on |" in out
+@pytest.mark.parametrize("method", ["dsp", "fisher", "taylor"])
+def test_activation_memory_on_the_real_minilm(method):
+    out = script("benchmarks/activation_memory.py", "--method", method, "--batch-size", 2, "--length", 16,
+                 "--steps", 2, "--repeats", 1)
+    assert f"offline:minilm-l6, {method}" in out and "| off |" in out and "| on |" in out
     assert re.search(r"with / without: memory \d+\.\d\dx, time \d+\.\d\dx", out)
 
 
