@@ -64,12 +64,18 @@ class HeadGates(nn.Module):
     def set_mask(self, mask: torch.Tensor) -> None:
         if self.selector is not None:
             raise RuntimeError("these gates are driven by a selector; remove it to set a fixed mask")
-        self.fixed_mask.copy_(torch.as_tensor(mask, dtype=self.fixed_mask.dtype))
+        self.fixed_mask.copy_(self._checked(torch.as_tensor(mask, dtype=self.fixed_mask.dtype)))
+
+    def _checked(self, mask: torch.Tensor) -> torch.Tensor:
+        """A mask of one value per gate (a longer or shorter one would broadcast into the wrong heads)."""
+        if mask.shape != (self.num_heads,):
+            raise ValueError(f"a mask of shape {tuple(mask.shape)} for {self.num_heads} gates: give one value per gate")
+        return mask
 
     @contextmanager
     def override(self, mask: torch.Tensor):
         """Use `mask` instead of the selector's inside the block (e.g. all ones: the unpruned model)."""
-        mask = torch.as_tensor(mask, device=self.fixed_mask.device)
+        mask = self._checked(torch.as_tensor(mask, device=self.fixed_mask.device))
         before = self._override  # blocks nest: the outer mask is back after the inner block
         # keep a float mask's dtype (and its graph: Michel's importance differentiates through it)
         self._override = mask if mask.is_floating_point() else mask.to(self.fixed_mask.dtype)
@@ -146,6 +152,8 @@ def attach_gates(model: nn.Module, unit: str = "group") -> HeadGates:
 
 def detach_gates(model: nn.Module) -> HeadGates:
     """Remove the gates (hooks and submodule) and return them; the model is plain again."""
+    if not hasattr(model, ATTRIBUTE):
+        raise ValueError("this model has no head gates to detach")
     gates = getattr(model, ATTRIBUTE)
     gates.remove_hooks()
     delattr(model, ATTRIBUTE)

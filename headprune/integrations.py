@@ -36,7 +36,7 @@ from .gates import attach_gates, detach_gates
 from .methods import TRAINED
 from .pruning import save_pruned
 from .selection import selector_and_optimizer
-from .sites import UNIT_NAMES
+from .sites import UNIT_NAMES, find_sites
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +63,11 @@ class HeadPruningCallback(TrainerCallback):
             raise ConfigError("HeadPruningCallback: gradient_checkpointing_kwargs use_reentrant=True cannot carry "
                               "the head scores' gradient; leave it out (non-reentrant, transformers' default)")
         model = getattr(model, "module", model)  # under DDP, the model inside
+        sites = find_sites(model, self.cfg.unit)  # k checked before the gates go on: the model stays plain
+        units = sum(site.num_heads for site in sites)
+        if self.cfg.k > units:
+            raise ConfigError(f"k={self.cfg.k} is more than the {units} {UNIT_NAMES[sites[0].unit]} of this model")
         self.gates = attach_gates(model, self.cfg.unit)
-        if self.cfg.k > self.gates.num_heads:
-            raise ConfigError(f"k={self.cfg.k} is more than the {self.gates.num_heads} "
-                              f"{UNIT_NAMES[self.gates.sites[0].unit]} of this model")
         selector, self.optimizer, self.scheduler, self.info = selector_and_optimizer(
             self.cfg, self.gates.num_heads, state.max_steps)
         self.gates.selector = selector.to(next(model.parameters()).device)

@@ -29,6 +29,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .errors import ModelError, PrunedCheckpointError, first_line
+from .gates import ATTRIBUTE as GATES_ATTRIBUTE
 from .outputs import atomic_folder
 from .sites import DEAD_HEAD, AttentionSite, find_sites, out_features, weight_out_in
 
@@ -195,7 +196,10 @@ def _share_position_bias(attention: nn.Module, heads: list[int]) -> None:
             """What T5Attention computes when no bias is handed in, for every head."""
             queries = hidden_states.shape[1]
             past = 0 if key_value_states is not None or cache is None else cache.get_seq_length(self.layer_idx)
-            keys = key_value_states.shape[1] if key_value_states is not None else past + queries
+            if key_value_states is not None:
+                keys = key_value_states.shape[1]
+            else:  # the keys after this step's update: past + queries, a static cache's whole length
+                keys = cache.get_mask_sizes(queries, self.layer_idx)[0] if cache is not None else queries
             if self.has_relative_attention_bias:
                 return self.compute_bias(queries, keys, device=hidden_states.device, past_seen_tokens=past)
             return hidden_states.new_zeros(1, self.headprune_width, queries, keys)
@@ -275,9 +279,19 @@ def remove_heads(model: nn.Module, kept: list[Head], unit: str = "group") -> nn.
     left with none keeps one dead head (its output columns zero: the same outputs; with grouped
     keys and values, one query head and its key/value head), because the key/value cache of
     generation reads its length from the first layer's keys, and a layer that caches nothing
-    would put every later position off."""
-    kept = {tuple(h) for h in kept}
-    for site in find_sites(model, unit):
+    would put every later position off.
+
+    Raises ValueError for a kept list that names a head the model does not have or a head twice,
+    and for a model with head gates still attached (their masks would fall on the
+    renumbered heads: detach_gates first)."""
+    if hasattr(model, GATES_ATTRIBUTE):
+        raise ValueError("this model still has head gates: call detach_gates(model) before removing heads")
+    sites = find_sites(model, unit)
+    kept, problem = checked_heads(kept, {(site.kind, site.layer): site.num_heads for site in sites})
+    if problem:
+        raise ValueError(f"remove_heads: the list of kept heads {problem}")
+    kept = set(kept)
+    for site in sites:
         keep = [h for h in range(site.num_heads) if (site.kind, site.layer, h) in kept]
         if len(keep) == site.num_heads:
             continue
@@ -322,6 +336,9 @@ def remove_heads(model: nn.Module, kept: list[Head], unit: str = "group") -> nn.
             setattr(site.attention, DEAD_HEAD, True)
         elif not keep and not site.position_bias:  # (a T5 layer skips its attention in _share_position_bias)
             _skip_attention(site.attention, site.output)
+    # transformers' save_pretrained then keeps the modules' own weight names (as save_pruned does), not
+    # an older layout's (ViT's, GPT-NeoX's): load_pruned loads them into the rebuilt modules as they are
+    model._weight_conversions = []
     return model
 
 
@@ -345,10 +362,10 @@ def save_pruned(model: nn.Module, folder: Path, kept: list[Head], tokenizer=None
     if earlier.get("physical") and earlier.get("unit", "group") != unit:
         raise ValueError(f"this model was pruned by {earlier.get('unit', 'group')} before: prune it "
                          f"again by {earlier.get('unit', 'group')}")
+    remove_heads(model, kept, unit)  # first: it checks the kept heads against the model
     recorded = original_numbering(model.config, kept)
     if earlier.get("output_biases"):  # pruned again: the biases added before stay
         record.setdefault("output_biases", True)
-    remove_heads(model, kept, unit)
     model.config.headprune = {"kept_heads": [list(h) for h in recorded], "physical": True, "unit": unit,
                               "kept_heads_sha256": heads_checksum(recorded), **record}
     with atomic_folder(Path(folder)) as tmp:  # a kill leaves no half-written model folder
@@ -386,6 +403,22 @@ def load_pruned_config(folder, **config_kwargs):
         raise PrunedCheckpointError(f"cannot read {folder}/config.json: {first_line(err)}") from err
 
 
+def checked_heads(heads, sizes: dict) -> tuple[list[Head], str | None]:
+    """`heads` as (kind, layer, head) tuples, and what is wrong with them, if anything: a malformed
+    entry, a head the model does not have (`sizes`: heads per (kind, layer)) or one named twice."""
+    kept = []
+    for head in heads:
+        if not (isinstance(head, (list, tuple)) and len(head) == 3 and isinstance(head[0], str)
+                and all(isinstance(i, int) and not isinstance(i, bool) for i in head[1:])):
+            return kept, f"has a malformed kept head {head!r} (expected [kind, layer, head])"
+        if not 0 <= head[2] < sizes.get((head[0], head[1]), 0):
+            return kept, f"names {head[0]} head {head[2]} of layer {head[1]}, which the model does not have"
+        kept.append((head[0], head[1], head[2]))
+    if len(set(kept)) < len(kept):
+        return kept, "names a head more than once"
+    return kept, None
+
+
 def check_record(record, sites: list[AttentionSite], where) -> list[Head]:
     """The kept heads of a physically pruned model's record, checked against the sites of its
     original shape: well formed, every head one of the model's, none twice, and the checksum that
@@ -398,17 +431,9 @@ def check_record(record, sites: list[AttentionSite], where) -> list[Head]:
         raise bad("is malformed (no list of kept_heads)")
     if record.get("unit", "group") not in ("group", "query"):
         raise bad(f"has an unknown unit {record.get('unit')!r}")
-    sizes = {(site.kind, site.layer): site.num_heads for site in sites}
-    kept = []
-    for head in record["kept_heads"]:
-        if not (isinstance(head, (list, tuple)) and len(head) == 3 and isinstance(head[0], str)
-                and all(isinstance(i, int) and not isinstance(i, bool) for i in head[1:])):
-            raise bad(f"has a malformed kept head {head!r} (expected [kind, layer, head])")
-        if not 0 <= head[2] < sizes.get((head[0], head[1]), 0):
-            raise bad(f"names {head[0]} head {head[2]} of layer {head[1]}, which the model does not have")
-        kept.append((head[0], head[1], head[2]))
-    if len(set(kept)) < len(kept):
-        raise bad("names a head more than once")
+    kept, problem = checked_heads(record["kept_heads"], {(site.kind, site.layer): site.num_heads for site in sites})
+    if problem:
+        raise bad(problem)
     if "kept_heads_sha256" not in record:
         raise bad("has no checksum (kept_heads_sha256)")
     if record["kept_heads_sha256"] != heads_checksum(kept):
@@ -428,6 +453,8 @@ def load_pruned(folder, model_class=None, **config_kwargs) -> nn.Module:
     `config.headprune.kept_heads` before the weights are loaded; others load as usual. The class
     is the one the model was saved as (`config.architectures`) unless `model_class` is given."""
     config = load_pruned_config(folder, **config_kwargs)
+    saved_as = (getattr(config, "architectures", None) or [None])[0]
+    asked_for = model_class.__name__ if model_class is not None else None
     model_class = model_class or model_class_of(config)
     record = getattr(config, "headprune", None) or {}
     if not isinstance(record, dict):
@@ -446,6 +473,10 @@ def load_pruned(folder, model_class=None, **config_kwargs) -> nn.Module:
     try:
         _load_weights(model, Path(folder))
     except RuntimeError as err:
+        if asked_for and saved_as and asked_for != saved_as:
+            raise PrunedCheckpointError(
+                f"{folder} holds a {saved_as}, whose weights {asked_for} does not take: load it as saved "
+                "(without model_class) and use its .base_model for the model without its head") from err
         raise PrunedCheckpointError(
             f"the weights in {folder} do not match the heads its config.json records "
             f"({len(kept)} kept heads): {str(err).splitlines()[0]} ... "

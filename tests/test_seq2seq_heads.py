@@ -60,7 +60,9 @@ def outputs(model, source, decoder_ids):
         greedy = model.generate(**source, max_new_tokens=8, num_beams=1, do_sample=False)
         uncached = model.generate(**source, max_new_tokens=8, num_beams=1, do_sample=False, use_cache=False)
         beam = model.generate(**source, max_new_tokens=8, num_beams=3, do_sample=False)
-    return logits, greedy, uncached, beam
+        # a static cache: keys of its whole length from the first step (T5's bias is computed for them)
+        static = model.generate(**source, max_new_tokens=8, num_beams=1, do_sample=False, cache_implementation="static")
+    return logits, greedy, uncached, beam, static
 
 
 def masked(model, kept, fn):
@@ -109,7 +111,8 @@ def test_physical_removal_equals_the_mask_with_and_without_the_cache(arch, attn,
     assert not torch.allclose(got[0], model(**source, decoder_input_ids=DECODER_IDS).logits, atol=1e-3)
     for a, b in zip(got[1:], expected[1:]):
         assert torch.equal(a, b)
-    assert torch.equal(got[1], got[2])  # cached = uncached, with decoder layers of no heads
+    assert torch.equal(got[1], got[2]) and torch.equal(got[1], got[4])  # cached (dynamic, static) = uncached,
+    # with decoder layers of no heads
     gates = attach_gates(pruned)  # the smaller model can be gated again; dead heads do not count
     assert [(s.kind, s.layer, s.num_heads) for s in gates.sites] == [
         ("encoder", 0, 0), ("encoder", 1, 2), ("decoder", 0, 0), ("decoder", 1, 3), ("cross", 0, 0), ("cross", 1, 1)]
