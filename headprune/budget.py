@@ -241,7 +241,8 @@ def uniform_allocation(cfg, sites: list[AttentionSite]) -> bool:
         return False
     mode = allocation_in_effect(vars(cfg))
     if mode == roomy_uniform(cfg.uniform_from):
-        return min(uniform_counts(sites, cfg.k_per_kind or cfg.k)) >= cfg.uniform_from
+        counts = uniform_counts(sites, cfg.k_per_kind or cfg.k)  # layers pruned empty before do not count
+        return min(c for c, s in zip(counts, sites) if s.num_heads > 0) >= cfg.uniform_from
     return mode == "uniform"
 
 

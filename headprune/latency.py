@@ -127,10 +127,12 @@ def predicted_seconds(table: dict, sites, mask: torch.Tensor) -> float:
 
 def even_counts(sites, k: int) -> list[int]:
     """Units per site when k are spread as evenly as the layers allow (each layer's share of its
-    units as equal as can be; ties to the first layers)."""
+    units as equal as can be; ties to the first layers). A layer with no units (pruned empty
+    before) gets none."""
     counts = [0] * len(sites)
+    roomy = [j for j, s in enumerate(sites) if s.num_heads > 0]
     for _ in range(min(k, sum(s.num_heads for s in sites))):
-        order = sorted(range(len(sites)), key=lambda j: (counts[j] / sites[j].num_heads, j))
+        order = sorted(roomy, key=lambda j: (counts[j] / sites[j].num_heads, j))
         j = next(j for j in order if counts[j] < sites[j].num_heads)
         counts[j] += 1
     return counts

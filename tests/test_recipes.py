@@ -129,6 +129,20 @@ def test_a_pruned_model_can_be_pruned_further(tiny_finetuned, tmp_path):
         sum(p.numel() for p in load_pruned(tmp_path / "first" / "model").parameters())
 
 
+@pytest.mark.parametrize("allocation", ["default", "uniform"])
+def test_a_model_with_a_layer_pruned_empty_is_pruned_again_by_its_other_layers(tiny_finetuned, tmp_path, allocation):
+    """Spreading k evenly over the layers leaves out a layer with no heads left (it divided by zero)."""
+    from headprune.pruning import save_pruned
+    from headprune.sites import find_sites
+    model_dir, data = tiny_finetuned
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    save_pruned(model, tmp_path / "empty0", [("encoder", 1, h) for h in range(4)], AutoTokenizer.from_pretrained(model_dir))
+    results = prune(PruneConfig(model=str(tmp_path / "empty0"), dataset=str(data), output_dir=str(tmp_path / "again"),
+                                k=3, epochs=1, batch_size=16, checkpoint_every=0, allocation=allocation))
+    assert len(results["kept_heads"]) == 3 and {layer for _, layer, _ in results["kept_heads"]} == {1}
+    assert [site.num_heads for site in find_sites(load_pruned(tmp_path / "again" / "model"))] == [0, 3]
+
+
 def test_a_pruned_model_can_be_fine_tuned_again_and_stays_pruned(tiny_finetuned, tmp_path):
     from headprune.config import FinetuneConfig
     from headprune.recipes import finetune
