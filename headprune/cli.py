@@ -73,12 +73,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from .progress import quiet_library_bars
     quiet_library_bars()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # headprune's own steps at INFO; other libraries' (ONNX's exporter logs hundreds of lines) at WARNING
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("headprune").setLevel(logging.INFO)
     try:
         return run(args)
     except HeadpruneError as err:
         print(f"headprune: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("headprune: interrupted; finetune, prune and sweep resume from their last checkpoint when the "
+              "same command is run again", file=sys.stderr)
+        return 130
 
 
 def run(args: argparse.Namespace) -> int:

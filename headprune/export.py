@@ -63,12 +63,17 @@ def example_inputs(config, batch: int, length: int, seed: int) -> dict[str, torc
 
 
 def check_output(cfg) -> None:
-    """Refuse, before any work, an --output that exists (unless --overwrite), is a folder or cannot be written."""
+    """Refuse, before any work, an --output that lies inside the model folder (it would replace or add to
+    the model's own files), is a folder, exists (unless --overwrite) or cannot be written."""
     output = Path(cfg.output)
-    if output.exists() and not cfg.overwrite:
-        raise OutputExistsError(f"{output} exists: give --overwrite to replace it, or another --output")
+    model = Path(cfg.model).expanduser()
+    if model.is_dir() and model.resolve() in output.resolve().parents:
+        raise OutputExistsError(f"{output} lies inside the model folder {cfg.model}: an export never writes inside "
+                                "its input; choose an --output apart from it")
     if output.is_dir():
         raise OutputExistsError(f"{output} is a folder: --output names the file to write")
+    if output.exists() and not cfg.overwrite:
+        raise OutputExistsError(f"{output} exists: give --overwrite to replace it, or another --output")
     # the nearest folder that exists takes the new file (and any folders above it): probed now
     check_writable(nearest_existing(output.parent))
 

@@ -495,8 +495,8 @@ DEMO_TRANSLATION_EPOCHS = 8.0  # about 20 minutes on 2 CPU cores
 
 # The two offline demos: the settings of configs/rotten-tomatoes.yaml and configs/ding-de-en.yaml.
 DEMOS = {
-    "classification": dict(k=36, finetune=dict(max_train_examples=4000, epochs=1.0, max_length=64)),
-    "translation": dict(k=18, finetune=dict(
+    "classification": dict(k=36, heads=72, finetune=dict(max_train_examples=4000, epochs=1.0, max_length=64)),
+    "translation": dict(k=18, heads=36, finetune=dict(
         task="translation", model="scratch:transformer-small", dataset="offline:ding-de-en", vocab_size=8000,
         max_length=64, epochs=DEMO_TRANSLATION_EPOCHS, batch_size=64, lr=2e-3, warmup_steps=400,
         weight_decay=1e-4, dropout=0.3, beam=5, generation_batch_size=64, max_grad_norm=0.0,
@@ -510,16 +510,19 @@ def demo(root: Path = DEMO_DIR, k: int | None = None, task: str = "classificatio
     translation: a small Transformer trained from scratch on the Ding German-English pairs
     (36 heads, k=18). A phase whose results already exist is reused."""
     settings = DEMOS[task]
-    k = k or settings["k"]
+    k = settings["k"] if k is None else k
+    if not 1 <= k <= settings["heads"]:  # before the fine-tuning, not after it
+        raise ConfigError(f"--k {k}: the {task} demo's model has {settings['heads']} heads; keep 1 to "
+                          f"{settings['heads']}")
+    pruned_dir = root / f"dsp-pipelined-k{k}"
+    fields = {f: v for f, v in settings["finetune"].items() if f not in ("model", "epochs", "lr", "warmup_steps")}
+    cfg = PruneConfig(**{**fields, "model": str(root / "finetune" / "model"), "method": "dsp",
+                         "mode": "pipelined", "k": k, "epochs": 1.0, "output_dir": str(pruned_dir)})
     base = FinetuneConfig(**settings["finetune"], output_dir=str(root / "finetune"))
     if not (root / "finetune" / RESULTS).exists():
         finetune(base)
     else:
         log.info("reusing the trained model in %s", root / "finetune")
-    pruned_dir = root / f"dsp-pipelined-k{k}"
-    fields = {f: v for f, v in settings["finetune"].items() if f not in ("model", "epochs", "lr", "warmup_steps")}
-    cfg = PruneConfig(**{**fields, "model": str(root / "finetune" / "model"), "method": "dsp",
-                         "mode": "pipelined", "k": k, "epochs": 1.0, "output_dir": str(pruned_dir)})
     if not (pruned_dir / RESULTS).exists():
         prune(cfg)
     else:

@@ -58,3 +58,35 @@ def test_the_command_line_flushes_subnormal_floats_to_zero(tmp_path, capsys):
     assert main(["finetune", "--output-dir", str(tmp_path)]) == 2
     assert torch.tensor([1e-323], dtype=torch.float64).item() == 0.0
     assert (smallest * 1.0).item() == 0.0
+
+
+@pytest.mark.parametrize("k", [0, -1, 100])
+def test_the_demo_checks_k_before_it_fine_tunes(tmp_path, capsys, k):
+    from conftest import one_line_error
+    line = one_line_error(capsys, ["demo", "--k", k, "--output-dir", tmp_path / "demo"])
+    assert line == f"headprune: error: --k {k}: the classification demo's model has 72 heads; keep 1 to 72"
+    assert not (tmp_path / "demo").exists()
+
+
+def test_an_interrupted_command_says_how_to_resume_in_one_line(capsys, monkeypatch):
+    import headprune.cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(headprune.cli, "run", interrupted)
+    assert headprune.cli.main(["prune", "--k", "3"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["headprune: interrupted; finetune, prune and sweep resume from their last checkpoint when the "
+                   "same command is run again"]
+
+
+def test_other_libraries_log_warnings_only(monkeypatch):
+    import logging
+
+    import headprune.cli
+    monkeypatch.setattr(headprune.cli, "run", lambda args: 0)
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # so that basicConfig configures it here
+    monkeypatch.setattr(logging.getLogger(), "level", logging.WARNING)
+    headprune.cli.main(["prune", "--k", "3"])
+    assert not logging.getLogger("onnxscript").isEnabledFor(logging.INFO)
+    assert logging.getLogger("headprune.recipes").isEnabledFor(logging.INFO)

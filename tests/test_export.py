@@ -1,5 +1,7 @@
 """headprune export (issue 22): an uneven pruned classifier, an empty layer among them, runs in ONNX
 Runtime with PyTorch's outputs at any batch and length; bad input is refused in one line."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -60,6 +62,16 @@ def test_export_refuses_bad_input_in_one_line(pruned, tmp_path, capsys):
     (tmp_path / "a-file").write_text("")
     line = one_line_error(capsys, ["export", "--model", pruned, "--output", tmp_path / "a-file" / "new" / "m.onnx"])
     assert "cannot write to the output folder" in line and "a-file" in line
+    # inside the model's own folder: its weights would be replaced, or files added to it
+    weights = Path(pruned) / "model.safetensors"
+    before = weights.read_bytes()
+    for inside in (weights, Path(pruned) / "m.onnx"):
+        line = one_line_error(capsys, ["export", "--model", pruned, "--output", inside, "--overwrite"])
+        assert "lies inside the model folder" in line
+    assert weights.read_bytes() == before and not (Path(pruned) / "m.onnx").exists()
+    (tmp_path / "a-folder").mkdir()
+    assert "is a folder: --output names the file" in one_line_error(capsys, ["export", "--model", pruned, "--output",
+                                                                            tmp_path / "a-folder"])
 
 
 def test_export_makes_the_missing_folders_of_its_output(pruned, tmp_path):
