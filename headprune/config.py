@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import yaml
 
@@ -326,13 +326,23 @@ class FinetuneConfig(Checked):
     # where results go
     output_dir: str = option("runs/finetune", OUTPUT_HELP)
     overwrite: bool = option(False, "Replace the results of an earlier run in the output folder "
-                             "(its files are removed first), and discard a checkpoint made with "
-                             "other settings.")
+                             "(they stay whole until the new run is complete; other files there are "
+                             "left alone), and discard a checkpoint made with other settings.")
     checkpoint_every: int = option(50, "Write a resumable checkpoint every N steps (0: only at the end).",
                                    min=0)
 
     def __post_init__(self):
         super().__post_init__()
+        stems = [PurePath(f).stem for f in self.eval_files or []]
+        twice = sorted({stem for stem in stems if stems.count(stem) > 1})
+        if twice:
+            raise ConfigError(f"--eval-files: two files are named {twice[0]!r}, and each file's metric is reported "
+                              "under its name: rename one")
+        columns = self.text_columns or []
+        if self.task == "classification" and (len(columns) > 2 or len(set(columns)) < len(columns)
+                                              or self.label_column in columns):
+            raise ConfigError(f"--text-columns {' '.join(columns)}: one text column, or two for sentence pairs, "
+                              f"each once and none of them the label column ({self.label_column})")
         if self.max_tokens and self.task != "translation":
             raise ConfigError("--max-tokens batches translation data by token count; for "
                               f"{self.task} use --batch-size")

@@ -90,3 +90,13 @@ def test_other_libraries_log_warnings_only(monkeypatch):
     headprune.cli.main(["prune", "--k", "3"])
     assert not logging.getLogger("onnxscript").isEnabledFor(logging.INFO)
     assert logging.getLogger("headprune.recipes").isEnabledFor(logging.INFO)
+
+
+def test_evaluation_files_of_one_name_and_text_columns_that_cannot_work_are_refused():
+    from headprune.errors import ConfigError
+    with pytest.raises(ConfigError, match="two files are named 'dev', and each file's metric is reported under"):
+        PruneConfig(dataset="train.csv", eval_files=["a/dev.csv", "b/dev.csv"])
+    for columns in (["text", "text"], ["label"], ["a", "b", "c"]):
+        with pytest.raises(ConfigError, match="one text column, or two for sentence pairs"):
+            FinetuneConfig(dataset="train.csv", text_columns=columns)
+    FinetuneConfig(dataset="train.csv", text_columns=["premise", "hypothesis"], eval_files=["a/dev.csv", "b/test.csv"])
