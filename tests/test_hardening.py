@@ -182,6 +182,16 @@ def test_a_missing_or_corrupt_model(capsys, tmp_path, tiny_finetuned):
     weights.write_bytes(weights.read_bytes()[:300])
     line = one_line_error(capsys, ["prune", "--model", broken, "--dataset", data, "--k", 3, "--output-dir", tmp_path / "o"])
     assert f"cannot load the weights of '{broken}'" in line
+    # no tokenizer: transformers would make one of a few special tokens, and every word [UNK]
+    bare = tmp_path / "bare"
+    shutil.copytree(model, bare)
+    from headprune.tasks.base import TOKENIZER_FILES
+    removed = [f.unlink() or f.name for f in bare.iterdir() if f.name in TOKENIZER_FILES or "token" in f.name]
+    assert removed
+    line = one_line_error(capsys, ["prune", "--model", bare, "--dataset", data, "--k", 3, "--output-dir", tmp_path / "o"])
+    assert line.endswith(f"'{bare}' holds no tokenizer (tokenizer.json, tokenizer_config.json, vocab.txt, ...): copy "
+                         "the tokenizer files of the model it was made from into it")
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("name,content,message", [

@@ -21,6 +21,26 @@ from ..train import linear_decay
 log = logging.getLogger("headprune")
 
 
+# the files a tokenizer is read from (fast, WordPiece, BPE, SentencePiece), one of which a model folder needs
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "tokenizer.model", "sentencepiece.bpe.model", "source.spm")
+
+
+def load_tokenizer(name: str, path: str):
+    """The tokenizer of a model (`name` as the user gave it, `path` where it is). A local folder without
+    one is refused: transformers would make a tokenizer of a few special tokens from its config alone,
+    and every word would become [UNK]."""
+    from transformers import AutoTokenizer
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelError(f"{name!r} holds no tokenizer ({', '.join(TOKENIZER_FILES[:3])}, ...): copy the tokenizer "
+                         "files of the model it was made from into it")
+    try:
+        return AutoTokenizer.from_pretrained(path, **SAFE)
+    except (OSError, ValueError, ImportError) as err:
+        raise ModelError(f"cannot load the tokenizer of {name!r}: {first_line(err)}") from err
+
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

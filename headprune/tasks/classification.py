@@ -9,12 +9,12 @@ import torch
 from safetensors import SafetensorError
 from torch.utils.data import DataLoader
 from ..progress import progress_bar
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
 from ..data import ClassificationData, load_classification, subsample
 from ..errors import ModelError, first_line
-from ..pruning import SAFE, SAFE_WEIGHTS, load_pruned
-from .base import Task, weights_dtype
+from ..pruning import SAFE_WEIGHTS, load_pruned
+from .base import Task, load_tokenizer, weights_dtype
 
 log = logging.getLogger("headprune")
 
@@ -61,10 +61,7 @@ def load_model(name: str, path: str, config, labels: list[str], attn: str, requi
     """The model with a classifier for `labels` (their names go into its config) and its tokenizer;
     `dtype`: the weights' dtype keyword ({} or {"dtype": ...}, see `weights_dtype`)."""
     dtype = dtype or {}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **SAFE)
-    except (OSError, ValueError) as err:
-        raise ModelError(f"cannot load the tokenizer of {name!r}: {first_line(err)}") from err
+    tokenizer = load_tokenizer(name, path)
     names = {"id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}}
     pruned = (getattr(config, "headprune", None) or {}).get("physical", False)  # to prune further
     if require_finetuned or pruned:

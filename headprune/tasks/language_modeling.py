@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch.utils.data import DataLoader
 from ..progress import progress_bar
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from ..errors import DataError, ModelError, first_line
-from ..pruning import SAFE, SAFE_WEIGHTS, load_pruned
+from ..pruning import SAFE_WEIGHTS, load_pruned
 from ..text import TextData, load_text, subsample
-from .base import Task, weights_dtype
+from .base import Task, load_tokenizer, weights_dtype
 
 
 def pack(documents: list[str], tokenizer, block: int) -> list[list[int]]:
@@ -55,10 +55,7 @@ class LanguageModeling(Task):
         return subsample(load_text(cfg.dataset, cfg.eval_files, cfg.seed), cfg.max_train_examples, cfg.max_eval_examples)
 
     def load_model(self, cfg, data, path: str, config, require_finetuned: bool):
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path, **SAFE)
-        except (OSError, ValueError) as err:
-            raise ModelError(f"cannot load the tokenizer of {cfg.model!r}: {first_line(err)}") from err
+        tokenizer = load_tokenizer(cfg.model, path)
         try:
             if (getattr(config, "headprune", None) or {}).get("physical"):
                 model = load_pruned(path, attn_implementation=cfg.attn_implementation, **weights_dtype(cfg))

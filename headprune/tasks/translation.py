@@ -19,12 +19,12 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch.utils.data import DataLoader
 from ..progress import progress_bar
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, MarianConfig, MarianMTModel, PreTrainedTokenizerFast
+from transformers import AutoModelForSeq2SeqLM, MarianConfig, MarianMTModel, PreTrainedTokenizerFast
 
 from ..errors import ModelError, first_line
 from ..parallel import ParallelData, load_parallel, subsample
-from ..pruning import SAFE, SAFE_WEIGHTS, load_pruned
-from .base import Task, weights_dtype
+from ..pruning import SAFE_WEIGHTS, load_pruned
+from .base import Task, load_tokenizer, weights_dtype
 
 log = logging.getLogger("headprune")
 
@@ -109,10 +109,7 @@ class Translation(Task):
             log.info("a new %s translation model (%d parameters, vocabulary of %d learned from the "
                      "training side)", cfg.model, sum(p.numel() for p in model.parameters()), len(tokenizer))
         else:
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(path, **SAFE)
-            except (OSError, ValueError, ImportError) as err:
-                raise ModelError(f"cannot load the tokenizer of {cfg.model!r}: {first_line(err)}") from err
+            tokenizer = load_tokenizer(cfg.model, path)
             try:
                 pruned = (getattr(config, "headprune", None) or {}).get("physical", False)
                 model = (load_pruned(path, attn_implementation=cfg.attn_implementation, **weights_dtype(cfg))
