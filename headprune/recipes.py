@@ -140,6 +140,9 @@ def _load(cfg, task, path, config, require_finetuned: bool):
         model.to(getattr(torch, cfg.dtype))
     if getattr(cfg, "activation_checkpointing", False):
         check_activation_checkpointing(model)
+    positions = getattr(model.config, "max_position_embeddings", None)  # (relative positions, T5's: none)
+    if cfg.task in ("classification", "translation") and isinstance(positions, int):
+        tokenizer.model_max_length = min(tokenizer.model_max_length, positions)  # see tasks.base.token_limit
     return data, model, tokenizer
 
 

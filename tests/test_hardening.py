@@ -13,6 +13,7 @@ from conftest import one_line_error, tiny
 import headprune.recipes as recipes
 import headprune.tasks.classification as classification_task
 from headprune.cli import main
+from headprune.config import FinetuneConfig
 from headprune.data import load_classification
 from headprune.errors import CheckpointError, DataError, ModelError, OutputExistsError
 from headprune.outputs import atomic_folder, check_output_dir
@@ -255,6 +256,7 @@ def test_overwrite_leaves_no_file_of_the_earlier_run(tiny_finetuned, tmp_path):
 CHECK_IMPORTS = """
 import sys
 from headprune.cli import main
+from headprune.config import FinetuneConfig
 for argv in (["--help"], ["prune", "--mode", "sideways"]):
     try:
         main(argv)
@@ -339,3 +341,17 @@ def test_measure_reports_the_spread(tmp_path):
         assert t["min"] <= t["q1"] <= t["median"] <= t["q3"] <= t["max"]
     assert row["seconds"]["pruned"] == row["timings"]["pruned"]["median"]
     assert "ms orig (IQR)" in (tmp_path / "m" / "measure.md").read_text()
+
+
+def test_inputs_longer_than_the_model_s_positions_are_cut_to_them(tiny_assets, tmp_path, caplog):
+    """--max-length above the model's positions crashed on the first long input; now truncated, with a warning."""
+    import json as json_module
+    model, _ = tiny_assets
+    rows = [{"text": " ".join(f"w{(i * 7 + j) % 94}" for j in range(8 if i else 300)), "label": i % 2}
+            for i in range(40)]  # the first row: 300 words, the tiny BERT has 64 positions
+    data = tmp_path / "long.jsonl"
+    data.write_text("\n".join(json_module.dumps(r) for r in rows))
+    results = finetune(FinetuneConfig(model=str(model), dataset=str(data), max_length=1000, epochs=1, batch_size=8,
+                                      checkpoint_every=0, output_dir=str(tmp_path / "ft")))
+    assert results["metrics"]
+    assert "--max-length 1000: the model takes 64 tokens at most; inputs are truncated to 64" in caplog.text

@@ -21,6 +21,16 @@ from ..train import linear_decay
 log = logging.getLogger("headprune")
 
 
+def token_limit(cfg, tokenizer) -> int:
+    """--max-length, or fewer where the model has fewer positions (recipes._load puts them in the
+    tokenizer's model_max_length): a longer input would crash the position embeddings."""
+    limit = min(cfg.max_length, tokenizer.model_max_length)
+    if limit < cfg.max_length:
+        log.warning("--max-length %d: the model takes %d tokens at most; inputs are truncated to %d", cfg.max_length,
+                    limit, limit)
+    return limit
+
+
 # the files a tokenizer is read from (fast, WordPiece, BPE, SentencePiece), one of which a model folder needs
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
                    "tokenizer.model", "sentencepiece.bpe.model", "source.spm")

@@ -14,7 +14,7 @@ from transformers import AutoModelForSequenceClassification, DataCollatorWithPad
 from ..data import ClassificationData, load_classification, subsample
 from ..errors import ModelError, first_line
 from ..pruning import SAFE_WEIGHTS, load_pruned
-from .base import Task, load_tokenizer, weights_dtype
+from .base import Task, load_tokenizer, token_limit, weights_dtype
 
 log = logging.getLogger("headprune")
 
@@ -40,8 +40,10 @@ class Classification(Task):
                           weights_dtype(cfg))
 
     def prepare(self, data: ClassificationData, tokenizer, cfg):
+        limit = token_limit(cfg, tokenizer)
+
         def encode(batch):
-            return tokenizer(*[batch[c] for c in data.text_columns], truncation=True, max_length=cfg.max_length)
+            return tokenizer(*[batch[c] for c in data.text_columns], truncation=True, max_length=limit)
 
         def tokenize(ds):
             return ds.map(encode, batched=True, remove_columns=data.text_columns, desc="tokenize")

@@ -24,7 +24,7 @@ from transformers import AutoModelForSeq2SeqLM, MarianConfig, MarianMTModel, Pre
 from ..errors import ModelError, first_line
 from ..parallel import ParallelData, load_parallel, subsample
 from ..pruning import SAFE_WEIGHTS, load_pruned
-from .base import Task, load_tokenizer, weights_dtype
+from .base import Task, load_tokenizer, token_limit, weights_dtype
 
 log = logging.getLogger("headprune")
 
@@ -137,9 +137,10 @@ class Translation(Task):
                 "dropped_rows": data.dropped_rows}
 
     def prepare(self, data: ParallelData, tokenizer, cfg):
+        limit = token_limit(cfg, tokenizer)
+
         def encode(batch):
-            encoded = tokenizer(batch["source"], text_target=batch["target"], truncation=True,
-                                max_length=cfg.max_length)
+            encoded = tokenizer(batch["source"], text_target=batch["target"], truncation=True, max_length=limit)
             encoded["length"] = [max(len(s), len(t)) for s, t in zip(encoded["input_ids"], encoded["labels"])]
             return encoded
 
