@@ -240,8 +240,8 @@ def default_of(f: dataclasses.Field):
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
-OUTPUT_HELP = ("Output folder. A folder that already holds results.json is refused unless "
-               "--overwrite; one holding a checkpoint resumes from it.")
+OUTPUT_HELP = ("Output folder. A folder that already holds results.json (or a model/ folder, with no "
+               "checkpoint) is refused unless --overwrite; one holding a checkpoint resumes from it.")
 
 
 @dataclass

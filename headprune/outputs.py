@@ -49,6 +49,14 @@ def check_output_dir(path: Path, overwrite: bool, needed_bytes: int = 0) -> bool
                                     "--output-dir or pass --overwrite")
         check_replaceable(path)
         log.info("%s holds an earlier run: it is replaced when this run is complete (--overwrite)", path)
+    elif not overwrite and checkpoint_folder(path) is None:
+        # what a run would replace, with neither results nor a checkpoint to say a run made it (the
+        # logs, written from the first steps on, are a run's own and are replaced)
+        found = [name for name in RUN_FILES if name not in ("train_log.jsonl", "training.png")
+                 and ((path / name).exists() or (path / name).is_symlink())]
+        if found:
+            raise OutputExistsError(f"{path} holds {', '.join(found)} but no results or checkpoint of a run: "
+                                    "pass --overwrite to replace them, or choose another --output-dir")
     check_writable(path, needed_bytes)
     remove_leftovers(path)
     return checkpoint_folder(path) is not None

@@ -12,6 +12,7 @@ the validation split and report the test split (the default), so the choice does
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import json
@@ -23,7 +24,7 @@ from pathlib import Path
 from .config import (GATED_METHODS, SCORED, SHRINKING, TARGETS, PruneConfig, SweepConfig, ablation_in_effect,
                      checkpoints_activations)
 from .errors import ConfigError, OutputExistsError
-from .outputs import RESULTS, atomic_path
+from .outputs import RESULTS, atomic_path, checkpoint_folder
 from .outputs import check_not_inside
 from .recipes import check_budget, input_paths, prune
 from .report import plot_sweep
@@ -199,6 +200,14 @@ def check_plan(cfg: SweepConfig, runs: list[PruneConfig]) -> None:
         check_not_inside(Path(run.output_dir), inputs)
 
 
+def overwriting(run: PruneConfig) -> PruneConfig:
+    """The run with --overwrite (a copy: dataclasses.replace would check the config again, and a run with
+    a --target-* holds a placeholder k that the check refuses beside it)."""
+    run = copy.copy(run)
+    run.overwrite = True
+    return run
+
+
 def sweep(cfg: SweepConfig) -> list[dict]:
     out = Path(cfg.output_dir)
     runs = planned_runs(cfg)
@@ -222,13 +231,16 @@ def sweep(cfg: SweepConfig) -> list[dict]:
             folder = Path(run.output_dir)
             if folder.name in stale:
                 log.info("[%d/%d] running %s again: other settings (%s)", i, len(runs), folder.name, stale[folder.name])
-                results = prune(dataclasses.replace(run, overwrite=True), metrics_unpruned=unpruned_metrics)
+                results = prune(overwriting(run), metrics_unpruned=unpruned_metrics)
             elif (folder / RESULTS).exists():
                 log.info("[%d/%d] done already: %s", i, len(runs), folder.name)
                 results = read_results(folder)
             else:
                 log.info("[%d/%d] running %s", i, len(runs), folder.name)
-                results = prune(run, metrics_unpruned=unpruned_metrics)
+                # this sweep's own run, stopped after some of its files and before its results, with no
+                # checkpoint to resume: made again in its place
+                leftover = folder.is_dir() and checkpoint_folder(folder) is None and any(folder.iterdir())
+                results = prune(overwriting(run) if leftover else run, metrics_unpruned=unpruned_metrics)
             rows += rows_of(results, cfg.ks, folder.name)
             finished.append(results)
             if results["mode"] == "pipelined" and unpruned_metrics is None:  # the same for every run

@@ -25,6 +25,17 @@ def _subnormals_as_torch_has_them():
     torch.set_flush_denormal(False)
 
 
+@pytest.fixture(autouse=True)
+def _headprune_log_level_as_before():
+    """The command line sets headprune's loggers to INFO for the whole process; the next test in this
+    worker starts with the level it had (pytest's)."""
+    import logging
+    logger = logging.getLogger("headprune")
+    level = logger.level
+    yield
+    logger.setLevel(level)
+
+
 def tiny_config(arch: str, attn: str = "eager", num_labels: int = 3, layers: int = 2):
     # A wide init so that outputs depend visibly on every head (the default 0.02 gives ~0 logits).
     common = dict(vocab_size=99, num_labels=num_labels, max_position_embeddings=64, initializer_range=0.3)

@@ -117,3 +117,23 @@ def test_an_empty_output_folder_is_refused(capsys, tmp_path, monkeypatch):
     (tmp_path / "c.yaml").write_text("output_dir:\n")
     assert "output_dir: needs a value" in one_line_error(capsys, ["finetune", "--config", tmp_path / "c.yaml"])
     assert list(tmp_path.iterdir()) == [tmp_path / "c.yaml"]
+
+
+def test_a_folder_with_a_model_but_no_run_to_resume_is_refused_unless_overwritten(tiny_finetuned, tmp_path, capsys,
+                                                                                no_loading):
+    """Without results or a checkpoint the files are not known to be a run's: the user's own are kept."""
+    model, data = tiny_finetuned
+    out = tmp_path / "out"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "mine.txt").write_text("mine")
+    (out / "notes.txt").write_text("notes")
+    line = one_line_error(capsys, ["prune", "--model", model, "--dataset", data, "--k", 3, "--output-dir", out])
+    assert line.endswith(f"{out} holds model but no results or checkpoint of a run: pass --overwrite to replace "
+                         "them, or choose another --output-dir")
+    assert snapshot(out) == {"model/mine.txt": b"mine", "notes.txt": b"notes"}
+    (out / "model" / "mine.txt").unlink()
+    (out / "model").rmdir()
+    (out / "train_log.jsonl").write_text("{}\n")  # a run killed before its first checkpoint: started over
+    assert outputs.check_output_dir(out, overwrite=False) is False
+    (out / "heads.png").write_text("")
+    assert outputs.check_output_dir(out, overwrite=True) is False
