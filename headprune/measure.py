@@ -20,7 +20,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import MeasureConfig
-from .errors import ConfigError, OutputExistsError
+from .errors import ConfigError, ModelError, OutputExistsError, first_line
 from .outputs import check_not_inside, check_writable
 from .sites import UNIT_NAMES, find_sites, in_features, out_features
 
@@ -179,6 +179,7 @@ def time_forward_or_generation(models: dict, batch: int, length: int, new_tokens
 
 def load_models(cfg: MeasureConfig) -> dict:
     """The pruned model and its original (the same architecture at full size, unless --original)."""
+    from safetensors import SafetensorError
     from transformers import AutoConfig
 
     from .pruning import SAFE, SAFE_WEIGHTS, load_pruned, model_class_of, model_from_config
@@ -189,7 +190,13 @@ def load_models(cfg: MeasureConfig) -> dict:
     if cfg.original:
         path, config = Task().model_config(cfg.original)  # a local folder is checked first: no code, no pickle
         check_original(cfg, pruned.config, config)
-        original = cls.from_pretrained(path, attn_implementation=cfg.attn_implementation, **SAFE_WEIGHTS)
+        if (getattr(config, "headprune", None) or {}).get("physical"):
+            raise ConfigError(f"--original {cfg.original} is a pruned model itself: give the model "
+                              f"{cfg.pruned} was pruned from")
+        try:
+            original = cls.from_pretrained(path, attn_implementation=cfg.attn_implementation, **SAFE_WEIGHTS)
+        except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+            raise ModelError(f"cannot load the weights of --original {cfg.original}: {first_line(err)}") from err
     else:
         config = AutoConfig.from_pretrained(cfg.pruned, attn_implementation=cfg.attn_implementation, **SAFE)
         original = model_from_config(cls, config)  # in the pruned model's dtype

@@ -355,3 +355,21 @@ def test_inputs_longer_than_the_model_s_positions_are_cut_to_them(tiny_assets, t
                                       checkpoint_every=0, output_dir=str(tmp_path / "ft")))
     assert results["metrics"]
     assert "--max-length 1000: the model takes 64 tokens at most; inputs are truncated to 64" in caplog.text
+
+
+def test_measure_refuses_a_pruned_or_broken_original_in_one_line(capsys, tmp_path, tiny_finetuned):
+    from transformers import AutoModelForSequenceClassification
+
+    from headprune.pruning import save_pruned
+    model, _ = tiny_finetuned
+    save_pruned(AutoModelForSequenceClassification.from_pretrained(model), tmp_path / "pruned", [("encoder", 0, 1)])
+    line = one_line_error(capsys, ["measure", "--pruned", tmp_path / "pruned", "--original", tmp_path / "pruned",
+                                   "--lengths", 16])
+    assert line.endswith(f"--original {tmp_path / 'pruned'} is a pruned model itself: give the model "
+                         f"{tmp_path / 'pruned'} was pruned from")
+    broken = tmp_path / "broken"
+    shutil.copytree(model, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:300])
+    line = one_line_error(capsys, ["measure", "--pruned", tmp_path / "pruned", "--original", broken, "--lengths", 16])
+    assert f"cannot load the weights of --original {broken}" in line
