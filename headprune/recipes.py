@@ -135,6 +135,7 @@ def tracker_settings(cfg, out: Path) -> dict:
 
 def _load(cfg, task, path, config, require_finetuned: bool):
     data = task.load_data(cfg)
+    check_split(getattr(cfg, "select_by", None), data, "--select-by")  # now, not after the unpruned evaluation
     model, tokenizer = task.load_model(cfg, data, path, config, require_finetuned)
     if cfg.dtype != "auto":  # --dtype: loaded in it (tasks.weights_dtype); a model built from scratch too
         model.to(getattr(torch, cfg.dtype))
@@ -173,6 +174,12 @@ def _common_results(cfg, task, data, seconds: dict, resumed_from: int | None) ->
 
 
 # -- keeping the best epoch ---------------------------------------------------------------------------
+
+def check_split(name: str | None, data, option: str) -> None:
+    """An option naming an evaluation split (`name`, or None: not given) names one of the data's."""
+    if name is not None and name not in data.evals:
+        raise ConfigError(f"{option} {name!r}: the evaluation splits are {', '.join(data.evals)}")
+
 
 def best_epoch_keeper(cfg, task, acc, model, evals: dict, collate, out: Path, extra: dict):
     """With --select-by SPLIT: (on_epoch_end, restore). At the end of every epoch the model is

@@ -22,11 +22,11 @@ from collections import defaultdict
 from pathlib import Path
 
 from .config import (GATED_METHODS, SCORED, SHRINKING, TARGETS, PruneConfig, SweepConfig, ablation_in_effect,
-                     checkpoints_activations)
+                     checkpoints_activations, default_of)
 from .errors import ConfigError, OutputExistsError
 from .outputs import RESULTS, atomic_path, checkpoint_folder
 from .outputs import check_not_inside
-from .recipes import check_budget, input_paths, prune
+from .recipes import check_budget, check_split, input_paths, prune
 from .report import plot_sweep
 from .sites import UNIT_NAMES
 from .tasks import get_task
@@ -50,8 +50,10 @@ def planned_runs(cfg: SweepConfig) -> list[PruneConfig]:
                 continue
             model = cfg.model if mode == "pipelined" else cfg.pretrained_model
             seeds = cfg.seeds[:1] if method in DETERMINISTIC else cfg.seeds
+            # michel: one curve through every k; voita with its threshold keeps what it keeps, whatever k
+            one_k = method == "michel" or (method == "voita" and cfg.voita_selection == "threshold")
             budgets = (target_budgets(cfg) or ([{"k": None}] if cfg.k_per_kind else  # one budget per kind: one run
-                       [{"k": k} for k in ([min(cfg.ks)] if method == "michel" else cfg.ks)]))
+                       [{"k": k} for k in ([min(cfg.ks)] if one_k else cfg.ks)]))
             for budget in budgets:
                 for seed in seeds:
                     name = (f"{method}-{mode}-s{seed}" if method == "michel" and budget.get("k")
@@ -187,6 +189,8 @@ def check_plan(cfg: SweepConfig, runs: list[PruneConfig]) -> None:
     if not runs:
         raise ConfigError(f"the sweep plans no runs ({', '.join(cfg.methods)} in {', '.join(cfg.modes)} mode: "
                           "michel and random run pipelined only)")
+    if cfg.split is not None:  # the data's split names, now: the tables are written after every run
+        check_split(cfg.split, get_task(cfg.task).load_data(cfg), "--split")
     models = {}
     for run in runs:
         if (run.model, run.mode) not in models:
@@ -212,6 +216,10 @@ def sweep(cfg: SweepConfig) -> list[dict]:
     out = Path(cfg.output_dir)
     runs = planned_runs(cfg)
     check_plan(cfg, runs)  # fail now, not hours later
+    targets = [name for name in TARGETS if getattr(cfg, name)]
+    if targets and cfg.ks != default_of(next(f for f in dataclasses.fields(cfg) if f.name == "ks")):
+        log.warning("--%s sets each run's budget: --ks %s is not used", targets[0].replace("_", "-"),
+                    " ".join(map(str, cfg.ks)))
     stale = stale_runs(runs)
     if stale and not cfg.overwrite:
         first = next(iter(stale))

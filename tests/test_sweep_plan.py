@@ -90,3 +90,28 @@ def test_a_budget_per_kind_in_a_sweep(tiny_finetuned, tmp_path):
     runs = sweep_mod.planned_runs(sweep_cfg(model, data, tmp_path, k_per_kind=[3]))
     assert {run.k for run in runs} == {3}
     json.dumps([run.output_dir for run in runs])
+
+
+def test_voita_with_its_threshold_is_planned_once_whatever_the_budgets(tmp_path):
+    from pathlib import Path
+    from headprune.sweep import planned_runs
+    runs = planned_runs(SweepConfig(methods=["voita", "dsp"], ks=[6, 12], seeds=[0], voita_selection="threshold",
+                                    output_dir=str(tmp_path)))
+    assert [Path(run.output_dir).name for run in runs] == ["voita-pipelined-k6-s0", "dsp-pipelined-k6-s0",
+                                                           "dsp-pipelined-k12-s0"]
+
+
+def test_split_names_are_checked_before_any_run_or_evaluation(tiny_finetuned, tmp_path, capsys, monkeypatch):
+    from conftest import one_line_error
+
+    import headprune.tasks.classification as classification_task
+    model, data = tiny_finetuned
+    monkeypatch.setattr(classification_task, "evaluate", lambda *a, **k: (_ for _ in ()).throw(
+        AssertionError("evaluated before the split name was checked")))
+    line = one_line_error(capsys, ["sweep", "--model", model, "--dataset", data, "--methods", "random", "--ks", 3,
+                                   "--split", "foo", "--output-dir", tmp_path / "sweep"])
+    assert line.endswith("--split 'foo': the evaluation splits are heldout")
+    assert not (tmp_path / "sweep").exists()
+    line = one_line_error(capsys, ["prune", "--model", model, "--dataset", data, "--k", 3, "--select-by", "foo",
+                                   "--output-dir", tmp_path / "run"])
+    assert line.endswith("--select-by 'foo': the evaluation splits are heldout")
