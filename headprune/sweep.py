@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .config import (GATED_METHODS, SCORED, SHRINKING, TARGETS, PruneConfig, SweepConfig, ablation_in_effect,
                      checkpoints_activations, default_of)
-from .errors import ConfigError, OutputExistsError
+from .errors import ConfigError, OutputExistsError, first_line
 from .outputs import RESULTS, atomic_path, checkpoint_folder
 from .outputs import check_not_inside
 from .recipes import check_budget, check_split, input_paths, prune
@@ -163,11 +163,12 @@ def read_results(folder: Path) -> dict:
     try:
         results = json.loads((folder / RESULTS).read_text())
         missing = [key for key in RESULT_KEYS if key not in results] if isinstance(results, dict) else ["all"]
+        why = f"it lacks {', '.join(missing)}"
     except (OSError, ValueError) as err:
-        missing, results = [f"unreadable: {type(err).__name__}"], None
+        missing, results, why = True, None, f"unreadable: {first_line(err)}"
     if missing:
-        raise OutputExistsError(f"{folder / RESULTS} is damaged (missing {', '.join(missing)}); delete the "
-                                f"folder {folder} and run the sweep again to redo that run")
+        raise OutputExistsError(f"{folder / RESULTS} is damaged ({why}); delete the folder {folder} and run the "
+                                "sweep again to redo that run")
     return results
 
 

@@ -373,3 +373,19 @@ def test_measure_refuses_a_pruned_or_broken_original_in_one_line(capsys, tmp_pat
     weights.write_bytes(weights.read_bytes()[:300])
     line = one_line_error(capsys, ["measure", "--pruned", tmp_path / "pruned", "--original", broken, "--lengths", 16])
     assert f"cannot load the weights of --original {broken}" in line
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda text: "not json", "cannot read the config.json of '{model}': It looks like the config file"),
+    (lambda text: text.replace('"model_type": "bert"', '"model_type": "nosuch"'),
+     "cannot read the config.json of '{model}': The checkpoint you are trying to load has model type `nosuch`"),
+    (lambda text: text.replace('"num_attention_heads": 4', '"num_attention_heads": 5'),
+     "transformers cannot build '{model}' from its config.json: The hidden size (32) is not a multiple"),
+])
+def test_a_broken_config_json_is_named_as_such(capsys, tmp_path, tiny_finetuned, edit, message):
+    model, data = tiny_finetuned
+    broken = tmp_path / "broken"
+    shutil.copytree(model, broken)
+    (broken / "config.json").write_text(edit((broken / "config.json").read_text()))
+    line = one_line_error(capsys, ["prune", "--model", broken, "--dataset", data, "--k", 3, "--output-dir", tmp_path / "o"])
+    assert message.format(model=broken) in line

@@ -38,12 +38,14 @@ def test_every_budget_is_checked_before_the_first_run(tiny_finetuned, tmp_path, 
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("damage", ["", "[]", '{"method": "random", "mo', '{"method": "random"}'])
-def test_a_damaged_run_is_named_with_its_remedy(tiny_finetuned, tmp_path, damage):
+@pytest.mark.parametrize("damage,why", [("", "unreadable: Expecting value"), ("[]", "it lacks all"),
+                                        ('{"method": "random", "mo', "unreadable: Unterminated string"),
+                                        ('{"method": "random"}', "it lacks mode, seed, k")])
+def test_a_damaged_run_is_named_with_its_remedy(tiny_finetuned, tmp_path, damage, why):
     model, data = tiny_finetuned
     sweep(sweep_cfg(model, data, tmp_path, ks=[2], seeds=[0]))
     (tmp_path / "random-pipelined-k2-s0" / "results.json").write_text(damage)
-    with pytest.raises(OutputExistsError, match=r"random-pipelined-k2-s0/results.json is damaged \(missing .*\); "
+    with pytest.raises(OutputExistsError, match=r"random-pipelined-k2-s0/results.json is damaged \(" + why + r".*\); "
                                                 r"delete the folder .*random-pipelined-k2-s0 and run the sweep again"):
         sweep(sweep_cfg(model, data, tmp_path, ks=[2], seeds=[0]))
 

@@ -149,9 +149,14 @@ class Task:
         try:
             return path, AutoConfig.from_pretrained(path, **SAFE)
         except (OSError, ValueError) as err:
+            if Path(path).is_dir():  # the folder is there: what it holds is wrong
+                raise ModelError(f"cannot read the config.json of {name!r}: {first_line(err)}") from err
             hint = " (the hub cannot be reached: HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
             raise ModelError(f"cannot load model {name!r}: no such folder, and no hub model of that "
                              f"name{hint}: {first_line(err)}") from err
+        except KeyError as err:  # a model_type transformers does not know
+            raise UnsupportedArchitectureError(f"{name!r}: transformers knows no model type {first_line(err)} "
+                                               "(its config.json)") from err
 
     def inspect(self, name: str, require_finetuned: bool, unit: str | None = None, attn_implementation: str = "eager"):
         """The model's config, checked before any weights or data are loaded: that it can be read,
@@ -165,10 +170,12 @@ class Task:
         try:
             with torch.device("meta"):  # shapes only: nothing is allocated or read
                 skeleton = self.auto_class.from_config(config)
-        except (ValueError, KeyError) as err:
+        except KeyError as err:
             raise UnsupportedArchitectureError(
                 f"headprune does not support {config.model_type!r} for {self.name} (transformers has "
                 f"no {self.auto_class.__name__.removeprefix('AutoModelFor')} model for it)") from err
+        except ValueError as err:  # e.g. a width that the heads do not divide
+            raise ModelError(f"transformers cannot build {name!r} from its config.json: {first_line(err)}") from err
         sites = find_sites(skeleton, unit)  # or UnsupportedArchitectureError
         if attn_implementation == "sdpa" and not type(skeleton)._supports_sdpa:
             raise ConfigError(f"{type(skeleton).__name__} has no sdpa attention in transformers: use "
