@@ -54,14 +54,17 @@ def run_inputs(cfg, model_path: str | None, train_set, evals: dict) -> dict:
             "training data": digest_of_data({"train": train_set}), "evaluation data": digest_of_data(evals)}
 
 
-def metrics_key(inputs: dict, cfg) -> str | None:
-    """The unpruned metrics' cache key: the digests of the weights and the evaluation data, and the
-    settings that change a score (task, attention kernel, beam, dtype, mixed precision); None for a model that is not a
-    local folder."""
+def metrics_key(inputs: dict, cfg, model_path: str | None) -> str | None:
+    """The unpruned metrics' cache key: the digests of the weights, of the config.json beside them (an
+    edited one, fewer layers say, builds another model from the same weights) and of the evaluation
+    data, and the settings that change a score (task, attention kernel, beam, dtype, mixed precision);
+    None for a model that is not a local folder."""
     if not inputs["model"] or inputs["model"] == cfg.model:  # no digest of the weights
         return None
-    key = [cfg.task, cfg.attn_implementation, cfg.beam, inputs["model"], inputs["evaluation data"]]
-    # the precision of the weights and of the arithmetic: named only when not the default (older keys stay)
+    config = Path(model_path) / "config.json"
+    key = [cfg.task, cfg.attn_implementation, cfg.beam, inputs["model"], inputs["evaluation data"],
+           f"config {hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None}"]
+    # the precision of the weights and of the arithmetic: named only when not the default
     key += [f"dtype {cfg.dtype}"] if getattr(cfg, "dtype", "auto") != "auto" else []
     key += [f"mixed {cfg.mixed_precision}"] if getattr(cfg, "mixed_precision", "no") != "no" else []
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()

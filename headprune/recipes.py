@@ -254,7 +254,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
             with atomic_folder(out / "model") as tmp:  # a kill leaves no half-written folder
                 task.save(acc.unwrap_model(model), tokenizer, tmp)
             saved = {**inputs, "model": digest_of_weights(str(out / "model"))}
-            remember_metrics(metrics_key(saved, cfg), metrics)  # pruning it reuses them
+            remember_metrics(metrics_key(saved, cfg, str(out / "model")), metrics)  # pruning it reuses them
     results = {"method": "none", "mode": "finetune", "metrics": metrics, "steps": steps,
                "selected_epoch": extra.get("best"),
                **_common_results(cfg, task, data, seconds, state and state["step"])}
@@ -332,7 +332,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
     if pipelined and metrics_unpruned is not None:
         extra.setdefault("metrics_unpruned", metrics_unpruned)
     if pipelined and "metrics_unpruned" not in extra:  # the same weights and data: measured once
-        key = metrics_key(inputs, cfg)
+        key = metrics_key(inputs, cfg, path)
         extra["metrics_unpruned"] = cached_metrics(key)
         if extra["metrics_unpruned"] is None:
             with timed(seconds, "evaluate_unpruned"):

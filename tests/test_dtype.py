@@ -1,8 +1,6 @@
 """--dtype: a pipelined run holds the model's weights in the dtype asked (half the memory of a float32
 model in bfloat16), saves the pruned model so, and does not reuse the float32 model's unpruned
 metrics; runs that train weights refuse half precision in one line."""
-import hashlib
-import json
 import math
 
 import pytest
@@ -29,14 +27,15 @@ def test_runs_that_train_weights_refuse_half_precision():
     FinetuneConfig(dtype="float32")
 
 
-def test_the_unpruned_metrics_cache_tells_precisions_apart():
+def test_the_unpruned_metrics_cache_tells_precisions_and_configs_apart(tmp_path):
     inputs = {"model": "weights-digest", "evaluation data": "data-digest"}
-    plain = PruneConfig(model="folder")
-    before = [plain.task, plain.attn_implementation, plain.beam, "weights-digest", "data-digest"]
-    assert metrics_key(inputs, plain) == hashlib.sha256(json.dumps(before).encode()).hexdigest()  # keys kept
-    keys = {metrics_key(inputs, PruneConfig(model="folder", **kw))
+    (tmp_path / "config.json").write_text('{"num_hidden_layers": 6}')
+    keys = {metrics_key(inputs, PruneConfig(model="folder", **kw), str(tmp_path))
             for kw in ({}, {"dtype": "bfloat16"}, {"mixed_precision": "bf16"}, {"dtype": "float32"})}
     assert len(keys) == 4
+    plain = metrics_key(inputs, PruneConfig(model="folder"), str(tmp_path))
+    (tmp_path / "config.json").write_text('{"num_hidden_layers": 3}')  # the same weights, another model
+    assert metrics_key(inputs, PruneConfig(model="folder"), str(tmp_path)) not in (plain, None)
 
 
 def test_a_float32_model_pruned_in_bf16_is_saved_and_reloaded_in_bf16(tiny_lm, tmp_path):  # noqa: F811
