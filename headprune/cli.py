@@ -18,8 +18,16 @@ from .config import DEMO_DIR, MeasureConfig, SweepConfig
 from .errors import HeadpruneError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's, but a bad option is one line and where to look (not the whole usage: prune's is
+    sixty lines, the error under it)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(
+    top = _Parser(
         prog="headprune", description="Prune the attention heads of Transformer models.",
         epilog="Options can also come from a YAML file (--config); flags override it. "
                "Run `headprune COMMAND --help` for the options of a command.")

@@ -175,11 +175,11 @@ def shrink_fraction_in_effect(settings: dict) -> float:
     return JOINT_SHRINK_FRACTION if joint_dsp else 0.0
 
 
-def option(default, help: str, *, min=None, positive=False, below=None, **kw):
+def option(default, help: str, *, min=None, positive=False, below=None, max=None, **kw):
     """A config field. `min`: smallest allowed value (of each element, for lists); `positive`:
-    must be above 0; `below`: must be less than this. Other keywords go to argparse (nargs,
-    choices, type)."""
-    meta = {"help": help, "min": min, "positive": positive, "below": below, **kw}
+    must be above 0; `below`: must be less than this; `max`: at most this. Other keywords go to
+    argparse (nargs, choices, type)."""
+    meta = {"help": help, "min": min, "positive": positive, "below": below, "max": max, **kw}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -220,6 +220,8 @@ def _check_value(name: str, kind: str, value, meta: dict):
             raise ConfigError(f"{name}={item}: must be greater than 0")
         if meta.get("below") is not None and item >= meta["below"]:
             raise ConfigError(f"{name}={item}: must be less than {meta['below']}")
+        if meta.get("max") is not None and item > meta["max"]:
+            raise ConfigError(f"{name}={item}: must be at most {meta['max']}")
     if kind == "list" and not items:
         raise ConfigError(f"{name}: give at least one value")
     return list(value) if kind == "list" else value
@@ -435,7 +437,7 @@ class PruneConfig(FinetuneConfig):
     tf: float = option(None, "DSP final temperature (default: from --schedule, 0.01 or 1e-8).",
                        positive=True)
     cooldown_fraction: float = option(None, "Anneal from t0 to tf over this fraction of training "
-                                      "(default: from --schedule, 1 or 2/3).", positive=True)
+                                      "(default: from --schedule, 1 or 2/3).", positive=True, max=1)
     cooldown_steps: int = option(None, "Anneal over this many steps (overrides --cooldown-fraction).",
                                  min=1)
     settle_fraction: float = option(None, "Joint runs: for this last fraction of the run the kept heads are "
@@ -529,6 +531,8 @@ class PruneConfig(FinetuneConfig):
         if self.allocation == "uniform" and self.method == "voita" and self.voita_selection == "threshold":
             raise ConfigError("--allocation uniform fixes the heads of each layer: Voita's threshold selection "
                               "does not")
+        if self.t0 is not None and self.tf is not None and self.tf >= self.t0:
+            raise ConfigError(f"--tf {self.tf:g} is not below --t0 {self.t0:g}: the temperature falls from t0 to tf")
         if self.k is None:
             self.k = sum(self.k_per_kind) if self.k_per_kind else DEFAULT_K
         modes = getattr(self, "modes", [self.mode])  # a sweep: the settle is for its joint runs
@@ -669,7 +673,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
     """One flag per field; defaults are left out here so that a YAML value is not masked."""
     parser.add_argument("--config", help="YAML file of options; flags given here override it.")
     for f in options_of(cls):
-        meta = {k: v for k, v in f.metadata.items() if k not in ("min", "positive", "below")}
+        meta = {k: v for k, v in f.metadata.items() if k not in ("min", "positive", "below", "max")}
         default = default_of(f)
         shown = f.type != "bool" and default is not None
         default = " ".join(map(str, default)) if isinstance(default, list) else default

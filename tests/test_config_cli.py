@@ -100,3 +100,21 @@ def test_evaluation_files_of_one_name_and_text_columns_that_cannot_work_are_refu
         with pytest.raises(ConfigError, match="one text column, or two for sentence pairs"):
             FinetuneConfig(dataset="train.csv", text_columns=columns)
     FinetuneConfig(dataset="train.csv", text_columns=["premise", "hypothesis"], eval_files=["a/dev.csv", "b/test.csv"])
+
+
+def test_a_bad_flag_is_one_line_and_where_to_look(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["prune", "--mode", "sideways"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "headprune prune: error: argument --mode: invalid choice: 'sideways' (choose from 'pipelined', 'joint') "
+        "(`headprune prune --help` lists the options)"]
+
+
+def test_an_annealing_that_does_not_fall_is_refused():
+    from headprune.errors import ConfigError
+    with pytest.raises(ConfigError, match="--tf 5 is not below --t0 1: the temperature falls from t0 to tf"):
+        PruneConfig(t0=1.0, tf=5.0)
+    with pytest.raises(ConfigError, match="cooldown_fraction=2.0: must be at most 1"):
+        PruneConfig(cooldown_fraction=2.0)
+    assert PruneConfig(t0=1.0, tf=1e-3, cooldown_fraction=1.0).cooldown_fraction == 1.0
