@@ -21,6 +21,9 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+import torch
+
+from .budget import budget_units
 from .config import (GATED_METHODS, SCORED, SHRINKING, TARGETS, PruneConfig, SweepConfig, ablation_in_effect,
                      checkpoints_activations, default_of)
 from .errors import ConfigError, OutputExistsError, first_line
@@ -28,7 +31,7 @@ from .outputs import RESULTS, atomic_path, checkpoint_folder
 from .outputs import check_not_inside
 from .recipes import check_budget, check_split, input_paths, prune
 from .report import plot_sweep
-from .sites import UNIT_NAMES
+from .sites import UNIT_NAMES, find_sites
 from .tasks import get_task
 from .train import changed_settings, describe_changes
 
@@ -195,14 +198,21 @@ def check_plan(cfg: SweepConfig, runs: list[PruneConfig]) -> None:
     models = {}
     for run in runs:
         if (run.model, run.mode) not in models:
-            path, _, counts, units = get_task(cfg.task).inspect(run.model, require_finetuned=run.mode == "pipelined",
-                                                                unit=cfg.unit, attn_implementation=cfg.attn_implementation)
-            models[(run.model, run.mode)] = counts, units, input_paths(run, path)
+            path, config, counts, units = get_task(cfg.task).inspect(
+                run.model, require_finetuned=run.mode == "pipelined", unit=cfg.unit,
+                attn_implementation=cfg.attn_implementation)
+            models[(run.model, run.mode)] = counts, units, input_paths(run, path), config
             check_not_inside(Path(cfg.output_dir), models[(run.model, run.mode)][2])
-        counts, units, inputs = models[(run.model, run.mode)]
+        counts, units, inputs, config = models[(run.model, run.mode)]
         targeted = any(getattr(run, name) is not None for name in TARGETS)  # its k follows from the model
         check_budget(run, counts, targeted or run.method == "voita" and run.voita_selection == "threshold", units)
         check_not_inside(Path(run.output_dir), inputs)
+        physical = (getattr(config, "headprune", None) or {}).get("physical")
+        if (run.target_params is not None or run.target_kv_cache is not None) and not physical:
+            # a size budget that nothing fits, refused now (a model pruned before is checked by its run)
+            with torch.device("meta"):  # shapes only
+                skeleton = get_task(cfg.task).auto_class.from_config(config)
+            budget_units(run, skeleton, find_sites(skeleton, cfg.unit))
 
 
 def overwriting(run: PruneConfig) -> PruneConfig:

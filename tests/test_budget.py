@@ -76,6 +76,11 @@ def test_bad_budgets_are_refused_in_one_line(tiny_finetuned, tmp_path, capsys):
         "sweep", "--model", model, "--dataset", data, "--target-speedup", "1.2", "--target-params", "0.5",
         "--output-dir", tmp_path / "d"])
     assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+    # a sweep's budget that nothing fits is refused before its first run, not after the others
+    assert "already has" in one_line_error(capsys, [
+        "sweep", "--model", model, "--dataset", data, "--methods", "random", "--target-params", "0.99", "100",
+        "--output-dir", tmp_path / "e"])
+    assert not (tmp_path / "e").exists()
 
 
 # -- a speedup on this machine: the latency table ---------------------------------------------------
