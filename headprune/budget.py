@@ -162,6 +162,18 @@ def _budget(cfg, model, sites: list[AttentionSite], mask: torch.Tensor, table: d
     return key, cost_of(costs, torch.ones_like(mask), fixed)[key], target, cost
 
 
+def check_reachable(cfg, model, sites: list[AttentionSite]) -> None:
+    """Refuse, before any training, a --target-params or --target-kv-cache that no choice meets: `fit`
+    keeps one unit at least, and a decoder layer left without units keeps a dead head, which costs no
+    more than a unit; so no model it reaches costs less than the cheapest that keeps a single unit."""
+    n = sum(site.num_heads for site in sites)
+    key, _, target, cost = _budget(cfg, model, sites, torch.ones(n), None)
+    cheapest = min(cost(torch.eye(n)[i]) for i in range(n))
+    if cheapest > target:
+        raise ConfigError(f"the budget ({key.replace('_', ' ')} {target:,.4g}) cannot be met: the cheapest model, "
+                          f"one unit kept, costs {cheapest:,.4g} (a decoder layer without units keeps a dead head)")
+
+
 def _record(cfg, key: str, original: float, target: float, predicted: float, mask: torch.Tensor) -> dict:
     if predicted > target:
         raise ConfigError(f"the budget ({key.replace('_', ' ')} {target:,.4g}) cannot be met: the fewest units "

@@ -33,7 +33,7 @@ from .config import (DEMO_DIR, SCORED, FinetuneConfig, PruneConfig, ablation_in_
                      reconstruct_in_effect)
 from .digests import cached_metrics, digest_of_weights, metrics_key, remember_metrics, run_inputs
 from .errors import ConfigError, HeadpruneError
-from .budget import budget_units, fit, speed_units, uniform_allocation, uniform_mask
+from .budget import budget_units, check_reachable, fit, speed_units, uniform_allocation, uniform_mask
 from .gates import attach_gates, detach_gates
 from .latency import latency_table
 from .measure import is_generator, sequence_length, size_facts
@@ -302,6 +302,8 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
             cfg.k = units
             log.info("the budget keeps at most %s %s (before the dead heads of empty layers)",
                      f"{cfg.k_per_kind} (per kind)" if cfg.k_per_kind else cfg.k, UNIT_NAMES[gates.sites[0].unit])
+            if not table:
+                check_reachable(cfg, model, gates.sites)  # now, not after the training
         check_reconstruct(cfg, gates)
         train_set, evals, collate = task.prepare(data, tokenizer, cfg)
         calibration = calibration_set(cfg, task, data, tokenizer, train_set) if needs_calibration(cfg) else None

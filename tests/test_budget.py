@@ -278,3 +278,36 @@ def test_the_default_allocation_spreads_dsp_on_text_classifiers_where_each_layer
         assert uniform_allocation(PruneConfig(k=k, uniform_from=2), sites) is (k >= 4), k
         assert uniform_allocation(PruneConfig(k=k, allocation="uniform"), sites)  # asked: always
         assert not uniform_allocation(PruneConfig(k=k, method="michel"), sites)
+
+
+def test_a_killed_run_with_a_size_budget_resumes(tiny_lm, tmp_path):
+    """Its k follows from the budget: the command's placeholder k is not a change of settings."""
+    import json
+    import os
+    import subprocess
+    import sys
+    model, data = tiny_lm
+
+    def cli(out, env=None):
+        return subprocess.run([sys.executable, "-m", "headprune.cli", "prune", "--task", "causal-lm", "--model", str(model),
+                               "--dataset", str(data), "--max-length", "16", "--batch-size", "8", "--epochs", "2",
+                               "--checkpoint-every", "1", "--target-kv-cache", "0.5", "--output-dir", str(out)],
+                              capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300)
+    assert cli(tmp_path / "whole").returncode == 0
+    killed = cli(tmp_path / "killed", env={"HEADPRUNE_KILL_AT_STEP": "3"})
+    assert killed.returncode == -9 and (tmp_path / "killed" / "checkpoint").is_dir()
+    resumed = cli(tmp_path / "killed")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "at step 3 of" in resumed.stderr
+    a, b = (json.loads((tmp_path / run / "results.json").read_text()) for run in ("whole", "killed"))
+    assert b["kept_heads"] == a["kept_heads"] and b["resumed_from_step"] == 3
+
+
+def test_a_size_budget_nothing_meets_is_refused_before_training(tiny_lm, tmp_path, monkeypatch):
+    """Every layer left empty keeps a dead head: below one unit and the dead heads, no model fits."""
+    import headprune.recipes as recipes
+    monkeypatch.setattr(recipes, "train", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
+    model, data = tiny_lm
+    with pytest.raises(ConfigError, match=r"cannot be met: the cheapest model, one unit kept, costs"):
+        prune(lm_cfg(model, data, tmp_path / "run", k=None, target_kv_cache=0.3))  # 6 groups: 2 of them is 0.33
+    assert not (tmp_path / "run" / "checkpoint").exists()
