@@ -7,7 +7,7 @@ of --modes fits the reconstruction on the run's calibration data (its pruning da
 row "none" is the run's own result. So one selection (a DSP run of minutes) is measured with every
 mode without being chosen again.
 
-    python benchmarks/reconstruction.py runs/sweep/dsp-pipelined-k12-s0 runs/sweep/flap-pipelined-k12-s0 \
+    python benchmarks/reconstruction.py runs/sweep/dsp-pipelined-k12-s0 runs/sweep/flap-pipelined-k12-s0 \\
         --modes rescale bias both --calibration-examples 1000
 """
 

@@ -9,7 +9,7 @@ default on text classifiers) a closed head leaves its mean output there too, so 
 that of the model the run would save with that mask. Then the training log's noise gap: how many
 of the heads a step's noisy top-k chose the noise-free one would not.
 
-    python benchmarks/schedule_trace.py --config configs/rotten-tomatoes.yaml --model runs/results/finetune/model \
+    python benchmarks/schedule_trace.py --config configs/rotten-tomatoes.yaml --model runs/results/finetune/model \\
         --k 12 --seed 0 --max-train-examples 4000 --schedule steady --output-dir runs/trace/steady-k12-s0
 """
 

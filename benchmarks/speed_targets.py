@@ -8,7 +8,7 @@ cannot reach on this machine is reported, not fatal): global lets the method's r
 layer keeps, uniform keeps as many in every layer of a kind (the baseline a better allocation
 should beat at the same speed). Any other option is the sweep's (e.g. --config, --model, --methods).
 
-    python benchmarks/speed_targets.py --config configs/rotten-tomatoes.yaml --model runs/results/finetune/model \
+    python benchmarks/speed_targets.py --config configs/rotten-tomatoes.yaml --model runs/results/finetune/model \\
         --methods fisher --at-batch-size 32 --at-length 64 --output-dir runs/results/speed-targets/minilm
 """
 

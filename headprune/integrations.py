@@ -31,7 +31,7 @@ import torch
 from transformers import TrainerCallback
 
 from .config import PruneConfig
-from .errors import ConfigError
+from .errors import ConfigError, OutputExistsError
 from .gates import attach_gates, detach_gates
 from .methods import TRAINED
 from .pruning import save_pruned
@@ -42,18 +42,23 @@ log = logging.getLogger(__name__)
 
 
 class HeadPruningCallback(TrainerCallback):
-    def __init__(self, k: int, method: str = "dsp", output_dir: str | None = None, **options):
+    def __init__(self, k: int, method: str = "dsp", output_dir: str | None = None, overwrite: bool = False,
+                 **options):
         """Keep `k` heads (of `unit`, for grouped-query attention) by `method` (dsp, ste or voita);
         `options`: any other option of `PruneConfig` (schedule, l0_lambda, seed, ...). The pruned model
-        goes to `output_dir` (default: the Trainer's output_dir/pruned)."""
+        goes to `output_dir` (default: the Trainer's output_dir/pruned); a folder that holds files
+        already is refused when training begins, unless `overwrite`."""
         if method not in TRAINED:
             raise ConfigError(f"the callback trains head scores: method must be one of {', '.join(TRAINED)}, "
                               f"not {method!r} (scored methods run after training: headprune prune)")
         self.cfg = PruneConfig(method=method, mode="joint", k=k, **options)
+        if self.cfg.k < 1:
+            raise ConfigError(f"k={self.cfg.k}: the callback keeps at least one head")
         if self.cfg.pruning_dropout == "off":  # the Trainer puts the model in training mode itself
             raise ConfigError("pruning_dropout='off' is for headprune's own loop: the Trainer trains with the "
                               "model's dropout (set the model config's dropout to 0 to train without it)")
         self.output_dir = output_dir
+        self.overwrite = overwrite
         self.gates = None
         self.kept_heads: list | None = None
 
@@ -62,6 +67,7 @@ class HeadPruningCallback(TrainerCallback):
             # reentrant recomputation cannot reach the gates' mask, which no layer takes as an input
             raise ConfigError("HeadPruningCallback: gradient_checkpointing_kwargs use_reentrant=True cannot carry "
                               "the head scores' gradient; leave it out (non-reentrant, transformers' default)")
+        self.check_folder(self.folder(args))  # now, not after the training
         model = getattr(model, "module", model)  # under DDP, the model inside
         sites = find_sites(model, self.cfg.unit)  # k checked before the gates go on: the model stays plain
         units = sum(site.num_heads for site in sites)
@@ -73,6 +79,16 @@ class HeadPruningCallback(TrainerCallback):
         self.gates.selector = selector.to(next(model.parameters()).device)
         log.info("headprune: %s keeps %d of %d heads over %d steps", self.cfg.method, self.cfg.k,
                  self.gates.num_heads, state.max_steps)
+
+    def folder(self, args) -> Path:
+        """Where the pruned model goes."""
+        return Path(self.output_dir or Path(args.output_dir) / "pruned")
+
+    def check_folder(self, folder: Path) -> None:
+        """A folder that holds files already is refused unless overwrite."""
+        if folder.is_dir() and any(folder.iterdir()) and not self.overwrite:
+            raise OutputExistsError(f"HeadPruningCallback: {folder} holds files already; pass overwrite=True to "
+                                    "replace them, or another output_dir")
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.gates.selector.set_step(state.global_step)
@@ -104,7 +120,7 @@ class HeadPruningCallback(TrainerCallback):
         self.kept_heads = self.gates.kept_heads(mask)
         self.gates.selector = None
         detach_gates(model)
-        folder = Path(self.output_dir or Path(args.output_dir) / "pruned")
+        folder = self.folder(args)
         if args.process_index == 0:
             save_pruned(model, folder, self.kept_heads, processing_class, unit=self.cfg.unit,
                         method=self.cfg.method, mode="joint")

@@ -10,12 +10,15 @@ validation accuracy printed. Everything but the callback line is an ordinary Tra
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import numpy as np
 from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
                           TrainingArguments)
 
 from headprune.data import load_classification, subsample
+from headprune.errors import HeadpruneError
 from headprune.integrations import HeadPruningCallback
 from headprune.tasks.base import resolve_model
 
@@ -28,7 +31,19 @@ def main(argv=None) -> None:
     parser.add_argument("--train-examples", type=int, default=4000)
     parser.add_argument("--eval-examples", type=int, default=2000)
     parser.add_argument("--output-dir", default="runs/trainer-dsp")
+    parser.add_argument("--overwrite", action="store_true", help="replace a pruned model saved there before")
     args = parser.parse_args(argv)
+    try:  # bad options (k, an occupied folder): one line, and the first before any loading
+        train_and_prune(args)
+    except HeadpruneError as err:
+        print(f"prune_in_trainer.py: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def train_and_prune(args) -> None:
+    callback = HeadPruningCallback(k=args.k, method=args.method, output_dir=f"{args.output_dir}/pruned",
+                                   overwrite=args.overwrite)
+    callback.check_folder(Path(args.output_dir) / "pruned")
 
     path = resolve_model("offline:minilm-l6")
     data = subsample(load_classification("offline:rotten-tomatoes"), args.train_examples, args.eval_examples)
@@ -42,7 +57,6 @@ def main(argv=None) -> None:
     def accuracy(prediction):
         return {"accuracy": float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())}
 
-    callback = HeadPruningCallback(k=args.k, method=args.method, output_dir=f"{args.output_dir}/pruned")
     trainer = Trainer(model=model, train_dataset=encode(data.train), eval_dataset=encode(data.evals["validation"]),
                       data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
                       compute_metrics=accuracy, callbacks=[callback],

@@ -8,7 +8,7 @@ from transformers import (GPTNeoXConfig, GPTNeoXForCausalLM, TrainerState, Train
 
 from conftest import tiny_model
 from headprune import attach_gates, detach_gates, load_pruned, remove_heads, save_pruned
-from headprune.errors import ConfigError, PrunedCheckpointError
+from headprune.errors import ConfigError, OutputExistsError, PrunedCheckpointError
 from headprune.integrations import HeadPruningCallback
 from headprune.sites import find_sites
 
@@ -108,3 +108,14 @@ def test_load_pruned_as_another_class_says_what_to_do(tmp_path):
                                                     "does not take: .*use its .base_model"):
         load_pruned(tmp_path / "model", model_class=BertModel)
     assert heads_per_layer(load_pruned(tmp_path / "model").base_model) == [1, 1]
+
+
+def test_the_callback_refuses_an_occupied_folder_before_training(tmp_path):
+    (tmp_path / "pruned").mkdir()
+    (tmp_path / "pruned" / "model.safetensors").write_bytes(b"an earlier model")
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    model = tiny_model()
+    with pytest.raises(OutputExistsError, match="holds files already; pass overwrite=True"):
+        HeadPruningCallback(k=4).on_train_begin(args, TrainerState(max_steps=4), None, model=model)
+    assert not hasattr(model, "head_gates")
+    HeadPruningCallback(k=4, overwrite=True).on_train_begin(args, TrainerState(max_steps=4), None, model=model)

@@ -205,6 +205,15 @@ def test_prune_in_trainer_on_the_real_minilm(tmp_path):
     assert "kept 12 heads" in out and "validation accuracy of the pruned model" in out
     from headprune.pruning import load_pruned
     assert len(load_pruned(tmp_path / "pruned").config.headprune["kept_heads"]) == 12
+    before = (tmp_path / "pruned" / "model.safetensors").read_bytes()
+    for flags, message in ((["--output-dir", tmp_path], f"{tmp_path / 'pruned'} holds files already; pass "
+                                                        "overwrite=True"),
+                           (["--k", 0, "--output-dir", tmp_path / "other"], "k=0")):
+        run = subprocess.run([sys.executable, "scripts/prune_in_trainer.py", *map(str, flags)], capture_output=True,
+                             text=True, cwd=ROOT, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].startswith("prune_in_trainer.py: error: ")
+        assert message in run.stderr and "Traceback" not in run.stderr
+    assert (tmp_path / "pruned" / "model.safetensors").read_bytes() == before
 
 
 def test_check_architectures_tells_supported_refused_and_wrong(monkeypatch, capsys):
