@@ -545,6 +545,13 @@ class PruneConfig(FinetuneConfig):
                               "of training masks")
         if self.relaxation == "k-rounds" and "dsp" not in methods:
             raise ConfigError("--relaxation is DSP's: the other methods have no soft top-k")
+        if self.calibration_dataset is not None or self.calibration_examples is not None:
+            def reads_calibration(settings):  # its scores, its reconstruction or the means of its ablation
+                return settings["method"] in ("michel", *SCORED) or reconstruct_in_effect(settings) != "none" \
+                    or ablation_in_effect(settings) == "mean"
+            if not any(reads_calibration({**vars(self), "method": m, "mode": mode}) for m in methods for mode in modes):
+                raise ConfigError("--calibration-dataset and --calibration-examples are for the scored methods, "
+                                  "--reconstruct and mean ablation: this run reads no calibration data")
         if self.ablation == "mean":
             if not set(GATED_METHODS) & set(methods):
                 raise ConfigError("--ablation is for the methods whose scores come through the gates (dsp, ste, "

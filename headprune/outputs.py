@@ -32,7 +32,7 @@ OLD_CHECKPOINT = "checkpoint.pt"  # a pickle written by headprune 0.1: never rea
 BEST = "best"  # with --select-by: the trainable weights of the best epoch so far
 # What a finetune or prune run writes; a new run (--overwrite) removes the ones it did not write.
 RUN_FILES = (RESULTS, "model", CHECKPOINT, BEST, "train_log.jsonl", "training.png", "heads.png",
-             "head_scores.json", "report.md")
+             "head_scores.json", "report.md", "tracker")
 
 
 def check_output_dir(path: Path, overwrite: bool, needed_bytes: int = 0) -> bool:
@@ -52,7 +52,7 @@ def check_output_dir(path: Path, overwrite: bool, needed_bytes: int = 0) -> bool
     elif not overwrite and checkpoint_folder(path) is None:
         # what a run would replace, with neither results nor a checkpoint to say a run made it (the
         # logs, written from the first steps on, are a run's own and are replaced)
-        found = [name for name in RUN_FILES if name not in ("train_log.jsonl", "training.png")
+        found = [name for name in RUN_FILES if name not in ("train_log.jsonl", "training.png", "tracker")
                  and ((path / name).exists() or (path / name).is_symlink())]
         if found:
             raise OutputExistsError(f"{path} holds {', '.join(found)} but no results or checkpoint of a run: "
@@ -62,7 +62,7 @@ def check_output_dir(path: Path, overwrite: bool, needed_bytes: int = 0) -> bool
     return checkpoint_folder(path) is not None
 
 
-def check_not_inside(output: Path, inputs: dict[str, str | None]) -> None:
+def check_not_inside(output: Path, inputs: dict[str, str | None], option: str = "--output-dir") -> None:
     """Refuse an output folder that is, or lies inside, one of the run's inputs, or that holds one
     of them: a run writes and (with --overwrite) removes files in its folder, and must never touch
     its own model or data. `inputs`: what the input is (for the message) -> its path, or None."""
@@ -73,7 +73,7 @@ def check_not_inside(output: Path, inputs: dict[str, str | None]) -> None:
         source = Path(given).expanduser().resolve()
         if out == source or source in out.parents or out in source.parents:
             raise OutputExistsError(f"the output folder {output} overlaps the {what} {given}: a run never "
-                                    "writes inside its own input; choose an --output-dir apart from it")
+                                    f"writes inside its own input; choose an {option} apart from it")
 
 
 def check_replaceable(path: Path) -> None:

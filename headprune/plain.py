@@ -95,7 +95,7 @@ def check_output_folder(cfg) -> Path:
         raise OutputExistsError(f"{output} is a file: --output names the folder to write")
     if output.is_dir() and any(output.iterdir()) and not cfg.overwrite:
         raise OutputExistsError(f"{output} holds files: give --overwrite to replace them, or another --output")
-    check_not_inside(output, {"model": cfg.model})
+    check_not_inside(output, {"model": cfg.model}, option="--output")
     # the nearest folder that exists takes the new one: probed now, nothing created before the work
     check_writable(nearest_existing(output))
     return output

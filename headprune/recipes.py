@@ -38,7 +38,7 @@ from .gates import attach_gates, detach_gates
 from .latency import latency_table
 from .measure import is_generator, sequence_length, size_facts
 from .methods import TRAINED
-from .outputs import (BEST, RESULTS, atomic_folder, check_not_inside, check_output_dir, finish_run,
+from .outputs import (BEST, RESULTS, atomic_folder, check_not_inside, check_output_dir, finish_run, remove_path,
                       folder_bytes, versions, write_json, write_jsonl)
 from .pruning import save_pruned, zero_pruned_heads
 from .randomness import keeps_global_rng
@@ -57,6 +57,7 @@ log = logging.getLogger("headprune")
 # -- shared set-up -------------------------------------------------------------------------------
 
 TRACKER_DIR = "tracker"  # --report-to tensorboard: the event files
+STAGED_TRACKER = ".tracker.new"  # a run replacing an earlier one (--overwrite) writes its events here until it is done
 
 @contextmanager
 def timed(seconds: dict, phase: str):
@@ -130,7 +131,9 @@ def tracker_settings(cfg, out: Path) -> dict:
     check, package = TRACKER_PACKAGES[cfg.report_to]
     if not getattr(accelerate.utils, check)():
         raise ConfigError(f"--report-to {cfg.report_to} needs {package}: pip install {package.split()[-1]}")
-    return {"log_with": cfg.report_to, "project_dir": str(out / TRACKER_DIR)}
+    # beside an earlier run's events, which stay whole (as its results do) until this run is complete
+    folder = STAGED_TRACKER if (out / RESULTS).exists() else TRACKER_DIR
+    return {"log_with": cfg.report_to, "project_dir": str(out / folder)}
 
 
 def _load(cfg, task, path, config, require_finetuned: bool):
@@ -155,6 +158,9 @@ def _finish(acc, out: Path, results: dict, history: list, written: set[str]) -> 
         acc.log({f"final/{split}": value for split, value in metrics.items()}, step=results.get("steps"))
         acc.end_training()
         written = written | {TRACKER_DIR}
+        if acc.is_main_process and (out / STAGED_TRACKER).exists():  # the earlier run's events give way now
+            remove_path(out / TRACKER_DIR)
+            (out / STAGED_TRACKER).rename(out / TRACKER_DIR)
     if acc.is_main_process:
         if history:
             write_jsonl(out / "train_log.jsonl", history)
@@ -410,6 +416,11 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
                                                   else size["pruned"].get(info["budget"]["target"]))
                     log.info("budget: %s measured on the saved model: %s", info["budget"]["target"],
                              f"{info['budget']['measured']:,.4g}")
+                    if table and info["budget"]["measured"] < cfg.target_speedup:  # timed: noise, or the table
+                        log.warning("the saved model measured %.3gx faster, under the --target-speedup %g that the "
+                                    "latency table predicted it to reach (%.3gx): timings vary from run to run; "
+                                    "`headprune measure` times it at more settings", info["budget"]["measured"],
+                                    cfg.target_speedup, info["budget"]["predicted"])
     results = {"method": cfg.method, "mode": cfg.mode, "k": len(kept), "num_heads": gates.num_heads,
                "unit": gates.sites[0].unit,
                "kept_per_kind": {kind: sum(h[0] == kind for h in kept) for kind in kinds},

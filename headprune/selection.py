@@ -54,10 +54,10 @@ def check_budget(cfg, counts: dict[str, int], threshold: bool, units: str = "hea
     if cfg.k_per_kind:
         if len(cfg.k_per_kind) != len(counts):
             raise ConfigError(f"--k-per-kind needs {len(counts)} number(s) for this model, one per kind "
-                              f"({', '.join(f'{kind}: {n} heads' for kind, n in counts.items())})")
+                              f"({', '.join(f'{kind}: {n} {units}' for kind, n in counts.items())})")
         for (kind, n), k in zip(counts.items(), cfg.k_per_kind):
             if k > n:
-                raise ConfigError(f"--k-per-kind: {k} {kind} heads is more than the model's {n}")
+                raise ConfigError(f"--k-per-kind: {k} {kind} {units} is more than the model's {n}")
         if sum(cfg.k_per_kind) < 1:
             raise ConfigError("--k-per-kind keeps no head at all")
     elif cfg.k > num_heads and not threshold:

@@ -118,3 +118,12 @@ def test_an_annealing_that_does_not_fall_is_refused():
     with pytest.raises(ConfigError, match="cooldown_fraction=2.0: must be at most 1"):
         PruneConfig(cooldown_fraction=2.0)
     assert PruneConfig(t0=1.0, tf=1e-3, cooldown_fraction=1.0).cooldown_fraction == 1.0
+
+
+def test_calibration_options_where_nothing_reads_them_are_refused():
+    from headprune.errors import ConfigError
+    for settings in (dict(method="random", reconstruct="none"), dict(mode="joint", reconstruct="none")):
+        with pytest.raises(ConfigError, match="this run reads no calibration data"):
+            PruneConfig(calibration_examples=10, **settings)
+    assert PruneConfig(calibration_examples=10).calibration_examples == 10  # dsp's default: the bias
+    assert PruneConfig(method="fisher", reconstruct="none", calibration_dataset="other.csv").calibration_dataset

@@ -35,6 +35,24 @@ def test_tensorboard_gets_the_training_curves_and_the_final_metrics(tiny_finetun
     assert logged[f"final/{split}"] == [(results["steps"], pytest.approx(value))]
 
 
+def test_a_run_that_replaces_another_replaces_its_events_only_when_complete(tiny_finetuned, tmp_path, monkeypatch):
+    import headprune.recipes as recipes
+    first = prune(tiny(*tiny_finetuned, tmp_path, k=3, report_to="tensorboard"))
+    events = sorted(p.relative_to(tmp_path) for p in (tmp_path / "tracker").rglob("events.out.tfevents.*"))
+    monkeypatch.setattr(recipes, "_save_pruned", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stopped")))
+    with pytest.raises(RuntimeError, match="stopped"):  # a new run that does not complete: the events stay
+        prune(tiny(*tiny_finetuned, tmp_path, k=2, report_to="tensorboard", overwrite=True))
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "tracker").rglob("events.out.tfevents.*")) == events
+    monkeypatch.undo()
+    second = prune(tiny(*tiny_finetuned, tmp_path, k=2, report_to="tensorboard", overwrite=True))
+    logged = scalars(tmp_path / "tracker")  # one run's events, the second's
+    (split, value), = second["metrics_pruned"].items()
+    assert logged[f"final/{split}"] == [(second["steps"], pytest.approx(value))] and first["k"] == 3
+    assert not (tmp_path / ".tracker.new").exists()
+    prune(tiny(*tiny_finetuned, tmp_path, k=2, overwrite=True))  # without a tracker: the earlier events go
+    assert not (tmp_path / "tracker").exists()
+
+
 def test_a_tracker_without_its_package_is_refused_before_the_run(tiny_finetuned, tmp_path, capsys, monkeypatch):
     import accelerate.utils
     monkeypatch.setattr(accelerate.utils, "is_mlflow_available", lambda: False)  # as on a machine without it
