@@ -2,7 +2,8 @@
 
 Every file is written to a temporary name and moved into place, and every folder (the model, the
 checkpoint) is written to a temporary folder and renamed into place: a kill leaves the old version
-or the new one, never half of one. A folder that holds results is refused unless the user asks to
+or the new one, never half of one. A folder that holds results, or a run's files with neither
+results nor a checkpoint (nothing says a run made them), is refused unless the user asks to
 overwrite; even then the earlier run stays whole until the new one is complete (`finish_run`
 removes what the new run did not replace, then writes results.json). A run never writes inside
 its own input, nor its input inside the run (`check_not_inside`), and never follows a symbolic
