@@ -299,7 +299,8 @@ class FinetuneConfig(Checked):
     epochs: float = option(3.0, "Training epochs (a fraction is allowed).", positive=True)
     batch_size: int = option(32, "Training batch size per process.", min=1)
     eval_batch_size: int = option(64, "Evaluation batch size per process.", min=1)
-    lr: float = option(5e-5, "Learning rate of the model weights (AdamW, linear decay to 0).", min=0)
+    # (a bound far above any useful rate: AdamW's float32 step overflows near 1e38, in a traceback)
+    lr: float = option(5e-5, "Learning rate of the model weights (AdamW, linear decay to 0).", min=0, max=1e4)
     weight_decay: float = option(0.0, "AdamW weight decay of the model weights.", min=0)
     warmup_ratio: float = option(0.0, "Fraction of training with a linear learning-rate warm-up.", min=0)
     max_grad_norm: float = option(1.0, "Clip the global gradient norm to this (0: no clipping).", min=0)
@@ -419,7 +420,7 @@ class PruneConfig(FinetuneConfig):
                            "--cooldown-fraction, --cooldown-steps and --pruning-lr override it.",
                            choices=["default", "steady", "reference"])
     pruning_lr: float = option(None, "Learning rate of the head scores (their own AdamW group); "
-                               "default: from --schedule.", min=0)
+                               "default: from --schedule.", min=0, max=1e4)
     pruning_loss: str = option("label", "What the scores of dsp, ste and voita learn from: label (the task's "
                                "loss, as the reference) or distill (pipelined runs: the KL divergence from the "
                                "unpruned model's output distribution to the pruned one's, per example or per "

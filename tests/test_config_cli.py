@@ -127,3 +127,11 @@ def test_calibration_options_where_nothing_reads_them_are_refused():
             PruneConfig(calibration_examples=10, **settings)
     assert PruneConfig(calibration_examples=10).calibration_examples == 10  # dsp's default: the bias
     assert PruneConfig(method="fisher", reconstruct="none", calibration_dataset="other.csv").calibration_dataset
+
+
+def test_a_learning_rate_that_overflows_the_optimizer_is_refused():
+    from headprune.errors import ConfigError
+    with pytest.raises(ConfigError, match=r"lr=1e\+38: must be at most 10000"):
+        PruneConfig(mode="joint", lr=1e38)
+    with pytest.raises(ConfigError, match=r"pruning_lr=20000.0: must be at most 10000"):
+        PruneConfig(pruning_lr=2e4)
