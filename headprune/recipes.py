@@ -82,6 +82,10 @@ def _start(cfg, model_path: str):
     state = resume_state(out, cfg) if resume else None
     if not acc.is_main_process:  # one process speaks for all
         log.setLevel(logging.WARNING)
+    if state is None and acc.is_main_process:  # a fresh start: events a stopped run left are not this run's
+        remove_path(out / STAGED_TRACKER)
+        if not (out / RESULTS).exists():  # (an earlier complete run's stay until this one completes)
+            remove_path(out / TRACKER_DIR)
     if cfg.report_to != "none":
         acc.init_trackers(out.resolve().name, config={k: v if isinstance(v, (bool, int, float, str)) else str(v)
                                                       for k, v in asdict(cfg).items()})

@@ -53,6 +53,17 @@ def test_a_run_that_replaces_another_replaces_its_events_only_when_complete(tiny
     assert not (tmp_path / "tracker").exists()
 
 
+def test_a_run_started_afresh_does_not_add_to_a_stopped_run_s_events(tiny_finetuned, tmp_path):
+    import shutil
+    prune(tiny(*tiny_finetuned, tmp_path / "a", k=3, report_to="tensorboard"))
+    (tmp_path / "b").mkdir()  # what a run stopped before its first checkpoint leaves: its events only
+    shutil.copytree(tmp_path / "a" / "tracker", tmp_path / "b" / "tracker")
+    results = prune(tiny(*tiny_finetuned, tmp_path / "b", k=2, report_to="tensorboard"))
+    assert [p.name for p in (tmp_path / "b" / "tracker").iterdir()] == ["b"]  # run a's events (tracker/a) gone
+    (split, value), = results["metrics_pruned"].items()
+    assert scalars(tmp_path / "b" / "tracker")[f"final/{split}"] == [(results["steps"], pytest.approx(value))]
+
+
 def test_a_tracker_without_its_package_is_refused_before_the_run(tiny_finetuned, tmp_path, capsys, monkeypatch):
     import accelerate.utils
     monkeypatch.setattr(accelerate.utils, "is_mlflow_available", lambda: False)  # as on a machine without it
