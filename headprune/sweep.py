@@ -138,6 +138,8 @@ def rows_of(results: dict, ks: list[int], folder: str) -> list[dict]:
         row["passes"] = max((r["passes"] for r in rows), default=0) + results["reconstruction_passes"]
     for row in rows + reconstructed:
         row.setdefault("budget", f"k={row['k']}")
+        if isinstance(row["passes"], float) and row["passes"].is_integer():  # whole epochs: "2", as the others
+            row["passes"] = int(row["passes"])
         row.setdefault("budget_value", row["k"])
     return rows + reconstructed
 
