@@ -197,7 +197,7 @@ def check_plan(cfg: SweepConfig, runs: list[PruneConfig]) -> None:
                           "michel and random run pipelined only)")
     if cfg.split is not None:  # the data's split names, now: the tables are written after every run
         check_split(cfg.split, get_task(cfg.task).load_data(cfg), "--split")
-    models = {}
+    models, skeletons = {}, {}
     for run in runs:
         if (run.model, run.mode) not in models:
             path, config, counts, units = get_task(cfg.task).inspect(
@@ -212,9 +212,11 @@ def check_plan(cfg: SweepConfig, runs: list[PruneConfig]) -> None:
         physical = (getattr(config, "headprune", None) or {}).get("physical")
         if (run.target_params is not None or run.target_kv_cache is not None) and not physical:
             # a size budget that nothing fits, refused now (a model pruned before is checked by its run)
-            with torch.device("meta"):  # shapes only
-                skeleton = get_task(cfg.task).auto_class.from_config(config)
-            budget_units(run, skeleton, find_sites(skeleton, cfg.unit))
+            if run.model not in skeletons:  # shapes only, once a model
+                with torch.device("meta"):
+                    skeleton = get_task(cfg.task).auto_class.from_config(config)
+                skeletons[run.model] = skeleton, find_sites(skeleton, cfg.unit)
+            budget_units(run, *skeletons[run.model])
 
 
 def overwriting(run: PruneConfig) -> PruneConfig:
@@ -230,7 +232,7 @@ def sweep(cfg: SweepConfig) -> list[dict]:
     runs = planned_runs(cfg)
     check_plan(cfg, runs)  # fail now, not hours later
     targets = [name for name in TARGETS if getattr(cfg, name)]
-    if targets and cfg.ks != default_of(next(f for f in dataclasses.fields(cfg) if f.name == "ks")):
+    if targets and cfg.ks != default_of(SweepConfig.__dataclass_fields__["ks"]):
         log.warning("--%s sets each run's budget: --ks %s is not used", targets[0].replace("_", "-"),
                     " ".join(map(str, cfg.ks)))
     stale = stale_runs(runs)
