@@ -94,8 +94,21 @@ class HeadGates(nn.Module):
             self.fill = before
 
     def kept_heads(self, mask: torch.Tensor | None = None) -> list[Head]:
-        mask = self.fixed_mask if mask is None else mask
+        """The heads whose gates are open in `mask`; without one, in the selector's choice as
+        evaluation makes it (its hard top-k, no noise) or, with no selector, in the fixed mask."""
+        if mask is None:
+            mask = self.fixed_mask if self.selector is None else self.selector_choice()
         return [head for head, m in zip(self.heads, mask.tolist()) if m > 0]
+
+    def selector_choice(self) -> torch.Tensor:
+        """The selector's evaluation mask, whatever mode it is in (its mode is left as it was)."""
+        training = self.selector.training
+        self.selector.eval()
+        try:
+            with torch.no_grad():
+                return self.selector().detach().cpu()
+        finally:
+            self.selector.train(training)
 
     # -- hooks --------------------------------------------------------------------------------
 

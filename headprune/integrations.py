@@ -113,11 +113,7 @@ class HeadPruningCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         model = getattr(model, "module", model)
-        selector = self.gates.selector
-        selector.eval()
-        with torch.no_grad():
-            mask = selector().detach().cpu()
-        self.kept_heads = self.gates.kept_heads(mask)
+        self.kept_heads = self.gates.kept_heads()  # the selector's hard choice
         self.gates.selector = None
         detach_gates(model)
         folder = self.folder(args)

@@ -55,6 +55,28 @@ def test_heads_are_not_removed_under_attached_gates(tmp_path, batch):
         assert torch.allclose(load_pruned(tmp_path / "model")(**batch).logits, masked, atol=1e-5)
 
 
+def test_kept_heads_reads_the_selectors_hard_choice(tmp_path, batch):
+    """With a selector driving the gates, `kept_heads()` names its hard top-k (the fixed mask stays
+    all ones then: reading it kept every head), in whatever mode the selector is, and leaves that mode."""
+    from headprune import make_selector
+    model = tiny_model()
+    gates = attach_gates(model)
+    gates.selector = make_selector("dsp", gates.num_heads, k=3, t0=1.0, tf=0.01, cooldown_steps=10)
+    with torch.no_grad():
+        gates.selector.logits.copy_(torch.tensor([0.1, 5, 0.2, 0.3, 4, 0.4, 0.5, 3], dtype=torch.float64))
+    gates.selector.train()
+    assert gates.kept_heads() == [("encoder", 0, 1), ("encoder", 1, 0), ("encoder", 1, 3)]
+    assert gates.selector.training
+    model.eval()
+    with torch.no_grad():
+        masked = model(**batch).logits
+    kept = gates.kept_heads()
+    detach_gates(model)
+    save_pruned(model, tmp_path / "model", kept)
+    with torch.no_grad():
+        assert torch.allclose(load_pruned(tmp_path / "model")(**batch).logits, masked, atol=1e-5)
+
+
 def test_a_mask_gives_one_value_per_gate():
     gates = attach_gates(tiny_model())  # 8 gates
     for wrong in (torch.ones(5), torch.ones(16), torch.ones(1, 8)):
