@@ -18,10 +18,10 @@ import yaml
 
 from .errors import ConfigError
 
-METHODS = ("dsp", "ste", "voita", "michel", "fisher", "activation", "flap", "taylor", "random")
-TRAINED_METHODS = METHODS[:3]  # they learn a score per head through the gates
-GATED_METHODS = METHODS[:5]  # their scores come through the gates (trained, or the gates' gradients)
+TRAINED_METHODS = ("dsp", "ste", "voita")  # they learn a score per head through the gates
 SCORED = ("fisher", "activation", "flap", "taylor")  # one pass of calibration data gives a score per head, then the top k
+METHODS = TRAINED_METHODS + ("michel",) + SCORED + ("random",)  # michel: scored in rounds
+GATED_METHODS = TRAINED_METHODS + ("michel", "fisher")  # their scores come through the gates (trained, or the gates' gradients)
 BACKWARD_SCORED = ("michel", "fisher", "taylor")  # scored from gradients: a backward pass through the model
 SHRINKING = ("dsp", "ste")  # the methods whose training masks have a budget that --shrink-fraction shrinks
 DEMO_DIR = Path("runs/demo")

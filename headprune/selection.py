@@ -10,7 +10,8 @@ A scorer is a function `score(run, mask) -> Scores` in the method's file: `run` 
 holds the model, its gates, the calibration batches, the task's loss, the config and the
 functions that sum or stack a tensor over processes; `mask` is the current one (all ones but in
 michel's later rounds). Adding a scorer is that file, its name in `SCORERS` and in
-`config.SCORED`. Its options are the config fields named `<method>_...`: they go into results.json.
+`config.SCORED` (which makes it a `--method` choice), and in `config.BACKWARD_SCORED` if it takes
+gradients (so `--activation-checkpointing` applies). Its options are the config fields named `<method>_...`: they go into results.json.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import hashlib
 import json
 import logging
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -226,14 +226,14 @@ NOT_SCORING = ("k", "k_per_kind", "seed", "output_dir", "overwrite", "reconstruc
 
 
 def scores_key(cfg, weights_digest: str | None, calibration) -> str | None:
-    """The scores cache key: the scorer's code, the weights' and the calibration data's digests and
+    """The scores cache key: the methods' code, the weights' and the calibration data's digests and
     every setting but NOT_SCORING; None for weights that are not a local folder, and for michel
     (its scores change with each round's mask)."""
     if cfg.method not in SCORERS or cfg.method == "michel" or not weights_digest or weights_digest == cfg.model:
         return None
-    code = hashlib.sha256()
-    for module in (sys.modules[SCORERS[cfg.method].__module__], scoring):
-        code.update(Path(module.__file__).read_bytes())
+    code = hashlib.sha256()  # every file of methods/: scorers share code (fisher's gradients are michel's)
+    for path in sorted(Path(scoring.__file__).parent.glob("*.py")):
+        code.update(path.read_bytes())
     data = hashlib.sha256()
     for start in range(0, len(calibration), 1000):
         rows = [calibration[i] for i in range(start, min(start + 1000, len(calibration)))]

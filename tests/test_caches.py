@@ -26,3 +26,22 @@ def test_the_metrics_cache_keeps_the_newest_entries(tmp_path, monkeypatch):
     digests.remember_metrics("b", {"accuracy": "b2"})  # written again: the newest now
     digests.remember_metrics("d", {"accuracy": "d"})
     assert list(json.loads((tmp_path / "unpruned-metrics.json").read_text())) == ["b", "d"]
+
+
+def test_the_scores_key_changes_with_code_a_scorer_borrows(tmp_path, monkeypatch):
+    """Fisher's gradients come from michel.py: a change there is a change of Fisher's scores."""
+    from pathlib import Path
+
+    from headprune.config import PruneConfig
+    from headprune.methods import michel, scoring
+    from headprune.selection import scores_key
+    methods = tmp_path / "methods"
+    methods.mkdir()
+    for path in Path(scoring.__file__).parent.glob("*.py"):
+        (methods / path.name).write_bytes(path.read_bytes())
+    monkeypatch.setattr(scoring, "__file__", str(methods / "scoring.py"))
+    cfg = PruneConfig(model="some/folder", dataset="some.csv", method="fisher", k=2)
+    before = scores_key(cfg, "weights-digest", [{"text": "a", "label": 0}])
+    assert before == scores_key(cfg, "weights-digest", [{"text": "a", "label": 0}])
+    (methods / Path(michel.__file__).name).write_text("# changed\n")
+    assert scores_key(cfg, "weights-digest", [{"text": "a", "label": 0}]) != before
