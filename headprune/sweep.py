@@ -194,7 +194,7 @@ def check_plan(cfg: SweepConfig, runs: list[PruneConfig]) -> None:
     """Every planned run's model, budget and folder, before the first run starts."""
     if not runs:
         raise ConfigError(f"the sweep plans no runs ({', '.join(cfg.methods)} in {', '.join(cfg.modes)} mode: "
-                          "michel and random run pipelined only)")
+                          "michel, random and the scored methods run pipelined only)")
     if cfg.split is not None:  # the data's split names, now: the tables are written after every run
         check_split(cfg.split, get_task(cfg.task).load_data(cfg), "--split")
     models, skeletons = {}, {}
@@ -231,9 +231,9 @@ def sweep(cfg: SweepConfig) -> list[dict]:
     out = Path(cfg.output_dir)
     runs = planned_runs(cfg)
     check_plan(cfg, runs)  # fail now, not hours later
-    targets = [name for name in TARGETS if getattr(cfg, name)]
-    if targets and cfg.ks != default_of(SweepConfig.__dataclass_fields__["ks"]):
-        log.warning("--%s sets each run's budget: --ks %s is not used", targets[0].replace("_", "-"),
+    instead = [name for name in (*TARGETS, "k_per_kind") if getattr(cfg, name)]
+    if instead and cfg.ks != default_of(SweepConfig.__dataclass_fields__["ks"]):
+        log.warning("--%s sets each run's budget: --ks %s is not used", instead[0].replace("_", "-"),
                     " ".join(map(str, cfg.ks)))
     stale = stale_runs(runs)
     if stale and not cfg.overwrite:

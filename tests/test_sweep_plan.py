@@ -117,3 +117,10 @@ def test_split_names_are_checked_before_any_run_or_evaluation(tiny_finetuned, tm
     line = one_line_error(capsys, ["prune", "--model", model, "--dataset", data, "--k", 3, "--select-by", "foo",
                                    "--output-dir", tmp_path / "run"])
     assert line.endswith("--select-by 'foo': the evaluation splits are heldout")
+
+
+def test_a_budget_per_kind_replaces_the_ks_with_a_warning(tiny_finetuned, tmp_path, caplog):
+    model, data = tiny_finetuned
+    sweep(sweep_cfg(model, data, tmp_path, ks=[2, 4], seeds=[0], k_per_kind=[3]))
+    assert "--k-per-kind sets each run's budget: --ks 2 4 is not used" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["random-pipelined-k3-s0"]
