@@ -11,7 +11,8 @@ holds the model, its gates, the calibration batches, the task's loss, the config
 functions that sum or stack a tensor over processes; `mask` is the current one (all ones but in
 michel's later rounds). Adding a scorer is that file, its name in `SCORERS` and in
 `config.SCORED` (which makes it a `--method` choice), and in `config.BACKWARD_SCORED` if it takes
-gradients (so `--activation-checkpointing` applies). Its options are the config fields named `<method>_...`: they go into results.json.
+gradients (so `--activation-checkpointing` applies). Its options are the config fields named
+`<method>_...`: they go into results.json.
 """
 
 from __future__ import annotations
