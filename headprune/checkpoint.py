@@ -69,3 +69,13 @@ def read_checkpoint(folder: Path) -> dict:
     except Exception as err:  # any damage: the user's remedy is the same
         raise CheckpointError(f"checkpoint {folder} is unreadable ({type(err).__name__}: "
                               f"{first_line(err)}); delete it to start over") from err
+
+
+def checkpoint_config(folder: Path) -> dict:
+    """The settings a checkpoint was made with, read without its tensors (a sweep's plan compares them)."""
+    try:
+        items = json.loads((folder / STATE).read_text())["__items__"]
+        return next(decode(value, {}) for key, value in items if key == "config")
+    except Exception as err:  # any damage: the user's remedy is the same
+        raise CheckpointError(f"checkpoint {folder} is unreadable ({type(err).__name__}: "
+                              f"{first_line(err)}); delete it to start over") from err

@@ -4,8 +4,9 @@ Every file is written to a temporary name and moved into place, and every folder
 checkpoint) is written to a temporary folder and renamed into place: a kill leaves the old version
 or the new one, never half of one. A folder that holds results, or a run's files with neither
 results nor a checkpoint (nothing says a run made them), is refused unless the user asks to
-overwrite; even then the earlier run stays whole until the new one is complete (`finish_run`
-removes what the new run did not replace, then writes results.json). A run never writes inside
+overwrite; even then the earlier run stays whole until the new one is complete: a run writes its
+final files in a stage folder and `finish_run` moves them in together, results.json last (a kill
+during the move is completed at the next start). A run never writes inside
 its own input, nor its input inside the run (`check_not_inside`), and never follows a symbolic
 link out of its folder when it removes something. A folder that holds a checkpoint but no results
 is resumed. The folder is checked for writing and free space before any data or model is loaded.
@@ -31,6 +32,8 @@ RESULTS = "results.json"
 CHECKPOINT = "checkpoint"  # a folder: state.json and tensors.safetensors
 OLD_CHECKPOINT = "checkpoint.pt"  # a pickle written by headprune 0.1: never read
 BEST = "best"  # with --select-by: the trainable weights of the best epoch so far
+STAGE = ".run.new"  # a run's final files, moved into place together when it is complete
+COMMIT = "commit.json"  # in the stage: the run is complete; the files it lists move into place
 # What a finetune or prune run writes; a new run (--overwrite) removes the ones it did not write.
 RUN_FILES = (RESULTS, "model", CHECKPOINT, BEST, "train_log.jsonl", "training.png", "heads.png",
              "head_scores.json", "report.md", "tracker")
@@ -59,7 +62,6 @@ def check_output_dir(path: Path, overwrite: bool, needed_bytes: int = 0) -> bool
             raise OutputExistsError(f"{path} holds {', '.join(found)} but no results or checkpoint of a run: "
                                     "pass --overwrite to replace them, or choose another --output-dir")
     check_writable(path, needed_bytes)
-    remove_leftovers(path)
     return checkpoint_folder(path) is not None
 
 
@@ -98,19 +100,62 @@ def remove_path(target: Path) -> None:
         shutil.rmtree(target)
 
 
-def finish_run(path: Path, written: set[str], results: dict) -> None:
-    """Complete a run: if it replaces an earlier one (--overwrite), remove that one's results.json
-    and whatever else it left that this one did not write; then write results.json, whose
-    presence marks the run as complete; then drop the checkpoint (a kill before that resumes at
-    the last step and completes)."""
-    if (path / RESULTS).exists():  # only an earlier run's files: nothing else of the user's
-        (path / RESULTS).unlink()  # first: the earlier results never show beside the new files
-        for name in RUN_FILES:
-            if name not in written and name not in (RESULTS, CHECKPOINT, BEST):
-                remove_path(path / name)
-    write_json(path / RESULTS, results)
-    for name in (CHECKPOINT, BEST, f".{CHECKPOINT}.old", f".{BEST}.old"):
-        remove_path(path / name)
+def stage_folder(path: Path) -> Path:
+    """Where a run writes its final files (model, scores, plots, log, report) until `finish_run`
+    moves them into place together: an earlier run's files stay whole until then, and a run stopped
+    before leaves nothing that looks like a result (its next start discards the stage)."""
+    stage = path / STAGE
+    stage.mkdir(parents=True, exist_ok=True)
+    return stage
+
+
+def finish_run(path: Path, results: dict, in_place: tuple[str, ...] = ()) -> None:
+    """Complete a run whose final files are staged: write its results.json and the commit record
+    beside them (from then on the run counts as complete: a kill is completed at the next start),
+    then move them into place. `in_place`: run files this run wrote in place (its tracker events)."""
+    stage = stage_folder(path)
+    write_json(stage / RESULTS, results)
+    files = sorted(p.name for p in stage.iterdir() if not p.name.startswith(".") and p.name != RESULTS)
+    write_json(stage / COMMIT, {"files": [*files, RESULTS], "in_place": list(in_place)})
+    commit_staged(path)
+
+
+def commit_staged(path: Path) -> bool:
+    """Move a complete staged run into place, if there is one: the earlier results first (they never
+    show beside new files), then every run file this run does not replace (an earlier run's, the
+    checkpoint), then the new files, results.json last. Safe to repeat after a kill part-way.
+    Returns whether there was one."""
+    stage = path / STAGE
+    if not (stage / COMMIT).is_file():
+        return False
+    record = json.loads((stage / COMMIT).read_text())
+    keep = {*record["files"], *record["in_place"]}
+    if (stage / RESULTS).exists():
+        remove_path(path / RESULTS)
+    for name in RUN_FILES:  # only a run's files: nothing else of the user's
+        if name not in keep:
+            remove_path(path / name)
+        remove_path(path / f".{name}.old")
+    for name in record["files"]:  # results.json is the last of them
+        if (stage / name).exists() or (stage / name).is_symlink():
+            remove_path(path / name)
+            os.replace(stage / name, path / name)
+    remove_path(stage)
+    return True
+
+
+def settle_stopped_run(path: Path) -> None:
+    """Before a run starts in `path`: a run stopped while its files were moved into place is completed;
+    the staged files of one stopped before are discarded (it resumes from its checkpoint, or starts
+    again), as are temporary files of one killed while writing."""
+    try:
+        if commit_staged(path):
+            log.info("%s: completed the run that was stopped while its files were moved into place", path)
+        remove_path(path / STAGE)
+        remove_leftovers(path)
+    except OSError as err:
+        raise OutputExistsError(f"cannot tidy the output folder {path} after a stopped run: "
+                                f"{err.strerror or err}; fix its permissions, or choose another --output-dir") from err
 
 
 def cache_root() -> Path:

@@ -3,7 +3,8 @@
 The task (`--task`: classification or translation, see headprune/tasks/) gives the data, the
 model, the loss and the metric; everything here is the same for every task. Each recipe checks
 everything it can (options, model config and architecture, budget, output folder, checkpoint,
-data) before any long work starts, then trains, evaluates and writes its output folder:
+data) before any long work starts, then trains, evaluates and writes its output folder (the final
+files are staged and moved into place together, results.json last: outputs.finish_run):
   results.json      what was run and what it measured
   model/            the final model (save_pretrained folder with tokenizer)
   train_log.jsonl   loss, learning rate (temperature, penalty, heads on) every 10 steps or more often
@@ -18,6 +19,7 @@ import contextlib
 import copy
 import json
 import logging
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -39,6 +41,7 @@ from .latency import latency_table
 from .measure import is_generator, sequence_length, size_facts
 from .methods import TRAINED
 from .outputs import (BEST, RESULTS, atomic_folder, check_not_inside, check_output_dir, finish_run, remove_path,
+                      settle_stopped_run, stage_folder,
                       folder_bytes, versions, write_json, write_jsonl)
 from .pruning import save_pruned, zero_pruned_heads
 from .randomness import keeps_global_rng
@@ -61,8 +64,10 @@ STAGED_TRACKER = ".tracker.new"  # a run replacing an earlier one (--overwrite) 
 
 @contextmanager
 def timed(seconds: dict, phase: str):
+    """Adds the block's time to `seconds[phase]`; yields a function that gives the seconds with
+    this phase's time so far (what a checkpoint taken inside the block records)."""
     start = time.perf_counter()
-    yield
+    yield lambda: {**seconds, phase: round(seconds.get(phase, 0.0) + time.perf_counter() - start, 2)}
     seconds[phase] = round(seconds.get(phase, 0.0) + time.perf_counter() - start, 2)
 
 
@@ -78,6 +83,9 @@ def _start(cfg, model_path: str):
     out = Path(cfg.output_dir)
     check_not_inside(out, input_paths(cfg, model_path))
     acc = _accelerator(cfg, out)  # before the folder is made: a refusal leaves nothing behind
+    if acc.is_main_process:
+        settle_stopped_run(out)
+    acc.wait_for_everyone()
     resume = check_output_dir(out, cfg.overwrite, needed_bytes=2 * folder_bytes(model_path))
     state = resume_state(out, cfg) if resume else None
     if not acc.is_main_process:  # one process speaks for all
@@ -154,22 +162,23 @@ def _load(cfg, task, path, config, require_finetuned: bool):
     return data, model, tokenizer
 
 
-def _finish(acc, out: Path, results: dict, history: list, written: set[str]) -> dict:
-    """`written`: the run files this run wrote besides its log and results (an earlier run's
-    others are removed now, just before the new results.json)."""
+def _finish(acc, out: Path, results: dict, history: list) -> dict:
+    """The run's log joins its staged files, and they all move into place with results.json (an
+    earlier run's other files are removed then)."""
+    in_place: tuple[str, ...] = ()
     if acc.trackers:
         metrics = results.get("metrics_pruned", results.get("metrics", {}))
         acc.log({f"final/{split}": value for split, value in metrics.items()}, step=results.get("steps"))
         acc.end_training()
-        written = written | {TRACKER_DIR}
-        if acc.is_main_process and (out / STAGED_TRACKER).exists():  # the earlier run's events give way now
-            remove_path(out / TRACKER_DIR)
-            (out / STAGED_TRACKER).rename(out / TRACKER_DIR)
+        if (out / STAGED_TRACKER).exists():  # beside an earlier run's events: they give way with its files
+            if acc.is_main_process:
+                os.replace(out / STAGED_TRACKER, stage_folder(out) / TRACKER_DIR)
+        else:
+            in_place = (TRACKER_DIR,)
     if acc.is_main_process:
         if history:
-            write_jsonl(out / "train_log.jsonl", history)
-            written = written | {"train_log.jsonl"}
-        finish_run(out, written, results)
+            write_jsonl(stage_folder(out) / "train_log.jsonl", history)
+        finish_run(out, results, in_place)
     acc.wait_for_everyone()
     log.info("results in %s", out / RESULTS)
     return results
@@ -261,16 +270,17 @@ def finetune(cfg: FinetuneConfig) -> dict:
     log.info("%s: %s", task.metric, metrics)
     with timed(seconds, "save"):
         if acc.is_main_process:
-            with atomic_folder(out / "model") as tmp:  # a kill leaves no half-written folder
+            saved_model = stage_folder(out) / "model"  # moved into place with the results
+            with atomic_folder(saved_model) as tmp:  # a kill leaves no half-written folder
                 task.save(acc.unwrap_model(model), tokenizer, tmp)
-            saved = {**inputs, "model": digest_of_weights(str(out / "model"))}
-            remember_metrics(metrics_key(saved, cfg, str(out / "model")), metrics)  # pruning it reuses them
+            saved = {**inputs, "model": digest_of_weights(str(saved_model))}
+            remember_metrics(metrics_key(saved, cfg, str(saved_model)), metrics)  # pruning it reuses them
     results = {"method": "none", "mode": "finetune", "metrics": metrics, "steps": steps,
                "selected_epoch": extra.get("best"),
                **_common_results(cfg, task, data, seconds, state and state["step"])}
     if acc.is_main_process:
-        write_model_card(out / "model", results, command_of("finetune", cfg))
-    return _finish(acc, out, results, history, written={"model"})
+        write_model_card(stage_folder(out) / "model", results, command_of("finetune", cfg))
+    return _finish(acc, out, results, history)
 
 
 # -- pruning -------------------------------------------------------------------------------------
@@ -310,6 +320,12 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
             if isinstance(units, list):  # a budget per kind (an encoder-decoder's cache)
                 cfg.k_per_kind, units = units, sum(units)
             cfg.k = units
+            started = state and state["config"]  # a resumed run trains on with the budget it started with
+            if started and (started.get("k"), started.get("k_per_kind")) != (cfg.k, cfg.k_per_kind):
+                log.warning("resuming with the budget this run started with, %s, not the %s that the target gives "
+                            "now (a latency table measured again)", started.get("k_per_kind") or started.get("k"),
+                            cfg.k_per_kind or cfg.k)
+                cfg.k, cfg.k_per_kind = started.get("k"), started.get("k_per_kind")
             log.info("the budget keeps at most %s %s (before the dead heads of empty layers)",
                      f"{cfg.k_per_kind} (per kind)" if cfg.k_per_kind else cfg.k, UNIT_NAMES[gates.sites[0].unit])
             if not table:
@@ -360,7 +376,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
     log.info("%s %s: keeping %s of %d %s", cfg.mode, cfg.method, "those over 0.5" if threshold else
              f"{cfg.k_per_kind} (per kind)" if cfg.k_per_kind else cfg.k, gates.num_heads,
              UNIT_NAMES[gates.sites[0].unit])
-    with timed(seconds, "prune"):
+    with timed(seconds, "prune") as so_far:
         if cfg.method in TRAINED:
             selector = gates.selector
             on_epoch_end, keep_best = best_epoch_keeper(cfg, task, acc, model, evals, collate, out, extra)
@@ -382,7 +398,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
             mask, scores, info = choose_by_scores(
                 cfg, task, acc, model, gates, calibration, collate, evaluate_with, weights_digest=inputs["model"],
                 rounds_done=extra.get("michel_rounds"),
-                save_rounds=lambda rounds: save_rounds(acc, out, cfg, rounds, extra, seconds))
+                save_rounds=lambda rounds: save_rounds(acc, out, cfg, rounds, extra, so_far()))
     gates.fill = None  # zero again: the reconstruction puts the means into the weights
     info["allocation"] = "uniform" if uniform_allocation(cfg, gates.sites) else "global"
     if info["allocation"] == "uniform":  # as many per layer (of a kind), the best of each layer
@@ -411,12 +427,12 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
              extra["metrics_unpruned"])
     with timed(seconds, "save"):
         if acc.is_main_process:
-            size = _save_pruned(cfg, task, out, acc.unwrap_model(model), gates, tokenizer, mask, scores,
+            size = _save_pruned(cfg, task, stage_folder(out), acc.unwrap_model(model), gates, tokenizer, mask, scores,
                                 output_biases=bool(info.get("output_biases_added")))
             if size:
                 info["size"] = size
                 if "budget" in info:  # counted, or timed, on the smaller model itself
-                    info["budget"]["measured"] = (measured_speedup(cfg, out / "model", acc.device.type) if table
+                    info["budget"]["measured"] = (measured_speedup(cfg, stage_folder(out) / "model", acc.device.type) if table
                                                   else size["pruned"].get(info["budget"]["target"]))
                     log.info("budget: %s measured on the saved model: %s", info["budget"]["target"],
                              f"{info['budget']['measured']:,.4g}")
@@ -431,11 +447,9 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
                "kept_heads": kept, "metrics_pruned": metrics, "metrics_unpruned": extra["metrics_unpruned"],
                **info, **_common_results(cfg, task, data, seconds, state and state["step"])}
     if acc.is_main_process:
-        write_model_card(out / "model", results, command_of("prune", cfg))
-    _finish(acc, out, results, history, written={"model", "head_scores.json", "heads.png"})
-    if acc.is_main_process:
-        write_run_report(out, results, history)
-    return results
+        write_model_card(stage_folder(out) / "model", results, command_of("prune", cfg))
+        write_run_report(stage_folder(out), results, history)
+    return _finish(acc, out, results, history)
 
 
 def measured_speedup(cfg, folder: Path, device: str) -> float:
@@ -484,8 +498,8 @@ def _reconstruct(cfg, task, acc, model, gates, mask, calibration, collate, means
     return info
 
 
-def _save_pruned(cfg, task, out: Path, model, gates, tokenizer, mask, scores, output_biases=False) -> dict | None:
-    """Saves the model without the heads not kept; returns its size before and after (what the
+def _save_pruned(cfg, task, folder: Path, model, gates, tokenizer, mask, scores, output_biases=False) -> dict | None:
+    """Saves (in `folder`: the run's stage) the model without the heads not kept; returns its size before and after (what the
     shapes say: parameters, attention FLOPs, KV cache), None for --save-format zeroed (same shapes)."""
     heads, kept, unit = gates.heads, gates.kept_heads(mask), cfg.unit  # before the heads go
     detach_gates(model)
@@ -497,17 +511,17 @@ def _save_pruned(cfg, task, out: Path, model, gates, tokenizer, mask, scores, ou
     if output_biases:
         record["output_biases"] = True
     if cfg.save_format == "physical":
-        save_pruned(model, out / "model", kept, tokenizer, unit=cfg.unit, **record)
+        save_pruned(model, folder / "model", kept, tokenizer, unit=cfg.unit, **record)
     else:
         zero_pruned_heads(gates.sites, mask)
         model.config.headprune = {"kept_heads": kept, "physical": False, "unit": cfg.unit, **record}
-        with atomic_folder(out / "model") as tmp:
+        with atomic_folder(folder / "model") as tmp:
             task.save(model, tokenizer, tmp)
     score_name = {"michel": "pruning_round", "random": "kept", **dict.fromkeys(SCORED, "score")}.get(cfg.method, "logit")
-    write_json(out / "head_scores.json", [
+    write_json(folder / "head_scores.json", [
         {"kind": kind, "layer": layer, "head": head, score_name: score, "kept": bool(m)}
         for (kind, layer, head), score, m in zip(heads, scores.tolist(), mask.tolist())])
-    plot_head_map(out / "heads.png", heads, scores.tolist(), kept,
+    plot_head_map(folder / "heads.png", heads, scores.tolist(), kept,
                   f"{cfg.method} {cfg.mode}: {len(kept)} of {len(heads)} heads kept",
                   score_label=score_name.replace("_", " "))
     if cfg.save_format == "physical":

@@ -27,7 +27,8 @@ from .budget import budget_units
 from .config import (GATED_METHODS, SCORED, SHRINKING, TARGETS, PruneConfig, SweepConfig, ablation_in_effect,
                      checkpoints_activations, default_of)
 from .errors import ConfigError, OutputExistsError, first_line
-from .outputs import RESULTS, atomic_path, checkpoint_folder
+from .checkpoint import checkpoint_config
+from .outputs import RESULTS, atomic_path, checkpoint_folder, settle_stopped_run
 from .outputs import check_not_inside
 from .recipes import check_budget, check_split, input_paths, prune
 from .report import plot_sweep
@@ -178,15 +179,21 @@ def read_results(folder: Path) -> dict:
 
 
 def stale_runs(runs: list[PruneConfig]) -> dict[str, str]:
-    """Finished runs whose recorded settings differ from the plan: folder name -> what changed."""
+    """Finished or stopped runs whose recorded settings differ from the plan: folder name -> what
+    changed (a stopped one's checkpoint would be refused by its run, after the runs before it)."""
     stale = {}
     for run in runs:
-        path = Path(run.output_dir) / RESULTS
-        if path.exists():
-            saved = read_results(path.parent)["config"]
-            changed = changed_settings(saved, run)
-            if changed:
-                stale[path.parent.name] = describe_changes(changed)
+        folder = Path(run.output_dir)
+        settle_stopped_run(folder)  # a run stopped while its files moved in: completed first
+        if (folder / RESULTS).exists():
+            saved = read_results(folder)["config"]
+        elif checkpoint_folder(folder) is not None:
+            saved = checkpoint_config(checkpoint_folder(folder))
+        else:
+            continue
+        changed = changed_settings(saved, run)
+        if changed:
+            stale[folder.name] = describe_changes(changed)
     return stale
 
 
@@ -239,7 +246,8 @@ def sweep(cfg: SweepConfig) -> list[dict]:
     if stale and not cfg.overwrite:
         first = next(iter(stale))
         raise OutputExistsError(
-            f"{out} holds {len(stale)} run(s) made with other settings (e.g. {first}: {stale[first]}); "
+            f"{out} holds {len(stale)} run(s), finished or stopped, made with other settings (e.g. {first}: "
+            f"{stale[first]}); "
             "pass --overwrite to run them again with these settings, or choose another --output-dir")
     joining, others = runs_outside_the_plan(cfg, {Path(run.output_dir).name for run in runs})
     if joining:

@@ -405,6 +405,9 @@ def _train(acc, cfg, out, model, optimizer, scheduler, train_set, collate, loss_
         log.info("resuming %s at step %d of %d", desc, step, last_step)
     log_every = max(1, min(10, last_step // 25))  # every 10 steps; at least 25 rows in short runs
     loss_sum, loss_count = torch.zeros((), device=acc.device), 0
+    if resume_state is not None and "loss_since_log" in extra:  # the next log row averages the same steps
+        loss_sum += extra["loss_since_log"][0]
+        loss_count = extra["loss_since_log"][1]
     kill_at = int(os.environ.get(KILL_AT_STEP, "0"))
     started = time.perf_counter()
 
@@ -481,6 +484,7 @@ def _train(acc, cfg, out, model, optimizer, scheduler, train_set, collate, loss_
                 training_mode(model, selector, dropout)
             if checkpoint_due:
                 flush_norms()
+                extra["loss_since_log"] = [loss_sum.item(), loss_count]
                 so_far = {**seconds, phase: round(seconds.get(phase, 0.0) + time.perf_counter() - started, 2)}
                 save_checkpoint(acc, out, cfg, model, optimizer, scheduler, step, history, extra, so_far)
                 saved_step = step

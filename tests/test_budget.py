@@ -280,6 +280,48 @@ def test_the_default_allocation_spreads_dsp_on_text_classifiers_where_each_layer
         assert not uniform_allocation(PruneConfig(k=k, method="michel"), sites)
 
 
+def test_a_resumed_speed_target_run_keeps_the_budget_it_started_with(tiny_finetuned, tmp_path, monkeypatch, caplog):
+    """The latency table measured again (cache gone, another machine) may give another k: the
+    checkpoint's scores learned for the first, so the run goes on with it."""
+    import json
+
+    import headprune.measure as measure
+    import headprune.train as train_mod
+
+    def clock(base):  # `base` ms plus 1 ms a kept head
+        return lambda models, run, *a: {name: {"median": base + 0.001 * sum(s.num_heads for s in find_sites(m))}
+                                        for name, m in models.items()}
+
+    def run(out, **kw):
+        return prune(tiny(*tiny_finetuned, out, k=None, target_speedup=1.3, at_batch_size=4, at_length=16,
+                          checkpoint_every=2, **kw))
+    monkeypatch.setattr(measure, "alternate", clock(0.008))  # whole 16 ms: 1.3x keeps 4 heads
+    monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path / "cache-a"))
+    whole = run(tmp_path / "whole")
+    assert whole["config"]["k"] == 4
+
+    class Killed(BaseException):
+        pass
+
+    real_save = train_mod.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise Killed
+    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        run(tmp_path / "killed")
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    monkeypatch.setattr(measure, "alternate", clock(0.010))  # whole 18 ms: 1.3x would keep 3
+    monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path / "cache-b"))
+    resumed = run(tmp_path / "killed")
+    assert "resuming with the budget this run started with, 4, not the 3 that the target gives now" in caplog.text
+    assert resumed["config"]["k"] == 4 and resumed["resumed_from_step"] == 2
+    scores = [[h["logit"] for h in json.loads((tmp_path / out / "head_scores.json").read_text())]
+              for out in ("whole", "killed")]
+    assert scores[1] == pytest.approx(scores[0], abs=1e-9)
+
+
 def test_a_killed_run_with_a_size_budget_resumes(tiny_lm, tmp_path):
     """Its k follows from the budget: the command's placeholder k is not a change of settings."""
     import json

@@ -16,7 +16,7 @@ from headprune.cli import main
 from headprune.config import FinetuneConfig
 from headprune.data import load_classification
 from headprune.errors import CheckpointError, DataError, ModelError, OutputExistsError
-from headprune.outputs import atomic_folder, check_output_dir
+from headprune.outputs import atomic_folder, settle_stopped_run
 from headprune.pruning import load_pruned
 from headprune.recipes import finetune, prune
 
@@ -229,7 +229,7 @@ def test_a_kill_while_saving_leaves_the_earlier_folder_whole(tmp_path):
     assert run.returncode == -9
     assert json.loads((model / "config.json").read_text()) == {"earlier": True}
     assert [p.name for p in tmp_path.glob(".model.*.tmp")]  # the half-written one is aside
-    check_output_dir(tmp_path, overwrite=True)  # the next run (a model, no results: --overwrite) clears it
+    settle_stopped_run(tmp_path)  # the next run in this folder clears it first
     assert not list(tmp_path.glob(".model.*.tmp"))
     with pytest.raises(RuntimeError):
         with atomic_folder(model) as tmp:

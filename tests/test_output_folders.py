@@ -2,11 +2,13 @@
 complete, and never follows a symbolic link out of its folder."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from conftest import one_line_error, tiny
 
 import headprune.outputs as outputs
+import headprune.recipes as recipes
 import headprune.selection as selection
 import headprune.tasks.classification as classification_task
 from headprune.errors import OutputExistsError
@@ -76,6 +78,64 @@ def test_a_new_run_that_fails_leaves_the_earlier_run_whole(tiny_finetuned, tmp_p
     with pytest.raises(RuntimeError, match="failed"):
         prune(tiny(model, data, tmp_path, method="random", overwrite=True))
     assert snapshot(tmp_path) == before
+
+
+class Killed(BaseException):
+    """A kill at that point (no handler catches it)."""
+
+
+def visible(folder):
+    return {name: data for name, data in snapshot(folder).items() if not name.startswith(outputs.STAGE)}
+
+
+@pytest.mark.parametrize("earlier", [False, True])
+def test_a_run_stopped_before_its_files_are_in_place_leaves_none_of_them_and_runs_again(
+        tiny_finetuned, tmp_path, monkeypatch, earlier):
+    """Its model, scores, plots and report wait in the stage: an earlier run stays whole, and the same
+    command runs again (a scored method has no checkpoint: its model alone used to block the rerun)."""
+    model, data = tiny_finetuned
+    if earlier:
+        prune(tiny(model, data, tmp_path, method="random"))
+    before = visible(tmp_path)
+    real_finish = recipes.finish_run
+
+    def killed(*args, **kwargs):
+        raise Killed
+    monkeypatch.setattr(recipes, "finish_run", killed)
+    with pytest.raises(Killed):
+        prune(tiny(model, data, tmp_path, method="flap", overwrite=earlier))
+    assert visible(tmp_path) == before
+    assert {"model", "head_scores.json", "heads.png", "report.md"} <= {p.name for p in (tmp_path / outputs.STAGE).iterdir()}
+    monkeypatch.setattr(recipes, "finish_run", real_finish)
+    results = prune(tiny(model, data, tmp_path, method="flap", overwrite=earlier))
+    assert json.loads((tmp_path / "results.json").read_text())["method"] == results["method"] == "flap"
+    assert not (tmp_path / outputs.STAGE).exists()
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["headprune"]["method"] == "flap"
+
+
+def test_a_kill_while_the_files_move_in_is_completed_at_the_next_start(tiny_finetuned, tmp_path, monkeypatch):
+    """results.json is the last file in: a kill before it leaves the run to be completed, its report
+    included and its checkpoint gone, not a run that looks finished without them."""
+    model, data = tiny_finetuned
+    whole = prune(tiny(model, data, tmp_path / "whole", checkpoint_every=2))
+    moves, real_replace = [], outputs.os.replace
+
+    def replace_then_die(source, target):  # the third of the staged files to move in: killed
+        if Path(source).parent.name == outputs.STAGE != Path(target).parent.name:
+            if len(moves) == 2:
+                raise Killed
+            moves.append(target)
+        real_replace(source, target)
+    monkeypatch.setattr(outputs.os, "replace", replace_then_die)
+    with pytest.raises(Killed):
+        prune(tiny(model, data, tmp_path / "killed", checkpoint_every=2))
+    monkeypatch.setattr(outputs.os, "replace", real_replace)
+    killed = tmp_path / "killed"
+    assert not (killed / "results.json").exists() and not (killed / "checkpoint").exists()
+    outputs.settle_stopped_run(killed)  # what the next command in this folder does first
+    assert sorted(p.name for p in killed.iterdir()) == sorted(p.name for p in (tmp_path / "whole").iterdir())
+    assert json.loads((killed / "results.json").read_text())["kept_heads"] == [list(h) for h in whole["kept_heads"]]
+    assert (killed / "report.md").is_file() and (killed / "training.png").is_file()
 
 
 def test_an_earlier_run_that_cannot_be_replaced_is_refused_before_anything_is_touched(

@@ -50,6 +50,25 @@ def test_a_killed_run_resumes_to_the_same_heads(tiny_finetuned, tmp_path, mode):
     assert [r["logit"] for r in lb] == pytest.approx([r["logit"] for r in la], abs=1e-9)
 
 
+def test_a_resumed_run_logs_the_same_losses(tiny_finetuned, tmp_path):
+    """A log row averages the steps since the last one, those before the checkpoint included: 72
+    steps, a row every 2, a checkpoint every 5 (the row at step 6 averages steps 5 and 6)."""
+    model, data = tiny_finetuned
+
+    def args(out):
+        return ["prune", "--model", model, "--dataset", data, "--k", 3, "--batch-size", 2, "--max-train-examples", 144,
+                "--checkpoint-every", 5, "--output-dir", out]
+    assert cli(*args(tmp_path / "whole")).returncode == 0
+    assert cli(*args(tmp_path / "killed"), env={"HEADPRUNE_KILL_AT_STEP": "7"}).returncode == -9
+    assert cli(*args(tmp_path / "killed")).returncode == 0
+
+    def losses(out):
+        return [(row["step"], row["loss"]) for row in map(json.loads, (out / "train_log.jsonl").read_text().splitlines())]
+    whole, resumed = losses(tmp_path / "whole"), losses(tmp_path / "killed")
+    assert [step for step, _ in resumed] == [step for step, _ in whole] and whole[2][0] == 6
+    assert [loss for _, loss in resumed] == pytest.approx([loss for _, loss in whole], rel=1e-6)
+
+
 def test_a_killed_michel_curve_resumes_without_scoring_its_rounds_again(tiny_finetuned, tmp_path):
     model, data = tiny_finetuned
 
@@ -60,7 +79,10 @@ def test_a_killed_michel_curve_resumes_without_scoring_its_rounds_again(tiny_fin
     assert whole.returncode == 0, whole.stderr
     killed = cli(*args(tmp_path / "killed"), env={"HEADPRUNE_KILL_AT_STEP": "4"})  # after the fourth mask's part
     assert killed.returncode == -9 and not (tmp_path / "killed" / "results.json").exists()
-    assert json.loads((tmp_path / "killed" / "checkpoint" / "state.json").read_text())["__items__"][0] == ["step", 4]
+    state = dict(json.loads((tmp_path / "killed" / "checkpoint" / "state.json").read_text())["__items__"])
+    assert state["step"] == 4
+    seconds_before = dict(state["seconds"]["__items__"])  # the rounds' time so far, not only loading's
+    assert seconds_before["prune"] > 0
     resumed = cli(*args(tmp_path / "killed"))
     assert resumed.returncode == 0, resumed.stderr
     assert "michel: resuming with 4 masks scored or evaluated before" in resumed.stderr
@@ -68,6 +90,7 @@ def test_a_killed_michel_curve_resumes_without_scoring_its_rounds_again(tiny_fin
     b = json.loads((tmp_path / "killed" / "results.json").read_text())
     assert b["kept_heads"] == a["kept_heads"] and b["curve"] == a["curve"] and len(a["curve"]) == 6
     assert b["metrics_pruned"] == a["metrics_pruned"] and b["resumed_from_step"] == 4
+    assert b["seconds"]["prune"] >= seconds_before["prune"]
     assert not (tmp_path / "killed" / "checkpoint").exists()
 
 

@@ -94,7 +94,7 @@ def test_a_sweep_into_a_folder_of_other_settings_refuses_or_redoes_them(tiny_fin
     model, data = tiny_finetuned
     small = dict(methods=["dsp", "random"], ks=[2], seeds=[0])
     sweep(sweep_cfg(model, data, tmp_path, **small))
-    with pytest.raises(sweep_mod.OutputExistsError, match="2 run\\(s\\) made with other settings .*max_length: 128 -> 16.*--overwrite"):
+    with pytest.raises(sweep_mod.OutputExistsError, match="2 run\\(s\\), finished or stopped, made with other settings .*max_length: 128 -> 16.*--overwrite"):
         sweep(sweep_cfg(model, data, tmp_path, max_length=16, **small))
     calls = []
     real_prune = sweep_mod.prune

@@ -124,3 +124,32 @@ def test_a_budget_per_kind_replaces_the_ks_with_a_warning(tiny_finetuned, tmp_pa
     sweep(sweep_cfg(model, data, tmp_path, ks=[2, 4], seeds=[0], k_per_kind=[3]))
     assert "--k-per-kind sets each run's budget: --ks 2 4 is not used" in caplog.text
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["random-pipelined-k3-s0"]
+
+
+def test_a_stopped_run_with_other_settings_is_named_before_the_first_run_and_overwritten(
+        tiny_finetuned, tmp_path, monkeypatch):
+    """Its checkpoint would be refused only when its turn came; with --overwrite it is made again."""
+    import headprune.train as train_mod
+    model, data = tiny_finetuned
+    real_save = train_mod.save_checkpoint
+
+    class Killed(BaseException):
+        pass
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise Killed
+    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        sweep(sweep_cfg(model, data, tmp_path, methods=["dsp"], ks=[3], seeds=[0], checkpoint_every=2))
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    assert (tmp_path / "dsp-pipelined-k3-s0" / "checkpoint").is_dir()
+    monkeypatch.setattr(sweep_mod, "prune", lambda *a, **k: pytest.fail("a run started"))
+    with pytest.raises(OutputExistsError, match="holds 1 run.s., finished or stopped, made with other settings "
+                                                r"\(e.g. dsp-pipelined-k3-s0: epochs: 1.0 -> 2.0\)"):
+        sweep(sweep_cfg(model, data, tmp_path, methods=["dsp"], ks=[3], seeds=[0], checkpoint_every=2, epochs=2))
+    monkeypatch.undo()
+    sweep(sweep_cfg(model, data, tmp_path, methods=["dsp"], ks=[3], seeds=[0], checkpoint_every=2, epochs=2,
+                    overwrite=True))
+    results = json.loads((tmp_path / "dsp-pipelined-k3-s0" / "results.json").read_text())
+    assert results["config"]["epochs"] == 2 and results["resumed_from_step"] is None
