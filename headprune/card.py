@@ -114,7 +114,7 @@ def model_card(results: dict, command: str, folder_name: str = "model") -> str:
             f"{results['mode']}, unit `{results.get('unit', 'group')}`"
             + (f", reconstruction `{results['reconstruct']}`" if results.get("reconstruct") else "") + ".", "",
             f"{metric.capitalize()}:", "", *_metrics_table(results), "",
-            "Kept per layer (layers that keep none skip their attention):", "",
+            "Kept per layer (a layer that keeps none gives its output projection's bias):", "",
             "| kind | " + " | ".join(f"layer {i}" for i in range(1 + max(layer for _, layer in per_layer))) + " |"
             if per_layer else "(no head kept)"]
     if per_layer:

@@ -638,7 +638,7 @@ class MeasureConfig(Checked):
     beams: list = option([1, 5], "Models that generate: beam sizes of the generation timings (1: greedy).",
                          nargs="+", type=int, min=1)
     generate_tokens: int = option(32, "Models that generate: tokens each generation produces (exactly).", min=1)
-    device: str = option("cpu", "cpu or cuda.")
+    device: str = option("cpu", "cpu or cuda.", choices=["cpu", "cuda"])
     runtime: str = option("torch", "What runs the two models: torch, or onnxruntime (both exported to ONNX "
                           "first, run by its CPU provider; classifiers of text or images).",
                           choices=["torch", "onnxruntime"])

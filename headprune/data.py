@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 from datasets import Dataset, load_dataset
 
-from .errors import DataError
+from .errors import DataError, first_line
 
 log = logging.getLogger("headprune")
 
@@ -257,7 +257,10 @@ def _complete_rows(rows: list[dict], where: list[str], file, text_columns: list[
 
 
 def _decode(path: Path) -> str:
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as err:  # a folder, a file that cannot be read
+        raise DataError(f"cannot read {path}: {err.strerror or first_line(err)}") from err
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:

@@ -44,3 +44,12 @@ def first_line(err: Exception) -> str:
     """The headline of an exception from a library, for a one-line message."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def require(*modules: str, extra: str) -> None:
+    """Refuse in one line, before any work, a command whose optional packages are missing."""
+    from importlib.util import find_spec
+    missing = [name for name in modules if find_spec(name) is None]
+    if missing:
+        raise ConfigError(f"this needs {', '.join(missing)}: pip install 'headprune[{extra}]' "
+                          f"(or pip install {' '.join(missing)})")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import ModelError, OutputExistsError
+from .errors import ModelError, OutputExistsError, require
 from .outputs import atomic_path, check_writable, nearest_existing
 from .pruning import load_pruned, load_pruned_config
 
@@ -80,6 +80,7 @@ def check_output(cfg) -> None:
 
 def export_onnx(cfg) -> dict:
     """Write cfg.model as ONNX to cfg.output after checking it in ONNX Runtime; what was checked."""
+    require("onnx", "onnxruntime", "onnxscript", extra="onnx")
     output = Path(cfg.output)
     check_output(cfg)
     config = load_pruned_config(cfg.model)

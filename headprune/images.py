@@ -9,7 +9,7 @@ from pathlib import Path
 
 from datasets import ClassLabel, Dataset, Image
 
-from .errors import DataError
+from .errors import DataError, first_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 DIGITS_EVAL_SIZE = 300
@@ -116,7 +116,7 @@ def _hub_images(name: str) -> ImageData:
     try:
         splits = load_dataset(path, config or None)
     except Exception as err:  # datasets raises many kinds (offline, missing, bad config)
-        raise DataError(f"cannot load the image set {name!r}: {str(err).splitlines()[0]}") from err
+        raise DataError(f"cannot load the image set {name!r}: {first_line(err)}") from err
     if "train" not in splits:
         raise DataError(f"{name!r} has no train split (it has {', '.join(splits)})")
     missing = {"image", "label"} - set(splits["train"].column_names)

@@ -30,10 +30,9 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from .config import PruneConfig
+from .config import TRAINED_METHODS, PruneConfig
 from .errors import ConfigError, OutputExistsError
 from .gates import attach_gates, detach_gates
-from .methods import TRAINED
 from .pruning import save_pruned
 from .selection import selector_and_optimizer
 from .sites import UNIT_NAMES, find_sites
@@ -48,8 +47,8 @@ class HeadPruningCallback(TrainerCallback):
         `options`: any other option of `PruneConfig` (schedule, l0_lambda, seed, ...). The pruned model
         goes to `output_dir` (default: the Trainer's output_dir/pruned); a folder that holds files
         already is refused when training begins, unless `overwrite`."""
-        if method not in TRAINED:
-            raise ConfigError(f"the callback trains head scores: method must be one of {', '.join(TRAINED)}, "
+        if method not in TRAINED_METHODS:
+            raise ConfigError(f"the callback trains head scores: method must be one of {', '.join(TRAINED_METHODS)}, "
                               f"not {method!r} (scored methods run after training: headprune prune)")
         self.cfg = PruneConfig(method=method, mode="joint", k=k, **options)
         if self.cfg.k < 1:
@@ -74,7 +73,7 @@ class HeadPruningCallback(TrainerCallback):
         if self.cfg.k > units:
             raise ConfigError(f"k={self.cfg.k} is more than the {units} {UNIT_NAMES[sites[0].unit]} of this model")
         self.gates = attach_gates(model, self.cfg.unit)
-        selector, self.optimizer, self.scheduler, self.info = selector_and_optimizer(
+        selector, self.optimizer, self.scheduler, _ = selector_and_optimizer(
             self.cfg, self.gates.num_heads, state.max_steps)
         self.gates.selector = selector.to(next(model.parameters()).device)
         log.info("headprune: %s keeps %d of %d heads over %d steps", self.cfg.method, self.cfg.k,

@@ -21,7 +21,7 @@ import logging
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 from .measure import time_forward_or_generation
 from .outputs import atomic_path, cache_root
 from .progress import progress_bar
@@ -44,8 +44,12 @@ def latency_table(model, unit: str, batch: int, length: int, device: str, new_to
     `length` tokens)."""
     path = cache_root() / "latency" / f"{_key(model, unit, batch, length, device, new_tokens)}.json"
     if path.is_file():
-        log.info("latency table measured before on this machine (%s)", path)
-        return json.loads(path.read_text())
+        try:
+            table = json.loads(path.read_text())
+            log.info("latency table measured before on this machine (%s)", path)
+            return table
+        except (OSError, ValueError) as err:  # a cache only saves time: measured again
+            log.warning("the cached latency table %s is unreadable (%s): measuring it again", path, first_line(err))
     whole, was_training = model, model.training  # timed as it is; the pruned copies one at a time
     whole.eval()
     sites = find_sites(whole, unit)
@@ -89,9 +93,12 @@ def latency_table(model, unit: str, batch: int, length: int, device: str, new_to
         table["check"] = _check(table, whole, sites, unit, timed)
     bar.close()
     whole.train(was_training)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(table))
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(table))
+    except OSError as err:  # the run goes on with the table it measured
+        log.warning("cannot cache the latency table in %s (%s): the next run measures it again", path,
+                    err.strerror or first_line(err))
     return table
 
 

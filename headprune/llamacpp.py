@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import ConfigError, ModelError
+from .errors import ConfigError, ModelError, require
 from .outputs import atomic_path
 from .pruning import load_pruned, load_pruned_config
 from .sites import DEAD_HEAD, find_sites
@@ -35,7 +35,6 @@ from .sites import DEAD_HEAD, find_sites
 log = logging.getLogger(__name__)
 
 ARCH = "deci"
-DTYPES = ("f32", "f16", "q8_0")
 
 
 def _ggml_type(name: str):
@@ -122,6 +121,7 @@ def tokenizer_fields(path, vocab_size: int) -> list:
 
 def export_gguf(cfg) -> dict:
     """Write the model folder cfg.model as a GGUF file cfg.output for llama.cpp's `deci` graph."""
+    require("gguf", extra="llm")
     from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
     from gguf.quants import quantize
 

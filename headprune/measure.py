@@ -20,7 +20,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import MeasureConfig
-from .errors import ConfigError, ModelError, OutputExistsError, first_line
+from .errors import ConfigError, OutputExistsError, require
 from .outputs import check_not_inside, check_writable
 from .sites import UNIT_NAMES, find_sites, in_features, out_features
 
@@ -179,11 +179,11 @@ def time_forward_or_generation(models: dict, batch: int, length: int, new_tokens
 
 def load_models(cfg: MeasureConfig) -> dict:
     """The pruned model and its original (the same architecture at full size, unless --original)."""
-    from safetensors import SafetensorError
     from transformers import AutoConfig
 
     from .pruning import SAFE, SAFE_WEIGHTS, load_pruned, model_class_of, model_from_config
     from .tasks import Task
+    from .tasks.base import loading_weights
 
     pruned = load_pruned(cfg.pruned, attn_implementation=cfg.attn_implementation)
     cls = model_class_of(pruned.config)
@@ -193,10 +193,8 @@ def load_models(cfg: MeasureConfig) -> dict:
         if (getattr(config, "headprune", None) or {}).get("physical"):
             raise ConfigError(f"--original {cfg.original} is a pruned model itself: give the model "
                               f"{cfg.pruned} was pruned from")
-        try:
+        with loading_weights(f"--original {cfg.original}"):
             original = cls.from_pretrained(path, attn_implementation=cfg.attn_implementation, **SAFE_WEIGHTS)
-        except (OSError, ValueError, RuntimeError, SafetensorError) as err:
-            raise ModelError(f"cannot load the weights of --original {cfg.original}: {first_line(err)}") from err
     else:
         config = AutoConfig.from_pretrained(cfg.pruned, attn_implementation=cfg.attn_implementation, **SAFE)
         original = model_from_config(cls, config)  # in the pruned model's dtype
@@ -224,6 +222,8 @@ def check_original(cfg: MeasureConfig, pruned, original) -> None:
 def measure(cfg: MeasureConfig, progress=print) -> dict:
     if cfg.pruned is None:
         raise ConfigError("give the pruned model's folder with --pruned")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: torch sees no CUDA device on this machine (is a CUDA build of torch installed?)")
     if cfg.output_dir and (Path(cfg.output_dir) / "measure.json").exists() and not cfg.overwrite:
         raise OutputExistsError(f"{cfg.output_dir} already holds measure.json; pass --overwrite "
                                 "or choose another --output-dir")
@@ -244,6 +244,7 @@ def measure(cfg: MeasureConfig, progress=print) -> dict:
         raise ConfigError(f"--lengths {max(cfg.lengths)}: longer than the model's {positions} positions")
     if cfg.runtime == "onnxruntime":
         from .export import classifier_kind
+        require("onnx", "onnxruntime", "onnxscript", extra="onnx")
         if cfg.device != "cpu":
             raise ConfigError("--runtime onnxruntime runs on its CPU provider here: use --device cpu")
         if classifier_kind(config) is None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from datasets import Dataset
 
 from .data import read_records
-from .errors import DataError
+from .errors import DataError, first_line
 
 DING_FILE = Path("/usr/share/trans/de-en")
 DING_SEED, DING_TEST, DING_VALID = 0, 1000, 500
@@ -44,6 +44,8 @@ def _lines(path: Path) -> list[str]:
         return [line.removesuffix("\r") for line in text.removesuffix("\n").split("\n")] if text else []
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+    except OSError as err:  # a folder, a file that cannot be read
+        raise DataError(f"cannot read {path}: {err.strerror or first_line(err)}") from err
 
 
 def _pairs(source: Path, target: Path, drop: bool, dropped: dict) -> Dataset:
@@ -78,7 +80,7 @@ def parallel_folder(folder: Path, source_lang: str, target_lang: str, drop: bool
         raise DataError(f"{folder} holds no evaluation split (valid.{source_lang}, test.{source_lang}, ...)")
     dropped: dict = {}
     splits = {n: _pairs(folder / f"{n}.{source_lang}", folder / f"{n}.{target_lang}", drop, dropped) for n in names}
-    sample = (folder / f"train.{source_lang}").read_text(encoding="utf-8", errors="replace")[:200_000]
+    sample = "\n".join(_lines(folder / f"train.{source_lang}"))[:200_000]  # read once already: readable UTF-8
     tokenized = " &apos;" in sample or " &quot;" in sample or bool(re.search(r"\w @@|@@ \w", sample)) \
         or bool(re.search(r"\w \.$", sample, flags=re.M))
     return ParallelData(splits.pop("train"), splits, source_lang, target_lang, tokenized, dropped)
@@ -194,14 +196,23 @@ def _from_hub(name: str, source_lang: str, target_lang: str) -> ParallelData:
     try:
         splits = load_dataset(path, config or None)
     except Exception as err:
-        raise DataError(f"cannot load {name!r} through datasets: {str(err).splitlines()[0]}") from err
+        raise DataError(f"cannot load {name!r} through datasets: {first_line(err)}") from err
 
-    def convert(ds):
-        pairs = ds["translation"]
+    def convert(split):
+        if "translation" not in splits[split].column_names:
+            raise DataError(f"{name}: its {split} split has no 'translation' column (rows of "
+                            f"{{{source_lang!r}: ..., {target_lang!r}: ...}})")
+        pairs = splits[split]["translation"]
+        missing = {source_lang, target_lang} - set(pairs[0] if pairs else ())
+        if missing:
+            raise DataError(f"{name}: its translations have no {', '.join(sorted(missing))} "
+                            f"(they have {', '.join(sorted(pairs[0]))}); set --source-lang and --target-lang")
         return Dataset.from_dict({"source": [p[source_lang] for p in pairs], "target": [p[target_lang] for p in pairs]})
 
-    evals = {split: convert(splits[split]) for split in splits if split != "train"}
-    return ParallelData(convert(splits["train"]), evals, source_lang, target_lang)
+    if "train" not in splits:
+        raise DataError(f"{name} has no train split (it has {', '.join(splits)})")
+    evals = {split: convert(split) for split in splits if split != "train"}
+    return ParallelData(convert("train"), evals, source_lang, target_lang)
 
 
 def subsample(data: ParallelData, max_train: int | None, max_eval: int | None) -> ParallelData:

@@ -3,8 +3,10 @@
 `remove_heads` slices the pruned heads out of the query, key and value projections (their rows)
 and the output projection (its columns), and out of whatever else the site holds per head (position
 bias tables, norms, sinks: see AttentionSite), site by site, so each layer keeps its own number of
-heads; the attention code infers the head count from the tensor shapes. A site left with no heads
-skips attention: its output is the output projection's bias, exactly what the masked model gives.
+heads; the attention code infers the head count from the tensor shapes. An encoder site left with
+no heads skips attention: its output is the output projection's bias, exactly what the masked model
+gives; a decoder (self or cross) site keeps one dead head, its output projection zero, so that the
+key/value cache keeps a tensor per layer.
 
 `save_pruned` writes a standard model folder whose config.json records the kept heads
 (`headprune.kept_heads`, in the original numbering, with a checksum); `load_pruned` rebuilds those
@@ -479,7 +481,7 @@ def load_pruned(folder, model_class=None, **config_kwargs) -> nn.Module:
                 "(without model_class) and use its .base_model for the model without its head") from err
         raise PrunedCheckpointError(
             f"the weights in {folder} do not match the heads its config.json records "
-            f"({len(kept)} kept heads): {str(err).splitlines()[0]} ... "
+            f"({len(kept)} kept heads): {first_line(err)} ... "
             "was config.json edited or were the weights replaced?") from err
     except (OSError, ValueError, SafetensorError) as err:
         raise PrunedCheckpointError(f"cannot read the weights in {folder}: {err}") from err

@@ -1,6 +1,7 @@
 """Runnable recipes: fine-tune a model for a task, prune its heads, and the demo that chains them.
 
-The task (`--task`: classification or translation, see headprune/tasks/) gives the data, the
+The task (`--task`: text classification, translation, language modelling or image classification,
+see headprune/tasks/) gives the data, the
 model, the loss and the metric; everything here is the same for every task. Each recipe checks
 everything it can (options, model config and architecture, budget, output folder, checkpoint,
 data) before any long work starts, then trains, evaluates and writes its output folder (the final
@@ -31,15 +32,14 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from .card import command_of, write_model_card
-from .config import (DEMO_DIR, SCORED, FinetuneConfig, PruneConfig, ablation_in_effect, pruning_dropout_in_effect,
-                     reconstruct_in_effect)
+from .config import (DEMO_DIR, SCORED, TRAINED_METHODS, FinetuneConfig, PruneConfig, ablation_in_effect,
+                     pruning_dropout_in_effect, reconstruct_in_effect)
 from .digests import cached_metrics, digest_of_weights, metrics_key, remember_metrics, run_inputs
 from .errors import ConfigError, HeadpruneError
 from .budget import budget_units, check_reachable, fit, speed_units, uniform_allocation, uniform_mask
 from .gates import attach_gates, detach_gates
 from .latency import latency_table
 from .measure import is_generator, sequence_length, size_facts
-from .methods import TRAINED
 from .outputs import (BEST, RESULTS, atomic_folder, check_not_inside, check_output_dir, finish_run, remove_path,
                       settle_stopped_run, stage_folder,
                       folder_bytes, versions, write_json, write_jsonl)
@@ -207,8 +207,6 @@ def best_epoch_keeper(cfg, task, acc, model, evals: dict, collate, out: Path, ex
     checkpoints keep, so resuming keeps the choice. `restore()` loads the best weights back."""
     if not cfg.select_by:
         return None, lambda: None
-    if cfg.select_by not in evals:
-        raise ConfigError(f"--select-by {cfg.select_by!r}: the evaluation splits are {', '.join(evals)}")
     from safetensors.torch import load_file, save_file
 
     def on_epoch_end(epoch: int) -> None:
@@ -295,7 +293,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
     if cfg.k < 1 and not threshold and not cfg.k_per_kind:
         raise ConfigError(f"k={cfg.k}: at least one head must be kept")
     pipelined = cfg.mode == "pipelined"
-    if cfg.method not in TRAINED and not pipelined:
+    if cfg.method not in TRAINED_METHODS and not pipelined:
         raise ConfigError(f"{cfg.method} prunes a fine-tuned model and trains nothing: use --mode pipelined")
     task = get_task(cfg.task)
     path, config, counts, units = task.inspect(cfg.model, require_finetuned=pipelined, unit=cfg.unit,
@@ -343,7 +341,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
             gates.fill = [mean.float().to(acc.device) for mean in means]
         if pipelined:  # the fine-tuned weights stay as they are (dropout: --pruning-dropout)
             model.requires_grad_(False)
-        if cfg.method in TRAINED:
+        if cfg.method in TRAINED_METHODS:
             optimizer, scheduler, info = attach_selector(cfg, task, model, gates, train_set, acc)
             model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
             if state:
@@ -377,7 +375,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
              f"{cfg.k_per_kind} (per kind)" if cfg.k_per_kind else cfg.k, gates.num_heads,
              UNIT_NAMES[gates.sites[0].unit])
     with timed(seconds, "prune") as so_far:
-        if cfg.method in TRAINED:
+        if cfg.method in TRAINED_METHODS:
             selector = gates.selector
             on_epoch_end, keep_best = best_epoch_keeper(cfg, task, acc, model, evals, collate, out, extra)
             info["pruning_dropout"] = pruning_dropout_in_effect(vars(cfg))

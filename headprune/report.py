@@ -1,5 +1,5 @@
 """What a person reads: the heat map of kept heads, training curves and a Markdown page per run;
-the metric-versus-heads plot and the tables of a sweep."""
+the metric-versus-heads plot of a sweep (its tables: sweep.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .outputs import atomic_path  # noqa: E402
+from .train import LIVE_GRADIENT  # noqa: E402
 
 
 def plot_head_map(path: Path, heads: list[tuple[str, int, int]], scores: list[float],
@@ -97,7 +98,7 @@ def write_run_report(out: Path, results: dict, history: list[dict]) -> None:
         lines.append(f"- heads with gate > 0.5 (what lambda gave): {results['heads_on_by_threshold']}; "
                      f"selection: {results['selection']}")
     if results.get("live_steps") is not None:
-        lines.append(f"- the head scores had a gradient (above 1e-6) in {results['live_steps']} of "
+        lines.append(f"- the head scores had a gradient (above {LIVE_GRADIENT:g}) in {results['live_steps']} of "
                      f"{results['steps']} steps" + (f"; from step {results['settle_step']} the kept heads "
                      "were fixed and only the weights trained" if "settle_step" in results else ""))
     if results.get("pruning_dropout") == "off":

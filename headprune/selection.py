@@ -126,7 +126,7 @@ def selector_and_optimizer(cfg: PruneConfig, num_heads: int, steps: int, budget=
                            betas=(0.9, 0.999)):
     """A trained method's selector for `steps` training steps, and AdamW with the scores in their
     own group at the method's pruning learning rate and schedule (plus `joint`: the model's
-    parameter group and its learning-rate factor, when the weights train too)."""
+    parameter group and its learning-rate schedule, when the weights train too)."""
     k = None if cfg.method == "voita" and cfg.voita_selection == "threshold" else cfg.k
     schedule = resolve_schedule(cfg, steps)
     learn_steps = schedule["learn_steps"]

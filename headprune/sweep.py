@@ -3,7 +3,8 @@
 Every run is an ordinary `prune` run in its own folder (`<method>-<mode>-k<k>-s<seed>`); a run
 whose folder holds results is not run again, and one that was interrupted resumes. Michel et al.
 is deterministic and yields every budget from one run (`michel-pipelined-s<seed>`, pruned down to
-the smallest k). Random heads and Michel need no training: they run pipelined only. At the end:
+the smallest k); the other scored methods are deterministic too (one seed, one run a k). Random
+heads and the scored methods train nothing: they run pipelined only. At the end:
 sweep.csv and sweep.md (one row per run and k, the metric on every evaluation split), summary.md
 (per split: mean, standard error and spread over seeds, compute and time per method), sweep.png
 (metric against kept heads on the reported split) and report.md linking them. Choose settings on

@@ -7,7 +7,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DataError
+from .errors import DataError, first_line
 
 
 @dataclass
@@ -44,7 +44,7 @@ def load_text(dataset: str, eval_files: list[str] | None = None, seed: int = 0) 
         try:
             splits = load_dataset(name, config or None)
         except Exception as err:  # the datasets library raises many kinds
-            raise DataError(f"cannot load {dataset}: {str(err).splitlines()[0]}") from err
+            raise DataError(f"cannot load {dataset}: {first_line(err)}") from err
         if "train" not in splits or "text" not in splits["train"].column_names:
             raise DataError(f"{dataset} needs a train split with a 'text' column")
         return TextData([t for t in splits["train"]["text"] if t.strip()],

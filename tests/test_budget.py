@@ -1,6 +1,8 @@
 """Budgets in parameters or key/value cache instead of heads (issue 24, in part): the cost of a
 unit against hand counts, the budget met exactly after save and load (dead heads included), and
 bad budgets refused in one line."""
+import json
+
 import pytest
 import torch
 from conftest import one_line_error, tiny, write_tiny_lm
@@ -105,6 +107,10 @@ def test_the_latency_table_from_pairs_of_timings_and_its_prediction(tiny_lm, tmp
     assert latency.predicted_seconds(table, sites, torch.tensor([1.0, 0, 1, 1, 0, 0])) == pytest.approx(0.013)
     monkeypatch.setattr(measure, "alternate", None)  # measured once: read back, not timed again
     assert latency.latency_table(model, "group", 2, 8, "cpu") == table
+    cached = next((tmp_path / "latency").glob("*.json"))
+    cached.write_text("{damaged")  # a damaged cache entry is measured again and replaced
+    monkeypatch.setattr(measure, "alternate", fake_alternate)
+    assert latency.latency_table(model, "group", 2, 8, "cpu") == table and json.loads(cached.read_text()) == table
     assert latency.even_mask(sites, 4).tolist() == [1, 1, 1, 0, 1, 0]  # 2, 1, 1 a layer
     # 16 / 14 ms: 4 groups spread 2, 1, 1 are predicted to give it; the fit drops the lowest-scored
     cfg = PruneConfig(task="causal-lm", target_speedup=16 / 14)
@@ -283,7 +289,6 @@ def test_the_default_allocation_spreads_dsp_on_text_classifiers_where_each_layer
 def test_a_resumed_speed_target_run_keeps_the_budget_it_started_with(tiny_finetuned, tmp_path, monkeypatch, caplog):
     """The latency table measured again (cache gone, another machine) may give another k: the
     checkpoint's scores learned for the first, so the run goes on with it."""
-    import json
 
     import headprune.measure as measure
     import headprune.train as train_mod
@@ -324,7 +329,6 @@ def test_a_resumed_speed_target_run_keeps_the_budget_it_started_with(tiny_finetu
 
 def test_a_killed_run_with_a_size_budget_resumes(tiny_lm, tmp_path):
     """Its k follows from the budget: the command's placeholder k is not a change of settings."""
-    import json
     import os
     import subprocess
     import sys

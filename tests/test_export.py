@@ -74,6 +74,19 @@ def test_export_refuses_bad_input_in_one_line(pruned, tmp_path, capsys):
                                                                             tmp_path / "a-folder"])
 
 
+def test_a_missing_optional_package_is_one_line_before_any_work(pruned, tmp_path, capsys, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("onnxruntime", "gguf") else real(name, *a))
+    line = one_line_error(capsys, ["export", "--model", pruned, "--output", tmp_path / "m.onnx"])
+    assert line.endswith("this needs onnxruntime: pip install 'headprune[onnx]' (or pip install onnxruntime)")
+    line = one_line_error(capsys, ["export", "--format", "gguf", "--model", pruned, "--output", tmp_path / "m.gguf"])
+    assert line.endswith("this needs gguf: pip install 'headprune[llm]' (or pip install gguf)")
+    line = one_line_error(capsys, ["measure", "--pruned", pruned, "--runtime", "onnxruntime", "--lengths", "16"])
+    assert "this needs onnxruntime" in line
+    assert not list(tmp_path.iterdir())
+
+
 def test_export_makes_the_missing_folders_of_its_output(pruned, tmp_path):
     out = tmp_path / "new" / "deeper" / "model.onnx"
     assert main(["export", "--model", str(pruned), "--output", str(out)]) == 0

@@ -90,3 +90,30 @@ def test_jsonl_records_are_not_cut_at_a_line_separator_inside_a_string(tmp_path)
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
     data = load_classification(str(tmp_path / "d.jsonl"))
     assert len(data.train) + len(data.evals["heldout"]) == 20
+
+
+def test_parallel_data_that_cannot_be_read_is_one_line(tmp_path):
+    """A folder where a file should be: a DataError naming it, no traceback."""
+    from headprune.errors import DataError
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    (pairs / "train.de").mkdir()
+    (pairs / "train.en").write_text("one\n")
+    (pairs / "test.de").write_text("eins\n")
+    (pairs / "test.en").write_text("one\n")
+    with pytest.raises(DataError, match=f"cannot read {pairs / 'train.de'}"):
+        load_parallel(str(pairs))
+
+
+@pytest.mark.parametrize("splits,message", [
+    ({"test": [{"de": "eins", "en": "one"}]}, "pairs has no train split \\(it has test\\)"),
+    ({"train": [{"fr": "un", "en": "one"}]}, "its translations have no de \\(they have en, fr\\)"),
+])
+def test_a_datasets_translation_set_without_what_it_needs_is_one_line(monkeypatch, splits, message):
+    import datasets
+
+    from headprune.errors import DataError
+    fake = datasets.DatasetDict({name: datasets.Dataset.from_dict({"translation": rows}) for name, rows in splits.items()})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: fake)
+    with pytest.raises(DataError, match=message):
+        load_parallel("hf:pairs")

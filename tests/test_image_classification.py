@@ -239,3 +239,20 @@ def test_a_datasets_image_set_by_name(tmp_path):
     assert data.label_names == ["cat", "dog"] and len(data.train) == 5 and list(data.evals) == ["test"]
     with pytest.raises(DataError, match="cannot load the image set"):
         load_images(f"hf:{tmp_path / 'nothing-here'}")
+
+
+def test_a_model_without_its_classifier_is_named_as_such_for_pipelined_pruning(tmp_path):
+    """The one-line reason, not wrapped as a failure to load the weights (they loaded)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import ViTImageProcessor
+    config = ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=37, num_labels=10)
+    ViTForImageClassification(config).save_pretrained(tmp_path / "base")
+    weights = tmp_path / "base" / "model.safetensors"  # the classifier's weights lost
+    save_file({k: v for k, v in load_file(weights).items() if not k.startswith("classifier")}, weights,
+              metadata={"format": "pt"})
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(tmp_path / "base")
+    with pytest.raises(ModelError) as refused:
+        prune(PruneConfig(task="image-classification", model=str(tmp_path / "base"), dataset="offline:digits", k=2,
+                          output_dir=str(tmp_path / "out")))
+    assert str(refused.value).startswith(f"'{tmp_path / 'base'}' is not a fine-tuned image classifier (it lacks")

@@ -173,4 +173,4 @@ def test_a_joint_run_settles_for_its_last_two_thirds(tiny_assets, tmp_path):
     assert all("noise_gap" not in row and row["score_grad_norm"] == 0 and row["heads_on"] == 4 for row in settled)
     assert results["live_steps"] <= 6
     report = (tmp_path / "report.md").read_text()
-    assert f"gradient (above 1e-6) in {results['live_steps']} of 18 steps; from step 6 the kept heads were fixed" in report
+    assert f"gradient (above 1e-06) in {results['live_steps']} of 18 steps; from step 6 the kept heads were fixed" in report

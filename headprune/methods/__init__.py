@@ -1,11 +1,12 @@
 """Pruning methods.
 
-Trained methods are *selectors*: nn.Modules whose forward returns one mask value per head
-(training: a relaxed or sampled mask; eval: the hard mask), which the gates call once per model
-forward. They also give `scores()` (what ranks the heads), `set_step(step)` and `log_values()`;
-a selector with a `penalty()` has it added to the loss. Michel et al. and random heads need no
-training and are plain functions. A new trained method plugs in here: write the selector and add
-it to `make_selector`.
+Trained methods (dsp, ste, voita) are *selectors*: nn.Modules whose forward returns one mask
+value per head (training: a relaxed or sampled mask; eval: the hard mask), which the gates call once
+per model forward. They also give `scores()` (what ranks the heads), `set_step(step)` and
+`log_values()`; a selector with a `penalty()` has it added to the loss. Scored methods (michel,
+fisher, activation, flap, taylor) are a `score(run, mask)` function each, driven by
+`selection.choose_by_scores`; random heads are `random_mask`. Where a new method plugs in (here,
+in `config` and in `selection`): docs/architecture.md, "Where things plug in".
 """
 
 from __future__ import annotations
@@ -15,13 +16,12 @@ import math
 import torch
 from torch import nn
 
-from ..config import (JOINT_SETTLE_FRACTION, METHODS, SHRINKING, TRAINED_METHODS, schedule_in_effect,
+from ..config import (SHRINKING, TRAINED_METHODS, schedule_in_effect,
                       settle_fraction_in_effect, shrink_fraction_in_effect)
 from .dsp import Budget, DSPSelector, geometric_temperature, hard_top_k, per_group, soft_top_k
 from .michel import head_importance, iterative_pruning, normalize_importance
 from .voita import HardConcreteSelector, hard_concrete_eval, hard_concrete_sample, l0_penalty
 
-TRAINED = TRAINED_METHODS
 REFERENCE_PRUNING_LR = {"dsp": 0.5, "ste": 0.5, "voita": 0.1}  # the reference's BERT values
 # DSP's temperature: T0 at the first step, Tf after `cooldown_fraction` of the run, geometric between.
 # Which preset a run uses by default: config.schedule_in_effect.
@@ -64,7 +64,7 @@ def make_selector(method: str, num_heads: int, k: int | None, *, t0: float = 100
                            settle_step=settle_step, shrink_steps=shrink_steps)
     if method == "voita":
         return HardConcreteSelector(num_heads, k, l0_lambda, seed=seed, budget=budget, settle_step=settle_step)
-    raise ValueError(f"unknown trained pruning method {method!r}; choose from {', '.join(TRAINED)}")
+    raise ValueError(f"unknown trained pruning method {method!r}; choose from {', '.join(TRAINED_METHODS)}")
 
 
 def resolve_schedule(cfg, steps: int) -> dict:
@@ -109,7 +109,7 @@ def random_mask(num_heads: int, k: int, seed: int, budget: Budget | None = None)
     return mask
 
 
-__all__ = ["Budget", "JOINT_SETTLE_FRACTION", "REFERENCE_PRUNING_LR", "SCORE_TRAVEL", "TEMPERATURES", "DSPSelector", "per_group", "HardConcreteSelector", "METHODS", "TRAINED",
+__all__ = ["Budget", "REFERENCE_PRUNING_LR", "SCORE_TRAVEL", "TEMPERATURES", "DSPSelector", "per_group", "HardConcreteSelector",
            "geometric_temperature", "hard_concrete_eval", "hard_concrete_sample", "hard_top_k",
            "head_importance", "iterative_pruning", "l0_penalty", "make_selector", "normalize_importance",
            "random_mask", "resolve_schedule", "soft_top_k"]

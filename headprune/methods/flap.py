@@ -7,8 +7,8 @@ channel c of the output projection, over every calibration token (padding left o
 of x_c times the squared norm of the weight column W[:, c]; each attention block's (layer's)
 channel scores standardised (minus their mean, over their standard deviation); a head's (or KV
 group's) score the mean over its channels. The reference code squares the attention scores once
-more before standardising; the paper does not, nor does headprune. The channels' means are what
-the bias compensation adds back for the heads removed (`channel_means`).
+more before standardising; the paper does not, nor does headprune. The channels' means (the first
+of `flap_statistics`' results) are what the bias compensation adds back for the heads removed.
 """
 
 from __future__ import annotations

@@ -8,17 +8,32 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig
 
-from ..errors import ConfigError, ModelError, UnsupportedArchitectureError, first_line
+from safetensors import SafetensorError
+
+from ..errors import ConfigError, HeadpruneError, ModelError, UnsupportedArchitectureError, first_line
 from ..pruning import SAFE, check_model_folder, check_record
 from ..sites import UNIT_NAMES, find_sites
 from ..train import linear_decay
 
 log = logging.getLogger("headprune")
+
+
+@contextmanager
+def loading_weights(name: str):
+    """A failure to load `name`'s weights (a damaged file, shapes that do not fit) as one line naming
+    it; headprune's own errors inside, already one line, pass as they are."""
+    try:
+        yield
+    except HeadpruneError:
+        raise
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        raise ModelError(f"cannot load the weights of {name}: {first_line(err)}") from err
 
 
 def token_limit(cfg, tokenizer) -> int:

@@ -6,15 +6,14 @@ from __future__ import annotations
 import logging
 
 import torch
-from safetensors import SafetensorError
 from torch.utils.data import DataLoader
 from ..progress import progress_bar
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
 from ..data import ClassificationData, load_classification, subsample
-from ..errors import ModelError, first_line
+from ..errors import ModelError
 from ..pruning import SAFE_WEIGHTS, load_pruned
-from .base import Task, load_tokenizer, token_limit, weights_dtype
+from .base import Task, load_tokenizer, loading_weights, token_limit, weights_dtype
 
 log = logging.getLogger("headprune")
 
@@ -73,15 +72,13 @@ def load_model(name: str, path: str, config, labels: list[str], attn: str, requi
         model_labels = [config.id2label[i] for i in range(config.num_labels)]
         if not _generic_label_names(config) and model_labels != labels:
             raise ModelError(f"{name!r} was trained for the labels {model_labels}, the data has {labels}")
-    try:
+    with loading_weights(repr(name)):
         if pruned:
             model = load_pruned(path, attn_implementation=attn, **dtype).train()
         else:
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 path, num_labels=len(labels), attn_implementation=attn, output_loading_info=True, **SAFE_WEIGHTS, **dtype,
                 ignore_mismatched_sizes=not require_finetuned, **(names if not require_finetuned else {}))
-    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
-        raise ModelError(f"cannot load the weights of {name!r}: {first_line(err)}") from err
     model.config.update(names)  # the saved model says which index is which label
     if pruned:
         return model, tokenizer

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import logging
 
-from safetensors import SafetensorError
 from transformers import (AutoImageProcessor, AutoModelForImageClassification, SwinConfig, SwinForImageClassification,
                           ViTConfig, ViTForImageClassification, ViTImageProcessorPil, default_data_collator)
 
 from ..errors import ModelError, first_line
 from ..images import ImageData, load_images, subsample
 from ..pruning import SAFE, SAFE_WEIGHTS, load_pruned
-from .base import Task, weights_dtype
+from .base import Task, loading_weights, weights_dtype
 from .classification import evaluate
 
 log = logging.getLogger("headprune")
@@ -77,7 +76,7 @@ class ImageClassification(Task):
         if (require_finetuned or pruned) and config.num_labels != len(labels):
             raise ModelError(f"{cfg.model!r} predicts {config.num_labels} labels, the data has {len(labels)} "
                              f"({', '.join(labels)})")
-        try:
+        with loading_weights(repr(cfg.model)):
             if pruned:
                 model = load_pruned(path, attn_implementation=cfg.attn_implementation, **weights_dtype(cfg)).train()
             else:
@@ -85,15 +84,13 @@ class ImageClassification(Task):
                     path, num_labels=len(labels), attn_implementation=cfg.attn_implementation, output_loading_info=True,
                     ignore_mismatched_sizes=not require_finetuned, **SAFE_WEIGHTS, **weights_dtype(cfg),
                     **(names if not require_finetuned else {}))
-                new = sorted(info["missing_keys"])
-                if require_finetuned and new:
-                    raise ModelError(f"{cfg.model!r} is not a fine-tuned image classifier (it lacks {new[:3]}); "
-                                     "pipelined pruning starts from one: run `headprune finetune` first, or use --mode joint")
-                if new:
-                    log.warning("%s has no classification head for these %d labels: headprune adds a new one",
-                                cfg.model, len(labels))
-        except (OSError, ValueError, RuntimeError, SafetensorError) as err:
-            raise ModelError(f"cannot load the weights of {cfg.model!r}: {first_line(err)}") from err
+        new = [] if pruned else sorted(info["missing_keys"])
+        if require_finetuned and new:
+            raise ModelError(f"{cfg.model!r} is not a fine-tuned image classifier (it lacks {new[:3]}); "
+                             "pipelined pruning starts from one: run `headprune finetune` first, or use --mode joint")
+        if new:
+            log.warning("%s has no classification head for these %d labels: headprune adds a new one",
+                        cfg.model, len(labels))
         model.config.update(names)
         return model, processor
 

@@ -8,15 +8,14 @@ import math
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
 from torch.utils.data import DataLoader
 from ..progress import progress_bar
 from transformers import AutoModelForCausalLM
 
-from ..errors import DataError, ModelError, first_line
+from ..errors import DataError, ModelError
 from ..pruning import SAFE_WEIGHTS, load_pruned
 from ..text import TextData, load_text, subsample
-from .base import Task, load_tokenizer, weights_dtype
+from .base import Task, load_tokenizer, loading_weights, weights_dtype
 
 
 def pack(documents: list[str], tokenizer, block: int) -> list[list[int]]:
@@ -56,14 +55,12 @@ class LanguageModeling(Task):
 
     def load_model(self, cfg, data, path: str, config, require_finetuned: bool):
         tokenizer = load_tokenizer(cfg.model, path)
-        try:
+        with loading_weights(repr(cfg.model)):
             if (getattr(config, "headprune", None) or {}).get("physical"):
                 model = load_pruned(path, attn_implementation=cfg.attn_implementation, **weights_dtype(cfg))
             else:
                 model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=cfg.attn_implementation,
                                                              **SAFE_WEIGHTS, **weights_dtype(cfg))
-        except (OSError, ValueError, RuntimeError, SafetensorError) as err:
-            raise ModelError(f"cannot load the weights of {cfg.model!r}: {first_line(err)}") from err
         return model.train(), tokenizer
 
     def prepare(self, data: TextData, tokenizer, cfg):

@@ -16,15 +16,14 @@ import math
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
 from torch.utils.data import DataLoader
 from ..progress import progress_bar
 from transformers import AutoModelForSeq2SeqLM, MarianConfig, MarianMTModel, PreTrainedTokenizerFast
 
-from ..errors import ModelError, first_line
+from ..errors import ModelError
 from ..parallel import ParallelData, load_parallel, subsample
 from ..pruning import SAFE_WEIGHTS, load_pruned
-from .base import Task, load_tokenizer, token_limit, weights_dtype
+from .base import Task, load_tokenizer, loading_weights, token_limit, weights_dtype
 
 log = logging.getLogger("headprune")
 
@@ -110,14 +109,12 @@ class Translation(Task):
                      "training side)", cfg.model, sum(p.numel() for p in model.parameters()), len(tokenizer))
         else:
             tokenizer = load_tokenizer(cfg.model, path)
-            try:
+            with loading_weights(repr(cfg.model)):
                 pruned = (getattr(config, "headprune", None) or {}).get("physical", False)
                 model = (load_pruned(path, attn_implementation=cfg.attn_implementation, **weights_dtype(cfg))
                          if pruned else
                          AutoModelForSeq2SeqLM.from_pretrained(path, attn_implementation=cfg.attn_implementation,
                                                                **SAFE_WEIGHTS, **weights_dtype(cfg)))
-            except (OSError, ValueError, RuntimeError, SafetensorError) as err:
-                raise ModelError(f"cannot load the weights of {cfg.model!r}: {first_line(err)}") from err
         model.set_attn_implementation(cfg.attn_implementation)
         self.model_config_ = model.config
         self.label_smoothing, self.target_lang = cfg.label_smoothing, cfg.target_lang
