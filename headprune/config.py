@@ -82,6 +82,12 @@ def reconstruct_in_effect(settings: dict) -> str:
     return "bias" if task in LOSS_IS_METRIC or dsp_classifier else "none"
 
 
+def reads_calibration(settings: dict) -> bool:
+    """Whether a run reads calibration data: for its scores, its reconstruction or the means of its ablation."""
+    return settings.get("method", "dsp") in ("michel", *SCORED) or reconstruct_in_effect(settings) != "none" \
+        or ablation_in_effect(settings) == "mean"
+
+
 def ablation_in_effect(settings: dict) -> str:
     """What a closed gate leaves while the scores learn: --ablation, or for `default` the heads'
     mean where a pipelined run saves FLAP's bias (--reconstruct bias or both in effect) and learns
@@ -552,9 +558,6 @@ class PruneConfig(FinetuneConfig):
         if self.relaxation == "k-rounds" and "dsp" not in methods:
             raise ConfigError("--relaxation is DSP's: the other methods have no soft top-k")
         if self.calibration_dataset is not None or self.calibration_examples is not None:
-            def reads_calibration(settings):  # its scores, its reconstruction or the means of its ablation
-                return settings["method"] in ("michel", *SCORED) or reconstruct_in_effect(settings) != "none" \
-                    or ablation_in_effect(settings) == "mean"
             if not any(reads_calibration({**vars(self), "method": m, "mode": mode}) for m in methods for mode in modes):
                 raise ConfigError("--calibration-dataset and --calibration-examples are for the scored methods, "
                                   "--reconstruct and mean ablation: this run reads no calibration data")

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from .card import command_of, write_model_card
 from .config import (DEMO_DIR, SCORED, TRAINED_METHODS, FinetuneConfig, PruneConfig, ablation_in_effect,
-                     pruning_dropout_in_effect, reconstruct_in_effect)
+                     pruning_dropout_in_effect, reads_calibration, reconstruct_in_effect)
 from .digests import cached_metrics, digest_of_weights, metrics_key, remember_metrics, run_inputs
 from .errors import ConfigError, HeadpruneError
 from .budget import budget_units, check_reachable, fit, speed_units, uniform_allocation, uniform_mask
@@ -46,7 +46,7 @@ from .outputs import (BEST, RESULTS, atomic_folder, check_not_inside, check_outp
 from .pruning import save_pruned, zero_pruned_heads
 from .randomness import keeps_global_rng
 from .reconstruct import mean_contexts, reconstruct
-from .selection import (SCORERS, attach_selector, calibration_set, check_budget, choose_by_scores, process_sum,
+from .selection import (attach_selector, calibration_set, check_budget, choose_by_scores, process_sum,
                         pruning_loss)
 from .report import plot_head_map, write_run_report
 from .sites import UNIT_NAMES
@@ -330,7 +330,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
                 check_reachable(cfg, model, gates.sites)  # now, not after the training
         check_reconstruct(cfg, gates)
         train_set, evals, collate = task.prepare(data, tokenizer, cfg)
-        calibration = calibration_set(cfg, task, data, tokenizer, train_set) if needs_calibration(cfg) else None
+        calibration = calibration_set(cfg, task, data, tokenizer, train_set) if reads_calibration(vars(cfg)) else None
         inputs = run_inputs(cfg, path, train_set, evals)
         state = check_inputs(out, state, inputs, cfg)
         if state is None:
@@ -469,10 +469,6 @@ def check_reconstruct(cfg, gates) -> None:
         raise ConfigError(f"--reconstruct {mode} adds a bias to attention output projections that "
                           "have none, which a model saved --save-format zeroed would lose on loading: use "
                           "--save-format physical (load it with headprune.load_pruned)")
-
-
-def needs_calibration(cfg) -> bool:
-    return cfg.method in SCORERS or reconstruct_in_effect(vars(cfg)) != "none"
 
 
 def _mean_contexts(cfg, acc, model, gates, calibration, collate, loss_fn) -> list[torch.Tensor]:

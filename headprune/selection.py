@@ -37,7 +37,7 @@ from .errors import ConfigError
 from .methods import (activation, fisher, flap, iterative_pruning, make_selector, michel, random_mask,
                       resolve_schedule, taylor)
 from .methods import scoring
-from .methods.dsp import check_budget as check_groups, hard_top_k, per_group
+from .methods.dsp import as_groups, hard_top_k, per_group
 from .outputs import atomic_path, cache_root
 from .progress import progress_bar
 from .sites import UNIT_NAMES
@@ -285,7 +285,7 @@ def choose_by_scores(cfg, task, acc, model, gates, calibration, collate, evaluat
     to show (michel: the round in which a head went) and what to record. `rounds_done`: michel's
     rounds of an interrupted run (their masks, scores and metrics), reused; `save_rounds(rounds)`
     is called with all of them after each new one (a checkpoint)."""
-    budget = check_groups(gates.num_heads, cfg.k, budget_of(cfg, gates))
+    budget = as_groups(gates.num_heads, cfg.k, budget_of(cfg, gates))
     info = method_options(cfg)
     if cfg.method == "random":
         mask = random_mask(gates.num_heads, cfg.k, cfg.seed, budget)

@@ -27,12 +27,12 @@ import torch
 from .budget import budget_units
 from .config import (GATED_METHODS, SCORED, SHRINKING, TARGETS, PruneConfig, SweepConfig, ablation_in_effect,
                      checkpoints_activations, default_of)
-from .errors import ConfigError, OutputExistsError, first_line
 from .checkpoint import checkpoint_config
-from .outputs import RESULTS, atomic_path, checkpoint_folder, settle_stopped_run
-from .outputs import check_not_inside
-from .recipes import check_budget, check_split, input_paths, prune
+from .errors import ConfigError, OutputExistsError, first_line
+from .outputs import RESULTS, atomic_path, check_not_inside, checkpoint_folder, settle_stopped_run
+from .recipes import check_split, input_paths, prune
 from .report import plot_sweep
+from .selection import check_budget
 from .sites import UNIT_NAMES, find_sites
 from .tasks import get_task
 from .train import changed_settings, describe_changes
@@ -118,7 +118,7 @@ def rows_of(results: dict, ks: list[int], folder: str) -> list[dict]:
     mean_ablation = ablation_in_effect(results["config"]) == "mean"  # one more pass: the means, before training
     method = results["method"] + (" (mean ablation)" if mean_ablation else "")
     common = {"method": method, "mode": results["mode"], "seed": results["seed"],
-              "seconds": seconds, "run": folder, **budget_of(results)}
+              "seconds": seconds, "run": folder, **budget_labels(results)}
     reconstructed = []
     if "metrics_before_reconstruction" in results:  # one run gives the heads with and without the fit
         common["seconds"] = round(seconds - results["seconds"].get("reconstruct", 0.0), 1)
@@ -150,7 +150,7 @@ TARGET_LABELS = {"speedup": "{:g}x speed", "kv_cache_bytes_per_token": "{:g} of 
                  "parameters": "{:,.4g} parameters"}
 
 
-def budget_of(results: dict) -> dict:
+def budget_labels(results: dict) -> dict:
     """A targeted run's budget as the tables show it (the target as given, the predicted and the
     measured value); nothing for a run with --k (its rows are labelled by k)."""
     if "budget" not in results:

@@ -30,8 +30,8 @@ def per_group(top_k, scores: torch.Tensor, budget: Budget, *args) -> torch.Tenso
     return mask
 
 
-def check_budget(num_heads: int, k: int, budget: Budget | None) -> Budget:
-    """The budget as groups: one group of all heads with k, or the groups given."""
+def as_groups(num_heads: int, k: int, budget: Budget | None) -> Budget:
+    """The budget as (head indices, k) groups, checked: one group of all heads with k, or the groups given."""
     if budget is None:
         if not 1 <= k <= num_heads:
             raise ValueError(f"k={k} must be between 1 and the model's {num_heads} heads")
@@ -106,7 +106,7 @@ class DSPSelector(nn.Module):
                  budget: Budget | None = None, settle_step: int | None = None, shrink_steps: int = 0,
                  k_rounds: bool = False):
         super().__init__()
-        self.budget = check_budget(num_heads, k, budget)  # exactly k overall, or k per group
+        self.budget = as_groups(num_heads, k, budget)  # exactly k overall, or k per group
         self.k = sum(group_k for _, group_k in self.budget)
         self.t0, self.tf, self.cooldown_steps = t0, tf, max(1, cooldown_steps)
         self.straight_through = straight_through

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..randomness import generator
-from .dsp import Budget, check_budget, hard_top_k, per_group
+from .dsp import Budget, as_groups, hard_top_k, per_group
 
 BETA = 0.33  # temperature of the concrete distribution
 GAMMA, ZETA = -0.1, 1.1  # stretch limits
@@ -42,7 +42,7 @@ class HardConcreteSelector(nn.Module):
                  budget: Budget | None = None, settle_step: int | None = None):
         super().__init__()
         # k=None (and no budget): keep the heads whose gate exceeds 0.5, as many as lambda leaves
-        self.budget = None if k is None and budget is None else check_budget(num_heads, k, budget)
+        self.budget = None if k is None and budget is None else as_groups(num_heads, k, budget)
         self.k = None if self.budget is None else sum(group_k for _, group_k in self.budget)
         self.l0_lambda, self.seed, self.step = l0_lambda, seed, 0
         self.settle_step = settle_step  # from this step on, training uses the kept heads (no gradient)
