@@ -105,7 +105,10 @@ def _accelerator(cfg, out: Path) -> Accelerator:
     """Accelerate's state is one per process, its mixed precision set by the first run: a later run
     of the same process asking for another is refused in one line, not with Accelerate's traceback."""
     try:
-        acc = Accelerator(mixed_precision=cfg.mixed_precision, **tracker_settings(cfg, out))
+        # the schedules count global steps (train.total_steps divides by the processes): stepped once a
+        # step, not once per process as Accelerate would by default
+        acc = Accelerator(mixed_precision=cfg.mixed_precision, step_scheduler_with_optimizer=False,
+                          **tracker_settings(cfg, out))
         if cfg.mixed_precision != "no" and not acc.native_amp:  # fp16 on a CPU: Accelerate leaves it float32
             log.warning("--mixed-precision %s does nothing on %s (Accelerate does not autocast to it there): this "
                         "run computes in float32%s", cfg.mixed_precision, acc.device.type,

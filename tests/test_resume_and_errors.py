@@ -206,6 +206,9 @@ def test_two_processes_shard_the_data_and_resume_to_the_same_heads(tiny_finetune
     whole = torchrun(tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr[-2000:]
     assert json.loads((tmp_path / "whole" / "results.json").read_text())["steps"] == 18  # 2 x ceil(144/16)
+    rows = [json.loads(line) for line in (tmp_path / "whole" / "train_log.jsonl").read_text().splitlines()]
+    lrs = [row["lr"] for row in rows]  # one schedule step a global step (not one per process: 0 from step 9)
+    assert all(a > b > 0 for a, b in zip(lrs, lrs[1:-1])) and lrs[-1] == 0 and len(lrs) == 18
     assert torchrun(tmp_path / "killed", {"HEADPRUNE_KILL_AT_STEP": "10"}).returncode != 0
     assert (tmp_path / "killed" / "checkpoint" / "state.json").exists()
     resumed = torchrun(tmp_path / "killed")
