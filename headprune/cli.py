@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -84,10 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     # headprune's own steps at INFO; other libraries' (ONNX's exporter logs hundreds of lines) at WARNING
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("headprune").setLevel(logging.INFO)
+    if os.environ.get("RANK", "0") != "0":  # one of several processes (torchrun, accelerate launch): the
+        sys.stdout = open(os.devnull, "w")  # first one speaks for all (results, warnings, refusals)
     try:
         return run(args)
     except HeadpruneError as err:
-        print(f"headprune: error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every process refuses the same input
+            print(f"headprune: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("headprune: interrupted; finetune, prune and sweep resume from their last checkpoint when the "

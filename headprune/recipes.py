@@ -27,6 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import transformers
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
@@ -88,8 +89,9 @@ def _start(cfg, model_path: str):
     acc.wait_for_everyone()
     resume = check_output_dir(out, cfg.overwrite, needed_bytes=2 * folder_bytes(model_path))
     state = resume_state(out, cfg) if resume else None
-    if not acc.is_main_process:  # one process speaks for all
-        log.setLevel(logging.WARNING)
+    if not acc.is_main_process:  # one process speaks for all (its warnings too: every process has them)
+        log.setLevel(logging.ERROR)
+        transformers.logging.set_verbosity_error()
     if state is None and acc.is_main_process:  # a fresh start: events a stopped run left are not this run's
         remove_path(out / STAGED_TRACKER)
         if not (out / RESULTS).exists():  # (an earlier complete run's stay until this one completes)
@@ -172,7 +174,8 @@ def _finish(acc, out: Path, results: dict, history: list) -> dict:
     if acc.trackers:
         metrics = results.get("metrics_pruned", results.get("metrics", {}))
         acc.log({f"final/{split}": value for split, value in metrics.items()}, step=results.get("steps"))
-        acc.end_training()
+        for tracker in acc.trackers:  # (not acc.end_training: it ends the process group too, which a
+            tracker.finish()          # program running another run after this one still needs)
         if (out / STAGED_TRACKER).exists():  # beside an earlier run's events: they give way with its files
             if acc.is_main_process:
                 os.replace(out / STAGED_TRACKER, stage_folder(out) / TRACKER_DIR)

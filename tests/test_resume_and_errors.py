@@ -197,14 +197,16 @@ def test_two_processes_shard_the_data_and_resume_to_the_same_heads(tiny_finetune
     resumes to the uninterrupted run's heads (each process's dropout follows (seed, step, rank))."""
     model, data = tiny_finetuned
 
-    def torchrun(out, env=None):
+    def torchrun(out, env=None, *extra):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "headprune.cli",
-               *map(str, prune_args(model, data, out, "--batch-size", 8))]
+               *map(str, prune_args(model, data, out, "--batch-size", 8, *extra))]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                               env={**os.environ, "ACCELERATE_USE_CPU": "1", **(env or {})})
 
-    whole = torchrun(tmp_path / "whole")
-    assert whole.returncode == 0, whole.stderr[-2000:]
+    whole = torchrun(tmp_path / "whole", None, "--report-to", "tensorboard")
+    assert whole.returncode == 0, whole.stderr[-2000:]  # (the tracker's end once ended the process group)
+    assert list((tmp_path / "whole" / "tracker").rglob("events.out.tfevents.*"))
+    assert whole.stdout.count('"metrics_pruned"') == 1 and whole.stderr.count("inputs are truncated to 64") == 1
     assert json.loads((tmp_path / "whole" / "results.json").read_text())["steps"] == 18  # 2 x ceil(144/16)
     rows = [json.loads(line) for line in (tmp_path / "whole" / "train_log.jsonl").read_text().splitlines()]
     lrs = [row["lr"] for row in rows]  # one schedule step a global step (not one per process: 0 from step 9)
