@@ -88,7 +88,7 @@ def _start(cfg, model_path: str):
         settle_stopped_run(out)
     acc.wait_for_everyone()
     resume = check_output_dir(out, cfg.overwrite, needed_bytes=2 * folder_bytes(model_path))
-    state = resume_state(out, cfg) if resume else None
+    state = resume_state(out, cfg, acc) if resume else None
     if not acc.is_main_process:  # one process speaks for all (its warnings too: every process has them)
         log.setLevel(logging.ERROR)
         transformers.logging.set_verbosity_error()

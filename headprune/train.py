@@ -184,21 +184,27 @@ def describe_changes(changed: dict[str, tuple]) -> str:
     return ", ".join(f"{k}: {then!r} -> {now!r}" for k, (then, now) in changed.items())
 
 
-def resume_state(out: Path, cfg) -> dict | None:
-    """The checkpoint in `out` if it belongs to this configuration. One made with other settings
-    is refused, or with --overwrite discarded."""
+def resume_state(out: Path, cfg, acc: Accelerator) -> dict | None:
+    """The checkpoint in `out` if it belongs to this configuration and as many processes (each takes
+    its share of every global batch: another count would see other examples at the same step). One
+    made otherwise is refused, or with --overwrite discarded. Every process calls it."""
     folder = checkpoint_folder(out)
     if folder is None:
         return None
     state = read_checkpoint(folder)
     check_state(state, folder)
     changed = changed_settings(state["config"], cfg)
+    if state.get("processes", 1) != acc.num_processes:  # (checkpoints written before it was recorded: one)
+        changed["processes"] = (state.get("processes", 1), acc.num_processes)
     if not changed:
         return state
     what = describe_changes(changed)
     if cfg.overwrite:
         log.warning("discarding the checkpoint in %s, made with other settings (%s)", out, what)
-        shutil.rmtree(folder)
+        acc.wait_for_everyone()  # every process has read it; then one removes it
+        if acc.is_main_process:
+            shutil.rmtree(folder, ignore_errors=True)
+        acc.wait_for_everyone()
         return None
     raise CheckpointError(f"{folder} was made with other settings ({what}); resume with the same "
                           "settings, pass --overwrite to discard it and start over, or choose "
@@ -249,7 +255,8 @@ def save_rounds(acc: Accelerator, out: Path, cfg, rounds: list, extra: dict, sec
     that the same command, started again, reads back (`extra["michel_rounds"]`); no weights: nothing
     trains. Written after every round unless checkpoints are off (--checkpoint-every 0)."""
     if cfg.checkpoint_every and acc.is_main_process:
-        write_checkpoint(out, {"step": len(rounds), "config": asdict(cfg), "model": {}, "optimizer": {},
+        write_checkpoint(out, {"step": len(rounds), "config": asdict(cfg), "processes": acc.num_processes,
+                               "model": {}, "optimizer": {},
                                "scheduler": {}, "history": [], "extra": {**extra, "michel_rounds": rounds},
                                "seconds": seconds})
     if len(rounds) == int(os.environ.get(KILL_AT_STEP, "0")):  # the tests' interruption
@@ -264,7 +271,7 @@ def save_checkpoint(acc: Accelerator, out: Path, cfg, model, optimizer, schedule
         unwrapped = acc.unwrap_model(model)
         trainable = {n: p.detach().cpu() for n, p in unwrapped.named_parameters() if p.requires_grad}
         write_checkpoint(out, {
-            "step": step, "config": asdict(cfg), "model": trainable,
+            "step": step, "config": asdict(cfg), "processes": acc.num_processes, "model": trainable,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "history": history, "extra": extra, "seconds": seconds})
     acc.wait_for_everyone()

@@ -213,6 +213,8 @@ def test_two_processes_shard_the_data_and_resume_to_the_same_heads(tiny_finetune
     assert all(a > b > 0 for a, b in zip(lrs, lrs[1:-1])) and lrs[-1] == 0 and len(lrs) == 18
     assert torchrun(tmp_path / "killed", {"HEADPRUNE_KILL_AT_STEP": "10"}).returncode != 0
     assert (tmp_path / "killed" / "checkpoint" / "state.json").exists()
+    one = cli(*prune_args(model, data, tmp_path / "killed", "--batch-size", 8))  # one process: other examples a step
+    assert one.returncode == 2 and "made with other settings (processes: 2 -> 1)" in one.stderr
     resumed = torchrun(tmp_path / "killed")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a = json.loads((tmp_path / "whole" / "head_scores.json").read_text())
