@@ -47,7 +47,7 @@ from .outputs import (BEST, RESULTS, atomic_folder, check_not_inside, check_outp
 from .pruning import save_pruned, zero_pruned_heads
 from .randomness import keeps_global_rng
 from .reconstruct import mean_contexts, reconstruct
-from .selection import (attach_selector, calibration_set, check_budget, choose_by_scores, process_sum,
+from .selection import (attach_selector, calibration_set, check_budget, choose_by_scores, from_main, process_sum,
                         pruning_loss)
 from .report import plot_head_map, write_run_report
 from .sites import UNIT_NAMES
@@ -315,8 +315,10 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
             if cfg.at_new_tokens and not is_generator(model):
                 raise ConfigError("--at-new-tokens times generation: this model does not generate (drop it to "
                                   "time one forward pass)")
-            table = latency_table(model.to(acc.device), cfg.unit, cfg.at_batch_size, cfg.at_length or cfg.max_length,
-                                  acc.device.type, cfg.at_new_tokens)
+            model.to(acc.device)  # timed on the main process; every process keeps the budget it gives
+            table = from_main(acc, lambda: latency_table(model, cfg.unit, cfg.at_batch_size,
+                                                         cfg.at_length or cfg.max_length, acc.device.type,
+                                                         cfg.at_new_tokens))
         gates = attach_gates(model, cfg.unit)
         if targeted:  # the budget in units: what fits the target
             cfg = copy.copy(cfg)
@@ -365,7 +367,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
         extra.setdefault("metrics_unpruned", metrics_unpruned)
     if pipelined and "metrics_unpruned" not in extra:  # the same weights and data: measured once
         key = metrics_key(inputs, cfg, path)
-        extra["metrics_unpruned"] = cached_metrics(key)
+        extra["metrics_unpruned"] = from_main(acc, lambda: cached_metrics(key))  # one decision for all
         if extra["metrics_unpruned"] is None:
             with timed(seconds, "evaluate_unpruned"):
                 extra["metrics_unpruned"] = evaluate_with(all_heads)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from accelerate.utils import broadcast_object_list
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Subset
@@ -182,6 +183,7 @@ class Calibration:
     show_progress: bool = True
     key: str | None = None
     writes: bool = True  # the main process writes the cache
+    agree: Callable = lambda read: read()  # the main process's reading for all (selection.from_main)
     hit: bool = False
 
     def progress(self, desc: str):
@@ -190,15 +192,18 @@ class Calibration:
     def cached(self, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         """compute(), or what it gave for the same key before: a sweep scores once for all its ks."""
         path = cache_root() / "scores" / f"{self.key}.safetensors"
-        if self.key and path.is_file():
+
+        def read():
             try:
-                value = load_file(path)["scores"]
-                self.hit = True
-                log.info("%s: scores of these weights on this calibration data, computed before (%s)",
-                         self.cfg.method, path)
-                return value
+                return load_file(path)["scores"] if self.key and path.is_file() else None
             except (OSError, SafetensorError, KeyError):
-                pass  # a damaged entry is computed again
+                return None  # a damaged entry is computed again
+        value = self.agree(read)
+        if value is not None:
+            self.hit = True
+            log.info("%s: scores of these weights on this calibration data, computed before (%s)",
+                     self.cfg.method, path)
+            return value
         value = compute()
         if self.key and self.writes:
             try:
@@ -266,6 +271,13 @@ def calibration_set(cfg, task, data, tokenizer, train_set):
     return Subset(train_set, range(cfg.calibration_examples))
 
 
+def from_main(acc, read: Callable):
+    """`read()` on the main process, its value given to every process (a cache read, a timing):
+    processes that decided apart (each machine its own cache) would pair their collectives wrongly."""
+    value = read() if acc.is_main_process else None
+    return broadcast_object_list([value])[0] if acc.num_processes > 1 else value
+
+
 def process_sum(acc):
     """Sums a tensor over the processes (on the CPU after); None on one process: nothing to sum."""
     if acc.num_processes == 1:
@@ -293,7 +305,8 @@ def choose_by_scores(cfg, task, acc, model, gates, calibration, collate, evaluat
     loader = acc.prepare(DataLoader(calibration, batch_size=cfg.batch_size, collate_fn=collate))
     run = Calibration(model, gates, loader, task.loss, cfg, reduce=process_sum(acc),
                       gather=acc.gather if acc.num_processes > 1 else None, show_progress=acc.is_local_main_process,
-                      key=scores_key(cfg, weights_digest, calibration), writes=acc.is_main_process)
+                      key=scores_key(cfg, weights_digest, calibration), writes=acc.is_main_process,
+                      agree=lambda read: from_main(acc, read))
     info["calibration_examples"] = len(calibration)
     unit = UNIT_NAMES[gates.sites[0].unit]
     # --activation-checkpointing: michel's, fisher's and taylor's backward passes recompute the layers

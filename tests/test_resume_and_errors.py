@@ -221,3 +221,24 @@ def test_two_processes_shard_the_data_and_resume_to_the_same_heads(tiny_finetune
     b = json.loads((tmp_path / "killed" / "head_scores.json").read_text())
     assert [r["logit"] for r in b] == pytest.approx([r["logit"] for r in a], abs=1e-9)
     assert not (tmp_path / "killed" / "checkpoint").exists()
+
+
+def test_processes_with_caches_of_their_own_agree_on_what_was_cached(tiny_finetuned, tmp_path):
+    """As on two machines, each with its own cache, one of which ran the same prune before: the main
+    process's cache decides for all (each deciding alone, their collectives paired wrongly: a hang)."""
+    model, data = tiny_finetuned
+    wrapper = tmp_path / "per_machine_cache.py"
+    wrapper.write_text("import os, sys\n"
+                       f"os.environ['HEADPRUNE_CACHE'] = '{tmp_path}/cache-' + os.environ.get('RANK', '0')\n"
+                       "from headprune.cli import main\nsys.exit(main())\n")
+    args = ["prune", "--model", model, "--dataset", data, "--k", 3, "--batch-size", 8, "--method", "activation"]
+    earlier = subprocess.run([sys.executable, str(wrapper), *map(str, args), "--output-dir", tmp_path / "earlier"],
+                             capture_output=True, text=True, timeout=300)
+    assert earlier.returncode == 0, earlier.stderr[-2000:]
+    both = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(wrapper),
+                           *map(str, args), "--output-dir", tmp_path / "both"], capture_output=True, text=True,
+                          timeout=240, env={**os.environ, "ACCELERATE_USE_CPU": "1"})
+    assert both.returncode == 0, both.stderr[-2000:]
+    results = json.loads((tmp_path / "both" / "results.json").read_text())
+    assert results["scores_from_cache"] and results["kept_heads"] == json.loads(
+        (tmp_path / "earlier" / "results.json").read_text())["kept_heads"]
