@@ -338,7 +338,8 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
                 check_reachable(cfg, model, gates.sites)  # now, not after the training
         check_reconstruct(cfg, gates)
         train_set, evals, collate = task.prepare(data, tokenizer, cfg)
-        calibration = calibration_set(cfg, task, data, tokenizer, train_set) if reads_calibration(vars(cfg)) else None
+        calibration = calibration_set(cfg, task, data, tokenizer, train_set, acc.num_processes) \
+            if reads_calibration(vars(cfg)) else None
         inputs = run_inputs(cfg, path, train_set, evals)
         state = check_inputs(out, state, inputs, cfg)
         if state is None:

@@ -256,9 +256,10 @@ SCORERS: dict[str, Callable] = {"michel": michel.score, "fisher": fisher.score, 
                                 "flap": flap.score, "taylor": taylor.score}  # random: a draw, no scores
 
 
-def calibration_set(cfg, task, data, tokenizer, train_set):
+def calibration_set(cfg, task, data, tokenizer, train_set, processes: int = 1):
     """The calibration data: the training split of --calibration-dataset (else the pruning data,
-    `train_set`), its first --calibration-examples."""
+    `train_set`), its first --calibration-examples; with several processes, cut to whole batches of
+    all of them (see `whole_batches`)."""
     if cfg.calibration_dataset:
         other = task.load_data(dataclasses.replace(cfg, dataset=cfg.calibration_dataset, eval_files=None))
         for name in ("label_names", "languages"):  # the loss of label- or target-reading methods needs them equal
@@ -266,9 +267,26 @@ def calibration_set(cfg, task, data, tokenizer, train_set):
                 raise ConfigError(f"--calibration-dataset {cfg.calibration_dataset}: its {name.replace('_', ' ')} "
                                   f"({getattr(other, name, None)}) are not the pruning data's ({getattr(data, name, None)})")
         train_set = task.prepare(other, tokenizer, cfg)[0]
-    if cfg.calibration_examples is None or cfg.calibration_examples >= len(train_set):
-        return train_set
-    return Subset(train_set, range(cfg.calibration_examples))
+    if cfg.calibration_examples is not None and cfg.calibration_examples < len(train_set):
+        train_set = Subset(train_set, range(cfg.calibration_examples))
+    return whole_batches(train_set, cfg.batch_size, processes)
+
+
+def whole_batches(dataset, batch_size: int, processes: int):
+    """`dataset` cut to a whole number of batches of every process: Accelerate fills the last ones
+    with examples from the start, which the sums over processes of the scores, the means and the
+    reconstruction would count twice."""
+    if processes == 1:
+        return dataset
+    keep = len(dataset) - len(dataset) % (batch_size * processes)
+    if keep == 0:
+        raise ConfigError(f"{len(dataset)} calibration examples are fewer than a batch for each of the "
+                          f"{processes} processes ({batch_size} each): give more, or a smaller --batch-size")
+    if keep < len(dataset):
+        log.info("calibration: the first %d of %d examples, whole batches for the %d processes", keep,
+                 len(dataset), processes)
+        return Subset(dataset, range(keep))
+    return dataset
 
 
 def from_main(acc, read: Callable):

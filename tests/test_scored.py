@@ -189,3 +189,17 @@ def test_a_sweep_scores_once_for_all_its_ks(tiny_finetuned, tmp_path, monkeypatc
         entry.write_bytes(b"not safetensors")
     assert not prune(tiny(*tiny_finetuned, tmp_path / "again", method="activation"))["scores_from_cache"]
     assert calls == [1, 1, 1, 1]
+
+
+def test_calibration_data_is_cut_to_whole_batches_of_every_process():
+    """Accelerate fills the last batches with examples from the start: summed over processes they would
+    count twice (100 examples, batches of 8 on 2 processes: 96, none repeated)."""
+    from headprune.errors import ConfigError
+    from headprune.selection import whole_batches
+    data = list(range(100))
+    assert whole_batches(data, 8, 1) is data
+    kept = whole_batches(data, 8, 2)
+    assert len(kept) == 96 and list(kept) == data[:96]
+    assert whole_batches(data[:32], 8, 2) == data[:32]  # whole already
+    with pytest.raises(ConfigError, match="10 calibration examples are fewer than a batch for each of the 2 processes"):
+        whole_batches(data[:10], 8, 2)
