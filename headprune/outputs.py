@@ -224,7 +224,10 @@ def atomic_folder(path: Path):
     old = path.parent / f".{path.name}.old"
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; and writers that go through a
+        for file in tmp.rglob("*"):        # temporary file leave 0600 (transformers' weights)
+            if file.is_file() and not file.is_symlink():
+                os.chmod(file, 0o666 & ~_umask())
         remove_path(old)
         if path.exists() or path.is_symlink():
             os.replace(path, old)  # a link is moved as a link

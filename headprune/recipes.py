@@ -316,9 +316,8 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
                 raise ConfigError("--at-new-tokens times generation: this model does not generate (drop it to "
                                   "time one forward pass)")
             model.to(acc.device)  # timed on the main process; every process keeps the budget it gives
-            table = from_main(acc, lambda: latency_table(model, cfg.unit, cfg.at_batch_size,
-                                                         cfg.at_length or cfg.max_length, acc.device.type,
-                                                         cfg.at_new_tokens))
+            table = from_main(acc, lambda: latency_table(model, cfg.unit, cfg.at_batch_size, timed_length(cfg, model),
+                                                         acc.device.type, cfg.at_new_tokens))
         gates = attach_gates(model, cfg.unit)
         if targeted:  # the budget in units: what fits the target
             cfg = copy.copy(cfg)
@@ -459,13 +458,23 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
     return _finish(acc, out, results, history)
 
 
+def timed_length(cfg, model) -> int:
+    """The sequence length --target-speedup times: --at-length, else --max-length up to the model's positions."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if cfg.at_length is not None:
+        if isinstance(positions, int) and cfg.at_length > positions:
+            raise ConfigError(f"--at-length {cfg.at_length}: longer than the model's {positions} positions")
+        return cfg.at_length
+    return min(cfg.max_length, positions) if isinstance(positions, int) else cfg.max_length
+
+
 def measured_speedup(cfg, folder: Path, device: str) -> float:
     """The saved model against the whole architecture, taking turns on one random batch (as
     `headprune measure` times them)."""
     from .config import MeasureConfig
     from .measure import load_models, time_forward_or_generation
     models = load_models(MeasureConfig(pruned=str(folder), attn_implementation=cfg.attn_implementation, device=device))
-    timings = time_forward_or_generation(models, cfg.at_batch_size, cfg.at_length or cfg.max_length, cfg.at_new_tokens,
+    timings = time_forward_or_generation(models, cfg.at_batch_size, timed_length(cfg, models["pruned"]), cfg.at_new_tokens,
                                          10, 2, device, models["original"].config)
     return timings["original"]["median"] / timings["pruned"]["median"]
 

@@ -286,6 +286,26 @@ def test_the_default_allocation_spreads_dsp_on_text_classifiers_where_each_layer
         assert not uniform_allocation(PruneConfig(k=k, method="michel"), sites)
 
 
+def test_a_speed_target_is_timed_at_most_at_the_models_positions(tiny_finetuned, tmp_path, monkeypatch):
+    """--max-length 128 on a model of 64 positions: timed at 64 (at 128 the forward pass failed);
+    an --at-length past them is refused."""
+    import headprune.measure as measure
+    lengths = []
+
+    def clock(models, run, *a):
+        return {name: {"median": 0.008 + 0.001 * sum(s.num_heads for s in find_sites(m))} for name, m in models.items()}
+    real_time = measure.time_forward_or_generation
+    monkeypatch.setattr(measure, "time_forward_or_generation",
+                        lambda models, batch, length, *a: lengths.append(length) or real_time(models, batch, length, *a))
+    monkeypatch.setattr(measure, "alternate", clock)
+    monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path / "cache"))
+    results = prune(tiny(*tiny_finetuned, tmp_path / "run", k=None, target_speedup=1.5, at_batch_size=4,
+                         max_length=128))
+    assert results["k"] == 2 and set(lengths) == {64}
+    with pytest.raises(ConfigError, match="--at-length 100: longer than the model's 64 positions"):
+        prune(tiny(*tiny_finetuned, tmp_path / "other", k=None, target_speedup=1.5, at_length=100))
+
+
 def test_a_resumed_speed_target_run_keeps_the_budget_it_started_with(tiny_finetuned, tmp_path, monkeypatch, caplog):
     """The latency table measured again (cache gone, another machine) may give another k: the
     checkpoint's scores learned for the first, so the run goes on with it."""

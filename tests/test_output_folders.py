@@ -197,3 +197,16 @@ def test_a_folder_with_a_model_but_no_run_to_resume_is_refused_unless_overwritte
     assert outputs.check_output_dir(out, overwrite=False) is False
     (out / "heads.png").write_text("")
     assert outputs.check_output_dir(out, overwrite=True) is False
+
+
+def test_a_saved_folder_has_the_permissions_open_would_give(tmp_path):
+    """transformers writes the weights through a temporary file (mode 0600): others could not read them."""
+    import os
+    import stat
+    umask = os.umask(0)
+    os.umask(umask)
+    with outputs.atomic_folder(tmp_path / "model") as tmp:
+        (tmp / "model.safetensors").write_bytes(b"weights")
+        os.chmod(tmp / "model.safetensors", 0o600)
+    assert stat.S_IMODE((tmp_path / "model" / "model.safetensors").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "model").stat().st_mode) == 0o777 & ~umask
