@@ -80,7 +80,7 @@ def forward_inputs(model, ids: torch.Tensor) -> dict:
 
 
 def total_flops(model, batch: int, length: int) -> int:
-    ids = random_ids(batch, length, model.config, next(model.parameters()).device, seed=0)
+    ids = random_inputs(batch, length, model.config, next(model.parameters()).device, seed=0)
     counter = FlopCounterMode(display=False)
     kernel = model.config._attn_implementation
     model.set_attn_implementation("eager")  # the counter does not see inside SDPA's CPU kernel
@@ -141,19 +141,19 @@ def alternate(models: dict, run, repeats: int, warmup: int, device: str) -> dict
     return {name: spread(ts) for name, ts in times.items()}
 
 
-def random_ids(batch: int, length: int, config, device, seed: int) -> torch.Tensor:
+def random_inputs(batch: int, length: int, config, device, seed: int) -> torch.Tensor:
     """Random token ids; for an image model (a config with an image size) random pixels of its size."""
     g = torch.Generator().manual_seed(seed)
     if getattr(config, "image_size", None):
-        size = config.image_size
-        return torch.randn(batch, getattr(config, "num_channels", 3), size, size, generator=g).to(device)
+        size = config.image_size if isinstance(config.image_size, (list, tuple)) else (config.image_size,) * 2
+        return torch.randn(batch, getattr(config, "num_channels", 3), *size, generator=g).to(device)
     return torch.randint(5, config.vocab_size, (batch, length), generator=g).to(device)
 
 
 def time_side_by_side(models: dict, batch: int, length: int, repeats: int, warmup: int, device: str,
                       config) -> dict[str, dict]:
     """One forward pass of each model on one random batch, taking turns."""
-    ids = random_ids(batch, length, config, device, seed=0)
+    ids = random_inputs(batch, length, config, device, seed=0)
     return alternate(models, lambda model: model(**forward_inputs(model, ids)), repeats, warmup, device)
 
 
@@ -162,7 +162,7 @@ def time_generation(models: dict, batch: int, length: int, new_tokens: int, beam
     """Generating exactly `new_tokens` tokens (beam search or greedy) from one random batch of
     `length` tokens (the source of an encoder-decoder, the prompt of a decoder-only model), each
     model in turn, so that both do the same work."""
-    ids = random_ids(batch, length, config, device, seed=1)
+    ids = random_inputs(batch, length, config, device, seed=1)
     return alternate(models, lambda model: model.generate(
         input_ids=ids, attention_mask=torch.ones_like(ids), num_beams=beams, do_sample=False,
         max_new_tokens=new_tokens, min_new_tokens=new_tokens, early_stopping=False), repeats, warmup, device)
@@ -288,7 +288,7 @@ def measure(cfg: MeasureConfig, progress=print) -> dict:
                     from .export import sample_pixels
                     feeds = {k: v.numpy() for k, v in sample_pixels(original.config, batch, seed=0).items()}
                 else:
-                    ids = random_ids(batch, length, original.config, "cpu", seed=0).numpy()
+                    ids = random_inputs(batch, length, original.config, "cpu", seed=0).numpy()
                     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
                 timings = alternate(sessions, lambda session: session.run(None, feeds), cfg.repeats, cfg.warmup, "cpu")
             seconds = {n: t["median"] for n, t in timings.items()}

@@ -330,7 +330,7 @@ def remove_heads(model: nn.Module, kept: list[Head], unit: str = "group") -> nn.
             rows = getattr(owner, name)
             setattr(owner, name, nn.Parameter(rows.detach().index_select(0, index(queries if which == "query" else keys))
                                               .clone(), requires_grad=rows.requires_grad))
-        _keep_columns(site.output, index([h * site.head_dim + i for h in queries for i in range(site.head_dim)]))
+        _keep_columns(site.output, index(site.own_rows(queries)))
         _set_head_count(site, len(queries), len(keys))
         if dead:
             with torch.no_grad():

@@ -118,8 +118,9 @@ class AttentionSite:
         return [start + h * d + i for h in heads for i in range(d)]
 
     def own_rows(self, heads: list[int]) -> list[int]:
-        """The rows of `heads` in a tensor of the site's own with head_dim rows per head, head-major
-        (the `extra` projections and `extra_biases`), whatever the layout of a fused projection."""
+        """The rows (or columns) of `heads` in a tensor with head_dim of them per head, head-major: the
+        `extra` projections and `extra_biases`, the output projection's input channels; whatever the
+        layout of a fused projection."""
         return [h * self.head_dim + i for h in heads for i in range(self.head_dim)]
 
     def fused_rows(self, queries: list[int], keys: list[int]) -> list[int]:

@@ -44,7 +44,7 @@ def token_mask(batch: dict, kind: str, length: int) -> torch.Tensor | None:
 
 def unit_channels(site, unit: int) -> list[int]:
     """The output projection's input channels that belong to one unit (head or KV group) of a site."""
-    return [h * site.head_dim + d for h in site.query_heads_of([unit]) for d in range(site.head_dim)]
+    return site.own_rows(site.query_heads_of([unit]))
 
 
 def per_unit(gates, channel_scores: list[torch.Tensor], combine: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

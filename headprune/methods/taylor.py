@@ -40,8 +40,7 @@ def group_weights(site, unit: int) -> list[tuple[torch.nn.Parameter, tuple]]:
         heads = queries if which == "query" else keys
         if heads:
             parts.append((getattr(owner, name), (site.own_rows(heads),)))
-    channels = [h * site.head_dim + i for h in queries for i in range(site.head_dim)]
-    parts.append((site.output.weight, input_columns(site.output, channels)))
+    parts.append((site.output.weight, input_columns(site.output, site.own_rows(queries))))
     return parts
 
 
