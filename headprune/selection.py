@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Subset
 
 from .budget import uniform_allocation, uniform_counts
 from .config import PruneConfig, ablation_in_effect, checkpoints_activations
-from .errors import ConfigError
+from .errors import ConfigError, HeadpruneError
 from .methods import (activation, fisher, flap, iterative_pruning, make_selector, michel, random_mask,
                       resolve_schedule, taylor)
 from .methods import scoring
@@ -292,8 +292,17 @@ def whole_batches(dataset, batch_size: int, processes: int):
 def from_main(acc, read: Callable):
     """`read()` on the main process, its value given to every process (a cache read, a timing):
     processes that decided apart (each machine its own cache) would pair their collectives wrongly."""
-    value = read() if acc.is_main_process else None
-    return broadcast_object_list([value])[0] if acc.num_processes > 1 else value
+    value, refusal = None, None
+    if acc.is_main_process:
+        try:
+            value = read()
+        except HeadpruneError as err:  # every process refuses with it (not one waiting for the others)
+            refusal = err
+    if acc.num_processes > 1:
+        value, refusal = broadcast_object_list([value, refusal])
+    if refusal is not None:
+        raise refusal
+    return value
 
 
 def process_sum(acc):
