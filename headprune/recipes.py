@@ -36,7 +36,7 @@ from .card import command_of, write_model_card
 from .config import (DEMO_DIR, SCORED, TRAINED_METHODS, FinetuneConfig, PruneConfig, ablation_in_effect,
                      pruning_dropout_in_effect, reads_calibration, reconstruct_in_effect)
 from .digests import cached_metrics, digest_of_weights, metrics_key, remember_metrics, run_inputs
-from .errors import ConfigError, HeadpruneError
+from .errors import ConfigError, HeadpruneError, OutputExistsError, first_line
 from .budget import budget_units, check_reachable, fit, speed_units, uniform_allocation, uniform_mask
 from .gates import attach_gates, detach_gates
 from .latency import latency_table
@@ -572,6 +572,8 @@ def demo(root: Path = DEMO_DIR, k: int | None = None, task: str = "classificatio
     cfg = PruneConfig(**{**fields, "model": str(root / "finetune" / "model"), "method": "dsp",
                          "mode": "pipelined", "k": k, "epochs": 1.0, "output_dir": str(pruned_dir)})
     base = FinetuneConfig(**settings["finetune"], output_dir=str(root / "finetune"))
+    for phase in (root / "finetune", pruned_dir):  # a phase stopped while its files moved in: completed
+        settle_stopped_run(phase)
     if not (root / "finetune" / RESULTS).exists():
         finetune(base)
     else:
@@ -580,8 +582,19 @@ def demo(root: Path = DEMO_DIR, k: int | None = None, task: str = "classificatio
         prune(cfg)
     else:
         log.info("reusing the pruned model in %s", pruned_dir)
-        changed = changed_settings(json.loads((pruned_dir / RESULTS).read_text()).get("config", {}), cfg)
+        changed = changed_settings(_demo_results(pruned_dir).get("config", {}), cfg)
         if changed:  # kept, not overwritten: the user's results stay until they remove them
             log.warning("%s was made with other defaults (%s): remove it, or give another --output-dir, "
                         "to prune at today's", pruned_dir, describe_changes(changed))
-    return json.loads((pruned_dir / RESULTS).read_text())
+    return _demo_results(pruned_dir)
+
+
+def _demo_results(folder: Path) -> dict:
+    try:
+        results = json.loads((folder / RESULTS).read_text())
+        if isinstance(results, dict):
+            return results
+        why = "not a JSON object"
+    except (OSError, ValueError) as err:
+        why = first_line(err)
+    raise OutputExistsError(f"{folder / RESULTS} is damaged ({why}); delete {folder} and run the demo again")

@@ -104,7 +104,7 @@ def report_split(metrics: dict, chosen: str | None) -> str:
     (the test split after the validation split used for choosing settings; MNLI: mismatched)."""
     headlines = headline_splits(metrics)
     if chosen is not None and chosen not in headlines:
-        raise OutputExistsError(f"--split {chosen!r}: the runs were evaluated on {', '.join(headlines)}")
+        raise ConfigError(f"--split {chosen!r}: the runs were evaluated on {', '.join(headlines)}")
     return chosen or headlines[-1]
 
 

@@ -4,7 +4,10 @@ import json
 import logging
 from dataclasses import asdict
 
+import pytest
+
 import headprune.recipes as recipes
+from headprune.errors import OutputExistsError
 
 
 def test_a_demo_made_under_other_defaults_is_kept_and_named(tmp_path, monkeypatch, caplog):
@@ -29,3 +32,18 @@ def test_a_demo_made_under_other_defaults_is_kept_and_named(tmp_path, monkeypatc
     with caplog.at_level(logging.WARNING, logger="headprune"):
         assert recipes.demo(tmp_path)["metrics_pruned"] == {"test": 0.5}
     assert "made with other defaults (pruning_dropout (in effect): 'on' -> 'off')" in caplog.text
+    saved.write_text('{"config": ')  # damaged: one line saying so, not a traceback
+    with pytest.raises(OutputExistsError, match="dsp-pipelined-k36/results.json is damaged .*run the demo again"):
+        recipes.demo(tmp_path)
+
+
+def test_a_demo_phase_stopped_while_its_files_moved_in_is_completed_and_reused(tmp_path, monkeypatch):
+    from headprune import outputs
+    stage = tmp_path / "finetune" / outputs.STAGE
+    stage.mkdir(parents=True)
+    (stage / "results.json").write_text("{}")
+    (stage / "commit.json").write_text(json.dumps({"files": ["results.json"], "in_place": []}))
+    monkeypatch.setattr(recipes, "finetune", lambda cfg: pytest.fail("fine-tuned again"))
+    monkeypatch.setattr(recipes, "prune", lambda cfg: (tmp_path / "dsp-pipelined-k36").mkdir()
+                        or (tmp_path / "dsp-pipelined-k36" / "results.json").write_text('{"k": 36}'))
+    assert recipes.demo(tmp_path) == {"k": 36} and (tmp_path / "finetune" / "results.json").is_file()
