@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import TARGETS, allocation_in_effect, reconstruct_in_effect, roomy_uniform
+from .config import allocation_in_effect, reconstruct_in_effect, roomy_uniform, targeted
 from .errors import ConfigError
 from .latency import even_counts, even_mask, predicted_seconds
 from .sites import AttentionSite, in_features, out_features
@@ -249,7 +249,7 @@ def uniform_allocation(cfg, sites: list[AttentionSite]) -> bool:
     """Whether a run with --k or --k-per-kind spreads it evenly over the layers: --allocation
     uniform, or the default's rule for DSP on text (every layer keeping --uniform-from or more). A run with a
     --target-* does not here: its count is known only after selection (`fit` spreads it)."""
-    if any(getattr(cfg, name) is not None for name in TARGETS):
+    if targeted(vars(cfg)):
         return False
     mode = allocation_in_effect(vars(cfg))
     if mode == roomy_uniform(cfg.uniform_from):

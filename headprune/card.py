@@ -8,6 +8,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from .config import TARGETS
 from .outputs import atomic_path
 
 PIPELINES = {"classification": "text-classification", "translation": "translation", "causal-lm": "text-generation"}
@@ -21,7 +22,7 @@ def command_of(command: str, cfg) -> str:
     defaults = type(cfg)()  # as built, e.g. k filled in from its default
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        budgets = ("k_per_kind", "target_params", "target_kv_cache", "target_speedup")
+        budgets = ("k_per_kind", *TARGETS)
         if value == getattr(defaults, f.name) or (f.name == "k" and any(getattr(cfg, b, None) for b in budgets)):
             continue  # a default; or k, which --k-per-kind or a target gives
         flag = "--" + f.name.replace("_", "-")

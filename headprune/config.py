@@ -152,8 +152,8 @@ def allocation_in_effect(settings: dict) -> str:
     chosen = settings.get("allocation", "global")
     if chosen != "default":
         return chosen
-    targeted = any(settings.get(name) is not None for name in TARGETS)
-    return roomy_uniform(settings.get("uniform_from", 2)) if pipelined_dsp_on_text(settings) and not targeted else "global"
+    uniform = pipelined_dsp_on_text(settings) and not targeted(settings)
+    return roomy_uniform(settings.get("uniform_from", 2)) if uniform else "global"
 
 
 def settle_fraction_in_effect(settings: dict) -> float:
@@ -678,6 +678,11 @@ class ExportConfig(Checked):
 
 
 TARGETS = ("target_params", "target_kv_cache", "target_speedup")  # budgets instead of --k
+
+
+def targeted(settings: dict) -> bool:
+    """Whether a run's budget is a --target-* (its k follows from the model once it is loaded)."""
+    return any(settings.get(name) is not None for name in TARGETS)
 
 
 def _values(value) -> list:

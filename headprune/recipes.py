@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 
 from .card import command_of, write_model_card
 from .config import (DEMO_DIR, SCORED, TRAINED_METHODS, FinetuneConfig, PruneConfig, ablation_in_effect,
-                     pruning_dropout_in_effect, reads_calibration, reconstruct_in_effect)
+                     pruning_dropout_in_effect, reads_calibration, reconstruct_in_effect, targeted)
 from .digests import cached_metrics, digest_of_weights, metrics_key, remember_metrics, run_inputs
 from .errors import ConfigError, HeadpruneError, OutputExistsError, first_line
 from .budget import budget_units, check_reachable, fit, speed_units, uniform_allocation, uniform_mask
@@ -304,8 +304,8 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
     task = get_task(cfg.task)
     path, config, counts, units = task.inspect(cfg.model, require_finetuned=pipelined, unit=cfg.unit,
                                                  attn_implementation=cfg.attn_implementation)
-    targeted = any(t is not None for t in (cfg.target_params, cfg.target_kv_cache, cfg.target_speedup))
-    check_budget(cfg, counts, threshold or targeted, units)  # a target's k follows once the model is loaded
+    is_targeted = targeted(vars(cfg))
+    check_budget(cfg, counts, threshold or is_targeted, units)  # a target's k follows once the model is loaded
     out, state, acc = _start(cfg, path)
     seconds: dict = dict(state["seconds"]) if state else {}
     with timed(seconds, "load"), _no_empty_folder_if_refused(out):
@@ -319,7 +319,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
             table = from_main(acc, lambda: latency_table(model, cfg.unit, cfg.at_batch_size, timed_length(cfg, model),
                                                          acc.device.type, cfg.at_new_tokens))
         gates = attach_gates(model, cfg.unit)
-        if targeted:  # the budget in units: what fits the target
+        if is_targeted:  # the budget in units: what fits the target
             cfg = copy.copy(cfg)
             units = speed_units(cfg, gates.sites, table) if table else budget_units(cfg, model, gates.sites)
             if isinstance(units, list):  # a budget per kind (an encoder-decoder's cache)
@@ -409,7 +409,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
     info["allocation"] = "uniform" if uniform_allocation(cfg, gates.sites) else "global"
     if info["allocation"] == "uniform":  # as many per layer (of a kind), the best of each layer
         mask = uniform_mask(gates.sites, scores, cfg.k_per_kind or cfg.k)
-    if targeted:  # the lowest-ranked units go until the model, dead heads included, fits
+    if is_targeted:  # the lowest-ranked units go until the model, dead heads included, fits
         mask, info["budget"] = fit(cfg, acc.unwrap_model(model), gates.sites, mask, scores, table)
         info["allocation"] = info["budget"]["allocation"]  # the fit's: it spreads the count it reaches
         log.info("budget: %s %s (the whole model: %s): predicted %s with %d %s", info["budget"]["target"],

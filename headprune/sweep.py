@@ -26,7 +26,7 @@ import torch
 
 from .budget import budget_units
 from .config import (GATED_METHODS, SCORED, SHRINKING, TARGETS, PruneConfig, SweepConfig, ablation_in_effect,
-                     checkpoints_activations, default_of)
+                     checkpoints_activations, default_of, targeted)
 from .checkpoint import checkpoint_config
 from .errors import ConfigError, OutputExistsError, first_line
 from .outputs import RESULTS, atomic_path, check_not_inside, checkpoint_folder, settle_stopped_run
@@ -88,7 +88,7 @@ def target_budgets(cfg: SweepConfig) -> list[dict]:
 
 def budget_name(budget: dict, k_per_kind: list | None = None) -> str:
     """A run folder's budget: k12, k4-6-8 (per kind), speedup1.4, kv0.5, params0.8 (or params1.2e+08)."""
-    if not any(budget.get(name) is not None for name in TARGETS):
+    if not targeted(budget):
         return f"k{budget['k']}" if budget["k"] is not None else "k" + "-".join(map(str, k_per_kind))
     name, value = next((n, budget[n]) for n in TARGETS if budget.get(n) is not None)
     return {"target_speedup": "speedup", "target_kv_cache": "kv", "target_params": "params"}[name] + f"{value:g}"
@@ -214,8 +214,8 @@ def check_plan(cfg: SweepConfig, runs: list[PruneConfig]) -> None:
             models[(run.model, run.mode)] = counts, units, input_paths(run, path), config
             check_not_inside(Path(cfg.output_dir), models[(run.model, run.mode)][2])
         counts, units, inputs, config = models[(run.model, run.mode)]
-        targeted = any(getattr(run, name) is not None for name in TARGETS)  # its k follows from the model
-        check_budget(run, counts, targeted or run.method == "voita" and run.voita_selection == "threshold", units)
+        is_targeted = targeted(vars(run))  # its k follows from the model
+        check_budget(run, counts, is_targeted or run.method == "voita" and run.voita_selection == "threshold", units)
         check_not_inside(Path(run.output_dir), inputs)
         physical = (getattr(config, "headprune", None) or {}).get("physical")
         if (run.target_params is not None or run.target_kv_cache is not None) and not physical:
@@ -342,8 +342,8 @@ def write_outputs(cfg: SweepConfig, out: Path, rows: list[dict], results: dict, 
 
 
 def write_tables(out: Path, rows: list[dict], splits: list[str], summaries: dict[str, str]) -> None:
-    targeted = ["budget", "predicted", "measured"] if any("predicted" in r for r in rows) else []
-    columns = ["method", "mode", *targeted, "k", "seed", *splits, "passes", "seconds", "run"]
+    budget_columns = ["budget", "predicted", "measured"] if any("predicted" in r for r in rows) else []
+    columns = ["method", "mode", *budget_columns, "k", "seed", *splits, "passes", "seconds", "run"]
     rows = sorted(rows, key=lambda r: (r["method"], r["mode"], r["budget_value"], r["k"], r["seed"]))
     with atomic_path(out / "sweep.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")

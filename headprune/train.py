@@ -153,13 +153,13 @@ def changed_settings(saved: dict, cfg) -> dict[str, tuple]:
     from .config import (ablation_in_effect, allocation_in_effect, default_of, pruning_dropout_in_effect,
                          reconstruct_in_effect, settle_fraction_in_effect, shrink_fraction_in_effect)
 
-    from .config import TARGETS
+    from .config import targeted
 
     defaults = {f.name: default_of(f) for f in fields(cfg)}
     current = asdict(cfg)
     # with a --target-*, k (and a budget per kind) follow from it and the model: the saved run holds the
     # ones it computed, the command a placeholder
-    derived = {"k", "k_per_kind"} if any(current.get(name) is not None for name in TARGETS) else set()
+    derived = {"k", "k_per_kind"} if targeted(current) else set()
     changed = {k: (saved.get(k, defaults[k]), current[k]) for k in current
                if k not in IGNORED_SETTINGS | derived and saved.get(k, defaults[k]) != current[k]}
     for name, in_effect in (("settle_fraction", settle_fraction_in_effect),
