@@ -5,6 +5,7 @@ named evaluation sets of (text columns, integer label)."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import html
 import importlib.util
 import io
@@ -396,10 +397,12 @@ def load_classification(dataset: str, *, eval_files=None, text_columns=None, lab
                     "'glue:<task>', a GLUE TSV folder, or a .csv/.tsv/.json/.jsonl file")
 
 
-def subsample(data: ClassificationData, max_train: int | None, max_eval: int | None) -> ClassificationData:
-    """The first N examples of each split (the data is already in a fixed order)."""
-    def head(ds: Dataset, n: int | None) -> Dataset:
-        return ds.select(range(min(n, len(ds)))) if n else ds
-    return ClassificationData(head(data.train, max_train),
-                              {name: head(ds, max_eval) for name, ds in data.evals.items()},
-                              data.text_columns, data.label_names, data.dropped_rows)
+def subsample(data, max_train: int | None, max_eval: int | None):
+    """The first N examples of each split (the data is already in a fixed order), of any task's data:
+    a dataclass with `train` and `evals`, each split a datasets Dataset or a list."""
+    def head(split, n: int | None):
+        if not n:
+            return split
+        return split.select(range(min(n, len(split)))) if hasattr(split, "select") else split[:n]
+    return dataclasses.replace(data, train=head(data.train, max_train),
+                               evals={name: head(split, max_eval) for name, split in data.evals.items()})

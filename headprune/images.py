@@ -127,10 +127,3 @@ def _hub_images(name: str) -> ImageData:
     names = list(feature.names) if isinstance(feature, ClassLabel) else \
         [str(v) for v in sorted(set(splits["train"]["label"]))]
     return ImageData(splits["train"], {s: ds for s, ds in splits.items() if s != "train"}, names)
-
-
-def subsample(data: ImageData, max_train: int | None, max_eval: int | None) -> ImageData:
-    def head(ds: Dataset, n: int | None) -> Dataset:
-        return ds.select(range(min(n, len(ds)))) if n else ds
-    return ImageData(head(data.train, max_train), {n: head(ds, max_eval) for n, ds in data.evals.items()},
-                     data.label_names)

@@ -213,10 +213,3 @@ def _from_hub(name: str, source_lang: str, target_lang: str) -> ParallelData:
         raise DataError(f"{name} has no train split (it has {', '.join(splits)})")
     evals = {split: convert(split) for split in splits if split != "train"}
     return ParallelData(convert("train"), evals, source_lang, target_lang)
-
-
-def subsample(data: ParallelData, max_train: int | None, max_eval: int | None) -> ParallelData:
-    def head(ds: Dataset, n: int | None) -> Dataset:
-        return ds.select(range(min(n, len(ds)))) if n else ds
-    return ParallelData(head(data.train, max_train), {n: head(d, max_eval) for n, d in data.evals.items()},
-                        data.source_lang, data.target_lang, data.tokenized, data.dropped_rows)

@@ -66,9 +66,3 @@ def load_text(dataset: str, eval_files: list[str] | None = None, seed: int = 0) 
                         {"heldout": [documents[i] for i in sorted(order[:cut])]})
     raise DataError(f"cannot tell what text {dataset!r} is: give 'offline:rotten-tomatoes', a .txt "
                     "file, a folder with train.txt, or 'hf:<name>[:<config>]'")
-
-
-def subsample(data: TextData, max_train: int | None, max_eval: int | None) -> TextData:
-    """The first N documents of each split."""
-    return TextData(data.train[:max_train] if max_train else data.train,
-                    {n: docs[:max_eval] if max_eval else docs for n, docs in data.evals.items()})

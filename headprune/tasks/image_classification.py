@@ -14,7 +14,8 @@ from transformers import (AutoImageProcessor, AutoModelForImageClassification, S
                           ViTConfig, ViTForImageClassification, ViTImageProcessorPil, default_data_collator)
 
 from ..errors import ModelError, first_line
-from ..images import ImageData, load_images, subsample
+from ..images import ImageData, load_images
+from ..data import subsample
 from ..pruning import SAFE, SAFE_WEIGHTS, load_pruned
 from .base import Task, loading_weights, weights_dtype
 from .classification import evaluate

@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from ..errors import DataError, ModelError
 from ..pruning import SAFE_WEIGHTS, load_pruned
-from ..text import TextData, load_text, subsample
+from ..text import TextData, load_text
+from ..data import subsample
 from .base import Task, load_tokenizer, loading_weights, weights_dtype
 
 

@@ -21,7 +21,8 @@ from ..progress import progress_bar
 from transformers import AutoModelForSeq2SeqLM, MarianConfig, MarianMTModel, PreTrainedTokenizerFast
 
 from ..errors import ModelError
-from ..parallel import ParallelData, load_parallel, subsample
+from ..parallel import ParallelData, load_parallel
+from ..data import subsample
 from ..pruning import SAFE_WEIGHTS, load_pruned
 from .base import Task, load_tokenizer, loading_weights, token_limit, weights_dtype
 
