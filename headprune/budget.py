@@ -261,7 +261,7 @@ def uniform_allocation(cfg, sites: list[AttentionSite]) -> bool:
 def uniform_mask(sites: list[AttentionSite], scores: torch.Tensor, k: int | list[int]) -> torch.Tensor:
     """uniform_counts' units of each layer, each layer keeping its highest-scored."""
     counts = uniform_counts(sites, k)
-    mask, offset = torch.zeros(sum(s.num_heads for s in sites)), 0
+    mask, offset, scores = torch.zeros(sum(s.num_heads for s in sites)), 0, scores.detach().cpu()
     for site, c in zip(sites, counts):
         layer = scores[offset:offset + site.num_heads].double()
         mask[offset + torch.argsort(layer, descending=True, stable=True)[:c]] = 1.0

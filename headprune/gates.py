@@ -122,11 +122,13 @@ class HeadGates(nn.Module):
             if self._mask is None:  # a site called outside a model forward
                 self._mask = self()
             context = args[0]
-            gate = site.query_gate(self._mask[offset:offset + site.num_heads].to(context.dtype))
+            # (to the context's device too: a model split over GPUs has its layers on several)
+            gate = site.query_gate(self._mask[offset:offset + site.num_heads].to(context.device, context.dtype))
             heads = context.unflatten(-1, (site.query_heads, site.head_dim))
             gated = heads * gate[:, None]
             if self.fill is not None:  # mean ablation: a closed head gives its mean output, not zero
-                gated = gated + (1 - gate[:, None]) * self.fill[index].to(context.dtype).view(site.query_heads, -1)
+                fill = self.fill[index].to(context.device, context.dtype).view(site.query_heads, -1)
+                gated = gated + (1 - gate[:, None]) * fill
             return (gated.flatten(-2), *args[1:])
         return scale_heads
 

@@ -66,6 +66,10 @@ class HeadPruningCallback(TrainerCallback):
             # reentrant recomputation cannot reach the gates' mask, which no layer takes as an input
             raise ConfigError("HeadPruningCallback: gradient_checkpointing_kwargs use_reentrant=True cannot carry "
                               "the head scores' gradient; leave it out (non-reentrant, transformers' default)")
+        if args.fp16:  # its loss scaler does not know the scores (their own optimizer): their gradients
+            # stay scaled in the Trainer's clipping, and its skipped steps would still step them
+            raise ConfigError("HeadPruningCallback: fp16 is not supported (the head scores' gradients are not "
+                              "unscaled); use bf16=True, or full precision")
         self.check_folder(self.folder(args))  # now, not after the training
         model = getattr(model, "module", model)  # under DDP, the model inside
         sites = find_sites(model, self.cfg.unit)  # k checked before the gates go on: the model stays plain

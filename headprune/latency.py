@@ -33,7 +33,8 @@ log = logging.getLogger("headprune")
 
 def _key(model, unit: str, batch: int, length: int, device: str, new_tokens: int | None) -> str:
     config = {k: v for k, v in model.config.to_dict().items() if k not in ("headprune", "id2label", "label2id")}
-    what = [config, unit, batch, length, device, new_tokens, torch.get_num_threads(), torch.__version__, "checked", 20]
+    machine = torch.cuda.get_device_name() if device == "cuda" else torch.get_num_threads()  # a table per GPU model
+    what = [config, unit, batch, length, device, new_tokens, machine, torch.__version__, "checked", 20]
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -396,7 +396,9 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
             info["selected_epoch"] = extra.get("best")
             info["live_steps"] = extra.get("live_steps")
             selector.eval()
-            mask, scores = selector(), selector.scores()
+            # on the CPU, as the scored methods' (the budget's masks index with them; on a GPU the
+            # selector's are on its device)
+            mask, scores = selector().detach().cpu(), selector.scores().cpu()
             gates.selector = None  # from here on the gates hold the final mask
             if cfg.method == "voita":
                 info["heads_on_by_threshold"] = selector.heads_on()

@@ -272,6 +272,7 @@ def save_checkpoint(acc: Accelerator, out: Path, cfg, model, optimizer, schedule
         trainable = {n: p.detach().cpu() for n, p in unwrapped.named_parameters() if p.requires_grad}
         write_checkpoint(out, {
             "step": step, "config": asdict(cfg), "processes": acc.num_processes, "model": trainable,
+            "grad_scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "history": history, "extra": extra, "seconds": seconds})
     acc.wait_for_everyone()
@@ -283,6 +284,8 @@ def restore_checkpoint(acc: Accelerator, state: dict, model, optimizer, schedule
         raise CheckpointError(f"checkpoint holds weights this model lacks: {unexpected[:5]}")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if acc.scaler is not None and state.get("grad_scaler"):  # fp16: the loss scale it had reached
+        acc.scaler.load_state_dict(state["grad_scaler"])
 
 
 # -- the loop ------------------------------------------------------------------------------------
@@ -432,7 +435,10 @@ def _train(acc, cfg, out, model, optimizer, scheduler, train_set, collate, loss_
     def check_finite() -> None:
         """Stop a run whose loss or trainable weights (head scores among them) turned NaN or
         infinite, before it writes a checkpoint or evaluates."""
-        if not (diverged.item() or any(not torch.isfinite(p).all() for p in trainable)):
+        # one wait for the device, not one a tensor (a tensor's largest magnitude is inf or NaN if any is)
+        peaks = [p.detach().abs().amax().float().to(diverged.device) for p in trainable]
+        finite = torch.isfinite(torch.stack(peaks)).all() if peaks else ~diverged
+        if not (diverged | ~finite).item():
             return
         kept = (f"the last good checkpoint (step {saved_step}) is kept in {out}" if saved_step is not None
                 else "no checkpoint had been written")
@@ -455,13 +461,16 @@ def _train(acc, cfg, out, model, optimizer, scheduler, train_set, collate, loss_
             if penalty is not None:  # e.g. voita's L0 term
                 loss = loss + penalty()
             acc.backward(loss)
+            if acc.scaler is not None:  # fp16 on a GPU: the true gradients, for the norms below and the clipping
+                acc.unscale_gradients()
             if selector is not None:  # before clipping: what the loss itself sends to the scores
                 scores_grad = torch.linalg.vector_norm(torch.cat(
                     [p.grad.detach().flatten().double() for p in selector.parameters() if p.grad is not None]
                     or [torch.zeros(1, dtype=torch.float64, device=acc.device)]))
                 pending_norms.append(scores_grad)
-            if cfg.max_grad_norm:
-                acc.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            if cfg.max_grad_norm:  # (Accelerate's would unscale a second time: refused by the scaler)
+                clip = torch.nn.utils.clip_grad_norm_ if acc.scaler is not None else acc.clip_grad_norm_
+                clip(trainable, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

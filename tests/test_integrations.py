@@ -91,3 +91,15 @@ def test_reentrant_checkpointing_is_refused_in_one_line(tmp_path, batch):
     with pytest.raises(ConfigError, match="use_reentrant"):
         trained_with(tmp_path, batch, gradient_checkpointing=True,
                      gradient_checkpointing_kwargs={"use_reentrant": True})
+
+
+def test_fp16_is_refused_before_the_gates_go_on():
+    """Its loss scaler unscales the Trainer's parameters only: the head scores' gradients would reach the
+    clipping scaled (CUDA only, so the Trainer's arguments are stood in for)."""
+    from types import SimpleNamespace
+    model = tiny_model()
+    callback = HeadPruningCallback(k=3)
+    args = SimpleNamespace(fp16=True, gradient_checkpointing=False, output_dir="unused")
+    with pytest.raises(ConfigError, match="fp16 is not supported"):
+        callback.on_train_begin(args, SimpleNamespace(max_steps=10), None, model=model)
+    assert not hasattr(model, "head_gates")

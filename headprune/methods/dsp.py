@@ -24,10 +24,16 @@ def per_group(top_k, scores: torch.Tensor, budget: Budget, *args) -> torch.Tenso
     heads (out-of-place, so autograd stays clean): an exact budget per group, e.g. per kind."""
     mask = scores.new_zeros(scores.shape)
     for indices, k in budget:
-        index = torch.tensor(indices, device=scores.device)
+        index = _index(tuple(indices), scores.device)
         if k > 0:
             mask = mask.index_copy(0, index, top_k(scores[index], k, *args))
     return mask
+
+
+@functools.lru_cache(maxsize=4096)
+def _index(indices: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """A group's indices as a tensor on `device`, made once (a copy to a GPU a group and a step waits for it)."""
+    return torch.tensor(indices, device=device)
 
 
 def as_groups(num_heads: int, k: int, budget: Budget | None) -> Budget:
