@@ -215,11 +215,13 @@ def block_sums(model, gates, i, kept, batches, loss_fn, scales, shifts, reduce=N
     gram = weight.T @ weight  # <W_i x_i, W_j x_j> summed over outputs = gram_ij x_i x_j
     channels = [torch.tensor(unit_channels(site, u), device=weight.device) for u in kept]
     k = len(kept)
-    sums = {"G": torch.zeros(k, k, dtype=torch.float64), "c": torch.zeros(k, dtype=torch.float64)}
+    # G[a, b] = sum over a's channels i and b's channels j of gram_ij SS_ij; c[a] = sum over a's i and
+    # all j of gram_ij ST_ij: products with `units`, each channel's unit one-hot (no per-entry wait on a GPU)
+    units = torch.zeros(weight.shape[1], k, dtype=torch.float64, device=weight.device)
     for a, ca in enumerate(channels):
-        sums["c"][a] = (gram[ca] * moments["ST"][ca]).sum()
-        for b, cb in enumerate(channels):
-            sums["G"][a, b] = (gram[ca][:, cb] * moments["SS"][ca][:, cb]).sum()
+        units[ca, a] = 1.0
+    sums = {"G": (units.T @ (gram * moments["SS"]) @ units).cpu(),
+            "c": (units.T @ (gram * moments["ST"]).sum(1)).cpu()}
     sums["feature"] = torch.stack([weight[:, ch] @ moments["S"][ch] for ch in channels]).cpu() if k else \
         torch.zeros(0, weight.shape[0], dtype=torch.float64)
     sums["target"] = (weight @ moments["T"]).cpu()
