@@ -117,3 +117,25 @@ def test_a_datasets_translation_set_without_what_it_needs_is_one_line(monkeypatc
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: fake)
     with pytest.raises(DataError, match=message):
         load_parallel("hf:pairs")
+
+
+def test_a_weight_that_turns_infinite_stops_the_run_though_the_loss_was_finite(tiny_finetuned, tmp_path, monkeypatch):
+    """The weights are checked too (one wait for the device for all of them): an infinite weight after
+    the 5th step's update, whose loss was finite."""
+    import torch
+    from accelerate import Accelerator
+    model, data = tiny_finetuned
+    calls, real_clip = [], Accelerator.clip_grad_norm_
+
+    def clip(self, parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        calls.append(1)
+        if len(calls) == 5:
+            with torch.no_grad():
+                parameters[-1].fill_(float("inf"))
+        return real_clip(self, parameters, max_norm, *args, **kwargs)
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", clip)
+    cfg = PruneConfig(model=str(model), dataset=str(data), output_dir=str(tmp_path), k=3, mode="joint",
+                      batch_size=16, checkpoint_every=2, epochs=2)
+    with pytest.raises(TrainingDivergedError, match=r"by step 5 of 18; stopped \(the last good checkpoint \(step 4\)"):
+        prune(cfg)
