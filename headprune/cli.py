@@ -85,12 +85,15 @@ def main(argv: list[str] | None = None) -> int:
     # headprune's own steps at INFO; other libraries' (ONNX's exporter logs hundreds of lines) at WARNING
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("headprune").setLevel(logging.INFO)
-    if os.environ.get("RANK", "0") != "0":  # one of several processes (torchrun, accelerate launch): the
-        sys.stdout = open(os.devnull, "w")  # first one speaks for all (results, warnings, refusals)
+    # one of several processes (torchrun, accelerate launch): the first speaks for all (results,
+    # warnings, refusals: every process refuses the same input)
+    speaks = os.environ.get("RANK", "0") == "0"
+    if not speaks:
+        sys.stdout = open(os.devnull, "w")
     try:
         return run(args)
     except HeadpruneError as err:
-        if os.environ.get("RANK", "0") == "0":  # every process refuses the same input
+        if speaks:
             print(f"headprune: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

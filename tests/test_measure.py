@@ -49,6 +49,13 @@ def test_measure_needs_a_pruned_model(capsys):
     assert "--pruned" in capsys.readouterr().err
 
 
+def test_measure_on_cuda_without_it_is_one_line(tmp_path, capsys, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["measure", "--pruned", str(tmp_path), "--device", "cuda"]) == 2
+    assert "--device cuda: torch sees no CUDA device" in capsys.readouterr().err
+
+
 def test_measure_puts_the_measured_speed_into_the_model_card(tmp_path, capsys):
     save_pruned(tiny_model("bert"), tmp_path / "pruned", [("encoder", 0, 1), ("encoder", 1, 3)])
     card = tmp_path / "pruned" / "README.md"
