@@ -66,7 +66,8 @@ def metrics_key(inputs: dict, cfg, model_path: str | None) -> str | None:
            f"config {hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None}"]
     # the precision of the weights and of the arithmetic: named only when not the default
     key += [f"dtype {cfg.dtype}"] if getattr(cfg, "dtype", "auto") != "auto" else []
-    key += [f"mixed {cfg.mixed_precision}"] if getattr(cfg, "mixed_precision", "no") != "no" else []
+    # ("autocast": entries named "mixed" were measured without it when the method trained nothing)
+    key += [f"autocast {cfg.mixed_precision}"] if getattr(cfg, "mixed_precision", "no") != "no" else []
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()
 
 

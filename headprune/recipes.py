@@ -358,7 +358,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
             model, info = model.to(acc.device), {}
 
     def evaluate_with(mask):  # the heads removed (zero), whatever --ablation: before any reconstruction
-        with gates.override(mask), gates.filled(None):
+        with gates.override(mask), gates.filled(None), acc.autocast():  # --mixed-precision, prepared or not
             return task.evaluate(acc, model, evals, collate, cfg)
 
     all_heads = torch.ones(gates.num_heads)
@@ -495,7 +495,8 @@ def _mean_contexts(cfg, acc, model, gates, calibration, collate, loss_fn) -> lis
     """--ablation mean: each block's mean context on the calibration data (unpruned model)."""
     loader = acc.prepare(DataLoader(calibration, batch_size=cfg.batch_size, collate_fn=collate))
     model.to(acc.device)
-    means = mean_contexts(model, gates, loader, loss_fn, reduce=process_sum(acc))
+    with acc.autocast():  # (the means add up in float64)
+        means = mean_contexts(model, gates, loader, loss_fn, reduce=process_sum(acc))
     log.info("--ablation mean: a closed gate leaves its heads' mean output on %d calibration examples", len(calibration))
     return means
 
@@ -505,8 +506,9 @@ def _reconstruct(cfg, task, acc, model, gates, mask, calibration, collate, means
     loader = acc.prepare(DataLoader(calibration, batch_size=cfg.batch_size, collate_fn=collate))
     reduce = process_sum(acc)
     biased = sum(site.output.bias is not None for site in gates.sites)
-    info = reconstruct(model, gates, mask, loader, task.loss, reconstruct_in_effect(vars(cfg)), reduce=reduce,
-                       disable_progress=not acc.is_local_main_process, means=means)
+    with acc.autocast():  # the forward passes; the fit's sums are float64, which autocast leaves alone
+        info = reconstruct(model, gates, mask, loader, task.loss, reconstruct_in_effect(vars(cfg)), reduce=reduce,
+                           disable_progress=not acc.is_local_main_process, means=means)
     info.update(calibration_examples=len(calibration),
                 output_biases_added=sum(site.output.bias is not None for site in gates.sites) - biased)
     return info

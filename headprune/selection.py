@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Subset
 
 from .budget import uniform_allocation, uniform_counts
-from .config import PruneConfig, ablation_in_effect, checkpoints_activations
+from .config import BACKWARD_SCORED, PruneConfig, ablation_in_effect, checkpoints_activations
 from .errors import ConfigError, HeadpruneError
 from .methods import (activation, fisher, flap, iterative_pruning, make_selector, michel, random_mask,
                       resolve_schedule, taylor)
@@ -337,7 +338,8 @@ def choose_by_scores(cfg, task, acc, model, gates, calibration, collate, evaluat
     info["calibration_examples"] = len(calibration)
     unit = UNIT_NAMES[gates.sites[0].unit]
     # --activation-checkpointing: michel's, fisher's and taylor's backward passes recompute the layers
-    with activation_checkpointing(acc.unwrap_model(model), checkpoints_activations(vars(cfg))):
+    with scoring_precision(acc, cfg.method), \
+            activation_checkpointing(acc.unwrap_model(model), checkpoints_activations(vars(cfg))):
         if cfg.method == "michel":
             mask, order, curve = _rounds(run, budget, evaluate_with, task.metric, rounds_done, save_rounds)
             info.update(scoring_passes=len(curve) - 1 if cfg.michel_exact else 1, curve=[
@@ -352,6 +354,17 @@ def choose_by_scores(cfg, task, acc, model, gates, calibration, collate, evaluat
     info["scores_from_cache"] = run.hit
     log.info("%s: scored %d %s on %d calibration examples", cfg.method, gates.num_heads, unit, len(calibration))
     return mask.float(), scores.values.float(), info
+
+
+def scoring_precision(acc, method: str):
+    """--mixed-precision for a scorer's passes: Accelerate's autocast (a model with nothing to train
+    is not `prepare`d, so its forward is not wrapped); but under fp16 the gradient scorers compute in
+    float32, since with no loss scaler their small gradients would underflow to zero."""
+    if acc.mixed_precision == "fp16" and method in BACKWARD_SCORED:
+        if acc.native_amp:
+            log.info("%s scores in float32: fp16 gradients without a loss scaler would underflow", method)
+        return contextlib.nullcontext()
+    return acc.autocast()
 
 
 def _rounds(run, budget, evaluate_with, metric: str, rounds_done=None, save_rounds=None):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import gc
 import json
 import logging
 import statistics
@@ -273,6 +274,7 @@ def sweep(cfg: SweepConfig) -> list[dict]:
                 # checkpoint to resume: made again in its place
                 leftover = folder.is_dir() and checkpoint_folder(folder) is None and any(folder.iterdir())
                 results = prune(overwriting(run) if leftover else run, metrics_unpruned=unpruned_metrics)
+            free_memory()
             rows += rows_of(results, cfg.ks, folder.name)
             finished.append(results)
             if results["mode"] == "pipelined" and unpruned_metrics is None:  # the same for every run
@@ -285,6 +287,15 @@ def sweep(cfg: SweepConfig) -> list[dict]:
                 log.warning("the sweep stopped after %d of %d runs: the tables show those", len(finished), len(runs))
             write_outputs(cfg, out, rows, finished[-1], unpruned_metrics)
     return rows
+
+
+def free_memory() -> None:
+    """A finished run's models (held in reference cycles: the gates' hooks) freed before the next
+    run loads its own, not whenever Python's cycle collector next runs; and on a GPU, their memory
+    handed back to the device."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def runs_outside_the_plan(cfg: SweepConfig, planned: set[str]) -> tuple[list[tuple[str, dict]], list[str]]:

@@ -200,3 +200,24 @@ def test_a_run_with_reconstruction_gives_a_row_without_it_and_one_with_it(tiny_f
     assert got[("michel + bias", 2)]["passes"] == 3 + 1
     assert got[("flap", 2)]["seconds"] <= got[("flap + bias", 2)]["seconds"]
     assert "| flap + bias | pipelined | 1 |" in (tmp_path / "summary.md").read_text()
+
+
+def test_a_finished_runs_models_are_freed_before_the_next_run_loads(tiny_finetuned, tmp_path, monkeypatch):
+    """The gates' hooks hold a run's model in reference cycles: the sweep collects them after each run
+    (on a GPU its memory is the next run's), not whenever Python's cycle collector gets to them."""
+    import gc
+
+    from transformers import PreTrainedModel
+    model, data = tiny_finetuned
+
+    def models():
+        return {id(o) for o in gc.get_objects() if isinstance(o, PreTrainedModel)}
+    before, live = models(), []
+    real_prune = sweep_mod.prune
+    monkeypatch.setattr(sweep_mod, "prune", lambda run, **kw: live.append(len(models() - before)) or real_prune(run, **kw))
+    gc.disable()  # no collection but the sweep's own
+    try:
+        sweep(sweep_cfg(model, data, tmp_path, methods=["dsp", "random"], ks=[2], seeds=[0]))
+    finally:
+        gc.enable()
+    assert live == [0, 0]

@@ -60,21 +60,25 @@ def taylor_scores(model, gates, batches, loss_fn, variant: str = "element", redu
             p.grad = None
         for batch in batches:
             loss_fn(model, batch).backward()
-        products = {}  # w * dL/dw of every weight, once
+        grads = {}
         for p in params:  # a weight the loss does not reach (none of its outputs used) has no gradient
             grad = p.grad if p.grad is not None else torch.zeros_like(p)
-            grad = reduce(grad).to(p.device) if reduce is not None else grad
-            products[id(p)] = p.detach().double() * grad.double()
+            grads[id(p)] = reduce(grad).to(p.device) if reduce is not None else grad
         scores = []
         for site in gates.sites:
             for unit in range(site.num_heads):
-                product = torch.cat([products[id(p)][index].flatten() for p, index in group_weights(site, unit)])
-                scores.append(float(product.abs().sum() if variant == "element" else product.sum().abs()))
+                # w * dL/dw in float64 on the group's slices only: a float64 copy of every weight at
+                # once would need four times a half-precision model's attention weights
+                products = [p.detach()[index].double() * grads[id(p)][index].double()
+                            for p, index in group_weights(site, unit)]
+                scores.append(sum(x.abs().sum() for x in products) if variant == "element"
+                              else sum(x.sum() for x in products).abs())
+        scores = torch.stack(scores).cpu()  # one wait for the device, not one per unit
     finally:
         for p, flag in zip(params, was):
             p.grad = None
             p.requires_grad_(flag)
-    return torch.tensor(scores, dtype=torch.float64)
+    return scores
 
 
 def score(run, mask: torch.Tensor):
