@@ -120,7 +120,8 @@ def pruning_loss(cfg, task, gates):
         labels = batch["labels"]
         if not getattr(model, "module", model).config.is_encoder_decoder:  # a decoder predicts the next token
             kl, labels = kl[:, :-1], labels[:, 1:]
-        return kl[labels != -100].mean()
+        real = (labels != -100).to(kl.dtype)  # a sum, not a boolean index: no wait for the device a step
+        return (kl * real).sum() / real.sum().clamp(min=1)
     return distill
 
 
