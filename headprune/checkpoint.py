@@ -52,11 +52,11 @@ def decode(data, tensors: dict):
     return data
 
 
-def write_checkpoint(out: Path, state: dict) -> None:
-    """Write `state` as out/checkpoint/ (a new folder renamed into place)."""
+def write_checkpoint(out: Path, state: dict, name: str = CHECKPOINT) -> None:
+    """Write `state` as out/checkpoint/ (or out/`name`/; a new folder renamed into place)."""
     tensors: dict = {}
     data = encode(state, tensors)
-    with atomic_folder(out / CHECKPOINT) as tmp:
+    with atomic_folder(out / name) as tmp:
         save_file(tensors, str(tmp / TENSORS))
         (tmp / STATE).write_text(json.dumps(data))
 

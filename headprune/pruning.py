@@ -360,6 +360,18 @@ def save_pruned(model: nn.Module, folder: Path, kept: list[Head], tokenizer=None
     """Remove the heads (units) not kept (current numbering) and save a model folder that
     `load_pruned` loads again; config.json records the kept heads in the original numbering and
     the unit they count."""
+    prune_in_place(model, kept, unit, **record)
+    with atomic_folder(Path(folder)) as tmp:  # a kill leaves no half-written model folder
+        # the module's own weight names (not transformers' renaming back to an older checkpoint
+        # layout, e.g. GPT-NeoX's embed_out): load_pruned loads them into the rebuilt modules as they are
+        model.save_pretrained(tmp, save_original_format=False)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+
+def prune_in_place(model: nn.Module, kept: list[Head], unit: str = "group", **record) -> None:
+    """What `save_pruned` does to the model before writing it: the heads not kept removed, and
+    config.json's record of the kept ones (the original numbering)."""
     earlier = getattr(model.config, "headprune", None) or {}
     if earlier.get("physical") and earlier.get("unit", "group") != unit:
         raise ValueError(f"this model was pruned by {earlier.get('unit', 'group')} before: prune it "
@@ -370,12 +382,6 @@ def save_pruned(model: nn.Module, folder: Path, kept: list[Head], tokenizer=None
         record.setdefault("output_biases", True)
     model.config.headprune = {"kept_heads": [list(h) for h in recorded], "physical": True, "unit": unit,
                               "kept_heads_sha256": heads_checksum(recorded), **record}
-    with atomic_folder(Path(folder)) as tmp:  # a kill leaves no half-written model folder
-        # the module's own weight names (not transformers' renaming back to an older checkpoint
-        # layout, e.g. GPT-NeoX's embed_out): load_pruned loads them into the rebuilt modules as they are
-        model.save_pretrained(tmp, save_original_format=False)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
 
 
 def model_class_of(config):

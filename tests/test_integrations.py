@@ -103,3 +103,127 @@ def test_fp16_is_refused_before_the_gates_go_on():
     with pytest.raises(ConfigError, match="fp16 is not supported"):
         callback.on_train_begin(args, SimpleNamespace(max_steps=10), None, model=model)
     assert not hasattr(model, "head_gates")
+
+
+def trainer_for(tmp_path, model, callback, max_steps=12, **arguments):
+    from transformers import Trainer, TrainingArguments
+    args = TrainingArguments(output_dir=str(tmp_path / "trainer"), max_steps=max_steps, per_device_train_batch_size=8,
+                             learning_rate=1e-3, report_to="none", use_cpu=True, seed=0, disable_tqdm=True,
+                             **{"save_strategy": "no", **arguments})
+    return Trainer(model=model, args=args, train_dataset=examples(), callbacks=[callback])
+
+
+def test_voitas_l0_penalty_reaches_the_scores(tmp_path):
+    """The Trainer's loss does not know the penalty: the callback adds its gradient each step, so a
+    larger l0_lambda closes the gates further (with none, the scores learn from the loss alone)."""
+    log_a = {}
+    for l0_lambda in (0.0, 1.0):
+        callback = HeadPruningCallback(k=3, method="voita", output_dir=str(tmp_path / f"pruned{l0_lambda}"), seed=0,
+                                       l0_lambda=l0_lambda)
+        trainer_for(tmp_path / str(l0_lambda), tiny_model("bert", layers=2), callback).train()
+        log_a[l0_lambda] = callback.optimizer.param_groups[0]["params"][0].detach()
+    # the penalty's gradient is positive for every gate: each one lower, by about lr x steps
+    assert (log_a[1.0] < log_a[0.0] - 0.005).all()
+
+
+def test_resume_from_checkpoint_brings_the_head_scores_back(tmp_path, batch):
+    """A Trainer stopped by an error after its checkpoint at step 6 and resumed from it (the same
+    Trainer, model and callback: the gates the stopped train() left are replaced) learns what the
+    uninterrupted run learns; the scores' state is in checkpoint-6/headprune/."""
+    from transformers import TrainerCallback
+
+    whole = HeadPruningCallback(k=3, method="dsp", output_dir=str(tmp_path / "whole-pruned"), seed=0)
+    trainer_for(tmp_path / "whole", tiny_model("bert", layers=2), whole, save_strategy="steps", save_steps=6).train()
+
+    class StopAtStep7(TrainerCallback):
+        stop = True
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self.stop and state.global_step == 7:
+                raise KeyboardInterrupt
+
+    stopper = StopAtStep7()
+    callback = HeadPruningCallback(k=3, method="dsp", output_dir=str(tmp_path / "pruned"), seed=0)
+    model = tiny_model("bert", layers=2)
+    trainer = trainer_for(tmp_path / "stopped", model, callback, save_strategy="steps", save_steps=6)
+    trainer.add_callback(stopper)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert (tmp_path / "stopped" / "trainer" / "checkpoint-6" / "headprune" / "state.json").is_file()
+    stopper.stop = False
+    trainer.train(resume_from_checkpoint=True)
+    assert callback.kept_heads == whole.kept_heads
+    scores = [c.optimizer.param_groups[0]["params"][0].detach() for c in (callback, whole)]
+    assert torch.allclose(scores[0], scores[1], atol=1e-6) and not torch.equal(scores[0], torch.zeros_like(scores[0]))
+    assert int(next(iter(callback.optimizer.state.values()))["step"]) == 12  # the scores' AdamW: 6 + 6 steps
+
+
+def test_resuming_without_the_scores_state_is_refused_in_one_line(tmp_path):
+    from headprune.errors import CheckpointError
+    callback = HeadPruningCallback(k=3, method="dsp", output_dir=str(tmp_path / "pruned"), seed=0)
+    trainer = trainer_for(tmp_path, tiny_model("bert", layers=2), callback, max_steps=4, save_strategy="steps",
+                          save_steps=2)
+    trainer.train()
+    for folder in (tmp_path / "trainer").glob("checkpoint-*/headprune"):
+        import shutil
+        shutil.rmtree(folder)
+    model = tiny_model("bert", layers=2)
+    again = HeadPruningCallback(k=3, method="dsp", output_dir=str(tmp_path / "pruned"), overwrite=True, seed=0)
+    with pytest.raises(CheckpointError, match="resumes at step 4, but .*checkpoint-4/headprune is missing"):
+        trainer_for(tmp_path, model, again, max_steps=6).train(resume_from_checkpoint=True)
+    assert not hasattr(model, "head_gates")
+
+
+TWO_PROCESSES = '''
+import json, os, sys
+sys.path.insert(0, {tests!r})
+import torch
+from safetensors.torch import save_file
+from transformers import Trainer, TrainingArguments
+from conftest import tiny_model
+from test_integrations import examples
+from headprune.integrations import HeadPruningCallback
+from headprune.sites import find_sites
+
+out, processes = sys.argv[1], int(os.environ.get("WORLD_SIZE", "1"))
+model = tiny_model("bert", layers=2)
+for module in model.modules():  # no dropout: 1 and 2 processes see the same global batches
+    if isinstance(module, torch.nn.Dropout):
+        module.p = 0.0
+callback = HeadPruningCallback(k=3, method="dsp", output_dir=out + "/pruned", seed=0)
+args = TrainingArguments(output_dir=out, max_steps=12, per_device_train_batch_size=16 // processes, learning_rate=1e-3,
+                         report_to="none", save_strategy="no", seed=0, disable_tqdm=True, max_grad_norm=0.05)
+trainer = Trainer(model=model, args=args, train_dataset=examples(), callbacks=[callback])
+trainer.train()
+rank = int(os.environ.get("RANK", "0"))
+save_file({{n: p.detach().contiguous() for n, p in model.state_dict().items()}}, f"{{out}}/rank{{rank}}.safetensors")
+json.dump({{"kept": callback.kept_heads, "heads": sum(s.num_heads for s in find_sites(model))}},
+          open(f"{{out}}/rank{{rank}}.json", "w"))
+'''
+
+
+def test_two_processes_train_and_prune_alike(tmp_path):
+    """torchrun with 2 CPU processes (gloo), the Trainer's clipping on: the scores' gradients are
+    averaged before it, so both processes' weights stay equal (each clipped by its own norm, they
+    drifted apart); every process's model loses the same heads, and they are the 1-process run's."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    script = tmp_path / "train.py"
+    script.write_text(TWO_PROCESSES.format(tests=str(Path(__file__).parent)))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    for out, launcher in ((tmp_path / "two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]),
+                          (tmp_path / "one", [sys.executable])):
+        run = subprocess.run([*launcher, str(script), str(out)], capture_output=True, text=True, timeout=300, env=env)
+        assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    one = json.loads((tmp_path / "one" / "rank0.json").read_text())
+    assert ranks[0] == ranks[1] == one and one["heads"] == 3
+    weights = [load_file(tmp_path / "two" / f"rank{r}.safetensors") for r in (0, 1)]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+    loaded = load_pruned(tmp_path / "two" / "pruned")
+    assert all(torch.equal(loaded.state_dict()[name], value) for name, value in weights[0].items())
