@@ -18,6 +18,7 @@ evenly that fit).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,8 @@ from .config import allocation_in_effect, reconstruct_in_effect, roomy_uniform, 
 from .errors import ConfigError
 from .latency import even_counts, even_mask, predicted_seconds
 from .sites import AttentionSite, in_features, out_features
+
+log = logging.getLogger("headprune")
 
 
 @dataclass
@@ -104,6 +107,9 @@ def budget_units(cfg, model, sites: list[AttentionSite]) -> int | list[int]:
         if k < 1:
             raise ConfigError(f"--target-params {cfg.target_params:g}: the model without its attention heads "
                               f"already has {fixed:,} parameters (of {total:,})")
+        if k >= sum(c.units for c in costs):
+            log.warning("--target-params %g: the unpruned model (%s parameters) fits it already: every head "
+                        "is kept", cfg.target_params, f"{total:,}")
         return min(k, sum(c.units for c in costs))
     cached = [c for c in costs if c.kv_bytes]
     if not cached:
@@ -115,6 +121,9 @@ def budget_units(cfg, model, sites: list[AttentionSite]) -> int | list[int]:
     k = int(target // per_unit.pop())
     if k < 1:
         raise ConfigError(f"--target-kv-cache {cfg.target_kv_cache:g} keeps less than one key/value head")
+    if k >= sum(c.units for c in cached):
+        log.warning("--target-kv-cache %g: the unpruned model's cache fits it already: every key/value head is kept",
+                    cfg.target_kv_cache)
     if len(cached) != len(costs):  # the other kinds cost no cache per token: all of them kept
         kinds = list(dict.fromkeys(c.kind for c in costs))
         return [k if kind == "decoder" else sum(c.units for c in costs if c.kind == kind) for kind in kinds]

@@ -118,13 +118,13 @@ def run(args: argparse.Namespace) -> int:
         print_summary(results, root / f"dsp-pipelined-k{results['k']}")
         return 0
     if args.command == "measure":
-        from .measure import markdown, measure
+        from .measure import MEASURE_FILES, markdown, measure
         from .outputs import atomic_path, write_json
         result = measure(cfg, progress=lambda line: print(line, file=sys.stderr))
         table = markdown(result)
         if cfg.output_dir:
-            write_json(Path(cfg.output_dir) / "measure.json", result)
-            with atomic_path(Path(cfg.output_dir) / "measure.md") as tmp:
+            write_json(Path(cfg.output_dir) / MEASURE_FILES[0], result)
+            with atomic_path(Path(cfg.output_dir) / MEASURE_FILES[1]) as tmp:
                 tmp.write_text(table)
         if cfg.card:
             from .card import add_measured_speed, command_of

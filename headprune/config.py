@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
@@ -649,7 +650,7 @@ class MeasureConfig(Checked):
     attn_implementation: str = option("sdpa", "Attention kernel for both models (eager where transformers gives the "
                                       "model no sdpa, e.g. LongT5).", choices=["eager", "sdpa"])
     output_dir: str = option(None, "Also write measure.json and measure.md into this folder.")
-    overwrite: bool = option(False, "Allow replacing an earlier measure.json in --output-dir.")
+    overwrite: bool = option(False, "Allow replacing an earlier measure.json and measure.md in --output-dir.")
     card: bool = option(False, "Also write the measured speed into the pruned model's card (its README.md; "
                         "an earlier measured-speed section there is replaced).")
 
@@ -730,9 +731,25 @@ def build_config(cls, args: argparse.Namespace | None = None, **overrides):
     return cls(**values)  # checks types and ranges
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's numbers (YAML 1.1 reads `lr: 1e-3`, which has no dot, as a
+    string) and no key given twice (the last would silently win)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        twice = next((key for i, key in enumerate(keys) if key in keys[:i]), None)
+        if twice is not None:
+            raise yaml.constructor.ConstructorError(None, None, f"{twice!r} is given twice", node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                                  list("-+0123456789."))
+
+
 def load_yaml(path: str, cls) -> dict:
     try:
-        values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        values = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_YamlLoader) or {}
     except UnicodeDecodeError as err:
         raise ConfigError(f"config file {path}: not UTF-8 text (byte {err.start})") from err
     except (OSError, yaml.YAMLError) as err:

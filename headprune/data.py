@@ -298,6 +298,9 @@ def read_records(path: str) -> tuple[list[dict], list[str]]:
             data = None  # perhaps JSON lines in a .json file
         if isinstance(data, dict):  # {"data": [...]} or {"column": [...], ...}
             lists = [v for v in data.values() if isinstance(v, list)]
+            if len({len(v) for v in lists}) > 1:
+                raise DataError(f"{path}: its columns are lists of different lengths "
+                                f"({', '.join(f'{k}: {len(v)}' for k, v in data.items() if isinstance(v, list))})")
             data = lists[0] if len(lists) == 1 and all(isinstance(r, dict) for r in lists[0]) else \
                 pd.DataFrame(data).to_dict("records") if lists else None
         if isinstance(data, list):

@@ -71,20 +71,27 @@ def metrics_key(inputs: dict, cfg, model_path: str | None) -> str | None:
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()
 
 
-def cached_metrics(key: str | None) -> dict | None:
+def _read_cache() -> dict:
+    """The cache, or nothing of it where it is damaged: an entry that is not {split: number} is left
+    out (computed again), never handed to a run that would crash on it after its work."""
     try:
-        return json.loads(_cache_file().read_text()).get(key) if key else None
+        cache = json.loads(_cache_file().read_text())
     except (OSError, ValueError):
-        return None
+        return {}
+    if not isinstance(cache, dict):
+        return {}
+    return {key: value for key, value in cache.items() if isinstance(value, dict) and value and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values())}
+
+
+def cached_metrics(key: str | None) -> dict | None:
+    return _read_cache().get(key) if key else None
 
 
 def remember_metrics(key: str | None, metrics: dict) -> None:
     if not key:
         return
-    try:
-        cache = json.loads(_cache_file().read_text())
-    except (OSError, ValueError):
-        cache = {}
+    cache = _read_cache()
     cache.pop(key, None)  # the newest last: the oldest go first once the cache is full
     kept = list(cache.items())[-(METRICS_KEPT - 1):] if METRICS_KEPT > 1 else []
     try:

@@ -19,6 +19,7 @@ import torch
 from .errors import ModelError, OutputExistsError, require
 from .outputs import atomic_path, check_writable, nearest_existing
 from .pruning import load_pruned, load_pruned_config
+from .sites import find_sites
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +65,17 @@ def example_inputs(config, batch: int, length: int, seed: int) -> dict[str, torc
 
 def check_output(cfg) -> None:
     """Refuse, before any work, an --output that lies inside the model folder (it would replace or add to
-    the model's own files), is a folder, exists (unless --overwrite) or cannot be written."""
+    the model's own files), is the GGUF read for its tokenizer, is a folder, exists (unless
+    --overwrite) or cannot be written."""
     output = Path(cfg.output)
     model = Path(cfg.model).expanduser()
     if model.is_dir() and model.resolve() in output.resolve().parents:
         raise OutputExistsError(f"{output} lies inside the model folder {cfg.model}: an export never writes inside "
                                 "its input; choose an --output apart from it")
+    tokenizer = getattr(cfg, "tokenizer_gguf", None)  # (gguf) the unpruned GGUF read for its tokenizer
+    if tokenizer and output.resolve() == Path(tokenizer).expanduser().resolve():
+        raise OutputExistsError(f"{output} is the --tokenizer-gguf this export reads: an export never writes over "
+                                "its input; choose another --output")
     if output.is_dir():
         raise OutputExistsError(f"{output} is a folder: --output names the file to write")
     if output.exists() and not cfg.overwrite:
@@ -90,6 +96,7 @@ def export_onnx(cfg) -> dict:
                          "--format onnx` exports encoder classifiers (...ForSequenceClassification, "
                          "...ForImageClassification) so far")
     model = load_pruned(cfg.model)
+    find_sites(model)  # a model without attention heads (FNet's Fourier mixing): refused in one line
     log.info("exporting %s to ONNX", cfg.model)
     worst = write_onnx(model, output, cfg.opset)
     log.info("wrote %s (ONNX Runtime against PyTorch: largest difference %.2g)", output, worst)
@@ -122,7 +129,7 @@ def write_onnx(model, output: Path, opset: int | None = None) -> float:
             with torch.no_grad():
                 expected = model(**inputs).logits.numpy()
             got = session.run(["logits"], {name: t.numpy() for name, t in inputs.items()})[0]
-            worst = max(worst, float(np.abs(got - expected).max()))
+            worst = float(np.max([worst, np.abs(got - expected).max()]))  # (NaN stays NaN: max(0, nan) is 0)
         if not worst <= TOLERANCE:  # leave nothing behind: atomic_path drops the file
             raise ModelError(f"the ONNX graph differs from PyTorch by {worst:.2g} (more than {TOLERANCE:g}): "
                              "not written")

@@ -219,13 +219,17 @@ def check_original(cfg: MeasureConfig, pruned, original) -> None:
                           + ", ".join(f"{name} {theirs} (pruned model: {ours})" for name, (ours, theirs) in differs.items()))
 
 
+MEASURE_FILES = ("measure.json", "measure.md")  # what --output-dir gets
+
+
 def measure(cfg: MeasureConfig, progress=print) -> dict:
     if cfg.pruned is None:
         raise ConfigError("give the pruned model's folder with --pruned")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: torch sees no CUDA device on this machine (is a CUDA build of torch installed?)")
-    if cfg.output_dir and (Path(cfg.output_dir) / "measure.json").exists() and not cfg.overwrite:
-        raise OutputExistsError(f"{cfg.output_dir} already holds measure.json; pass --overwrite "
+    held = [name for name in MEASURE_FILES if cfg.output_dir and (Path(cfg.output_dir) / name).exists()]
+    if held and not cfg.overwrite:
+        raise OutputExistsError(f"{cfg.output_dir} already holds {held[0]}; pass --overwrite "
                                 "or choose another --output-dir")
     if cfg.output_dir:
         check_not_inside(Path(cfg.output_dir), {"pruned model": cfg.pruned, "original model": cfg.original})

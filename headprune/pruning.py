@@ -63,6 +63,15 @@ def check_model_folder(folder, name: str | None = None) -> None:
                          "does not read (loading a pickle can run code); convert them to safetensors first")
 
 
+def check_finite_weights(model: nn.Module, name: str) -> None:
+    """Refuse weights that hold NaN or infinite values (a damaged file whose header still reads, or a
+    model that diverged): every score, metric and export of them would be NaN, or silently wrong."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise ModelError(f"{name}: {len(bad)} weight tensor(s) hold NaN or infinite values (e.g. {bad[0]}): "
+                         "a damaged file, or a model that diverged in training")
+
+
 def heads_checksum(kept) -> str:
     """sha256 of the kept heads, in a canonical order: detects an edited record."""
     canonical = json.dumps(sorted([str(k), int(l), int(h)] for k, l, h in kept))
@@ -490,27 +499,41 @@ def load_pruned(folder, model_class=None, **config_kwargs) -> nn.Module:
             f"({len(kept)} kept heads): {first_line(err)} ... "
             "was config.json edited or were the weights replaced?") from err
     except (OSError, ValueError, SafetensorError) as err:
-        raise PrunedCheckpointError(f"cannot read the weights in {folder}: {err}") from err
+        raise PrunedCheckpointError(f"cannot read the weights in {folder}: {first_line(err)}") from err
+    check_finite_weights(model, str(folder))
     return model.eval()
 
 
 def _load_weights(model: nn.Module, folder: Path) -> None:
-    """Load model.safetensors, or the shards its index names, refusing any key that is neither
-    there nor one the model itself leaves out of its files (tied embeddings, fixed sinusoidal
-    positions: transformers' `_tied_weights_keys` and `_keys_to_ignore_on_save`)."""
-    from transformers.trainer_utils import load_sharded_checkpoint
-
-    single = folder / "model.safetensors"
+    """Load model.safetensors, or the safetensors shards its index names (never a pickle beside
+    them), refusing any key that is neither there nor one the model itself leaves out of its files
+    (tied embeddings, fixed sinusoidal positions: transformers' `_tied_weights_keys` and
+    `_keys_to_ignore_on_save`)."""
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
     if single.is_file():
-        result = model.load_state_dict(load_file(single), strict=False)
+        shards = [single]
+    elif index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+        names = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
+        if not names or not all(isinstance(n, str) and n.endswith(".safetensors") and Path(n).name == n for n in names):
+            raise ValueError(f"{index.name} does not name safetensors shards in its folder")
+        shards = [folder / n for n in names]
     else:
-        result = load_sharded_checkpoint(model, folder, strict=False)
+        raise OSError(f"no model.safetensors (or model.safetensors.index.json) in {folder}: headprune reads "
+                      "safetensors only (loading a pickle can run code)")
+    loaded, unexpected = set(), []
+    for shard in shards:  # one shard in memory at a time
+        weights = load_file(shard)
+        result = model.load_state_dict(weights, strict=False)
+        unexpected += result.unexpected_keys
+        loaded |= set(weights) - set(result.unexpected_keys)
+    missing_in_files = [k for k in model.state_dict() if k not in loaded]
     left_out = []
     for prefix, module in model.named_modules():  # submodules (BART's encoder) declare their own
         for attribute in ("_tied_weights_keys", "_keys_to_ignore_on_save", "_keys_to_ignore_on_load_missing"):
             left_out += [f"{prefix}.{key}" if prefix else key for key in getattr(module, attribute, None) or []]
-    missing = [k for k in result.missing_keys
+    missing = [k for k in missing_in_files
                if k not in left_out and not any(re.fullmatch(pattern, k) for pattern in left_out)]
-    if missing or result.unexpected_keys:
-        raise RuntimeError(f"Missing key(s): {missing[:5]}; unexpected key(s): {result.unexpected_keys[:5]}")
+    if missing or unexpected:
+        raise RuntimeError(f"Missing key(s): {missing[:5]}; unexpected key(s): {unexpected[:5]}")
     model.tie_weights()

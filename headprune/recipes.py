@@ -44,7 +44,7 @@ from .measure import is_generator, sequence_length, size_facts
 from .outputs import (BEST, RESULTS, atomic_folder, check_not_inside, check_output_dir, finish_run, remove_path,
                       settle_stopped_run, stage_folder,
                       folder_bytes, versions, write_json, write_jsonl)
-from .pruning import save_pruned, zero_pruned_heads
+from .pruning import check_finite_weights, save_pruned, zero_pruned_heads
 from .randomness import keeps_global_rng
 from .reconstruct import mean_contexts, reconstruct
 from .selection import (attach_selector, calibration_set, check_budget, choose_by_scores, from_main, process_sum,
@@ -157,6 +157,7 @@ def _load(cfg, task, path, config, require_finetuned: bool):
     data = task.load_data(cfg)
     check_split(getattr(cfg, "select_by", None), data, "--select-by")  # now, not after the unpruned evaluation
     model, tokenizer = task.load_model(cfg, data, path, config, require_finetuned)
+    check_finite_weights(model, repr(cfg.model))  # NaN weights would give NaN scores and metrics, or crash later
     if cfg.dtype != "auto":  # --dtype: loaded in it (tasks.weights_dtype); a model built from scratch too
         model.to(getattr(torch, cfg.dtype))
     if getattr(cfg, "activation_checkpointing", False):

@@ -495,7 +495,8 @@ def find_sites(model: nn.Module, unit: str = "group") -> list[AttentionSite]:
                    if type(m).__name__.endswith(("Attention", "SelfAttention"))), None)
     raise UnsupportedArchitectureError(
         f"headprune does not support {model_type!r}: "
-        + (f"its attention module {unread[0]} ({unread[1]}) " if unread else "none of its modules ")
-        + "matches none of the layouts it knows (a layout names the query, key and value projections, or one "
+        + (f"its attention module {unread[0]} ({unread[1]}) matches none of the layouts it knows" if unread
+           else "none of its modules matches a layout it knows")
+        + " (a layout names the query, key and value projections, or one "
         "fused projection and where each head's rows are in it, the output projection that reads the heads' "
         f"contexts, and the head size; see headprune/sites.py): {'; '.join(LAYOUTS)}")

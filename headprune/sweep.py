@@ -201,6 +201,9 @@ def stale_runs(runs: list[PruneConfig]) -> dict[str, str]:
 
 def check_plan(cfg: SweepConfig, runs: list[PruneConfig]) -> None:
     """Every planned run's model, budget and folder, before the first run starts."""
+    if (Path(cfg.output_dir) / RESULTS).exists():  # its report.md and tables would go beside that run's
+        raise OutputExistsError(f"{cfg.output_dir} is a run's folder (it holds {RESULTS}): a sweep writes its "
+                                "tables beside the folders of its runs; choose another --output-dir")
     if not runs:
         raise ConfigError(f"the sweep plans no runs ({', '.join(cfg.methods)} in {', '.join(cfg.modes)} mode: "
                           "michel, random and the scored methods run pipelined only)")

@@ -29,6 +29,15 @@ def _lines(path: Path) -> list[str]:
     return documents
 
 
+def _texts(column: list, dataset: str, split: str) -> list[str]:
+    """The non-empty texts of a datasets column (missing cells left out; anything else but text refused)."""
+    for row, text in enumerate(column):
+        if text is not None and not isinstance(text, str):
+            raise DataError(f"{dataset}: row {row} of its {split} split holds {type(text).__name__} {text!r} in "
+                            "the 'text' column, not text")
+    return [t for t in column if t is not None and t.strip()]
+
+
 def load_text(dataset: str, eval_files: list[str] | None = None, seed: int = 0) -> TextData:
     """`offline:rotten-tomatoes` (the review snippets as documents, in the fixed splits of the
     classification benchmark), a folder of `train.txt` (+ `validation.txt`, `test.txt`), a `.txt`
@@ -47,18 +56,23 @@ def load_text(dataset: str, eval_files: list[str] | None = None, seed: int = 0) 
             raise DataError(f"cannot load {dataset}: {first_line(err)}") from err
         if "train" not in splits or "text" not in splits["train"].column_names:
             raise DataError(f"{dataset} needs a train split with a 'text' column")
-        return TextData([t for t in splits["train"]["text"] if t.strip()],
-                        {n: [t for t in ds["text"] if t.strip()] for n, ds in splits.items() if n != "train"})
+        return TextData(_texts(splits["train"]["text"], dataset, "train"),
+                        {n: _texts(ds["text"], dataset, n) for n, ds in splits.items() if n != "train"})
     path = Path(dataset)
     if path.is_dir():
         if not (path / "train.txt").is_file():
             raise DataError(f"{dataset} is a folder but holds no train.txt")
-        return TextData(_lines(path / "train.txt"), {name: _lines(path / f"{name}.txt")
-                                                      for name in ("validation", "test") if (path / f"{name}.txt").is_file()})
+        evals = {name: _lines(path / f"{name}.txt") for name in ("validation", "test") if (path / f"{name}.txt").is_file()}
+        if not evals:  # (every metric of the run would be missing)
+            raise DataError(f"{dataset} holds train.txt but no validation.txt or test.txt to evaluate on")
+        return TextData(_lines(path / "train.txt"), evals)
     if path.suffix == ".txt":
         documents = _lines(path)
         if eval_files:
             return TextData(documents, {Path(f).stem: _lines(Path(f)) for f in eval_files})
+        if len(documents) < 2:
+            raise DataError(f"{path} holds one document: a tenth of them is held out to evaluate on, so it needs "
+                            "two or more (or give --eval-files)")
         order = list(range(len(documents)))
         random.Random(seed).shuffle(order)
         cut = max(1, len(documents) // 10)

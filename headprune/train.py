@@ -228,6 +228,16 @@ def check_state(state, folder: Path) -> None:
     for part, kind in STATE_PARTS.items():
         if not isinstance(state.get(part), kind):
             raise bad(f"its {part} is missing or not a {kind.__name__}")
+    if not all(isinstance(row, dict) for row in state["history"]):
+        raise bad("its log holds rows that are not records")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in state["seconds"].values()):
+        raise bad("its seconds are not all numbers")
+    since = state["extra"].get("loss_since_log")
+    if since is not None and not (isinstance(since, (list, tuple)) and len(since) == 2 and
+                                  all(isinstance(v, (int, float, torch.Tensor)) for v in since)):
+        raise bad("its loss since the last log row is not a sum and a count")
+    if not all(torch.isfinite(t).all() for t in state["model"].values() if isinstance(t, torch.Tensor)):
+        raise bad("its weights hold NaN or infinite values")  # (a run stops before it would save them)
 
 
 def check_inputs(out: Path, state: dict | None, inputs: dict, cfg) -> dict | None:
@@ -279,11 +289,22 @@ def save_checkpoint(acc: Accelerator, out: Path, cfg, model, optimizer, schedule
 
 
 def restore_checkpoint(acc: Accelerator, state: dict, model, optimizer, scheduler) -> None:
-    unexpected = acc.unwrap_model(model).load_state_dict(state["model"], strict=False).unexpected_keys
-    if unexpected:
-        raise CheckpointError(f"checkpoint holds weights this model lacks: {unexpected[:5]}")
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    try:
+        unexpected = acc.unwrap_model(model).load_state_dict(state["model"], strict=False).unexpected_keys
+        if unexpected:
+            raise CheckpointError(f"checkpoint holds weights this model lacks: {unexpected[:5]}")
+        optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:  # (a moment of another shape would fail at the first step)
+            for p in group["params"]:
+                for name, value in optimizer.state.get(p, {}).items():
+                    if torch.is_tensor(value) and value.dim() and value.shape != p.shape:
+                        raise ValueError(f"its optimizer's {name} has shape {tuple(value.shape)} for a weight "
+                                         f"of shape {tuple(p.shape)}")
+        scheduler.load_state_dict(state["scheduler"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:  # (a hand-edited one: shapes, groups)
+        detail = " ".join(str(err).split())  # (torch's first line only names the model)
+        raise CheckpointError(f"the checkpoint does not fit this run's model or optimizer ({type(err).__name__}: "
+                              f"{detail[:300]}); delete it to start over") from err
     if acc.scaler is not None and state.get("grad_scaler"):  # fp16: the loss scale it had reached
         acc.scaler.load_state_dict(state["grad_scaler"])
 

@@ -20,12 +20,25 @@ def test_the_scores_cache_keeps_the_newest_entries(tmp_path):
 def test_the_metrics_cache_keeps_the_newest_entries(tmp_path, monkeypatch):
     monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path))
     monkeypatch.setattr(digests, "METRICS_KEPT", 2)
-    for key in ("a", "b", "c"):
-        digests.remember_metrics(key, {"accuracy": key})
-    assert digests.cached_metrics("a") is None and digests.cached_metrics("c") == {"accuracy": "c"}
-    digests.remember_metrics("b", {"accuracy": "b2"})  # written again: the newest now
-    digests.remember_metrics("d", {"accuracy": "d"})
+    for value, key in enumerate(("a", "b", "c")):
+        digests.remember_metrics(key, {"accuracy": value})
+    assert digests.cached_metrics("a") is None and digests.cached_metrics("c") == {"accuracy": 2}
+    digests.remember_metrics("b", {"accuracy": 0.5})  # written again: the newest now
+    digests.remember_metrics("d", {"accuracy": 0.25})
     assert list(json.loads((tmp_path / "unpruned-metrics.json").read_text())) == ["b", "d"]
+
+
+def test_a_damaged_metrics_cache_is_computed_again_not_handed_to_a_run(tmp_path, monkeypatch):
+    """A run would crash on an entry that is not {split: number}, after its work (its report)."""
+    monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path))
+    cache = tmp_path / "unpruned-metrics.json"
+    cache.write_text("[1, 2]")  # not an object
+    assert digests.cached_metrics("a") is None
+    digests.remember_metrics("a", {"validation": 0.75})
+    assert digests.cached_metrics("a") == {"validation": 0.75}
+    cache.write_text(json.dumps({"a": "0.75", "b": {"validation": "high"}, "c": {}, "d": {"validation": True},
+                                 "e": {"validation": 0.5, "test": 0.25}}))
+    assert [digests.cached_metrics(key) for key in "abcde"] == [None] * 4 + [{"validation": 0.5, "test": 0.25}]
 
 
 def test_the_scores_key_changes_with_code_a_scorer_borrows(tmp_path, monkeypatch):

@@ -68,7 +68,7 @@ class LanguageModeling(Task):
         from datasets import Dataset
 
         def blocks(documents: list[str], split: str) -> Dataset:
-            packed = pack(documents, tokenizer, cfg.max_length)
+            packed = pack(documents, tokenizer, cfg.max_length) if documents else []
             if not packed:
                 raise DataError(f"the {split} text is shorter than one block of {cfg.max_length} tokens "
                                 "(--max-length)")
