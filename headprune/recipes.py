@@ -250,7 +250,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     path, config, _, _ = task.inspect(cfg.model, require_finetuned=False, attn_implementation=cfg.attn_implementation)
     out, state, acc = _start(cfg, path)
     seconds: dict = dict(state["seconds"]) if state else {}
-    with timed(seconds, "load"):
+    with timed(seconds, "load"), _no_empty_folder_if_refused(out):
         data, model, tokenizer = _load(cfg, task, path, config, require_finetuned=False)
         train_set, evals, collate = task.prepare(data, tokenizer, cfg)
         inputs = run_inputs(cfg, path, train_set, evals)

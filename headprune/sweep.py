@@ -262,7 +262,8 @@ def sweep(cfg: SweepConfig) -> list[dict]:
         log.warning("%s holds %d finished run(s) made with other settings (e.g. %s): the tables leave them out",
                     out, len(others), others[0])
     rows, finished, unpruned_metrics = [], [], None
-    try:
+    gc.freeze()  # what the process held before the sweep is left out of free_memory's collections: each
+    try:  # scans only what the runs made, fast in a large process (a test's, a notebook's)
         for i, run in enumerate(runs, start=1):
             folder = Path(run.output_dir)
             if folder.name in stale:
@@ -283,6 +284,7 @@ def sweep(cfg: SweepConfig) -> list[dict]:
             if results["mode"] == "pipelined" and unpruned_metrics is None:  # the same for every run
                 unpruned_metrics = results["metrics_unpruned"]
     finally:  # a sweep stopped part-way still shows the runs it finished
+        gc.unfreeze()
         for name, results in joining:  # a Michel curve: at this sweep's budgets and its own last one
             rows += rows_of(results, sorted({*cfg.ks, results["k"]}), name)
         if finished:

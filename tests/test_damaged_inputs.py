@@ -82,6 +82,8 @@ def test_weights_holding_nan_are_refused_in_one_line(tiny_finetuned, tmp_path, c
     assert line.endswith(f"'{broken}': 1 weight tensor(s) hold NaN or infinite values (e.g. {name}): a damaged file, "
                          "or a model that diverged in training")
     assert not (tmp_path / "o").exists()
+    line = one_line_error(capsys, ["finetune", "--model", broken, "--dataset", data, "--output-dir", tmp_path / "f"])
+    assert "hold NaN or infinite values" in line and not (tmp_path / "f").exists()  # (no empty folder left)
     folder = pruned_folder(tmp_path)
     with_nan(folder)
     with pytest.raises(ModelError, match="hold NaN or infinite values"):
