@@ -23,7 +23,7 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from headprune.reconstruct import MODES, reconstruct
+from headprune.reconstruction import MODES, reconstruct
 from headprune.selection import calibration_set
 from loss_and_accuracy import finished_run, frozen_model  # a run's settings; its gated fine-tuned model
 

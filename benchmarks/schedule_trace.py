@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from headprune.config import PruneConfig, ablation_in_effect, build_config, load_yaml
 from headprune.methods import DSPSelector, geometric_temperature, hard_top_k
 from headprune.outputs import write_json
-from headprune.reconstruct import mean_contexts
+from headprune.reconstruction import mean_contexts
 from headprune.recipes import prune
 from headprune.selection import calibration_set
 

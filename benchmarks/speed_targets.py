@@ -24,12 +24,12 @@ import torch
 
 from headprune.cli import parser as headprune_parser
 from headprune.config import MeasureConfig, SweepConfig, build_config
-from headprune.measure import load_models, time_forward_or_generation
+from headprune.measuring import load_models, time_forward_or_generation
 from headprune.errors import ConfigError, HeadpruneError
 from headprune.outputs import RESULTS, atomic_path
 from headprune.pruning import load_pruned
 from headprune.recipes import prune
-from headprune.sweep import check_plan, planned_runs, read_results, rows_of
+from headprune.sweeping import check_plan, planned_runs, read_results, rows_of
 
 
 NOT_SPLITS = ("method", "mode", "seed", "seconds", "run", "budget", "budget_value", "predicted", "measured", "k",

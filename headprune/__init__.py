@@ -7,7 +7,9 @@ The building blocks, for your own loop: `attach_gates(model)` puts one gate on e
 `gates.selector = make_selector("dsp", gates.num_heads, k, ...)` makes them learn exactly k.
 
 The names below are imported when first used, so that `import headprune` (and the command line's
-`--help`) does not load torch and transformers until they are needed.
+`--help`) does not load torch and transformers until they are needed. No exported name is also a
+module's (`headprune.sweep` is the function; the module is `sweeping`): importing a submodule sets
+the package's attribute of its name, which would replace the function with the module.
 """
 
 from importlib import import_module
@@ -16,11 +18,12 @@ __version__ = "0.1.0"
 
 _WHERE = {
     "FinetuneConfig": "config", "PruneConfig": "config", "SweepConfig": "config", "MeasureConfig": "config",
+    "ExportConfig": "config",
     "HeadGates": "gates", "attach_gates": "gates", "detach_gates": "gates", "get_gates": "gates",
     "DSPSelector": "methods", "hard_top_k": "methods", "make_selector": "methods", "soft_top_k": "methods",
     "load_pruned": "pruning", "remove_heads": "pruning", "save_pruned": "pruning", "zero_pruned_heads": "pruning",
-    "demo": "recipes", "finetune": "recipes", "prune": "recipes", "sweep": "sweep",
-    "reconstruct": "reconstruct", "export_onnx": "export", "HeadPruningCallback": "integrations",
+    "demo": "recipes", "finetune": "recipes", "prune": "recipes", "sweep": "sweeping",
+    "reconstruct": "reconstruction", "export_onnx": "export", "measure": "measuring", "HeadPruningCallback": "integrations",
     "AttentionSite": "sites", "find_sites": "sites",
     "HeadpruneError": "errors", "PrunedCheckpointError": "errors", "UnsupportedArchitectureError": "errors",
 }

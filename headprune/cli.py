@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         print_summary(results, root / f"dsp-pipelined-k{results['k']}")
         return 0
     if args.command == "measure":
-        from .measure import MEASURE_FILES, markdown, measure
+        from .measuring import MEASURE_FILES, markdown, measure
         from .outputs import atomic_path, write_json
         result = measure(cfg, progress=lambda line: print(line, file=sys.stderr))
         table = markdown(result)
@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{result['output']}: ONNX Runtime against PyTorch, largest difference {result['max_abs_difference']:.2g}")
         return 0
     if args.command == "sweep":
-        from .sweep import sweep
+        from .sweeping import sweep
         sweep(cfg)
         print(f"sweep results: {cfg.output_dir}/report.md")
         return 0

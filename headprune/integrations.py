@@ -2,9 +2,9 @@
 head scores learn which k heads to keep).
 
     from headprune.integrations import HeadPruningCallback
-    prune = HeadPruningCallback(k=24, method="dsp", output_dir="runs/pruned")
-    Trainer(model=model, args=args, train_dataset=train, callbacks=[prune]).train()
-    # runs/pruned: the physically pruned model; prune.kept_heads: what it kept
+    callback = HeadPruningCallback(k=24, method="dsp", output_dir="runs/pruned")
+    Trainer(model=model, args=args, train_dataset=train, callbacks=[callback]).train()
+    # runs/pruned: the physically pruned model; callback.kept_heads: what it kept
 
 The Trainer's optimizer and scheduler stay the user's and train the weights. At the start of
 training the callback puts a gate on every head and a selector (DSP, STE or Voita) on the gates;

@@ -22,7 +22,7 @@ import logging
 import torch
 
 from .errors import ConfigError, first_line
-from .measure import time_forward_or_generation
+from .measuring import time_forward_or_generation
 from .outputs import atomic_path, cache_root
 from .progress import progress_bar
 from .pruning import remove_heads

@@ -40,13 +40,13 @@ from .errors import ConfigError, HeadpruneError, OutputExistsError, first_line
 from .budget import budget_units, check_reachable, fit, speed_units, uniform_allocation, uniform_mask
 from .gates import attach_gates, detach_gates
 from .latency import latency_table
-from .measure import is_generator, sequence_length, size_facts
+from .measuring import is_generator, sequence_length, size_facts
 from .outputs import (BEST, RESULTS, atomic_folder, check_not_inside, check_output_dir, finish_run, remove_path,
                       settle_stopped_run, stage_folder,
                       folder_bytes, versions, write_json, write_jsonl)
 from .pruning import check_finite_weights, save_pruned, zero_pruned_heads
 from .randomness import keeps_global_rng
-from .reconstruct import mean_contexts, reconstruct
+from .reconstruction import mean_contexts, reconstruct
 from .selection import (attach_selector, calibration_set, check_budget, choose_by_scores, from_main, process_sum,
                         pruning_loss)
 from .report import plot_head_map, write_run_report
@@ -475,7 +475,7 @@ def measured_speedup(cfg, folder: Path, device: str) -> float:
     """The saved model against the whole architecture, taking turns on one random batch (as
     `headprune measure` times them)."""
     from .config import MeasureConfig
-    from .measure import load_models, time_forward_or_generation
+    from .measuring import load_models, time_forward_or_generation
     models = load_models(MeasureConfig(pruned=str(folder), attn_implementation=cfg.attn_implementation, device=device))
     timings = time_forward_or_generation(models, cfg.at_batch_size, timed_length(cfg, models["pruned"]), cfg.at_new_tokens,
                                          10, 2, device, models["original"].config)

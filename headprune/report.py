@@ -1,5 +1,5 @@
 """What a person reads: the heat map of kept heads, training curves and a Markdown page per run;
-the metric-versus-heads plot of a sweep (its tables: sweep.py)."""
+the metric-versus-heads plot of a sweep (its tables: sweeping.py)."""
 
 from __future__ import annotations
 

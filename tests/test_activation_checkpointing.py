@@ -53,7 +53,7 @@ def test_refused_where_no_backward_pass_runs():
 
 
 def test_a_sweep_passes_it_to_the_runs_where_it_acts(tmp_path):
-    from headprune.sweep import planned_runs
+    from headprune.sweeping import planned_runs
     runs = planned_runs(SweepConfig(methods=["dsp", "fisher", "flap", "ste"], modes=["pipelined", "joint"], ks=[3],
                                     activation_checkpointing=True, output_dir=str(tmp_path)))
     acting = {(run.method, run.mode): run.activation_checkpointing for run in runs}

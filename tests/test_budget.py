@@ -11,7 +11,7 @@ from test_causal_lm import lm_cfg
 from headprune.budget import budget_units, cost_of, site_costs, total_params
 from headprune.config import PruneConfig
 from headprune.errors import ConfigError
-from headprune.measure import kv_cache_bytes_per_token
+from headprune.measuring import kv_cache_bytes_per_token
 from headprune.pruning import load_pruned
 from headprune.recipes import prune
 from headprune.sites import find_sites
@@ -89,7 +89,7 @@ def test_bad_budgets_are_refused_in_one_line(tiny_finetuned, tmp_path, capsys):
 
 def test_the_latency_table_from_pairs_of_timings_and_its_prediction(tiny_lm, tmp_path, monkeypatch):
     import headprune.latency as latency
-    import headprune.measure as measure
+    import headprune.measuring as measure
     model = load_pruned(tiny_lm[0])
     monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path))
 
@@ -129,7 +129,7 @@ def test_the_latency_table_from_pairs_of_timings_and_its_prediction(tiny_lm, tmp
 
 
 def test_a_speed_target_end_to_end_records_the_measured_speedup(tiny_finetuned, tmp_path, monkeypatch):
-    import headprune.measure as measure
+    import headprune.measuring as measure
     monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(measure, "alternate", lambda models, run, *a: {  # 8 ms plus 1 ms a kept head
         name: {"median": 0.008 + 0.001 * sum(s.num_heads for s in find_sites(m))} for name, m in models.items()})
@@ -221,7 +221,7 @@ def test_prune_with_a_uniform_allocation_keeps_as_many_heads_per_layer(tiny_lm, 
 
 def test_a_sweep_over_kv_cache_targets(tiny_lm, tmp_path):
     from headprune.config import SweepConfig
-    from headprune.sweep import sweep
+    from headprune.sweeping import sweep
     model, data = tiny_lm
     rows = sweep(SweepConfig(task="causal-lm", model=str(model), dataset=str(data), max_length=16, batch_size=8,
                              eval_batch_size=8, checkpoint_every=0, methods=["fisher", "random"], seeds=[0],
@@ -289,7 +289,7 @@ def test_the_default_allocation_spreads_dsp_on_text_classifiers_where_each_layer
 def test_a_speed_target_is_timed_at_most_at_the_models_positions(tiny_finetuned, tmp_path, monkeypatch):
     """--max-length 128 on a model of 64 positions: timed at 64 (at 128 the forward pass failed);
     an --at-length past them is refused."""
-    import headprune.measure as measure
+    import headprune.measuring as measure
     lengths = []
 
     def clock(models, run, *a):
@@ -310,7 +310,7 @@ def test_a_resumed_speed_target_run_keeps_the_budget_it_started_with(tiny_finetu
     """The latency table measured again (cache gone, another machine) may give another k: the
     checkpoint's scores learned for the first, so the run goes on with it."""
 
-    import headprune.measure as measure
+    import headprune.measuring as measure
     import headprune.train as train_mod
 
     def clock(base):  # `base` ms plus 1 ms a kept head

@@ -127,6 +127,6 @@ def test_a_bf16_checkpoint_is_pruned_and_reloads_in_bf16(tiny_lm, tmp_path):
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     assert math.exp(loss.item()) == pytest.approx(results["metrics_pruned"]["validation"], rel=1e-3)
     from headprune.config import MeasureConfig
-    from headprune.measure import load_models
+    from headprune.measuring import load_models
     models = load_models(MeasureConfig(pruned=str(tmp_path / "out" / "model")))
     assert {m.dtype for m in models.values()} == {torch.bfloat16}  # measure times both in the dtype saved

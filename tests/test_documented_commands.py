@@ -75,7 +75,7 @@ def offline_names_are_tiny(tmp_path_factory, tiny_assets, monkeypatch):
     # is tested in test_budget.py and test_measure.py (ONNX Runtime sessions keep it)
     import torch
 
-    import headprune.measure as measure
+    import headprune.measuring as measure
     from headprune.sites import find_sites
     real_alternate = measure.alternate
 

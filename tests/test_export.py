@@ -103,7 +103,7 @@ def test_models_it_cannot_export_yet_are_named(tmp_path, capsys):
 
 def test_measure_times_both_models_in_onnx_runtime(pruned):
     from headprune.config import MeasureConfig
-    from headprune.measure import markdown, measure
+    from headprune.measuring import markdown, measure
     result = measure(MeasureConfig(pruned=str(pruned), runtime="onnxruntime", batch_sizes=[2], lengths=[16],
                                    repeats=2, warmup=0, threads=1), progress=lambda line: None)
     (row,) = result["settings"]
@@ -116,7 +116,7 @@ def test_measure_in_onnx_runtime_refuses_what_it_cannot_run(tmp_path):
     from conftest import write_tiny_lm
     from headprune.config import MeasureConfig
     from headprune.errors import ConfigError
-    from headprune.measure import measure
+    from headprune.measuring import measure
     model, _ = write_tiny_lm(tmp_path / "lm")
     with pytest.raises(ConfigError, match="--runtime onnxruntime measures encoder classifiers of text or images"):
         measure(MeasureConfig(pruned=str(model), runtime="onnxruntime"))
@@ -149,7 +149,7 @@ def test_measure_times_a_pruned_vit_in_onnx_runtime(tmp_path):
     from test_image_classification import tiny_vit
 
     from headprune.config import MeasureConfig
-    from headprune.measure import measure
+    from headprune.measuring import measure
     save_pruned(tiny_vit(), tmp_path / "model", [("encoder", 0, 1), ("encoder", 0, 2), ("encoder", 2, 3)])
     result = measure(MeasureConfig(pruned=str(tmp_path / "model"), runtime="onnxruntime", batch_sizes=[2],
                                    repeats=2, warmup=0, threads=1), progress=lambda line: None)

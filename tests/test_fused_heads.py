@@ -206,7 +206,7 @@ def test_modernbert_classifier_pruned_by_each_method(method, reconstruct, tmp_pa
 @pytest.mark.parametrize("arch", FUSED)
 def test_measure_counts_the_fused_projection_and_times_generation(arch, tmp_path):
     from headprune.config import MeasureConfig
-    from headprune.measure import measure
+    from headprune.measuring import measure
     save_pruned(tiny_fused(arch), tmp_path, KEPT[arch], unit="group")
     result = measure(MeasureConfig(pruned=str(tmp_path), batch_sizes=[2], lengths=[8], repeats=2, warmup=0, beams=[1],
                                    generate_tokens=3), progress=lambda *_: None)

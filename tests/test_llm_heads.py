@@ -175,7 +175,7 @@ def test_query_units_need_grouped_keys_and_values():
 
 def test_measure_reports_the_kv_cache_and_times_generation(tmp_path):
     from headprune.config import MeasureConfig
-    from headprune.measure import markdown, measure
+    from headprune.measuring import markdown, measure
     save_pruned(tiny_llm(), tmp_path / "pruned", CASES[("llama", "group", 2)], unit="group")
     result = measure(MeasureConfig(pruned=str(tmp_path / "pruned"), batch_sizes=[1, 8], lengths=[8], repeats=2,
                                    warmup=0, beams=[1], generate_tokens=4), progress=lambda *_: None)

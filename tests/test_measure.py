@@ -5,7 +5,7 @@ import pytest
 
 from conftest import tiny_model
 from headprune.cli import main
-from headprune.measure import attention_flops, total_flops
+from headprune.measuring import attention_flops, total_flops
 from headprune.pruning import remove_heads, save_pruned
 
 
@@ -75,7 +75,7 @@ def test_measure_puts_the_measured_speed_into_the_model_card(tmp_path, capsys):
 @pytest.mark.parametrize("arch", ["deberta-v2", "deberta", "modernbert"])
 def test_measure_on_the_newer_encoders(arch, tmp_path):
     from headprune.config import MeasureConfig
-    from headprune.measure import measure
+    from headprune.measuring import measure
     save_pruned(tiny_model(arch, layers=3), tmp_path, [("encoder", 0, 1), ("encoder", 2, 2)])
     result = measure(MeasureConfig(pruned=str(tmp_path), batch_sizes=[2], lengths=[8], repeats=2, warmup=0,
                                    attn_implementation="eager"), progress=lambda *_: None)

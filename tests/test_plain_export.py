@@ -40,7 +40,7 @@ def test_a_uniformly_pruned_llama_loads_with_plain_from_pretrained(unit, kept, c
 
 def test_measure_takes_a_plain_export_beside_its_original_only(capsys, tmp_path):
     from headprune.config import MeasureConfig
-    from headprune.measure import measure
+    from headprune.measuring import measure
     tiny_llm().save_pretrained(tmp_path / "original")
     model = tiny_llm()
     save_pruned(model, tmp_path / "pruned", [("decoder", 0, 1), ("decoder", 1, 0), ("decoder", 2, 1)])

@@ -10,7 +10,7 @@ from headprune.config import PruneConfig, SweepConfig
 from headprune.errors import ConfigError
 from headprune.recipes import prune
 from headprune.selection import pruning_loss
-from headprune.sweep import planned_runs
+from headprune.sweeping import planned_runs
 from headprune.tasks import get_task
 from conftest import tiny, tiny_model
 

@@ -10,7 +10,7 @@ from conftest import tiny, tiny_model
 from headprune import attach_gates, detach_gates
 from headprune.gates import HeadGates
 from headprune.pruning import load_pruned, save_pruned
-from headprune.reconstruct import reconstruct
+from headprune.reconstruction import reconstruct
 from headprune.recipes import prune
 from headprune.sites import AttentionSite
 
@@ -287,7 +287,7 @@ def test_a_language_model_pruned_at_the_default_gets_the_bias_and_reloads_with_i
 
 def test_a_closed_gate_with_mean_ablation_gives_the_model_the_bias_makes():
     # the removed head's mean on the calibration tokens (4/3) stands in for it: FLAP's bias, by hand
-    from headprune.reconstruct import mean_contexts
+    from headprune.reconstruction import mean_contexts
     model, gates, forward = one_block()
     gates.fill = mean_contexts(model, gates, [{"x": TOKENS}], forward)
     assert gates.fill[0].tolist() == pytest.approx([4 / 3, 4 / 3])
@@ -336,7 +336,7 @@ def test_mean_ablation_needs_the_bias_and_a_trained_method():
     with pytest.raises(ConfigError, match="is for pipelined runs"):  # the means would be of weights that then train
         PruneConfig(ablation="mean", reconstruct="bias", mode="joint")
     sweep = SweepConfig(task="causal-lm", methods=["dsp", "fisher", "flap"], ablation="mean")
-    from headprune.sweep import planned_runs
+    from headprune.sweeping import planned_runs
     assert {run.method: run.ablation for run in planned_runs(sweep)} == {"dsp": "mean", "fisher": "mean",
                                                                           "flap": "default"}
     both = SweepConfig(task="causal-lm", methods=["dsp"], modes=["joint", "pipelined"], ablation="mean",
@@ -348,7 +348,7 @@ def test_mean_ablation_needs_the_bias_and_a_trained_method():
 def test_the_gate_gradient_with_mean_ablation_is_that_of_the_head_against_its_mean():
     # loss = the sum of the block's outputs: d/dg1 of sum(x0 + g1 x1 + (1 - g1) m1) = sum(x1 - m1) = 4 - 3 * 4/3
     from headprune.methods.michel import mask_gradients
-    from headprune.reconstruct import mean_contexts
+    from headprune.reconstruction import mean_contexts
     model, gates, forward = one_block()
     loss = (lambda m, batch: forward(m, batch).sum())
     batches = [{"x": TOKENS, "labels": torch.zeros(1)}]

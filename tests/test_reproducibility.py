@@ -6,7 +6,7 @@ import torch
 
 from headprune.config import PruneConfig, SweepConfig
 from headprune.recipes import prune
-from headprune.sweep import sweep
+from headprune.sweeping import sweep
 
 
 def run_cfg(model, data, out, method):

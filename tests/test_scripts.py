@@ -329,7 +329,7 @@ def test_the_reproduce_script_refuses_an_unknown_mode():
 
 
 def test_speed_targets_with_both_allocations_timed_side_by_side(tiny_finetuned, tmp_path, monkeypatch, capsys):
-    import headprune.measure as measure
+    import headprune.measuring as measure
     from headprune.sites import find_sites
     monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(measure, "alternate", lambda models, run, *a: {  # no clock: 8 ms plus 1 ms a kept head

@@ -4,9 +4,9 @@ import dataclasses
 
 import pytest
 
-import headprune.sweep as sweep_mod
+import headprune.sweeping as sweep_mod
 from headprune.errors import ConfigError, ModelError
-from headprune.sweep import SweepConfig, planned_runs, sweep
+from headprune.sweeping import SweepConfig, planned_runs, sweep
 
 
 def sweep_cfg(model, data, out, **kw):

@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-import headprune.sweep as sweep_mod
+import headprune.sweeping as sweep_mod
 from headprune.cli import main, parser
 from headprune.config import PruneConfig, SweepConfig
 from headprune.errors import ConfigError, OutputExistsError
-from headprune.sweep import sweep
+from headprune.sweeping import sweep
 
 
 def sweep_cfg(model, data, out, **kw):
@@ -96,7 +96,7 @@ def test_a_budget_per_kind_in_a_sweep(tiny_finetuned, tmp_path):
 
 def test_voita_with_its_threshold_is_planned_once_whatever_the_budgets(tmp_path):
     from pathlib import Path
-    from headprune.sweep import planned_runs
+    from headprune.sweeping import planned_runs
     runs = planned_runs(SweepConfig(methods=["voita", "dsp"], ks=[6, 12], seeds=[0], voita_selection="threshold",
                                     output_dir=str(tmp_path)))
     assert [Path(run.output_dir).name for run in runs] == ["voita-pipelined-k6-s0", "dsp-pipelined-k6-s0",

@@ -238,7 +238,7 @@ def test_a_translation_run_with_a_budget_per_kind(trained, tmp_path, capsys):
 
 
 def test_a_kv_cache_target_on_an_encoder_decoder_prunes_its_decoder_self_attention(trained, tmp_path):
-    from headprune.measure import kv_cache_bytes_per_token
+    from headprune.measuring import kv_cache_bytes_per_token
     from headprune.pruning import load_pruned
     model_dir, data, _ = trained
     whole = kv_cache_bytes_per_token(load_pruned(model_dir))
@@ -256,7 +256,7 @@ def test_a_kv_cache_target_on_an_encoder_decoder_prunes_its_decoder_self_attenti
 
 def test_the_latency_table_checks_its_sum_with_every_kind_pruned_at_once(trained, tmp_path, monkeypatch):
     import headprune.latency as latency
-    import headprune.measure as measure
+    import headprune.measuring as measure
     from headprune.pruning import load_pruned
     from headprune.sites import find_sites
     monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path))
