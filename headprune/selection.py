@@ -17,11 +17,11 @@ gradients (so `--activation-checkpointing` applies). Its options are the config 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
-import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
