@@ -241,6 +241,7 @@ def overwriting(run: PruneConfig) -> PruneConfig:
 
 def sweep(cfg: SweepConfig) -> list[dict]:
     out = Path(cfg.output_dir)
+    existed = out.exists()
     runs = planned_runs(cfg)
     check_plan(cfg, runs)  # fail now, not hours later
     instead = [name for name in (*TARGETS, "k_per_kind") if getattr(cfg, name)]
@@ -291,11 +292,13 @@ def sweep(cfg: SweepConfig) -> list[dict]:
             if len(finished) < len(runs):
                 log.warning("the sweep stopped after %d of %d runs: the tables show those", len(finished), len(runs))
             write_outputs(cfg, out, rows, finished[-1], unpruned_metrics)
+        elif not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # its first run was refused (and removed its own folder): nothing of the sweep is left
     return rows
 
 
 def free_memory() -> None:
-    """A finished run's models (held in reference cycles: the gates' hooks) freed before the next
+    """A finished run's models (held in reference cycles: Accelerate's and the gates') freed before the next
     run loads its own, not whenever Python's cycle collector next runs; and on a GPU, their memory
     handed back to the device."""
     gc.collect()

@@ -84,6 +84,9 @@ def test_weights_holding_nan_are_refused_in_one_line(tiny_finetuned, tmp_path, c
     assert not (tmp_path / "o").exists()
     line = one_line_error(capsys, ["finetune", "--model", broken, "--dataset", data, "--output-dir", tmp_path / "f"])
     assert "hold NaN or infinite values" in line and not (tmp_path / "f").exists()  # (no empty folder left)
+    line = one_line_error(capsys, ["sweep", "--model", broken, "--dataset", data, "--methods", "random", "--ks", 2,
+                                   "--output-dir", tmp_path / "s"])
+    assert "hold NaN or infinite values" in line and not (tmp_path / "s").exists()
     folder = pruned_folder(tmp_path)
     with_nan(folder)
     with pytest.raises(ModelError, match="hold NaN or infinite values"):
