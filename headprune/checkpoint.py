@@ -71,11 +71,13 @@ def read_checkpoint(folder: Path) -> dict:
                               f"{first_line(err)}); delete it to start over") from err
 
 
-def checkpoint_config(folder: Path) -> dict:
-    """The settings a checkpoint was made with, read without its tensors (a sweep's plan compares them)."""
+def checkpoint_config(folder: Path, with_processes: bool = False):
+    """The settings a checkpoint was made with, read without its tensors (a sweep's plan compares
+    them); with the number of processes that made it (1 where it does not say)."""
     try:
-        items = json.loads((folder / STATE).read_text())["__items__"]
-        return next(decode(value, {}) for key, value in items if key == "config")
+        items = dict((key, value) for key, value in json.loads((folder / STATE).read_text())["__items__"])
+        config = decode(items["config"], {})
+        return (config, items.get("processes", 1)) if with_processes else config
     except Exception as err:  # any damage: the user's remedy is the same
         raise CheckpointError(f"checkpoint {folder} is unreadable ({type(err).__name__}: "
                               f"{first_line(err)}); delete it to start over") from err

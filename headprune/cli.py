@@ -84,10 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     quiet_library_bars()
     # headprune's own steps at INFO; other libraries' (ONNX's exporter logs hundreds of lines) at WARNING
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("headprune").setLevel(logging.INFO)
     # one of several processes (torchrun, accelerate launch): the first speaks for all (results,
     # warnings, refusals: every process refuses the same input)
     speaks = os.environ.get("RANK", "0") == "0"
+    logging.getLogger("headprune").setLevel(logging.INFO if speaks else logging.ERROR)
     if not speaks:
         sys.stdout = open(os.devnull, "w")
     try:

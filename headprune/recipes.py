@@ -132,7 +132,8 @@ def _no_empty_folder_if_refused(out: Path):
         yield
     except HeadpruneError:
         if out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
+            with contextlib.suppress(OSError):  # (every process refuses; one removes it)
+                out.rmdir()
         raise
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import contextlib
 import dataclasses
 import gc
 import json
@@ -24,6 +25,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 
 from .budget import budget_units
 from .config import (GATED_METHODS, SCORED, SHRINKING, TARGETS, PruneConfig, SweepConfig, ablation_in_effect,
@@ -180,20 +183,28 @@ def read_results(folder: Path) -> dict:
     return results
 
 
-def stale_runs(runs: list[PruneConfig]) -> dict[str, str]:
+def stale_runs(runs: list[PruneConfig], processes=None) -> dict[str, str]:
     """Finished or stopped runs whose recorded settings differ from the plan: folder name -> what
-    changed (a stopped one's checkpoint would be refused by its run, after the runs before it)."""
+    changed (a stopped one's checkpoint would be refused by its run, after the runs before it; so is
+    one made by another number of `processes`, an Accelerate PartialState)."""
+    if processes is None or processes.is_main_process:
+        for run in runs:  # a run stopped while its files moved in: completed first, by one process
+            settle_stopped_run(Path(run.output_dir))
+    if processes is not None:
+        processes.wait_for_everyone()
     stale = {}
     for run in runs:
         folder = Path(run.output_dir)
-        settle_stopped_run(folder)  # a run stopped while its files moved in: completed first
+        made_by = None
         if (folder / RESULTS).exists():
             saved = read_results(folder)["config"]
         elif checkpoint_folder(folder) is not None:
-            saved = checkpoint_config(checkpoint_folder(folder))
+            saved, made_by = checkpoint_config(checkpoint_folder(folder), with_processes=True)
         else:
             continue
         changed = changed_settings(saved, run)
+        if made_by is not None and processes is not None and made_by != processes.num_processes:
+            changed["processes"] = (made_by, processes.num_processes)
         if changed:
             stale[folder.name] = describe_changes(changed)
     return stale
@@ -242,13 +253,15 @@ def overwriting(run: PruneConfig) -> PruneConfig:
 def sweep(cfg: SweepConfig) -> list[dict]:
     out = Path(cfg.output_dir)
     existed = out.exists()
+    # torchrun's or accelerate's processes (one without them), made as the runs' Accelerator makes them
+    processes = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     runs = planned_runs(cfg)
     check_plan(cfg, runs)  # fail now, not hours later
     instead = [name for name in (*TARGETS, "k_per_kind") if getattr(cfg, name)]
     if instead and cfg.ks != default_of(SweepConfig.__dataclass_fields__["ks"]):
         log.warning("--%s sets each run's budget: --ks %s is not used", instead[0].replace("_", "-"),
                     " ".join(map(str, cfg.ks)))
-    stale = stale_runs(runs)
+    stale = stale_runs(runs, processes)
     if stale and not cfg.overwrite:
         first = next(iter(stale))
         raise OutputExistsError(
@@ -291,9 +304,11 @@ def sweep(cfg: SweepConfig) -> list[dict]:
         if finished:
             if len(finished) < len(runs):
                 log.warning("the sweep stopped after %d of %d runs: the tables show those", len(finished), len(runs))
-            write_outputs(cfg, out, rows, finished[-1], unpruned_metrics)
+            if processes.is_main_process:  # (every process has the same rows)
+                write_outputs(cfg, out, rows, finished[-1], unpruned_metrics)
         elif not existed and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()  # its first run was refused (and removed its own folder): nothing of the sweep is left
+            with contextlib.suppress(OSError):  # its first run was refused (and removed its own folder); every
+                out.rmdir()  # process refuses, one removes it
     return rows
 
 

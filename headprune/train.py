@@ -506,7 +506,7 @@ def _train(acc, cfg, out, model, optimizer, scheduler, train_set, collate, loss_
                 check_finite()
             if step % log_every == 0 or step == last_step:
                 row = {"step": step, "epoch": round(step / per_epoch, 3),
-                       "loss": loss_sum.item() / loss_count,
+                       "loss": acc.reduce(loss_sum, "mean").item() / loss_count,  # every process's batches
                        "lr": scheduler.get_last_lr()[0]}
                 if selector is not None:
                     row.update(selector.log_values(), score_grad_norm=scores_grad.item())
@@ -521,7 +521,7 @@ def _train(acc, cfg, out, model, optimizer, scheduler, train_set, collate, loss_
                 training_mode(model, selector, dropout)
             if checkpoint_due:
                 flush_norms()
-                extra["loss_since_log"] = [loss_sum.item(), loss_count]
+                extra["loss_since_log"] = [acc.reduce(loss_sum, "mean").item(), loss_count]  # (all processes' mean)
                 so_far = {**seconds, phase: round(seconds.get(phase, 0.0) + time.perf_counter() - started, 2)}
                 save_checkpoint(acc, out, cfg, model, optimizer, scheduler, step, history, extra, so_far)
                 saved_step = step

@@ -221,3 +221,47 @@ def test_a_finished_runs_models_are_freed_before_the_next_run_loads(tiny_finetun
     finally:
         gc.enable()
     assert live == [0, 0]
+
+
+def test_a_stopped_run_of_another_process_count_is_named_before_the_first_run(tmp_path):
+    """Its run would refuse the checkpoint (2 processes saw other examples a step), after the runs
+    before it; and --overwrite would not have reached it, since the sweep passes it to stale runs only."""
+    from dataclasses import asdict
+    from types import SimpleNamespace
+
+    from headprune.checkpoint import write_checkpoint
+    from headprune.sweeping import stale_runs
+    runs = planned_runs(SweepConfig(methods=["dsp"], ks=[6], seeds=[0], output_dir=str(tmp_path)))
+    folder = tmp_path / "dsp-pipelined-k6-s0"
+    folder.mkdir()
+    write_checkpoint(folder, {"step": 3, "config": asdict(runs[0]), "processes": 2, "model": {}})
+    one = SimpleNamespace(is_main_process=True, num_processes=1, wait_for_everyone=lambda: None)
+    assert stale_runs(runs, one) == {folder.name: "processes: 2 -> 1"}
+    assert stale_runs(runs, SimpleNamespace(is_main_process=True, num_processes=2, wait_for_everyone=lambda: None)) == {}
+
+
+def test_two_processes_sweep_as_one_and_write_the_tables_once(tiny_finetuned, tmp_path):
+    """torchrun with 2 CPU processes (gloo), half the batch each: the runs are those of one process
+    with the whole batch (DSP, activation and random do not depend on the per-process batch; DSP
+    takes as many steps: the processes share each batch, not each a run of its own), and its lines
+    are printed once."""
+    import json
+    import os
+    import subprocess
+    import sys
+    model, data = tiny_finetuned
+
+    def run(out, batch, *launcher):
+        args = ["sweep", "--model", model, "--dataset", data, "--methods", "dsp", "activation", "random", "--ks", 2,
+                "--seeds", 0, "--batch-size", batch, "--epochs", 1, "--checkpoint-every", 0, "--output-dir", out]
+        done = subprocess.run([sys.executable, *launcher, "-m", "headprune.cli", *map(str, args)], capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+    two = run(tmp_path / "two", 8, "-m", "torch.distributed.run", "--nproc_per_node", "2")
+    run(tmp_path / "one", 16)
+    assert two.stderr.count("[2/3] running activation-pipelined-k2-s0") == 1
+    for name in ("dsp-pipelined-k2-s0", "activation-pipelined-k2-s0", "random-pipelined-k2-s0"):
+        results = [json.loads((tmp_path / n / name / "results.json").read_text()) for n in ("one", "two")]
+        assert results[0]["kept_heads"] == results[1]["kept_heads"] and results[0].get("steps") == results[1].get("steps")
+    assert (tmp_path / "two" / "sweep.csv").read_text().count("\n") == 5  # a header and a row a run (DSP: two)
