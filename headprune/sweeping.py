@@ -13,9 +13,9 @@ the validation split and report the test split (the default), so the choice does
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
-import contextlib
 import dataclasses
 import gc
 import json
