@@ -158,7 +158,8 @@ def _load(cfg, task, path, config, require_finetuned: bool):
     data = task.load_data(cfg)
     check_split(getattr(cfg, "select_by", None), data, "--select-by")  # now, not after the unpruned evaluation
     model, tokenizer = task.load_model(cfg, data, path, config, require_finetuned)
-    check_finite_weights(model, repr(cfg.model))  # NaN weights would give NaN scores and metrics, or crash later
+    if not (getattr(model.config, "headprune", None) or {}).get("physical"):  # (load_pruned checked those)
+        check_finite_weights(model, repr(cfg.model))  # NaN weights would give NaN scores and metrics, or crash later
     if cfg.dtype != "auto":  # --dtype: loaded in it (tasks.weights_dtype); a model built from scratch too
         model.to(getattr(torch, cfg.dtype))
     if getattr(cfg, "activation_checkpointing", False):
