@@ -127,7 +127,8 @@ def _accelerator(cfg, out: Path) -> Accelerator:
 
 @contextlib.contextmanager
 def _no_empty_folder_if_refused(out: Path):
-    """A run refused once the model is loaded (a budget it cannot meet) leaves no empty folder behind."""
+    """A run refused once the model is loaded (a budget it cannot meet), or stopped before it wrote
+    anything (a loss that diverged before the first checkpoint), leaves no empty folder behind."""
     try:
         yield
     except HeadpruneError:
@@ -267,7 +268,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     log.info("fine-tuning %s on %d examples for %d steps", cfg.model, len(train_set), steps)
     extra = dict(state["extra"]) if state else {"inputs": inputs}
     on_epoch_end, keep_best = best_epoch_keeper(cfg, task, acc, model, evals, collate, out, extra)
-    with timed(seconds, "train"):
+    with timed(seconds, "train"), _no_empty_folder_if_refused(out):
         history = train(acc, cfg, out, model, optimizer, scheduler, train_set, collate, loss_fn=task.loss,
                         resume_state=state, extra=extra, seconds=seconds, phase="train", desc="fine-tune",
                         on_epoch_end=on_epoch_end)
@@ -385,7 +386,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
     log.info("%s %s: keeping %s of %d %s", cfg.mode, cfg.method, "those over 0.5" if threshold else
              f"{cfg.k_per_kind} (per kind)" if cfg.k_per_kind else cfg.k, gates.num_heads,
              UNIT_NAMES[gates.sites[0].unit])
-    with timed(seconds, "prune") as so_far:
+    with timed(seconds, "prune") as so_far, _no_empty_folder_if_refused(out):
         if cfg.method in TRAINED_METHODS:
             selector = gates.selector
             on_epoch_end, keep_best = best_epoch_keeper(cfg, task, acc, model, evals, collate, out, extra)

@@ -139,3 +139,18 @@ def test_a_weight_that_turns_infinite_stops_the_run_though_the_loss_was_finite(t
                       batch_size=16, checkpoint_every=2, epochs=2)
     with pytest.raises(TrainingDivergedError, match=r"by step 5 of 18; stopped \(the last good checkpoint \(step 4\)"):
         prune(cfg)
+
+
+def test_a_run_that_diverges_before_its_first_checkpoint_leaves_no_empty_folder(tiny_finetuned, tmp_path, monkeypatch):
+    """Nothing of the run is kept (no checkpoint was written): its output folder goes too, as a
+    refused run's does, so that the next try does not find a folder it did not make."""
+    model, data = tiny_finetuned
+    real_loss = classification_task.Classification.loss
+    monkeypatch.setattr(classification_task.Classification, "loss",
+                        lambda self, model, batch: real_loss(self, model, batch) * float("nan"))
+    out = tmp_path / "run"
+    cfg = PruneConfig(model=str(model), dataset=str(data), output_dir=str(out), k=3, mode="joint",
+                      batch_size=16, checkpoint_every=100, epochs=1)
+    with pytest.raises(TrainingDivergedError, match="no checkpoint had been written"):
+        prune(cfg)
+    assert not out.exists(), sorted(p.relative_to(out) for p in out.rglob("*"))
