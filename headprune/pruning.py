@@ -465,6 +465,18 @@ def model_from_config(model_class, config) -> nn.Module:
     return build(config) if build else model_class(config)
 
 
+def with_pruned_shapes(model: nn.Module, record: dict, where) -> nn.Module:
+    """A model built from a physically pruned model's config (its original shapes) given the shapes
+    its headprune `record` names: the kept heads alone, and the output biases the reconstruction
+    added. On the meta device it costs nothing (the sizes of a pruned model, before any weights)."""
+    unit = record.get("unit", "group")
+    kept = check_record(record, find_sites(model, unit) if unit in ("group", "query") else [], where)
+    remove_heads(model, kept, unit)
+    if record.get("output_biases"):
+        add_output_biases(find_sites(model, unit))
+    return model
+
+
 def load_pruned(folder, model_class=None, **config_kwargs) -> nn.Module:
     """Load a model saved by headprune: physically pruned ones get their shapes rebuilt from
     `config.headprune.kept_heads` before the weights are loaded; others load as usual. The class
@@ -481,12 +493,8 @@ def load_pruned(folder, model_class=None, **config_kwargs) -> nn.Module:
             return model_class.from_pretrained(folder, **SAFE_WEIGHTS, **config_kwargs)
         except (OSError, ValueError, RuntimeError, SafetensorError) as err:
             raise PrunedCheckpointError(f"cannot load the model in {folder}: {first_line(err)}") from err
-    model = model_from_config(model_class, config)
-    unit = record.get("unit", "group")
-    kept = check_record(record, find_sites(model, unit) if unit in ("group", "query") else [], folder)
-    remove_heads(model, kept, unit)
-    if record.get("output_biases"):
-        add_output_biases(find_sites(model, unit))
+    model = with_pruned_shapes(model_from_config(model_class, config), record, folder)
+    kept = record["kept_heads"]
     try:
         _load_weights(model, Path(folder))
     except RuntimeError as err:

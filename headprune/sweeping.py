@@ -34,6 +34,7 @@ from .config import (GATED_METHODS, SCORED, SHRINKING, TARGETS, PruneConfig, Swe
 from .checkpoint import checkpoint_config
 from .errors import ConfigError, OutputExistsError, first_line
 from .outputs import RESULTS, atomic_path, check_not_inside, checkpoint_folder, settle_stopped_run
+from .pruning import with_pruned_shapes
 from .recipes import check_split, input_paths, prune
 from .report import plot_sweep
 from .selection import check_budget
@@ -232,12 +233,13 @@ def check_plan(cfg: SweepConfig, runs: list[PruneConfig]) -> None:
         is_targeted = targeted(vars(run))  # its k follows from the model
         check_budget(run, counts, is_targeted or run.method == "voita" and run.voita_selection == "threshold", units)
         check_not_inside(Path(run.output_dir), inputs)
-        physical = (getattr(config, "headprune", None) or {}).get("physical")
-        if (run.target_params is not None or run.target_kv_cache is not None) and not physical:
-            # a size budget that nothing fits, refused now (a model pruned before is checked by its run)
+        if run.target_params is not None or run.target_kv_cache is not None:  # a size nothing fits: refused now
             if run.model not in skeletons:  # shapes only, once a model
+                record = getattr(config, "headprune", None) or {}
                 with torch.device("meta"):
                     skeleton = get_task(cfg.task).auto_class.from_config(config)
+                    if record.get("physical"):  # pruned before: the shapes it was saved with
+                        with_pruned_shapes(skeleton, record, run.model)
                 skeletons[run.model] = skeleton, find_sites(skeleton, cfg.unit)
             budget_units(run, *skeletons[run.model])
 

@@ -176,6 +176,29 @@ def test_a_parameter_target_on_a_model_pruned_before_counts_its_dead_heads_once(
     assert budget["measured"] <= before - 3072
 
 
+def test_a_sweep_refuses_a_size_that_a_model_pruned_before_cannot_fit_before_its_first_run(tiny_lm, tmp_path, capsys):
+    """Its sizes are those of the pruned shapes (built on the meta device, as load_pruned builds them),
+    not the original's that its config.json describes."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from headprune.pruning import save_pruned, with_pruned_shapes
+    model, data = tiny_lm
+    save_pruned(load_pruned(model), tmp_path / "once", [("decoder", 0, 0), ("decoder", 1, 0), ("decoder", 2, 1)],
+                tokenizer=AutoTokenizer.from_pretrained(model))
+    loaded = load_pruned(tmp_path / "once")
+    config = AutoConfig.from_pretrained(tmp_path / "once")
+    with torch.device("meta"):
+        skeleton = with_pruned_shapes(AutoModelForCausalLM.from_config(config), config.headprune, "once")
+    assert total_params(skeleton) == total_params(loaded) < total_params(load_pruned(model))
+    cfg = PruneConfig(task="causal-lm", k=None, target_params=total_params(loaded) - 3072)
+    assert budget_units(cfg, skeleton, find_sites(skeleton)) == budget_units(cfg, loaded, find_sites(loaded)) >= 1
+    line = one_line_error(capsys, ["sweep", "--task", "causal-lm", "--model", tmp_path / "once", "--dataset", data,
+                                   "--methods", "random", "--target-params", "0.99", "100", "--max-length", "16",
+                                   "--output-dir", tmp_path / "s"])
+    assert "--target-params 100: the model without its attention heads already has" in line
+    assert not (tmp_path / "s").exists()
+
+
 # -- how a budget is shared between layers; budgets in a sweep --------------------------------------
 
 def test_the_fit_spends_what_emptying_a_layer_saves_on_the_best_units_left_out(tiny_lm):
