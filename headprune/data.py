@@ -22,6 +22,7 @@ from datasets import Dataset, load_dataset
 from .errors import DataError, first_line
 
 log = logging.getLogger("headprune")
+FEW_HELD_OUT = 10  # fewer held-out examples than this: a warning that the metrics rest on them
 
 
 @dataclass
@@ -360,7 +361,18 @@ def local_files(train_file: str, eval_files: list[str] | None, text_columns: lis
     else:
         split = train.train_test_split(test_size=0.1, seed=seed)
         train, evals = split["train"], {"heldout": split["test"]}
+        note_held_out(train_file, len(train), len(evals["heldout"]))
     return ClassificationData(train, evals, text_columns, raw, dropped)
+
+
+def note_held_out(where, train_size: int, held_out: int) -> None:
+    """Say where the metrics come from when a run holds out a tenth of its training data (no
+    evaluation data given), and warn when that is a handful of examples (a small file)."""
+    log.info("%s: no evaluation data given: %d of its %d examples are held out (split 'heldout') to evaluate on",
+             where, held_out, train_size + held_out)
+    if held_out < FEW_HELD_OUT:
+        log.warning("%s: every metric of this run rests on %d held-out example%s (and it trains on %d)", where,
+                    held_out, "" if held_out == 1 else "s", train_size)
 
 
 def _label_text(value) -> str:

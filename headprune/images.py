@@ -9,6 +9,7 @@ from pathlib import Path
 
 from datasets import ClassLabel, Dataset, Image
 
+from .data import note_held_out
 from .errors import DataError, first_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -106,6 +107,7 @@ def load_images(dataset: str, seed: int = 0) -> ImageData:
         return ImageData(_dataset(images, labels, names), evals, names)
     images, labels, names = _read_folder(root)
     split = _dataset(images, labels, names).train_test_split(test_size=0.1, seed=seed)
+    note_held_out(root, len(split["train"]), len(split["test"]))
     return ImageData(split["train"], {"heldout": split["test"]}, names)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from datasets import Dataset
 
-from .data import read_records
+from .data import note_held_out, read_records
 from .errors import DataError, first_line
 
 DING_FILE = Path("/usr/share/trans/de-en")
@@ -122,6 +122,7 @@ def parallel_files(train_file: str, eval_files: list[str] | None, columns: list[
     else:
         split = train.train_test_split(test_size=0.1, seed=seed)
         train, evals = split["train"], {"heldout": split["test"]}
+        note_held_out(train_file, len(train), len(evals["heldout"]))
     return ParallelData(train, evals, source_lang, target_lang, False, dropped)
 
 

@@ -7,6 +7,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from .data import note_held_out
 from .errors import DataError, first_line
 
 
@@ -76,6 +77,7 @@ def load_text(dataset: str, eval_files: list[str] | None = None, seed: int = 0) 
         order = list(range(len(documents)))
         random.Random(seed).shuffle(order)
         cut = max(1, len(documents) // 10)
+        note_held_out(path, len(documents) - cut, cut)
         return TextData([documents[i] for i in sorted(order[cut:])],
                         {"heldout": [documents[i] for i in sorted(order[:cut])]})
     raise DataError(f"cannot tell what text {dataset!r} is: give 'offline:rotten-tomatoes', a .txt "

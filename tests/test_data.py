@@ -92,6 +92,23 @@ def test_numeric_labels_sort_as_numbers_and_unknown_eval_labels_are_refused(tmp_
         load_classification(str(tmp_path / "train.jsonl"), eval_files=[str(tmp_path / "dev.jsonl")])
 
 
+def test_a_held_out_tenth_is_said_and_a_handful_is_warned_of(tmp_path, caplog):
+    import logging
+    (tmp_path / "two.csv").write_text("text,label\nfine,pos\nbad,neg\n")
+    with caplog.at_level(logging.INFO, logger="headprune"):
+        data = load_classification(str(tmp_path / "two.csv"))
+    assert len(data.train) == len(data.evals["heldout"]) == 1
+    said = {record.levelname: record.getMessage() for record in caplog.records}
+    assert said["INFO"].endswith("two.csv: no evaluation data given: 1 of its 2 examples are held out (split "
+                                 "'heldout') to evaluate on")
+    assert said["WARNING"].endswith("two.csv: every metric of this run rests on 1 held-out example (and it trains on 1)")
+    caplog.clear()
+    (tmp_path / "many.csv").write_text("text,label\n" + "".join(f"t{i},{i % 2}\n" for i in range(100)))
+    with caplog.at_level(logging.INFO, logger="headprune"):
+        load_classification(str(tmp_path / "many.csv"))
+    assert [r.levelname for r in caplog.records] == ["INFO"] and "10 of its 100 examples" in caplog.text
+
+
 def test_unknown_dataset_string(tmp_path):
     with pytest.raises(DataError, match="cannot tell what data set 'imdb' is"):
         load_classification("imdb")
