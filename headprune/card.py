@@ -66,7 +66,8 @@ def _metrics_table(results: dict) -> list[str]:
 
 
 def _size_table(size: dict) -> list[str]:
-    """The pruned model's size against the unpruned one's, from the shapes (`prune` records it)."""
+    """The pruned model's size against the unpruned one's, as `prune` records it (parameters and
+    cache from the shapes, attention FLOPs counted on a forward pass)."""
     before, after = size["unpruned"], size["pruned"]
     rows = [("parameters", "parameters"),
             ("attention_flops", f"attention FLOPs, one sequence of {size['length']} tokens"),
@@ -124,7 +125,7 @@ def model_card(results: dict, command: str, folder_name: str = "model") -> str:
         for kind in kinds:
             body.append(f"| {kind} | " + " | ".join(str(per_layer.get((kind, i), 0)) for i in range(layers)) + " |")
     if results.get("size"):
-        body += ["", "Size, from the shapes (`headprune measure --pruned <folder> --card` adds measured speed):", "",
+        body += ["", "Size (`headprune measure --pruned <folder> --card` adds measured speed):", "",
                  *_size_table(results["size"])]
     zeroed = results.get("config", {}).get("save_format") == "zeroed"
     how = ("Load it with `from_pretrained` (the pruned heads' output weights are zero, the shapes are the "

@@ -10,14 +10,16 @@ classifiers of text (token ids and attention mask in, dynamic batch and length) 
 
 from __future__ import annotations
 
+import inspect
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import ModelError, OutputExistsError, require
-from .outputs import atomic_path, check_writable, nearest_existing
+from .outputs import atomic_files, check_writable, nearest_existing
 from .pruning import load_pruned, load_pruned_config
 from .sites import find_sites
 
@@ -27,14 +29,18 @@ TOLERANCE = 1e-4  # largest difference allowed between ONNX Runtime's outputs an
 
 
 def sample_inputs(config, batch: int, length: int, seed: int) -> dict[str, torch.Tensor]:
-    """Token ids and an attention mask with the last sequence padded, as a tokenizer gives them."""
+    """Token ids and an attention mask with the last sequence padded, as a tokenizer gives them;
+    for a model with segments (BERT's `token_type_ids`), two texts: the second half is the second."""
     g = torch.Generator().manual_seed(seed)
     low = min(10, config.vocab_size - 1)
     ids = torch.randint(low, config.vocab_size, (batch, length), generator=g)
     mask = torch.ones_like(ids)
     if batch > 1:
         mask[-1, length // 2:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if (getattr(config, "type_vocab_size", None) or 0) > 1:  # (padding is segment 0, as tokenizers give it)
+        inputs["token_type_ids"] = (torch.arange(length) >= length // 2).long().expand(batch, length) * mask
+    return inputs
 
 
 def sample_pixels(config, batch: int, seed: int) -> dict[str, torch.Tensor]:
@@ -56,11 +62,13 @@ def classifier_kind(config) -> str | None:
     return None
 
 
-def example_inputs(config, batch: int, length: int, seed: int) -> dict[str, torch.Tensor]:
-    """The inputs of a classifier of either kind (`length`: tokens; an image's size is the model's)."""
-    if classifier_kind(config) == "image":
-        return sample_pixels(config, batch, seed)
-    return sample_inputs(config, batch, length, seed)
+def example_inputs(model, batch: int, length: int, seed: int) -> dict[str, torch.Tensor]:
+    """The inputs of a classifier of either kind (`length`: tokens; an image's size is the model's),
+    those its forward takes: the graph's inputs."""
+    if classifier_kind(model.config) == "image":
+        return sample_pixels(model.config, batch, seed)
+    takes = inspect.signature(model.forward).parameters
+    return {name: t for name, t in sample_inputs(model.config, batch, length, seed).items() if name in takes}
 
 
 def check_output(cfg) -> None:
@@ -76,8 +84,8 @@ def check_output(cfg) -> None:
     if tokenizer and output.resolve() == Path(tokenizer).expanduser().resolve():
         raise OutputExistsError(f"{output} is the --tokenizer-gguf this export reads: an export never writes over "
                                 "its input; choose another --output")
-    if output.is_dir():
-        raise OutputExistsError(f"{output} is a folder: --output names the file to write")
+    if output.is_dir() or str(cfg.output).endswith(("/", os.sep)):  # ("out/": a folder meant, not a file "out")
+        raise OutputExistsError(f"{cfg.output} is a folder: --output names the file to write")
     if output.exists() and not cfg.overwrite:
         raise OutputExistsError(f"{output} exists: give --overwrite to replace it, or another --output")
     # the nearest folder that exists takes the new file (and any folders above it): probed now
@@ -91,46 +99,64 @@ def export_onnx(cfg) -> dict:
     check_output(cfg)
     config = load_pruned_config(cfg.model)
     if classifier_kind(config) is None:
-        names = getattr(config, "architectures", None) or []
-        raise ModelError(f"{cfg.model} is a {', '.join(names) or config.model_type} model: `headprune export "
-                         "--format onnx` exports encoder classifiers (...ForSequenceClassification, "
-                         "...ForImageClassification) so far")
+        raise ModelError(_not_yet(cfg.model, config))
     model = load_pruned(cfg.model)
-    find_sites(model)  # a model without attention heads (FNet's Fourier mixing): refused in one line
+    check_exportable(model, cfg.model)
     log.info("exporting %s to ONNX", cfg.model)
     worst = write_onnx(model, output, cfg.opset)
     log.info("wrote %s (ONNX Runtime against PyTorch: largest difference %.2g)", output, worst)
     return {"output": str(output), "format": "onnx", "max_abs_difference": worst,
-            "inputs": list(example_inputs(config, 1, 1, seed=0)), "outputs": ["logits"]}
+            "inputs": list(example_inputs(model, 1, 1, seed=0)), "outputs": ["logits"]}
+
+
+def _not_yet(name, config, why: str = "") -> str:
+    names = ", ".join(getattr(config, "architectures", None) or []) or config.model_type
+    return (f"{name} is a {names} model{why}: the ONNX export takes classifiers built on an encoder (BERT-like "
+            "...ForSequenceClassification, ...ForImageClassification) so far")
+
+
+def check_exportable(model, name) -> None:
+    """Refuse in one line a model the ONNX export cannot write: a classifier on decoder layers (GPT-2's,
+    Llama's: the exporter fails on their cache) or a model without attention heads (FNet)."""
+    if classifier_kind(model.config) is None or any(site.kind != "encoder" for site in find_sites(model)):
+        raise ModelError(_not_yet(name, model.config, ", whose layers are decoder layers"
+                                  if classifier_kind(model.config) else ""))
 
 
 def write_onnx(model, output: Path, opset: int | None = None) -> float:
     """Trace `model` (a classifier of text or images) with a dynamic batch axis (and sequence axis,
-    for text), run the graph in ONNX Runtime on two other shapes and write it to `output` only if its
-    logits are within TOLERANCE of PyTorch's; returns the largest difference."""
+    for text), run the graph in ONNX Runtime on two other shapes and write it to `output` (with its
+    weights beside it, `<output>.data`, where the graph would pass 2 GB) only if its logits are
+    within TOLERANCE of PyTorch's and its opset is the one asked for; returns the largest difference."""
+    import onnx
     import onnxruntime
 
     model = model.float().eval()
-    config = model.config
-    example = example_inputs(config, 2, 8, seed=0)
+    example = example_inputs(model, 2, 8, seed=0)
     batch, length = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    axes = {0: batch} if classifier_kind(config) == "image" else {0: batch, 1: length}
+    axes = {0: batch} if classifier_kind(model.config) == "image" else {0: batch, 1: length}
     with torch.no_grad():
         program = torch.onnx.export(model, (), kwargs=example, dynamo=True, opset_version=opset,
                                     dynamic_shapes={name: axes for name in example},
                                     input_names=list(example), output_names=["logits"], verbose=False)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(output) as tmp:
-        program.save(str(tmp))
-        session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+    with atomic_files(output) as folder:  # nothing is left behind if a check fails
+        graph = folder / output.name
+        program.save(str(graph))
+        written = next(o.version for o in onnx.load(str(graph), load_external_data=False).opset_import
+                       if o.domain in ("", "ai.onnx"))
+        if opset is not None and written != opset:  # torch's exporter falls back to its own when it cannot convert
+            raise ModelError(f"--opset {opset}: torch's exporter could not convert this model to it (it wrote opset "
+                             f"{written}): not written; give --opset {written}, or leave it out")
+        session = onnxruntime.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
         worst = 0.0
         for shape, seed in (((3, 13), 1), ((1, 5), 2)):  # other shapes than the traced one
-            inputs = example_inputs(config, *shape, seed=seed)
+            inputs = example_inputs(model, *shape, seed=seed)
             with torch.no_grad():
                 expected = model(**inputs).logits.numpy()
             got = session.run(["logits"], {name: t.numpy() for name, t in inputs.items()})[0]
             worst = float(np.max([worst, np.abs(got - expected).max()]))  # (NaN stays NaN: max(0, nan) is 0)
-        if not worst <= TOLERANCE:  # leave nothing behind: atomic_path drops the file
+        del session  # (its file handles, before the files move)
+        if not worst <= TOLERANCE:
             raise ModelError(f"the ONNX graph differs from PyTorch by {worst:.2g} (more than {TOLERANCE:g}): "
                              "not written")
     return worst

@@ -1,7 +1,7 @@
 """How much smaller and faster a pruned model is than its original, measured side by side.
 
-Parameters and FLOPs are computed: the total from torch's FLOP counter on one forward pass, the
-attention part from the sites' shapes (projections and the two attention products). Latency is
+Parameters are counted; FLOPs by torch's FLOP counter on one forward pass: the total, and the
+attention's part (what the attention sites' modules compute). Latency is
 measured by alternating the two models on the same random batch (original, pruned, original, ...)
 so that machine noise hits both alike; the median over repeats is reported with its spread
 (interquartile range) and a warning where the spread is large, throughput, the speedup and the
@@ -22,22 +22,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from .config import MeasureConfig
 from .errors import ConfigError, OutputExistsError, require
 from .outputs import check_not_inside, check_writable
-from .sites import UNIT_NAMES, find_sites, in_features, out_features
+from .sites import UNIT_NAMES, find_sites
 
 NOISY = 0.10  # a spread (IQR) above this fraction of the median makes a speedup uncertain
-
-
-def attention_flops(model, batch: int, length: int, unit: str = "group") -> int:
-    """Multiply-adds x 2 of every attention site, from its weights' shapes (grouped keys and values
-    counted once): q, k, v and output projections, QK^T, AV."""
-    total = 0
-    for site in find_sites(model, unit):
-        queries, keys = site.query_heads * site.head_dim, site.kv_heads * site.head_dim
-        projections = 2 * batch * length * in_features(site.query) * (queries + 2 * keys)
-        products = 2 * 2 * batch * site.query_heads * length * length * site.head_dim
-        output = 2 * batch * length * queries * out_features(site.output)
-        total += projections + products + output
-    return total
 
 
 def kv_cache_bytes_per_token(model, unit: str = "group") -> int:
@@ -49,8 +36,9 @@ def kv_cache_bytes_per_token(model, unit: str = "group") -> int:
 
 
 def is_generator(model) -> bool:
-    """An encoder-decoder or a decoder-only language model: one whose generation is timed."""
-    return model.config.is_encoder_decoder or type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+    """A model that generates (a translation model, a language model): its generation is timed. An
+    encoder-decoder classifier (T5ForSequenceClassification) does not."""
+    return type(model).can_generate()
 
 
 def is_image_model(model) -> bool:
@@ -58,14 +46,17 @@ def is_image_model(model) -> bool:
 
 
 def image_tokens(config) -> int:
-    """The sequence a ViT attends over: its patches and the class token (DeiT: and its
-    distillation token)."""
-    return (config.image_size // config.patch_size) ** 2 + (2 if config.model_type == "deit" else 1)
+    """The tokens an image becomes: its patches and the class token (DeiT: and its distillation
+    token; Swin: none, and it attends within windows, merging patches between stages)."""
+    return (config.image_size // config.patch_size) ** 2 + {"deit": 2, "swin": 0}.get(config.model_type, 1)
 
 
 def sequence_length(model, length: int) -> int:
-    """The length a model's attention sees: `length` tokens, or an image model's patches."""
-    return image_tokens(model.config) if is_image_model(model) else length
+    """The length a model's attention sees: `length` tokens up to its positions, or an image's tokens."""
+    if is_image_model(model):
+        return image_tokens(model.config)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    return min(length, positions) if isinstance(positions, int) else length
 
 
 def forward_inputs(model, ids: torch.Tensor) -> dict:
@@ -79,7 +70,11 @@ def forward_inputs(model, ids: torch.Tensor) -> dict:
     return inputs
 
 
-def total_flops(model, batch: int, length: int) -> int:
+def counted_flops(model, batch: int, length: int, unit: str = "group") -> dict[str, int]:
+    """The FLOPs of one forward pass on a batch of random inputs, by torch's FLOP counter (matrix
+    products, 2 a multiply-add): `total`, and `attention`, what the attention sites' modules compute
+    (projections, the two attention products and whatever else is theirs: DeBERTa's relative
+    positions, Swin's windows), each module counted once."""
     ids = random_inputs(batch, length, model.config, next(model.parameters()).device, seed=0)
     counter = FlopCounterMode(display=False)
     kernel = model.config._attn_implementation
@@ -95,7 +90,19 @@ def total_flops(model, batch: int, length: int) -> int:
         model.set_attn_implementation(kernel)
         for p, flag in zip(model.parameters(), needs_grad):
             p.requires_grad_(flag)
-    return counter.get_total_flops()
+    # the counter names a module by its path from the model, under the model's class name
+    root = type(model).__name__
+    names = {id(module): f"{root}.{name}" if name else root for name, module in model.named_modules()}
+    counts = counter.get_flop_counts()
+
+    def flops(module) -> int:  # (a module's count includes its children's)
+        return sum(counts.get(names.get(id(module)), {}).values())
+    attention = 0
+    for site in find_sites(model, unit):
+        inside = {id(m) for m in site.attention.modules()}
+        apart = {id(m): m for m in (site.query, site.key, site.value, site.output) if id(m) not in inside}
+        attention += flops(site.attention) + sum(flops(m) for m in apart.values())
+    return {"total": counter.get_total_flops(), "attention": attention}
 
 
 def parameters(model) -> int:
@@ -103,9 +110,9 @@ def parameters(model) -> int:
 
 
 def size_facts(model, unit: str, length: int) -> dict:
-    """What a model's shapes say without running it: parameters, the attention's FLOPs for one
-    sequence of `length` tokens, and (models that generate) the key/value cache per generated token."""
-    facts = {"parameters": parameters(model), "attention_flops": attention_flops(model, 1, length, unit)}
+    """A model's size: parameters, the attention's FLOPs for one sequence of `length` tokens (one
+    image), counted on a forward pass, and (models that generate) the key/value cache per generated token."""
+    facts = {"parameters": parameters(model), "attention_flops": counted_flops(model, 1, length, unit)["attention"]}
     if is_generator(model):
         facts["kv_cache_bytes_per_token"] = kv_cache_bytes_per_token(model, unit)
     return facts
@@ -147,7 +154,11 @@ def random_inputs(batch: int, length: int, config, device, seed: int) -> torch.T
     if getattr(config, "image_size", None):
         size = config.image_size if isinstance(config.image_size, (list, tuple)) else (config.image_size,) * 2
         return torch.randn(batch, getattr(config, "num_channels", 3), *size, generator=g).to(device)
-    return torch.randint(5, config.vocab_size, (batch, length), generator=g).to(device)
+    ids = torch.randint(5, config.vocab_size, (batch, length), generator=g)
+    eos = getattr(config, "eos_token_id", None)
+    if config.is_encoder_decoder and isinstance(eos, int):  # T5's classifier reads the end token
+        ids[:, -1] = eos
+    return ids.to(device)
 
 
 def time_side_by_side(models: dict, batch: int, length: int, repeats: int, warmup: int, device: str,
@@ -246,6 +257,10 @@ def measure(cfg: MeasureConfig, progress=print) -> dict:
     positions = getattr(config, "max_position_embeddings", None)
     if positions and max(cfg.lengths) > positions:
         raise ConfigError(f"--lengths {max(cfg.lengths)}: longer than the model's {positions} positions")
+    generates = model_class_of(config).can_generate() and not config.is_encoder_decoder  # (a source: no limit)
+    if positions and generates and max(cfg.lengths) + cfg.generate_tokens > positions:
+        raise ConfigError(f"--lengths {max(cfg.lengths)} and --generate-tokens {cfg.generate_tokens}: longer than "
+                          f"the model's {positions} positions, which a prompt and what is generated from it share")
     if cfg.runtime == "onnxruntime":
         from .export import classifier_kind
         require("onnx", "onnxruntime", "onnxscript", extra="onnx")
@@ -265,7 +280,8 @@ def measure(cfg: MeasureConfig, progress=print) -> dict:
     if cfg.runtime == "onnxruntime":
         import tempfile
 
-        from .export import onnx_sessions
+        from .export import check_exportable, onnx_sessions
+        check_exportable(models["pruned"], cfg.pruned)
         progress("exporting both models to ONNX")
         with tempfile.TemporaryDirectory(prefix="headprune-measure-") as folder:  # a session holds its graph
             sessions = onnx_sessions(models, Path(folder), cfg.threads)
@@ -282,8 +298,9 @@ def measure(cfg: MeasureConfig, progress=print) -> dict:
     lengths = [image_tokens(original.config)] if is_image_model(original) else cfg.lengths
     for batch in cfg.batch_sizes:
         for length in lengths:
-            flops = {n: total_flops(m, batch, length) for n, m in models.items()}
-            attn = {n: attention_flops(m, batch, length, unit) for n, m in models.items()}
+            counted = {n: counted_flops(m, batch, length, unit) for n, m in models.items()}
+            flops = {n: c["total"] for n, c in counted.items()}
+            attn = {n: c["attention"] for n, c in counted.items()}
             if sessions is None:
                 timings = time_side_by_side(models, batch, length, cfg.repeats, cfg.warmup, cfg.device,
                                             original.config)
@@ -291,9 +308,11 @@ def measure(cfg: MeasureConfig, progress=print) -> dict:
                 if is_image_model(original):
                     from .export import sample_pixels
                     feeds = {k: v.numpy() for k, v in sample_pixels(original.config, batch, seed=0).items()}
-                else:
+                else:  # (and segment 0 throughout where the graph takes segments)
                     ids = random_inputs(batch, length, original.config, "cpu", seed=0).numpy()
-                    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+                    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+                    takes = {i.name for i in sessions["original"].get_inputs()}
+                    feeds = {name: array for name, array in feeds.items() if name in takes}
                 timings = alternate(sessions, lambda session: session.run(None, feeds), cfg.repeats, cfg.warmup, "cpu")
             seconds = {n: t["median"] for n, t in timings.items()}
             row = {"batch": batch, "length": length, "flops": flops, "attention_flops": attn,

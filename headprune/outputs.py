@@ -14,6 +14,7 @@ is resumed. The folder is checked for writing and free space before any data or 
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -212,6 +213,28 @@ def atomic_path(path: Path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextmanager
+def atomic_files(path: Path):
+    """Yield a temporary folder beside `path` to write `path.name` into, with any files it refers
+    to beside it (an ONNX graph's external weights, `<name>.data`); if the block succeeds they move
+    beside `path`, the graph last. Temporary folders of `path` that a killed writer left go first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        remove_path(leftover)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        written = sorted(tmp.iterdir(), key=lambda file: file.name == path.name)  # the graph last
+        for file in written:
+            os.chmod(file, 0o666 & ~_umask())
+            os.replace(file, path.parent / file.name)
+        for stale in {f"{path.name}.data"} - {file.name for file in written}:  # an earlier export's weights
+            if (path.parent / stale).is_file():
+                (path.parent / stale).unlink()
+    finally:
+        remove_path(tmp)
 
 
 @contextmanager

@@ -519,8 +519,8 @@ def _reconstruct(cfg, task, acc, model, gates, mask, calibration, collate, means
 
 
 def _save_pruned(cfg, task, folder: Path, model, gates, tokenizer, mask, scores, output_biases=False) -> dict | None:
-    """Saves (in `folder`: the run's stage) the model without the heads not kept; returns its size before and after (what the
-    shapes say: parameters, attention FLOPs, KV cache), None for --save-format zeroed (same shapes)."""
+    """Saves (in `folder`: the run's stage) the model without the heads not kept; returns its size before and after
+    (parameters, attention FLOPs, KV cache), None for --save-format zeroed (same shapes)."""
     heads, kept, unit = gates.heads, gates.kept_heads(mask), cfg.unit  # before the heads go
     detach_gates(model)
     length = sequence_length(model, cfg.max_length)  # an image model: its patches

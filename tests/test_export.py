@@ -25,14 +25,17 @@ def test_a_pruned_classifier_runs_in_onnx_runtime_as_in_pytorch(pruned, tmp_path
     out = tmp_path / "model.onnx"
     assert main(["export", "--model", str(pruned), "--output", str(out)]) == 0
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
+    # BERT's segments too: a classifier of sentence pairs reads which text each token is from
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask", "token_type_ids"]
     model = load_pruned(pruned)
     for shape in ((4, 21), (1, 3)):  # batch and length are free
         inputs = sample_inputs(model.config, *shape, seed=7)
+        assert inputs["token_type_ids"][0].tolist() == [0] * (shape[1] // 2) + [1] * (shape[1] - shape[1] // 2)
         with torch.no_grad():
             expected = model(**inputs).logits.numpy()
+            one_text = model(**{**inputs, "token_type_ids": torch.zeros_like(inputs["input_ids"])}).logits.numpy()
         got = session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
-        assert np.abs(got - expected).max() < 1e-4
+        assert np.abs(got - expected).max() < 1e-4 < np.abs(one_text - expected).max()
 
 
 def test_a_pruned_deberta_v1_runs_in_onnx_runtime_as_in_pytorch(tmp_path):
@@ -57,6 +60,8 @@ def test_export_refuses_bad_input_in_one_line(pruned, tmp_path, capsys):
     assert "exists: give --overwrite" in one_line_error(capsys, ["export", "--model", pruned, "--output", out])
     assert out.read_bytes() == b"an earlier export"
     assert "export needs --model" in one_line_error(capsys, ["export", "--output", out])
+    assert "is a folder: --output names the file" in one_line_error(capsys, [
+        "export", "--model", pruned, "--output", f"{tmp_path / 'new'}/"])
     assert "no such model folder" in one_line_error(capsys, ["export", "--model", tmp_path / "none", "--output", tmp_path / "x.onnx"])
     # a missing parent is probed at the nearest folder that exists, not the working folder
     (tmp_path / "a-file").write_text("")
@@ -97,8 +102,17 @@ def test_models_it_cannot_export_yet_are_named(tmp_path, capsys):
     from conftest import write_tiny_lm
     model, _ = write_tiny_lm(tmp_path / "lm")
     line = one_line_error(capsys, ["export", "--model", model, "--output", tmp_path / "lm.onnx"])
-    assert "LlamaForCausalLM model" in line and "exports encoder classifiers" in line
+    assert "LlamaForCausalLM model: the ONNX export takes classifiers built on an encoder" in line
     assert not (tmp_path / "lm.onnx").exists()
+    from transformers import LlamaConfig, LlamaForSequenceClassification  # a classifier, but on decoder layers
+    config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=37, vocab_size=99, pad_token_id=0)
+    save_pruned(LlamaForSequenceClassification(config), tmp_path / "cls", [("decoder", 0, 0), ("decoder", 1, 1)])
+    for command in (["export", "--model", tmp_path / "cls", "--output", tmp_path / "cls.onnx"],
+                    ["measure", "--pruned", tmp_path / "cls", "--runtime", "onnxruntime", "--lengths", "8"]):
+        line = one_line_error(capsys, command)
+        assert "LlamaForSequenceClassification model, whose layers are decoder layers: the ONNX export" in line
+    assert not (tmp_path / "cls.onnx").exists()
 
 
 def test_measure_times_both_models_in_onnx_runtime(pruned):
@@ -156,3 +170,41 @@ def test_measure_times_a_pruned_vit_in_onnx_runtime(tmp_path):
     (row,) = result["settings"]
     assert result["heads"] == {"original": 12, "pruned": 3} and row["length"] == 17  # 16 patches and the class token
     assert row["predicted_speedup"] > 1 and row["speedup"] > 0 and set(row["seconds"]) == {"original", "pruned"}
+
+
+def test_an_opset_the_exporter_cannot_convert_to_is_refused_not_swapped(pruned, tmp_path, capsys):
+    """torch's exporter writes its own opset (18) when it cannot convert down, and says so only in
+    its log: the file would not be what was asked for."""
+    line = one_line_error(capsys, ["export", "--model", pruned, "--output", tmp_path / "m.onnx", "--opset", "13"])
+    assert "--opset 13: torch's exporter could not convert this model to it (it wrote opset 18): not written" in line
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_large_graphs_weights_move_into_place_beside_it(pruned, tmp_path, monkeypatch):
+    """Past 2 GB torch writes the weights to `<file>.data` beside the graph, which names it: both
+    move into place (the weights were left under the temporary name the graph named), an earlier
+    export's weights are replaced, and a killed export's temporary folder goes."""
+    import onnx
+    import onnxruntime
+    import torch.onnx._internal.exporter._onnx_program as program
+    monkeypatch.setattr(program, "_LARGE_MODEL_THRESHOLD", 0)  # every graph is "large"
+    out = tmp_path / "out" / "model.onnx"
+    out.parent.mkdir()
+    (out.parent / ".model.onnx.abc123.tmp").mkdir()  # what a killed export leaves
+    for _ in range(2):
+        assert main(["export", "--model", str(pruned), "--output", str(out), "--overwrite"]) == 0
+        assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+        graph = onnx.load(str(out), load_external_data=False)
+        assert {e.value for t in graph.graph.initializer for e in t.external_data if e.key == "location"} == \
+            {"model.onnx.data"}
+    moved = tmp_path / "elsewhere"  # a user ships the two files together
+    moved.mkdir()
+    for name in ("model.onnx", "model.onnx.data"):
+        (moved / name).write_bytes((out.parent / name).read_bytes())
+    inputs = sample_inputs(load_pruned(pruned).config, 2, 9, seed=3)
+    got = onnxruntime.InferenceSession(str(moved / "model.onnx")).run(None, {k: v.numpy() for k, v in inputs.items()})
+    with torch.no_grad():
+        assert np.abs(got[0] - load_pruned(pruned)(**inputs).logits.numpy()).max() < 1e-4
+    monkeypatch.setattr(program, "_LARGE_MODEL_THRESHOLD", 2 ** 31)  # small again: the stale weights go
+    assert main(["export", "--model", str(pruned), "--output", str(out), "--overwrite"]) == 0
+    assert [p.name for p in out.parent.iterdir()] == ["model.onnx"]

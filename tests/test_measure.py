@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-from conftest import tiny_model
+from conftest import one_line_error, tiny_model
 from headprune.cli import main
-from headprune.measuring import attention_flops, total_flops
+from headprune.measuring import counted_flops
 from headprune.pruning import remove_heads, save_pruned
 
 
@@ -16,12 +16,33 @@ def test_flops_match_the_hand_count(attn):
     attention_per_layer = 2 * B * T * H * 96 + 2 * 2 * B * 4 * T * T * 8 + 2 * B * T * 32 * H
     ffn_per_layer = 2 * B * T * H * I * 2
     pooler_and_classifier = 2 * B * H * H + 2 * B * H * 3  # on the first token only
-    assert attention_flops(model, B, T) == 2 * attention_per_layer
-    assert total_flops(model, B, T) == 2 * (attention_per_layer + ffn_per_layer) + pooler_and_classifier
+    assert counted_flops(model, B, T) == {"total": 2 * (attention_per_layer + ffn_per_layer) + pooler_and_classifier,
+                                          "attention": 2 * attention_per_layer}
     remove_heads(model, [("encoder", 1, 0)])  # layer 0: no heads; layer 1: one head
     one_head = 2 * B * T * H * 24 + 2 * 2 * B * 1 * T * T * 8 + 2 * B * T * 8 * H
-    assert attention_flops(model, B, T) == one_head
-    assert total_flops(model, B, T) == one_head + 2 * ffn_per_layer + pooler_and_classifier
+    assert counted_flops(model, B, T) == {"total": one_head + 2 * ffn_per_layer + pooler_and_classifier,
+                                          "attention": one_head}
+
+
+def test_swin_attends_within_windows_and_its_flops_say_so():
+    """Not every token with every other: the tiny Swin's 8 x 8 patches of width 16 (2 heads of 8) attend
+    in 16 windows of 2 x 2, then, merged to 4 x 4 of width 32 (4 heads of 8), in 4 windows."""
+    from test_image_classification import tiny_swin
+    stage0 = 2 * 64 * 16 * 48 + 16 * 2 * 2 * 2 * (4 * 4 * 8) + 2 * 64 * 16 * 16  # q, k, v; QK^T and AV a window; out
+    stage1 = 2 * 16 * 32 * 96 + 4 * 4 * 2 * 2 * (4 * 4 * 8) + 2 * 16 * 32 * 32
+    counted = counted_flops(tiny_swin(), 1, 0)
+    assert counted["attention"] == 2 * stage0 + 2 * stage1 < counted["total"]
+
+
+def test_debertas_relative_positions_count_as_attention():
+    """Its position projections and the content-to-position products are its heads' work too: the tiny
+    DeBERTa-v2's 16 relative positions (8 buckets each way) projected to keys and queries once a batch
+    (32 x 32 each), and per head c2p and p2c products of T x 16 x 8."""
+    model = tiny_model("deberta-v2")
+    B, T, H = 2, 6, 32
+    plain = 2 * B * T * H * 96 + 2 * 2 * B * 4 * T * T * 8 + 2 * B * T * 32 * H  # a layer, as BERT's
+    positions = 2 * 2 * 16 * H * H + 2 * 2 * B * 4 * T * 16 * 8
+    assert counted_flops(model, B, T)["attention"] == 2 * (plain + positions)
 
 
 def test_measure_command_compares_side_by_side(tmp_path, capsys):
@@ -72,13 +93,23 @@ def test_measure_puts_the_measured_speed_into_the_model_card(tmp_path, capsys):
     assert main(args) == 0 and card.read_text() == second  # without --card the card is left alone
 
 
-@pytest.mark.parametrize("arch", ["deberta-v2", "deberta", "modernbert"])
+@pytest.mark.parametrize("arch", ["deberta-v2", "deberta", "modernbert", "t5"])
 def test_measure_on_the_newer_encoders(arch, tmp_path):
+    """T5's classifier reads an end token in every input, and generates nothing: it is timed on one
+    forward pass."""
     from headprune.config import MeasureConfig
     from headprune.measuring import measure
     save_pruned(tiny_model(arch, layers=3), tmp_path, [("encoder", 0, 1), ("encoder", 2, 2)])
     result = measure(MeasureConfig(pruned=str(tmp_path), batch_sizes=[2], lengths=[8], repeats=2, warmup=0,
                                    attn_implementation="eager"), progress=lambda *_: None)
-    assert result["heads"] == {"original": 12, "pruned": 2}
+    assert result["heads"] == {"original": 36 if arch == "t5" else 12, "pruned": 2}  # T5: 3 kinds of 12
     row = result["settings"][0]
     assert row["attention_flops"]["pruned"] < row["attention_flops"]["original"] and row["speedup"] > 0
+    assert result["generation"] == [] and "kv_cache_bytes_per_token" not in result
+
+
+def test_a_prompt_and_what_is_generated_from_it_must_fit_the_positions(tmp_path, capsys):
+    from conftest import write_tiny_lm
+    model, _ = write_tiny_lm(tmp_path / "lm")  # 256 positions
+    line = one_line_error(capsys, ["measure", "--pruned", model, "--lengths", "240", "--generate-tokens", "32"])
+    assert "--lengths 240 and --generate-tokens 32: longer than the model's 256 positions" in line
