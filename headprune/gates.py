@@ -43,6 +43,7 @@ class HeadGates(nn.Module):
         self.selector: nn.Module | None = None
         self.register_buffer("fixed_mask", torch.ones(total), persistent=False)
         self._mask: torch.Tensor | None = None  # the mask of the forward pass in progress
+        self._forwards = 0  # model forward passes in progress (0: a module run on its own, as generate runs the encoder)
         self._override: torch.Tensor | None = None
         self._handles: list = []
         # per site, what a closed gate leaves in its heads' place (each context channel's mean), or None: zero
@@ -113,7 +114,18 @@ class HeadGates(nn.Module):
     # -- hooks --------------------------------------------------------------------------------
 
     def _refresh(self, module, args, kwargs=None):
+        self._forwards += 1
         self._mask = self()
+
+    def _leave(self, module, args, output):
+        self._forwards = max(0, self._forwards - 1)
+
+    def _refresh_outside_forward(self, module, args):
+        """generate() runs an encoder-decoder's encoder on its own, before the model's first forward:
+        it gets the mask of now, not the one the last forward pass left (a training step's sample, the
+        previous evaluation's heads). Inside a model forward the mask is left as drawn for the pass."""
+        if self._forwards == 0:
+            self._mask = self()
 
     def _site_hook(self, index: int, offset: int, site: AttentionSite):
         def scale_heads(module, args):
@@ -134,6 +146,10 @@ class HeadGates(nn.Module):
 
     def register_hooks(self, model: nn.Module) -> None:
         self._handles.append(model.register_forward_pre_hook(self._refresh))
+        self._handles.append(model.register_forward_hook(self._leave, always_call=True))
+        encoder = model.get_encoder() if getattr(model.config, "is_encoder_decoder", False) else None
+        if encoder is not None and encoder is not model:
+            self._handles.append(encoder.register_forward_pre_hook(self._refresh_outside_forward))
         for index, (offset, site) in enumerate(zip(self.offsets, self.sites)):
             self._handles.append(site.output.register_forward_pre_hook(self._site_hook(index, offset, site)))
 
@@ -141,7 +157,7 @@ class HeadGates(nn.Module):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._mask = None
+        self._mask, self._forwards = None, 0
 
 
 def attach_gates(model: nn.Module, unit: str = "group") -> HeadGates:

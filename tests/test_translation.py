@@ -225,6 +225,7 @@ def test_a_translation_run_with_a_budget_per_kind(trained, tmp_path, capsys):
                                  k_per_kind=[2, 3, 5], michel_step=4, epochs=1, t0=1.0, tf=1e-3,
                                  reconstruct="both" if method == "flap" else "none"))
         assert results["kept_per_kind"] == {"encoder": 2, "decoder": 3, "cross": 5}
+        assert saved_models_metrics(tmp_path / method) == results["metrics_pruned"]
     # reconstruction fits the blocks in the order the model runs them: the encoder, then each
     # decoder layer's self-attention before its cross-attention
     order = [(e["kind"], e["layer"]) for e in results["reconstruction_error"]]
@@ -235,6 +236,20 @@ def test_a_translation_run_with_a_budget_per_kind(trained, tmp_path, capsys):
                  "--k-per-kind", "2", "3", "--output-dir", str(tmp_path / "x")]) == 2
     assert "--k-per-kind needs 3 number(s) for this model, one per kind (encoder: 8 heads, decoder: 8 heads, cross: 8 heads)" \
         in capsys.readouterr().err
+
+
+def saved_models_metrics(run):
+    """What the task's evaluation gives the model a run saved, on the run's own data and settings."""
+    from accelerate import Accelerator
+
+    from headprune.tasks import get_task
+    config = json.loads((run / "results.json").read_text())["config"]
+    cfg = PruneConfig(**{**config, "k": None if config["k_per_kind"] else config["k"], "output_dir": str(run / "x")})
+    task = get_task("translation")
+    data = task.load_data(cfg)
+    model, tokenizer = task.load_model(cfg, data, str(run / "model"), load_pruned(run / "model").config, True)
+    _, evals, collate = task.prepare(data, tokenizer, cfg)
+    return task.evaluate(Accelerator(), model, evals, collate, cfg)
 
 
 def test_a_kv_cache_target_on_an_encoder_decoder_prunes_its_decoder_self_attention(trained, tmp_path):
