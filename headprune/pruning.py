@@ -509,6 +509,12 @@ def load_pruned(folder, model_class=None, **config_kwargs) -> nn.Module:
     except (OSError, ValueError, SafetensorError) as err:
         raise PrunedCheckpointError(f"cannot read the weights in {folder}: {first_line(err)}") from err
     check_finite_weights(model, str(folder))
+    if model.can_generate() and (Path(folder) / "generation_config.json").is_file():  # as from_pretrained reads it
+        from transformers import GenerationConfig
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(folder)
+        except (OSError, ValueError, TypeError) as err:
+            raise PrunedCheckpointError(f"cannot read {folder}/generation_config.json: {first_line(err)}") from err
     return model.eval()
 
 

@@ -360,11 +360,14 @@ def test_a_t5_translation_model_prunes_three_kinds_of_heads_and_reloads(tmp_path
     else:  # its encoder attends in blocks of 3 and to the means of every 2 tokens
         model = LongT5ForConditionalGeneration(LongT5Config(**common, local_radius=2, global_block_size=2,
                                                             encoder_attention_type="transient-global"))
-    model.save_pretrained(tmp_path / "t5")
+    model.generation_config.no_repeat_ngram_size, model.generation_config.bad_words_ids = 2, [[5]]
+    model.save_pretrained(tmp_path / "t5")  # with its generation_config.json, as pretrained models ship
     tokenizer.save_pretrained(tmp_path / "t5")
     results = prune(tiny_cfg(PruneConfig, data, tmp_path / "out", model=str(tmp_path / "t5"), k_per_kind=[3, 2, 2],
                              epochs=1, t0=1.0, tf=1e-3))
     assert results["kept_per_kind"] == {"encoder": 3, "decoder": 2, "cross": 2} and results["num_heads"] == 24
+    reloaded = load_pruned(tmp_path / "out" / "model").generation_config  # the settings its BLEU was made with
+    assert (reloaded.no_repeat_ngram_size, reloaded.bad_words_ids) == (2, [[5]])
     same_generations_as_the_mask(tmp_path / "t5", tmp_path / "out" / "model", results["kept_heads"])
     if family == "longt5":  # transformers runs it with eager attention only: said before anything starts
         with pytest.raises(ConfigError, match="^LongT5ForConditionalGeneration has no sdpa attention in "
