@@ -208,6 +208,9 @@ def test_an_unknown_model_from_scratch_is_refused(tmp_path):
     with pytest.raises(ModelError, match="unknown model 'scratch:vit-huge'; from scratch: scratch:vit-tiny"):
         prune(PruneConfig(task="image-classification", model="scratch:vit-huge", dataset="offline:digits", k=2,
                           mode="joint", output_dir=str(tmp_path)))
+    with pytest.raises(ModelError, match="'scratch:vit-tiny' is a new, untrained model: pipelined pruning starts"):
+        prune(PruneConfig(task="image-classification", model="scratch:vit-tiny", dataset="offline:digits", k=2,
+                          output_dir=str(tmp_path / "p")))
 
 
 @pytest.mark.parametrize("arch", ["vit", "deit"])

@@ -187,6 +187,10 @@ def test_joint_pruning_from_scratch_and_errors(trained, tmp_path):
     assert results["mode"] == "joint" and len(results["kept_heads"]) == 8
     with pytest.raises(ModelError, match="unknown model 'scratch:huge'; from scratch: scratch:transformer-iwslt-de-en"):
         prune(tiny_cfg(PruneConfig, data, tmp_path / "x", model="scratch:huge", mode="joint", k=8))
+    with pytest.raises(ModelError, match="^'scratch:transformer-tiny' is a new, untrained model: pipelined pruning "
+                                         "starts from a trained one"):  # (scores learned on random weights)
+        prune(tiny_cfg(PruneConfig, data, tmp_path / "y", k=8))
+    assert not (tmp_path / "y").exists()
 
 
 # -- budgets per kind ------------------------------------------------------------------------------------

@@ -182,6 +182,9 @@ class Task:
         None (fine-tuning) counts by KV group and says nothing about units."""
         pruning, unit = unit is not None, unit or "group"
         path, config = self.model_config(name)
+        if require_finetuned and path is None:  # scratch:<preset>: weights drawn at random
+            raise ModelError(f"{name!r} is a new, untrained model: pipelined pruning starts from a trained one; "
+                             f"train it with `headprune finetune --model {name}` first, or use --mode joint")
         try:
             with torch.device("meta"):  # shapes only: nothing is allocated or read
                 skeleton = self.auto_class.from_config(config)
