@@ -4,6 +4,7 @@ with an `image` (PIL) and a `label` (int) column; turning images into pixels is 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from datasets import ClassLabel, Dataset, Image
 
 from .data import note_held_out
 from .errors import DataError, first_line
+
+log = logging.getLogger("headprune")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 DIGITS_EVAL_SIZE = 300
@@ -77,6 +80,13 @@ def _read_folder(folder: Path, names: list[str] | None = None) -> tuple[list, li
             except (OSError, UnidentifiedImageError) as err:
                 raise DataError(f"{path}: not a readable image ({err})") from err
             labels.append(names.index(label))
+        if names is classes and names.index(label) not in labels:  # training: a label with no example to learn
+            raise DataError(f"{folder / label}: a label folder without images ({', '.join(IMAGE_SUFFIXES)}); "
+                            "remove it or add its images")
+    stray = [p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if stray:
+        log.warning("%s: %d image(s) outside the label folders (%s) belong to no label and are left out", folder,
+                    len(stray), ", ".join(sorted(stray)[:3]) + (", ..." if len(stray) > 3 else ""))
     if not images:
         raise DataError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in its label folders")
     return images, labels, names

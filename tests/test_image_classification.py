@@ -57,6 +57,17 @@ def test_bad_image_data_is_refused_in_one_line(tmp_path):
         load_images(str(root))
     with pytest.raises(DataError, match="cannot tell what image set"):
         load_images(str(tmp_path / "missing"))
+    root = write_folder(tmp_path / "e", {"train": {"a": 2, "b": 2}, "test": {"a": 1}})
+    (root / "train" / "c").mkdir()  # a label with nothing to learn it from
+    with pytest.raises(DataError, match=r"train/c: a label folder without images"):
+        load_images(str(root))
+
+
+def test_images_outside_the_label_folders_are_said_to_be_left_out(tmp_path, caplog):
+    root = write_folder(tmp_path / "f", {"train": {"a": 2, "b": 2}, "test": {"a": 1}})
+    Image.new("RGB", (6, 6)).save(root / "train" / "stray.png")
+    assert len(load_images(str(root)).train) == 4
+    assert "train: 1 image(s) outside the label folders (stray.png) belong to no label and are left out" in caplog.text
 
 
 def tiny_vit(attn="eager", arch="vit"):
