@@ -541,6 +541,8 @@ class PruneConfig(FinetuneConfig):
                 raise ConfigError(f"--target-kv-cache {value:g}: a fraction of the cache, at most 1")
         if targets and self.method == "voita" and self.voita_selection == "threshold":
             raise ConfigError(f"{targets[0]} fixes the number of heads: Voita's threshold selection does not")
+        if self.k_per_kind and self.method == "voita" and self.voita_selection == "threshold":
+            raise ConfigError("--k-per-kind fixes the heads of each kind: Voita's threshold selection does not")
         if self.allocation == "uniform" and self.method == "voita" and self.voita_selection == "threshold":
             raise ConfigError("--allocation uniform fixes the heads of each layer: Voita's threshold selection "
                               "does not")

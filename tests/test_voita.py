@@ -64,6 +64,17 @@ def test_threshold_selection_keeps_gates_above_one_half():
     assert sel.heads_on() == 2
 
 
+@pytest.mark.parametrize("budget,refusal", [
+    (dict(k_per_kind=[2, 3, 5]), "--k-per-kind fixes the heads of each kind"),
+    (dict(allocation="uniform"), "--allocation uniform fixes the heads of each layer"),
+    (dict(k=None, target_params=0.5), "--target-params fixes the number of heads")])
+def test_threshold_selection_refuses_a_budget_that_fixes_the_count(budget, refusal):
+    from headprune.config import PruneConfig
+    from headprune.errors import ConfigError
+    with pytest.raises(ConfigError, match=f"^{refusal}: Voita's threshold selection does not$"):
+        PruneConfig(method="voita", voita_selection="threshold", **budget)
+
+
 def test_gradient_reaches_log_a_from_the_loss_and_the_penalty(batch):
     model = tiny_model("bert").train()
     gates = attach_gates(model)
