@@ -205,7 +205,7 @@ def fit(cfg, model, sites: list[AttentionSite], mask: torch.Tensor, scores: torc
     key, original, target, cost = _budget(cfg, model, sites, mask, table)
     if allocation_in_effect(vars(cfg)) == "uniform":  # one count (per kind, with a budget per kind) shrinks until it fits
         kind_of = [s.kind for s in sites for _ in range(s.num_heads)]
-        kinds = list(dict.fromkeys(kind_of))
+        kinds = list(dict.fromkeys(s.kind for s in sites))  # every kind, one a model pruned before emptied too
         counts = ([sum(int(m) for m, k in zip(mask.tolist(), kind_of) if k == kind) for kind in kinds]
                   if cfg.k_per_kind else [int(mask.sum())])
 

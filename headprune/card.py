@@ -52,6 +52,9 @@ def base_model_of(name: str) -> str | None:
     return None if looks_like_path(name) else name
 
 
+METRIC_NAMES = {"bleu": "BLEU"}  # as written, where capitalising the task's metric name is not
+
+
 def _metrics_table(results: dict) -> list[str]:
     before = results.get("metrics_unpruned") or {}
     after = results["metrics_pruned"] if "metrics_pruned" in results else results.get("metrics", {})
@@ -115,7 +118,7 @@ def model_card(results: dict, command: str, folder_name: str = "model") -> str:
             f"{f' ({base})' if base else ''} on `{results['dataset']}`: method `{results['method']}`, "
             f"{results['mode']}, unit `{results.get('unit', 'group')}`"
             + (f", reconstruction `{results['reconstruct']}`" if results.get("reconstruct") else "") + ".", "",
-            f"{metric.capitalize()}:", "", *_metrics_table(results), "",
+            f"{METRIC_NAMES.get(metric, metric.capitalize())}:", "", *_metrics_table(results), "",
             "Kept per layer (a layer that keeps none gives its output projection's bias):", "",
             "| kind | " + " | ".join(f"layer {i}" for i in range(1 + max(layer for _, layer in per_layer))) + " |"
             if per_layer else "(no head kept)"]

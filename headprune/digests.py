@@ -57,7 +57,8 @@ def run_inputs(cfg, model_path: str | None, train_set, evals: dict) -> dict:
 def metrics_key(inputs: dict, cfg, model_path: str | None) -> str | None:
     """The unpruned metrics' cache key: the digests of the weights, of the config.json beside them (an
     edited one, fewer layers say, builds another model from the same weights) and of the evaluation
-    data, and the settings that change a score (task, attention kernel, beam, dtype, mixed precision);
+    data, and the settings that change a score (task, attention kernel, beam, dtype, mixed precision,
+    translation's generation batch);
     None for a model that is not a local folder."""
     if not inputs["model"] or inputs["model"] == cfg.model:  # no digest of the weights
         return None
@@ -68,6 +69,9 @@ def metrics_key(inputs: dict, cfg, model_path: str | None) -> str | None:
     key += [f"dtype {cfg.dtype}"] if getattr(cfg, "dtype", "auto") != "auto" else []
     # ("autocast": entries named "mixed" were measured without it when the method trained nothing)
     key += [f"autocast {cfg.mixed_precision}"] if getattr(cfg, "mixed_precision", "no") != "no" else []
+    # translation: a batch's longest source bounds the length of every translation in it
+    batch = getattr(cfg, "generation_batch_size", 32)
+    key += [f"generation batch {batch}"] if cfg.task == "translation" and batch != 32 else []
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()
 
 

@@ -7,6 +7,7 @@ already undone, and a note of whether the text was tokenised (Moses) beforehand.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from datasets import Dataset
 
 from .data import note_held_out, read_records
 from .errors import DataError, first_line
+
+log = logging.getLogger("headprune")
 
 DING_FILE = Path("/usr/share/trans/de-en")
 DING_SEED, DING_TEST, DING_VALID = 0, 1000, 500
@@ -63,7 +66,14 @@ def _pairs(source: Path, target: Path, drop: bool, dropped: dict) -> Dataset:
             dropped[str(source)] = dropped.get(str(source), 0) + 1
             continue
         rows.append((remove_bpe(s.strip()), remove_bpe(t.strip())))
+    note_dropped(source, dropped.get(str(source), 0), len(src))
     return Dataset.from_dict({"source": [s for s, _ in rows], "target": [t for _, t in rows]})
+
+
+def note_dropped(where, dropped: int, total: int) -> None:
+    """--drop-incomplete-rows said aloud, as classification data says it (results.json records it too)."""
+    if dropped:
+        log.warning("%s: dropped %d of %d sentence pairs with an empty or missing side", where, dropped, total)
 
 
 def parallel_folder(folder: Path, source_lang: str, target_lang: str, drop: bool = False) -> ParallelData:
@@ -114,6 +124,7 @@ def parallel_files(train_file: str, eval_files: list[str] | None, columns: list[
                 dropped[path] = dropped.get(path, 0) + 1
                 continue
             kept.append([remove_bpe(c.strip()) for c in cells])
+        note_dropped(path, dropped.get(path, 0), len(rows))
         return Dataset.from_dict({"source": [s for s, _ in kept], "target": [t for _, t in kept]})
 
     train = load(train_file)

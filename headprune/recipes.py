@@ -434,7 +434,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
     with timed(seconds, "evaluate_pruned"):
         metrics = evaluate_with(mask)
     kept = gates.kept_heads(mask)
-    kinds = list(dict.fromkeys(kind for kind, _, _ in gates.heads))  # before removal changes the sites
+    kinds = list(counts)  # every kind of the original, one a model pruned before has emptied too
     log.info("kept %d %s; %s %s (unpruned %s)", len(kept), UNIT_NAMES[gates.sites[0].unit], task.metric, metrics,
              extra["metrics_unpruned"])
     with timed(seconds, "save"):

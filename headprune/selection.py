@@ -79,7 +79,7 @@ def budget_of(cfg, gates):
                 for offset, site, count in zip(gates.offsets, gates.sites, counts)]
     if not cfg.k_per_kind:
         return None
-    kinds = list(dict.fromkeys(kind for kind, _, _ in gates.heads))
+    kinds = list(dict.fromkeys(site.kind for site in gates.sites))  # (a kind a model pruned before emptied: 0 heads)
     return [([i for i, head in enumerate(gates.heads) if head[0] == kind], k) for kind, k in zip(kinds, cfg.k_per_kind)]
 
 

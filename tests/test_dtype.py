@@ -36,6 +36,10 @@ def test_the_unpruned_metrics_cache_tells_precisions_and_configs_apart(tmp_path)
     plain = metrics_key(inputs, PruneConfig(model="folder"), str(tmp_path))
     (tmp_path / "config.json").write_text('{"num_hidden_layers": 3}')  # the same weights, another model
     assert metrics_key(inputs, PruneConfig(model="folder"), str(tmp_path)) not in (plain, None)
+    # translation: the longest source of a batch bounds its translations' length
+    batches = {metrics_key(inputs, PruneConfig(model="folder", task="translation", generation_batch_size=n),
+                           str(tmp_path)) for n in (1, 32)}
+    assert len(batches) == 2
 
 
 def test_a_float32_model_pruned_in_bf16_is_saved_and_reloaded_in_bf16(tiny_lm, tmp_path):  # noqa: F811

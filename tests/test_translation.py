@@ -48,7 +48,7 @@ def test_the_fairseq_layout_with_bpe_markers(tmp_path):
     assert data.tokenized and data.evals["valid"]["source"] == ["guten tag ."]
 
 
-def test_plain_parallel_files_must_be_aligned_and_complete(tmp_path):
+def test_plain_parallel_files_must_be_aligned_and_complete(tmp_path, caplog):
     (tmp_path / "train.de").write_text("Hallo.\nJa.\n")
     (tmp_path / "train.en").write_text("Hello.\n")
     (tmp_path / "test.de").write_text("Nein.\n")
@@ -60,6 +60,7 @@ def test_plain_parallel_files_must_be_aligned_and_complete(tmp_path):
         load_parallel(str(tmp_path))
     data = load_parallel(str(tmp_path), drop_incomplete=True)
     assert len(data.train) == 1 and data.dropped_rows == {str(tmp_path / "train.de"): 1}
+    assert "train.de: dropped 1 of 2 sentence pairs with an empty or missing side" in caplog.text
     assert not data.tokenized
 
 
@@ -240,6 +241,17 @@ def test_a_translation_run_with_a_budget_per_kind(trained, tmp_path, capsys):
                  "--k-per-kind", "2", "3", "--output-dir", str(tmp_path / "x")]) == 2
     assert "--k-per-kind needs 3 number(s) for this model, one per kind (encoder: 8 heads, decoder: 8 heads, cross: 8 heads)" \
         in capsys.readouterr().err
+
+
+def test_a_kind_a_model_pruned_before_has_emptied_is_counted_as_zero(trained, tmp_path):
+    model_dir, data, _ = trained
+    first = prune(tiny_cfg(PruneConfig, data, tmp_path / "once", model=str(model_dir), method="random",
+                           k_per_kind=[0, 3, 3]))
+    assert first["kept_per_kind"] == {"encoder": 0, "decoder": 3, "cross": 3}
+    for method in ("random", "dsp", "michel", "fisher"):  # the budget's kinds in the original's order
+        again = prune(tiny_cfg(PruneConfig, data, tmp_path / method, model=str(tmp_path / "once" / "model"),
+                               method=method, k_per_kind=[0, 2, 2], epochs=1, t0=1.0, tf=1e-3))
+        assert again["kept_per_kind"] == {"encoder": 0, "decoder": 2, "cross": 2}, method
 
 
 def saved_models_metrics(run):

@@ -105,7 +105,7 @@ def random_mask(num_heads: int, k: int, seed: int, budget: Budget | None = None)
     mask = torch.zeros(num_heads)
     for indices, group_k in budget or [(list(range(num_heads)), k)]:
         keep = torch.randperm(len(indices), generator=g)[:group_k]
-        mask[torch.tensor(indices)[keep]] = 1.0
+        mask[torch.tensor(indices, dtype=torch.long)[keep]] = 1.0  # (a kind emptied before: no indices)
     return mask
 
 
