@@ -147,7 +147,7 @@ class HeadGates(nn.Module):
     def register_hooks(self, model: nn.Module) -> None:
         self._handles.append(model.register_forward_pre_hook(self._refresh))
         self._handles.append(model.register_forward_hook(self._leave, always_call=True))
-        encoder = model.get_encoder() if getattr(model.config, "is_encoder_decoder", False) else None
+        encoder = model.get_encoder() if getattr(getattr(model, "config", None), "is_encoder_decoder", False) else None
         if encoder is not None and encoder is not model:
             self._handles.append(encoder.register_forward_pre_hook(self._refresh_outside_forward))
         for index, (offset, site) in enumerate(zip(self.offsets, self.sites)):
