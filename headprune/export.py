@@ -139,7 +139,7 @@ def write_onnx(model, output: Path, opset: int | None = None) -> float:
         program = torch.onnx.export(model, (), kwargs=example, dynamo=True, opset_version=opset,
                                     dynamic_shapes={name: axes for name in example},
                                     input_names=list(example), output_names=["logits"], verbose=False)
-    with atomic_files(output) as folder:  # nothing is left behind if a check fails
+    with atomic_files(output, companions=(f"{output.name}.data",)) as folder:  # nothing is left if a check fails
         graph = folder / output.name
         program.save(str(graph))
         written = next(o.version for o in onnx.load(str(graph), load_external_data=False).opset_import

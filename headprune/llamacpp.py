@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, ModelError, require
-from .outputs import atomic_path
+from .outputs import atomic_files
 from .pruning import load_pruned, load_pruned_config
 from .sites import DEAD_HEAD, find_sites
 
@@ -149,7 +149,8 @@ def export_gguf(cfg) -> dict:
         writer.add_tensor(name, quantize(array, kind), raw_dtype=kind)
 
     sites = find_sites(model, "group")
-    with atomic_path(output) as tmp:
+    with atomic_files(output) as folder:  # (a killed export's temporary folder goes at the next one)
+        tmp = folder / output.name
         writer = GGUFWriter(tmp, ARCH)
         writer.add_name(Path(cfg.model).resolve().name)
         writer.add_context_length(config.max_position_embeddings)

@@ -216,10 +216,11 @@ def atomic_path(path: Path):
 
 
 @contextmanager
-def atomic_files(path: Path):
+def atomic_files(path: Path, companions: tuple[str, ...] = ()):
     """Yield a temporary folder beside `path` to write `path.name` into, with any files it refers
     to beside it (an ONNX graph's external weights, `<name>.data`); if the block succeeds they move
-    beside `path`, the graph last. Temporary folders of `path` that a killed writer left go first."""
+    beside `path`, the graph last, and `companions` of an earlier `path` that this one did not write
+    go. Temporary folders of `path` that a killed writer left go first."""
     path.parent.mkdir(parents=True, exist_ok=True)
     for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         remove_path(leftover)
@@ -230,7 +231,7 @@ def atomic_files(path: Path):
         for file in written:
             os.chmod(file, 0o666 & ~_umask())
             os.replace(file, path.parent / file.name)
-        for stale in {f"{path.name}.data"} - {file.name for file in written}:  # an earlier export's weights
+        for stale in set(companions) - {file.name for file in written}:  # (an earlier export's weights)
             if (path.parent / stale).is_file():
                 (path.parent / stale).unlink()
     finally:
