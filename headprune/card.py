@@ -77,7 +77,7 @@ def _size_table(size: dict) -> list[str]:
             ("kv_cache_bytes_per_token", "key/value cache, bytes per token")]
     lines = ["| | unpruned | this model | ratio |", "|---|---|---|---|"]
     lines += [f"| {label} | {before[key]:,} | {after[key]:,} | {after[key] / before[key]:.1%} |"
-              for key, label in rows if key in before and before[key]]
+              for key, label in rows if before.get(key) and key in after]
     return lines
 
 

@@ -11,6 +11,7 @@ speedup the FLOP ratio predicts.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import statistics
 import time
 from pathlib import Path
@@ -23,6 +24,8 @@ from .config import MeasureConfig
 from .errors import ConfigError, OutputExistsError, require
 from .outputs import check_not_inside, check_writable
 from .sites import UNIT_NAMES, find_sites
+
+log = logging.getLogger("headprune")
 
 NOISY = 0.10  # a spread (IQR) above this fraction of the median makes a speedup uncertain
 
@@ -112,7 +115,12 @@ def parameters(model) -> int:
 def size_facts(model, unit: str, length: int) -> dict:
     """A model's size: parameters, the attention's FLOPs for one sequence of `length` tokens (one
     image), counted on a forward pass, and (models that generate) the key/value cache per generated token."""
-    facts = {"parameters": parameters(model), "attention_flops": counted_flops(model, 1, length, unit)["attention"]}
+    facts = {"parameters": parameters(model)}
+    try:  # (eager attention on one sequence: a long --max-length on a full GPU could run out of memory)
+        facts["attention_flops"] = counted_flops(model, 1, length, unit)["attention"]
+    except torch.OutOfMemoryError:
+        log.warning("the attention FLOPs of one sequence of %d tokens were not counted (out of memory): the model "
+                    "card leaves them out", length)
     if is_generator(model):
         facts["kv_cache_bytes_per_token"] = kv_cache_bytes_per_token(model, unit)
     return facts

@@ -113,3 +113,16 @@ def test_a_prompt_and_what_is_generated_from_it_must_fit_the_positions(tmp_path,
     model, _ = write_tiny_lm(tmp_path / "lm")  # 256 positions
     line = one_line_error(capsys, ["measure", "--pruned", model, "--lengths", "240", "--generate-tokens", "32"])
     assert "--lengths 240 and --generate-tokens 32: longer than the model's 256 positions" in line
+
+
+def test_a_count_that_runs_out_of_memory_leaves_the_attention_flops_out(monkeypatch, caplog):
+    import torch
+
+    import headprune.measuring as measuring
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(measuring, "counted_flops", out_of_memory)
+    facts = measuring.size_facts(tiny_model("bert"), "group", 16)
+    assert facts == {"parameters": sum(p.numel() for p in tiny_model("bert").parameters())}
+    assert "not counted (out of memory)" in caplog.text
