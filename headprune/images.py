@@ -71,6 +71,7 @@ def _read_folder(folder: Path, names: list[str] | None = None) -> tuple[list, li
         raise DataError(f"{folder}: labels {unknown} are not among the training labels {names}")
     images, labels = [], []
     for label in classes:
+        before = len(images)
         for path in sorted((folder / label).iterdir()):
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
@@ -80,7 +81,7 @@ def _read_folder(folder: Path, names: list[str] | None = None) -> tuple[list, li
             except (OSError, UnidentifiedImageError) as err:
                 raise DataError(f"{path}: not a readable image ({err})") from err
             labels.append(names.index(label))
-        if names is classes and names.index(label) not in labels:  # training: a label with no example to learn
+        if names is classes and len(images) == before:  # training: a label with no example to learn
             raise DataError(f"{folder / label}: a label folder without images ({', '.join(IMAGE_SUFFIXES)}); "
                             "remove it or add its images")
     stray = [p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]

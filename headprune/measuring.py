@@ -16,7 +16,6 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -265,7 +264,8 @@ def measure(cfg: MeasureConfig, progress=print) -> dict:
     positions = getattr(config, "max_position_embeddings", None)
     if positions and max(cfg.lengths) > positions:
         raise ConfigError(f"--lengths {max(cfg.lengths)}: longer than the model's {positions} positions")
-    generates = model_class_of(config).can_generate() and not config.is_encoder_decoder  # (a source: no limit)
+    cls = model_class_of(config)
+    generates = cls.can_generate() and not config.is_encoder_decoder  # (an encoder-decoder's source: no limit)
     if positions and generates and max(cfg.lengths) + cfg.generate_tokens > positions:
         raise ConfigError(f"--lengths {max(cfg.lengths)} and --generate-tokens {cfg.generate_tokens}: longer than "
                           f"the model's {positions} positions, which a prompt and what is generated from it share")
@@ -277,7 +277,6 @@ def measure(cfg: MeasureConfig, progress=print) -> dict:
         if classifier_kind(config) is None:
             raise ConfigError("--runtime onnxruntime measures encoder classifiers of text or images so far (what "
                               "headprune export writes); use --runtime torch for this model")
-    cls = model_class_of(config)
     if cfg.attn_implementation == "sdpa" and not getattr(cls, "_supports_sdpa", True):
         progress(f"{cls.__name__} has no sdpa attention in transformers: both models run eager attention")
         cfg = dataclasses.replace(cfg, attn_implementation="eager")
@@ -313,14 +312,8 @@ def measure(cfg: MeasureConfig, progress=print) -> dict:
                 timings = time_side_by_side(models, batch, length, cfg.repeats, cfg.warmup, cfg.device,
                                             original.config)
             else:
-                if is_image_model(original):
-                    from .export import sample_pixels
-                    feeds = {k: v.numpy() for k, v in sample_pixels(original.config, batch, seed=0).items()}
-                else:  # (and segment 0 throughout where the graph takes segments)
-                    ids = random_inputs(batch, length, original.config, "cpu", seed=0).numpy()
-                    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
-                    takes = {i.name for i in sessions["original"].get_inputs()}
-                    feeds = {name: array for name, array in feeds.items() if name in takes}
+                from .export import example_inputs  # the graph's inputs (segments too, where it takes them)
+                feeds = {name: t.numpy() for name, t in example_inputs(original, batch, length, seed=0).items()}
                 timings = alternate(sessions, lambda session: session.run(None, feeds), cfg.repeats, cfg.warmup, "cpu")
             seconds = {n: t["median"] for n, t in timings.items()}
             row = {"batch": batch, "length": length, "flops": flops, "attention_flops": attn,
