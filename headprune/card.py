@@ -52,6 +52,16 @@ def base_model_of(name: str) -> str | None:
     return None if looks_like_path(name) else name
 
 
+def calibration_data(results: dict) -> str | None:
+    """What a run calibrated on (scores, reconstruction, mean ablation), as the report and card say
+    it; None for a run that read no calibration data."""
+    if "calibration_examples" not in results:
+        return None
+    config = results.get("config", {})
+    what = f"blocks of {config.get('max_length')} tokens" if results.get("task") == "causal-lm" else "examples"
+    return f"{results['calibration_examples']} {what} of {config.get('calibration_dataset') or 'the pruning data'}"
+
+
 METRIC_NAMES = {"bleu": "BLEU"}  # as written, where capitalising the task's metric name is not
 
 
@@ -117,7 +127,8 @@ def model_card(results: dict, command: str, folder_name: str = "model") -> str:
             f"Attention heads pruned with headprune from `{results['model']}`"
             f"{f' ({base})' if base else ''} on `{results['dataset']}`: method `{results['method']}`, "
             f"{results['mode']}, unit `{results.get('unit', 'group')}`"
-            + (f", reconstruction `{results['reconstruct']}`" if results.get("reconstruct") else "") + ".", "",
+            + (f", reconstruction `{results['reconstruct']}`" if results.get("reconstruct") else "") + "."
+            + (f" Calibration data: {calibration_data(results)}." if calibration_data(results) else ""), "",
             f"{METRIC_NAMES.get(metric, metric.capitalize())}:", "", *_metrics_table(results), "",
             "Kept per layer (a layer that keeps none gives its output projection's bias):", "",
             "| kind | " + " | ".join(f"layer {i}" for i in range(1 + max(layer for _, layer in per_layer))) + " |"

@@ -518,7 +518,8 @@ class PruneConfig(FinetuneConfig):
                                       "this dataset (any the task reads, with the same labels or languages) "
                                       "instead of the pruning data.")
     calibration_examples: int = option(None, "Use only the first N examples of the calibration data "
-                                       "(default: all of it).", min=1)
+                                       "(a language model's: blocks of --max-length tokens; default: all "
+                                       "of it).", min=1)
     # the reference prunes in one epoch from a converged model; joint runs train as long as fine-tuning
     epochs: float = option(1.0, "Training epochs (a fraction is allowed).", positive=True)
     output_dir: str = option("runs/prune", OUTPUT_HELP)

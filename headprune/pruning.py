@@ -389,6 +389,9 @@ def prune_in_place(model: nn.Module, kept: list[Head], unit: str = "group", **re
     recorded = original_numbering(model.config, kept)
     if earlier.get("output_biases"):  # pruned again: the biases added before stay
         record.setdefault("output_biases", True)
+    if earlier.get("kept_heads"):  # pruned again: how the model it started from was made stays on record
+        record.setdefault("pruned_before", {key: value for key, value in earlier.items()
+                                            if key not in ("kept_heads", "kept_heads_sha256")})
     model.config.headprune = {"kept_heads": [list(h) for h in recorded], "physical": True, "unit": unit,
                               "kept_heads_sha256": heads_checksum(recorded), **record}
 

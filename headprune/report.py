@@ -11,6 +11,7 @@ matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .card import calibration_data  # noqa: E402
 from .outputs import atomic_path  # noqa: E402
 from .train import LIVE_GRADIENT  # noqa: E402
 
@@ -115,9 +116,8 @@ def write_run_report(out: Path, results: dict, history: list[dict]) -> None:
         lines.append(f"- budget ({b['target'].replace('_', ' ')}, allocation {b.get('allocation', 'global')}): target "
                      f"{b['target_value']:,.4g} (the whole model: {b['original']:,.4g}), predicted {b['predicted']:,.4g} "
                      f"with {b['units']} units, measured on the saved model {measured}")
-    if "calibration_examples" in results:
-        source = results["config"].get("calibration_dataset") or "the pruning data"
-        lines.append(f"- calibration data: {results['calibration_examples']} examples of {source}")
+    if calibration_data(results):
+        lines.append(f"- calibration data: {calibration_data(results)}")
     if "metrics_before_reconstruction" in results:
         lines.append(f"- reconstruction ({results['reconstruct']}): {results.get('metric', 'accuracy')} before "
                      f"{_fmt(results['metrics_before_reconstruction'])}, after {_fmt(results['metrics_pruned'])}")

@@ -166,6 +166,8 @@ def test_a_language_model_gets_output_biases_that_reload(tiny_lm, tmp_path, mode
     results = prune(cfg)
     assert results["reconstruct"] == mode and results["calibration_examples"] == 20
     assert results["output_biases_added"] == 3  # one per layer
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "- calibration data: 20 blocks of 16 tokens of the pruning data" in report  # packed text: blocks
     pruned = results["metrics_pruned"]["validation"]
     assert pruned != results["metrics_before_reconstruction"]["validation"]
     loaded = load_pruned(tmp_path / "run" / "model")
@@ -179,7 +181,10 @@ def test_a_language_model_gets_output_biases_that_reload(tiny_lm, tmp_path, mode
     # pruned again without reconstruction: the biases stay, and so does their record
     again = prune(PruneConfig(**{**cfg.__dict__, "model": str(tmp_path / "run" / "model"), "k": 2,
                                  "reconstruct": "none", "output_dir": str(tmp_path / "again")}))
-    assert again["k"] == 2 and load_pruned(tmp_path / "again" / "model").config.headprune["output_biases"]
+    record = load_pruned(tmp_path / "again" / "model").config.headprune
+    assert again["k"] == 2 and record["output_biases"] and "reconstruct" not in record
+    assert record["pruned_before"]["reconstruct"] == mode and record["pruned_before"]["method"] == "activation"
+    assert record["pruned_before"]["unit"] == unit and "kept_heads" not in record["pruned_before"]
 
 
 def test_a_bias_that_zeroed_weights_would_lose_is_refused_before_pruning(tiny_lm, tmp_path, capsys):
@@ -201,6 +206,8 @@ def test_prune_records_the_metrics_before_and_after_and_each_blocks_error(tiny_f
     report = (tmp_path / "report.md").read_text()
     assert "- reconstruction (rescale): accuracy before heldout" in report and "encoder attention of layer 1: relative error" in report
     assert f"- calibration data: {results['calibration_examples']} examples of the pruning data" in report
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert f"Calibration data: {results['calibration_examples']} examples of the pruning data." in card
 
 
 def test_calibration_data_can_come_from_another_dataset_with_the_same_labels(tiny_finetuned, tmp_path):
