@@ -19,8 +19,11 @@ weights give exactly its outputs.
 Where this differs from the references (docs/methods.md): the target is the block's output, not
 Kwon's output plus the drift of the residual stream (the residual is not the input of a module
 every layout has); the teacher is the unpruned model (Kwon's code uses one pruned to the square
-root of the budget); every block is tuned, the first one too; a block whose fit fails or gives
-a scale beyond +-10 keeps scales of 1 (Kwon's code stops tuning at that block and every later one).
+root of the budget); every block from the first that lost a head on is tuned, that first one
+too (Kwon's code never tunes the first layer); a block whose fit fails or gives a scale beyond
++-10 keeps scales of 1 (Kwon's code stops tuning at that block and every later one). A block's
+"before" error is at scales 1 on its inputs in the tuned model (the blocks before it already
+tuned), the error its own fit starts from.
 """
 
 from __future__ import annotations
@@ -60,11 +63,9 @@ def reconstruct(model, gates, mask: torch.Tensor, batches, loss_fn, mode: str, r
         shifts = flap_shifts(model, gates, mask, batches, loss_fn, reduce, means)
         fold(gates, mask, mask, shifts)
         return {"reconstruct": mode, "reconstruction_passes": 0 if means is not None else 1}
-    scales, shifts, errors = fit_blocks(model, gates, mask, batches, loss_fn, intercept=mode == "both",
-                                        reduce=reduce, disable_progress=disable_progress)
+    scales, shifts, errors, passes = fit_blocks(model, gates, mask, batches, loss_fn, intercept=mode == "both",
+                                                reduce=reduce, disable_progress=disable_progress)
     fold(gates, mask, scales, shifts if mode == "both" else {})
-    # two forward passes (the unpruned and the pruned model, stopped at the block) per block fitted
-    passes = 2 * sum(e.pop("fitted", True) for e in errors)
     return {"reconstruct": mode, "reconstruction_passes": passes, "reconstruction_error": errors}
 
 
@@ -150,23 +151,27 @@ def context_at(model, gates, index: int, batch, loss_fn, gate_values) -> torch.T
 
 def fit_blocks(model, gates, mask, batches, loss_fn, intercept: bool, reduce=None, disable_progress=False):
     """Least squares, block by block: returns the gate values with the kept heads' scales, the
-    intercepts (block index -> bias shift; empty without `intercept`) and each block's relative
-    error before and after."""
-    scales, shifts, errors = mask.clone(), {}, []
+    intercepts (block index -> bias shift; empty without `intercept`), each block's relative
+    error before and after, and the passes over the data it took."""
+    scales, shifts, errors, passes = mask.clone(), {}, [], 0
     first = next(iter(batches), None)
     if first is None:
         raise ValueError("reconstruction needs calibration data: the calibration set is empty")
-    order = run_order(model, gates, first, loss_fn)
+    order, drifted = run_order(model, gates, first, loss_fn), False
     for i in progress_bar(order, desc="reconstruct", leave=False, disable=disable_progress):
         site, offset = gates.sites[i], gates.offsets[i]
         kept = [u for u in range(site.num_heads) if mask[offset + u] > 0]
-        if site.num_heads == 0 or len(kept) == site.num_heads:
-            continue  # nothing removed: the block's output is the unpruned one already
+        if site.num_heads == 0 or (len(kept) == site.num_heads and not drifted):
+            continue  # nothing removed before or here: the block's output is the unpruned one already
+        untouched, drifted = len(kept) == site.num_heads, True  # the blocks after this one are tuned too, as Kwon's code does
         if not kept and not intercept:  # no scale to fit: the block gives nothing, its error stays all of it
-            errors.append({"kind": site.kind, "layer": site.layer, "before": 1.0, "after": 1.0, "fitted": False})
+            errors.append({"kind": site.kind, "layer": site.layer, "before": 1.0, "after": 1.0})
             continue
         sums = block_sums(model, gates, i, kept, batches, loss_fn, scales, shifts, reduce)
+        passes += 2  # the unpruned and the pruned model, each stopped at the block
         s, beta, before, after = solve(sums, intercept)
+        if untouched and before <= 1e-9 * float(sums["bb"]):
+            continue  # its inputs did not drift after all (a decoder's first self-attention after an encoder's pruning)
         if not (torch.isfinite(s).all() and (s.abs() <= MAX_SCALE).all() and after <= before):
             log.warning("reconstruct: the fit of the %s attention of layer %d failed (scales %s): its "
                         "scales stay 1", site.kind, site.layer, [round(v, 3) for v in s.tolist()])
@@ -181,7 +186,7 @@ def fit_blocks(model, gates, mask, batches, loss_fn, intercept: bool, reduce=Non
         errors.append({"kind": site.kind, "layer": site.layer, "before": before / total, "after": after / total})
         log.info("reconstruct %s attention of layer %d: relative error %.4g -> %.4g", site.kind, site.layer,
                  before / total, after / total)
-    return scales, shifts, errors
+    return scales, shifts, errors, passes
 
 
 def block_sums(model, gates, i, kept, batches, loss_fn, scales, shifts, reduce=None) -> dict[str, torch.Tensor]:

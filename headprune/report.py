@@ -121,7 +121,8 @@ def write_run_report(out: Path, results: dict, history: list[dict]) -> None:
     if "metrics_before_reconstruction" in results:
         lines.append(f"- reconstruction ({results['reconstruct']}): {results.get('metric', 'accuracy')} before "
                      f"{_fmt(results['metrics_before_reconstruction'])}, after {_fmt(results['metrics_pruned'])}")
-        lines += [f"  - {e['kind']} attention of layer {e['layer']}: relative error {e['before']:.3g} -> {e['after']:.3g}"
+        lines += [f"  - {e['kind']} attention of layer {e['layer']}: relative error at scales 1 {e['before']:.3g} "
+                  f"-> fitted {e['after']:.3g}"
                   for e in results.get("reconstruction_error", [])]
     lines += ["", "![kept heads](heads.png)", ""]
     if history:

@@ -146,6 +146,41 @@ def test_reported_errors_are_those_of_the_model_it_leaves_and_it_reloads_exactly
 
 
 
+def test_blocks_after_a_pruned_one_are_tuned_though_they_lost_no_head():
+    # only layer 0 loses heads: layers 1 and 2 keep all theirs, but their inputs drift, so (as Kwon's
+    # code does) they are fitted too, and their errors are reported and lowered
+    model = tiny_model("bert", layers=3).double()
+    gates = attach_gates(model)
+    mask = torch.tensor([1.0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1])
+    batches = calibration()
+    teacher = block_outputs(model, gates, torch.ones(12), batches)
+    plain = block_outputs(model, gates, mask, batches)
+    last = model.bert.encoder.layer[2].attention.output.dense.weight.detach().clone()
+    info = reconstruct(model, gates, mask, batches, lambda m, b: m(**b).logits.sum(), "rescale", disable_progress=True)
+    tuned = block_outputs(model, gates, mask, batches)
+    errors = info["reconstruction_error"]
+    assert [e["layer"] for e in errors] == [0, 1, 2] and info["reconstruction_passes"] == 6
+    assert not torch.equal(model.bert.encoder.layer[2].attention.output.dense.weight, last)  # rescaled
+    for i in (1, 2):
+        assert errors[i]["after"] < errors[i]["before"]
+        assert (tuned[i] - teacher[i]).pow(2).sum() < (plain[i] - teacher[i]).pow(2).sum()
+
+
+def test_a_decoders_first_self_attention_is_not_fitted_when_only_the_encoder_lost_heads():
+    # its inputs are the decoder's embeddings, whatever the encoder does: nothing to fit, no error reported
+    from test_seq2seq_heads import tiny_seq2seq
+    model = tiny_seq2seq("marian").double()
+    gates = attach_gates(model)
+    mask = torch.ones(gates.num_heads)
+    mask[:3] = 0  # three heads of the encoder's layer 0
+    g = torch.Generator().manual_seed(3)
+    batches = [{"input_ids": torch.randint(3, 50, (3, 7), generator=g),
+                "decoder_input_ids": torch.randint(3, 50, (3, 5), generator=g)} for _ in range(2)]
+    info = reconstruct(model, gates, mask, batches, lambda m, b: m(**b).logits.sum(), "rescale", disable_progress=True)
+    fitted = [(e["kind"], e["layer"]) for e in info["reconstruction_error"]]
+    assert ("decoder", 0) not in fitted and {("encoder", 0), ("encoder", 1), ("cross", 0), ("decoder", 1)} <= set(fitted)
+
+
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory):
     from conftest import write_tiny_lm
