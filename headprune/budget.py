@@ -19,6 +19,7 @@ evenly that fit).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -42,11 +43,33 @@ class SiteCost:
 
 
 def _params(site: AttentionSite, queries: int, kvs: int) -> int:
-    """Parameters of `queries` query heads and `kvs` key/value heads of `site` (rows, biases, output columns)."""
+    """Parameters of `queries` query heads and `kvs` key/value heads of `site`: what removing them
+    removes (see pruning.remove_heads): their rows of the projections and biases, their output
+    columns, and the per-head rows and columns some families have besides (DeBERTa's relative
+    position projections and separate biases, Swin's and BEiT's bias tables, Cohere's norms, GPT-OSS's sinks)."""
     d, width = site.head_dim, in_features(site.query)
     rows = (queries + 2 * kvs) * d
     biases = sum(d * n for p, n in ((site.query, queries), (site.key, kvs), (site.value, kvs)) if p.bias is not None)
-    return rows * width + biases + queries * d * out_features(site.output)
+    count = rows * width + biases + queries * d * out_features(site.output)
+
+    def heads(which: str) -> int:
+        return queries if which == "query" else kvs
+    count += sum(heads(which) * d * (in_features(p) + (p.bias is not None)) for p, which in site.extra)
+    count += sum(heads(which) * d for _, _, which in site.extra_biases)
+    count += sum(queries * getattr(owner, name).shape[0] for owner, name in site.head_columns)
+    for owner, name, which in site.head_rows:
+        table = getattr(owner, name)
+        count += heads(which) * (table.numel() // max(table.shape[0], 1))
+    return count
+
+
+def _dead_params(site: AttentionSite) -> int:
+    """What a site's parameters change by when it keeps no unit, against the fixed count (which
+    holds, --unit query, its key/value heads): a decoder's keeps one dead head (one query and one
+    key/value head); an encoder's tables with a column per head stay whole."""
+    dead = _params(site, 1, 1) if site.kind in ("decoder", "cross") else \
+        sum(getattr(owner, name).numel() for owner, name in site.head_columns)
+    return dead - (_params(site, 0, site.kv_heads) if site.unit == "query" and site.kind in ("decoder", "cross") else 0)
 
 
 def site_costs(sites: list[AttentionSite]) -> list[SiteCost]:
@@ -59,8 +82,7 @@ def site_costs(sites: list[AttentionSite]) -> list[SiteCost]:
         cached = site.kind == "decoder"
         costs.append(SiteCost(site.kind, site.num_heads, _params(site, queries, kvs),
                               2 * kvs * site.head_dim * bytes_per_value if cached else 0,
-                              _params(site, 1, 1) if site.kind in ("decoder", "cross") else 0,
-                              2 * site.head_dim * bytes_per_value if cached else 0))
+                              _dead_params(site), 2 * site.head_dim * bytes_per_value if cached else 0))
     return costs
 
 
@@ -84,11 +106,16 @@ def added_bias_params(cfg, sites: list[AttentionSite]) -> int:
     return sum(out_features(site.output) for site in sites if site.output.bias is None)
 
 
-def target_of(cfg, model, costs: list[SiteCost]) -> tuple[str, float]:
-    """What --target-params or --target-kv-cache bounds, and the bound (a fraction made absolute)."""
+def target_of(cfg, model, costs: list[SiteCost]) -> tuple[str, int]:
+    """What --target-params or --target-kv-cache bounds, and the bound: a fraction made absolute (of
+    the model as given, the dead heads of a model pruned before included), in whole parameters or
+    bytes, so that 0.7 of 46,080 bytes is 32,256 whatever the float's last bit says."""
     if cfg.target_params is not None:
-        return "parameters", (cfg.target_params * total_params(model) if cfg.target_params <= 1 else cfg.target_params)
-    return "kv_cache_bytes_per_token", cfg.target_kv_cache * sum(c.units * c.kv_bytes for c in costs)
+        key, value, whole = "parameters", cfg.target_params, total_params(model)
+    else:
+        key, value = "kv_cache_bytes_per_token", cfg.target_kv_cache
+        whole = cost_of(costs, None, 0)[key]
+    return key, math.floor((value * whole if value <= 1 else value) + 1e-6)
 
 
 def budget_units(cfg, model, sites: list[AttentionSite]) -> int | list[int]:
@@ -100,7 +127,8 @@ def budget_units(cfg, model, sites: list[AttentionSite]) -> int | list[int]:
     if key == "parameters":
         total = total_params(model)
         per_unit = {c.params for c in costs if c.units}
-        fixed = fixed_params(model, costs) + added_bias_params(cfg, sites)
+        # with the biases reconstruction adds and the dead heads a model pruned before keeps
+        fixed = fixed_params(model, costs) + added_bias_params(cfg, sites) + sum(c.dead_params for c in costs if not c.units)
         if len(per_unit) != 1:
             raise ConfigError("--target-params: this model's heads differ in size between layers; give --k")
         k = int((target - fixed) // per_unit.pop())
@@ -118,7 +146,8 @@ def budget_units(cfg, model, sites: list[AttentionSite]) -> int | list[int]:
     per_unit = {c.kv_bytes for c in cached}
     if len(per_unit) != 1:
         raise ConfigError("--target-kv-cache: this model's key/value heads differ in size between layers; give --k")
-    k = int(target // per_unit.pop())
+    dead = sum(c.dead_kv_bytes for c in costs if c.units == 0)  # the dead heads of a model pruned before stay
+    k = int((target - dead) // per_unit.pop())
     if k < 1:
         raise ConfigError(f"--target-kv-cache {cfg.target_kv_cache:g} keeps less than one key/value head")
     if k >= sum(c.units for c in cached):
@@ -130,12 +159,12 @@ def budget_units(cfg, model, sites: list[AttentionSite]) -> int | list[int]:
     return k
 
 
-def cost_of(costs: list[SiteCost], mask: torch.Tensor, fixed: int) -> dict:
-    """Parameters and cache bytes per token of the model that keeps `mask`, dead heads included
-    (`fixed`: the parameters no choice of units changes)."""
+def cost_of(costs: list[SiteCost], mask: torch.Tensor | None, fixed: int) -> dict:
+    """Parameters and cache bytes per token of the model that keeps `mask` (None: every unit), dead
+    heads included (`fixed`: the parameters no choice of units changes)."""
     params, kv, offset = fixed, 0, 0
     for c in costs:
-        kept = int(mask[offset:offset + c.units].sum())
+        kept = c.units if mask is None else int(mask[offset:offset + c.units].sum())
         params += kept * c.params + (c.dead_params if kept == 0 else 0)
         kv += kept * c.kv_bytes + (c.dead_kv_bytes if kept == 0 else 0)
         offset += c.units

@@ -400,3 +400,51 @@ def test_a_size_budget_nothing_meets_is_refused_before_training(tiny_lm, tmp_pat
     with pytest.raises(ConfigError, match=r"cannot be met: the cheapest model, one unit kept, costs"):
         prune(lm_cfg(model, data, tmp_path / "run", k=None, target_kv_cache=0.3))  # 6 groups: 2 of them is 0.33
     assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+def _families():
+    from conftest import tiny_model
+    from test_image_classification import tiny_swin
+    from test_llm_heads import tiny_llm
+    from test_seq2seq_heads import tiny_seq2seq
+    return {"deberta": lambda: (tiny_model("deberta"), "group"),  # q and v biases apart from the fused projection
+            "deberta-v2": lambda: (tiny_model("deberta-v2"), "group"),  # position projections of each head's own
+            "swin": lambda: (tiny_swin(), "group"),  # a bias table with a column per head
+            "cohere": lambda: (tiny_llm("cohere"), "group"),  # a query and a key norm per head
+            "gpt_oss": lambda: (tiny_llm("gpt_oss"), "group"),  # an attention sink per head
+            "llama-query": lambda: (tiny_llm("llama"), "query"),
+            "t5": lambda: (tiny_seq2seq("t5"), "group"),
+            "marian": lambda: (tiny_seq2seq("marian"), "group")}
+
+
+@pytest.mark.parametrize("family", list(_families()))
+def test_the_cost_model_counts_what_removal_removes(family):
+    # one unit of the first site gone and the last site emptied (a decoder's: its dead head stays):
+    # the parameters the cost model predicts are those of the model the heads are removed from
+    from headprune.budget import fixed_params
+    from headprune.pruning import remove_heads
+    model, unit = _families()[family]()
+    sites = find_sites(model, unit)
+    costs = site_costs(sites)
+    mask = torch.ones(sum(s.num_heads for s in sites))
+    mask[0] = 0
+    mask[-sites[-1].num_heads:] = 0
+    heads = [(s.kind, s.layer, u) for s in sites for u in range(s.num_heads)]
+    predicted = cost_of(costs, mask, fixed_params(model, costs))["parameters"]
+    remove_heads(model, [h for h, m in zip(heads, mask.tolist()) if m], unit)
+    assert predicted == total_params(model)
+
+
+def test_a_fraction_is_of_the_model_as_given_in_whole_bytes(tiny_lm):
+    from headprune.budget import SiteCost, target_of
+    # 0.7 of 46,080 bytes (SmolLM2's 90 KV groups' cache) is 32,256, though 0.7 * 46080 is 32255.99...
+    smollm2 = [SiteCost("decoder", 3, 0, 512, 0, 512)] * 30
+    assert target_of(PruneConfig(task="causal-lm", target_kv_cache=0.7), None, smollm2) == ("kv_cache_bytes_per_token", 32256)
+    # a model pruned before: layer 2 emptied keeps a dead head (64 bytes), and the fraction is of all 320
+    from headprune.pruning import remove_heads
+    model = remove_heads(load_pruned(tiny_lm[0]), [("decoder", 0, 0), ("decoder", 0, 1), ("decoder", 1, 0),
+                                                   ("decoder", 1, 1)])
+    assert kv_cache_bytes_per_token(model) == 320
+    cfg = PruneConfig(task="causal-lm", target_kv_cache=0.8)
+    assert target_of(cfg, model, site_costs(find_sites(model, "group")))[1] == 256
+    assert budget_units(cfg, model, find_sites(model, "group")) == 3  # three groups and the dead head: 256 bytes
