@@ -28,7 +28,7 @@ from headprune.measuring import load_models, time_forward_or_generation
 from headprune.errors import ConfigError, HeadpruneError
 from headprune.outputs import RESULTS, atomic_path
 from headprune.pruning import load_pruned
-from headprune.recipes import prune
+from headprune.recipes import prune, timed_length
 from headprune.sweeping import check_plan, planned_runs, read_results, rows_of
 
 
@@ -93,9 +93,12 @@ def time_all(cfg: SweepConfig, rows: list[dict], repeats: int) -> dict[str, floa
     first = load_models(MeasureConfig(pruned=str(Path(folders[0]) / "model"),
                                       attn_implementation=cfg.attn_implementation, device=device))
     models = {"whole": first["original"], folders[0]: first["pruned"]}
+    source = Path(cfg.model) / "config.json"  # a model pruned before: the speedups are relative to it
+    if source.is_file() and (json.loads(source.read_text()).get("headprune") or {}).get("physical"):
+        models["whole"] = load_pruned(cfg.model, attn_implementation=cfg.attn_implementation).eval().to(device)
     for folder in folders[1:]:  # the same architecture: one whole model for them all
         models[folder] = load_pruned(Path(folder) / "model", attn_implementation=cfg.attn_implementation).eval().to(device)
-    timings = time_forward_or_generation(models, cfg.at_batch_size, cfg.at_length or cfg.max_length,
+    timings = time_forward_or_generation(models, cfg.at_batch_size, timed_length(cfg, models["whole"]),
                                          cfg.at_new_tokens, repeats, 2, device, models["whole"].config)
     return {name: t["median"] for name, t in timings.items()}
 

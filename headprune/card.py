@@ -23,8 +23,10 @@ def command_of(command: str, cfg) -> str:
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         budgets = ("k_per_kind", *TARGETS)
-        if value == getattr(defaults, f.name) or (f.name == "k" and any(getattr(cfg, b, None) for b in budgets)):
-            continue  # a default; or k, which --k-per-kind or a target gives
+        targeted = any(getattr(cfg, t, None) is not None for t in TARGETS)
+        if value == getattr(defaults, f.name) or (f.name == "k" and any(getattr(cfg, b, None) for b in budgets)) \
+                or (f.name == "k_per_kind" and targeted):
+            continue  # a default; or k, which --k-per-kind or a target gives; or the k per kind a target gives
         flag = "--" + f.name.replace("_", "-")
         if isinstance(value, bool):
             parts.append(flag if value else "--no-" + f.name.replace("_", "-"))

@@ -529,8 +529,13 @@ class PruneConfig(FinetuneConfig):
         if self.k is not None and self.k_per_kind:
             raise ConfigError("give --k (one budget) or --k-per-kind (a budget per kind), not both")
         targets = [_flag(name) for name in TARGETS if getattr(self, name) is not None]
-        if self.at_new_tokens and self.target_speedup is None:
-            raise ConfigError("--at-new-tokens says how --target-speedup is timed: give --target-speedup")
+        timing = [flag for flag, given in (("--at-new-tokens", self.at_new_tokens), ("--at-length", self.at_length),
+                                           ("--at-batch-size", self.at_batch_size != 1)) if given]
+        if timing and self.target_speedup is None:
+            raise ConfigError(f"{timing[0]} says how --target-speedup is timed: give --target-speedup")
+        if targets and self.save_format == "zeroed":
+            raise ConfigError(f"{targets[0]} sizes the smaller model that --save-format physical saves: a zeroed "
+                              "save keeps every weight's shape, its size and speed")
         for value in _values(self.target_speedup):
             if value <= 1:
                 raise ConfigError(f"--target-speedup {value:g}: a speedup, more than 1")

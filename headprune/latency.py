@@ -32,9 +32,13 @@ log = logging.getLogger("headprune")
 
 
 def _key(model, unit: str, batch: int, length: int, device: str, new_tokens: int | None) -> str:
+    """A table per architecture, shape (a model pruned before: its heads per layer, which its config
+    does not say), attention kernel, setting and machine."""
     config = {k: v for k, v in model.config.to_dict().items() if k not in ("headprune", "id2label", "label2id")}
+    shape = [(s.kind, s.layer, s.query_heads, s.kv_heads) for s in find_sites(model, unit)]
+    kernel = getattr(model.config, "_attn_implementation", None)
     machine = torch.cuda.get_device_name() if device == "cuda" else torch.get_num_threads()  # a table per GPU model
-    what = [config, unit, batch, length, device, new_tokens, machine, torch.__version__, "checked", 20]
+    what = [config, shape, kernel, unit, batch, length, device, new_tokens, machine, torch.__version__, "monotone", 21]
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -85,7 +89,9 @@ def latency_table(model, unit: str, batch: int, length: int, device: str, new_to
     for entry in table["kinds"].values():  # seconds of one layer with h units, from T(0)
         layers = len(entry["layers"])
         relative = entry.pop("relative")
-        entry["per_layer"] = [(r - relative[0]) * seconds / layers for r in relative]
+        # a layer with more units takes no less time: where noise says otherwise, the most of fewer units
+        entry["per_layer"] = [max(relative[:h + 1]) - relative[0] for h in range(len(relative))]
+        entry["per_layer"] = [a * seconds / layers for a in entry["per_layer"]]
     table["whole"] = seconds
     # The sum over layers assumes each layer's cost is its own, and the settings above vary one kind
     # at a time; one model with half the units of every layer of every kind checks the sum. (With

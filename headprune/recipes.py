@@ -44,7 +44,7 @@ from .measuring import is_generator, sequence_length, size_facts
 from .outputs import (BEST, RESULTS, atomic_folder, check_not_inside, check_output_dir, finish_run, remove_path,
                       settle_stopped_run, stage_folder,
                       folder_bytes, versions, write_json, write_jsonl)
-from .pruning import check_finite_weights, save_pruned, zero_pruned_heads
+from .pruning import check_finite_weights, load_pruned, save_pruned, zero_pruned_heads
 from .randomness import keeps_global_rng
 from .reconstruction import mean_contexts, reconstruct
 from .selection import (attach_selector, calibration_set, check_budget, choose_by_scores, from_main, process_sum,
@@ -444,8 +444,9 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
             if size:
                 info["size"] = size
                 if "budget" in info:  # counted, or timed, on the smaller model itself
-                    info["budget"]["measured"] = (measured_speedup(cfg, stage_folder(out) / "model", acc.device.type) if table
-                                                  else size["pruned"].get(info["budget"]["target"]))
+                    before = path if (getattr(config, "headprune", None) or {}).get("physical") else None
+                    info["budget"]["measured"] = (measured_speedup(cfg, stage_folder(out) / "model", acc.device.type, before)
+                                                  if table else size["pruned"].get(info["budget"]["target"]))
                     log.info("budget: %s measured on the saved model: %s", info["budget"]["target"],
                              f"{info['budget']['measured']:,.4g}")
                     if table and info["budget"]["measured"] < cfg.target_speedup:  # timed: noise, or the table
@@ -474,12 +475,15 @@ def timed_length(cfg, model) -> int:
     return min(cfg.max_length, positions) if isinstance(positions, int) else cfg.max_length
 
 
-def measured_speedup(cfg, folder: Path, device: str) -> float:
-    """The saved model against the whole architecture, taking turns on one random batch (as
-    `headprune measure` times them)."""
+def measured_speedup(cfg, folder: Path, device: str, pruned_before: str | None = None) -> float:
+    """The saved model against the model the run started from (the whole architecture, or
+    `pruned_before`: the folder of a model pruned before, whose speed the target is relative to),
+    taking turns on one random batch (as `headprune measure` times them)."""
     from .config import MeasureConfig
     from .measuring import load_models, time_forward_or_generation
     models = load_models(MeasureConfig(pruned=str(folder), attn_implementation=cfg.attn_implementation, device=device))
+    if pruned_before:
+        models["original"] = load_pruned(pruned_before, attn_implementation=cfg.attn_implementation).eval().to(device)
     timings = time_forward_or_generation(models, cfg.at_batch_size, timed_length(cfg, models["pruned"]), cfg.at_new_tokens,
                                          10, 2, device, models["original"].config)
     return timings["original"]["median"] / timings["pruned"]["median"]

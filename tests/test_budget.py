@@ -67,6 +67,11 @@ def test_bad_budgets_are_refused_in_one_line(tiny_finetuned, tmp_path, capsys):
         PruneConfig(target_params=0.5, target_kv_cache=0.5)
     with pytest.raises(ConfigError, match="at most 1"):
         PruneConfig(target_kv_cache=2.0)
+    with pytest.raises(ConfigError, match="--target-params sizes the smaller model that --save-format physical"):
+        PruneConfig(target_params=0.5, save_format="zeroed")  # the zeroed model is no smaller
+    for timing in ({"at_length": 32}, {"at_batch_size": 4}, {"at_new_tokens": 8}):
+        with pytest.raises(ConfigError, match="says how --target-speedup is timed"):
+            PruneConfig(k=3, **timing)  # ignored without a speedup to time
     model, data = tiny_finetuned
     assert "caches no keys and values" in one_line_error(capsys, [
         "prune", "--model", model, "--dataset", data, "--target-kv-cache", "0.5", "--output-dir", tmp_path / "a"])
@@ -143,6 +148,37 @@ def test_a_speed_target_end_to_end_records_the_measured_speedup(tiny_finetuned, 
     assert "- budget (speedup, allocation global): target 1.5 (the whole model: 1), predicted 1.6 with 2 units, " \
         "measured on the saved model " in (tmp_path / "run" / "report.md").read_text()
 
+
+def test_a_speed_target_on_a_model_pruned_before_is_timed_against_it(tiny_finetuned, tmp_path, monkeypatch):
+    # the target and the prediction are relative to the model given (4 heads: 12 ms); so is the measurement
+    import headprune.measuring as measure
+    monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(measure, "alternate", lambda models, run, *a: {  # 8 ms plus 1 ms a kept head
+        name: {"median": 0.008 + 0.001 * sum(s.num_heads for s in find_sites(m))} for name, m in models.items()})
+    prune(tiny(*tiny_finetuned, tmp_path / "first", method="random", k=4, allocation="uniform"))
+    results = prune(tiny(tmp_path / "first" / "model", tiny_finetuned[1], tmp_path / "again", method="random",
+                         k=None, target_speedup=1.2, at_length=16))
+    budget = results["budget"]
+    assert results["k"] == 2 and budget["predicted"] == pytest.approx(1.2)  # 12 ms -> 10 ms
+    assert budget["measured"] == pytest.approx(1.2)  # not 16 / 10 ms: against the whole architecture
+
+
+def test_the_latency_table_is_monotone_and_kept_per_shape_and_kernel(tiny_lm, tmp_path, monkeypatch):
+    import headprune.latency as latency
+    import headprune.measuring as measure
+    from headprune.pruning import remove_heads
+    monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path))
+    model = load_pruned(tiny_lm[0])
+    noisy = {0: 0.012, 3: 0.011, 6: 0.016}  # every layer at 1 group timed faster than at none: noise
+    monkeypatch.setattr(measure, "alternate", lambda models, run, *a: {
+        name: {"median": noisy[sum(s.num_heads for s in find_sites(m))]} for name, m in models.items()})
+    table = latency.latency_table(model, "group", 1, 8, "cpu")
+    assert table["kinds"]["decoder"]["per_layer"] == pytest.approx([0.0, 0.0, 0.004 / 3])  # not -0.001 / 3 at 1
+    key = latency._key(model, "group", 1, 8, "cpu", None)
+    other = "eager" if model.config._attn_implementation != "eager" else "sdpa"
+    assert latency._key(load_pruned(tiny_lm[0], attn_implementation=other), "group", 1, 8, "cpu", None) != key
+    smaller = remove_heads(load_pruned(tiny_lm[0]), [("decoder", i, 0) for i in range(3)])  # the same config.json
+    assert latency._key(smaller, "group", 1, 8, "cpu", None) != key
 
 def test_a_generation_latency_table_and_its_options(tiny_lm, tiny_finetuned, tmp_path, monkeypatch, capsys):
     import headprune.latency as latency

@@ -49,6 +49,10 @@ def test_the_command_of_the_defaults_is_the_bare_command():
     command = command_of("prune", cfg)
     assert "--k-per-kind 2 3" in command and "--no-fisher-rearrange" in command and "'a b'" in command
     assert dataclasses.asdict(settings_of(command, cfgmod.PruneConfig)) == dataclasses.asdict(cfg)
+    # the budgets a target works out (an encoder-decoder's cache: one per kind) are not part of the command
+    targeted = cfgmod.PruneConfig(task="translation", target_kv_cache=0.5)
+    targeted.k, targeted.k_per_kind = 20, [8, 4, 8]
+    assert command_of("prune", targeted) == "headprune prune --task translation --target-kv-cache 0.5"
 
 
 def test_a_fine_tuned_models_card_names_its_base(tiny_finetuned):
