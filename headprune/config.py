@@ -751,8 +751,23 @@ class _YamlLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+# YAML 1.2's booleans and integers too: YAML 1.1 reads `pruning_dropout: off` and `source_lang: no` as
+# false, and `k: 010` as octal 8
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
                                   list("-+0123456789."))
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                  list("tTfF"))
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def _yaml_int(loader, node):  # decimal, whatever leading zeros (YAML 1.1's reader takes them for octal)
+    return int(loader.construct_scalar(node))
+
+
+_YamlLoader.add_constructor("tag:yaml.org,2002:int", _yaml_int)
 
 
 def load_yaml(path: str, cls) -> dict:
@@ -765,7 +780,7 @@ def load_yaml(path: str, cls) -> dict:
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold `option: value` lines")
     known = {f.name for f in options_of(cls)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(map(str, set(values) - known))  # (a key may be read as a number: `3: 4`)
     if unknown:
         raise ConfigError(f"unknown option(s) in {path}: {', '.join(unknown)}")
     return values

@@ -327,8 +327,14 @@ def _objects(rows: list, path: str, where: list[str]) -> tuple[list[dict], list[
     return rows, where
 
 
+# The tenth of a training file (or folder) held out to evaluate on when no evaluation data is given:
+# the same for every run on that file, whatever its --seed, so that a fine-tune and the prunes after it
+# (which must not learn from its evaluation examples), and the seeds of a sweep, are measured alike.
+HELD_OUT_SEED = 0
+
+
 def local_files(train_file: str, eval_files: list[str] | None, text_columns: list[str] | None,
-                label_column: str, seed: int = 0, drop_incomplete: bool = False) -> ClassificationData:
+                label_column: str, drop_incomplete: bool = False) -> ClassificationData:
     text_columns = list(text_columns or ["text"])
     dropped: dict[str, int] = {}
 
@@ -359,7 +365,7 @@ def local_files(train_file: str, eval_files: list[str] | None, text_columns: lis
     if eval_rows:
         evals = {name: encode(rows, path) for name, (path, rows) in eval_rows.items()}
     else:
-        split = train.train_test_split(test_size=0.1, seed=seed)
+        split = train.train_test_split(test_size=0.1, seed=HELD_OUT_SEED)
         train, evals = split["train"], {"heldout": split["test"]}
         note_held_out(train_file, len(train), len(evals["heldout"]))
     return ClassificationData(train, evals, text_columns, raw, dropped)
@@ -393,7 +399,7 @@ def _natural(value: str):
 # -- entry point -----------------------------------------------------------------------------------
 
 def load_classification(dataset: str, *, eval_files=None, text_columns=None, label_column="label",
-                        glue_task=None, seed: int = 0, drop_incomplete: bool = False) -> ClassificationData:
+                        glue_task=None, drop_incomplete: bool = False) -> ClassificationData:
     """Load any supported classification data set; raises DataError with the reason. Rows with an
     empty or missing label or text cell are an error, or with `drop_incomplete` dropped."""
     if dataset in OFFLINE:
@@ -406,7 +412,7 @@ def load_classification(dataset: str, *, eval_files=None, text_columns=None, lab
             raise DataError(f"{dataset} is a folder but holds no train.tsv (the GLUE TSV layout)")
         return glue_from_tsv(path, glue_task, drop_incomplete)
     if path.suffix.lower() in _FORMATS:
-        return local_files(dataset, eval_files, text_columns, label_column, seed, drop_incomplete)
+        return local_files(dataset, eval_files, text_columns, label_column, drop_incomplete)
     raise DataError(f"cannot tell what data set {dataset!r} is: give 'offline:rotten-tomatoes', "
                     "'offline:subjectivity', "
                     "'glue:<task>', a GLUE TSV folder, or a .csv/.tsv/.json/.jsonl file")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from datasets import ClassLabel, Dataset, Image
 
-from .data import note_held_out
+from .data import HELD_OUT_SEED, note_held_out
 from .errors import DataError, first_line
 
 log = logging.getLogger("headprune")
@@ -93,7 +93,7 @@ def _read_folder(folder: Path, names: list[str] | None = None) -> tuple[list, li
     return images, labels, names
 
 
-def load_images(dataset: str, seed: int = 0) -> ImageData:
+def load_images(dataset: str) -> ImageData:
     """`offline:digits`; a folder with `train/` (and `validation/`, `test/`), each in the
     ImageFolder layout (`<split>/<label>/<image>`), or a folder in that layout itself (a held-out
     10% becomes `heldout`); or `hf:<name>[:<config>]`, a `datasets` set with `image` and `label`
@@ -117,7 +117,7 @@ def load_images(dataset: str, seed: int = 0) -> ImageData:
             raise DataError(f"{root}: a train/ folder but no validation/ or test/ folder to evaluate on")
         return ImageData(_dataset(images, labels, names), evals, names)
     images, labels, names = _read_folder(root)
-    split = _dataset(images, labels, names).train_test_split(test_size=0.1, seed=seed)
+    split = _dataset(images, labels, names).train_test_split(test_size=0.1, seed=HELD_OUT_SEED)
     note_held_out(root, len(split["train"]), len(split["test"]))
     return ImageData(split["train"], {"heldout": split["test"]}, names)
 

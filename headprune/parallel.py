@@ -15,7 +15,7 @@ from pathlib import Path
 
 from datasets import Dataset
 
-from .data import note_held_out, read_records
+from .data import HELD_OUT_SEED, note_held_out, read_records
 from .errors import DataError, first_line
 
 log = logging.getLogger("headprune")
@@ -97,7 +97,7 @@ def parallel_folder(folder: Path, source_lang: str, target_lang: str, drop: bool
 
 
 def parallel_files(train_file: str, eval_files: list[str] | None, columns: list[str] | None,
-                   source_lang: str, target_lang: str, seed: int = 0, drop: bool = False) -> ParallelData:
+                   source_lang: str, target_lang: str, drop: bool = False) -> ParallelData:
     """JSONL/JSON/CSV/TSV with a source and a target column (default: the language codes)."""
     columns = list(columns or [source_lang, target_lang])
     if len(columns) != 2:
@@ -131,7 +131,7 @@ def parallel_files(train_file: str, eval_files: list[str] | None, columns: list[
     if eval_files:
         evals = {Path(f).stem: load(f) for f in eval_files}
     else:
-        split = train.train_test_split(test_size=0.1, seed=seed)
+        split = train.train_test_split(test_size=0.1, seed=HELD_OUT_SEED)
         train, evals = split["train"], {"heldout": split["test"]}
         note_held_out(train_file, len(train), len(evals["heldout"]))
     return ParallelData(train, evals, source_lang, target_lang, False, dropped)
@@ -183,7 +183,7 @@ def ding(path: Path = DING_FILE) -> ParallelData:
 
 
 def load_parallel(dataset: str, *, eval_files=None, text_columns=None, source_lang: str = "de",
-                  target_lang: str = "en", seed: int = 0, drop_incomplete: bool = False) -> ParallelData:
+                  target_lang: str = "en", drop_incomplete: bool = False) -> ParallelData:
     """Load any supported parallel data; raises DataError with the reason."""
     if dataset == "offline:ding-de-en":
         return ding()
@@ -191,7 +191,7 @@ def load_parallel(dataset: str, *, eval_files=None, text_columns=None, source_la
     if path.is_dir():
         return parallel_folder(path, source_lang, target_lang, drop_incomplete)
     if path.suffix.lower() in (".csv", ".tsv", ".json", ".jsonl"):
-        return parallel_files(dataset, eval_files, text_columns, source_lang, target_lang, seed, drop_incomplete)
+        return parallel_files(dataset, eval_files, text_columns, source_lang, target_lang, drop_incomplete)
     if dataset.startswith("hf:"):
         return _from_hub(dataset.removeprefix("hf:"), source_lang, target_lang)
     raise DataError(f"cannot tell what parallel data {dataset!r} is: give 'offline:ding-de-en', a folder "

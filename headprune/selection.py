@@ -18,6 +18,7 @@ gradients (so `--activation-checkpointing` applies). Its options are the config 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -263,7 +264,9 @@ def calibration_set(cfg, task, data, tokenizer, train_set, processes: int = 1):
     `train_set`), its first --calibration-examples; with several processes, cut to whole batches of
     all of them (see `whole_batches`)."""
     if cfg.calibration_dataset:
-        other = task.load_data(dataclasses.replace(cfg, dataset=cfg.calibration_dataset, eval_files=None))
+        settings = copy.copy(cfg)  # (not dataclasses.replace: that checks the config again, and a budget a
+        settings.dataset, settings.eval_files = cfg.calibration_dataset, None  # target worked out is in it now)
+        other = task.load_data(settings)
         for name in ("label_names", "languages"):  # the loss of label- or target-reading methods needs them equal
             if getattr(other, name, None) != getattr(data, name, None):
                 raise ConfigError(f"--calibration-dataset {cfg.calibration_dataset}: its {name.replace('_', ' ')} "

@@ -7,7 +7,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import note_held_out
+from .data import HELD_OUT_SEED, note_held_out
 from .errors import DataError, first_line
 
 
@@ -39,7 +39,7 @@ def _texts(column: list, dataset: str, split: str) -> list[str]:
     return [t for t in column if t is not None and t.strip()]
 
 
-def load_text(dataset: str, eval_files: list[str] | None = None, seed: int = 0) -> TextData:
+def load_text(dataset: str, eval_files: list[str] | None = None) -> TextData:
     """`offline:rotten-tomatoes` (the review snippets as documents, in the fixed splits of the
     classification benchmark), a folder of `train.txt` (+ `validation.txt`, `test.txt`), a `.txt`
     file (a document per non-empty line; `eval_files` or a held-out 10%), or `hf:<name>[:<config>]`
@@ -75,7 +75,7 @@ def load_text(dataset: str, eval_files: list[str] | None = None, seed: int = 0) 
             raise DataError(f"{path} holds one document: a tenth of them is held out to evaluate on, so it needs "
                             "two or more (or give --eval-files)")
         order = list(range(len(documents)))
-        random.Random(seed).shuffle(order)
+        random.Random(HELD_OUT_SEED).shuffle(order)
         cut = max(1, len(documents) // 10)
         note_held_out(path, len(documents) - cut, cut)
         return TextData([documents[i] for i in sorted(order[cut:])],

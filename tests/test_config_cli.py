@@ -26,6 +26,17 @@ def test_unknown_yaml_keys_are_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown option.*heads"):
         build_config(PruneConfig, parse("--config", str(tmp_path / "c.yaml")))
 
+    (tmp_path / "d.yaml").write_text("3: 4\nk: 12\n")  # a key read as a number: the same one line
+    with pytest.raises(ValueError, match="unknown option.*: 3$"):
+        build_config(PruneConfig, parse("--config", str(tmp_path / "d.yaml")))
+
+
+def test_yaml_values_are_read_as_yaml_1_2_reads_them(tmp_path):
+    # YAML 1.1 (PyYAML's) reads off and no as false and 010 as octal 8: documented values broke
+    (tmp_path / "c.yaml").write_text("pruning_dropout: off\nsource_lang: no\nk: 010\nlr: 1e-3\noverwrite: true\n")
+    cfg = build_config(PruneConfig, parse("--config", str(tmp_path / "c.yaml")))
+    assert (cfg.pruning_dropout, cfg.source_lang, cfg.k, cfg.lr, cfg.overwrite) == ("off", "no", 10, 1e-3, True)
+
 
 def test_every_option_has_help_and_a_flag():
     text = parser()._subparsers._group_actions[0].choices["prune"].format_help()

@@ -146,3 +146,19 @@ def test_the_subjectivity_benchmark_is_balanced_fixed_and_disjoint():
     words = [len(t.split()) for s in splits for t in s["text"]]
     assert min(words) >= 5 and max(words) <= 50
     assert load_classification("offline:subjectivity").train["text"][:5] == data.train["text"][:5]
+
+
+@pytest.mark.parametrize("task,name,rows", [
+    ("classification", "train.jsonl", [f'{{"text": "t{i}", "label": {i % 2}}}' for i in range(40)]),
+    ("causal-lm", "train.txt", [f"document {i}" for i in range(40)]),
+])
+def test_the_held_out_tenth_is_the_same_whatever_the_seed(tmp_path, task, name, rows):
+    # a prune with another seed than its fine-tune's must not evaluate on what the fine-tune learnt
+    # from, and a sweep's seeds are compared on the same examples
+    from headprune.config import PruneConfig
+    from headprune.tasks import get_task
+    (tmp_path / name).write_text("\n".join(rows))
+    held = [get_task(task).load_data(PruneConfig(task=task, dataset=str(tmp_path / name), seed=seed)).evals["heldout"]
+            for seed in (0, 1, 7)]
+    held = [list(h["text"]) if task == "classification" else h for h in held]
+    assert held[0] == held[1] == held[2] and len(held[0]) == 4

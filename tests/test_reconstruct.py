@@ -253,6 +253,10 @@ def test_calibration_data_can_come_from_another_dataset_with_the_same_labels(tin
     few = prune(tiny(model, data, tmp_path / "few", method="activation", calibration_dataset=str(other),
                      calibration_examples=10, reconstruct="bias"))
     assert few["calibration_examples"] == 10 and few["config"]["calibration_dataset"] == str(other)
+    # with a budget a target works out (it is in the run's settings then): the data are still read
+    targeted = prune(tiny(model, data, tmp_path / "targeted", method="activation", k=None, target_params=0.97,
+                          calibration_dataset=str(other), calibration_examples=10))
+    assert targeted["calibration_examples"] == 10 and "budget" in targeted
     every = prune(tiny(model, data, tmp_path / "every", method="activation", calibration_dataset=str(other)))
     own = prune(tiny(model, data, tmp_path / "own", method="activation"))
     assert every["calibration_examples"] < 60 < own["calibration_examples"]  # its training split, not ours

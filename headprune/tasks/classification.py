@@ -27,7 +27,7 @@ class Classification(Task):
 
     def load_data(self, cfg) -> ClassificationData:
         data = load_classification(cfg.dataset, eval_files=cfg.eval_files, text_columns=cfg.text_columns,
-                                   label_column=cfg.label_column, glue_task=cfg.glue_task, seed=cfg.seed,
+                                   label_column=cfg.label_column, glue_task=cfg.glue_task,
                                    drop_incomplete=cfg.drop_incomplete_rows)
         return subsample(data, cfg.max_train_examples, cfg.max_eval_examples)
 

@@ -54,7 +54,7 @@ class ImageClassification(Task):
         return super().model_config(name)
 
     def load_data(self, cfg) -> ImageData:
-        return subsample(load_images(cfg.dataset, cfg.seed), cfg.max_train_examples, cfg.max_eval_examples)
+        return subsample(load_images(cfg.dataset), cfg.max_train_examples, cfg.max_eval_examples)
 
     def results(self, data: ImageData) -> dict:
         return {"labels": data.label_names}

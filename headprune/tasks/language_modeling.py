@@ -52,7 +52,7 @@ class LanguageModeling(Task):
                              "model (Llama, Mistral, Qwen, SmolLM)")
 
     def load_data(self, cfg) -> TextData:
-        return subsample(load_text(cfg.dataset, cfg.eval_files, cfg.seed), cfg.max_train_examples, cfg.max_eval_examples)
+        return subsample(load_text(cfg.dataset, cfg.eval_files), cfg.max_train_examples, cfg.max_eval_examples)
 
     def load_model(self, cfg, data, path: str, config, require_finetuned: bool):
         tokenizer = load_tokenizer(cfg.model, path)

@@ -125,7 +125,7 @@ class Translation(Task):
 
     def load_data(self, cfg) -> ParallelData:
         data = load_parallel(cfg.dataset, eval_files=cfg.eval_files, text_columns=cfg.text_columns,
-                             source_lang=cfg.source_lang, target_lang=cfg.target_lang, seed=cfg.seed,
+                             source_lang=cfg.source_lang, target_lang=cfg.target_lang,
                              drop_incomplete=cfg.drop_incomplete_rows)
         self.tokenized = data.tokenized
         return subsample(data, cfg.max_train_examples, cfg.max_eval_examples)
