@@ -30,7 +30,7 @@ from accelerate.utils import parse_flag_from_env
 
 from .budget import budget_units
 from .config import (GATED_METHODS, SCORED, SHRINKING, TARGETS, PruneConfig, SweepConfig, ablation_in_effect,
-                     checkpoints_activations, default_of, targeted)
+                     checkpoints_activations, default_of, reads_calibration, targeted)
 from .checkpoint import checkpoint_config
 from .errors import ConfigError, OutputExistsError, first_line
 from .outputs import RESULTS, atomic_path, check_not_inside, checkpoint_folder, settle_stopped_run
@@ -59,6 +59,11 @@ def planned_runs(cfg: SweepConfig) -> list[PruneConfig]:
                 log.info("%s trains nothing: no joint runs", method)
                 continue
             model = cfg.model if mode == "pipelined" else cfg.pretrained_model
+            # options of some methods only go to those (a run of another would refuse them)
+            reads = reads_calibration({**base, "method": method, "mode": mode})
+            own = {"relaxation": cfg.relaxation if method == "dsp" else default_of(PruneConfig.__dataclass_fields__["relaxation"]),
+                   "calibration_dataset": cfg.calibration_dataset if reads else None,
+                   "calibration_examples": cfg.calibration_examples if reads else None}
             seeds = cfg.seeds[:1] if method in DETERMINISTIC else cfg.seeds
             # michel: one curve through every k; voita with its threshold keeps what it keeps, whatever k
             one_k = method == "michel" or (method == "voita" and cfg.voita_selection == "threshold")
@@ -68,7 +73,7 @@ def planned_runs(cfg: SweepConfig) -> list[PruneConfig]:
                 for seed in seeds:
                     name = (f"{method}-{mode}-s{seed}" if method == "michel" and budget.get("k")
                             else f"{method}-{mode}-{budget_name(budget, cfg.k_per_kind)}-s{seed}")
-                    runs.append(PruneConfig(**{**base, **budget, "method": method, "mode": mode, "seed": seed,
+                    runs.append(PruneConfig(**{**base, **budget, **own, "method": method, "mode": mode, "seed": seed,
                                                "model": model, "overwrite": False, "settle_fraction": settle[mode],
                                                "shrink_fraction": cfg.shrink_fraction if method in SHRINKING else None,
                                                "ablation": (cfg.ablation if method in GATED_METHODS and mode == "pipelined"

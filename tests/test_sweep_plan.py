@@ -103,6 +103,15 @@ def test_voita_with_its_threshold_is_planned_once_whatever_the_budgets(tmp_path)
                                                            "dsp-pipelined-k12-s0"]
 
 
+def test_an_option_of_some_methods_goes_to_their_runs_only(tmp_path):
+    # --relaxation is DSP's, calibration data the scored methods' (and reconstruction's): the other
+    # runs of the sweep would refuse them
+    from headprune.sweeping import planned_runs
+    runs = planned_runs(SweepConfig(methods=["dsp", "random", "fisher"], ks=[6], seeds=[0], relaxation="k-rounds",
+                                    calibration_examples=100, output_dir=str(tmp_path)))
+    settings = {run.method: (run.relaxation, run.calibration_examples) for run in runs}
+    assert settings == {"dsp": ("k-rounds", 100), "random": ("fewest-rounds", None), "fisher": ("fewest-rounds", 100)}
+
 def test_split_names_are_checked_before_any_run_or_evaluation(tiny_finetuned, tmp_path, capsys, monkeypatch):
     from conftest import one_line_error
 
