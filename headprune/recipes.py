@@ -458,7 +458,8 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
                "unit": gates.sites[0].unit,
                "kept_per_kind": {kind: sum(h[0] == kind for h in kept) for kind in kinds},
                "kept_heads": kept, "metrics_pruned": metrics, "metrics_unpruned": extra["metrics_unpruned"],
-               **info, **_common_results(cfg, task, data, seconds, state and state["step"])}
+               **info, **_common_results(cfg, task, data, seconds, state and state["step"]),
+               "inputs": extra["inputs"]}  # digests of the weights and data: a sweep tells a model changed in place
     if acc.is_main_process:
         write_model_card(stage_folder(out) / "model", results, command_of("prune", cfg))
         write_run_report(stage_folder(out), results, history)

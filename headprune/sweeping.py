@@ -32,6 +32,7 @@ from .budget import budget_units
 from .config import (GATED_METHODS, SCORED, SHRINKING, TARGETS, PruneConfig, SweepConfig, ablation_in_effect,
                      checkpoints_activations, default_of, reads_calibration, targeted)
 from .checkpoint import checkpoint_config
+from .digests import digest_of_weights
 from .errors import ConfigError, OutputExistsError, first_line
 from .outputs import RESULTS, atomic_path, check_not_inside, checkpoint_folder, settle_stopped_run
 from .pruning import with_pruned_shapes
@@ -190,25 +191,32 @@ def read_results(folder: Path) -> dict:
 
 
 def stale_runs(runs: list[PruneConfig], processes=None) -> dict[str, str]:
-    """Finished or stopped runs whose recorded settings differ from the plan: folder name -> what
-    changed (a stopped one's checkpoint would be refused by its run, after the runs before it; so is
-    one made by another number of `processes`, an Accelerate PartialState)."""
+    """Finished or stopped runs whose recorded settings differ from the plan (or, finished, whose model
+    folder holds other weights now): folder name -> what changed (a stopped one's checkpoint would be
+    refused by its run, after the runs before it; so is one made by another number of `processes`, an
+    Accelerate PartialState)."""
     if processes is None or processes.is_main_process:
         for run in runs:  # a run stopped while its files moved in: completed first, by one process
             settle_stopped_run(Path(run.output_dir))
     if processes is not None:
         processes.wait_for_everyone()
-    stale = {}
+    stale, weights = {}, {}
     for run in runs:
         folder = Path(run.output_dir)
-        made_by = None
+        made_by, inputs = None, {}
         if (folder / RESULTS).exists():
-            saved = read_results(folder)["config"]
+            results = read_results(folder)
+            saved, inputs = results["config"], results.get("inputs") or {}
         elif checkpoint_folder(folder) is not None:
             saved, made_by = checkpoint_config(checkpoint_folder(folder), with_processes=True)
         else:
             continue
         changed = changed_settings(saved, run)
+        if inputs.get("model") and inputs["model"] != run.model:  # a digest: the weights at the same path changed?
+            if run.model not in weights:
+                weights[run.model] = digest_of_weights(run.model)
+            if weights[run.model] and weights[run.model] != inputs["model"]:
+                changed["the weights of " + run.model] = (inputs["model"][:12], weights[run.model][:12])
         if made_by is not None and processes is not None and made_by != processes.num_processes:
             changed["processes"] = (made_by, processes.num_processes)
         if changed:

@@ -135,6 +135,20 @@ def test_a_budget_per_kind_replaces_the_ks_with_a_warning(tiny_finetuned, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["random-pipelined-k3-s0"]
 
 
+def test_a_model_trained_again_in_place_makes_the_finished_runs_stale(tiny_finetuned, tmp_path, monkeypatch):
+    # the same path and settings, other weights: the finished runs (and their unpruned metric) are not its
+    import shutil
+    from safetensors.torch import load_file, save_file
+    model = tmp_path / "model"
+    shutil.copytree(tiny_finetuned[0], model)
+    sweep(sweep_cfg(model, tiny_finetuned[1], tmp_path / "sweep", ks=[3], seeds=[0]))
+    weights = load_file(model / "model.safetensors")
+    save_file({name: t + 0.01 if t.is_floating_point() else t for name, t in weights.items()}, model / "model.safetensors",
+              metadata={"format": "pt"})
+    monkeypatch.setattr(sweep_mod, "prune", lambda *a, **k: pytest.fail("a run started"))
+    with pytest.raises(OutputExistsError, match=r"made with other settings \(e.g. random-pipelined-k3-s0: the weights of "):
+        sweep(sweep_cfg(model, tiny_finetuned[1], tmp_path / "sweep", ks=[3, 4], seeds=[0]))
+
 def test_a_stopped_run_with_other_settings_is_named_before_the_first_run_and_overwritten(
         tiny_finetuned, tmp_path, monkeypatch):
     """Its checkpoint would be refused only when its turn came; with --overwrite it is made again."""
