@@ -552,8 +552,14 @@ class PruneConfig(FinetuneConfig):
         if self.allocation == "uniform" and self.method == "voita" and self.voita_selection == "threshold":
             raise ConfigError("--allocation uniform fixes the heads of each layer: Voita's threshold selection "
                               "does not")
-        if self.t0 is not None and self.tf is not None and self.tf >= self.t0:
-            raise ConfigError(f"--tf {self.tf:g} is not below --t0 {self.t0:g}: the temperature falls from t0 to tf")
+        if self.t0 is not None or self.tf is not None:  # the one not given comes from the schedule
+            from .methods import TEMPERATURES
+            preset = TEMPERATURES[schedule_in_effect(vars(self))]
+            t0, tf = self.t0 if self.t0 is not None else preset["t0"], self.tf if self.tf is not None else preset["tf"]
+            if tf >= t0:
+                given = "" if self.t0 is not None and self.tf is not None else \
+                    f" (the {'t0' if self.t0 is None else 'tf'} of --schedule {schedule_in_effect(vars(self))})"
+                raise ConfigError(f"--tf {tf:g} is not below --t0 {t0:g}{given}: the temperature falls from t0 to tf")
         if self.k is None:
             self.k = sum(self.k_per_kind) if self.k_per_kind else DEFAULT_K
         modes = getattr(self, "modes", [self.mode])  # a sweep: the settle is for its joint runs
@@ -733,8 +739,11 @@ def build_config(cls, args: argparse.Namespace | None = None, **overrides):
     if path:
         values.update(load_yaml(path, cls))
     if args is not None:
-        values.update({f.name: getattr(args, f.name) for f in options_of(cls)
-                       if getattr(args, f.name, None) is not None})
+        flags = {f.name: getattr(args, f.name) for f in options_of(cls) if getattr(args, f.name, None) is not None}
+        budgets = ("k", "ks", "k_per_kind", *TARGETS)
+        if set(flags) & set(budgets):  # a budget flag replaces the file's budget, whichever kind it is
+            values = {name: value for name, value in values.items() if name not in budgets}
+        values.update(flags)
     values.update(overrides)
     return cls(**values)  # checks types and ranges
 

@@ -19,6 +19,9 @@ def test_flags_override_the_yaml_file_which_overrides_defaults(tmp_path):
     assert cfg.schedule == "default" and cfg.t0 is None and cfg.method == "dsp"  # untouched defaults
     assert build_config(PruneConfig, parse("--text-columns", "a", "b")).text_columns == ["a", "b"]
     assert build_config(PruneConfig, parse("--overwrite")).overwrite is True
+    # a budget flag replaces the file's budget, also one of another kind (the two would be refused together)
+    targeted = build_config(PruneConfig, parse("--config", str(tmp_path / "c.yaml"), "--target-params", "0.8"))
+    assert (targeted.target_params, targeted.k_per_kind, targeted.mode) == (0.8, None, "joint")
 
 
 def test_unknown_yaml_keys_are_refused(tmp_path):
@@ -126,6 +129,10 @@ def test_an_annealing_that_does_not_fall_is_refused():
     from headprune.errors import ConfigError
     with pytest.raises(ConfigError, match="--tf 5 is not below --t0 1: the temperature falls from t0 to tf"):
         PruneConfig(t0=1.0, tf=5.0)
+    with pytest.raises(ConfigError, match=r"--tf 5000 is not below --t0 1000 \(the t0 of --schedule steady\)"):
+        PruneConfig(tf=5000.0, schedule="steady")  # the t0 not given is the schedule's
+    with pytest.raises(ConfigError, match=r"--tf 0.01 is not below --t0 0.001 \(the tf of --schedule steady\)"):
+        PruneConfig(t0=1e-3, schedule="steady")
     with pytest.raises(ConfigError, match="cooldown_fraction=2.0: must be at most 1"):
         PruneConfig(cooldown_fraction=2.0)
     assert PruneConfig(t0=1.0, tf=1e-3, cooldown_fraction=1.0).cooldown_fraction == 1.0
