@@ -246,6 +246,13 @@ def check_plan(cfg: SweepConfig, runs: list[PruneConfig]) -> None:
         is_targeted = targeted(vars(run))  # its k follows from the model
         check_budget(run, counts, is_targeted or run.method == "voita" and run.voita_selection == "threshold", units)
         check_not_inside(Path(run.output_dir), inputs)
+        if run.method == "michel" and not is_targeted and not run.k_per_kind:  # one curve: each k a point of it
+            total = sum(counts.values())
+            missed = [k for k in cfg.ks if k > run.k and (total - k) % run.michel_step]
+            if missed:
+                raise ConfigError(f"--michel-step {run.michel_step}: Michel's curve falls from {total} {units} by "
+                                  f"{run.michel_step} and passes no k = {', '.join(map(str, missed))}: give a step "
+                                  f"that divides {', '.join(str(total - k) for k in missed)}")
         if run.target_params is not None or run.target_kv_cache is not None:  # a size nothing fits: refused now
             if run.model not in skeletons:  # shapes only, once a model
                 record = getattr(config, "headprune", None) or {}

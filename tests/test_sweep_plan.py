@@ -103,6 +103,15 @@ def test_voita_with_its_threshold_is_planned_once_whatever_the_budgets(tmp_path)
                                                            "dsp-pipelined-k12-s0"]
 
 
+def test_a_michel_step_that_misses_a_k_is_refused_before_the_first_run(tiny_finetuned, tmp_path, capsys):
+    # 8 heads falling by 2: 8, 6, 4, 3 (the last k) -- 5 is never on the curve, its cell would be missing
+    from conftest import one_line_error
+    model, data = tiny_finetuned
+    line = one_line_error(capsys, ["sweep", "--model", model, "--dataset", data, "--methods", "michel", "--ks", "3",
+                                   "5", "--michel-step", "2", "--output-dir", tmp_path / "s"])
+    assert line.endswith("--michel-step 2: Michel's curve falls from 8 heads by 2 and passes no k = 5: give a step "
+                         "that divides 3") and not (tmp_path / "s").exists()
+
 def test_an_option_of_some_methods_goes_to_their_runs_only(tmp_path):
     # --relaxation is DSP's, calibration data the scored methods' (and reconstruction's): the other
     # runs of the sweep would refuse them
