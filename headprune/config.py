@@ -45,6 +45,24 @@ DEFAULT_RULES = 3
 LOSS_IS_METRIC = ("causal-lm",)
 
 
+def unused_settings(settings: dict) -> set[str]:
+    """The options a run with these settings never reads (another method's, or translation's on
+    another task): a run made with other values of them is the same run (resumed, or kept by a sweep)."""
+    method, unused = settings.get("method", "dsp"), set()
+    for owner, names in (("michel", ("michel_step", "michel_exact", "michel_normalize")),
+                         ("voita", ("l0_lambda", "voita_selection")), ("fisher", ("fisher_rearrange",)),
+                         ("activation", ("activation_aggregation",)), ("taylor", ("taylor_variant",)),
+                         ("dsp", ("t0", "tf", "cooldown_fraction", "cooldown_steps", "relaxation"))):
+        if method != owner:
+            unused.update(names)
+    if method not in TRAINED_METHODS:  # the scores' own training
+        unused.update(("schedule", "pruning_lr", "pruning_lr_schedule", "pruning_loss", "pruning_dropout"))
+    if settings.get("task", "classification") != "translation":
+        unused.update(("source_lang", "target_lang", "vocab_size", "dropout", "label_smoothing", "warmup_steps",
+                       "max_tokens", "beam", "generation_batch_size"))
+    return unused
+
+
 def schedule_in_effect(settings: dict) -> str:
     """The preset of --schedule a run uses: its own, or for `default` the paper's (reference) when
     DSP prunes pipelined for a task whose loss only stands in for its metric (cross-entropy for

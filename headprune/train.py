@@ -147,19 +147,20 @@ IGNORED_SETTINGS = {"overwrite", "output_dir", "checkpoint_every", "default_rule
 
 
 def changed_settings(saved: dict, cfg) -> dict[str, tuple]:
-    """The settings of `cfg` that differ from those `saved` with a run: name -> (saved, now). A
-    setting the saved run did not have yet (an option added later) counts as its default; the
-    settle and the shrink count as what they did (runs saved before they existed had neither)."""
+    """The settings of `cfg` that differ from those `saved` with a run: name -> (saved, now), but
+    those the run never reads. A setting the saved run did not have yet (an option added later)
+    counts as its default; the settle and the shrink count as what they did (runs saved before they
+    existed had neither)."""
     from .config import (ablation_in_effect, allocation_in_effect, default_of, pruning_dropout_in_effect,
-                         reconstruct_in_effect, settle_fraction_in_effect, shrink_fraction_in_effect)
-
-    from .config import targeted
+                         reconstruct_in_effect, settle_fraction_in_effect, shrink_fraction_in_effect, targeted,
+                         unused_settings)
 
     defaults = {f.name: default_of(f) for f in fields(cfg)}
     current = asdict(cfg)
     # with a --target-*, k (and a budget per kind) follow from it and the model: the saved run holds the
     # ones it computed, the command a placeholder
     derived = {"k", "k_per_kind"} if targeted(current) else set()
+    derived |= unused_settings(current)  # another method's options: the run never read them
     changed = {k: (saved.get(k, defaults[k]), current[k]) for k in current
                if k not in IGNORED_SETTINGS | derived and saved.get(k, defaults[k]) != current[k]}
     for name, in_effect in (("settle_fraction", settle_fraction_in_effect),

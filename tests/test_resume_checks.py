@@ -92,3 +92,16 @@ def test_a_checkpoint_missing_a_part_is_refused(copies, tmp_path, monkeypatch):
     path.write_text(json.dumps(state))
     with pytest.raises(CheckpointError, match=r"is damaged \(its optimizer is missing or not a dict\); delete it to start over"):
         prune(config(model, data, tmp_path / "run"))
+
+
+def test_options_a_run_never_reads_do_not_make_it_another_run():
+    # resuming, or a sweep run again, with another method's option or translation's on a classifier
+    import dataclasses
+    from headprune.config import PruneConfig
+    from headprune.train import changed_settings
+    saved = dataclasses.asdict(PruneConfig(method="random", k=3))
+    assert changed_settings(saved, PruneConfig(method="random", k=3, michel_step=3, beam=2, pruning_lr=0.5, t0=50.0)) == {}
+    michel = dataclasses.asdict(PruneConfig(method="michel", k=3))
+    assert changed_settings(michel, PruneConfig(method="michel", k=3, michel_step=3)) == {"michel_step": (6, 3)}
+    assert changed_settings(dataclasses.asdict(PruneConfig(task="translation")),
+                            PruneConfig(task="translation", beam=2)) == {"beam": (5, 2)}
