@@ -20,14 +20,13 @@ heads alone are not what it saved.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from headprune.config import PruneConfig, default_of, reconstruct_in_effect
+from headprune.config import PruneConfig, reconstruct_in_effect, run_settings
 from headprune.gates import attach_gates
 from headprune.tasks import get_task
 
@@ -54,10 +53,7 @@ def finished_run(folder: str) -> tuple[dict, PruneConfig]:
     results = json.loads((Path(folder) / "results.json").read_text())
     if results["mode"] != "pipelined":
         raise SystemExit(f"{folder}: only pipelined runs (their weights are the fine-tuned model's)")
-    fields = {f.name: f for f in dataclasses.fields(PruneConfig)}
-    # an option the run's headprune did not have yet is recorded as null: it ran as today's default
-    return results, PruneConfig(**{k: v for k, v in results["config"].items()
-                                   if k in fields and not (v is None and default_of(fields[k]) is not None)})
+    return results, run_settings(results["config"])
 
 
 def pipelined_run(folder: str) -> tuple[dict, PruneConfig]:

@@ -718,6 +718,20 @@ def targeted(settings: dict) -> bool:
     return any(settings.get(name) is not None for name in TARGETS)
 
 
+def run_settings(config: dict) -> PruneConfig:
+    """A finished run's settings (its results.json's `config`) as a PruneConfig again: an option its
+    headprune did not have yet (recorded as null) as today's default, and the budget its target or
+    --k-per-kind worked out (k, the k per kind) left to them again."""
+    fields = {f.name: f for f in dataclasses.fields(PruneConfig)}
+    values = {name: value for name, value in config.items()
+              if name in fields and not (value is None and default_of(fields[name]) is not None)}
+    if targeted(values):
+        values.update(k=None, k_per_kind=None)
+    elif values.get("k_per_kind"):
+        values["k"] = None
+    return PruneConfig(**values)
+
+
 def _values(value) -> list:
     """A target's values: a sweep holds a list, a run one number."""
     return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]

@@ -56,6 +56,9 @@ def test_a_parameter_target_on_a_classifier(tiny_finetuned, tmp_path):
     results = prune(tiny(*tiny_finetuned, tmp_path, k=None, target_params=target))
     assert results["k"] == 3 and results["budget"]["predicted"] == results["budget"]["measured"] == original - 5 * 1048
     assert sum(p.numel() for p in load_pruned(tmp_path / "model").parameters()) == original - 5 * 1048
+    from headprune.config import run_settings  # its recorded settings make the same run again (k worked out, left out)
+    again = run_settings(results["config"])
+    assert again.target_params == target and again.method == results["method"]
     fraction = prune(tiny(*tiny_finetuned, tmp_path / "f", k=None, target_params=0.97))
     assert fraction["budget"]["measured"] <= 0.97 * original
 
