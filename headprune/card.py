@@ -125,6 +125,8 @@ def model_card(results: dict, command: str, folder_name: str = "model") -> str:
     unit = {"group": "KV groups", "query": "query positions"}.get(results.get("unit"), "heads")
     per_layer = Counter((kind, layer) for kind, layer, _ in results["kept_heads"])
     kinds = list(dict.fromkeys(kind for kind, _ in sorted(per_layer)))
+    # every layer, those that keep nothing at the end too (results of before "layers": those up to the last kept)
+    layers = max([*results.get("layers", {}).values(), *(1 + layer for _, layer in per_layer)], default=0)
     body = [f"# {results['method']} {results['mode']}: {results['k']} of {results['num_heads']} {unit} kept", "",
             f"Attention heads pruned with headprune from `{results['model']}`"
             f"{f' ({base})' if base else ''} on `{results['dataset']}`: method `{results['method']}`, "
@@ -133,10 +135,8 @@ def model_card(results: dict, command: str, folder_name: str = "model") -> str:
             + (f" Calibration data: {calibration_data(results)}." if calibration_data(results) else ""), "",
             f"{METRIC_NAMES.get(metric, metric.capitalize())}:", "", *_metrics_table(results), "",
             "Kept per layer (a layer that keeps none gives its output projection's bias):", "",
-            "| kind | " + " | ".join(f"layer {i}" for i in range(1 + max(layer for _, layer in per_layer))) + " |"
-            if per_layer else "(no head kept)"]
+            "| kind | " + " | ".join(f"layer {i}" for i in range(layers)) + " |" if per_layer else "(no head kept)"]
     if per_layer:
-        layers = 1 + max(layer for _, layer in per_layer)
         body.append("|---|" + "---|" * layers)
         for kind in kinds:
             body.append(f"| {kind} | " + " | ".join(str(per_layer.get((kind, i), 0)) for i in range(layers)) + " |")

@@ -251,6 +251,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     what pipelined pruning starts from."""
     task = get_task(cfg.task)
     path, config, _, _ = task.inspect(cfg.model, require_finetuned=False, attn_implementation=cfg.attn_implementation)
+    task.check_settings(cfg, config)
     out, state, acc = _start(cfg, path)
     seconds: dict = dict(state["seconds"]) if state else {}
     with timed(seconds, "load"), _no_empty_folder_if_refused(out):
@@ -308,6 +309,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
     task = get_task(cfg.task)
     path, config, counts, units = task.inspect(cfg.model, require_finetuned=pipelined, unit=cfg.unit,
                                                  attn_implementation=cfg.attn_implementation)
+    task.check_settings(cfg, config)
     is_targeted = targeted(vars(cfg))
     check_budget(cfg, counts, threshold or is_targeted, units)  # a target's k follows once the model is loaded
     out, state, acc = _start(cfg, path)
@@ -424,6 +426,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
     if not pipelined:  # the jointly trained weights with every head on (before reconstruction changes them)
         with timed(seconds, "evaluate_unpruned"):
             extra["metrics_unpruned"] = evaluate_with(all_heads)
+    bare = [site.output for site in gates.sites if site.output.bias is None]  # reconstruction may give them biases
     if reconstruct_in_effect(vars(cfg)) != "none":
         with timed(seconds, "evaluate_pruned"):
             info["metrics_before_reconstruction"] = evaluate_with(mask)
@@ -440,7 +443,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
     with timed(seconds, "save"):
         if acc.is_main_process:
             size = _save_pruned(cfg, task, stage_folder(out), acc.unwrap_model(model), gates, tokenizer, mask, scores,
-                                output_biases=bool(info.get("output_biases_added")))
+                                added=sum(o.bias.numel() for o in bare if o.bias is not None))
             if size:
                 info["size"] = size
                 if "budget" in info:  # counted, or timed, on the smaller model itself
@@ -455,6 +458,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
                                     "`headprune measure` times it at more settings", info["budget"]["measured"],
                                     cfg.target_speedup, info["budget"]["predicted"])
     results = {"method": cfg.method, "mode": cfg.mode, "k": len(kept), "num_heads": gates.num_heads,
+               "layers": {kind: sum(site.kind == kind for site in gates.sites) for kind in kinds},
                "unit": gates.sites[0].unit,
                "kept_per_kind": {kind: sum(h[0] == kind for h in kept) for kind in kinds},
                "kept_heads": kept, "metrics_pruned": metrics, "metrics_unpruned": extra["metrics_unpruned"],
@@ -523,13 +527,16 @@ def _reconstruct(cfg, task, acc, model, gates, mask, calibration, collate, means
     return info
 
 
-def _save_pruned(cfg, task, folder: Path, model, gates, tokenizer, mask, scores, output_biases=False) -> dict | None:
+def _save_pruned(cfg, task, folder: Path, model, gates, tokenizer, mask, scores, added: int = 0) -> dict | None:
     """Saves (in `folder`: the run's stage) the model without the heads not kept; returns its size before and after
-    (parameters, attention FLOPs, KV cache), None for --save-format zeroed (same shapes)."""
+    (parameters, attention FLOPs, KV cache), None for --save-format zeroed (same shapes). `added`: the
+    parameters of the output biases reconstruction gave it (the unpruned model had none)."""
     heads, kept, unit = gates.heads, gates.kept_heads(mask), cfg.unit  # before the heads go
     detach_gates(model)
     length = sequence_length(model, cfg.max_length)  # an image model: its patches
     before = size_facts(model, unit, length)
+    before["parameters"] -= added
+    output_biases = added > 0
     record = {"method": cfg.method, "mode": cfg.mode}
     if reconstruct_in_effect(vars(cfg)) != "none":
         record["reconstruct"] = reconstruct_in_effect(vars(cfg))

@@ -243,6 +243,7 @@ def check_plan(cfg: SweepConfig, runs: list[PruneConfig]) -> None:
             models[(run.model, run.mode)] = counts, units, input_paths(run, path), config
             check_not_inside(Path(cfg.output_dir), models[(run.model, run.mode)][2])
         counts, units, inputs, config = models[(run.model, run.mode)]
+        get_task(cfg.task).check_settings(run, config)
         is_targeted = targeted(vars(run))  # its k follows from the model
         check_budget(run, counts, is_targeted or run.method == "voita" and run.voita_selection == "threshold", units)
         check_not_inside(Path(run.output_dir), inputs)

@@ -76,6 +76,10 @@ def test_budgets_are_checked_in_units_before_loading(tiny_lm, tmp_path):
     with pytest.raises(ConfigError, match=r"^k=10 is more than the 9 query positions \(of every group\) of this model$"):
         prune(lm_cfg(model, data, tmp_path / "q", unit="query", k=10))
     prune(lm_cfg(model, data, tmp_path / "q", unit="query", k=7))  # 9 query positions: fine
+    # blocks longer than the model's 256 positions: refused before anything is loaded or written
+    with pytest.raises(ConfigError, match=r"^--max-length 300: longer than the model's 256 positions"):
+        prune(lm_cfg(model, data, tmp_path / "long", max_length=300))
+    assert not (tmp_path / "long").exists()
 
 
 @pytest.fixture(scope="module")

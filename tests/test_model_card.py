@@ -5,7 +5,7 @@ import shlex
 
 from conftest import tiny
 from headprune import config as cfgmod
-from headprune.card import command_of
+from headprune.card import command_of, model_card
 from headprune.cli import parser
 from headprune.recipes import prune
 
@@ -25,7 +25,11 @@ def test_a_pruned_models_card_says_what_was_kept_and_how_it_was_made(tiny_finetu
     assert "base_model" not in header  # a local folder whose card names none
     assert "# dsp pipelined: 3 of 8 heads kept" in card and "reconstruction `bias`" in card
     per_layer = [sum(h[1] == layer for h in results["kept_heads"]) for layer in (0, 1)]
-    assert f"| encoder | {per_layer[0]} | {per_layer[1]} |" in card
+    assert f"| encoder | {per_layer[0]} | {per_layer[1]} |" in card and results["layers"] == {"encoder": 2}
+    # a last layer that keeps nothing still has its column
+    first_only = {**results, "kept_heads": [h for h in results["kept_heads"] if h[1] == 0] or [["encoder", 0, 0]]}
+    assert "| layer 0 | layer 1 |" in model_card(first_only, "headprune prune") and \
+        f"| encoder | {len(first_only['kept_heads'])} | 0 |" in model_card(first_only, "headprune prune")
     split = next(iter(results["metrics_pruned"]))
     assert (f"| {split} | {results['metrics_unpruned'][split]:.4f} | "
             f"{results['metrics_before_reconstruction'][split]:.4f} | {results['metrics_pruned'][split]:.4f} |") in card

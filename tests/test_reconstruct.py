@@ -201,6 +201,8 @@ def test_a_language_model_gets_output_biases_that_reload(tiny_lm, tmp_path, mode
     results = prune(cfg)
     assert results["reconstruct"] == mode and results["calibration_examples"] == 20
     assert results["output_biases_added"] == 3  # one per layer
+    unpruned = sum(p.numel() for p in load_pruned(model).parameters())  # without the biases reconstruction added
+    assert results["size"]["unpruned"]["parameters"] == unpruned
     report = (tmp_path / "run" / "report.md").read_text()
     assert "- calibration data: 20 blocks of 16 tokens of the pruning data" in report  # packed text: blocks
     pruned = results["metrics_pruned"]["validation"]

@@ -224,6 +224,9 @@ class Task:
     def check_model(self, name: str, config, sites) -> None:
         """A task's own demands on a model's config and attention sites (e.g. causal attention)."""
 
+    def check_settings(self, cfg, config) -> None:
+        """A task's own demands on the settings for this model (its config), before anything is loaded."""
+
     # -- what each task defines ----------------------------------------------------------------------
 
     def load_data(self, cfg):

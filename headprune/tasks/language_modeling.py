@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from ..progress import progress_bar
 from transformers import AutoModelForCausalLM
 
-from ..errors import DataError, ModelError
+from ..errors import ConfigError, DataError, ModelError
 from ..pruning import SAFE_WEIGHTS, load_pruned
 from ..text import TextData, load_text
 from ..data import subsample
@@ -50,6 +50,14 @@ class LanguageModeling(Task):
             raise ModelError(f"{name!r} is a {config.model_type} model whose attention is not causal (it has "
                              f"{' and '.join(kinds)} attention); --task causal-lm needs a decoder-only language "
                              "model (Llama, Mistral, Qwen, SmolLM)")
+
+    def check_settings(self, cfg, config) -> None:
+        """Blocks of --max-length tokens must fit the model's positions (GPT-2's lookup fails past them;
+        rotary models run on, at lengths they never saw)."""
+        positions = getattr(config.get_text_config(), "max_position_embeddings", None)
+        if isinstance(positions, int) and cfg.max_length > positions:
+            raise ConfigError(f"--max-length {cfg.max_length}: longer than the model's {positions} positions (a "
+                              "language model's text is cut into blocks of --max-length tokens)")
 
     def load_data(self, cfg) -> TextData:
         return subsample(load_text(cfg.dataset, cfg.eval_files), cfg.max_train_examples, cfg.max_eval_examples)
