@@ -56,7 +56,9 @@ def load_text(dataset: str, eval_files: list[str] | None = None) -> TextData:
         except Exception as err:  # the datasets library raises many kinds
             raise DataError(f"cannot load {dataset}: {first_line(err)}") from err
         if "train" not in splits or "text" not in splits["train"].column_names:
-            raise DataError(f"{dataset} needs a train split with a 'text' column")
+            has = (f"its train split has {', '.join(splits['train'].column_names)}" if "train" in splits
+                   else f"its splits are {', '.join(splits)}")
+            raise DataError(f"{dataset} needs a train split with a 'text' column ({has})")
         return TextData(_texts(splits["train"]["text"], dataset, "train"),
                         {n: _texts(ds["text"], dataset, n) for n, ds in splits.items() if n != "train"})
     path = Path(dataset)

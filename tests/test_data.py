@@ -162,3 +162,11 @@ def test_the_held_out_tenth_is_the_same_whatever_the_seed(tmp_path, task, name, 
             for seed in (0, 1, 7)]
     held = [list(h["text"]) if task == "classification" else h for h in held]
     assert held[0] == held[1] == held[2] and len(held[0]) == 4
+
+
+def test_a_datasets_set_without_a_text_column_is_told_what_it_has(tmp_path):
+    from headprune.errors import DataError
+    from headprune.text import load_text
+    (tmp_path / "train.csv").write_text("content,id\nsome words,1\nmore words,2\n")
+    with pytest.raises(DataError, match=r"needs a train split with a 'text' column \(its train split has content, id\)"):
+        load_text(f"hf:{tmp_path}")
