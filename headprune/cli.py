@@ -8,6 +8,7 @@ torch, transformers or datasets are imported, so `--help` and input errors answe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -107,6 +108,14 @@ def run(args: argparse.Namespace) -> int:
     configs = {"measure": MeasureConfig, "export": cfgmod.ExportConfig, "sweep": SweepConfig,
                "finetune": cfgmod.FinetuneConfig, "prune": cfgmod.PruneConfig}
     cfg = cfgmod.build_config(configs[args.command], args) if args.command in configs else None
+    if args.command in ("finetune", "prune"):  # accepted (a sweep passes every option to every run), but said
+        fields = {f.name: f for f in dataclasses.fields(cfg)}
+        ignored = [name for name in sorted(cfgmod.unused_settings(vars(cfg)))
+                   if name in fields and getattr(cfg, name) != cfgmod.default_of(fields[name])]
+        if ignored:
+            logging.getLogger("headprune").warning(
+                "%s: not read by this run (%s%s)", ", ".join("--" + n.replace("_", "-") for n in ignored),
+                f"method {cfg.method}, " if args.command == "prune" else "", f"task {cfg.task}")
     import torch  # only now: a bad option is told without loading it
     # Subnormal floats (activations near zero) are slow on CPUs: training the Ding translation model
     # ran at 15 steps a minute from its fourth epoch on, and at 95 with them flushed to zero.

@@ -153,3 +153,10 @@ def test_a_learning_rate_that_overflows_the_optimizer_is_refused():
         PruneConfig(mode="joint", lr=1e38)
     with pytest.raises(ConfigError, match=r"pruning_lr=20000.0: must be at most 10000"):
         PruneConfig(pruning_lr=2e4)
+
+
+def test_an_option_the_run_never_reads_is_said(tiny_finetuned, tmp_path, caplog):
+    model, data = tiny_finetuned
+    main(["prune", "--model", str(model), "--dataset", str(data), "--method", "random", "--k", "3", "--michel-step", "2",
+          "--beam", "3", "--max-length", "16", "--output-dir", str(tmp_path / "run")])
+    assert "--beam, --michel-step: not read by this run (method random, task classification)" in caplog.text
