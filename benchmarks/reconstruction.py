@@ -14,7 +14,7 @@ mode without being chosen again.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import copy
 import json
 import time
 from pathlib import Path
@@ -44,8 +44,9 @@ def main(argv=None) -> None:
     print("| run | k | reconstruct | " + "metrics | seconds |")
     print("|---|---|---|---|---|")
     for folder, (results, cfg) in zip(args.runs, runs):
-        if args.calibration_examples:
-            cfg = dataclasses.replace(cfg, calibration_examples=args.calibration_examples)
+        if args.calibration_examples:  # (a copy set by hand: the run's own settings may read no calibration data)
+            cfg = copy.copy(cfg)
+            cfg.calibration_examples = args.calibration_examples
         task, model, gates, train_set, evals, collate = frozen_model(cfg)
         model = model.to(acc.device)
         calibration = calibration_set(cfg, task, None, None, train_set)

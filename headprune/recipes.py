@@ -463,7 +463,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
                "kept_per_kind": {kind: sum(h[0] == kind for h in kept) for kind in kinds},
                "kept_heads": kept, "metrics_pruned": metrics, "metrics_unpruned": extra["metrics_unpruned"],
                **info, **_common_results(cfg, task, data, seconds, state and state["step"]),
-               "inputs": extra["inputs"]}  # digests of the weights and data: a sweep tells a model changed in place
+               "inputs": inputs}  # digests of the weights and data (as the resume checked): a sweep tells a model changed in place
     if acc.is_main_process:
         write_model_card(stage_folder(out) / "model", results, command_of("prune", cfg))
         write_run_report(stage_folder(out), results, history)
@@ -486,9 +486,11 @@ def measured_speedup(cfg, folder: Path, device: str, pruned_before: str | None =
     taking turns on one random batch (as `headprune measure` times them)."""
     from .config import MeasureConfig
     from .measuring import load_models, time_forward_or_generation
-    models = load_models(MeasureConfig(pruned=str(folder), attn_implementation=cfg.attn_implementation, device=device))
     if pruned_before:
-        models["original"] = load_pruned(pruned_before, attn_implementation=cfg.attn_implementation).eval().to(device)
+        models = {name: load_pruned(path, attn_implementation=cfg.attn_implementation).eval().to(device)
+                  for name, path in (("original", pruned_before), ("pruned", folder))}
+    else:
+        models = load_models(MeasureConfig(pruned=str(folder), attn_implementation=cfg.attn_implementation, device=device))
     timings = time_forward_or_generation(models, cfg.at_batch_size, timed_length(cfg, models["pruned"]), cfg.at_new_tokens,
                                          10, 2, device, models["original"].config)
     return timings["original"]["median"] / timings["pruned"]["median"]

@@ -59,12 +59,20 @@ def planned_runs(cfg: SweepConfig) -> list[PruneConfig]:
             if method in UNTRAINED and mode == "joint":
                 log.info("%s trains nothing: no joint runs", method)
                 continue
-            model = cfg.model if mode == "pipelined" else cfg.pretrained_model
-            # options of some methods only go to those (a run of another would refuse them)
-            reads = reads_calibration({**base, "method": method, "mode": mode})
-            own = {"relaxation": cfg.relaxation if method == "dsp" else default_of(PruneConfig.__dataclass_fields__["relaxation"]),
-                   "calibration_dataset": cfg.calibration_dataset if reads else None,
-                   "calibration_examples": cfg.calibration_examples if reads else None}
+            # the settings of this method and mode, then the options of some methods only, given to those
+            # that read them (a run of another would refuse them)
+            settings = {**base, "method": method, "mode": mode, "overwrite": False,
+                        "model": cfg.model if mode == "pipelined" else cfg.pretrained_model,
+                        "settle_fraction": settle[mode],
+                        "shrink_fraction": cfg.shrink_fraction if method in SHRINKING else None,
+                        "ablation": cfg.ablation if method in GATED_METHODS and mode == "pipelined" else "default",
+                        "pruning_loss": cfg.pruning_loss if method not in UNTRAINED and mode == "pipelined" else "label",
+                        "activation_checkpointing": checkpoints_activations({**base, "method": method, "mode": mode}),
+                        "relaxation": cfg.relaxation if method == "dsp" else
+                        default_of(PruneConfig.__dataclass_fields__["relaxation"])}
+            reads = reads_calibration(settings)
+            settings.update(calibration_dataset=cfg.calibration_dataset if reads else None,
+                            calibration_examples=cfg.calibration_examples if reads else None)
             seeds = cfg.seeds[:1] if method in DETERMINISTIC else cfg.seeds
             # michel: one curve through every k; voita with its threshold keeps what it keeps, whatever k
             one_k = method == "michel" or (method == "voita" and cfg.voita_selection == "threshold")
@@ -74,15 +82,7 @@ def planned_runs(cfg: SweepConfig) -> list[PruneConfig]:
                 for seed in seeds:
                     name = (f"{method}-{mode}-s{seed}" if method == "michel" and budget.get("k")
                             else f"{method}-{mode}-{budget_name(budget, cfg.k_per_kind)}-s{seed}")
-                    runs.append(PruneConfig(**{**base, **budget, **own, "method": method, "mode": mode, "seed": seed,
-                                               "model": model, "overwrite": False, "settle_fraction": settle[mode],
-                                               "shrink_fraction": cfg.shrink_fraction if method in SHRINKING else None,
-                                               "ablation": (cfg.ablation if method in GATED_METHODS and mode == "pipelined"
-                                                            else "default"),
-                                               "pruning_loss": (cfg.pruning_loss if method not in UNTRAINED and
-                                                                mode == "pipelined" else "label"),
-                                               "activation_checkpointing": checkpoints_activations(
-                                                   {**base, "method": method, "mode": mode}),
+                    runs.append(PruneConfig(**{**settings, **budget, "seed": seed,
                                                "output_dir": str(Path(cfg.output_dir) / name)}))
     return runs
 

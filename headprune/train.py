@@ -165,7 +165,7 @@ def changed_settings(saved: dict, cfg) -> dict[str, tuple]:
                if k not in IGNORED_SETTINGS | derived and saved.get(k, defaults[k]) != current[k]}
     for name, in_effect in (("settle_fraction", settle_fraction_in_effect),
                             ("shrink_fraction", shrink_fraction_in_effect)):
-        if name in current:
+        if name in current and name not in derived:
             changed.pop(name, None)
             then = in_effect(saved) if name in saved else 0.0
             now = in_effect(current)
@@ -173,7 +173,7 @@ def changed_settings(saved: dict, cfg) -> dict[str, tuple]:
                 changed[f"{name} (in effect)"] = (round(then, 4), round(now, 4))
     for name, in_effect in (("reconstruct", reconstruct_in_effect), ("ablation", ablation_in_effect),
                             ("allocation", allocation_in_effect), ("pruning_dropout", pruning_dropout_in_effect)):
-        if name in current:  # "default" and what it chose are the same run
+        if name in current and name not in derived:  # "default" and what it chose are the same run
             changed.pop(name, None)
             then, now = in_effect(saved), in_effect(current)
             if then != now:

@@ -59,6 +59,8 @@ def test_a_parameter_target_on_a_classifier(tiny_finetuned, tmp_path):
     from headprune.config import run_settings  # its recorded settings make the same run again (k worked out, left out)
     again = run_settings(results["config"])
     assert again.target_params == target and again.method == results["method"]
+    older = {**results["config"], "target_params": None, "k": 3, "at_length": 32}  # an --at-length it did not read
+    assert run_settings(older).at_length is None and run_settings(older).k == 3
     fraction = prune(tiny(*tiny_finetuned, tmp_path / "f", k=None, target_params=0.97))
     assert fraction["budget"]["measured"] <= 0.97 * original
 

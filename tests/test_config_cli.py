@@ -22,6 +22,9 @@ def test_flags_override_the_yaml_file_which_overrides_defaults(tmp_path):
     # a budget flag replaces the file's budget, also one of another kind (the two would be refused together)
     targeted = build_config(PruneConfig, parse("--config", str(tmp_path / "c.yaml"), "--target-params", "0.8"))
     assert (targeted.target_params, targeted.k_per_kind, targeted.mode) == (0.8, None, "joint")
+    (tmp_path / "speed.yaml").write_text("target_speedup: 1.5\nat_length: 32\n")  # and how it was to be timed
+    assert build_config(PruneConfig, parse("--config", str(tmp_path / "speed.yaml"), "--k", "8")).at_length is None
+    assert build_config(PruneConfig, parse("--config", str(tmp_path / "speed.yaml"), "--target-speedup", "2")).at_length == 32
 
 
 def test_unknown_yaml_keys_are_refused(tmp_path):

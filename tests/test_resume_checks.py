@@ -105,3 +105,9 @@ def test_options_a_run_never_reads_do_not_make_it_another_run():
     assert changed_settings(michel, PruneConfig(method="michel", k=3, michel_step=3)) == {"michel_step": (6, 3)}
     assert changed_settings(dataclasses.asdict(PruneConfig(task="translation")),
                             PruneConfig(task="translation", beam=2)) == {"beam": (5, 2)}
+    # nor in what they put in effect (a sweep gives --pruning-dropout to every run)
+    assert changed_settings(dataclasses.asdict(PruneConfig(method="michel", k=3, pruning_dropout="off")),
+                            PruneConfig(method="michel", k=3)) == {}
+    # the temperatures set STE's step rates too: read by it
+    ste = dataclasses.asdict(PruneConfig(method="ste", k=3, cooldown_fraction=0.1))
+    assert changed_settings(ste, PruneConfig(method="ste", k=3, cooldown_fraction=0.9)) == {"cooldown_fraction": (0.1, 0.9)}

@@ -184,9 +184,10 @@ def test_reconstruction_on_a_finished_run(finished_runs, tmp_path, monkeypatch, 
     shutil.copytree(finished_runs / "dsp-pipelined-k4-s0", run)
     recorded = json.loads((run / "results.json").read_text())
     recorded["config"]["pruning_lr_schedule"] = None
+    recorded["config"].update(reconstruct="none", ablation="zero")  # a run that read no calibration data itself
     (run / "results.json").write_text(json.dumps(recorded))
-    out = script_here("benchmarks/reconstruction.py", run, "--modes", "bias", "both", "bias",
-                      monkeypatch=monkeypatch, capsys=capsys)
+    out = script_here("benchmarks/reconstruction.py", run, "--modes", "bias", "both", "bias", "--calibration-examples",
+                      10000, monkeypatch=monkeypatch, capsys=capsys)
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| dsp")]
     assert [r[2] for r in rows] == ["none (the run's heads)", "bias", "both", "bias"]
     assert rows[1][3] == rows[3][3]  # the weights were put back between modes

@@ -120,6 +120,10 @@ def test_an_option_of_some_methods_goes_to_their_runs_only(tmp_path):
                                     calibration_examples=100, output_dir=str(tmp_path)))
     settings = {run.method: (run.relaxation, run.calibration_examples) for run in runs}
     assert settings == {"dsp": ("k-rounds", 100), "random": ("fewest-rounds", None), "fisher": ("fewest-rounds", 100)}
+    # judged on each run's own settings: a joint run's ablation is not the sweep's mean
+    runs = planned_runs(SweepConfig(task="causal-lm", methods=["dsp"], modes=["pipelined", "joint"], ablation="mean",
+                                    calibration_examples=100, ks=[6], seeds=[0], output_dir=str(tmp_path)))
+    assert {run.mode: run.calibration_examples for run in runs} == {"pipelined": 100, "joint": None}
 
 def test_split_names_are_checked_before_any_run_or_evaluation(tiny_finetuned, tmp_path, capsys, monkeypatch):
     from conftest import one_line_error

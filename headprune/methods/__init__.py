@@ -16,27 +16,13 @@ import math
 import torch
 from torch import nn
 
-from ..config import (SHRINKING, TRAINED_METHODS, schedule_in_effect,
+from ..config import (SHRINKING, TEMPERATURES, TRAINED_METHODS, schedule_in_effect,
                       settle_fraction_in_effect, shrink_fraction_in_effect)
 from .dsp import Budget, DSPSelector, geometric_temperature, hard_top_k, per_group, soft_top_k
 from .michel import head_importance, iterative_pruning, normalize_importance
 from .voita import HardConcreteSelector, hard_concrete_eval, hard_concrete_sample, l0_penalty
 
 REFERENCE_PRUNING_LR = {"dsp": 0.5, "ste": 0.5, "voita": 0.1}  # the reference's BERT values
-# DSP's temperature: T0 at the first step, Tf after `cooldown_fraction` of the run, geometric between.
-# Which preset a run uses by default: config.schedule_in_effect.
-TEMPERATURES = {
-    # The reference's: 1e-8 is reached after 2/3 of the run and the scores stop learning well
-    # before (a third of the steps are live). On planted importances it finds fewer of the best
-    # heads than steady; on held-out text it generalises better (issue 25): it learns with large
-    # steps while the relaxation tells subsets apart, then stops, where steady has spent most of
-    # its travel before the temperature reaches 1. Pipelined DSP's default.
-    "reference": {"t0": 1000.0, "tf": 1e-8, "cooldown_fraction": 2 / 3},
-    # Over the whole run, down to where the soft top-k of Gumbel-noised scores is hard in practice:
-    # below it the logits get no gradient, so every step of the run still teaches them something
-    # (issue 9). The default of joint runs and of STE and Voita.
-    "steady": {"t0": 1000.0, "tf": 1e-2, "cooldown_fraction": 1.0},
-}
 # How far (in total over the run) Adam may move a score by default. Adam moves each score by about
 # its learning rate per step whatever the gradient's size, so a fixed rate makes a 1,000-step run
 # move the scores 30 times further than a 32-step one: they saturate early and stop exploring, or,
