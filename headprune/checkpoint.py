@@ -73,11 +73,15 @@ def read_checkpoint(folder: Path) -> dict:
 
 def checkpoint_config(folder: Path, with_processes: bool = False):
     """The settings a checkpoint was made with, read without its tensors (a sweep's plan compares
-    them); with the number of processes that made it (1 where it does not say)."""
+    them); with the number of processes that made it (1 where it does not say) and the digests of
+    the inputs it was made from ({} where it does not say)."""
     try:
         items = dict((key, value) for key, value in json.loads((folder / STATE).read_text())["__items__"])
         config = decode(items["config"], {})
-        return (config, items.get("processes", 1)) if with_processes else config
+        if not with_processes:
+            return config
+        extra = dict((key, value) for key, value in (items.get("extra") or {"__items__": []})["__items__"])
+        return config, items.get("processes", 1), decode(extra.get("inputs") or {"__items__": []}, {})
     except Exception as err:  # any damage: the user's remedy is the same
         raise CheckpointError(f"checkpoint {folder} is unreadable ({type(err).__name__}: "
                               f"{first_line(err)}); delete it to start over") from err

@@ -191,8 +191,8 @@ def read_results(folder: Path) -> dict:
 
 
 def stale_runs(runs: list[PruneConfig], processes=None) -> dict[str, str]:
-    """Finished or stopped runs whose recorded settings differ from the plan (or, finished, whose model
-    folder holds other weights now): folder name -> what changed (a stopped one's checkpoint would be
+    """Finished or stopped runs whose recorded settings differ from the plan (or whose model folder
+    holds other weights now): folder name -> what changed (a stopped one's checkpoint would be
     refused by its run, after the runs before it; so is one made by another number of `processes`, an
     Accelerate PartialState)."""
     if processes is None or processes.is_main_process:
@@ -208,7 +208,7 @@ def stale_runs(runs: list[PruneConfig], processes=None) -> dict[str, str]:
             results = read_results(folder)
             saved, inputs = results["config"], results.get("inputs") or {}
         elif checkpoint_folder(folder) is not None:
-            saved, made_by = checkpoint_config(checkpoint_folder(folder), with_processes=True)
+            saved, made_by, inputs = checkpoint_config(checkpoint_folder(folder), with_processes=True)
         else:
             continue
         changed = changed_settings(saved, run)

@@ -180,6 +180,8 @@ def test_a_stopped_run_with_other_settings_is_named_before_the_first_run_and_ove
         sweep(sweep_cfg(model, data, tmp_path, methods=["dsp"], ks=[3], seeds=[0], checkpoint_every=2))
     monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
     assert (tmp_path / "dsp-pipelined-k3-s0" / "checkpoint").is_dir()
+    from headprune.checkpoint import checkpoint_config  # what it was made from, for the plan to compare
+    assert len(checkpoint_config(tmp_path / "dsp-pipelined-k3-s0" / "checkpoint", with_processes=True)[2]["model"]) == 64
     monkeypatch.setattr(sweep_mod, "prune", lambda *a, **k: pytest.fail("a run started"))
     with pytest.raises(OutputExistsError, match="holds 1 run.s., finished or stopped, made with other settings "
                                                 r"\(e.g. dsp-pipelined-k3-s0: epochs: 1.0 -> 2.0\)"):
