@@ -70,8 +70,8 @@ def unused_settings(settings: dict) -> set[str]:
                          ("dsp", ("relaxation",))):
         if method != owner:
             unused.update(names)
-    if method not in TRAINED_METHODS:  # the scores' own training (the temperatures set STE's and Voita's step
-        unused.update(("schedule", "pruning_lr", "pruning_lr_schedule", "pruning_loss", "pruning_dropout",  # rates too)
+    if method not in TRAINED_METHODS:  # how the scores learn (the temperatures also set STE's and Voita's rates)
+        unused.update(("schedule", "pruning_lr", "pruning_lr_schedule", "pruning_loss", "pruning_dropout",
                        "t0", "tf", "cooldown_fraction", "cooldown_steps"))
     if settings.get("task", "classification") != "translation":
         unused.update(("source_lang", "target_lang", "vocab_size", "dropout", "label_smoothing", "warmup_steps",

@@ -163,7 +163,8 @@ def fit_blocks(model, gates, mask, batches, loss_fn, intercept: bool, reduce=Non
         kept = [u for u in range(site.num_heads) if mask[offset + u] > 0]
         if site.num_heads == 0 or (len(kept) == site.num_heads and not drifted):
             continue  # nothing removed before or here: the block's output is the unpruned one already
-        untouched, drifted = len(kept) == site.num_heads, True  # the blocks after this one are tuned too, as Kwon's code does
+        # the blocks after this one are tuned too, those that lost no head as well (as Kwon's code does)
+        untouched, drifted = len(kept) == site.num_heads, True
         if not kept and not intercept:  # no scale to fit: the block gives nothing, its error stays all of it
             errors.append({"kind": site.kind, "layer": site.layer, "before": 1.0, "after": 1.0})
             continue

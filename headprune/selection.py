@@ -264,8 +264,10 @@ def calibration_set(cfg, task, data, tokenizer, train_set, processes: int = 1):
     `train_set`), its first --calibration-examples; with several processes, cut to whole batches of
     all of them (see `whole_batches`)."""
     if cfg.calibration_dataset:
-        settings = copy.copy(cfg)  # (not dataclasses.replace: that checks the config again, and a budget a
-        settings.dataset, settings.eval_files = cfg.calibration_dataset, None  # target worked out is in it now)
+        # a copy set by hand, not dataclasses.replace: that checks the config again, which a budget a
+        # target worked out (now in it beside the target) fails
+        settings = copy.copy(cfg)
+        settings.dataset, settings.eval_files = cfg.calibration_dataset, None
         other = task.load_data(settings)
         for name in ("label_names", "languages"):  # the loss of label- or target-reading methods needs them equal
             if getattr(other, name, None) != getattr(data, name, None):
