@@ -81,7 +81,10 @@ def checkpoint_config(folder: Path, with_processes: bool = False):
         if not with_processes:
             return config
         extra = dict((key, value) for key, value in (items.get("extra") or {"__items__": []})["__items__"])
-        return config, items.get("processes", 1), decode(extra.get("inputs") or {"__items__": []}, {})
+        inputs = decode(extra.get("inputs") or {"__items__": []}, {})
+        if not isinstance(config, dict) or not isinstance(inputs, dict):
+            raise ValueError("its config or inputs are not a mapping")
+        return config, items.get("processes", 1), inputs
     except Exception as err:  # any damage: the user's remedy is the same
         raise CheckpointError(f"checkpoint {folder} is unreadable ({type(err).__name__}: "
                               f"{first_line(err)}); delete it to start over") from err

@@ -73,6 +73,8 @@ def unused_settings(settings: dict) -> set[str]:
     if method not in TRAINED_METHODS:  # how the scores learn (the temperatures also set STE's and Voita's rates)
         unused.update(("schedule", "pruning_lr", "pruning_lr_schedule", "pruning_loss", "pruning_dropout",
                        "t0", "tf", "cooldown_fraction", "cooldown_steps"))
+    if not reads_calibration(settings):
+        unused.update(("calibration_dataset", "calibration_examples"))
     if settings.get("task", "classification") != "translation":
         unused.update(("source_lang", "target_lang", "vocab_size", "dropout", "label_smoothing", "warmup_steps",
                        "max_tokens", "beam", "generation_batch_size"))
@@ -746,10 +748,11 @@ def run_settings(config: dict) -> PruneConfig:
         values.update(k=None, k_per_kind=None)
     elif values.get("k_per_kind"):
         values["k"] = None
-    if values.get("target_speedup") is None:  # recorded, unread, by runs made before they were refused without it
-        for name in ("at_batch_size", "at_length", "at_new_tokens"):
-            values.pop(name, None)
-    return PruneConfig(**values)
+    # options the run never read (recorded by versions that did not refuse them, or gave a sweep's to every run)
+    unread = unused_settings(values) | ({"activation_checkpointing"} if not checkpoints_activations(values) else set())
+    if values.get("target_speedup") is None:
+        unread |= {"at_batch_size", "at_length", "at_new_tokens"}
+    return PruneConfig(**{name: value for name, value in values.items() if name not in unread})
 
 
 def _values(value) -> list:

@@ -267,7 +267,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         if state:
             restore_checkpoint(acc, state, model, optimizer, scheduler)
     log.info("fine-tuning %s on %d examples for %d steps", cfg.model, len(train_set), steps)
-    extra = dict(state["extra"]) if state else {"inputs": inputs}
+    extra = {**(state["extra"] if state else {}), "inputs": inputs}  # (a checkpoint of before it: recorded now)
     on_epoch_end, keep_best = best_epoch_keeper(cfg, task, acc, model, evals, collate, out, extra)
     with timed(seconds, "train"), _no_empty_folder_if_refused(out):
         history = train(acc, cfg, out, model, optimizer, scheduler, train_set, collate, loss_fn=task.loss,
@@ -368,7 +368,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
             return task.evaluate(acc, model, evals, collate, cfg)
 
     all_heads = torch.ones(gates.num_heads)
-    extra = dict(state["extra"]) if state else {"inputs": inputs}
+    extra = {**(state["extra"] if state else {}), "inputs": inputs}  # (a checkpoint of before it: recorded now)
     if pipelined and metrics_unpruned is not None:
         extra.setdefault("metrics_unpruned", metrics_unpruned)
     if pipelined and "metrics_unpruned" not in extra:  # the same weights and data: measured once
@@ -487,8 +487,9 @@ def measured_speedup(cfg, folder: Path, device: str, pruned_before: str | None =
     from .config import MeasureConfig
     from .measuring import load_models, time_forward_or_generation
     if pruned_before:
-        models = {name: load_pruned(path, attn_implementation=cfg.attn_implementation).eval().to(device)
-                  for name, path in (("original", pruned_before), ("pruned", folder))}
+        pruned = load_pruned(folder, attn_implementation=cfg.attn_implementation).eval().to(device)
+        models = {"original": load_pruned(pruned_before, attn_implementation=cfg.attn_implementation,
+                                          dtype=pruned.dtype).eval().to(device), "pruned": pruned}  # (as the table timed it)
     else:
         models = load_models(MeasureConfig(pruned=str(folder), attn_implementation=cfg.attn_implementation, device=device))
     timings = time_forward_or_generation(models, cfg.at_batch_size, timed_length(cfg, models["pruned"]), cfg.at_new_tokens,

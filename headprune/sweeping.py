@@ -200,7 +200,7 @@ def stale_runs(runs: list[PruneConfig], processes=None) -> dict[str, str]:
             settle_stopped_run(Path(run.output_dir))
     if processes is not None:
         processes.wait_for_everyone()
-    stale, weights = {}, {}
+    stale, digests = {}, {}
     for run in runs:
         folder = Path(run.output_dir)
         made_by, inputs = None, {}
@@ -211,12 +211,7 @@ def stale_runs(runs: list[PruneConfig], processes=None) -> dict[str, str]:
             saved, made_by, inputs = checkpoint_config(checkpoint_folder(folder), with_processes=True)
         else:
             continue
-        changed = changed_settings(saved, run)
-        if inputs.get("model") and inputs["model"] != run.model:  # a digest: the weights at the same path changed?
-            if run.model not in weights:
-                weights[run.model] = digest_of_weights(run.model)
-            if weights[run.model] and weights[run.model] != inputs["model"]:
-                changed["the weights of " + run.model] = (inputs["model"][:12], weights[run.model][:12])
+        changed = {**changed_settings(saved, run), **weights_changed(inputs, run.model, digests)}
         if made_by is not None and processes is not None and made_by != processes.num_processes:
             changed["processes"] = (made_by, processes.num_processes)
         if changed:
@@ -344,12 +339,24 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def weights_changed(inputs: dict, model: str, digests: dict) -> dict[str, tuple]:
+    """{"the weights of MODEL": (then, now)} where a run recorded the digest of other weights than
+    MODEL's folder holds now (a model trained again in place), else {}. `digests`: a cache, model -> digest."""
+    recorded = inputs.get("model") if isinstance(inputs, dict) else None
+    if not recorded or recorded == model:  # (no digest: a hub id, a model from scratch)
+        return {}
+    if model not in digests:
+        digests[model] = digest_of_weights(model)
+    now = digests[model]
+    return {f"the weights of {model}": (recorded[:12], now[:12])} if now and now != recorded else {}
+
+
 def runs_outside_the_plan(cfg: SweepConfig, planned: set[str]) -> tuple[list[tuple[str, dict]], list[str]]:
     """The finished runs in the sweep's folder that it does not plan: those it would have made itself,
-    given their method, mode, budget and seed (folder name -> results; a sweep of one more method
-    adds that method to the tables of the ones before it), and the names of the rest."""
+    given their method, mode, budget and seed, from the same weights (folder name -> results; a sweep
+    of one more method adds that method to the tables of the ones before it), and the names of the rest."""
     out = Path(cfg.output_dir)
-    joining, others = [], []
+    joining, others, digests = [], [], {}
     for folder in sorted(out.iterdir()) if out.is_dir() else []:
         if folder.name in planned or not (folder / RESULTS).is_file():
             continue
@@ -360,7 +367,8 @@ def runs_outside_the_plan(cfg: SweepConfig, planned: set[str]) -> tuple[list[tup
             continue
         twin = twin_run(cfg, results)
         if twin is not None and Path(twin.output_dir).name == folder.name \
-                and not changed_settings(results["config"], twin):
+                and not changed_settings(results["config"], twin) \
+                and not weights_changed(results.get("inputs") or {}, twin.model, digests):
             joining.append((folder.name, results))
         else:
             others.append(folder.name)

@@ -111,3 +111,27 @@ def test_options_a_run_never_reads_do_not_make_it_another_run():
     # the temperatures set STE's step rates too: read by it
     ste = dataclasses.asdict(PruneConfig(method="ste", k=3, cooldown_fraction=0.1))
     assert changed_settings(ste, PruneConfig(method="ste", k=3, cooldown_fraction=0.9)) == {"cooldown_fraction": (0.1, 0.9)}
+
+
+def test_calibration_options_of_a_run_that_reads_none_are_not_compared_and_old_records_read_back():
+    # sweeps of before gave --calibration-examples to every run: a joint DSP run recorded one it never read
+    import dataclasses
+    from headprune.config import PruneConfig, run_settings
+    from headprune.train import changed_settings
+    joint = PruneConfig(mode="joint", k=3)
+    recorded = {**dataclasses.asdict(joint), "calibration_examples": 100}
+    assert changed_settings(recorded, joint) == {}
+    assert run_settings(recorded).calibration_examples is None
+    fisher = {**dataclasses.asdict(PruneConfig(method="fisher", k=3)), "activation_checkpointing": False}
+    assert run_settings({**fisher, "pruning_lr": 0.3}).pruning_lr is None  # unread by fisher: today's default
+
+
+def test_a_checkpoint_whose_inputs_are_damaged_is_named_in_one_line(tmp_path):
+    import json
+    from headprune.checkpoint import checkpoint_config
+    from headprune.errors import CheckpointError
+    (tmp_path / "state.json").write_text(json.dumps({"__items__": [["config", {"__items__": []}],
+                                                                  ["extra", {"__items__": [["inputs", "zz"]]}]]}))
+    with pytest.raises(CheckpointError, match="is unreadable .*delete it to start over"):
+        checkpoint_config(tmp_path, with_processes=True)
+    assert checkpoint_config(tmp_path) == {}  # its settings alone still read

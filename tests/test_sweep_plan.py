@@ -161,6 +161,10 @@ def test_a_model_trained_again_in_place_makes_the_finished_runs_stale(tiny_finet
     monkeypatch.setattr(sweep_mod, "prune", lambda *a, **k: pytest.fail("a run started"))
     with pytest.raises(OutputExistsError, match=r"made with other settings \(e.g. random-pipelined-k3-s0: the weights of "):
         sweep(sweep_cfg(model, tiny_finetuned[1], tmp_path / "sweep", ks=[3, 4], seeds=[0]))
+    monkeypatch.undo()  # another seed into the folder: the old weights' run is not in its tables
+    sweep(sweep_cfg(model, tiny_finetuned[1], tmp_path / "sweep", ks=[3], seeds=[1]))
+    table = (tmp_path / "sweep" / "sweep.csv").read_text()
+    assert "random-pipelined-k3-s1" in table and "random-pipelined-k3-s0" not in table
 
 def test_a_stopped_run_with_other_settings_is_named_before_the_first_run_and_overwritten(
         tiny_finetuned, tmp_path, monkeypatch):
