@@ -28,15 +28,17 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 
-from .budget import budget_units
+from .budget import budget_units, speed_units
 from .config import (GATED_METHODS, SCORED, SHRINKING, TARGETS, PruneConfig, SweepConfig, ablation_in_effect,
                      checkpoints_activations, default_of, reads_calibration, targeted)
 from .checkpoint import checkpoint_config
 from .digests import digest_of_weights
 from .errors import ConfigError, OutputExistsError, first_line
+from .latency import latency_table
+from .measuring import is_generator
 from .outputs import RESULTS, atomic_path, check_not_inside, checkpoint_folder, settle_stopped_run
 from .pruning import with_pruned_shapes
-from .recipes import check_split, input_paths, prune
+from .recipes import _load as load_for_run, check_split, input_paths, prune, timed_length
 from .report import plot_sweep
 from .selection import check_budget
 from .sites import UNIT_NAMES, find_sites
@@ -219,8 +221,9 @@ def stale_runs(runs: list[PruneConfig], processes=None) -> dict[str, str]:
     return stale
 
 
-def check_plan(cfg: SweepConfig, runs: list[PruneConfig]) -> None:
-    """Every planned run's model, budget and folder, before the first run starts."""
+def check_plan(cfg: SweepConfig, runs: list[PruneConfig], speeds: bool = True) -> None:
+    """Every planned run's model, budget and folder, before the first run starts (`speeds`: a
+    --target-speedup too, on the latency table, which this measures then; one process only)."""
     if (Path(cfg.output_dir) / RESULTS).exists():  # its report.md and tables would go beside that run's
         raise OutputExistsError(f"{cfg.output_dir} is a run's folder (it holds {RESULTS}): a sweep writes its "
                                 "tables beside the folders of its runs; choose another --output-dir")
@@ -229,15 +232,15 @@ def check_plan(cfg: SweepConfig, runs: list[PruneConfig]) -> None:
                           "michel, random and the scored methods run pipelined only)")
     if cfg.split is not None:  # the data's split names, now: the tables are written after every run
         check_split(cfg.split, get_task(cfg.task).load_data(cfg), "--split")
-    models, skeletons = {}, {}
+    models, skeletons, timed_models = {}, {}, {}
     for run in runs:
         if (run.model, run.mode) not in models:
             path, config, counts, units = get_task(cfg.task).inspect(
                 run.model, require_finetuned=run.mode == "pipelined", unit=cfg.unit,
                 attn_implementation=cfg.attn_implementation)
-            models[(run.model, run.mode)] = counts, units, input_paths(run, path), config
+            models[(run.model, run.mode)] = counts, units, input_paths(run, path), config, path
             check_not_inside(Path(cfg.output_dir), models[(run.model, run.mode)][2])
-        counts, units, inputs, config = models[(run.model, run.mode)]
+        counts, units, inputs, config, path = models[(run.model, run.mode)]
         get_task(cfg.task).check_settings(run, config)
         is_targeted = targeted(vars(run))  # its k follows from the model
         check_budget(run, counts, is_targeted or run.method == "voita" and run.voita_selection == "threshold", units)
@@ -258,6 +261,17 @@ def check_plan(cfg: SweepConfig, runs: list[PruneConfig]) -> None:
                         with_pruned_shapes(skeleton, record, run.model)
                 skeletons[run.model] = skeleton, find_sites(skeleton, cfg.unit)
             budget_units(run, *skeletons[run.model])
+        if speeds and run.target_speedup is not None and PartialState().num_processes == 1:  # a speed nothing reaches
+            if (run.model, run.mode) not in timed_models:  # loaded as the run loads it: the run reads the same table
+                model = load_for_run(run, get_task(cfg.task), path, config, run.mode == "pipelined")[1]
+                if run.at_new_tokens and not is_generator(model):
+                    raise ConfigError("--at-new-tokens times generation: this model does not generate (drop it to "
+                                      "time one forward pass)")
+                timed_models[(run.model, run.mode)] = model.to(PartialState().device)
+            model = timed_models[(run.model, run.mode)]
+            table = latency_table(model, cfg.unit, run.at_batch_size, timed_length(run, model), model.device.type,
+                                  run.at_new_tokens)
+            speed_units(run, find_sites(model, cfg.unit), table)
 
 
 def overwriting(run: PruneConfig) -> PruneConfig:
