@@ -168,7 +168,8 @@ def test_a_speed_target_on_a_model_pruned_before_is_timed_against_it(tiny_finetu
     assert budget["measured"] == pytest.approx(1.2)  # not 16 / 10 ms: against the whole architecture
 
 
-def test_a_sweeps_unreachable_speedup_is_refused_before_its_first_run(tiny_finetuned, tmp_path, monkeypatch, capsys):
+def test_a_sweeps_unreachable_speedup_is_refused_before_its_first_run(tiny_finetuned, tmp_path, monkeypatch, capsys,
+                                                                      caplog):
     # 8 ms plus 1 ms a head: 16 ms whole, 9 ms with one head left, so 1.2x is reachable and 50x is not
     import headprune.measuring as measure
     from conftest import one_line_error
@@ -179,6 +180,16 @@ def test_a_sweeps_unreachable_speedup_is_refused_before_its_first_run(tiny_finet
     line = one_line_error(capsys, ["sweep", "--model", model, "--dataset", data, "--methods", "random", "fisher",
                                    "--target-speedup", "1.2", "50", "--max-length", "16", "--output-dir", tmp_path / "s"])
     assert "--target-speedup 50: even one head predicts 1.78x" in line and not (tmp_path / "s").exists()
+    # a reachable one: the table the plan measures is the one its run reads (the same model, loaded alike)
+    import logging
+    from headprune.cli import main
+    monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path / "fresh"))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="headprune"):
+        assert main(["sweep", "--model", str(model), "--dataset", str(data), "--methods", "random", "--target-speedup",
+                     "1.2", "--max-length", "16", "--output-dir", str(tmp_path / "r")]) == 0
+    assert caplog.text.count("measuring a latency table") == 1
+    assert "latency table measured before on this machine" in caplog.text
 
 def test_the_latency_table_is_monotone_and_kept_per_shape_and_kernel(tiny_lm, tmp_path, monkeypatch):
     import headprune.latency as latency
