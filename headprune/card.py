@@ -20,10 +20,10 @@ def command_of(command: str, cfg) -> str:
     """The `headprune` command line that gives `cfg`: every option that differs from its default."""
     parts = ["headprune", command]
     defaults = type(cfg)()  # as built, e.g. k filled in from its default
+    budgets = ("k_per_kind", *TARGETS)
+    targeted = any(getattr(cfg, t, None) is not None for t in TARGETS)
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        budgets = ("k_per_kind", *TARGETS)
-        targeted = any(getattr(cfg, t, None) is not None for t in TARGETS)
         if value == getattr(defaults, f.name) or (f.name == "k" and any(getattr(cfg, b, None) for b in budgets)) \
                 or (f.name == "k_per_kind" and targeted):
             continue  # a default; or k, which --k-per-kind or a target gives; or the k per kind a target gives

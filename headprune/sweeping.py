@@ -30,7 +30,7 @@ from accelerate.utils import parse_flag_from_env
 
 from .budget import budget_units, speed_units
 from .config import (GATED_METHODS, SCORED, SHRINKING, TARGETS, PruneConfig, SweepConfig, ablation_in_effect,
-                     checkpoints_activations, default_of, reads_calibration, targeted)
+                     checkpoints_activations, default_of, targeted, unused_settings)
 from .checkpoint import checkpoint_config
 from .digests import digest_of_weights
 from .errors import ConfigError, OutputExistsError, first_line
@@ -61,20 +61,17 @@ def planned_runs(cfg: SweepConfig) -> list[PruneConfig]:
             if method in UNTRAINED and mode == "joint":
                 log.info("%s trains nothing: no joint runs", method)
                 continue
-            # the settings of this method and mode, then the options of some methods only, given to those
-            # that read them (a run of another would refuse them)
+            # the settings of this method and mode; the options it never reads (another method's: some
+            # would be refused) at their defaults
             settings = {**base, "method": method, "mode": mode, "overwrite": False,
                         "model": cfg.model if mode == "pipelined" else cfg.pretrained_model,
                         "settle_fraction": settle[mode],
                         "shrink_fraction": cfg.shrink_fraction if method in SHRINKING else None,
                         "ablation": cfg.ablation if method in GATED_METHODS and mode == "pipelined" else "default",
                         "pruning_loss": cfg.pruning_loss if method not in UNTRAINED and mode == "pipelined" else "label",
-                        "activation_checkpointing": checkpoints_activations({**base, "method": method, "mode": mode}),
-                        "relaxation": cfg.relaxation if method == "dsp" else
-                        default_of(PruneConfig.__dataclass_fields__["relaxation"])}
-            reads = reads_calibration(settings)
-            settings.update(calibration_dataset=cfg.calibration_dataset if reads else None,
-                            calibration_examples=cfg.calibration_examples if reads else None)
+                        "activation_checkpointing": checkpoints_activations({**base, "method": method, "mode": mode})}
+            settings.update({name: default_of(PruneConfig.__dataclass_fields__[name])
+                             for name in unused_settings(settings)})
             seeds = cfg.seeds[:1] if method in DETERMINISTIC else cfg.seeds
             # michel: one curve through every k; voita with its threshold keeps what it keeps, whatever k
             one_k = method == "michel" or (method == "voita" and cfg.voita_selection == "threshold")
