@@ -384,7 +384,7 @@ def markdown(result: dict) -> str:
     for r in result["settings"]:
         share = r["attention_flops"]["original"] / r["flops"]["original"]
         lines.append(
-            f"| {r['batch']} | {r['length']} | {r['flops']['original'] / 1e9:.2f} | {r['flops']['pruned'] / 1e9:.2f} "
+            f"| {r['batch']} | {r['length']} | {_gflops(r['flops']['original'])} | {_gflops(r['flops']['pruned'])} "
             f"| {share:.0%} | {_ms(r['timings']['original'])} | {_ms(r['timings']['pruned'])} "
             f"| {_rate(r['throughput']['original'])} | {_rate(r['throughput']['pruned'])} | {r['speedup']:.2f}x "
             f"| {r['predicted_speedup']:.2f}x | {r['speedup'] / r['predicted_speedup']:.2f} | {r['note']} |")
@@ -403,6 +403,11 @@ def markdown(result: dict) -> str:
                 f"| {_rate(r['tokens_per_second']['pruned'])} | {r['speedup']:.2f}x | {r['predicted_speedup']:.2f}x "
                 f"| {r['speedup'] / r['predicted_speedup']:.2f} | {r['note']} |")
     return "\n".join(lines) + "\n"
+
+
+def _gflops(flops: float) -> str:
+    """Three significant figures below 100 GFLOPs (a tiny model's 0.000123, not 0.00), whole ones above."""
+    return f"{flops / 1e9:,.0f}" if flops >= 100e9 else f"{flops / 1e9:.3g}"
 
 
 def _ms(t: dict) -> str:

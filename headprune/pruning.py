@@ -416,6 +416,8 @@ def load_pruned_config(folder, **config_kwargs):
 
     if not Path(folder).is_dir():
         raise PrunedCheckpointError(f"no such model folder: {folder}")
+    if not (Path(folder) / "config.json").is_file():
+        raise PrunedCheckpointError(f"{folder} holds no config.json: not a model folder")
     check_model_folder(folder)
     try:
         return AutoConfig.from_pretrained(folder, **SAFE, **config_kwargs)

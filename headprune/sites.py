@@ -471,7 +471,7 @@ UNIT_NAMES = {"head": "heads", "group": "KV groups", "query": "query positions (
 def find_sites(model: nn.Module, unit: str = "group") -> list[AttentionSite]:
     """All attention sites of `model`, ordered by kind (encoder, decoder, cross) then layer, their
     gates pruning `unit`s: "group" (the default: a key/value group, or a head where each head has
-    its own keys and values) or "query" (grouped-query attention only).
+    its own keys and values: the sites' unit is then "head") or "query" (grouped-query attention only).
 
     Raises UnsupportedArchitectureError, naming the known layouts, when none matches."""
     if unit not in UNITS:
@@ -488,6 +488,9 @@ def find_sites(model: nn.Module, unit: str = "group") -> list[AttentionSite]:
                     "attention has no key/value groups (use the default unit, its heads)")
             for site in sites:
                 site.unit = "query"
+        elif sites and all(site.unit == "group" and site.query_heads == site.kv_heads for site in sites):
+            for site in sites:  # a group of one query head is a head (GPT-2, Llama-2-7B): named so
+                site.unit = "head"
         if sites:
             check_sites(model_type, sites)
             return sites

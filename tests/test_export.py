@@ -63,6 +63,10 @@ def test_export_refuses_bad_input_in_one_line(pruned, tmp_path, capsys):
     assert "is a folder: --output names the file" in one_line_error(capsys, [
         "export", "--model", pruned, "--output", f"{tmp_path / 'new'}/"])
     assert "no such model folder" in one_line_error(capsys, ["export", "--model", tmp_path / "none", "--output", tmp_path / "x.onnx"])
+    (tmp_path / "empty").mkdir()  # an empty folder: told so, as measure tells it (not transformers' model_type text)
+    for command in (["export", "--model", tmp_path / "empty", "--output", tmp_path / "x.onnx"],
+                    ["export", "--format", "gguf", "--model", tmp_path / "empty", "--output", tmp_path / "x.gguf"]):
+        assert one_line_error(capsys, command).endswith(f"{tmp_path / 'empty'} holds no config.json: not a model folder")
     # a missing parent is probed at the nearest folder that exists, not the working folder
     (tmp_path / "a-file").write_text("")
     line = one_line_error(capsys, ["export", "--model", pruned, "--output", tmp_path / "a-file" / "new" / "m.onnx"])

@@ -260,3 +260,20 @@ def test_a_multi_query_model_pruned_by_kv_group_is_told_a_group_is_a_layer(arch,
         _, _, counts, _ = get_task("causal-lm").inspect(str(tmp_path / "model"), require_finetuned=False, unit=unit)
     assert counts == {"decoder": 3 * (6 if unit == "query" else kv_heads)}  # None counts by group
     assert ("one KV group (multi-query attention)" in caplog.text) == warned
+
+
+def test_a_key_value_group_of_one_query_head_is_called_a_head(tmp_path):
+    """GPT-2 and GPT-NeoX give each query head its own keys and values: logs, results and measure's
+    table say heads, not KV groups; Phi-3's groups of three stay KV groups."""
+    from headprune.config import MeasureConfig
+    from headprune.measuring import markdown, measure
+    assert [find_sites(tiny_fused(a))[0].unit for a in ("gpt2", "gpt_neox", "gpt_bigcode_mha", "phi3")] == [
+        "head", "head", "head", "group"]
+    save_pruned(tiny_fused("gpt2"), tmp_path, KEPT["gpt2"], unit="group")
+    result = measure(MeasureConfig(pruned=str(tmp_path), batch_sizes=[1], lengths=[4], repeats=1, warmup=0, beams=[1],
+                                   generate_tokens=1), progress=lambda *_: None)
+    assert result["unit"] == "head" and markdown(result).startswith(f"Heads 18 -> {len(KEPT['gpt2'])};")
+    # a tiny model's GFLOPs in three significant figures, not "0.00"
+    cells = markdown(result).splitlines()[4].split("|")
+    flops = result["settings"][0]["flops"]
+    assert [float(cells[3]), float(cells[4])] == pytest.approx([flops["original"] / 1e9, flops["pruned"] / 1e9], rel=5e-3)
