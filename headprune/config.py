@@ -766,7 +766,8 @@ def _flag(name: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
     """One flag per field; defaults are left out here so that a YAML value is not masked."""
-    parser.add_argument("--config", help="YAML file of options; flags given here override it.")
+    parser.add_argument("--config", help="YAML file of options; flags given here override it (`none` given to a "
+                                         "number option without a default clears the file's value).")
     for f in options_of(cls):
         meta = {k: v for k, v in f.metadata.items() if k not in ("min", "positive", "below", "max")}
         default = default_of(f)
@@ -779,7 +780,19 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
                                 help=help_text)
             continue
         kind = meta.pop("type", {"int": int, "float": float, "str": str, "list": str}[f.type])
+        if f.type in ("int", "float") and default is None and "choices" not in meta:
+            kind = _clearable(kind)
         parser.add_argument(_flag(f.name), type=kind, default=None, help=help_text, **meta)
+
+
+CLEARED = object()  # a number option given `none` on the command line: its default (None), whatever the config file says
+
+
+def _clearable(kind):
+    def parse(text: str):
+        return CLEARED if text.strip().lower() == "none" else kind(text)
+    parse.__name__ = kind.__name__  # argparse names the type in its "invalid int value" message
+    return parse
 
 
 def options_of(cls) -> list[dataclasses.Field]:
@@ -795,6 +808,7 @@ def build_config(cls, args: argparse.Namespace | None = None, **overrides):
         values.update(load_yaml(path, cls))
     if args is not None:
         flags = {f.name: getattr(args, f.name) for f in options_of(cls) if getattr(args, f.name, None) is not None}
+        flags = {name: None if value is CLEARED else value for name, value in flags.items()}
         budgets = ("k", "ks", "k_per_kind", *TARGETS)
         if set(flags) & set(budgets):  # a budget flag replaces the file's budget, whichever kind it is
             # (and how the file's speedup was to be timed, unless the flag is a speedup too)

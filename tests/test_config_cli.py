@@ -27,6 +27,17 @@ def test_flags_override_the_yaml_file_which_overrides_defaults(tmp_path):
     assert build_config(PruneConfig, parse("--config", str(tmp_path / "speed.yaml"), "--target-speedup", "2")).at_length == 32
 
 
+def test_none_on_the_command_line_clears_a_number_the_yaml_file_sets(tmp_path):
+    (tmp_path / "c.yaml").write_text("max_train_examples: 4000\npruning_lr: 0.2\nk: 12\n")
+    cfg = build_config(PruneConfig, parse("--config", str(tmp_path / "c.yaml"), "--max-train-examples", "none",
+                                          "--pruning-lr", "None"))
+    assert (cfg.max_train_examples, cfg.pruning_lr, cfg.k) == (None, None, 12)
+    cleared = build_config(PruneConfig, parse("--config", str(tmp_path / "c.yaml"), "--k", "none"))
+    assert cleared.k == build_config(PruneConfig, parse()).k != 12  # the default budget
+    with pytest.raises(SystemExit):  # options with a default of their own keep it: `none` is no value of theirs
+        parse("--epochs", "none")
+
+
 def test_unknown_yaml_keys_are_refused(tmp_path):
     (tmp_path / "c.yaml").write_text("k: 12\nheads: 3\n")
     with pytest.raises(ValueError, match="unknown option.*heads"):
