@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -98,9 +99,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"headprune: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("headprune: interrupted; finetune, prune and sweep resume from their last checkpoint when the "
-              "same command is run again", file=sys.stderr)
+        print("headprune: interrupted; the same command again resumes training and Michel's rounds from their "
+              "last checkpoint and a sweep at its unfinished run (scoring passes, reconstruction, measure and "
+              "export start over)", file=sys.stderr)
         return 130
+
+
+def _plain_text(record: logging.LogRecord) -> bool:
+    """A record without terminal colour codes (transformers' load report colours its title even in a
+    log file)."""
+    if isinstance(record.msg, str) and "\x1b[" in record.msg:
+        record.msg = re.sub(r"\x1b\[[0-9;]*m", "", record.msg)
+    return True
 
 
 def run(args: argparse.Namespace) -> int:
@@ -117,6 +127,10 @@ def run(args: argparse.Namespace) -> int:
                 "%s: not read by this run (%s%s)", ", ".join("--" + n.replace("_", "-") for n in ignored),
                 f"method {cfg.method}, " if args.command == "prune" else "", f"task {cfg.task}")
     import torch  # only now: a bad option is told without loading it
+    from transformers.utils import logging as transformers_logging
+    transformers_logging.get_logger("transformers")  # (its handler is made on first use)
+    for handler in logging.getLogger().handlers + logging.getLogger("transformers").handlers:
+        handler.addFilter(_plain_text)
     # Subnormal floats (activations near zero) are slow on CPUs: training the Ding translation model
     # ran at 15 steps a minute from its fourth epoch on, and at 95 with them flushed to zero.
     torch.set_flush_denormal(True)

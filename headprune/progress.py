@@ -36,10 +36,13 @@ class _Discard:
 
 class ProgressLines(tqdm):
     """A tqdm that draws nothing and logs its state as one line (count, time, rate, postfix) at
-    most every LINE_EVERY seconds (whatever refreshes it: updates, set_postfix), and when it ends."""
+    most every LINE_EVERY seconds (whatever refreshes it: updates, set_postfix), and when it ends:
+    always where it is left (`leave`), otherwise where no bar has logged for LINE_EVERY seconds (short
+    bars in a row, such as evaluations, would leave a log silent for minutes)."""
 
     _logged_at = float("-inf")  # class defaults: tqdm draws once inside its own __init__
     _closing = False
+    last_line_at = float("-inf")  # any bar's last line (the class's, shared)
 
     def __init__(self, *args, **kwargs):
         kwargs.update(file=_Discard(), mininterval=LINE_EVERY, dynamic_ncols=False,
@@ -48,9 +51,10 @@ class ProgressLines(tqdm):
 
     def display(self, msg=None, pos=None):
         now = self._time()
-        # not the first draw, nor the clearing of a bar that leaves nothing (msg="")
-        if msg is None and self.n and (self._closing or now - self._logged_at >= LINE_EVERY):
-            self._logged_at = now
+        # not the first draw; a bar that leaves nothing (cleared with msg="") only after a silent minute
+        ending = self._closing and (msg is None or now - ProgressLines.last_line_at >= LINE_EVERY)
+        if self.n and (ending or (msg is None and now - self._logged_at >= LINE_EVERY)):
+            self._logged_at = ProgressLines.last_line_at = now
             log.info("%s", self.format_meter(**self.format_dict))
         return True
 

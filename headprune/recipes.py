@@ -256,7 +256,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     seconds: dict = dict(state["seconds"]) if state else {}
     with timed(seconds, "load"), _no_empty_folder_if_refused(out):
         data, model, tokenizer = _load(cfg, task, path, config, require_finetuned=False)
-        train_set, evals, collate = task.prepare(data, tokenizer, cfg)
+        train_set, evals, collate = _prepare(task, data, tokenizer, cfg)
         inputs = run_inputs(cfg, path, train_set, evals)
         state = check_inputs(out, state, inputs, cfg)
         if state is None:
@@ -342,7 +342,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
             if not table:
                 check_reachable(cfg, model, gates.sites)  # now, not after the training
         check_reconstruct(cfg, gates)
-        train_set, evals, collate = task.prepare(data, tokenizer, cfg)
+        train_set, evals, collate = _prepare(task, data, tokenizer, cfg)
         calibration = calibration_set(cfg, task, data, tokenizer, train_set, acc.num_processes) \
             if reads_calibration(vars(cfg)) else None
         inputs = run_inputs(cfg, path, train_set, evals)
@@ -430,6 +430,8 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
     if reconstruct_in_effect(vars(cfg)) != "none":
         with timed(seconds, "evaluate_pruned"):
             info["metrics_before_reconstruction"] = evaluate_with(mask)
+        log.info("before reconstruction: %s %s; --reconstruct %s on %d calibration examples", task.metric,
+                 info["metrics_before_reconstruction"], reconstruct_in_effect(vars(cfg)), len(calibration))
         with timed(seconds, "reconstruct"):
             # a pipelined run's weights are those the means were measured on: the bias reuses them
             info.update(_reconstruct(cfg, task, acc, model, gates, mask, calibration, collate,
@@ -507,13 +509,25 @@ def check_reconstruct(cfg, gates) -> None:
                           "--save-format physical (load it with headprune.load_pruned)")
 
 
+def _prepare(task, data, tokenizer, cfg):
+    """task.prepare, said in the log: tokenising a large file takes minutes before the first bar."""
+    log.info("tokenising the data")
+    start = time.perf_counter()
+    train_set, evals, collate = task.prepare(data, tokenizer, cfg)
+    log.info("data: %s training %s; %s (%.0f s)", f"{len(train_set):,}", task.examples(cfg),
+             ", ".join(f"{split} {len(examples):,}" for split, examples in evals.items()), time.perf_counter() - start)
+    return train_set, evals, collate
+
+
 def _mean_contexts(cfg, acc, model, gates, calibration, collate, loss_fn) -> list[torch.Tensor]:
     """--ablation mean: each block's mean context on the calibration data (unpruned model)."""
     loader = acc.prepare(DataLoader(calibration, batch_size=cfg.batch_size, collate_fn=collate))
     model.to(acc.device)
+    log.info("--ablation mean: each head's mean output on %d calibration examples (one pass)", len(calibration))
     with acc.autocast():  # (the means add up in float64)
-        means = mean_contexts(model, gates, loader, loss_fn, reduce=process_sum(acc))
-    log.info("--ablation mean: a closed gate leaves its heads' mean output on %d calibration examples", len(calibration))
+        means = mean_contexts(model, gates, loader, loss_fn, reduce=process_sum(acc),
+                              disable_progress=not acc.is_local_main_process)
+    log.info("--ablation mean: a closed gate leaves its heads' mean output")
     return means
 
 

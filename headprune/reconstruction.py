@@ -60,7 +60,7 @@ def reconstruct(model, gates, mask: torch.Tensor, batches, loss_fn, mode: str, r
     model.eval()
     mask = mask.detach().double().cpu()
     if mode == "bias":
-        shifts = flap_shifts(model, gates, mask, batches, loss_fn, reduce, means)
+        shifts = flap_shifts(model, gates, mask, batches, loss_fn, reduce, means, disable_progress)
         fold(gates, mask, mask, shifts)
         return {"reconstruct": mode, "reconstruction_passes": 0 if means is not None else 1}
     scales, shifts, errors, passes = fit_blocks(model, gates, mask, batches, loss_fn, intercept=mode == "both",
@@ -69,18 +69,20 @@ def reconstruct(model, gates, mask: torch.Tensor, batches, loss_fn, mode: str, r
     return {"reconstruct": mode, "reconstruction_passes": passes, "reconstruction_error": errors}
 
 
-def mean_contexts(model, gates, batches, loss_fn, reduce=None) -> list[torch.Tensor]:
+def mean_contexts(model, gates, batches, loss_fn, reduce=None, disable_progress=False) -> list[torch.Tensor]:
     """Per block, the mean of each input channel of its output projection over the unpruned
     model's real tokens (what FLAP's compensation puts in place of a removed head)."""
+    bar = progress_bar(batches, desc="mean contexts", leave=False, disable=disable_progress)
     with gates.override(torch.ones(gates.num_heads)):
-        means, _ = flap_statistics(model, gates, batches, loss_fn, reduce)
+        means, _ = flap_statistics(model, gates, bar, loss_fn, reduce)
     return means
 
 
-def flap_shifts(model, gates, mask, batches, loss_fn, reduce=None, means=None) -> dict[int, torch.Tensor]:
+def flap_shifts(model, gates, mask, batches, loss_fn, reduce=None, means=None,
+                disable_progress=False) -> dict[int, torch.Tensor]:
     """FLAP: per block, W_o[:, removed] @ mean(x[removed]) over the unpruned model's tokens."""
     if means is None:
-        means = mean_contexts(model, gates, batches, loss_fn, reduce)
+        means = mean_contexts(model, gates, batches, loss_fn, reduce, disable_progress)
     shifts = {}
     for i, (offset, site, mean) in enumerate(zip(gates.offsets, gates.sites, means)):
         removed = [c for u in range(site.num_heads) if mask[offset + u] == 0 for c in unit_channels(site, u)]

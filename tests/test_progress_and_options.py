@@ -47,6 +47,32 @@ def test_progress_lines_come_at_most_every_interval(caplog, monkeypatch):
     assert lines[-1] == "work: 12/12 [05:00<00:00, 25.00s/it, loss=1]"
 
 
+def test_short_bars_in_a_row_leave_a_line_once_a_minute(caplog, monkeypatch):
+    """Bars that leave nothing (evaluations: under a minute each) log their end when no line came
+    for a minute, so that a log is not silent for minutes between them."""
+    monkeypatch.setattr(progress, "on_terminal", lambda: False)
+    monkeypatch.setattr(progress.ProgressLines, "last_line_at", float("-inf"))
+    now = [0]
+    with caplog.at_level(logging.INFO, logger="headprune"):
+        for name in "abcd":
+            bar = progress.progress_bar(range(3), desc=name, leave=False)
+            bar._time, bar.start_t, bar.last_print_t = (lambda: now[0]), now[0], now[0]
+            for _ in bar:
+                now[0] += 15  # 45 s a bar
+    assert [r.getMessage().split(" [")[0] for r in caplog.records] == ["a: 3/3", "c: 3/3"]
+
+
+def test_logs_hold_no_terminal_colour_codes(tmp_path):
+    """transformers colours its load report's title even in a log file: the command line's handlers,
+    transformers' own among them, write it plain."""
+    from headprune import cli
+    assert cli.main(["measure", "--pruned", str(tmp_path / "nowhere")]) == 2  # (a command that stops early)
+    handler = logging.getLogger("transformers").handlers[0]
+    record = logging.LogRecord("transformers.modeling_utils", logging.WARNING, __file__, 1,
+                               "\x1b[1mBertForSequenceClassification LOAD REPORT\x1b[0m from: m", None, None)
+    assert handler.filter(record) and record.getMessage() == "BertForSequenceClassification LOAD REPORT from: m"
+
+
 def test_the_references_relaxation_is_one_flag_away():
     k, n = 10, 12  # keeping 10 of 12: 2 rounds (dropping 2) by default, 10 in the reference
     default = DSPSelector(n, k, t0=1.0, tf=1.0, seed=3).train()

@@ -1,6 +1,7 @@
 """Reconstruction after selection (--reconstruct, issue 21): the fits against hand computations,
 the errors it reports against the model it leaves, and the folded model against its saved copy."""
 import json
+import logging
 
 import pytest
 import torch
@@ -323,10 +324,15 @@ def test_an_image_run_made_under_the_first_rules_is_not_read_as_one_with_the_bia
     assert changed_settings(vars(dsp), PruneConfig(default_rules=2)) == {"pruning_dropout (in effect)": ("off", "on")}
 
 
-def test_a_language_model_pruned_at_the_default_gets_the_bias_and_reloads_with_it(tiny_lm, tmp_path):
+def test_a_language_model_pruned_at_the_default_gets_the_bias_and_reloads_with_it(tiny_lm, tmp_path, caplog):
     from test_causal_lm import lm_cfg, saved_perplexity
     model, data = tiny_lm
-    results = prune(lm_cfg(model, data, tmp_path, method="fisher"))
+    with caplog.at_level(logging.INFO, logger="headprune"):
+        results = prune(lm_cfg(model, data, tmp_path, method="fisher"))
+    lines = [r.getMessage() for r in caplog.records]
+    # the pass and the metric before it are said, not minutes of silence
+    said = next(line for line in lines if line.startswith("before reconstruction: perplexity"))
+    assert said.endswith(f"--reconstruct bias on {results['calibration_examples']} calibration examples")
     assert results["reconstruct"] == "bias" and results["output_biases_added"] > 0
     assert results["config"]["reconstruct"] == "default"
     assert results["metrics_pruned"] != results["metrics_before_reconstruction"]

@@ -156,6 +156,10 @@ class Task:
     architecture_suffixes: tuple = ()  # what a trained model's config.architectures ends with
     trained_model = "a trained model"
 
+    def examples(self, cfg) -> str:
+        """What one model-ready example is, for logs (a language model's: a block of tokens)."""
+        return "examples"
+
     # -- the model -------------------------------------------------------------------------------
 
     def model_config(self, name: str):

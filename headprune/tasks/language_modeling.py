@@ -72,6 +72,9 @@ class LanguageModeling(Task):
                                                              **SAFE_WEIGHTS, **weights_dtype(cfg))
         return model.train(), tokenizer
 
+    def examples(self, cfg) -> str:
+        return f"blocks of {cfg.max_length} tokens"
+
     def prepare(self, data: TextData, tokenizer, cfg):
         from datasets import Dataset
 
