@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import one_line_error, tiny, write_tiny_lm
+from conftest import one_line_error, tiny, tiny_model, write_tiny_lm
 from test_causal_lm import lm_cfg
 
 from headprune.budget import budget_units, cost_of, site_costs, total_params
@@ -512,3 +512,24 @@ def test_a_fraction_is_of_the_model_as_given_in_whole_bytes(tiny_lm):
     cfg = PruneConfig(task="causal-lm", target_kv_cache=0.8)
     assert target_of(cfg, model, site_costs(find_sites(model, "group")))[1] == 256
     assert budget_units(cfg, model, find_sites(model, "group")) == 3  # three groups and the dead head: 256 bytes
+
+
+@pytest.mark.parametrize("pruned_seconds,scale", [(0.5, 1.5), (0.999, 0.5)])
+def test_a_wild_half_model_check_scales_the_latency_table_by_at_most_half_or_one_and_a_half(pruned_seconds, scale):
+    """latency._check: a half model that saves far more (or less) than the layers' sum says is not
+    trusted: the table's costs are scaled by 1.5 (0.5) at most, never by the raw ratio."""
+    from headprune.latency import _check
+    model = tiny_model("bert")
+    sites = find_sites(model, "group")  # 2 layers of 4 heads
+    per_layer = [0.0, 0.01, 0.02, 0.03, 0.04]
+    table = {"whole": 1.0, "kinds": {"encoder": {"units": 4, "layers": [0, 1], "per_layer": list(per_layer)}}}
+
+    def timed(pair):
+        assert set(pair) == {"whole", "pruned"}
+        return {"whole": {"median": 1.0}, "pruned": {"median": pruned_seconds}}
+    check = _check(table, model, sites, "group", timed)
+    # half the units (2 a layer): the sum predicts 2 * (0.04 - 0.02) = 0.04 s saved
+    assert check["saved_predicted"] == pytest.approx(0.04)
+    assert check["saved_measured"] == pytest.approx(1.0 - pruned_seconds)
+    assert check["scale"] == pytest.approx(scale)
+    assert table["kinds"]["encoder"]["per_layer"] == pytest.approx([a * scale for a in per_layer])

@@ -6,6 +6,7 @@ import torch
 
 from headprune.cli import main, parser
 from headprune.config import FinetuneConfig, PruneConfig, build_config
+from headprune.errors import ConfigError
 
 
 def parse(*argv):
@@ -175,3 +176,11 @@ def test_an_option_the_run_never_reads_is_said(tiny_finetuned, tmp_path, caplog)
     main(["prune", "--model", str(model), "--dataset", str(data), "--method", "random", "--k", "3", "--michel-step", "2",
           "--beam", "3", "--max-length", "16", "--output-dir", str(tmp_path / "run")])
     assert "--beam, --michel-step: not read by this run (method random, task classification)" in caplog.text
+
+
+def test_a_value_equal_to_an_exclusive_upper_bound_is_refused():
+    """`below` bounds are exclusive: the seed must be less than 2**32 (torch's generators), the
+    cooldown fraction less than 1."""
+    PruneConfig(seed=2**32 - 1)
+    with pytest.raises(ConfigError, match=r"seed=4294967296: must be less than 4294967296"):
+        PruneConfig(seed=2**32)

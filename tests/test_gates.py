@@ -8,6 +8,7 @@ from torch import nn
 from conftest import ARCHS, tiny_model
 from headprune import attach_gates, detach_gates
 from headprune.sites import UnsupportedArchitectureError, find_sites
+from headprune.methods.dsp import DSPSelector
 
 
 def logits(model, batch):
@@ -199,3 +200,15 @@ def test_attaching_twice_is_refused():
     attach_gates(model)
     with pytest.raises(RuntimeError, match="already has head gates"):
         attach_gates(model)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_asking_for_the_kept_heads_leaves_the_selector_in_its_mode(training):
+    """kept_heads() reads the selector's evaluation mask; a training run that logs or checkpoints
+    it must go on sampling (a selector left in eval would train on the hard top-k)."""
+    gates = attach_gates(tiny_model("bert"))
+    gates.selector = DSPSelector(gates.num_heads, k=3, seed=0)
+    gates.selector.train(training)
+    kept = gates.kept_heads()
+    assert len(kept) == 3
+    assert gates.selector.training is training

@@ -1,12 +1,14 @@
 """Michel et al.: importance against finite differences, the normalisations and the loop by hand."""
+import json
 import math
 
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import tiny, tiny_model
 from headprune import attach_gates
 from headprune.methods import head_importance, iterative_pruning, normalize_importance, random_mask
+from headprune.recipes import prune
 
 
 def test_importance_equals_abs_dL_dmask_per_token_by_finite_differences():
@@ -118,3 +120,28 @@ def test_michel_normalize_chooses_between_layers_alike_and_raw_importance(tiny_f
     results = prune(tiny(*tiny_finetuned, tmp_path, method="michel", k=2, michel_step=3, michel_exact=False,
                          michel_normalize=normalize))
     assert results["kept_heads"] == kept and results["michel_normalize"] == normalize
+
+
+def test_the_heads_michel_keeps_rank_above_every_head_it_pruned(tiny_finetuned, tmp_path):
+    """head_scores.json (and the heat map) rank Michel's heads by the round in which they went:
+    the kept heads rank highest, above the heads of the last round."""
+    prune(tiny(*tiny_finetuned, tmp_path, method="michel", k=3, michel_step=2))
+    scores = json.loads((tmp_path / "head_scores.json").read_text())
+    kept = [s["pruning_round"] for s in scores if s["kept"]]
+    pruned = [s["pruning_round"] for s in scores if not s["kept"]]
+    assert len(kept) == 3 and len(pruned) == 5
+    assert min(kept) > max(pruned)
+    assert sorted(set(pruned)) == [1, 2, 3]  # 8 heads down to 3, two a round: rounds 1, 2 and 3
+
+
+def test_importance_is_scored_with_dropout_off_whatever_mode_the_model_was_in(batch):
+    """mask_gradients puts the model in evaluation mode itself: a model handed over in training
+    mode (dropout on) gets the same, deterministic importance as one in evaluation mode."""
+    model = tiny_model("bert").double()
+    gates = attach_gates(model)
+    batches = [{**batch, "labels": torch.tensor([0, 1, 2])}]
+    expected = head_importance(model, gates, batches, torch.ones(8, dtype=torch.float64))
+    model.train()
+    got = head_importance(model, gates, batches, torch.ones(8, dtype=torch.float64))
+    assert not model.training
+    assert torch.allclose(got, expected, rtol=1e-9, atol=0)

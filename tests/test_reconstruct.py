@@ -11,7 +11,7 @@ from conftest import tiny, tiny_model
 from headprune import attach_gates, detach_gates
 from headprune.gates import HeadGates
 from headprune.pruning import load_pruned, save_pruned
-from headprune.reconstruction import reconstruct
+from headprune.reconstruction import MAX_SCALE, reconstruct
 from headprune.recipes import prune
 from headprune.sites import AttentionSite
 
@@ -21,18 +21,18 @@ TOKENS = torch.tensor([[[1.0, 1], [2, 1], [1, 2]]])
 
 
 class Block(nn.Module):
-    def __init__(self):
+    def __init__(self, weight=(1.0, 1.0)):
         super().__init__()
         self.output = nn.Linear(2, 1, bias=False)
         with torch.no_grad():
-            self.output.weight.fill_(1.0)
+            self.output.weight.copy_(torch.tensor([weight]))
 
     def forward(self, x):
         return self.output(x)
 
 
-def one_block():
-    model = Block()
+def one_block(weight=(1.0, 1.0)):
+    model = Block(weight)
     site = AttentionSite("encoder", 0, nn.Module(), nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2), model.output, 1)
     gates = HeadGates([site])
     gates.register_hooks(model)
@@ -441,3 +441,18 @@ def test_dsp_on_a_classifier_at_the_defaults_saves_the_bias_it_chose_the_heads_f
     assert saved["reconstruct"] == "bias"
     fisher = prune(tiny(*tiny_finetuned, tmp_path / "fisher", method="fisher", reconstruct="default"))
     assert "reconstruct" not in fisher  # the scored methods keep their heads as chosen on a classifier
+
+
+def test_a_scale_beyond_the_limit_is_not_folded_and_the_block_keeps_scales_of_one(caplog):
+    """The docs: a fit that gives a scale beyond +-10 keeps scales of 1 (Kwon et al.: the fit went
+    wrong). Head 0's column is 0.05 and head 1 (removed) carries most of the output: least squares
+    asks head 0 for a scale of 0.265 / 0.015 = 17.7, which lowers the error but must be refused."""
+    model, gates, loss_fn = one_block([0.05, 1.0])
+    with caplog.at_level(logging.WARNING):
+        info = reconstruct(model, gates, torch.tensor([1.0, 0.0]), [{"x": TOKENS}], loss_fn, "rescale",
+                           disable_progress=True)
+    assert 0.265 / 0.015 > MAX_SCALE
+    assert model.output.weight[0, 0].item() == pytest.approx(0.05)  # scale 1: the column as it was
+    assert "scales stay 1" in caplog.text
+    (error,) = info["reconstruction_error"]
+    assert error["after"] == pytest.approx(error["before"])  # the error of scales 1

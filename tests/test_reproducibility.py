@@ -7,6 +7,7 @@ import torch
 from headprune.config import PruneConfig, SweepConfig
 from headprune.recipes import prune
 from headprune.sweeping import sweep
+from headprune.train import EpochOrder
 
 
 def run_cfg(model, data, out, method):
@@ -52,3 +53,14 @@ def test_a_run_leaves_the_callers_rng_as_it_was(tiny_finetuned, tmp_path):
     random.seed(7)
     prune(run_cfg(model, data, tmp_path, "dsp"))  # seeds, trains with dropout and noise, evaluates
     assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+
+
+def test_the_data_order_is_fixed_by_seed_and_epoch_and_changes_between_epochs():
+    """docs/architecture.md: data order fixed by (seed, epoch). The same pair gives the same
+    permutation (a resumed run sees the same batches); the next epoch reshuffles (not the first
+    epoch's batches again), and another seed gives another order."""
+    first = list(EpochOrder(50, seed=3, epoch=0))
+    assert sorted(first) == list(range(50))
+    assert list(EpochOrder(50, seed=3, epoch=0)) == first
+    assert list(EpochOrder(50, seed=3, epoch=1)) != first
+    assert list(EpochOrder(50, seed=4, epoch=0)) != first

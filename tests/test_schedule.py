@@ -4,6 +4,7 @@ rate follows from the run's length. On planted head importances it finds the bes
 reference's schedule does not; on held-out text the reference's generalises better, so it is
 pipelined DSP's default (issue 25)."""
 import statistics
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from headprune.config import PruneConfig
 from headprune.errors import ConfigError
 from headprune.methods import DSPSelector, resolve_schedule
 from headprune.selection import selector_and_optimizer
+from headprune.train import linear_decay, total_steps
 
 
 def test_the_default_is_the_reference_for_pipelined_dsp_where_the_loss_is_a_proxy_and_steady_for_the_rest():
@@ -191,3 +193,14 @@ def test_the_shrink_is_a_fraction_of_the_steps_that_learn_for_dsp_and_ste_only()
         PruneConfig(method="voita", shrink_fraction=0.5)
     with pytest.raises(ConfigError, match="shrink_fraction=1.5: must be at most 1"):
         PruneConfig(shrink_fraction=1.5)
+
+
+def test_linear_warmup_starts_above_zero_and_reaches_the_full_rate_at_its_last_step():
+    factor = linear_decay(10, warmup_steps=4)
+    assert [factor(s) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # no step at rate 0
+    assert factor(4) == pytest.approx(1.0) and factor(10) == 0.0
+
+
+def test_a_fractional_number_of_epochs_rounds_to_the_nearest_step():
+    cfg = SimpleNamespace(epochs=0.5, batch_size=4, max_tokens=None)
+    assert total_steps(cfg, list(range(28)), 1) == 4  # 7 steps an epoch: 3.5 rounds to 4, not down to 3

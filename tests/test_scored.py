@@ -203,3 +203,35 @@ def test_calibration_data_is_cut_to_whole_batches_of_every_process():
     assert whole_batches(data[:32], 8, 2) == data[:32]  # whole already
     with pytest.raises(ConfigError, match="10 calibration examples are fewer than a batch for each of the 2 processes"):
         whole_batches(data[:10], 8, 2)
+
+
+def test_fisher_keeps_the_heads_its_rearrangement_chose(tiny_finetuned, tmp_path, monkeypatch):
+    """--fisher-rearrange (the default) must apply Kwon's rearrangement to the top-k mask: the heads
+    saved are those the rearrangement returns, not the plain top k of the diagonal Fisher."""
+    import headprune.methods.fisher as fisher
+    seen = []
+
+    def swapped(mask, grads, layers):  # a stand-in rearrangement: the mask reversed (still k heads)
+        seen.append(mask.clone())
+        return torch.flip(mask, [0])
+    monkeypatch.setattr(fisher, "rearrange", swapped)
+    prune(tiny(*tiny_finetuned, tmp_path, method="fisher", k=3))
+    assert len(seen) == 1
+    scores = json.loads((tmp_path / "head_scores.json").read_text())
+    kept = [s["kept"] for s in scores]
+    assert kept == [bool(m) for m in torch.flip(seen[0], [0]).tolist()]
+    assert kept != [bool(m) for m in seen[0].tolist()]  # (the plain top 3 is not symmetric here)
+
+
+def test_decoder_and_cross_sites_count_the_target_positions_with_a_label():
+    """scoring.token_mask: an encoder site reads the source's attention mask; a decoder or cross
+    site the target positions whose label is not -100 (its padding counts nowhere in the
+    activation, FLAP and reconstruction statistics)."""
+    from headprune.methods.scoring import token_mask
+    batch = {"attention_mask": torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]),
+             "labels": torch.tensor([[5, 6, -100], [5, 6, 7]])}
+    expected = torch.tensor([[True, True, False], [True, True, True]])
+    assert torch.equal(token_mask(batch, "decoder", 3), expected)
+    assert torch.equal(token_mask(batch, "cross", 3), expected)
+    assert torch.equal(token_mask(batch, "encoder", 5), batch["attention_mask"].bool())
+    assert token_mask(batch, "encoder", 4) is None  # a length the batch does not describe: every position

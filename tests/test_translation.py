@@ -14,6 +14,7 @@ from headprune.config import FinetuneConfig, PruneConfig
 from headprune.errors import ConfigError, DataError, ModelError
 from headprune.parallel import ding_pairs, load_parallel, remove_bpe
 from headprune.recipes import finetune, prune
+from headprune.train import TokenBatches
 from headprune.tasks.translation import bleu_scores, inverse_sqrt, learn_vocabulary
 
 LEXICON = {"der": "the", "die": "the", "hund": "dog", "katze": "cat", "sieht": "sees", "mag": "likes",
@@ -391,3 +392,12 @@ def test_a_t5_translation_model_prunes_three_kinds_of_heads_and_reloads(tmp_path
             prune(tiny_cfg(PruneConfig, data, tmp_path / "sdpa", model=str(tmp_path / "t5"), k=4,
                            attn_implementation="sdpa"))
         assert not (tmp_path / "sdpa").exists()
+
+
+def test_a_token_batch_may_hold_exactly_max_tokens():
+    """--max-tokens is a bound that a batch may reach (sentences x the longest of them <= max_tokens,
+    as fairseq counts): four sentences of 3 tokens with 6 a batch make two batches of two."""
+    batches = TokenBatches([3, 3, 3, 3], max_tokens=6, seed=0, epoch=0)
+    assert len(batches) == 2
+    assert sorted(len(b) for b in batches) == [2, 2]
+    assert sorted(i for b in batches for i in b) == [0, 1, 2, 3]
