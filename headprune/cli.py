@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "measure":
         from .measuring import MEASURE_FILES, markdown, measure
         from .outputs import atomic_path, write_json
-        result = measure(cfg, progress=lambda line: print(line, file=sys.stderr))
+        result = measure(cfg, progress=logging.getLogger("headprune.measure").info)  # (with the time of day)
         table = markdown(result)
         if cfg.output_dir:
             write_json(Path(cfg.output_dir) / MEASURE_FILES[0], result)

@@ -303,6 +303,12 @@ def measure(cfg: MeasureConfig, progress=print) -> dict:
         result["kv_cache_bytes_per_token"] = {n: kv_cache_bytes_per_token(m, unit) for n, m in models.items()}
     # an image model's sequence is its patches: one length, whatever --lengths says
     lengths = [image_tokens(original.config)] if is_image_model(original) else cfg.lengths
+    total = len(cfg.batch_sizes) * len(lengths) * (1 + len(cfg.beams) * is_generator(original))
+    done = []
+
+    def said(line: str) -> None:  # a setting measured: "[i/N] ..."
+        done.append(line)
+        progress(f"[{len(done)}/{total}] {line}")
     for batch in cfg.batch_sizes:
         for length in lengths:
             counted = {n: counted_flops(m, batch, length, unit) for n, m in models.items()}
@@ -323,12 +329,12 @@ def measure(cfg: MeasureConfig, progress=print) -> dict:
                    "predicted_speedup": flops["original"] / flops["pruned"]}
             row["note"] = _note(cfg.device, batch, row["predicted_speedup"], timings)
             result["settings"].append(row)
-            progress(f"batch {batch:3d} length {length:4d}: speedup {row['speedup']:.2f}x "
+            said(f"batch {batch:3d} length {length:4d}: speedup {row['speedup']:.2f}x "
                      f"(FLOPs predict {row['predicted_speedup']:.2f}x)"
                      + (f"; warning: {row['note']}" if row["note"].startswith("noisy") else ""))
             if is_generator(original):
                 for beams in cfg.beams:
-                    result["generation"].append(_generation_row(cfg, models, batch, length, beams, row, progress))
+                    result["generation"].append(_generation_row(cfg, models, batch, length, beams, row, said))
     return result
 
 

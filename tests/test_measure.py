@@ -45,12 +45,15 @@ def test_debertas_relative_positions_count_as_attention():
     assert counted_flops(model, B, T)["attention"] == 2 * (plain + positions)
 
 
-def test_measure_command_compares_side_by_side(tmp_path, capsys):
+def test_measure_command_compares_side_by_side(tmp_path, capsys, caplog):
     model = tiny_model("bert", layers=3)
     save_pruned(model, tmp_path / "pruned", [("encoder", 2, 1)])
     assert main(["measure", "--pruned", str(tmp_path / "pruned"), "--batch-sizes", "1", "4", "--lengths", "16",
                  "--repeats", "3", "--output-dir", str(tmp_path / "m")]) == 0
     table = capsys.readouterr().out
+    # each setting said as it is measured, with how many there are, in the log (with its time)
+    said = [r.getMessage()[:22] for r in caplog.records if r.name == "headprune.measure"]
+    assert said == ["[1/2] batch   1 length", "[2/2] batch   4 length"]
     assert table.count("\n| 1 | 16 |") == 1 and "| 4 | 16 |" in table
     result = json.loads((tmp_path / "m" / "measure.json").read_text())
     assert result["heads"] == {"original": 12, "pruned": 1}
