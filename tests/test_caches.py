@@ -5,6 +5,8 @@ import os
 
 import headprune.digests as digests
 from headprune.selection import drop_oldest
+from headprune.config import PruneConfig
+from headprune.digests import metrics_key
 
 
 def test_the_scores_cache_keeps_the_newest_entries(tmp_path):
@@ -58,3 +60,15 @@ def test_the_scores_key_changes_with_code_a_scorer_borrows(tmp_path, monkeypatch
     assert before == scores_key(cfg, "weights-digest", [{"text": "a", "label": 0}])
     (methods / Path(michel.__file__).name).write_text("# changed\n")
     assert scores_key(cfg, "weights-digest", [{"text": "a", "label": 0}]) != before
+
+
+def test_the_unpruned_metrics_key_changes_with_the_evaluation_data_and_the_weights(tmp_path):
+    """The same weights measured on other evaluation data (another file, --max-eval-examples) is
+    another metric: it must not be read back from the cache."""
+    (tmp_path / "config.json").write_text("{}")
+    cfg = PruneConfig(model="folder")
+    key = metrics_key({"model": "weights", "evaluation data": "data"}, cfg, str(tmp_path))
+    assert key is not None
+    assert metrics_key({"model": "weights", "evaluation data": "other data"}, cfg, str(tmp_path)) != key
+    assert metrics_key({"model": "other weights", "evaluation data": "data"}, cfg, str(tmp_path)) != key
+    assert metrics_key({"model": "weights", "evaluation data": "data"}, PruneConfig(model="folder"), str(tmp_path)) == key

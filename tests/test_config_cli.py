@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from headprune.cli import main, parser
-from headprune.config import FinetuneConfig, PruneConfig, build_config
+from headprune.config import FinetuneConfig, PruneConfig, build_config, unused_settings
 from headprune.errors import ConfigError
+from headprune.train import changed_settings
 
 
 def parse(*argv):
@@ -184,3 +185,13 @@ def test_a_value_equal_to_an_exclusive_upper_bound_is_refused():
     PruneConfig(seed=2**32 - 1)
     with pytest.raises(ConfigError, match=r"seed=4294967296: must be less than 4294967296"):
         PruneConfig(seed=2**32)
+
+
+def test_fishers_rearrangement_is_read_by_fisher_runs_only():
+    """--no-fisher-rearrange on a DSP run changes nothing it does: it resumes, and a sweep keeps the run."""
+    assert "fisher_rearrange" in unused_settings({"method": "dsp"})
+    assert "fisher_rearrange" not in unused_settings({"method": "fisher"})
+    saved = dataclasses.asdict(PruneConfig(method="dsp"))
+    assert changed_settings(saved, PruneConfig(method="dsp", fisher_rearrange=False)) == {}
+    saved = dataclasses.asdict(PruneConfig(method="fisher"))
+    assert "fisher_rearrange" in changed_settings(saved, PruneConfig(method="fisher", fisher_rearrange=False))

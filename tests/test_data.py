@@ -1,9 +1,13 @@
 """Classification data: the GLUE TSV layout, GLUE by name, local files, the default benchmark."""
+import json
+
 import pytest
 from datasets import Dataset, DatasetDict
 
 import headprune.data as data_mod
 from headprune.data import DataError, load_classification, rotten_tomatoes, subsample
+from headprune.parallel import load_parallel
+from headprune.text import load_text
 
 MNLI_HEADER = ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\t"
                "sentence1_parse\tsentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label\n")
@@ -170,3 +174,26 @@ def test_a_datasets_set_without_a_text_column_is_told_what_it_has(tmp_path):
     (tmp_path / "train.csv").write_text("content,id\nsome words,1\nmore words,2\n")
     with pytest.raises(DataError, match=r"needs a train split with a 'text' column \(its train split has content, id\)"):
         load_text(f"hf:{tmp_path}")
+
+
+def test_a_csv_error_names_the_line_of_the_file(tmp_path):
+    """Line 1 is the header: the second data row is line 3, as an editor shows it."""
+    path = tmp_path / "train.csv"
+    path.write_text("text,label\nw1 w2,yes\nw3 w4,\nw5,no\n")
+    with pytest.raises(DataError, match=r"train\.csv, line 3: the label cell of column 'label'"):
+        load_classification(str(path))
+
+
+def test_an_empty_target_cell_is_named_by_its_own_column(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [{"de": "ein Haus", "en": "a house"}, {"de": "ein Hund", "en": " "}]))
+    with pytest.raises(DataError, match=r"train\.jsonl, line 2: the text cell of column 'en' is empty"):
+        load_parallel(str(path), source_lang="de", target_lang="en")
+
+
+def test_a_small_text_file_still_holds_out_one_document(tmp_path):
+    """Fewer than ten documents: a tenth rounds down to none, but the run evaluates on at least one."""
+    path = tmp_path / "docs.txt"
+    path.write_text("\n".join(f"w{i} w{i + 1}" for i in range(5)))
+    data = load_text(str(path))
+    assert len(data.evals["heldout"]) == 1 and len(data.train) == 4

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from headprune.errors import ConfigError
+from headprune.errors import CheckpointError, ConfigError
 from headprune.integrations import HeadPruningCallback
 from headprune.methods import resolve_schedule
 from headprune.methods.dsp import geometric_temperature
@@ -227,3 +227,16 @@ def test_two_processes_train_and_prune_alike(tmp_path):
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
     loaded = load_pruned(tmp_path / "two" / "pruned")
     assert all(torch.equal(loaded.state_dict()[name], value) for name, value in weights[0].items())
+
+
+def test_resuming_with_other_settings_is_refused_in_one_line(tmp_path):
+    """The scores saved for k=3 would go on learning a k=2 choice with another schedule's state:
+    refused, naming what changed, before the gates go on."""
+    callback = HeadPruningCallback(k=3, method="dsp", output_dir=str(tmp_path / "pruned"), seed=0)
+    trainer_for(tmp_path, tiny_model("bert", layers=2), callback, max_steps=4, save_strategy="steps",
+                save_steps=2).train()
+    model = tiny_model("bert", layers=2)
+    again = HeadPruningCallback(k=2, method="dsp", output_dir=str(tmp_path / "pruned"), overwrite=True, seed=0)
+    with pytest.raises(CheckpointError, match=r"saved with other settings \(k: 3 -> 2\)"):
+        trainer_for(tmp_path, model, again, max_steps=6).train(resume_from_checkpoint=True)
+    assert not hasattr(model, "head_gates")

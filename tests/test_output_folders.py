@@ -210,3 +210,36 @@ def test_a_saved_folder_has_the_permissions_open_would_give(tmp_path):
         os.chmod(tmp / "model.safetensors", 0o600)
     assert stat.S_IMODE((tmp_path / "model" / "model.safetensors").stat().st_mode) == 0o666 & ~umask
     assert stat.S_IMODE((tmp_path / "model").stat().st_mode) == 0o777 & ~umask
+
+
+def test_a_stopped_runs_staged_files_are_discarded_and_never_join_the_next_run(tmp_path):
+    """A run stopped before its commit leaves files in the stage; the next start discards them, so that the
+    next run's finish_run does not move a stopped run's scores or plots in beside its own."""
+    stage = tmp_path / outputs.STAGE
+    stage.mkdir()
+    (stage / "head_scores.json").write_text("{}")  # the stopped run's, which the next run does not write
+    outputs.settle_stopped_run(tmp_path)
+    assert not stage.exists()
+    new = outputs.stage_folder(tmp_path)
+    (new / "report.md").write_text("the new run")
+    outputs.finish_run(tmp_path, {"method": "random"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md", "results.json"]
+
+
+def test_a_failed_atomic_write_leaves_neither_the_file_nor_its_temporary(tmp_path):
+    target = tmp_path / "results.json"
+    with pytest.raises(RuntimeError):
+        with outputs.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed while writing")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_saved_again_leaves_no_copy_of_the_earlier_one(tmp_path):
+    """atomic_folder moves the earlier folder aside and removes it once the new one is in place (a
+    checkpoint written every N steps must not leave a second one behind)."""
+    for version in ("first", "second"):
+        with outputs.atomic_folder(tmp_path / "checkpoint") as tmp:
+            (tmp / "state.json").write_text(version)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+    assert (tmp_path / "checkpoint" / "state.json").read_text() == "second"

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from conftest import one_line_error, tiny_model
+from conftest import one_line_error, tiny_model, word_tokenizer
 from test_llm_heads import outputs, prompt, same, tiny_llm  # noqa: F401 (prompt: a fixture)
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from headprune.cli import main
 from headprune.errors import ConfigError
@@ -113,3 +113,13 @@ def test_a_bf16_model_is_written_in_bf16(tmp_path):
     ids = torch.tensor([[3, 5, 7, 9]])
     with torch.no_grad():  # the same weights and shapes: the same bf16 arithmetic
         assert torch.equal(plain(input_ids=ids).logits, pruned(input_ids=ids).logits)
+
+
+def test_the_plain_folder_holds_the_pruned_models_tokenizer(tmp_path):
+    """A plain folder is for runtimes that load it alone (vLLM, TGI): it needs the tokenizer beside the weights."""
+    kept = [("decoder", 0, 1), ("decoder", 1, 0), ("decoder", 2, 1)]
+    save_pruned(tiny_llm(), tmp_path / "pruned", kept, word_tokenizer(), unit="group")
+    assert main(["export", "--format", "transformers", "--model", str(tmp_path / "pruned"),
+                 "--output", str(tmp_path / "plain")]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "plain")
+    assert tokenizer("w1 w2")["input_ids"] == word_tokenizer()("w1 w2")["input_ids"]

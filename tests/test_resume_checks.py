@@ -2,6 +2,7 @@
 it), a step count that fits the run, every part of its state present."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
@@ -135,3 +136,40 @@ def test_a_checkpoint_whose_inputs_are_damaged_is_named_in_one_line(tmp_path):
     with pytest.raises(CheckpointError, match="is unreadable .*delete it to start over"):
         checkpoint_config(tmp_path, with_processes=True)
     assert checkpoint_config(tmp_path) == {}  # its settings alone still read
+
+
+def checkpoint_at(step, cfg, monkeypatch):
+    """`cfg` interrupted after step 4, its checkpoint's step then set to `step`."""
+    interrupted_run(cfg, monkeypatch)
+    path = Path(cfg.output_dir) / "checkpoint" / "state.json"
+    state = json.loads(path.read_text())
+    assert state["__items__"][0][0] == "step"
+    state["__items__"][0][1] = step
+    path.write_text(json.dumps(state))
+
+
+def test_a_checkpoint_one_step_past_the_last_is_refused(copies, tmp_path, monkeypatch):
+    model, data = copies
+    checkpoint_at(19, config(model, data, tmp_path / "run"), monkeypatch)
+    with pytest.raises(CheckpointError, match="is at step 19, past this run's 18 steps"):
+        prune(config(model, data, tmp_path / "run"))
+
+
+def test_a_checkpoint_at_the_last_step_resumes(copies, tmp_path, monkeypatch):
+    """A run killed after its last step's checkpoint (while evaluating or saving) finishes from it."""
+    model, data = copies
+    checkpoint_at(18, config(model, data, tmp_path / "run"), monkeypatch)
+    assert prune(config(model, data, tmp_path / "run"))["resumed_from_step"] == 18
+
+
+def test_a_checkpoint_gives_back_tuples_dict_keys_and_tensors_as_they_were(tmp_path):
+    """No pickle, yet the state comes back as it went in: tuples stay tuples (not lists), integer keys
+    stay integers (the optimizer's parameter numbers), tensors come back from safetensors."""
+    import torch
+    from headprune.checkpoint import read_checkpoint, write_checkpoint
+    state = {"step": 3, "pair": (1.5, 2), "by_number": {0: torch.arange(3.0), 7: [("a", None)]}}
+    write_checkpoint(tmp_path, state)
+    back = read_checkpoint(tmp_path / "checkpoint")
+    assert back["pair"] == (1.5, 2) and type(back["pair"]) is tuple
+    assert list(back["by_number"]) == [0, 7] and torch.equal(back["by_number"][0], torch.arange(3.0))
+    assert back["by_number"][7] == [("a", None)] and type(back["by_number"][7][0]) is tuple

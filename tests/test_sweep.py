@@ -1,12 +1,13 @@
 """The sweep: every combination once, finished runs skipped, one table and one plot."""
 import csv
 import dataclasses
+import json
 
 import pytest
 
 import headprune.sweeping as sweep_mod
 from headprune.errors import ConfigError, ModelError
-from headprune.sweeping import SweepConfig, planned_runs, sweep
+from headprune.sweeping import SweepConfig, planned_runs, runs_outside_the_plan, sweep, write_outputs
 
 
 def sweep_cfg(model, data, out, **kw):
@@ -265,3 +266,56 @@ def test_two_processes_sweep_as_one_and_write_the_tables_once(tiny_finetuned, tm
         results = [json.loads((tmp_path / n / name / "results.json").read_text()) for n in ("one", "two")]
         assert results[0]["kept_heads"] == results[1]["kept_heads"] and results[0].get("steps") == results[1].get("steps")
     assert (tmp_path / "two" / "sweep.csv").read_text().count("\n") == 5  # a header and a row a run (DSP: two)
+
+
+def _results(run) -> dict:
+    config = dataclasses.asdict(run)
+    return {"config": config, "method": config["method"], "mode": config["mode"], "seed": config["seed"],
+            "k": config["k"], "num_heads": 8, "seconds": {}, "metrics_pruned": {"test": 0.5}, "metric": "accuracy"}
+
+
+def test_a_finished_run_joins_the_tables_only_in_the_folder_the_sweep_would_give_it(tmp_path):
+    """A run of the same settings copied to another folder name (a backup, a rename) is not this sweep's
+    run: it must not join the tables (it would add a second row for the same method, k and seed)."""
+    cfg = SweepConfig(methods=["random"], ks=[2], seeds=[0], output_dir=str(tmp_path))
+    run = planned_runs(cfg)[0]
+    for name in ("random-pipelined-k2-s0", "backup-of-random"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(_results(run)))
+    joining, others = runs_outside_the_plan(cfg, planned=set())
+    assert [name for name, _ in joining] == ["random-pipelined-k2-s0"]
+    assert others == ["backup-of-random"]
+
+
+def test_every_split_gets_a_summary_and_the_last_split_is_reported_by_default(tmp_path):
+    """summary.md and report.md hold a table per evaluation split, and without --split the tables report
+    the last split (the test split after the validation split used for choosing settings)."""
+    cfg = SweepConfig(methods=["random"], ks=[2], seeds=[0, 1], output_dir=str(tmp_path))
+    rows = [{"method": "random", "mode": "pipelined", "seed": seed, "seconds": 1.0, "run": f"r{seed}", "k": 2,
+             "passes": 0, "budget": "k=2", "budget_value": 2, "validation": 0.6 + seed / 10, "test": 0.5}
+            for seed in (0, 1)]
+    results = {"metrics_pruned": {"validation": 0.7, "test": 0.5}, "num_heads": 8, "metric": "accuracy"}
+    write_outputs(cfg, tmp_path, rows, results, {"validation": 0.9, "test": 0.8})
+    summary = (tmp_path / "summary.md").read_text()
+    assert "## validation" in summary and "## test" in summary
+    assert "0.650 ± 0.050" in summary  # the validation split's own numbers
+    report = (tmp_path / "report.md").read_text()
+    assert "### test (reported)" in report and "### validation\n" in report
+
+
+def test_a_joint_runs_unpruned_metric_is_not_handed_to_the_pipelined_runs(tiny_finetuned, tmp_path, monkeypatch):
+    """A joint run's unpruned metric is that of its own trained weights: the pipelined runs after it
+    measure the fine-tuned model's (or take another pipelined run's), never the joint run's."""
+    model, data = tiny_finetuned
+    handed = {}
+    real_prune = sweep_mod.prune
+
+    def prune(run, **kw):
+        handed[run.mode] = kw.get("metrics_unpruned")
+        return real_prune(run, **kw)
+    monkeypatch.setattr(sweep_mod, "prune", prune)
+    sweep(SweepConfig(model=str(model), pretrained_model=str(model), dataset=str(data), methods=["dsp"],
+                      modes=["joint", "pipelined"], ks=[2], seeds=[0], epochs=1, batch_size=16,
+                      reconstruct="none", output_dir=str(tmp_path)))
+    assert list(handed) == ["joint", "pipelined"]  # the joint run first
+    assert handed["pipelined"] is None
