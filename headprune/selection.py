@@ -325,12 +325,13 @@ def method_options(cfg) -> dict:
 
 
 def choose_by_scores(cfg, task, acc, model, gates, calibration, collate, evaluate_with, weights_digest=None,
-                     rounds_done=None, save_rounds=None):
+                     rounds_done=None, save_rounds=None, metrics_unpruned=None):
     """Keep the top k (k_g of each group) by the method's scores on the calibration data (random:
     none); michel in rounds, with the metrics after each (its curve). Returns the mask, the scores
     to show (michel: the round in which a head went) and what to record. `rounds_done`: michel's
     rounds of an interrupted run (their masks, scores and metrics), reused; `save_rounds(rounds)`
-    is called with all of them after each new one (a checkpoint)."""
+    is called with all of them after each new one (a checkpoint). `metrics_unpruned`: evaluate_with(every
+    head), measured already (michel's first round)."""
     budget = as_groups(gates.num_heads, cfg.k, budget_of(cfg, gates))
     info = method_options(cfg)
     if cfg.method == "random":
@@ -347,7 +348,8 @@ def choose_by_scores(cfg, task, acc, model, gates, calibration, collate, evaluat
     with scoring_precision(acc, cfg.method), \
             activation_checkpointing(acc.unwrap_model(model), checkpoints_activations(vars(cfg))):
         if cfg.method == "michel":
-            mask, order, curve = _rounds(run, budget, evaluate_with, task.metric, rounds_done, save_rounds)
+            mask, order, curve = _rounds(run, budget, evaluate_with, task.metric, rounds_done, save_rounds,
+                                         metrics_unpruned)
             info.update(scoring_passes=len(curve) - 1 if cfg.michel_exact else 1, curve=[
                 {"heads": e["heads"], "metrics": e["metrics"], "pruned_now": [gates.heads[i] for i in e["pruned_now"]]}
                 for e in curve])
@@ -373,10 +375,11 @@ def scoring_precision(acc, method: str):
     return acc.autocast()
 
 
-def _rounds(run, budget, evaluate_with, metric: str, rounds_done=None, save_rounds=None):
+def _rounds(run, budget, evaluate_with, metric: str, rounds_done=None, save_rounds=None, metrics_unpruned=None):
     """Michel et al.'s loop: mask the `--michel-step` lowest-scoring heads still on, evaluate, score
     again under the new mask (--michel-exact), down to the budget. What an interrupted run scored
-    and evaluated under a mask (`rounds_done`) is reused, not computed again."""
+    and evaluated under a mask (`rounds_done`) is reused, not computed again; so is the unpruned
+    model's metric where the run measured it before (`metrics_unpruned`)."""
     cfg, gates = run.cfg, run.gates
     keep = sum(cfg.k_per_kind) if cfg.k_per_kind else cfg.k
     rounds = progress_bar(total=math.ceil((gates.num_heads - keep) / cfg.michel_step), desc="michel rounds",
@@ -384,6 +387,9 @@ def _rounds(run, budget, evaluate_with, metric: str, rounds_done=None, save_roun
     done = {tuple(r["mask"]): r for r in rounds_done or []}  # mask -> {"mask", "scores", "metrics"}
     if done:
         log.info("michel: resuming with %d masks scored or evaluated before", len(done))
+    if metrics_unpruned is not None:
+        every_head = [1.0] * gates.num_heads
+        done.setdefault(tuple(every_head), {"mask": every_head}).setdefault("metrics", metrics_unpruned)
 
     def remembered(mask, part: str, compute):
         entry = done.setdefault(tuple(mask.tolist()), {"mask": mask.tolist()})

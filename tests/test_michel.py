@@ -145,3 +145,21 @@ def test_importance_is_scored_with_dropout_off_whatever_mode_the_model_was_in(ba
     got = head_importance(model, gates, batches, torch.ones(8, dtype=torch.float64))
     assert not model.training
     assert torch.allclose(got, expected, rtol=1e-9, atol=0)
+
+
+def test_michel_evaluates_each_mask_once(tiny_finetuned, tmp_path, monkeypatch):
+    """The unpruned model is its first round and its last round's heads are the model it saves: each
+    mask is evaluated once (a translation model's evaluation is a beam search over every split)."""
+    import headprune.tasks.classification as classification
+    evaluated = []
+    real = classification.Classification.evaluate
+
+    def evaluate(self, acc, model, *args):
+        evaluated.append(tuple(acc.unwrap_model(model).head_gates._override.tolist()))
+        return real(self, acc, model, *args)
+    monkeypatch.setattr(classification.Classification, "evaluate", evaluate)
+    results = prune(tiny(*tiny_finetuned, tmp_path, method="michel", k=3, michel_step=2, reconstruct="none"))
+    assert [entry["heads"] for entry in results["curve"]] == [8, 6, 4, 3]
+    assert len(evaluated) == len(set(evaluated)) and len(evaluated) in (3, 4)  # (4: the unpruned one not cached)
+    assert results["metrics_pruned"] == results["curve"][-1]["metrics"]
+    assert results["curve"][0]["metrics"] == results["metrics_unpruned"]
