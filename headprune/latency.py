@@ -100,6 +100,8 @@ def latency_table(model, unit: str, batch: int, length: int, device: str, new_to
         table["check"] = _check(table, whole, sites, unit, timed)
     bar.close()
     whole.train(was_training)
+    log.info("latency table: the whole model takes %.4g ms; a layer with every unit %s", seconds * 1e3,
+             ", ".join(f"{kind} {entry['per_layer'][-1] * 1e3:.3g} ms" for kind, entry in table["kinds"].items()))
     try:
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(table))

@@ -2,6 +2,7 @@
 unit against hand counts, the budget met exactly after save and load (dead heads included), and
 bad budgets refused in one line."""
 import json
+import logging
 
 import pytest
 import torch
@@ -97,7 +98,7 @@ def test_bad_budgets_are_refused_in_one_line(tiny_finetuned, tmp_path, capsys):
 
 # -- a speedup on this machine: the latency table ---------------------------------------------------
 
-def test_the_latency_table_from_pairs_of_timings_and_its_prediction(tiny_lm, tmp_path, monkeypatch):
+def test_the_latency_table_from_pairs_of_timings_and_its_prediction(tiny_lm, tmp_path, monkeypatch, caplog):
     import headprune.latency as latency
     import headprune.measuring as measure
     model = load_pruned(tiny_lm[0])
@@ -106,7 +107,9 @@ def test_the_latency_table_from_pairs_of_timings_and_its_prediction(tiny_lm, tmp
     def fake_alternate(models, run, repeats, warmup, device):  # no clock: 10 ms plus 1 ms a kept group
         return {name: {"median": 0.010 + 0.001 * sum(s.num_heads for s in find_sites(m))} for name, m in models.items()}
     monkeypatch.setattr(measure, "alternate", fake_alternate)
-    table = latency.latency_table(model, "group", 2, 8, "cpu")
+    with caplog.at_level(logging.INFO, logger="headprune"):
+        table = latency.latency_table(model, "group", 2, 8, "cpu")
+    assert "latency table: the whole model takes 16 ms; a layer with every unit decoder 2 ms" in caplog.text
     # whole: 10 + 6 ms; all 3 layers at h = 0, 1, 2 groups: 10 + 3h ms (the fake clock does not count
     # dead groups), so one layer with h groups costs A(h) = (T(h) - T(0)) / 3 = h ms
     assert table["whole"] == pytest.approx(0.016)
