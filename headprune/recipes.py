@@ -41,14 +41,14 @@ from .budget import budget_units, check_reachable, fit, speed_units, uniform_all
 from .gates import attach_gates, detach_gates
 from .latency import latency_table
 from .measuring import is_generator, sequence_length, size_facts
-from .outputs import (BEST, RESULTS, atomic_folder, check_not_inside, check_output_dir, finish_run, remove_path,
-                      settle_stopped_run, stage_folder,
-                      folder_bytes, versions, write_json, write_jsonl)
+from .outputs import (BEST, RESULTS, atomic_folder, atomic_path, cache_root, check_not_inside, check_output_dir,
+                      finish_run, folder_bytes, remove_path, settle_stopped_run, stage_folder, versions, write_json,
+                      write_jsonl)
 from .pruning import check_finite_weights, load_pruned, save_pruned, zero_pruned_heads
 from .randomness import keeps_global_rng
 from .reconstruction import mean_contexts, reconstruct
-from .selection import (attach_selector, calibration_set, check_budget, choose_by_scores, from_main, process_sum,
-                        pruning_loss)
+from .selection import (attach_selector, calibration_set, check_budget, choose_by_scores, drop_oldest, fit_key,
+                        from_main, process_sum, pruning_loss)
 from .report import plot_head_map, write_run_report
 from .sites import UNIT_NAMES
 from .tasks import get_task
@@ -436,7 +436,8 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
         with timed(seconds, "reconstruct"):
             # a pipelined run's weights are those the means were measured on: the bias reuses them
             info.update(_reconstruct(cfg, task, acc, model, gates, mask, calibration, collate,
-                                     means=means if pipelined else None))
+                                     means=means if pipelined else None,
+                                     weights_digest=inputs["model"] if pipelined else None))
     if "curve" in info and reconstruct_in_effect(vars(cfg)) == "none" and torch.equal(mask, chosen):
         metrics = info["curve"][-1]["metrics"]  # Michel's last round evaluated these heads of these weights
     else:
@@ -535,17 +536,54 @@ def _mean_contexts(cfg, acc, model, gates, calibration, collate, loss_fn) -> lis
     return means
 
 
-def _reconstruct(cfg, task, acc, model, gates, mask, calibration, collate, means=None) -> dict:
-    """--reconstruct on the calibration data, folded into the model's weights."""
+def _reconstruct(cfg, task, acc, model, gates, mask, calibration, collate, means=None, weights_digest=None) -> dict:
+    """--reconstruct on the calibration data, folded into the model's weights. The fit of each block
+    (rescale, both: two passes over the data a block) is kept in the cache as it is made, so that the
+    same run started again after an interruption goes on from the first block not fitted (pipelined
+    runs of a local model: `weights_digest`)."""
     loader = acc.prepare(DataLoader(calibration, batch_size=cfg.batch_size, collate_fn=collate))
     reduce = process_sum(acc)
     biased = sum(site.output.bias is not None for site in gates.sites)
+    mode = reconstruct_in_effect(vars(cfg))
+    key = fit_key(cfg, weights_digest, calibration, mask, mode) if mode in ("rescale", "both") else None
+    path = cache_root() / "reconstruction" / f"{key}.json"
+    done = from_main(acc, lambda: _read_fits(path)) if key else None
+    if done:
+        log.info("reconstruct: %d blocks fitted before (a run stopped during its reconstruction), from %s",
+                 len(done), path)
+
+    def on_block(fits):
+        if key and acc.is_main_process:
+            try:
+                with atomic_path(path) as tmp:  # (compact: a shift per block is the model's width in numbers)
+                    tmp.write_text(json.dumps(fits))
+                drop_oldest(path.parent, keep=FITS_KEPT, pattern="*.json")
+            except OSError as err:  # a cache that cannot be written only costs time after an interruption
+                log.info("cannot write the reconstruction cache %s: %s", path, err)
     with acc.autocast():  # the forward passes; the fit's sums are float64, which autocast leaves alone
-        info = reconstruct(model, gates, mask, loader, task.loss, reconstruct_in_effect(vars(cfg)), reduce=reduce,
-                           disable_progress=not acc.is_local_main_process, means=means)
+        info = reconstruct(model, gates, mask, loader, task.loss, mode, reduce=reduce,
+                           disable_progress=not acc.is_local_main_process, means=means, done=done, on_block=on_block)
     info.update(calibration_examples=len(calibration),
                 output_biases_added=sum(site.output.bias is not None for site in gates.sites) - biased)
     return info
+
+
+FITS_KEPT = 50  # reconstructions' fits in the cache (the newest): kB, or MB with `both` on a large model
+
+
+def _read_fits(path: Path) -> dict | None:
+    """The fits per block that an interrupted reconstruction kept (see `fit_blocks`), None where there
+    are none or they are damaged (fitted again)."""
+    try:
+        fits = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+    def whole(fit) -> bool:
+        return isinstance(fit, dict) and (fit.get("scales") is None or (
+            isinstance(fit["scales"], list) and isinstance(fit.get("error"), dict)
+            and {"before", "after"} <= set(fit["error"]) and "shift" in fit))
+    return fits if isinstance(fits, dict) and all(whole(fit) for fit in fits.values()) else None
 
 
 def _save_pruned(cfg, task, folder: Path, model, gates, tokenizer, mask, scores, added: int = 0) -> dict | None:

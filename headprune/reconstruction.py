@@ -50,11 +50,12 @@ class _Reached(Exception):
 
 
 def reconstruct(model, gates, mask: torch.Tensor, batches, loss_fn, mode: str, reduce=None, disable_progress=False,
-                means: list[torch.Tensor] | None = None) -> dict:
+                means: list[torch.Tensor] | None = None, done: dict | None = None, on_block=None) -> dict:
     """Fit `mode`'s correction for the heads `mask` keeps on `batches` (a re-iterable loader),
     fold it into the model's output projections and return what to record. `loss_fn(model, batch)`
     runs a forward pass; `reduce` sums a tensor over processes; `means`: the unpruned model's
-    `mean_contexts` on these batches if already measured (mean ablation), for `bias`."""
+    `mean_contexts` on these batches if already measured (mean ablation), for `bias`; `done` and
+    `on_block`: see `fit_blocks` (rescale, both)."""
     if mode not in MODES[1:]:
         raise ValueError(f"reconstruct {mode!r}: choose one of {', '.join(MODES[1:])}")
     model.eval()
@@ -64,7 +65,8 @@ def reconstruct(model, gates, mask: torch.Tensor, batches, loss_fn, mode: str, r
         fold(gates, mask, mask, shifts)
         return {"reconstruct": mode, "reconstruction_passes": 0 if means is not None else 1}
     scales, shifts, errors, passes = fit_blocks(model, gates, mask, batches, loss_fn, intercept=mode == "both",
-                                                reduce=reduce, disable_progress=disable_progress)
+                                                reduce=reduce, disable_progress=disable_progress, done=done,
+                                                on_block=on_block)
     fold(gates, mask, scales, shifts if mode == "both" else {})
     return {"reconstruct": mode, "reconstruction_passes": passes, "reconstruction_error": errors}
 
@@ -151,11 +153,15 @@ def context_at(model, gates, index: int, batch, loss_fn, gate_values) -> torch.T
     return seen["x"]
 
 
-def fit_blocks(model, gates, mask, batches, loss_fn, intercept: bool, reduce=None, disable_progress=False):
+def fit_blocks(model, gates, mask, batches, loss_fn, intercept: bool, reduce=None, disable_progress=False,
+               done: dict | None = None, on_block=None):
     """Least squares, block by block: returns the gate values with the kept heads' scales, the
     intercepts (block index -> bias shift; empty without `intercept`), each block's relative
-    error before and after, and the passes over the data it took."""
+    error before and after, and the passes over the data it took. `done`: what an interrupted fit of
+    the same heads on the same data found per block (`on_block(done)` is called after each block),
+    taken as it is."""
     scales, shifts, errors, passes = mask.clone(), {}, [], 0
+    done = {} if done is None else done
     first = next(iter(batches), None)
     if first is None:
         raise ValueError("reconstruction needs calibration data: the calibration set is empty")
@@ -170,10 +176,23 @@ def fit_blocks(model, gates, mask, batches, loss_fn, intercept: bool, reduce=Non
         if not kept and not intercept:  # no scale to fit: the block gives nothing, its error stays all of it
             errors.append({"kind": site.kind, "layer": site.layer, "before": 1.0, "after": 1.0})
             continue
+        if str(i) in done:  # fitted before the interruption
+            found = done[str(i)]
+            passes += 2
+            if found["scales"] is not None:
+                for u, value in zip(kept, found["scales"]):
+                    scales[offset + u] = value
+                if found["shift"] is not None:
+                    shifts[i] = torch.tensor(found["shift"], dtype=torch.float64)
+                errors.append({"kind": site.kind, "layer": site.layer, **found["error"]})
+            continue
         sums = block_sums(model, gates, i, kept, batches, loss_fn, scales, shifts, reduce)
         passes += 2  # the unpruned and the pruned model, each stopped at the block
         s, beta, before, after = solve(sums, intercept)
         if untouched and before <= 1e-9 * float(sums["bb"]):
+            done[str(i)] = {"scales": None}
+            if on_block:
+                on_block(done)
             continue  # its inputs did not drift after all (a decoder's first self-attention after an encoder's pruning)
         if not (torch.isfinite(s).all() and (s.abs() <= MAX_SCALE).all() and after <= before):
             log.warning("reconstruct: the fit of the %s attention of layer %d failed (scales %s): its "
@@ -187,6 +206,10 @@ def fit_blocks(model, gates, mask, batches, loss_fn, intercept: bool, reduce=Non
             shifts[i] = beta
         total = float(sums["bb"]) or 1.0
         errors.append({"kind": site.kind, "layer": site.layer, "before": before / total, "after": after / total})
+        done[str(i)] = {"scales": s.tolist(), "shift": beta.tolist() if intercept else None,
+                        "error": {"before": before / total, "after": after / total}}
+        if on_block:
+            on_block(done)
         log.info("reconstruct %s attention of layer %d: relative error %.4g -> %.4g", site.kind, site.layer,
                  before / total, after / total)
     return scales, shifts, errors, passes

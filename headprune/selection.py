@@ -221,9 +221,9 @@ class Calibration:
 SCORES_KEPT = 1000  # entries of the scores cache (a few kB each): the newest are kept
 
 
-def drop_oldest(folder: Path, keep: int) -> None:
+def drop_oldest(folder: Path, keep: int, pattern: str = "*.safetensors") -> None:
     """Removes all but the `keep` most recently written entries of a cache folder."""
-    entries = sorted(folder.glob("*.safetensors"), key=lambda f: f.stat().st_mtime, reverse=True)
+    entries = sorted(folder.glob(pattern), key=lambda f: f.stat().st_mtime, reverse=True)
     for old in entries[keep:]:
         old.unlink(missing_ok=True)
 
@@ -240,17 +240,34 @@ def scores_key(cfg, weights_digest: str | None, calibration) -> str | None:
     (its scores change with each round's mask)."""
     if cfg.method not in SCORERS or cfg.method == "michel" or not weights_digest or weights_digest == cfg.model:
         return None
-    code = hashlib.sha256()  # every file of methods/: scorers share code (fisher's gradients are michel's)
-    for path in sorted(Path(scoring.__file__).parent.glob("*.py")):
+    # every file of methods/: scorers share code (fisher's gradients are michel's)
+    settings = {name: value for name, value in dataclasses.asdict(cfg).items() if name not in NOT_SCORING}
+    settings.pop("ablation", None)  # in the key only where it changes the scores (older keys stay valid)
+    if ablation_in_effect(dataclasses.asdict(cfg)) == "mean":
+        settings["ablation"] = "mean"
+    return _cache_key(sorted(Path(scoring.__file__).parent.glob("*.py")), weights_digest, calibration, settings)
+
+
+def fit_key(cfg, weights_digest: str | None, calibration, mask: torch.Tensor, mode: str) -> str | None:
+    """The key of a reconstruction's fits per block (`--reconstruct rescale` or `both`): its code, the
+    weights' and the calibration data's digests, the heads kept and every setting but NOT_SCORING;
+    None for weights that are not a local folder."""
+    if not weights_digest or weights_digest == cfg.model:
+        return None
+    settings = {name: value for name, value in dataclasses.asdict(cfg).items() if name not in NOT_SCORING}
+    settings.update(mask=mask.tolist(), reconstruct=mode)
+    code = [Path(scoring.__file__).parent.parent / "reconstruction.py", Path(scoring.__file__)]
+    return _cache_key(code, weights_digest, calibration, settings)
+
+
+def _cache_key(code_files, weights_digest: str, calibration, settings: dict) -> str:
+    code = hashlib.sha256()
+    for path in code_files:
         code.update(path.read_bytes())
     data = hashlib.sha256()
     for start in range(0, len(calibration), 1000):
         rows = [calibration[i] for i in range(start, min(start + 1000, len(calibration)))]
         data.update(json.dumps(rows, sort_keys=True, default=str).encode())
-    settings = {name: value for name, value in dataclasses.asdict(cfg).items() if name not in NOT_SCORING}
-    settings.pop("ablation", None)  # in the key only where it changes the scores (older keys stay valid)
-    if ablation_in_effect(dataclasses.asdict(cfg)) == "mean":
-        settings["ablation"] = "mean"
     key = [code.hexdigest(), weights_digest, data.hexdigest(), settings]
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 

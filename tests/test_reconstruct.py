@@ -456,3 +456,42 @@ def test_a_scale_beyond_the_limit_is_not_folded_and_the_block_keeps_scales_of_on
     assert "scales stay 1" in caplog.text
     (error,) = info["reconstruction_error"]
     assert error["after"] == pytest.approx(error["before"])  # the error of scales 1
+
+
+def test_a_reconstruction_stopped_midway_goes_on_from_the_first_block_not_fitted(tiny_finetuned, tmp_path,
+                                                                                monkeypatch):
+    """Each block's fit (two passes over the calibration data) is kept as it is made: the same command
+    started again after a kill fits only the blocks left, and saves the model an unstopped run saves."""
+    import headprune.reconstruction as reconstruction
+    from safetensors.torch import load_file
+    real, calls = reconstruction.block_sums, []
+
+    class Killed(Exception):
+        pass
+
+    def block_sums(*args, **kwargs):
+        calls.append(args[3])  # the block's index
+        if len(calls) == 2 and kill:
+            raise Killed
+        return real(*args, **kwargs)
+    monkeypatch.setattr(reconstruction, "block_sums", block_sums)
+    monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path / "cache"))
+    kill = True
+    with pytest.raises(Killed):
+        prune(tiny(*tiny_finetuned, tmp_path / "run", method="fisher", k=3, reconstruct="both"))
+    kill, calls[:] = False, []
+    resumed = prune(tiny(*tiny_finetuned, tmp_path / "run", method="fisher", k=3, reconstruct="both"))
+    assert len(calls) == 1  # the second block only
+    monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path / "another cache"))
+    whole = prune(tiny(*tiny_finetuned, tmp_path / "whole", method="fisher", k=3, reconstruct="both"))
+    assert len(calls) == 3
+    for key in ("metrics_pruned", "reconstruction_error", "reconstruction_passes"):
+        assert resumed[key] == whole[key]
+    saved = [load_file(folder / "model" / "model.safetensors") for folder in (tmp_path / "run", tmp_path / "whole")]
+    assert all(torch.equal(saved[0][name], saved[1][name]) for name in saved[1])
+    (fits,) = (tmp_path / "cache" / "reconstruction").glob("*.json")
+    fits.write_text('{"0": {"scales": "damaged"}}')  # fitted again, not taken
+    monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path / "cache"))
+    calls[:] = []
+    again = prune(tiny(*tiny_finetuned, tmp_path / "run", method="fisher", k=3, reconstruct="both", overwrite=True))
+    assert len(calls) == 2 and again["reconstruction_error"] == whole["reconstruction_error"]
