@@ -579,10 +579,13 @@ def _read_fits(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
 
+    def numbers(values) -> bool:
+        return isinstance(values, list) and all(isinstance(v, (int, float)) for v in values)
+
     def whole(fit) -> bool:
         return isinstance(fit, dict) and (fit.get("scales") is None or (
-            isinstance(fit["scales"], list) and isinstance(fit.get("error"), dict)
-            and {"before", "after"} <= set(fit["error"]) and "shift" in fit))
+            numbers(fit["scales"]) and (fit.get("shift") is None or numbers(fit["shift"]))
+            and isinstance(fit.get("error"), dict) and numbers([fit["error"].get("before"), fit["error"].get("after")])))
     return fits if isinstance(fits, dict) and all(whole(fit) for fit in fits.values()) else None
 
 

@@ -490,7 +490,7 @@ def test_a_reconstruction_stopped_midway_goes_on_from_the_first_block_not_fitted
     saved = [load_file(folder / "model" / "model.safetensors") for folder in (tmp_path / "run", tmp_path / "whole")]
     assert all(torch.equal(saved[0][name], saved[1][name]) for name in saved[1])
     (fits,) = (tmp_path / "cache" / "reconstruction").glob("*.json")
-    fits.write_text('{"0": {"scales": "damaged"}}')  # fitted again, not taken
+    fits.write_text('{"0": {"scales": ["damaged"], "shift": null, "error": {"before": 1, "after": 0}}}')  # fitted again
     monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path / "cache"))
     calls[:] = []
     again = prune(tiny(*tiny_finetuned, tmp_path / "run", method="fisher", k=3, reconstruct="both", overwrite=True))
