@@ -2,6 +2,7 @@
 unit against hand counts, the budget met exactly after save and load (dead heads included), and
 bad budgets refused in one line."""
 import json
+from types import SimpleNamespace
 import logging
 
 import pytest
@@ -15,6 +16,7 @@ from headprune.errors import ConfigError
 from headprune.measuring import kv_cache_bytes_per_token
 from headprune.pruning import load_pruned
 from headprune.recipes import prune
+from headprune.selection import check_budget
 from headprune.sites import find_sites
 
 
@@ -536,3 +538,25 @@ def test_a_wild_half_model_check_scales_the_latency_table_by_at_most_half_or_one
     assert check["saved_measured"] == pytest.approx(1.0 - pruned_seconds)
     assert check["scale"] == pytest.approx(scale)
     assert table["kinds"]["encoder"]["per_layer"] == pytest.approx([a * scale for a in per_layer])
+
+
+COUNTS = {"encoder": 8, "decoder": 8, "cross": 8}
+
+
+@pytest.mark.parametrize("k_per_kind, message", [
+    ([9, 3, 3], "--k-per-kind: 9 encoder heads is more than the model's 8"),
+    ([2, 3, 9], "--k-per-kind: 9 cross heads is more than the model's 8"),
+    ([2, 3], r"--k-per-kind needs 3 number\(s\) for this model, one per kind \(encoder: 8 heads"),
+    ([2, 3, 3, 1], r"--k-per-kind needs 3 number\(s\)"),  # too many: not the first three silently
+    ([0, 0, 0], "--k-per-kind keeps no head at all"),
+])
+def test_a_budget_per_kind_the_model_cannot_hold_is_refused(k_per_kind, message):
+    with pytest.raises(ConfigError, match=message):
+        check_budget(SimpleNamespace(k_per_kind=k_per_kind, k=None), COUNTS, threshold=False)
+
+
+def test_a_budget_per_kind_of_every_head_is_accepted():
+    check_budget(SimpleNamespace(k_per_kind=[8, 8, 8], k=None), COUNTS, threshold=False)
+    check_budget(SimpleNamespace(k_per_kind=None, k=24), COUNTS, threshold=False)
+    with pytest.raises(ConfigError, match="k=25 is more than the 24 heads of this model$"):
+        check_budget(SimpleNamespace(k_per_kind=None, k=25), COUNTS, threshold=False)

@@ -195,3 +195,11 @@ def test_fishers_rearrangement_is_read_by_fisher_runs_only():
     assert changed_settings(saved, PruneConfig(method="dsp", fisher_rearrange=False)) == {}
     saved = dataclasses.asdict(PruneConfig(method="fisher"))
     assert "fisher_rearrange" in changed_settings(saved, PruneConfig(method="fisher", fisher_rearrange=False))
+
+
+def test_an_option_finetune_never_reads_is_said(tmp_path, caplog):
+    # translation's --beam on a classifier: accepted, but said (the run then stops at its missing data)
+    assert main(["finetune", "--dataset", str(tmp_path / "none.csv"), "--beam", "3", "--max-length", "16",
+                 "--output-dir", str(tmp_path / "run")]) == 2
+    assert "--beam: not read by this run (task classification)" in caplog.text
+    assert "--max-length" not in caplog.text.split("not read by this run")[0]

@@ -212,3 +212,29 @@ def test_a_large_graphs_weights_move_into_place_beside_it(pruned, tmp_path, monk
     monkeypatch.setattr(program, "_LARGE_MODEL_THRESHOLD", 2 ** 31)  # small again: the stale weights go
     assert main(["export", "--model", str(pruned), "--output", str(out), "--overwrite"]) == 0
     assert [p.name for p in out.parent.iterdir()] == ["model.onnx"]
+
+
+def test_an_output_deeper_inside_the_model_folder_is_refused(pruned, capsys):  # noqa: F811
+    inside = Path(pruned) / "onnx" / "deeper" / "m.onnx"
+    line = one_line_error(capsys, ["export", "--model", pruned, "--output", inside])
+    assert "lies inside the model folder" in line
+    assert not (Path(pruned) / "onnx").exists()
+
+
+
+def test_the_sample_inputs_pad_the_last_sequence_as_a_tokenizer_does():
+    # the ONNX check compares padded batches too: a graph that mishandled the mask would differ there
+    from types import SimpleNamespace
+
+    import torch
+
+    from headprune.export import sample_inputs
+    inputs = sample_inputs(SimpleNamespace(vocab_size=50, type_vocab_size=2), batch=3, length=8, seed=0)
+    mask = inputs["attention_mask"]
+    assert mask[:2].eq(1).all() and mask[2, :4].eq(1).all() and mask[2, 4:].eq(0).all()
+    # two texts: the second half is segment 1, padding segment 0
+    assert inputs["token_type_ids"].tolist() == [[0] * 4 + [1] * 4] * 2 + [[0] * 8]
+    assert inputs["input_ids"].min() >= 10 and inputs["input_ids"].max() < 50
+    one = sample_inputs(SimpleNamespace(vocab_size=50), batch=1, length=8, seed=0)
+    assert set(one) == {"input_ids", "attention_mask"} and one["attention_mask"].eq(1).all()
+    assert torch.equal(sample_inputs(SimpleNamespace(vocab_size=50), 3, 8, 0)["input_ids"], inputs["input_ids"])

@@ -8,7 +8,8 @@ import torch
 
 from conftest import one_line_error, tiny_model, write_tokenizer_gguf
 from headprune.cli import main
-from headprune.pruning import load_pruned, save_pruned
+from headprune.pruning import add_output_biases, load_pruned, save_pruned
+from headprune.sites import find_sites
 
 gguf = pytest.importorskip("gguf")  # in the test extra; skipped only where someone installs less
 
@@ -151,3 +152,25 @@ def test_gguf_export_refuses_bad_input_in_one_line(pruned, tmp_path, capsys):
     assert "writes Llama-family decoders" in one_line_error(
         capsys, ["export", "--format", "gguf", "--model", bert, "--output", tmp_path / "b.gguf"])
     assert not (tmp_path / "a.gguf").exists() and not (tmp_path / "b.gguf").exists()
+
+
+def test_a_headless_layer_with_a_bias_keeps_it(tmp_path):
+    model = tiny_llama(False)
+    sites = find_sites(model, "group")
+    add_output_biases(sites)
+    with torch.no_grad():
+        sites[1].output.bias.copy_(0.5 * torch.randn(sites[1].output.out_features))  # layer 1: all its heads go
+    folder = tmp_path / "model"
+    save_pruned(model, folder, [("decoder", 0, 1), ("decoder", 2, 0), ("decoder", 2, 1)], output_biases=True)
+    tokenizer = write_tokenizer_gguf(tmp_path / "unpruned.gguf", vocab=61)
+    out = tmp_path / "pruned.gguf"
+    assert export("--model", folder, "--output", out, "--dtype", "f32", "--tokenizer-gguf", tokenizer) == 0
+    fields, tensors = read(out)
+    # layer 1 keeps its dead head (and the bias), layer 3 (no bias) is attention-free
+    assert list(fields["deci.attention.head_count"]) == [3, 1, 6, 0]
+    assert "blk.1.attn_output.bias" in tensors and not any(n.startswith("blk.3.attn") for n in tensors)
+    ids = np.array([3, 17, 42, 5, 60, 9, 28])
+    with torch.no_grad():
+        expected = load_pruned(folder)(torch.from_numpy(ids)[None]).logits[0].numpy()
+    got = deci_logits(fields, tensors, ids)
+    assert np.abs(got - expected).max() < 1e-3 * np.abs(expected).max()

@@ -1,12 +1,15 @@
 """Pruning inside a user's own Trainer (issue 22): a tiny Trainer run with the callback keeps exactly
 k heads, logs the selector's values, trains the weights with the user's optimizer and the scores with
 their own, and saves a pruned model that loads to the same outputs."""
+from types import SimpleNamespace
+
 import pytest
 import torch
+from torch import nn
 
 from conftest import tiny_model
 from headprune.errors import CheckpointError, ConfigError
-from headprune.integrations import HeadPruningCallback
+from headprune.integrations import STATE_FOLDER, HeadPruningCallback
 from headprune.methods import resolve_schedule
 from headprune.methods.dsp import geometric_temperature
 from headprune.pruning import load_pruned
@@ -240,3 +243,18 @@ def test_resuming_with_other_settings_is_refused_in_one_line(tmp_path):
     with pytest.raises(CheckpointError, match=r"saved with other settings \(k: 3 -> 2\)"):
         trainer_for(tmp_path, model, again, max_steps=6).train(resume_from_checkpoint=True)
     assert not hasattr(model, "head_gates")
+
+
+def test_on_save_writes_the_scores_state_only_where_the_trainer_saves(tmp_path):
+    callback = HeadPruningCallback(k=3, method="dsp")
+    selector = nn.Linear(2, 1)
+    callback.gates = SimpleNamespace(selector=selector)
+    callback.optimizer = torch.optim.AdamW(selector.parameters())
+    callback.scheduler = torch.optim.lr_scheduler.LambdaLR(callback.optimizer, lambda step: 1.0)
+    (tmp_path / "checkpoint-6").mkdir()
+    state = SimpleNamespace(global_step=6)
+    # another process of a multi-process run (should_save False) writes nothing into the shared folder
+    callback.on_save(SimpleNamespace(output_dir=str(tmp_path), should_save=False), state, None)
+    assert not (tmp_path / "checkpoint-6" / STATE_FOLDER).exists()
+    callback.on_save(SimpleNamespace(output_dir=str(tmp_path), should_save=True), state, None)
+    assert (tmp_path / "checkpoint-6" / STATE_FOLDER / "state.json").is_file()

@@ -1,12 +1,13 @@
 """FLOPs by hand, and the side-by-side measurement on a tiny pruned model."""
 import json
+import logging
 
 import pytest
 
-from conftest import one_line_error, tiny_model
+from conftest import one_line_error, tiny_model, write_tiny_lm
 from headprune.cli import main
-from headprune.measuring import counted_flops
-from headprune.pruning import remove_heads, save_pruned
+from headprune.measuring import NOISY, _note, counted_flops
+from headprune.pruning import load_pruned, remove_heads, save_pruned
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -129,3 +130,29 @@ def test_a_count_that_runs_out_of_memory_leaves_the_attention_flops_out(monkeypa
     facts = measuring.size_facts(tiny_model("bert"), "group", 16)
     assert facts == {"parameters": sum(p.numel() for p in tiny_model("bert").parameters())}
     assert "not counted (out of memory)" in caplog.text
+
+
+def test_a_generators_progress_counts_its_generation_settings(tmp_path, caplog):
+    folder, _ = write_tiny_lm(tmp_path / "lm", layers=2)
+    save_pruned(load_pruned(folder), tmp_path / "pruned", [("decoder", 0, 0), ("decoder", 1, 1)])
+    with caplog.at_level(logging.INFO, logger="headprune"):
+        assert main(["measure", "--pruned", str(tmp_path / "pruned"), "--batch-sizes", "1", "--lengths", "8",
+                     "--beams", "1", "2", "--generate-tokens", "2", "--repeats", "1", "--warmup", "0",
+                     "--output-dir", str(tmp_path / "m")]) == 0
+    said = [r.getMessage() for r in caplog.records if r.name == "headprune.measure"]
+    assert [line.split("]")[0] + "]" for line in said] == ["[1/3]", "[2/3]", "[3/3]"]
+    assert "generate batch" in said[1] and "beam 2" in said[2]
+
+
+def timing(spread):
+    return {"q1": 1.0, "median": 1.0 + spread / 2, "q3": 1.0 + spread}
+
+
+def test_a_spread_above_a_tenth_of_the_median_is_called_noisy():
+    quiet, noisy = 0.9 * NOISY, 1.2 * NOISY  # IQR as a fraction of about the median
+    assert _note("cpu", 8, 2.0, {"original": timing(quiet), "pruned": timing(quiet)}) == ""
+    note = _note("cpu", 8, 2.0, {"original": timing(quiet), "pruned": timing(noisy)})
+    assert note.startswith("noisy machine: interquartile range pruned ") and "original" not in note
+    assert _note("cpu", 8, 1.01, {"original": timing(0), "pruned": timing(0)}).startswith("almost nothing removed")
+    assert _note("cuda", 1, 2.0, {"original": timing(0), "pruned": timing(0)}).startswith("batch 1 on a GPU")
+    assert _note("cuda", 2, 2.0, {"original": timing(0), "pruned": timing(0)}) == ""

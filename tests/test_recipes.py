@@ -1,15 +1,17 @@
 """Fine-tune and prune end to end on a tiny model: what lands in the output folder, and that the
 saved pruned model gives the masked model's outputs."""
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from headprune import attach_gates
 from headprune.pruning import load_pruned
 from headprune.config import PruneConfig
-from headprune.recipes import prune
+from headprune.recipes import best_epoch_keeper, prune
 
 
 def prune_cfg(model, data, out, **kw):
@@ -174,3 +176,50 @@ def test_a_joint_run_settles_for_its_last_two_thirds(tiny_assets, tmp_path):
     assert results["live_steps"] <= 6
     report = (tmp_path / "report.md").read_text()
     assert f"gradient (above 1e-06) in {results['live_steps']} of 18 steps; from step 6 the kept heads were fixed" in report
+
+
+class Acc:
+    is_main_process = True
+
+    def unwrap_model(self, model):
+        return model
+
+    def wait_for_everyone(self):
+        pass
+
+
+def keep_best(tmp_path, scores, higher_is_better):
+    model = nn.Linear(2, 1)
+    epoch = [0]
+    task = SimpleNamespace(metric="m", higher_is_better=higher_is_better,
+                           evaluate=lambda acc, model, evals, collate, cfg: {"dev": scores[epoch[0] - 1]})
+    extra = {}
+    on_epoch_end, restore = best_epoch_keeper(SimpleNamespace(select_by="dev"), task, Acc(), model, {"dev": []},
+                                              None, tmp_path, extra)
+    for epoch[0] in range(1, len(scores) + 1):
+        with torch.no_grad():
+            model.weight.fill_(epoch[0])  # the weights of epoch e are all e
+        on_epoch_end(epoch[0])
+    restore()
+    return extra["best"], model.weight[0, 0].item()
+
+
+@pytest.mark.parametrize("higher, scores, best", [(True, [0.5, 0.8, 0.6, 0.8], 2), (False, [9.0, 4.0, 6.0, 4.0], 2)])
+def test_the_best_epochs_weights_are_kept(tmp_path, higher, scores, best):
+    kept, weight = keep_best(tmp_path, scores, higher)
+    assert kept == {"epoch": best, "score": scores[best - 1]}
+    assert weight == best  # its weights loaded back, not the last epoch's
+
+
+# the "head scores had a gradient in N of M steps" count covers the whole run, checkpoints or not
+
+
+def test_the_live_steps_count_every_step_across_checkpoints(tiny_finetuned, tmp_path):
+    model_dir, data = tiny_finetuned
+    # 18 steps, checkpoints after steps 5, 10, 15 and 18 (each flushes the gradient norms kept so far)
+    prune(prune_cfg(model_dir, data, tmp_path, k=4, epochs=2, t0=1.0, tf=1e-6, cooldown_steps=12, checkpoint_every=5))
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == list(range(1, 19))
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["live_steps"] >= 1
+    assert results["live_steps"] == sum(row["score_grad_norm"] > 1e-6 for row in log)

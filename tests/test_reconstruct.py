@@ -9,6 +9,7 @@ from torch import nn
 
 from conftest import tiny, tiny_model
 from headprune import attach_gates, detach_gates
+from headprune.config import PruneConfig, reconstruct_in_effect
 from headprune.gates import HeadGates
 from headprune.pruning import load_pruned, save_pruned
 from headprune.reconstruction import MAX_SCALE, reconstruct
@@ -495,3 +496,11 @@ def test_a_reconstruction_stopped_midway_goes_on_from_the_first_block_not_fitted
     calls[:] = []
     again = prune(tiny(*tiny_finetuned, tmp_path / "run", method="fisher", k=3, reconstruct="both", overwrite=True))
     assert len(calls) == 2 and again["reconstruction_error"] == whole["reconstruction_error"]
+
+
+def test_image_classifiers_got_the_bias_from_default_rules_2():
+    # a run saved under rules 2 (before rule 3 took dropout out) did reconstruct with the bias; one of rules 1 did not
+    image = {**vars(PruneConfig(task="image-classification")), "reconstruct": "default"}
+    assert reconstruct_in_effect({**image, "default_rules": 2}) == "bias"
+    assert reconstruct_in_effect({**image, "default_rules": 1}) == "none"
+    assert reconstruct_in_effect({k: v for k, v in image.items() if k != "default_rules"}) == "none"  # unrecorded: 1

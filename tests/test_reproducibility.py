@@ -4,6 +4,8 @@ import json
 import pytest
 import torch
 
+import headprune.train as train_module
+
 from headprune.config import PruneConfig, SweepConfig
 from headprune.recipes import prune
 from headprune.sweeping import sweep
@@ -64,3 +66,20 @@ def test_the_data_order_is_fixed_by_seed_and_epoch_and_changes_between_epochs():
     assert list(EpochOrder(50, seed=3, epoch=0)) == first
     assert list(EpochOrder(50, seed=3, epoch=1)) != first
     assert list(EpochOrder(50, seed=4, epoch=0)) != first
+
+
+def test_dropout_is_seeded_from_the_seed_and_each_step(tiny_finetuned, tmp_path, monkeypatch):
+    model, data = tiny_finetuned
+    seeds = []
+    real = train_module.derive_seed
+
+    def spy(*parts):
+        if parts[1] == "dropout":
+            seeds.append(parts)
+        return real(*parts)
+    monkeypatch.setattr(train_module, "derive_seed", spy)
+    results = prune(PruneConfig(model=str(model), dataset=str(data), output_dir=str(tmp_path), k=3, batch_size=16,
+                                epochs=1, mode="joint", seed=5, checkpoint_every=0))
+    steps = results["steps"] if "steps" in results else len(seeds)
+    # a new draw every step (not one dropout pattern repeated), from this run's seed, on process 0
+    assert seeds == [(5, "dropout", step, 0) for step in range(steps)] and len(seeds) > 1

@@ -5,10 +5,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+from datasets import Dataset
 from safetensors.torch import load_file, save_file
 
 import headprune.train as train_module
 from headprune.config import PruneConfig
+from headprune.digests import digest_of_data
 from headprune.errors import CheckpointError
 from headprune.recipes import prune
 
@@ -173,3 +175,15 @@ def test_a_checkpoint_gives_back_tuples_dict_keys_and_tensors_as_they_were(tmp_p
     assert back["pair"] == (1.5, 2) and type(back["pair"]) is tuple
     assert list(back["by_number"]) == [0, 7] and torch.equal(back["by_number"][0], torch.arange(3.0))
     assert back["by_number"][7] == [("a", None)] and type(back["by_number"][7][0]) is tuple
+
+
+def test_the_data_digest_names_each_split_and_ignores_their_order():
+    a = Dataset.from_dict({"text": ["x", "y"], "label": [0, 1]})
+    b = Dataset.from_dict({"text": ["z"], "label": [1]})
+    # the same splits handed in another order (--eval-files b a) are the same data
+    assert digest_of_data({"a": a, "b": b}) == digest_of_data({"b": b, "a": a})
+    # the same examples under another split name are not: the unpruned metrics cached under this digest
+    # are {split: value}, and a run must not be handed another split's name
+    assert digest_of_data({"valid": a}) != digest_of_data({"test": a})
+    # nor are the same examples in another order (a shuffled training set trains otherwise)
+    assert digest_of_data({"train": a}) != digest_of_data({"train": a.select([1, 0])})
