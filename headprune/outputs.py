@@ -165,6 +165,13 @@ def cache_root() -> Path:
     return Path(root)
 
 
+def drop_oldest(folder: Path, keep: int, pattern: str = "*.safetensors") -> None:
+    """Removes all but the `keep` most recently written entries of a cache folder."""
+    entries = sorted(folder.glob(pattern), key=lambda f: f.stat().st_mtime, reverse=True)
+    for old in entries[keep:]:
+        old.unlink(missing_ok=True)
+
+
 def nearest_existing(path: Path) -> Path:
     """`path`, or its nearest parent that exists: the folder a new output would be made in."""
     return next(folder for folder in (path, *path.absolute().parents) if folder.exists())

@@ -41,14 +41,13 @@ from .budget import budget_units, check_reachable, fit, speed_units, uniform_all
 from .gates import attach_gates, detach_gates
 from .latency import latency_table
 from .measuring import is_generator, sequence_length, size_facts
-from .outputs import (BEST, RESULTS, atomic_folder, atomic_path, cache_root, check_not_inside, check_output_dir,
-                      finish_run, folder_bytes, remove_path, settle_stopped_run, stage_folder, versions, write_json,
-                      write_jsonl)
+from .outputs import (BEST, RESULTS, atomic_folder, cache_root, check_not_inside, check_output_dir, finish_run,
+                      folder_bytes, remove_path, settle_stopped_run, stage_folder, versions, write_json, write_jsonl)
 from .pruning import check_finite_weights, load_pruned, save_pruned, zero_pruned_heads
 from .randomness import keeps_global_rng
-from .reconstruction import mean_contexts, reconstruct
-from .selection import (attach_selector, calibration_set, check_budget, choose_by_scores, drop_oldest, fit_key,
-                        from_main, process_sum, pruning_loss)
+from .reconstruction import keep_fits, mean_contexts, read_fits, reconstruct
+from .selection import (attach_selector, calibration_set, check_budget, choose_by_scores, fit_key, from_main,
+                        process_sum, pruning_loss)
 from .report import plot_head_map, write_run_report
 from .sites import UNIT_NAMES
 from .tasks import get_task
@@ -547,46 +546,17 @@ def _reconstruct(cfg, task, acc, model, gates, mask, calibration, collate, means
     mode = reconstruct_in_effect(vars(cfg))
     key = fit_key(cfg, weights_digest, calibration, mask, mode) if mode in ("rescale", "both") else None
     path = cache_root() / "reconstruction" / f"{key}.json"
-    done = from_main(acc, lambda: _read_fits(path)) if key else None
+    done = from_main(acc, lambda: read_fits(path)) if key else None
     if done:
         log.info("reconstruct: %d blocks fitted before (a run stopped during its reconstruction), from %s",
                  len(done), path)
-
-    def on_block(fits):
-        if key and acc.is_main_process:
-            try:
-                with atomic_path(path) as tmp:  # (compact: a shift per block is the model's width in numbers)
-                    tmp.write_text(json.dumps(fits))
-                drop_oldest(path.parent, keep=FITS_KEPT, pattern="*.json")
-            except OSError as err:  # a cache that cannot be written only costs time after an interruption
-                log.info("cannot write the reconstruction cache %s: %s", path, err)
+    on_block = (lambda fits: keep_fits(path, fits)) if key and acc.is_main_process else None
     with acc.autocast():  # the forward passes; the fit's sums are float64, which autocast leaves alone
         info = reconstruct(model, gates, mask, loader, task.loss, mode, reduce=reduce,
                            disable_progress=not acc.is_local_main_process, means=means, done=done, on_block=on_block)
     info.update(calibration_examples=len(calibration),
                 output_biases_added=sum(site.output.bias is not None for site in gates.sites) - biased)
     return info
-
-
-FITS_KEPT = 50  # reconstructions' fits in the cache (the newest): kB, or MB with `both` on a large model
-
-
-def _read_fits(path: Path) -> dict | None:
-    """The fits per block that an interrupted reconstruction kept (see `fit_blocks`), None where there
-    are none or they are damaged (fitted again)."""
-    try:
-        fits = json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, ValueError):
-        return None
-
-    def numbers(values) -> bool:
-        return isinstance(values, list) and all(isinstance(v, (int, float)) for v in values)
-
-    def whole(fit) -> bool:
-        return isinstance(fit, dict) and (fit.get("scales") is None or (
-            numbers(fit["scales"]) and (fit.get("shift") is None or numbers(fit["shift"]))
-            and isinstance(fit.get("error"), dict) and numbers([fit["error"].get("before"), fit["error"].get("after")])))
-    return fits if isinstance(fits, dict) and all(whole(fit) for fit in fits.values()) else None
 
 
 def _save_pruned(cfg, task, folder: Path, model, gates, tokenizer, mask, scores, added: int = 0) -> dict | None:

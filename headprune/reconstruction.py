@@ -23,11 +23,14 @@ root of the budget); every block from the first that lost a head on is tuned, th
 too (Kwon's code never tunes the first layer); a block whose fit fails or gives a scale beyond
 +-10 keeps scales of 1 (Kwon's code stops tuning at that block and every later one). A block's
 "before" error is at scales 1 on its inputs in the tuned model (the blocks before it already
-tuned), the error its own fit starts from.
+tuned), the error its own fit starts from. Each block's fit is handed to `on_block` as it is made
+(the command line keeps it in the cache: `read_fits`, `keep_fits`), so that a stopped fit goes on
+from the first block not fitted.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from contextlib import contextmanager
 
@@ -35,6 +38,7 @@ import torch
 
 from .methods.flap import flap_statistics
 from .methods.scoring import token_mask, unit_channels
+from .outputs import atomic_path, drop_oldest
 from .pruning import add_output_biases
 from .progress import progress_bar
 from .sites import weight_out_in
@@ -69,6 +73,38 @@ def reconstruct(model, gates, mask: torch.Tensor, batches, loss_fn, mode: str, r
                                                 on_block=on_block)
     fold(gates, mask, scales, shifts if mode == "both" else {})
     return {"reconstruct": mode, "reconstruction_passes": passes, "reconstruction_error": errors}
+
+
+FITS_KEPT = 50  # reconstructions' fits in the cache (the newest): kB, or MB with `both` on a large model
+
+
+def read_fits(path) -> dict | None:
+    """The fits per block that an interrupted reconstruction kept (`fit_blocks`' `done`), None where
+    there are none or they are damaged (fitted again)."""
+    try:
+        fits = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+    def numbers(values) -> bool:
+        return isinstance(values, list) and all(isinstance(v, (int, float)) for v in values)
+
+    def whole(fit) -> bool:
+        return isinstance(fit, dict) and "scales" in fit and (fit["scales"] is None or (
+            numbers(fit["scales"]) and (fit.get("shift") is None or numbers(fit["shift"]))
+            and isinstance(fit.get("error"), dict) and numbers([fit["error"].get("before"), fit["error"].get("after")])))
+    return fits if isinstance(fits, dict) and all(whole(fit) for fit in fits.values()) else None
+
+
+def keep_fits(path, fits: dict) -> None:
+    """`fit_blocks`' `on_block`: the fits so far into the cache (compact JSON: with `both`, a shift per
+    block is the model's width in numbers); one that cannot be written only costs time after a stop."""
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(fits))
+        drop_oldest(path.parent, keep=FITS_KEPT, pattern="*.json")
+    except OSError as err:
+        log.info("cannot write the reconstruction cache %s: %s", path, err)
 
 
 def mean_contexts(model, gates, batches, loss_fn, reduce=None, disable_progress=False) -> list[torch.Tensor]:

@@ -41,7 +41,7 @@ from .methods import (activation, fisher, flap, iterative_pruning, make_selector
                       resolve_schedule, taylor)
 from .methods import scoring
 from .methods.dsp import as_groups, hard_top_k, per_group
-from .outputs import atomic_path, cache_root
+from .outputs import atomic_path, cache_root, drop_oldest
 from .progress import progress_bar
 from .sites import UNIT_NAMES
 from .train import activation_checkpointing, constant_until, explore_then_select, linear_decay, total_steps
@@ -219,13 +219,6 @@ class Calibration:
 
 
 SCORES_KEPT = 1000  # entries of the scores cache (a few kB each): the newest are kept
-
-
-def drop_oldest(folder: Path, keep: int, pattern: str = "*.safetensors") -> None:
-    """Removes all but the `keep` most recently written entries of a cache folder."""
-    entries = sorted(folder.glob(pattern), key=lambda f: f.stat().st_mtime, reverse=True)
-    for old in entries[keep:]:
-        old.unlink(missing_ok=True)
 
 
 # settings that do not change a scorer's output (the rest of the config is part of the cache key)

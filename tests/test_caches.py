@@ -4,7 +4,7 @@ import json
 import os
 
 import headprune.digests as digests
-from headprune.selection import drop_oldest
+from headprune.outputs import drop_oldest
 from headprune.config import PruneConfig
 from headprune.digests import metrics_key
 
