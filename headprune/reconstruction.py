@@ -218,7 +218,7 @@ def fit_blocks(model, gates, mask, batches, loss_fn, intercept: bool, reduce=Non
             if found["scales"] is not None:
                 for u, value in zip(kept, found["scales"]):
                     scales[offset + u] = value
-                if found["shift"] is not None:
+                if found.get("shift") is not None:
                     shifts[i] = torch.tensor(found["shift"], dtype=torch.float64)
                 errors.append({"kind": site.kind, "layer": site.layer, **found["error"]})
             continue
