@@ -408,10 +408,12 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
             if cfg.method == "voita":
                 info["heads_on_by_threshold"] = selector.heads_on()
         else:
+            measured = []  # flap's scoring pass measures the mean contexts too: the bias reuses them
             mask, scores, info = choose_by_scores(
                 cfg, task, acc, model, gates, calibration, collate, evaluate_with, weights_digest=inputs["model"],
                 rounds_done=extra.get("michel_rounds"), metrics_unpruned=extra["metrics_unpruned"] if pipelined else None,
-                save_rounds=lambda rounds: save_rounds(acc, out, cfg, rounds, extra, so_far()))
+                save_rounds=lambda rounds: save_rounds(acc, out, cfg, rounds, extra, so_far()), on_means=measured.append)
+            means = measured[0] if means is None and measured else means
     chosen = mask.clone()
     gates.fill = None  # zero again: the reconstruction puts the means into the weights
     info["allocation"] = "uniform" if uniform_allocation(cfg, gates.sites) else "global"

@@ -175,7 +175,9 @@ class Calibration:
     """What a scorer reads: the model with its gates, the calibration batches (a loader that can be
     iterated again), the task's loss, the run's config; `reduce` sums a tensor over processes and
     `gather` stacks one (None on one process). `key`: where `cached` keeps what a scorer computed
-    from these weights, this data and these settings (None: nothing kept)."""
+    from these weights, this data and these settings (None: nothing kept). `means`: each block's
+    mean context with every head on, where the scorer measured them on its way (flap): what
+    `--reconstruct bias` adds back, kept beside the scores so that it needs no pass of its own."""
     model: torch.nn.Module
     gates: object
     batches: object
@@ -188,6 +190,7 @@ class Calibration:
     writes: bool = True  # the main process writes the cache
     agree: Callable = lambda read: read()  # the main process's reading for all (selection.from_main)
     hit: bool = False
+    means: list[torch.Tensor] | None = None
 
     def progress(self, desc: str):
         return progress_bar(self.batches, desc=desc, leave=False, disable=not self.show_progress)
@@ -197,21 +200,28 @@ class Calibration:
         path = cache_root() / "scores" / f"{self.key}.safetensors"
 
         def read():
+            if not self.key or not path.is_file():
+                return None
             try:
-                return load_file(path)["scores"] if self.key and path.is_file() else None
+                entry = load_file(path)
+                means = [entry[f"means.{i}"] for i in range(len(self.gates.sites))] if "means.0" in entry else None
+                return entry["scores"], means
             except (OSError, SafetensorError, KeyError):
                 return None  # a damaged entry is computed again
-        value = self.agree(read)
-        if value is not None:
+        entry = self.agree(read)
+        if entry is not None:
             self.hit = True
             log.info("%s: scores of these weights on this calibration data, computed before (%s)",
                      self.cfg.method, path)
+            value, self.means = entry
             return value
         value = compute()
         if self.key and self.writes:
+            kept = {"scores": value}
+            kept.update({f"means.{i}": mean for i, mean in enumerate(self.means or [])})
             try:
                 with atomic_path(path) as tmp:
-                    save_file({"scores": value.detach().cpu().contiguous()}, str(tmp))
+                    save_file({name: t.detach().cpu().contiguous() for name, t in kept.items()}, str(tmp))
                 drop_oldest(path.parent, keep=SCORES_KEPT)
             except OSError as err:  # a cache that cannot be written only costs time
                 log.info("cannot write the scores cache %s: %s", path, err)
@@ -335,13 +345,14 @@ def method_options(cfg) -> dict:
 
 
 def choose_by_scores(cfg, task, acc, model, gates, calibration, collate, evaluate_with, weights_digest=None,
-                     rounds_done=None, save_rounds=None, metrics_unpruned=None):
+                     rounds_done=None, save_rounds=None, metrics_unpruned=None, on_means=None):
     """Keep the top k (k_g of each group) by the method's scores on the calibration data (random:
     none); michel in rounds, with the metrics after each (its curve). Returns the mask, the scores
     to show (michel: the round in which a head went) and what to record. `rounds_done`: michel's
     rounds of an interrupted run (their masks, scores and metrics), reused; `save_rounds(rounds)`
     is called with all of them after each new one (a checkpoint). `metrics_unpruned`: evaluate_with(every
-    head), measured already (michel's first round)."""
+    head), measured already (michel's first round). `on_means(means)`: given each block's mean context
+    where the scorer measured them (flap; see `Calibration`)."""
     budget = as_groups(gates.num_heads, cfg.k, budget_of(cfg, gates))
     info = method_options(cfg)
     if cfg.method == "random":
@@ -368,6 +379,8 @@ def choose_by_scores(cfg, task, acc, model, gates, calibration, collate, evaluat
     mask = per_group(hard_top_k, scores.values, budget)
     if scores.refine is not None:
         mask = scores.refine(mask)
+    if run.means is not None and on_means is not None:
+        on_means(run.means)
     info["scoring_passes"] = 0 if run.hit else 1
     info["scores_from_cache"] = run.hit
     log.info("%s: scored %d %s on %d calibration examples", cfg.method, gates.num_heads, unit, len(calibration))

@@ -504,3 +504,28 @@ def test_image_classifiers_got_the_bias_from_default_rules_2():
     assert reconstruct_in_effect({**image, "default_rules": 2}) == "bias"
     assert reconstruct_in_effect({**image, "default_rules": 1}) == "none"
     assert reconstruct_in_effect({k: v for k, v in image.items() if k != "default_rules"}) == "none"  # unrecorded: 1
+
+
+def test_flaps_bias_reuses_the_means_its_scoring_pass_measured(tiny_finetuned, tmp_path, monkeypatch):
+    """FLAP's scores come from each channel's mean and variance: the bias compensation reuses those
+    means (one pass over the calibration data in all, not two), and a second budget reads both from
+    the cache (no pass). A cache entry of scores alone (written before) costs the bias its pass and
+    gives the same model."""
+    import headprune.methods.scoring as scoring
+    from safetensors.torch import load_file, save_file
+    real, passes = scoring.observe_calibration, []
+    monkeypatch.setattr(scoring, "observe_calibration", lambda *a, **k: passes.append(1) or real(*a, **k))
+    monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path / "cache"))
+    first = prune(tiny(*tiny_finetuned, tmp_path / "k3", method="flap", reconstruct="bias"))
+    assert len(passes) == 1 and first["scoring_passes"] == 1 and first["reconstruction_passes"] == 0
+    second = prune(tiny(*tiny_finetuned, tmp_path / "k5", method="flap", k=5, reconstruct="bias"))
+    assert len(passes) == 1 and second["scoring_passes"] == 0 and second["reconstruction_passes"] == 0
+    (entry,) = (tmp_path / "cache" / "scores").iterdir()
+    save_file({"scores": load_file(entry)["scores"]}, str(entry))
+    old = prune(tiny(*tiny_finetuned, tmp_path / "old", method="flap", reconstruct="bias"))
+    assert len(passes) == 2 and old["scoring_passes"] == 0 and old["reconstruction_passes"] == 1
+    saved = [load_file(tmp_path / folder / "model" / "model.safetensors") for folder in ("k3", "old")]
+    assert saved[0].keys() == saved[1].keys() and any("o_proj.bias" in name or "output.dense.bias" in name
+                                                      for name in saved[0])
+    assert all(torch.equal(saved[0][name], saved[1][name]) for name in saved[0])
+    assert first["metrics_pruned"] == old["metrics_pruned"]

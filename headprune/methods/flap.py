@@ -8,7 +8,8 @@ of x_c times the squared norm of the weight column W[:, c]; each attention block
 channel scores standardised (minus their mean, over their standard deviation); a head's (or KV
 group's) score the mean over its channels. The reference code squares the attention scores once
 more before standardising; the paper does not, nor does headprune. The channels' means (the first
-of `flap_statistics`' results) are what the bias compensation adds back for the heads removed.
+of `flap_statistics`' results) are what the bias compensation adds back for the heads removed: the
+scorer hands them on (`run.means`), so that `--reconstruct bias` makes no pass of its own.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def flap_scores(gates, variances: list[torch.Tensor]) -> torch.Tensor:
 def score(run, mask: torch.Tensor):
     """The scorer of the driver (`headprune.selection`)."""
     def compute():
-        _, variances = flap_statistics(run.model, run.gates, run.progress("flap scores"), run.loss_fn, run.reduce)
+        run.means, variances = flap_statistics(run.model, run.gates, run.progress("flap scores"), run.loss_fn,
+                                               run.reduce)
         return flap_scores(run.gates, variances)
     return Scores(run.cached(compute))
