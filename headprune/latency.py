@@ -69,19 +69,26 @@ def latency_table(model, unit: str, batch: int, length: int, device: str, new_to
     table = {"kinds": {}}
     whole_times = []
     settings = sum(next(iter(units[kind])) for kind in kinds)
+    # each setting's timing is kept as it is made: a run stopped midway times only the settings left
+    partial = path.with_name(path.stem + ".partial.json")
+    done, writable = _read_partial(partial), True
     log.info("measuring a latency table on %s: %d settings, each timed %d times against the whole model (once "
-             "per machine: cached)", device, settings, repeats)
+             "per machine: cached)%s", device, settings, repeats,
+             f"; {len(done)} timed before, by a run stopped while measuring it" if done else "")
     bar = progress_bar(total=settings, desc="latency table")
     for kind in kinds:
         n = next(iter(units[kind]))
         times = []
         for h in range(n):  # h = n is the whole model
-            kept = [(s.kind, s.layer, u) for s in sites for u in range(h if s.kind == kind else s.num_heads)]
-            pruned = remove_heads(copy.deepcopy(whole), kept, unit)
-            timing = timed({"whole": whole, "pruned": pruned})
-            whole_times.append(timing["whole"]["median"])
-            times.append(timing["pruned"]["median"] / timing["whole"]["median"])  # as a share of the whole
-            del pruned
+            setting = f"{kind} {h}"
+            if setting not in done:
+                kept = [(s.kind, s.layer, u) for s in sites for u in range(h if s.kind == kind else s.num_heads)]
+                timing = timed({"whole": whole, "pruned": remove_heads(copy.deepcopy(whole), kept, unit)})
+                # the whole model's seconds, and the pruned one's as a share of the whole
+                done[setting] = [timing["whole"]["median"], timing["pruned"]["median"] / timing["whole"]["median"]]
+                writable = writable and _write(partial, done)  # (said once)
+            whole_times.append(done[setting][0])
+            times.append(done[setting][1])
             bar.update(1)
         times.append(1.0)
         table["kinds"][kind] = {"units": n, "layers": [s.layer for s in sites if s.kind == kind], "relative": times}
@@ -102,13 +109,30 @@ def latency_table(model, unit: str, batch: int, length: int, device: str, new_to
     whole.train(was_training)
     log.info("latency table: the whole model takes %.4g ms; a layer with every unit %s", seconds * 1e3,
              ", ".join(f"{kind} {entry['per_layer'][-1] * 1e3:.3g} ms" for kind, entry in table["kinds"].items()))
+    if _write(path, table):
+        partial.unlink(missing_ok=True)
+    return table
+
+
+def _read_partial(path) -> dict:
+    """The settings a stopped run timed ({"kind h": [whole seconds, pruned share]}); {} where none
+    or unreadable."""
+    try:
+        done = json.loads(path.read_text()) if path.is_file() else {}
+        return {name: [float(v) for v in value] for name, value in done.items() if len(value) == 2}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}  # a damaged entry: its settings are timed again
+
+
+def _write(path, value) -> bool:
     try:
         with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(table))
-    except OSError as err:  # the run goes on with the table it measured
+            tmp.write_text(json.dumps(value))
+        return True
+    except OSError as err:  # the run goes on with what it measured
         log.warning("cannot cache the latency table in %s (%s): the next run measures it again", path,
                     err.strerror or first_line(err))
-    return table
+        return False
 
 
 def _check(table: dict, whole, sites, unit: str, timed) -> dict:

@@ -196,6 +196,46 @@ def test_a_sweeps_unreachable_speedup_is_refused_before_its_first_run(tiny_finet
     assert caplog.text.count("measuring a latency table") == 1
     assert "latency table measured before on this machine" in caplog.text
 
+def test_a_latency_table_stopped_midway_times_only_the_settings_left(tiny_lm, tmp_path, monkeypatch, caplog):
+    """Each setting's timing is kept as it is made: the table measured again after a kill times the
+    settings left and equals one measured at once; the kept timings go once the table is cached."""
+    import headprune.latency as latency
+    import headprune.measuring as measure
+    model = load_pruned(tiny_lm[0])
+    monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path / "cache"))
+    timed = []
+
+    class Killed(Exception):
+        pass
+
+    def fake_alternate(models, run, repeats, warmup, device):  # 10 ms plus 1 ms a kept group
+        units = sum(s.num_heads for s in find_sites(models["pruned"]))
+        if kill and len(timed) == 1:
+            raise Killed
+        timed.append(units)
+        return {name: {"median": 0.010 + 0.001 * sum(s.num_heads for s in find_sites(m))} for name, m in models.items()}
+    monkeypatch.setattr(measure, "alternate", fake_alternate)
+    kill = True
+    with pytest.raises(Killed):
+        latency.latency_table(model, "group", 2, 8, "cpu")
+    (partial,) = (tmp_path / "cache" / "latency").glob("*.partial.json")
+    kill, timed[:] = False, []
+    with caplog.at_level(logging.INFO, logger="headprune"):
+        table = latency.latency_table(model, "group", 2, 8, "cpu")
+    assert timed == [3]  # h = 1 in each of the 3 layers: h = 0 was timed before the kill
+    assert "2 settings, each timed 20 times against the whole model (once per machine: cached); 1 timed before" \
+        in caplog.text
+    assert not partial.exists() and len(list(partial.parent.iterdir())) == 1
+    monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path / "another cache"))
+    assert latency.latency_table(model, "group", 2, 8, "cpu") == table and timed == [3, 0, 3]
+    # a damaged record of timings is timed again
+    monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path / "cache"))
+    for entry in partial.parent.iterdir():
+        entry.unlink()
+    partial.write_text("[damaged")
+    assert latency.latency_table(model, "group", 2, 8, "cpu") == table and timed == [3, 0, 3, 0, 3]
+
+
 def test_the_latency_table_is_monotone_and_kept_per_shape_and_kernel(tiny_lm, tmp_path, monkeypatch):
     import headprune.latency as latency
     import headprune.measuring as measure
