@@ -154,7 +154,9 @@ def tracker_settings(cfg, out: Path) -> dict:
     return {"log_with": cfg.report_to, "project_dir": str(out / folder)}
 
 
-def _load(cfg, task, path, config, require_finetuned: bool):
+def load_for_run(cfg, task, path, config, require_finetuned: bool):
+    """The data, model and tokenizer a run of `cfg` reads, checked (finite weights, --select-by's
+    split), in --dtype, the tokenizer's length capped at the model's positions."""
     data = task.load_data(cfg)
     check_split(getattr(cfg, "select_by", None), data, "--select-by")  # now, not after the unpruned evaluation
     model, tokenizer = task.load_model(cfg, data, path, config, require_finetuned)
@@ -254,7 +256,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     out, state, acc = _start(cfg, path)
     seconds: dict = dict(state["seconds"]) if state else {}
     with timed(seconds, "load"), _no_empty_folder_if_refused(out):
-        data, model, tokenizer = _load(cfg, task, path, config, require_finetuned=False)
+        data, model, tokenizer = load_for_run(cfg, task, path, config, require_finetuned=False)
         train_set, evals, collate = _prepare(task, data, tokenizer, cfg)
         inputs = run_inputs(cfg, path, train_set, evals)
         state = check_inputs(out, state, inputs, cfg)
@@ -314,7 +316,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
     out, state, acc = _start(cfg, path)
     seconds: dict = dict(state["seconds"]) if state else {}
     with timed(seconds, "load"), _no_empty_folder_if_refused(out):
-        data, model, tokenizer = _load(cfg, task, path, config, require_finetuned=pipelined)
+        data, model, tokenizer = load_for_run(cfg, task, path, config, require_finetuned=pipelined)
         table = None
         if cfg.target_speedup is not None:  # timed before any gate is on it
             if cfg.at_new_tokens and not is_generator(model):

@@ -38,7 +38,7 @@ from .latency import latency_table
 from .measuring import is_generator
 from .outputs import RESULTS, atomic_path, check_not_inside, checkpoint_folder, settle_stopped_run
 from .pruning import with_pruned_shapes
-from .recipes import _load as load_for_run, check_split, input_paths, prune, timed_length
+from .recipes import check_split, input_paths, load_for_run, prune, timed_length
 from .report import plot_sweep
 from .selection import check_budget
 from .sites import UNIT_NAMES, find_sites

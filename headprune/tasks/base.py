@@ -37,7 +37,7 @@ def loading_weights(name: str):
 
 
 def token_limit(cfg, tokenizer) -> int:
-    """--max-length, or fewer where the model has fewer positions (recipes._load puts them in the
+    """--max-length, or fewer where the model has fewer positions (recipes.load_for_run puts them in the
     tokenizer's model_max_length): a longer input would crash the position embeddings."""
     limit = min(cfg.max_length, tokenizer.model_max_length)
     if limit < cfg.max_length:
