@@ -262,6 +262,20 @@ def test_a_multi_query_model_pruned_by_kv_group_is_told_a_group_is_a_layer(arch,
     assert ("one KV group (multi-query attention)" in caplog.text) == warned
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_query_positions_of_groups_of_one_query_head_are_refused(arch, tmp_path):
+    """GPT-2's heads, and a Llama whose every group holds one query head: a query position would be
+    a layer's whole attention. Refused before anything loads; the default unit prunes their heads."""
+    from headprune.errors import ConfigError
+    from headprune.tasks import get_task
+    write_tiny_lm(tmp_path, arch=arch, kv_heads=6, n_train=4, n_eval=2)
+    task = get_task("causal-lm")
+    with pytest.raises(ConfigError, match="each group of .* holds one query head, so a query position would be a "
+                                          "layer's whole attention"):
+        task.inspect(str(tmp_path / "model"), require_finetuned=False, unit="query")
+    assert task.inspect(str(tmp_path / "model"), require_finetuned=False, unit="group")[2] == {"decoder": 18}
+
+
 def test_a_key_value_group_of_one_query_head_is_called_a_head(tmp_path):
     """GPT-2 and GPT-NeoX give each query head its own keys and values: logs, results and measure's
     table say heads, not KV groups; Phi-3's groups of three stay KV groups."""

@@ -212,6 +212,10 @@ class Task:
         if not isinstance(record, dict):
             check_record(record, sites, name)  # says what is wrong with it
         physical = record.get("physical")
+        if pruning and unit == "query" and not record and all(s.query_heads == s.kv_heads for s in sites):
+            raise ConfigError(f"--unit query prunes query heads within key/value groups: each group of {name!r} holds "
+                              "one query head, so a query position would be a layer's whole attention (use the "
+                              "default unit, its heads)")
         trained = any(str(a).endswith(self.architecture_suffixes) for a in config.architectures or [])
         if require_finetuned and not physical and config.architectures and not trained:
             raise ModelError(f"{name!r} is not {self.trained_model} (it is a {config.architectures[0]}); "
