@@ -43,7 +43,7 @@ from .errors import CheckpointError, ConfigError, OutputExistsError
 from .gates import ATTRIBUTE, attach_gates, detach_gates
 from .pruning import prune_in_place, save_pruned
 from .selection import selector_and_optimizer
-from .sites import UNIT_NAMES, find_sites
+from .sites import UNIT_NAMES, check_query_unit, find_sites
 from .train import changed_settings, describe_changes
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,8 @@ class HeadPruningCallback(TrainerCallback):
         if self.gates is not None and getattr(model, ATTRIBUTE, None) is self.gates:
             detach_gates(model)  # a train() that an error stopped left them: this one starts its own
         sites = find_sites(model, self.cfg.unit)  # k checked before the gates go on: the model stays plain
+        if self.cfg.unit == "query" and not getattr(model.config, "headprune", None):
+            check_query_unit(sites, "this model")
         units = sum(site.num_heads for site in sites)
         if self.cfg.k > units:
             raise ConfigError(f"k={self.cfg.k} is more than the {units} {UNIT_NAMES[sites[0].unit]} of this model")

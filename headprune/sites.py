@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .errors import UnsupportedArchitectureError
+from .errors import ConfigError, UnsupportedArchitectureError
 
 KINDS = ("encoder", "decoder", "cross")
 UNITS = ("group", "query")  # what a gate prunes in grouped-query attention (see above)
@@ -466,6 +466,15 @@ def check_sites(model_type: str, sites: list[AttentionSite]) -> None:
 
 # What one unit of pruning is called in logs and reports.
 UNIT_NAMES = {"head": "heads", "group": "KV groups", "query": "query positions (of every group)"}
+
+
+def check_query_unit(sites: list[AttentionSite], name: str) -> None:
+    """--unit query on a model not pruned before (`sites` of its original shapes): refused where
+    every group holds one query head, since a query position would be a layer's whole attention."""
+    if all(site.query_heads == site.kv_heads for site in sites):
+        raise ConfigError(f"--unit query prunes query heads within key/value groups: each group of {name} holds one "
+                          "query head, so a query position would be a layer's whole attention (use the default "
+                          "unit, its heads)")
 
 
 def find_sites(model: nn.Module, unit: str = "group") -> list[AttentionSite]:

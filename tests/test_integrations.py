@@ -108,6 +108,18 @@ def test_fp16_is_refused_before_the_gates_go_on():
     assert not hasattr(model, "head_gates")
 
 
+def test_query_positions_of_a_model_without_grouped_queries_are_refused_before_the_gates_go_on():
+    """A Llama whose every key/value head has one query head: a query position would be a layer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4))
+    callback = HeadPruningCallback(k=3, unit="query")
+    args = SimpleNamespace(fp16=False, gradient_checkpointing=False, output_dir="unused")
+    with pytest.raises(ConfigError, match="each group of this model holds one query head"):
+        callback.on_train_begin(args, SimpleNamespace(max_steps=10, global_step=0), None, model=model)
+    assert not hasattr(model, "head_gates")
+
+
 def trainer_for(tmp_path, model, callback, max_steps=12, **arguments):
     from transformers import Trainer, TrainingArguments
     args = TrainingArguments(output_dir=str(tmp_path / "trainer"), max_steps=max_steps, per_device_train_batch_size=8,

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 
 from ..errors import ConfigError, HeadpruneError, ModelError, UnsupportedArchitectureError, first_line
 from ..pruning import SAFE, check_model_folder, check_record
-from ..sites import UNIT_NAMES, find_sites
+from ..sites import UNIT_NAMES, check_query_unit, find_sites
 from ..train import linear_decay
 
 log = logging.getLogger("headprune")
@@ -212,10 +212,8 @@ class Task:
         if not isinstance(record, dict):
             check_record(record, sites, name)  # says what is wrong with it
         physical = record.get("physical")
-        if pruning and unit == "query" and not record and all(s.query_heads == s.kv_heads for s in sites):
-            raise ConfigError(f"--unit query prunes query heads within key/value groups: each group of {name!r} holds "
-                              "one query head, so a query position would be a layer's whole attention (use the "
-                              "default unit, its heads)")
+        if pruning and unit == "query" and not record:
+            check_query_unit(sites, repr(name))
         trained = any(str(a).endswith(self.architecture_suffixes) for a in config.architectures or [])
         if require_finetuned and not physical and config.architectures and not trained:
             raise ModelError(f"{name!r} is not {self.trained_model} (it is a {config.architectures[0]}); "
