@@ -16,7 +16,7 @@ import re
 import sys
 from pathlib import Path
 
-from . import config as cfgmod
+from . import __version__, config as cfgmod
 from .config import DEMO_DIR, MeasureConfig, SweepConfig
 from .errors import HeadpruneError
 
@@ -34,6 +34,7 @@ def parser() -> argparse.ArgumentParser:
         prog="headprune", description="Prune the attention heads of Transformer models.",
         epilog="Options can also come from a YAML file (--config); flags override it. "
                "Run `headprune COMMAND --help` for the options of a command.")
+    top.add_argument("--version", action="version", version=f"headprune {__version__}")
     sub = top.add_subparsers(dest="command", required=True)
     ft = sub.add_parser("finetune", help="fine-tune (or train from scratch) a model for the task: the start "
                                          "of pipelined pruning",

@@ -766,8 +766,10 @@ def _flag(name: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
     """One flag per field; defaults are left out here so that a YAML value is not masked."""
-    parser.add_argument("--config", help="YAML file of options; flags given here override it (`none` given to a "
-                                         "number option without a default clears the file's value).")
+    parser.add_argument("--config", help="YAML file of options, or the name of one headprune ships (e.g. "
+                                         "rotten-tomatoes, smollm2, sweep-rotten-tomatoes); flags given here "
+                                         "override it (`none` given to a number option without a default clears "
+                                         "the file's value).")
     for f in options_of(cls):
         meta = {k: v for k, v in f.metadata.items() if k not in ("min", "positive", "below", "max")}
         default = default_of(f)
@@ -850,11 +852,28 @@ def _yaml_int(loader, node):  # decimal, whatever leading zeros (YAML 1.1's read
 _YamlLoader.add_constructor("tag:yaml.org,2002:int", _yaml_int)
 
 
+SHIPPED_CONFIGS = Path(__file__).parent / "configs"  # (the repository's configs/ is a link to them)
+
+
+def config_file(name: str) -> Path:
+    """--config: a YAML file, or the name of one headprune ships (`rotten-tomatoes`: its
+    configs/rotten-tomatoes.yaml), which an installed headprune has without the repository."""
+    path = Path(name)
+    shipped = SHIPPED_CONFIGS / f"{name}.yaml"
+    if not path.exists() and path.name == name and not path.suffix and shipped.is_file():
+        return shipped
+    return path
+
+
 def load_yaml(path: str, cls) -> dict:
     try:
-        values = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_YamlLoader) or {}
+        values = yaml.load(config_file(path).read_text(encoding="utf-8"), Loader=_YamlLoader) or {}
     except UnicodeDecodeError as err:
         raise ConfigError(f"config file {path}: not UTF-8 text (byte {err.start})") from err
+    except FileNotFoundError as err:
+        names = ", ".join(sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml")))
+        raise ConfigError(f"cannot read config file {path}: no such file (headprune ships {names}: "
+                          "name one without .yaml)") from err
     except (OSError, yaml.YAMLError) as err:
         raise ConfigError(f"cannot read config file {path}: {' '.join(str(err).split())}") from err
     if not isinstance(values, dict):

@@ -33,7 +33,7 @@ def digits() -> ImageData:
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:
-        raise DataError("offline:digits needs scikit-learn: pip install scikit-learn") from err
+        raise DataError("offline:digits needs scikit-learn: pip install 'headprune[vision]' (or pip install scikit-learn)") from err
     import numpy as np
     from PIL import Image as PILImage
 

@@ -137,8 +137,10 @@ def _no_empty_folder_if_refused(out: Path):
         raise
 
 
-TRACKER_PACKAGES = {"tensorboard": ("is_tensorboard_available", "tensorboard or tensorboardX"),
-                    "wandb": ("is_wandb_available", "wandb"), "mlflow": ("is_mlflow_available", "mlflow")}
+TRACKER_PACKAGES = {"tensorboard": ("is_tensorboard_available", "tensorboard or tensorboardX: pip install "
+                                                             "'headprune[tensorboard]' (or pip install tensorboardX)"),
+                    "wandb": ("is_wandb_available", "wandb: pip install wandb"),
+                    "mlflow": ("is_mlflow_available", "mlflow: pip install mlflow")}
 
 
 def tracker_settings(cfg, out: Path) -> dict:
@@ -148,7 +150,7 @@ def tracker_settings(cfg, out: Path) -> dict:
     import accelerate.utils
     check, package = TRACKER_PACKAGES[cfg.report_to]
     if not getattr(accelerate.utils, check)():
-        raise ConfigError(f"--report-to {cfg.report_to} needs {package}: pip install {package.split()[-1]}")
+        raise ConfigError(f"--report-to {cfg.report_to} needs {package}")
     # beside an earlier run's events, which stay whole (as its results do) until this run is complete
     folder = STAGED_TRACKER if (out / RESULTS).exists() else TRACKER_DIR
     return {"log_with": cfg.report_to, "project_dir": str(out / folder)}
@@ -631,7 +633,8 @@ def demo(root: Path = DEMO_DIR, k: int | None = None, task: str = "classificatio
     for phase in (root / "finetune", pruned_dir):  # a phase stopped while its files moved in: completed
         settle_stopped_run(phase)
     if not (root / "finetune" / RESULTS).exists():
-        finetune(base)
+        with _no_empty_folder_if_refused(root):  # (missing data: no empty demo folder either)
+            finetune(base)
     else:
         log.info("reusing the trained model in %s", root / "finetune")
     if not (pruned_dir / RESULTS).exists():

