@@ -83,7 +83,7 @@ def latency_table(model, unit: str, batch: int, length: int, device: str, new_to
             setting = f"{kind} {h}"
             if setting not in done:
                 kept = [(s.kind, s.layer, u) for s in sites for u in range(h if s.kind == kind else s.num_heads)]
-                timing = timed({"whole": whole, "pruned": remove_heads(copy.deepcopy(whole), kept, unit)})
+                timing = timed({"whole": whole, "pruned": pruned_copy(whole, kept, unit)})
                 # the whole model's seconds, and the pruned one's as a share of the whole
                 done[setting] = [timing["whole"]["median"], timing["pruned"]["median"] / timing["whole"]["median"]]
                 writable = writable and _write(partial, done)  # (said once)
@@ -114,6 +114,14 @@ def latency_table(model, unit: str, batch: int, length: int, device: str, new_to
     return table
 
 
+def pruned_copy(whole, kept, unit: str):
+    """`whole` with only the `kept` units, sharing every weight it keeps whole with `whole`: remove_heads
+    puts new tensors in place of the ones it slices and changes none in place, so only the kept
+    attention slices are new (a deep copy would be a second model on the device)."""
+    shared = {id(t): t for t in (*whole.parameters(), *whole.buffers())}
+    return remove_heads(copy.deepcopy(whole, shared), kept, unit)
+
+
 def _read_partial(path) -> dict:
     """The settings a stopped run timed ({"kind h": [whole seconds, pruned share]}); {} where none
     or unreadable."""
@@ -142,7 +150,7 @@ def _check(table: dict, whole, sites, unit: str, timed) -> dict:
     counts = even_counts(sites, sum(s.num_heads for s in sites) // 2)
     mask = even_mask(sites, sum(counts))
     kept = [(s.kind, s.layer, u) for s, c in zip(sites, counts) for u in range(c)]
-    timing = timed({"whole": whole, "pruned": remove_heads(copy.deepcopy(whole), kept, unit)})
+    timing = timed({"whole": whole, "pruned": pruned_copy(whole, kept, unit)})
     measured = seconds * (1 - timing["pruned"]["median"] / timing["whole"]["median"])  # what half the units save
     predicted = seconds - predicted_seconds(table, sites, mask)
     scale = min(max(measured / predicted, 0.5), 1.5) if predicted > 0 else 1.0  # (a wild check is not trusted;

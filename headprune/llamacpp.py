@@ -136,7 +136,7 @@ def export_gguf(cfg) -> dict:
         raise ConfigError("export --format gguf needs --tokenizer-gguf: a GGUF file of the unpruned model (llama.cpp's "
                           "convert_hf_to_gguf.py writes one), whose tokenizer is copied")
     fields = tokenizer_fields(source, config.vocab_size)
-    model = load_pruned(cfg.model).float().eval()
+    model = load_pruned(cfg.model).eval()  # in its own dtype: each tensor goes to float32 alone (add)
     plan = layer_plan(model)
     tensor_type, file_type = _ggml_type(cfg.dtype)
     head_dim = find_sites(model, "group")[0].head_dim
@@ -151,7 +151,7 @@ def export_gguf(cfg) -> dict:
     sites = find_sites(model, "group")
     with atomic_files(output) as folder:  # (a killed export's temporary folder goes at the next one)
         tmp = folder / output.name
-        writer = GGUFWriter(tmp, ARCH)
+        writer = GGUFWriter(tmp, ARCH, use_temp_file=True)  # each tensor spooled to disk as it is made, not held
         writer.add_name(Path(cfg.model).resolve().name)
         writer.add_context_length(config.max_position_embeddings)
         writer.add_embedding_length(config.hidden_size)
@@ -179,8 +179,8 @@ def export_gguf(cfg) -> dict:
             block = inner.layers[layer]
             if p["attention"]:
                 add(f"blk.{layer}.attn_norm.weight", block.input_layernorm.weight, matrix=False)
-                q = permute_for_rope(site.query.weight.detach().numpy(), p["heads"])
-                k = permute_for_rope(site.key.weight.detach().numpy(), p["kv_heads"])
+                q = permute_for_rope(site.query.weight.detach().float().numpy(), p["heads"])
+                k = permute_for_rope(site.key.weight.detach().float().numpy(), p["kv_heads"])
                 add(f"blk.{layer}.attn_q.weight", torch.from_numpy(q))
                 add(f"blk.{layer}.attn_k.weight", torch.from_numpy(k))
                 add(f"blk.{layer}.attn_v.weight", site.value.weight)

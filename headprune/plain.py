@@ -83,8 +83,10 @@ def plain_model(model: torch.nn.Module) -> torch.nn.Module:
                          f"than this model ({name}: {shapes.get(name, 'none')} there, {got} here): its config cannot "
                          "hold these heads (BERT's and GPT-2's derive the head size from the width); load this "
                          "model with headprune.load_pruned")
-    plain = cls(config)
-    plain.load_state_dict(state, strict=True)
+    from accelerate import init_empty_weights
+    with init_empty_weights(include_buffers=False):  # no second model's worth of random weights
+        plain = cls(config)
+    plain.load_state_dict(state, strict=True, assign=True)  # the pruned model's tensors themselves, not copies
     plain.tie_weights()
     return plain.eval()
 

@@ -498,10 +498,15 @@ def load_pruned(folder, model_class=None, **config_kwargs) -> nn.Module:
             return model_class.from_pretrained(folder, **SAFE_WEIGHTS, **config_kwargs)
         except (OSError, ValueError, RuntimeError, SafetensorError) as err:
             raise PrunedCheckpointError(f"cannot load the model in {folder}: {first_line(err)}") from err
-    model = with_pruned_shapes(model_from_config(model_class, config), record, folder)
+    from accelerate import init_empty_weights
+    with init_empty_weights(include_buffers=False):  # parameters on the meta device: no full-size random model
+        model = with_pruned_shapes(model_from_config(model_class, config), record, folder)
     kept = record["kept_heads"]
     try:
         _load_weights(model, Path(folder))
+        if any(p.is_meta for p in model.parameters()):  # one the files leave out (fixed positions): built for real
+            model = with_pruned_shapes(model_from_config(model_class, config), record, folder)
+            _load_weights(model, Path(folder))
     except RuntimeError as err:
         if asked_for and saved_as and asked_for != saved_as:
             raise PrunedCheckpointError(
@@ -541,11 +546,18 @@ def _load_weights(model: nn.Module, folder: Path) -> None:
         raise OSError(f"no model.safetensors (or model.safetensors.index.json) in {folder}: headprune reads "
                       "safetensors only (loading a pickle can run code)")
     loaded, unexpected = set(), []
+    own = model.state_dict()  # (meta parameters: shapes and dtypes only)
     for shard in shards:  # one shard in memory at a time
-        weights = load_file(shard)
-        result = model.load_state_dict(weights, strict=False)
+        # each file tensor becomes the parameter itself (assign), in the parameter's dtype: no second copy
+        weights = {name: t.to(own[name].dtype) if name in own else t for name, t in load_file(shard).items()}
+        wrong = [name for name, t in weights.items() if name in own and tuple(t.shape) != tuple(own[name].shape)]
+        if wrong:
+            raise RuntimeError(f"size mismatch for {wrong[0]}: {tuple(weights[wrong[0]].shape)} in the file, "
+                               f"{tuple(own[wrong[0]].shape)} in the model")
+        result = model.load_state_dict(weights, strict=False, assign=True)
         unexpected += result.unexpected_keys
         loaded |= set(weights) - set(result.unexpected_keys)
+        del weights
     missing_in_files = [k for k in model.state_dict() if k not in loaded]
     left_out = []
     for prefix, module in model.named_modules():  # submodules (BART's encoder) declare their own

@@ -600,3 +600,18 @@ def test_a_budget_per_kind_of_every_head_is_accepted():
     check_budget(SimpleNamespace(k_per_kind=None, k=24), COUNTS, threshold=False)
     with pytest.raises(ConfigError, match="k=25 is more than the 24 heads of this model$"):
         check_budget(SimpleNamespace(k_per_kind=None, k=25), COUNTS, threshold=False)
+
+
+def test_the_latency_tables_pruned_copies_share_the_weights_they_keep_whole(tiny_lm):
+    """A setting's pruned model is not a second model: every weight it does not slice is the whole
+    model's own tensor, and the whole model stays as it was."""
+    from headprune.latency import pruned_copy
+    model = load_pruned(tiny_lm[0])
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    copy = pruned_copy(model, [("decoder", layer, 0) for layer in range(3)], "group")
+    whole = dict(model.named_parameters())
+    shared = {name for name, p in copy.named_parameters() if p.data_ptr() == whole[name].data_ptr()}
+    sliced = {name for name, _ in copy.named_parameters() if "self_attn" in name}
+    assert shared == {name for name, _ in copy.named_parameters()} - sliced and sliced
+    assert sum(s.num_heads for s in find_sites(copy)) == 3 and sum(s.num_heads for s in find_sites(model)) == 6
+    assert all(torch.equal(before[name], t) for name, t in model.state_dict().items())

@@ -10,6 +10,7 @@ import torch
 from conftest import ARCHS, tiny_model
 from headprune import attach_gates, detach_gates
 from headprune.pruning import PrunedCheckpointError, heads_checksum, load_pruned, remove_heads, save_pruned
+from headprune.sites import find_sites
 
 # 3 layers x 4 heads: layer 0 loses every head, layer 1 keeps one, layer 2 keeps two
 KEPT = [("encoder", 1, 2), ("encoder", 2, 0), ("encoder", 2, 3)]
@@ -156,3 +157,33 @@ def test_pruning_again_records_the_original_head_numbers():
         ["encoder", 0, 1], ["encoder", 0, 3], ["encoder", 1, 2]]})
     assert original_numbering(config, [("encoder", 0, 1), ("encoder", 1, 0)]) == [("encoder", 0, 3), ("encoder", 1, 2)]
     assert original_numbering(SimpleNamespace(), [("encoder", 0, 1)]) == [("encoder", 0, 1)]
+
+
+def test_loading_builds_no_model_of_random_weights(tmp_path, monkeypatch):
+    """load_pruned builds the pruned shapes on the meta device and takes the files' tensors as the
+    weights (no full-size random model, no second copy); a model whose files leave a weight out
+    (Marian's fixed sinusoidal positions) is built for real, and both give the saved outputs."""
+    import headprune.pruning as pruning
+    from test_seq2seq_heads import tiny_seq2seq
+    real, built = pruning.model_from_config, []
+
+    def model_from_config(*args, **kwargs):
+        model = real(*args, **kwargs)
+        built.append(all(p.is_meta for p in model.parameters()))
+        return model
+    monkeypatch.setattr(pruning, "model_from_config", model_from_config)
+    model = tiny_model("bert", layers=3)
+    batch = {"input_ids": torch.tensor([[1, 5, 7, 2]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    expected = masked_logits(model, KEPT, batch)
+    save_pruned(model, tmp_path / "bert", KEPT)
+    loaded = load_pruned(tmp_path / "bert")
+    assert built == [True] and not any(p.is_meta for p in loaded.parameters())
+    assert torch.allclose(loaded(**batch).logits, expected, atol=1e-5)
+    marian = tiny_seq2seq("marian").eval()
+    kept = [(site.kind, site.layer, h) for site in find_sites(marian) for h in range(site.num_heads) if h != 1]
+    save_pruned(marian, tmp_path / "marian", kept)
+    built.clear()
+    loaded = load_pruned(tmp_path / "marian")
+    assert built == [True, False] and not any(p.is_meta for p in loaded.parameters())
+    positions = loaded.model.encoder.embed_positions.weight
+    assert torch.equal(positions, marian.model.encoder.embed_positions.weight) and positions.abs().sum() > 0

@@ -123,3 +123,13 @@ def test_the_plain_folder_holds_the_pruned_models_tokenizer(tmp_path):
                  "--output", str(tmp_path / "plain")]) == 0
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "plain")
     assert tokenizer("w1 w2")["input_ids"] == word_tokenizer()("w1 w2")["input_ids"]
+
+
+def test_the_plain_model_takes_the_pruned_models_tensors_without_copying_them(tmp_path):
+    from headprune.plain import plain_model
+    save_pruned(tiny_llm(), tmp_path, [("decoder", layer, 1) for layer in range(3)], unit="group")
+    model = load_pruned(tmp_path)
+    plain = plain_model(model)
+    ours = dict(model.named_parameters())
+    shared = [name for name, p in plain.named_parameters() if p.data_ptr() == ours[name].data_ptr()]
+    assert shared == [name for name, _ in plain.named_parameters()]  # every weight, none random

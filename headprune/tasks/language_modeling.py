@@ -98,8 +98,10 @@ class LanguageModeling(Task):
             losses = []
             for batch in progress_bar(loader, desc=f"evaluate {name}", leave=False, disable=not acc.is_local_main_process):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                per_token = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
-                                            reduction="none").view(len(logits), -1)
+                # a block at a time: float32 copies of one block's logits, not of the batch's (a vocabulary
+                # of 128k tokens makes the batch's several GB)
+                per_token = torch.stack([F.cross_entropy(block[:-1].float(), labels[1:], reduction="none")
+                                         for block, labels in zip(logits, batch["labels"])])
                 losses.append(acc.gather_for_metrics(per_token.mean(1)))
             scores[name] = math.exp(torch.cat(losses).mean().item())
         model.train(was_training)
