@@ -10,6 +10,8 @@ during the move is completed at the next start). A run never writes inside
 its own input, nor its input inside the run (`check_not_inside`), and never follows a symbolic
 link out of its folder when it removes something. A folder that holds a checkpoint but no results
 is resumed. The folder is checked for writing and free space before any data or model is loaded.
+A run holds its folder while it runs (`hold_folder`): a second one started on it meanwhile is
+refused before it touches anything.
 """
 
 from __future__ import annotations
@@ -21,15 +23,22 @@ import os
 import platform
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
-from .errors import OutputExistsError
+from .errors import HeadpruneError, OutputExistsError
+
+try:
+    import fcntl
+except ImportError:  # (Windows: folders are not held)
+    fcntl = None
 
 log = logging.getLogger("headprune")
 
 RESULTS = "results.json"
+LOCK = ".headprune.lock"  # held by the run writing in the folder (hold_folder)
 CHECKPOINT = "checkpoint"  # a folder: state.json and tensors.safetensors
 OLD_CHECKPOINT = "checkpoint.pt"  # a pickle written by headprune 0.1: never read
 BEST = "best"  # with --select-by: the trainable weights of the best epoch so far
@@ -64,6 +73,53 @@ def check_output_dir(path: Path, overwrite: bool, needed_bytes: int = 0) -> bool
                                     "pass --overwrite to replace them, or choose another --output-dir")
     check_writable(path, needed_bytes)
     return checkpoint_folder(path) is not None
+
+
+@contextmanager
+def hold_folder(path: Path):
+    """Hold `path` for one run, making it if needed: a second headprune started on it meanwhile (the
+    same command twice, a job started again while the first still runs) is refused in one line
+    before it touches anything (tidying up after a stopped run would discard this run's staged
+    files). The lock is the system's (flock on `.headprune.lock`, removed at the end; one a killed
+    run left is taken over): it goes when the process ends, however it ends. A folder left empty is
+    removed where this run made it or was refused."""
+    created = not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        handle = open(path / LOCK, "a+", encoding="utf-8")
+    except OSError as err:
+        raise OutputExistsError(f"cannot write to the output folder {path}: {err.strerror or err}") from err
+    held = refused = False
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as err:
+                handle.seek(0)
+                holder = handle.read().strip() or "a process"
+                raise OutputExistsError(f"another headprune run ({holder}) is writing to {path}: wait for it to "
+                                        "end, or choose another --output-dir") from err
+            except OSError as err:  # a file system without locks (some network ones): the run goes on
+                log.info("cannot lock %s (%s): a second run started there would not be refused", path,
+                         err.strerror or err)
+        held = True
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} on {platform.node()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        handle.flush()
+        yield
+    except HeadpruneError:
+        refused = True
+        raise
+    finally:
+        try:
+            if held:  # (unlinked while still held: a run starting now makes a new one)
+                (path / LOCK).unlink(missing_ok=True)
+                if (created or refused) and not any(path.iterdir()):
+                    path.rmdir()
+        except OSError:
+            pass
+        handle.close()  # the lock goes with it
 
 
 def check_not_inside(output: Path, inputs: dict[str, str | None], option: str = "--output-dir") -> None:

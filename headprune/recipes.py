@@ -36,13 +36,14 @@ from .card import command_of, write_model_card
 from .config import (DEMO_DIR, SCORED, TRAINED_METHODS, FinetuneConfig, PruneConfig, ablation_in_effect,
                      pruning_dropout_in_effect, reads_calibration, reconstruct_in_effect, targeted)
 from .digests import cached_metrics, digest_of_weights, metrics_key, remember_metrics, run_inputs
-from .errors import ConfigError, HeadpruneError, OutputExistsError, first_line
+from .errors import ConfigError, OutputExistsError, first_line
 from .budget import budget_units, check_reachable, fit, speed_units, uniform_allocation, uniform_mask
 from .gates import attach_gates, detach_gates
 from .latency import latency_table
 from .measuring import is_generator, sequence_length, size_facts
 from .outputs import (BEST, RESULTS, atomic_folder, cache_root, check_not_inside, check_output_dir, finish_run,
-                      folder_bytes, remove_path, settle_stopped_run, stage_folder, versions, write_json, write_jsonl)
+                      folder_bytes, hold_folder, remove_path, settle_stopped_run, stage_folder, versions, write_json,
+                      write_jsonl)
 from .pruning import check_finite_weights, load_pruned, save_pruned, zero_pruned_heads
 from .randomness import keeps_global_rng
 from .reconstruction import keep_fits, mean_contexts, read_fits, reconstruct
@@ -77,12 +78,14 @@ def input_paths(cfg, model_path: str | None) -> dict[str, str | None]:
             **{f"evaluation file {i}": f for i, f in enumerate(cfg.eval_files or [], start=1)}}
 
 
-def _start(cfg, model_path: str):
-    """After the model's config was checked: the output folder (apart from the inputs, writable,
-    room for the model and a checkpoint), then any checkpoint to resume from."""
+def _start(cfg, model_path: str, held: contextlib.ExitStack):
+    """After the model's config was checked: the output folder (apart from the inputs, held by this
+    run until `held` closes, writable, room for the model and a checkpoint), then any checkpoint to
+    resume from."""
     out = Path(cfg.output_dir)
     check_not_inside(out, input_paths(cfg, model_path))
     acc = _accelerator(cfg, out)  # before the folder is made: a refusal leaves nothing behind
+    from_main(acc, lambda: held.enter_context(hold_folder(out)))  # the main process holds it for all
     if acc.is_main_process:
         settle_stopped_run(out)
     acc.wait_for_everyone()
@@ -122,19 +125,6 @@ def _accelerator(cfg, out: Path) -> Accelerator:
         raise ConfigError(f"--mixed-precision {cfg.mixed_precision}: this process already runs Accelerate with "
                           f"{AcceleratorState().mixed_precision!r}, which is set once per process; run this in "
                           "a new process") from err
-
-
-@contextlib.contextmanager
-def _no_empty_folder_if_refused(out: Path):
-    """A run refused once the model is loaded (a budget it cannot meet), or stopped before it wrote
-    anything (a loss that diverged before the first checkpoint), leaves no empty folder behind."""
-    try:
-        yield
-    except HeadpruneError:
-        if out.is_dir() and not any(out.iterdir()):
-            with contextlib.suppress(OSError):  # (every process refuses; one removes it)
-                out.rmdir()
-        raise
 
 
 TRACKER_PACKAGES = {"tensorboard": ("is_tensorboard_available", "tensorboard or tensorboardX: pip install "
@@ -252,12 +242,17 @@ def best_epoch_keeper(cfg, task, acc, model, evals: dict, collate, out: Path, ex
 def finetune(cfg: FinetuneConfig) -> dict:
     """Plain fine-tuning (or, for translation from scratch, training) of a model for the task:
     what pipelined pruning starts from."""
+    with contextlib.ExitStack() as held:  # the output folder, from `_start` on (a refused run leaves none)
+        return _finetune(cfg, held)
+
+
+def _finetune(cfg: FinetuneConfig, held: contextlib.ExitStack) -> dict:
     task = get_task(cfg.task)
     path, config, _, _ = task.inspect(cfg.model, require_finetuned=False, attn_implementation=cfg.attn_implementation)
     task.check_settings(cfg, config)
-    out, state, acc = _start(cfg, path)
+    out, state, acc = _start(cfg, path, held)
     seconds: dict = dict(state["seconds"]) if state else {}
-    with timed(seconds, "load"), _no_empty_folder_if_refused(out):
+    with timed(seconds, "load"):
         data, model, tokenizer = load_for_run(cfg, task, path, config, require_finetuned=False)
         train_set, evals, collate = _prepare(task, data, tokenizer, cfg)
         inputs = run_inputs(cfg, path, train_set, evals)
@@ -272,7 +267,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     log.info("fine-tuning %s on %d examples for %d steps", cfg.model, len(train_set), steps)
     extra = {**(state["extra"] if state else {}), "inputs": inputs}  # (a checkpoint of before it: recorded now)
     on_epoch_end, keep_best = best_epoch_keeper(cfg, task, acc, model, evals, collate, out, extra)
-    with timed(seconds, "train"), _no_empty_folder_if_refused(out):
+    with timed(seconds, "train"):
         history = train(acc, cfg, out, model, optimizer, scheduler, train_set, collate, loss_fn=task.loss,
                         resume_state=state, extra=extra, seconds=seconds, phase="train", desc="fine-tune",
                         on_epoch_end=on_epoch_end)
@@ -303,6 +298,11 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
 
     `metrics_unpruned`: the pipelined model's metrics if already known (a sweep measures them
     once), so that they are not evaluated again."""
+    with contextlib.ExitStack() as held:  # the output folder, from `_start` on (a refused run leaves none)
+        return _prune(cfg, metrics_unpruned, held)
+
+
+def _prune(cfg: PruneConfig, metrics_unpruned: dict | None, held: contextlib.ExitStack) -> dict:
     threshold = cfg.method == "voita" and cfg.voita_selection == "threshold"
     if cfg.k < 1 and not threshold and not cfg.k_per_kind:
         raise ConfigError(f"k={cfg.k}: at least one head must be kept")
@@ -315,9 +315,9 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
     task.check_settings(cfg, config)
     is_targeted = targeted(vars(cfg))
     check_budget(cfg, counts, threshold or is_targeted, units)  # a target's k follows once the model is loaded
-    out, state, acc = _start(cfg, path)
+    out, state, acc = _start(cfg, path, held)
     seconds: dict = dict(state["seconds"]) if state else {}
-    with timed(seconds, "load"), _no_empty_folder_if_refused(out):
+    with timed(seconds, "load"):
         data, model, tokenizer = load_for_run(cfg, task, path, config, require_finetuned=pipelined)
         table = None
         if cfg.target_speedup is not None:  # timed before any gate is on it
@@ -391,7 +391,7 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
     log.info("%s %s: keeping %s of %d %s", cfg.mode, cfg.method, "those over 0.5" if threshold else
              f"{cfg.k_per_kind} (per kind)" if cfg.k_per_kind else cfg.k, gates.num_heads,
              UNIT_NAMES[gates.sites[0].unit])
-    with timed(seconds, "prune") as so_far, _no_empty_folder_if_refused(out):
+    with timed(seconds, "prune") as so_far:
         if cfg.method in TRAINED_METHODS:
             selector = gates.selector
             on_epoch_end, keep_best = best_epoch_keeper(cfg, task, acc, model, evals, collate, out, extra)
@@ -630,11 +630,15 @@ def demo(root: Path = DEMO_DIR, k: int | None = None, task: str = "classificatio
     cfg = PruneConfig(**{**fields, "model": str(root / "finetune" / "model"), "method": "dsp",
                          "mode": "pipelined", "k": k, "epochs": 1.0, "output_dir": str(pruned_dir)})
     base = FinetuneConfig(**settings["finetune"], output_dir=str(root / "finetune"))
+    with hold_folder(root):  # (missing data: no empty demo folder either)
+        return _demo(root, base, cfg, pruned_dir)
+
+
+def _demo(root: Path, base: FinetuneConfig, cfg: PruneConfig, pruned_dir: Path) -> dict:
     for phase in (root / "finetune", pruned_dir):  # a phase stopped while its files moved in: completed
         settle_stopped_run(phase)
     if not (root / "finetune" / RESULTS).exists():
-        with _no_empty_folder_if_refused(root):  # (missing data: no empty demo folder either)
-            finetune(base)
+        finetune(base)
     else:
         log.info("reusing the trained model in %s", root / "finetune")
     if not (pruned_dir / RESULTS).exists():

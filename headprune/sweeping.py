@@ -36,11 +36,11 @@ from .digests import digest_of_weights
 from .errors import ConfigError, OutputExistsError, first_line
 from .latency import latency_table
 from .measuring import is_generator
-from .outputs import RESULTS, atomic_path, check_not_inside, checkpoint_folder, settle_stopped_run
+from .outputs import RESULTS, atomic_path, check_not_inside, checkpoint_folder, hold_folder, settle_stopped_run
 from .pruning import with_pruned_shapes
 from .recipes import check_split, input_paths, load_for_run, prune, timed_length
 from .report import plot_sweep
-from .selection import check_budget
+from .selection import check_budget, from_main
 from .sites import UNIT_NAMES, find_sites
 from .tasks import get_task
 from .train import changed_settings, describe_changes
@@ -280,12 +280,18 @@ def overwriting(run: PruneConfig) -> PruneConfig:
 
 
 def sweep(cfg: SweepConfig) -> list[dict]:
+    with contextlib.ExitStack() as held:  # the sweep's folder, once its plan is checked
+        return _sweep(cfg, held)
+
+
+def _sweep(cfg: SweepConfig, held: contextlib.ExitStack) -> list[dict]:
     out = Path(cfg.output_dir)
-    existed = out.exists()
     # torchrun's or accelerate's processes (one without them), made as the runs' Accelerator makes them
     processes = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     runs = planned_runs(cfg)
     check_plan(cfg, runs)  # fail now, not hours later
+    # held by the main process for all: a second sweep on it would tidy (discard) this one's runs
+    from_main(processes, lambda: held.enter_context(hold_folder(out)))
     instead = [name for name in (*TARGETS, "k_per_kind") if getattr(cfg, name)]
     if instead and cfg.ks != default_of(SweepConfig.__dataclass_fields__["ks"]):
         log.warning("--%s sets each run's budget: --ks %s is not used", instead[0].replace("_", "-"),
@@ -335,10 +341,7 @@ def sweep(cfg: SweepConfig) -> list[dict]:
                 log.warning("the sweep stopped after %d of %d runs: the tables show those", len(finished), len(runs))
             if processes.is_main_process:  # (every process has the same rows)
                 write_outputs(cfg, out, rows, finished[-1], unpruned_metrics)
-        elif not existed and out.is_dir() and not any(out.iterdir()):
-            with contextlib.suppress(OSError):  # its first run was refused (and removed its own folder); every
-                out.rmdir()  # process refuses, one removes it
-    return rows
+    return rows  # (a sweep whose first run was refused leaves no folder: hold_folder removes it)
 
 
 def free_memory() -> None:

@@ -243,3 +243,64 @@ def test_a_folder_saved_again_leaves_no_copy_of_the_earlier_one(tmp_path):
             (tmp / "state.json").write_text(version)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
     assert (tmp_path / "checkpoint" / "state.json").read_text() == "second"
+
+
+# -- a folder another run is writing in ---------------------------------------------------------------
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from headprune.outputs import hold_folder
+with hold_folder(Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_run_started_on_a_folder_another_run_holds_is_refused_before_it_touches_anything(
+        tiny_finetuned, tmp_path, capsys, no_loading):
+    """The same command twice (or a job started again while the first still runs): the second would
+    tidy the first's staged files away as a stopped run's. It is refused in one line, naming the
+    process, and the folder stays as the first run has it; once that run ends, it is free."""
+    import subprocess
+    import sys
+    model, data = tiny_finetuned
+    out = tmp_path / "run"
+    (out / outputs.STAGE).mkdir(parents=True)  # the first run's staged files
+    (out / outputs.STAGE / "head_scores.json").write_text("[]")
+    first = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "held"
+        before = snapshot(out)
+        line = one_line_error(capsys, ["prune", "--model", model, "--dataset", data, "--k", "3", "--output-dir", out])
+        assert line.startswith(f"headprune: error: another headprune run (process {first.pid} on ")
+        assert line.endswith(f"is writing to {out}: wait for it to end, or choose another --output-dir")
+        assert snapshot(out) == before
+        line = one_line_error(capsys, ["sweep", "--model", model, "--dataset", data, "--ks", "3", "--methods",
+                                       "random", "--output-dir", out])
+        assert "another headprune run" in line and snapshot(out) == before
+    finally:
+        first.kill()
+        first.wait()
+    with outputs.hold_folder(out):  # a killed holder's lock goes with its process
+        assert (out / outputs.LOCK).read_text().startswith("process ")
+    assert sorted(p.name for p in out.iterdir()) == [outputs.STAGE]  # the lock file goes at the end
+
+
+def test_a_held_folder_is_removed_only_where_the_run_made_it_or_was_refused(tmp_path):
+    made = tmp_path / "made"
+    with outputs.hold_folder(made):
+        assert made.is_dir()
+    assert not made.exists()  # made and left empty
+    given = tmp_path / "given"
+    given.mkdir()
+    with outputs.hold_folder(given):
+        pass
+    assert given.is_dir() and not any(given.iterdir())  # the user's own empty folder stays
+    with pytest.raises(OutputExistsError):
+        with outputs.hold_folder(given):
+            raise OutputExistsError("refused")
+    assert not given.exists()  # a refused run leaves no empty folder, as before
+    with outputs.hold_folder(made):
+        (made / "results.json").write_text("{}")
+    assert [p.name for p in made.iterdir()] == ["results.json"]
