@@ -860,7 +860,7 @@ def config_file(name: str) -> Path:
     configs/rotten-tomatoes.yaml), which an installed headprune has without the repository."""
     path = Path(name)
     shipped = SHIPPED_CONFIGS / f"{name}.yaml"
-    if not path.exists() and path.name == name and not path.suffix and shipped.is_file():
+    if not path.is_file() and path.name == name and not path.suffix and shipped.is_file():
         return shipped
     return path
 

@@ -107,7 +107,7 @@ class HeadPruningCallback(TrainerCallback):
         if self.gates is not None and getattr(model, ATTRIBUTE, None) is self.gates:
             detach_gates(model)  # a train() that an error stopped left them: this one starts its own
         sites = find_sites(model, self.cfg.unit)  # k checked before the gates go on: the model stays plain
-        if self.cfg.unit == "query" and not getattr(model.config, "headprune", None):
+        if self.cfg.unit == "query" and not (getattr(model.config, "headprune", None) or {}).get("physical"):
             check_query_unit(sites, "this model")
         units = sum(site.num_heads for site in sites)
         if self.cfg.k > units:

@@ -22,6 +22,7 @@ from its converter's table of known tokenizers, which headprune does not repeat.
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -151,7 +152,10 @@ def export_gguf(cfg) -> dict:
     sites = find_sites(model, "group")
     with atomic_files(output) as folder:  # (a killed export's temporary folder goes at the next one)
         tmp = folder / output.name
-        writer = GGUFWriter(tmp, ARCH, use_temp_file=True)  # each tensor spooled to disk as it is made, not held
+        writer = GGUFWriter(tmp, ARCH, use_temp_file=True)
+        # each tensor spooled to a file as it is made, not held: beside the output (the system's temporary
+        # folder may be small, or in memory)
+        writer.temp_file = tempfile.SpooledTemporaryFile(mode="w+b", max_size=256 * 2**20, dir=folder)
         writer.add_name(Path(cfg.model).resolve().name)
         writer.add_context_length(config.max_position_embeddings)
         writer.add_embedding_length(config.hidden_size)

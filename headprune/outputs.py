@@ -84,42 +84,61 @@ def hold_folder(path: Path):
     run left is taken over): it goes when the process ends, however it ends. A folder left empty is
     removed where this run made it or was refused."""
     created = not path.exists()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        handle = open(path / LOCK, "a+", encoding="utf-8")
-    except OSError as err:
-        raise OutputExistsError(f"cannot write to the output folder {path}: {err.strerror or err}") from err
-    held = refused = False
-    try:
-        if fcntl is not None:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError as err:
-                handle.seek(0)
-                holder = handle.read().strip() or "a process"
-                raise OutputExistsError(f"another headprune run ({holder}) is writing to {path}: wait for it to "
-                                        "end, or choose another --output-dir") from err
-            except OSError as err:  # a file system without locks (some network ones): the run goes on
-                log.info("cannot lock %s (%s): a second run started there would not be refused", path,
-                         err.strerror or err)
-        held = True
+    if fcntl is None:  # (no locks: the folder only)
+        handle = None
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OutputExistsError(f"cannot write to the output folder {path}: {err.strerror or err}") from err
+    else:
+        handle = _locked(path)
         handle.seek(0)
         handle.truncate()
         handle.write(f"process {os.getpid()} on {platform.node()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
         handle.flush()
+    refused = False
+    try:
         yield
     except HeadpruneError:
         refused = True
         raise
     finally:
         try:
-            if held:  # (unlinked while still held: a run starting now makes a new one)
+            if handle is not None:  # (removed while still held: a run starting now makes a new one)
                 (path / LOCK).unlink(missing_ok=True)
-                if (created or refused) and not any(path.iterdir()):
-                    path.rmdir()
+            if (created or refused) and not any(path.iterdir()):
+                path.rmdir()
         except OSError:
             pass
-        handle.close()  # the lock goes with it
+        if handle is not None:
+            handle.close()  # the lock goes with it
+
+
+def _locked(path: Path):
+    """The lock file of `path` (made, with the folder, where missing), open and locked by this process."""
+    while True:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            handle = open(path / LOCK, "a+", encoding="utf-8")
+        except OSError as err:
+            raise OutputExistsError(f"cannot write to the output folder {path}: {err.strerror or err}") from err
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            handle.seek(0)
+            holder = handle.read().strip() or "a process"
+            handle.close()
+            raise OutputExistsError(f"another headprune run ({holder}) is writing to {path}: wait for it to "
+                                    "end, or choose another --output-dir") from err
+        except OSError as err:  # a file system without locks (some network ones): the run goes on
+            log.info("cannot lock %s (%s): a second run started there would not be refused", path, err.strerror or err)
+            return handle
+        try:  # the file still there, not one that a run ending just now removed (another may hold its successor)
+            if os.path.samestat(os.fstat(handle.fileno()), os.stat(path / LOCK)):
+                return handle
+        except OSError:
+            pass
+        handle.close()
 
 
 def check_not_inside(output: Path, inputs: dict[str, str | None], option: str = "--output-dir") -> None:
@@ -213,6 +232,13 @@ def settle_stopped_run(path: Path) -> None:
     except OSError as err:
         raise OutputExistsError(f"cannot tidy the output folder {path} after a stopped run: "
                                 f"{err.strerror or err}; fix its permissions, or choose another --output-dir") from err
+
+
+def settle_held(path: Path) -> None:
+    """`settle_stopped_run` on a folder this process does not hold yet (a sweep's run, a demo's
+    phase): under its hold, so that a run writing in it now is refused, not tidied away."""
+    with hold_folder(path):
+        settle_stopped_run(path)
 
 
 def cache_root() -> Path:

@@ -548,8 +548,10 @@ def _load_weights(model: nn.Module, folder: Path) -> None:
     loaded, unexpected = set(), []
     own = model.state_dict()  # (meta parameters: shapes and dtypes only)
     for shard in shards:  # one shard in memory at a time
-        # each file tensor becomes the parameter itself (assign), in the parameter's dtype: no second copy
-        weights = {name: t.to(own[name].dtype) if name in own else t for name, t in load_file(shard).items()}
+        # each tensor, read into memory of its own (not left mapped to the file, which another program
+        # could rewrite) in the parameter's dtype, becomes the parameter (assign): no model of random weights
+        weights = {name: t.to(own[name].dtype if name in own else t.dtype, copy=True)
+                   for name, t in load_file(shard).items()}
         wrong = [name for name, t in weights.items() if name in own and tuple(t.shape) != tuple(own[name].shape)]
         if wrong:
             raise RuntimeError(f"size mismatch for {wrong[0]}: {tuple(weights[wrong[0]].shape)} in the file, "

@@ -42,8 +42,8 @@ from .gates import attach_gates, detach_gates
 from .latency import latency_table
 from .measuring import is_generator, sequence_length, size_facts
 from .outputs import (BEST, RESULTS, atomic_folder, cache_root, check_not_inside, check_output_dir, finish_run,
-                      folder_bytes, hold_folder, remove_path, settle_stopped_run, stage_folder, versions, write_json,
-                      write_jsonl)
+                      folder_bytes, hold_folder, remove_path, settle_held, settle_stopped_run, stage_folder, versions,
+                      write_json, write_jsonl)
 from .pruning import check_finite_weights, load_pruned, save_pruned, zero_pruned_heads
 from .randomness import keeps_global_rng
 from .reconstruction import keep_fits, mean_contexts, read_fits, reconstruct
@@ -636,7 +636,7 @@ def demo(root: Path = DEMO_DIR, k: int | None = None, task: str = "classificatio
 
 def _demo(root: Path, base: FinetuneConfig, cfg: PruneConfig, pruned_dir: Path) -> dict:
     for phase in (root / "finetune", pruned_dir):  # a phase stopped while its files moved in: completed
-        settle_stopped_run(phase)
+        settle_held(phase)
     if not (root / "finetune" / RESULTS).exists():
         finetune(base)
     else:

@@ -36,7 +36,7 @@ from .digests import digest_of_weights
 from .errors import ConfigError, OutputExistsError, first_line
 from .latency import latency_table
 from .measuring import is_generator
-from .outputs import RESULTS, atomic_path, check_not_inside, checkpoint_folder, hold_folder, settle_stopped_run
+from .outputs import RESULTS, atomic_path, check_not_inside, checkpoint_folder, hold_folder, settle_held
 from .pruning import with_pruned_shapes
 from .recipes import check_split, input_paths, load_for_run, prune, timed_length
 from .report import plot_sweep
@@ -194,11 +194,13 @@ def stale_runs(runs: list[PruneConfig], processes=None) -> dict[str, str]:
     holds other weights now): folder name -> what changed (a stopped one's checkpoint would be
     refused by its run, after the runs before it; so is one made by another number of `processes`, an
     Accelerate PartialState)."""
-    if processes is None or processes.is_main_process:
-        for run in runs:  # a run stopped while its files moved in: completed first, by one process
-            settle_stopped_run(Path(run.output_dir))
-    if processes is not None:
-        processes.wait_for_everyone()
+    def settle():  # a run stopped while its files moved in: completed first, by one process
+        for run in runs:
+            settle_held(Path(run.output_dir))
+    if processes is None:
+        settle()
+    else:
+        from_main(processes, settle)  # (a refusal is every process's)
     stale, digests = {}, {}
     for run in runs:
         folder = Path(run.output_dir)

@@ -4,6 +4,8 @@ blocks of query, key and value heads), GPT-NeoX and Pythia (per head its query, 
 rows), Phi-3 (in blocks, grouped keys and values; its forward reads the head count from the
 config) and GPTBigCode (multi-query: every query head, then one key and one value head; or per head). Gates at 1 change nothing, removal slices the right rows and equals the mask with and
 without the cache, save and load give the same outputs, and every method runs end to end."""
+import json
+
 import pytest
 import torch
 from conftest import write_tiny_lm
@@ -274,6 +276,11 @@ def test_query_positions_of_groups_of_one_query_head_are_refused(arch, tmp_path)
                                           "layer's whole attention"):
         task.inspect(str(tmp_path / "model"), require_finetuned=False, unit="query")
     assert task.inspect(str(tmp_path / "model"), require_finetuned=False, unit="group")[2] == {"decoder": 18}
+    config = json.loads((tmp_path / "model" / "config.json").read_text())  # pruned before, zeroed: the same shapes
+    config["headprune"] = {"kept_heads": [["decoder", 0, 0]], "physical": False, "unit": "group"}
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="a query position would be a layer's whole attention"):
+        task.inspect(str(tmp_path / "model"), require_finetuned=False, unit="query")
 
 
 def test_a_key_value_group_of_one_query_head_is_called_a_head(tmp_path):

@@ -304,3 +304,41 @@ def test_a_held_folder_is_removed_only_where_the_run_made_it_or_was_refused(tmp_
     with outputs.hold_folder(made):
         (made / "results.json").write_text("{}")
     assert [p.name for p in made.iterdir()] == ["results.json"]
+
+
+def test_a_lock_file_that_a_run_ending_removed_is_not_taken_for_the_folders(tmp_path, monkeypatch):
+    """B opens the lock file just before A, ending, removes it; C then makes a new one and holds it.
+    B's lock on the removed file holds nothing: B must see that and be refused by C's."""
+    out = tmp_path / "run"
+    with outputs.hold_folder(out):  # A
+        removed = open(out / outputs.LOCK, "a+", encoding="utf-8")  # B's, opened just before A ends
+        (out / "results.json").write_text("{}")
+    with outputs.hold_folder(out):  # C
+        opened = []
+
+        def b_opens(*args, **kwargs):
+            opened.append(args[0])
+            return removed if len(opened) == 1 else open(*args, **kwargs)
+        monkeypatch.setattr(outputs, "open", b_opens, raising=False)
+        with pytest.raises(OutputExistsError, match="another headprune run .* is writing to"):
+            with outputs.hold_folder(out):  # B
+                pass
+        assert len(opened) == 2  # the removed file, then the one C holds
+
+
+def test_a_demo_does_not_tidy_a_phase_another_run_is_writing_in(tmp_path):
+    import subprocess
+    import sys
+    phase = tmp_path / "demo" / "finetune"
+    (phase / outputs.STAGE).mkdir(parents=True)  # the running fine-tuning's staged files
+    (phase / outputs.STAGE / "train_log.jsonl").write_text("")
+    first = subprocess.Popen([sys.executable, "-c", HOLD, str(phase)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "held"
+        before = snapshot(phase)
+        with pytest.raises(OutputExistsError, match="another headprune run"):
+            recipes.demo(tmp_path / "demo")
+        assert snapshot(phase) == before
+    finally:
+        first.kill()
+        first.wait()

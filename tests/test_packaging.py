@@ -22,6 +22,8 @@ def test_a_shipped_config_is_named_without_its_folder(tmp_path, monkeypatch):
     assert by_name == by_path and by_name.dataset == "offline:subjectivity"
     # the repository's configs/ is the package's
     assert sorted(p.name for p in (ROOT / "configs").iterdir()) == sorted(p.name for p in SHIPPED_CONFIGS.iterdir())
+    (tmp_path / "sweep-subjectivity").mkdir()  # a folder of that name (a run's) is no config
+    assert build_config(SweepConfig, parser().parse_args(["sweep", "--config", "sweep-subjectivity"])) == by_path
     (tmp_path / "rotten-tomatoes").write_text("ks: [5]\n")  # a file of that name here is the one read
     assert build_config(SweepConfig, parser().parse_args(["sweep", "--config", "rotten-tomatoes"])).ks == [5]
 
