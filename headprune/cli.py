@@ -101,8 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("headprune: interrupted; the same command again resumes training and Michel's rounds from their "
-              "last checkpoint, a pipelined run's reconstruction from its last block, a latency table from its "
-              "last setting and a sweep at its unfinished run (scoring passes, measure and export start over)", file=sys.stderr)
+              "last checkpoint, a pipelined run's reconstruction from its last block, a latency table and "
+              "measure from their last setting and a sweep at its unfinished run (scoring passes and export "
+              "start over)", file=sys.stderr)
         return 130
 
 

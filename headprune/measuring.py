@@ -11,7 +11,10 @@ speedup the FLOP ratio predicts.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
+import platform
 import statistics
 import time
 from pathlib import Path
@@ -21,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .config import MeasureConfig
 from .errors import ConfigError, OutputExistsError, require
-from .outputs import check_not_inside, check_writable
+from .outputs import atomic_path, cache_root, check_not_inside, check_writable
 from .sites import UNIT_NAMES, find_sites
 
 log = logging.getLogger("headprune")
@@ -304,41 +307,91 @@ def measure(cfg: MeasureConfig, progress=print) -> dict:
     # an image model's sequence is its patches: one length, whatever --lengths says
     lengths = [image_tokens(original.config)] if is_image_model(original) else cfg.lengths
     total = len(cfg.batch_sizes) * len(lengths) * (1 + len(cfg.beams) * is_generator(original))
-    done = []
+    # each setting's row is kept as it is measured: a measurement stopped midway measures only the settings left
+    partial = cache_root() / "measure" / f"{_key(cfg, models, lengths)}.json"
+    kept, writable, done = _read_rows(partial), True, []
+    if kept:
+        progress(f"{len(kept)} of {total} settings measured before, by a measurement stopped midway ({partial})")
 
-    def said(line: str) -> None:  # a setting measured: "[i/N] ..."
-        done.append(line)
-        progress(f"[{len(done)}/{total}] {line}")
+    def measured(setting: str, compute) -> dict:
+        nonlocal writable
+        if setting not in kept:
+            kept[setting] = compute()
+            writable = writable and _write_rows(partial, kept)
+        done.append(setting)
+        return kept[setting]
+
+    def said(line: str, row: dict) -> None:  # a setting measured: "[i/N] ..."
+        warning = f"; warning: {row['note']}" if row["note"].startswith("noisy") else ""
+        progress(f"[{len(done)}/{total}] {line}: speedup {row['speedup']:.2f}x (FLOPs predict "
+                 f"{row['predicted_speedup']:.2f}x){warning}")
     for batch in cfg.batch_sizes:
         for length in lengths:
-            counted = {n: counted_flops(m, batch, length, unit) for n, m in models.items()}
-            flops = {n: c["total"] for n, c in counted.items()}
-            attn = {n: c["attention"] for n, c in counted.items()}
-            if sessions is None:
-                timings = time_side_by_side(models, batch, length, cfg.repeats, cfg.warmup, cfg.device,
-                                            original.config)
-            else:
-                from .export import example_inputs  # the graph's inputs (segments too, where it takes them)
-                feeds = {name: t.numpy() for name, t in example_inputs(original, batch, length, seed=0).items()}
-                timings = alternate(sessions, lambda session: session.run(None, feeds), cfg.repeats, cfg.warmup, "cpu")
-            seconds = {n: t["median"] for n, t in timings.items()}
-            row = {"batch": batch, "length": length, "flops": flops, "attention_flops": attn,
-                   "seconds": seconds, "timings": timings,
-                   "throughput": {n: batch / s for n, s in seconds.items()},
-                   "speedup": seconds["original"] / seconds["pruned"],
-                   "predicted_speedup": flops["original"] / flops["pruned"]}
-            row["note"] = _note(cfg.device, batch, row["predicted_speedup"], timings)
+            row = measured(f"batch {batch} length {length}",
+                           lambda: _forward_row(cfg, models, sessions, batch, length, unit))
             result["settings"].append(row)
-            said(f"batch {batch:3d} length {length:4d}: speedup {row['speedup']:.2f}x "
-                     f"(FLOPs predict {row['predicted_speedup']:.2f}x)"
-                     + (f"; warning: {row['note']}" if row["note"].startswith("noisy") else ""))
+            said(f"batch {batch:3d} length {length:4d}", row)
             if is_generator(original):
                 for beams in cfg.beams:
-                    result["generation"].append(_generation_row(cfg, models, batch, length, beams, row, said))
+                    generation = measured(f"batch {batch} length {length} beams {beams}",
+                                          lambda: _generation_row(cfg, models, batch, length, beams, row))
+                    result["generation"].append(generation)
+                    said(f"generate batch {batch:3d} source {length:4d} beam {beams}", generation)
+    partial.unlink(missing_ok=True)  # whole: the next measurement times everything again
     return result
 
 
-def _generation_row(cfg, models, batch, length, beams, forward_row, progress) -> dict:
+def _forward_row(cfg, models, sessions, batch: int, length: int, unit: str) -> dict:
+    original = models["original"]
+    counted = {n: counted_flops(m, batch, length, unit) for n, m in models.items()}
+    flops = {n: c["total"] for n, c in counted.items()}
+    attn = {n: c["attention"] for n, c in counted.items()}
+    if sessions is None:
+        timings = time_side_by_side(models, batch, length, cfg.repeats, cfg.warmup, cfg.device, original.config)
+    else:
+        from .export import example_inputs  # the graph's inputs (segments too, where it takes them)
+        feeds = {name: t.numpy() for name, t in example_inputs(original, batch, length, seed=0).items()}
+        timings = alternate(sessions, lambda session: session.run(None, feeds), cfg.repeats, cfg.warmup, "cpu")
+    seconds = {n: t["median"] for n, t in timings.items()}
+    row = {"batch": batch, "length": length, "flops": flops, "attention_flops": attn,
+           "seconds": seconds, "timings": timings,
+           "throughput": {n: batch / s for n, s in seconds.items()},
+           "speedup": seconds["original"] / seconds["pruned"],
+           "predicted_speedup": flops["original"] / flops["pruned"]}
+    row["note"] = _note(cfg.device, batch, row["predicted_speedup"], timings)
+    return row
+
+
+def _key(cfg: MeasureConfig, models: dict, lengths: list[int]) -> str:
+    """What a measurement's rows depend on: both models' configs and dtypes, the settings, the machine."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("pruned", "original", "output_dir",
+                                                                              "overwrite", "card")}
+    machine = torch.cuda.get_device_name() if cfg.device == "cuda" else [platform.node(), torch.get_num_threads()]
+    what = [{n: [m.config.to_dict(), str(next(m.parameters()).dtype)] for n, m in models.items()}, settings, lengths,
+            machine, torch.__version__]
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _read_rows(path: Path) -> dict:
+    try:
+        rows = json.loads(path.read_text()) if path.is_file() else {}
+        return rows if isinstance(rows, dict) and all(isinstance(r, dict) for r in rows.values()) else {}
+    except (OSError, ValueError):
+        return {}  # a damaged record: its settings are measured again
+
+
+def _write_rows(path: Path, rows: dict) -> bool:
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(rows))
+        return True
+    except OSError as err:  # a measurement goes on without its record (said once)
+        log.warning("cannot keep the measured settings in %s (%s): a stopped measurement starts over", path,
+                    err.strerror or err)
+        return False
+
+
+def _generation_row(cfg, models, batch, length, beams, forward_row) -> dict:
     timings = time_generation(models, batch, length, cfg.generate_tokens, beams, cfg.repeats, cfg.warmup,
                               cfg.device, models["original"].config)
     seconds = {n: t["median"] for n, t in timings.items()}
@@ -348,8 +401,6 @@ def _generation_row(cfg, models, batch, length, beams, forward_row, progress) ->
            "speedup": seconds["original"] / seconds["pruned"],
            "predicted_speedup": forward_row["predicted_speedup"]}
     row["note"] = _note(cfg.device, batch, row["predicted_speedup"], timings)
-    progress(f"generate batch {batch:3d} source {length:4d} beam {beams}: speedup {row['speedup']:.2f}x "
-             f"(FLOPs predict {row['predicted_speedup']:.2f}x)")
     return row
 
 

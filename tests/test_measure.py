@@ -156,3 +156,38 @@ def test_a_spread_above_a_tenth_of_the_median_is_called_noisy():
     assert _note("cpu", 8, 1.01, {"original": timing(0), "pruned": timing(0)}).startswith("almost nothing removed")
     assert _note("cuda", 1, 2.0, {"original": timing(0), "pruned": timing(0)}).startswith("batch 1 on a GPU")
     assert _note("cuda", 2, 2.0, {"original": timing(0), "pruned": timing(0)}) == ""
+
+
+def test_a_measurement_stopped_midway_measures_only_the_settings_left(tmp_path, monkeypatch, caplog):
+    """Each setting's row is kept as it is measured: the same command again after a kill times the
+    settings left, and its table equals one measured at once; the kept rows go once it is whole."""
+    import headprune.measuring as measuring
+    from headprune.config import MeasureConfig
+    folder, _ = write_tiny_lm(tmp_path / "lm", layers=2)
+    save_pruned(load_pruned(folder), tmp_path / "pruned", [("decoder", 0, 0), ("decoder", 1, 1)])
+    monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path / "cache"))
+    timed = []
+
+    class Killed(Exception):
+        pass
+
+    def fake_alternate(models, run, repeats, warmup, device):  # no clock: 10 ms plus 1 ms a kept group
+        if kill and len(timed) == 3:
+            raise Killed
+        timed.append(1)
+        return {name: {"q1": 0.01, "median": 0.010 + 0.001 * sum(s.num_heads for s in measuring.find_sites(m)),
+                       "q3": 0.01} for name, m in models.items()}
+    monkeypatch.setattr(measuring, "alternate", fake_alternate)
+    cfg = MeasureConfig(pruned=str(tmp_path / "pruned"), batch_sizes=[1, 2], lengths=[8], beams=[1],
+                        generate_tokens=2, repeats=1, warmup=0)
+    kill = True
+    with pytest.raises(Killed):  # after 3 of the 4 settings: batch 1 and its generation, batch 2
+        measuring.measure(cfg, progress=lambda line: None)
+    kill, timed[:] = False, []
+    lines = []
+    resumed = measuring.measure(cfg, progress=lines.append)
+    assert timed == [1] and lines[0].startswith("3 of 4 settings measured before, by a measurement stopped midway")
+    assert [line.split("]")[0] + "]" for line in lines[1:]] == ["[1/4]", "[2/4]", "[3/4]", "[4/4]"]
+    assert not any((tmp_path / "cache" / "measure").iterdir())  # whole: nothing kept
+    whole = measuring.measure(cfg, progress=lambda line: None)
+    assert timed == [1, 1, 1, 1, 1] and whole == resumed
