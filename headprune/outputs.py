@@ -247,11 +247,15 @@ def cache_root() -> Path:
     return Path(root)
 
 
-def drop_oldest(folder: Path, keep: int, pattern: str = "*.safetensors") -> None:
-    """Removes all but the `keep` most recently written entries of a cache folder."""
+def drop_oldest(folder: Path, keep: int, pattern: str = "*.safetensors", max_bytes: int | None = None) -> None:
+    """Removes all but the `keep` most recently written entries of a cache folder, and the older ones
+    beyond `max_bytes` in all (the newest always stays)."""
     entries = sorted(folder.glob(pattern), key=lambda f: f.stat().st_mtime, reverse=True)
-    for old in entries[keep:]:
-        old.unlink(missing_ok=True)
+    total = 0
+    for rank, entry in enumerate(entries):
+        total += entry.stat().st_size
+        if rank >= keep or (max_bytes is not None and rank > 0 and total > max_bytes):
+            entry.unlink(missing_ok=True)
 
 
 def nearest_existing(path: Path) -> Path:

@@ -222,15 +222,15 @@ class Calibration:
             try:
                 with atomic_path(path) as tmp:
                     save_file({name: t.detach().cpu().contiguous() for name, t in kept.items()}, str(tmp))
-                drop_oldest(path.parent, keep=SCORES_KEPT)
+                drop_oldest(path.parent, keep=SCORES_KEPT, max_bytes=SCORES_BYTES)
             except OSError as err:  # a cache that cannot be written only costs time
                 log.info("cannot write the scores cache %s: %s", path, err)
         return value
 
 
 # entries of the scores cache, the newest kept: a few kB each (flap's, with its float64 channel means, 140 kB
-# for SmolLM2-135M, 1 MB for an 8B Llama)
-SCORES_KEPT = 1000
+# for SmolLM2-135M, 1 MB for an 8B Llama), 256 MiB in all at most
+SCORES_KEPT, SCORES_BYTES = 1000, 256 * 2**20
 
 
 # settings that do not change a scorer's output (the rest of the config is part of the cache key)

@@ -19,6 +19,17 @@ def test_the_scores_cache_keeps_the_newest_entries(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["middle.safetensors", "newest.safetensors", "not-an-entry.txt"]
 
 
+def test_the_scores_cache_stays_within_its_bytes_the_newest_entry_always_kept(tmp_path):
+    for age, (name, size) in enumerate([("newest", 600), ("middle", 300), ("oldest", 200)]):
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(b"x" * size)
+        os.utime(path, (1_000_000 - age, 1_000_000 - age))
+    drop_oldest(tmp_path, keep=10, max_bytes=1000)  # 600 + 300 fit; 200 more do not
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["middle.safetensors", "newest.safetensors"]
+    drop_oldest(tmp_path, keep=10, max_bytes=100)  # the newest stays, however large
+    assert [p.name for p in tmp_path.iterdir()] == ["newest.safetensors"]
+
+
 def test_the_metrics_cache_keeps_the_newest_entries(tmp_path, monkeypatch):
     monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path))
     monkeypatch.setattr(digests, "METRICS_KEPT", 2)
