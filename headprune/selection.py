@@ -40,6 +40,7 @@ from .errors import ConfigError, HeadpruneError
 from .methods import (activation, fisher, flap, iterative_pruning, make_selector, michel, random_mask,
                       resolve_schedule, taylor)
 from .methods import scoring
+from .methods.scoring import PassRecord
 from .methods.dsp import as_groups, hard_top_k, per_group
 from .outputs import atomic_path, cache_root, drop_oldest
 from .progress import progress_bar
@@ -194,6 +195,13 @@ class Calibration:
 
     def progress(self, desc: str):
         return progress_bar(self.batches, desc=desc, leave=False, disable=not self.show_progress)
+
+    def record(self) -> PassRecord | None:
+        """Where a scorer's pass keeps its sums as they grow (see PassRecord): beside the scores cache
+        entry; None where nothing is cached, and with several processes (each would hold a part)."""
+        if not self.key or not self.writes or self.gather is not None:
+            return None
+        return PassRecord(cache_root() / "scores" / f"{self.key}.partial")
 
     def cached(self, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         """compute(), or what it gave for the same key before: a sweep scores once for all its ks."""

@@ -235,3 +235,58 @@ def test_decoder_and_cross_sites_count_the_target_positions_with_a_label():
     assert torch.equal(token_mask(batch, "cross", 3), expected)
     assert torch.equal(token_mask(batch, "encoder", 5), batch["attention_mask"].bool())
     assert token_mask(batch, "encoder", 4) is None  # a length the batch does not describe: every position
+
+
+@pytest.mark.parametrize("method", ["fisher", "activation", "flap"])
+def test_a_scoring_pass_stopped_midway_goes_on_from_the_batches_it_summed(method, tiny_finetuned, tmp_path,
+                                                                         monkeypatch):
+    """The pass keeps its sums as they grow (here after every batch): the same command started again
+    after a kill skips the batches summed, and keeps the heads, with the same scores, that a run
+    never stopped keeps; the record goes once the pass is whole."""
+    import headprune.methods.scoring as scoring
+    from headprune.tasks.base import Task
+    monkeypatch.setattr(scoring, "RECORD_EVERY", 0.0)
+    real, calls = Task.loss, []
+
+    class Killed(Exception):
+        pass
+
+    def loss(self, model, batch):
+        calls.append(1)
+        if kill and len(calls) == 4:  # three batches summed
+            raise Killed
+        return real(self, model, batch)
+    monkeypatch.setattr(Task, "loss", loss)
+    monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path / "cache"))
+    kill = True
+    with pytest.raises(Killed):
+        prune(tiny(*tiny_finetuned, tmp_path / "run", method=method))
+    assert len(list((tmp_path / "cache" / "scores").glob("*.partial"))) == 1
+    kill, calls[:] = False, []
+    resumed = prune(tiny(*tiny_finetuned, tmp_path / "run", method=method))
+    resumed_calls = len(calls)
+    assert not list((tmp_path / "cache" / "scores").glob("*.partial"))
+    monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path / "another cache"))
+    calls[:] = []
+    whole = prune(tiny(*tiny_finetuned, tmp_path / "whole", method=method))
+    assert resumed_calls == len(calls) - 3
+    assert resumed["kept_heads"] == whole["kept_heads"]
+    scores = [json.loads((tmp_path / folder / "head_scores.json").read_text()) for folder in ("run", "whole")]
+    assert scores[0] == scores[1]
+
+
+def test_a_damaged_record_of_a_pass_is_a_pass_from_the_start(tmp_path):
+    from headprune.methods.scoring import PassRecord
+    record = PassRecord(tmp_path / "key.partial")
+    assert record.read() is None  # none kept
+    record.path.write_bytes(b"not safetensors")
+    assert record.read() is None
+    from safetensors.torch import save_file
+    save_file({"sums.0": torch.zeros(2)}, str(record.path))  # no count of batches
+    assert record.read() is None
+    record.last = float("-inf")
+    record.save(2, lambda: {"sums.0": torch.ones(2)})
+    batches, kept = record.read()
+    assert batches == 2 and torch.equal(kept["sums.0"], torch.ones(2))
+    record.done()
+    assert not record.path.exists()

@@ -19,8 +19,9 @@ from .scoring import Scores, channel_moments, per_unit
 AGGREGATIONS = ("l2", "mean", "var")
 
 
-def activation_scores(model, gates, batches, loss_fn, aggregation: str = "l2", reduce=None) -> torch.Tensor:
-    """One score per gate; `loss_fn(model, batch)` runs the forward pass; `reduce` sums over processes."""
+def activation_scores(model, gates, batches, loss_fn, aggregation: str = "l2", reduce=None, record=None) -> torch.Tensor:
+    """One score per gate; `loss_fn(model, batch)` runs the forward pass; `reduce` sums over processes;
+    `record`: see `channel_moments`."""
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation {aggregation!r}: choose one of {', '.join(AGGREGATIONS)}")
 
@@ -31,7 +32,7 @@ def activation_scores(model, gates, batches, loss_fn, aggregation: str = "l2", r
         return ((x.abs() * t).sum(1) / t.sum(1).clamp(min=1))[tokens.any(1)]
 
     channel = []
-    for n, s, q in channel_moments(model, gates, batches, loss_fn, sequence_means, reduce):
+    for n, s, q in channel_moments(model, gates, batches, loss_fn, sequence_means, reduce, record):
         channel.append(q.sqrt() if aggregation == "l2" else s / n if aggregation == "mean"
                        else (q / n - (s / n).pow(2)).clamp(min=0))
     return per_unit(gates, channel, lambda values: torch.linalg.vector_norm(values))
@@ -40,4 +41,5 @@ def activation_scores(model, gates, batches, loss_fn, aggregation: str = "l2", r
 def score(run, mask: torch.Tensor):
     """The scorer of the driver (`headprune.selection`)."""
     return Scores(run.cached(lambda: activation_scores(run.model, run.gates, run.progress("activation scores"),
-                                                       run.loss_fn, run.cfg.activation_aggregation, run.reduce)))
+                                                       run.loss_fn, run.cfg.activation_aggregation, run.reduce,
+                                                       run.record())))

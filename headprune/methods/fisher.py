@@ -17,11 +17,11 @@ from .michel import mask_gradients
 from .scoring import Scores
 
 
-def fisher_gradients(model, gates, batches, loss_fn=None, gather=None) -> torch.Tensor:
+def fisher_gradients(model, gates, batches, loss_fn=None, gather=None, record=None) -> torch.Tensor:
     """The batches' mask gradients at every head on (batches x heads), from every process
-    (`gather`, e.g. `accelerator.gather`, stacks them)."""
+    (`gather`, e.g. `accelerator.gather`, stacks them); `record`: see `mask_gradients`."""
     grads, _ = mask_gradients(model, gates, batches, torch.ones(gates.num_heads, device=gates.fixed_mask.device),
-                              loss_fn)
+                              loss_fn, record)
     return (gather(grads) if gather is not None else grads).cpu()
 
 
@@ -59,6 +59,6 @@ def score(run, mask: torch.Tensor):
     (unless --no-fisher-rearrange) as the step after the top k."""
     gates = run.gates
     grads = run.cached(lambda: fisher_gradients(run.model, gates, run.progress("fisher scores"), run.loss_fn,
-                                                gather=run.gather))
+                                                gather=run.gather, record=run.record()))
     layers = [list(range(offset, offset + site.num_heads)) for offset, site in zip(gates.offsets, gates.sites)]
     return Scores(fisher_scores(grads), refine=(lambda m: rearrange(m, grads, layers)) if run.cfg.fisher_rearrange else None)

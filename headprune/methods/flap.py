@@ -20,14 +20,14 @@ from ..sites import weight_out_in
 from .scoring import Scores, channel_moments, per_unit
 
 
-def flap_statistics(model, gates, batches, loss_fn, reduce=None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def flap_statistics(model, gates, batches, loss_fn, reduce=None, record=None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per site: the mean and the (unbiased) variance of each input channel of its output
-    projection over every real token of `batches`."""
+    projection over every real token of `batches` (`record`: see `channel_moments`)."""
     def real_tokens(x, tokens):
         return x.flatten(0, 1) if tokens is None else x[tokens]
 
     means, variances = [], []
-    for n, s, q in channel_moments(model, gates, batches, loss_fn, real_tokens, reduce):
+    for n, s, q in channel_moments(model, gates, batches, loss_fn, real_tokens, reduce, record):
         mean = s / n
         means.append(mean)
         variances.append(((q - n * mean.pow(2)) / max(n - 1, 1.0)).clamp(min=0))
@@ -49,6 +49,6 @@ def score(run, mask: torch.Tensor):
     """The scorer of the driver (`headprune.selection`)."""
     def compute():
         run.means, variances = flap_statistics(run.model, run.gates, run.progress("flap scores"), run.loss_fn,
-                                               run.reduce)
+                                               run.reduce, run.record())
         return flap_scores(run.gates, variances)
     return Scores(run.cached(compute))

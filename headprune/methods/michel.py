@@ -18,13 +18,19 @@ import torch
 from .scoring import Scores
 
 
-def mask_gradients(model, gates, batches, mask: torch.Tensor, loss_fn=None) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_gradients(model, gates, batches, mask: torch.Tensor, loss_fn=None, record=None) -> tuple[torch.Tensor, torch.Tensor]:
     """dL_b/dmask for every batch b (batches x heads) at `mask`, model in eval mode (dropout off),
     and the number of (non-padding) tokens seen. `loss_fn(model, batch)` gives the loss (default:
-    the model's own)."""
+    the model's own); `record` (scoring.PassRecord) keeps them as they come (a pass stopped midway
+    goes on)."""
     model.eval()
-    grads, tokens = [], torch.zeros((), dtype=torch.float64, device=mask.device)
-    for batch in batches:
+    skip, kept = (record.read() if record is not None else None) or (0, {})
+    grads = list(kept["grads"].to(mask.device)) if "grads" in kept else []
+    tokens = kept["tokens"].to(mask.device) if "tokens" in kept else torch.zeros((), dtype=torch.float64,
+                                                                                   device=mask.device)
+    for done, batch in enumerate(batches, start=1):
+        if done <= skip:  # its gradient came before the pass was stopped
+            continue
         m = mask.detach().clone().requires_grad_(True)
         with gates.override(m):
             loss = loss_fn(model, batch) if loss_fn else model(**batch).loss
@@ -32,6 +38,10 @@ def mask_gradients(model, gates, batches, mask: torch.Tensor, loss_fn=None) -> t
         grads.append(grad.double())
         # tokens that are not padding; images have no padding: count the images
         tokens += batch["attention_mask"].sum() if "attention_mask" in batch else len(batch["labels"])
+        if record is not None:
+            record.save(done, lambda: {"grads": torch.stack(grads), "tokens": tokens})
+    if record is not None:
+        record.done()
     return torch.stack(grads) if grads else mask.new_zeros((0, mask.numel()), dtype=torch.float64), tokens
 
 
