@@ -102,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("headprune: interrupted; the same command again resumes training and Michel's rounds from their "
               "last checkpoint, a pipelined run's reconstruction from its last block, a latency table and "
-              "measure from their last setting, fisher's, activation's and flap's scoring pass from its last "
-              "record and a sweep at its unfinished run (taylor's pass and export start over)", file=sys.stderr)
+              "measure from their last setting, a scoring pass from its last record and a sweep at its "
+              "unfinished run (taylor's pass and export start over)", file=sys.stderr)
         return 130
 
 

@@ -192,16 +192,19 @@ class Calibration:
     agree: Callable = lambda read: read()  # the main process's reading for all (selection.from_main)
     hit: bool = False
     means: list[torch.Tensor] | None = None
+    pass_key: str | None = None  # what a pass's record is kept under (`pass_key`)
 
     def progress(self, desc: str):
         return progress_bar(self.batches, desc=desc, leave=False, disable=not self.show_progress)
 
-    def record(self) -> PassRecord | None:
-        """Where a scorer's pass keeps its sums as they grow (see PassRecord): beside the scores cache
-        entry; None where nothing is cached, and with several processes (each would hold a part)."""
-        if not self.key or not self.writes or self.gather is not None:
+    def record(self, mask: torch.Tensor | None = None) -> PassRecord | None:
+        """Where a scorer's pass (under `mask`: one of michel's rounds) keeps its sums as they grow
+        (see PassRecord), in the scores cache; None for weights that are not a local folder, and with
+        several processes (each would hold a part)."""
+        if not self.pass_key or not self.writes or self.gather is not None:
             return None
-        return PassRecord(cache_root() / "scores" / f"{self.key}.partial")
+        tag = "" if mask is None else "-" + hashlib.sha256(json.dumps(mask.tolist()).encode()).hexdigest()[:16]
+        return PassRecord(cache_root() / "scores" / f"{self.pass_key}{tag}.partial")
 
     def cached(self, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         """compute(), or what it gave for the same key before: a sweep scores once for all its ks."""
@@ -250,8 +253,14 @@ NOT_SCORING = ("k", "k_per_kind", "seed", "output_dir", "overwrite", "reconstruc
 def scores_key(cfg, weights_digest: str | None, calibration) -> str | None:
     """The scores cache key: the methods' code, the weights' and the calibration data's digests and
     every setting but NOT_SCORING; None for weights that are not a local folder, and for michel
-    (its scores change with each round's mask)."""
-    if cfg.method not in SCORERS or cfg.method == "michel" or not weights_digest or weights_digest == cfg.model:
+    (its scores change with each round's mask: `pass_key`)."""
+    return None if cfg.method == "michel" else pass_key(cfg, weights_digest, calibration)
+
+
+def pass_key(cfg, weights_digest: str | None, calibration) -> str | None:
+    """What one scoring pass computes depends on (`scores_key`'s, and for michel each round's mask
+    besides: where a pass stopped midway keeps its sums)."""
+    if cfg.method not in SCORERS or not weights_digest or weights_digest == cfg.model:
         return None
     # every file of methods/: scorers share code (fisher's gradients are michel's)
     settings = {name: value for name, value in dataclasses.asdict(cfg).items() if name not in NOT_SCORING}
@@ -369,9 +378,10 @@ def choose_by_scores(cfg, task, acc, model, gates, calibration, collate, evaluat
         mask = random_mask(gates.num_heads, cfg.k, cfg.seed, budget)
         return mask, mask, info
     loader = acc.prepare(DataLoader(calibration, batch_size=cfg.batch_size, collate_fn=collate))
+    key = pass_key(cfg, weights_digest, calibration)  # (scores_key's, for every method but michel)
     run = Calibration(model, gates, loader, task.loss, cfg, reduce=process_sum(acc),
                       gather=acc.gather if acc.num_processes > 1 else None, show_progress=acc.is_local_main_process,
-                      key=scores_key(cfg, weights_digest, calibration), writes=acc.is_main_process,
+                      key=None if cfg.method == "michel" else key, pass_key=key, writes=acc.is_main_process,
                       agree=lambda read: from_main(acc, read))
     info["calibration_examples"] = len(calibration)
     unit = UNIT_NAMES[gates.sites[0].unit]

@@ -108,8 +108,8 @@ def test_an_interrupted_command_says_how_to_resume_in_one_line(capsys, monkeypat
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["headprune: interrupted; the same command again resumes training and Michel's rounds from their "
                    "last checkpoint, a pipelined run's reconstruction from its last block, a latency table and "
-                   "measure from their last setting, fisher's, activation's and flap's scoring pass from its last "
-                   "record and a sweep at its unfinished run (taylor's pass and export start over)"]
+                   "measure from their last setting, a scoring pass from its last record and a sweep at its "
+                   "unfinished run (taylor's pass and export start over)"]
 
 
 def test_other_libraries_log_warnings_only(monkeypatch):

@@ -290,3 +290,36 @@ def test_a_damaged_record_of_a_pass_is_a_pass_from_the_start(tmp_path):
     assert batches == 2 and torch.equal(kept["sums.0"], torch.ones(2))
     record.done()
     assert not record.path.exists()
+
+
+def test_a_michel_round_stopped_midway_goes_on_from_the_batches_it_summed(tiny_finetuned, tmp_path, monkeypatch):
+    """Michel's rounds resume from the run's checkpoint; a round's own pass from its record: a kill
+    three batches into the second round's pass costs those three batches only, and the curve and
+    heads are those of a run never stopped."""
+    import headprune.methods.scoring as scoring
+    from headprune.tasks.base import Task
+    monkeypatch.setattr(scoring, "RECORD_EVERY", 0.0)
+    real, calls = Task.loss, []
+
+    class Killed(Exception):
+        pass
+
+    def loss(self, model, batch):
+        calls.append(1)
+        if kill and len(calls) == 9 + 4:  # the first round's 9 batches, then 3 of the second's
+            raise Killed
+        return real(self, model, batch)
+    monkeypatch.setattr(Task, "loss", loss)
+    monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path / "cache"))
+    kill = True
+    with pytest.raises(Killed):
+        prune(tiny(*tiny_finetuned, tmp_path / "run", method="michel", michel_step=2, checkpoint_every=50))
+    kill, calls[:] = False, []
+    resumed = prune(tiny(*tiny_finetuned, tmp_path / "run", method="michel", michel_step=2, checkpoint_every=50))
+    resumed_calls = len(calls)
+    assert not list((tmp_path / "cache" / "scores").glob("*.partial"))
+    monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path / "another cache"))
+    calls[:] = []
+    whole = prune(tiny(*tiny_finetuned, tmp_path / "whole", method="michel", michel_step=2, checkpoint_every=50))
+    assert resumed_calls == len(calls) - 9 - 3 and len(calls) == 3 * 9
+    assert resumed["curve"] == whole["curve"] and resumed["kept_heads"] == whole["kept_heads"]

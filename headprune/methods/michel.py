@@ -45,12 +45,12 @@ def mask_gradients(model, gates, batches, mask: torch.Tensor, loss_fn=None, reco
     return torch.stack(grads) if grads else mask.new_zeros((0, mask.numel()), dtype=torch.float64), tokens
 
 
-def head_importance(model, gates, batches, mask: torch.Tensor, reduce=None, loss_fn=None) -> torch.Tensor:
+def head_importance(model, gates, batches, mask: torch.Tensor, reduce=None, loss_fn=None, record=None) -> torch.Tensor:
     """Sum over `batches` of |dL/dmask| per head, divided by the number of (non-padding) tokens.
 
     `reduce`, if given, sums a tensor over processes (e.g. `accelerator.reduce`); `loss_fn(model,
-    batch)` gives the loss (default: the model's own)."""
-    grads, tokens = mask_gradients(model, gates, batches, mask, loss_fn)
+    batch)` gives the loss (default: the model's own); `record`: see `mask_gradients`."""
+    grads, tokens = mask_gradients(model, gates, batches, mask, loss_fn, record)
     total = grads.abs().sum(0)
     if reduce is not None:
         total, tokens = reduce(total), reduce(tokens)
@@ -113,6 +113,6 @@ def score(run, mask: torch.Tensor):
     normalised per layer or not (--michel-normalize)."""
     gates = run.gates
     raw = head_importance(run.model, gates, run.progress("importance"), mask.to(gates.fixed_mask.device),
-                          reduce=run.reduce, loss_fn=run.loss_fn)
+                          reduce=run.reduce, loss_fn=run.loss_fn, record=run.record(mask))
     sizes = [site.num_heads for site in gates.sites]
     return Scores(normalize_importance(raw, sizes, per_layer=run.cfg.michel_normalize == "layer"))
