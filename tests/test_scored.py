@@ -237,39 +237,47 @@ def test_decoder_and_cross_sites_count_the_target_positions_with_a_label():
     assert token_mask(batch, "encoder", 4) is None  # a length the batch does not describe: every position
 
 
-@pytest.mark.parametrize("method", ["fisher", "activation", "flap"])
-def test_a_scoring_pass_stopped_midway_goes_on_from_the_batches_it_summed(method, tiny_finetuned, tmp_path,
-                                                                         monkeypatch):
-    """The pass keeps its sums as they grow (here after every batch): the same command started again
-    after a kill skips the batches summed, and keeps the heads, with the same scores, that a run
-    never stopped keeps; the record goes once the pass is whole."""
+class Killed(Exception):
+    pass
+
+
+@pytest.fixture
+def losses(monkeypatch):
+    """The task's loss counted, and a kill before the call `kill_at` names (None: none); the passes
+    recorded after every batch."""
     import headprune.methods.scoring as scoring
     from headprune.tasks.base import Task
     monkeypatch.setattr(scoring, "RECORD_EVERY", 0.0)
-    real, calls = Task.loss, []
-
-    class Killed(Exception):
-        pass
+    real, state = Task.loss, {"calls": 0, "kill_at": None}
 
     def loss(self, model, batch):
-        calls.append(1)
-        if kill and len(calls) == 4:  # three batches summed
+        state["calls"] += 1
+        if state["calls"] == state["kill_at"]:
             raise Killed
         return real(self, model, batch)
     monkeypatch.setattr(Task, "loss", loss)
+    return state
+
+
+@pytest.mark.parametrize("method", ["fisher", "activation", "flap"])
+def test_a_scoring_pass_stopped_midway_goes_on_from_the_batches_it_summed(method, tiny_finetuned, tmp_path,
+                                                                         monkeypatch, losses):
+    """The pass keeps its sums as they grow (here after every batch): the same command started again
+    after a kill skips the batches summed, and keeps the heads, with the same scores, that a run
+    never stopped keeps; the record goes once the pass is whole."""
     monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path / "cache"))
-    kill = True
+    losses["kill_at"] = 4  # three batches summed
     with pytest.raises(Killed):
         prune(tiny(*tiny_finetuned, tmp_path / "run", method=method))
     assert len(list((tmp_path / "cache" / "scores").glob("*.partial"))) == 1
-    kill, calls[:] = False, []
+    losses.update(calls=0, kill_at=None)
     resumed = prune(tiny(*tiny_finetuned, tmp_path / "run", method=method))
-    resumed_calls = len(calls)
+    resumed_calls = losses["calls"]
     assert not list((tmp_path / "cache" / "scores").glob("*.partial"))
     monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path / "another cache"))
-    calls[:] = []
+    losses["calls"] = 0
     whole = prune(tiny(*tiny_finetuned, tmp_path / "whole", method=method))
-    assert resumed_calls == len(calls) - 3
+    assert resumed_calls == losses["calls"] - 3
     assert resumed["kept_heads"] == whole["kept_heads"]
     scores = [json.loads((tmp_path / folder / "head_scores.json").read_text()) for folder in ("run", "whole")]
     assert scores[0] == scores[1]
@@ -292,34 +300,21 @@ def test_a_damaged_record_of_a_pass_is_a_pass_from_the_start(tmp_path):
     assert not record.path.exists()
 
 
-def test_a_michel_round_stopped_midway_goes_on_from_the_batches_it_summed(tiny_finetuned, tmp_path, monkeypatch):
+def test_a_michel_round_stopped_midway_goes_on_from_the_batches_it_summed(tiny_finetuned, tmp_path, monkeypatch,
+                                                                         losses):
     """Michel's rounds resume from the run's checkpoint; a round's own pass from its record: a kill
     three batches into the second round's pass costs those three batches only, and the curve and
     heads are those of a run never stopped."""
-    import headprune.methods.scoring as scoring
-    from headprune.tasks.base import Task
-    monkeypatch.setattr(scoring, "RECORD_EVERY", 0.0)
-    real, calls = Task.loss, []
-
-    class Killed(Exception):
-        pass
-
-    def loss(self, model, batch):
-        calls.append(1)
-        if kill and len(calls) == 9 + 4:  # the first round's 9 batches, then 3 of the second's
-            raise Killed
-        return real(self, model, batch)
-    monkeypatch.setattr(Task, "loss", loss)
     monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path / "cache"))
-    kill = True
+    losses["kill_at"] = 9 + 4  # the first round's 9 batches, then 3 of the second's
     with pytest.raises(Killed):
         prune(tiny(*tiny_finetuned, tmp_path / "run", method="michel", michel_step=2, checkpoint_every=50))
-    kill, calls[:] = False, []
+    losses.update(calls=0, kill_at=None)
     resumed = prune(tiny(*tiny_finetuned, tmp_path / "run", method="michel", michel_step=2, checkpoint_every=50))
-    resumed_calls = len(calls)
+    resumed_calls = losses["calls"]
     assert not list((tmp_path / "cache" / "scores").glob("*.partial"))
     monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path / "another cache"))
-    calls[:] = []
+    losses["calls"] = 0
     whole = prune(tiny(*tiny_finetuned, tmp_path / "whole", method="michel", michel_step=2, checkpoint_every=50))
-    assert resumed_calls == len(calls) - 9 - 3 and len(calls) == 3 * 9
+    assert resumed_calls == losses["calls"] - 9 - 3 and losses["calls"] == 3 * 9
     assert resumed["curve"] == whole["curve"] and resumed["kept_heads"] == whole["kept_heads"]
