@@ -23,7 +23,7 @@ import torch
 
 from .errors import ConfigError, first_line
 from .measuring import time_forward_or_generation
-from .outputs import atomic_path, cache_root
+from .outputs import cache_root, keep_json
 from .progress import progress_bar
 from .pruning import remove_heads
 from .sites import find_sites
@@ -86,7 +86,7 @@ def latency_table(model, unit: str, batch: int, length: int, device: str, new_to
                 timing = timed({"whole": whole, "pruned": pruned_copy(whole, kept, unit)})
                 # the whole model's seconds, and the pruned one's as a share of the whole
                 done[setting] = [timing["whole"]["median"], timing["pruned"]["median"] / timing["whole"]["median"]]
-                writable = writable and _write(partial, done)  # (said once)
+                writable = writable and keep_json(partial, done, "a stopped table is measured again")  # (said once)
             whole_times.append(done[setting][0])
             times.append(done[setting][1])
             bar.update(1)
@@ -109,7 +109,7 @@ def latency_table(model, unit: str, batch: int, length: int, device: str, new_to
     whole.train(was_training)
     log.info("latency table: the whole model takes %.4g ms; a layer with every unit %s", seconds * 1e3,
              ", ".join(f"{kind} {entry['per_layer'][-1] * 1e3:.3g} ms" for kind, entry in table["kinds"].items()))
-    if _write(path, table):
+    if keep_json(path, table, "the next run measures the table again"):
         partial.unlink(missing_ok=True)
     return table
 
@@ -130,17 +130,6 @@ def _read_partial(path) -> dict:
         return {name: [float(v) for v in value] for name, value in done.items() if len(value) == 2}
     except (OSError, ValueError, TypeError, AttributeError):
         return {}  # a damaged entry: its settings are timed again
-
-
-def _write(path, value) -> bool:
-    try:
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(value))
-        return True
-    except OSError as err:  # the run goes on with what it measured
-        log.warning("cannot cache the latency table in %s (%s): the next run measures it again", path,
-                    err.strerror or first_line(err))
-        return False
 
 
 def _check(table: dict, whole, sites, unit: str, timed) -> dict:

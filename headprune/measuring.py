@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .config import MeasureConfig
 from .errors import ConfigError, OutputExistsError, require
-from .outputs import atomic_path, cache_root, check_not_inside, check_writable
+from .outputs import cache_root, check_not_inside, check_writable, keep_json
 from .sites import UNIT_NAMES, find_sites
 
 log = logging.getLogger("headprune")
@@ -317,7 +317,7 @@ def measure(cfg: MeasureConfig, progress=print) -> dict:
         nonlocal writable
         if setting not in kept:
             kept[setting] = compute()
-            writable = writable and _write_rows(partial, kept)
+            writable = writable and keep_json(partial, kept, "a stopped measurement starts over")  # (said once)
         done.append(setting)
         return kept[setting]
 
@@ -378,17 +378,6 @@ def _read_rows(path: Path) -> dict:
         return rows if isinstance(rows, dict) and all(isinstance(r, dict) for r in rows.values()) else {}
     except (OSError, ValueError):
         return {}  # a damaged record: its settings are measured again
-
-
-def _write_rows(path: Path, rows: dict) -> bool:
-    try:
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(rows))
-        return True
-    except OSError as err:  # a measurement goes on without its record (said once)
-        log.warning("cannot keep the measured settings in %s (%s): a stopped measurement starts over", path,
-                    err.strerror or err)
-        return False
 
 
 def _generation_row(cfg, models, batch, length, beams, forward_row) -> dict:

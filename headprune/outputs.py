@@ -365,6 +365,18 @@ def write_json(path: Path, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
+def keep_json(path: Path, obj, unkept: str) -> bool:
+    """A cache's record (compact JSON, written atomically); one that cannot be written only costs time:
+    a warning says so, ending with `unkept` (what follows), and False."""
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(obj))
+        return True
+    except OSError as err:
+        log.warning("cannot write %s (%s): %s", path, err.strerror or err, unkept)
+        return False
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
