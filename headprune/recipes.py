@@ -299,7 +299,13 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
     `metrics_unpruned`: the pipelined model's metrics if already known (a sweep measures them
     once), so that they are not evaluated again."""
     with contextlib.ExitStack() as held:  # the output folder, from `_start` on (a refused run leaves none)
-        return _prune(cfg, metrics_unpruned, held)
+        acc, out, results, history, timing = _prune(cfg, metrics_unpruned, held)
+        if timing is not None:  # now that _prune's model is gone: two models in memory, not three
+            _time_saved_model(cfg, acc, out, results["budget"], **timing)
+        if acc.is_main_process:
+            write_model_card(stage_folder(out) / "model", results, command_of("prune", cfg))
+            write_run_report(stage_folder(out), results, history)
+        return _finish(acc, out, results, history)
 
 
 def _prune(cfg: PruneConfig, metrics_unpruned: dict | None, held: contextlib.ExitStack) -> dict:
@@ -452,23 +458,20 @@ def _prune(cfg: PruneConfig, metrics_unpruned: dict | None, held: contextlib.Exi
     kinds = list(counts)  # every kind of the original, one a model pruned before has emptied too
     log.info("kept %d %s; %s %s (unpruned %s)", len(kept), UNIT_NAMES[gates.sites[0].unit], task.metric, metrics,
              extra["metrics_unpruned"])
+    timing = None  # --target-speedup's measurement on the saved model (after this function)
     with timed(seconds, "save"):
         if acc.is_main_process:
             size = _save_pruned(cfg, task, stage_folder(out), acc.unwrap_model(model), gates, tokenizer, mask, scores,
                                 added=sum(o.bias.numel() for o in bare if o.bias is not None))
             if size:
                 info["size"] = size
-                if "budget" in info:  # counted, or timed, on the smaller model itself
-                    before = path if (getattr(config, "headprune", None) or {}).get("physical") else None
-                    info["budget"]["measured"] = (measured_speedup(cfg, stage_folder(out) / "model", acc.device.type, before)
-                                                  if table else size["pruned"].get(info["budget"]["target"]))
+                if "budget" in info and table:  # timed on the smaller model itself, once this model is freed
+                    timing = {"pruned_before": path if (getattr(config, "headprune", None) or {}).get("physical")
+                              else None}
+                elif "budget" in info:  # counted on it
+                    info["budget"]["measured"] = size["pruned"].get(info["budget"]["target"])
                     log.info("budget: %s measured on the saved model: %s", info["budget"]["target"],
                              f"{info['budget']['measured']:,.4g}")
-                    if table and info["budget"]["measured"] < cfg.target_speedup:  # timed: noise, or the table
-                        log.warning("the saved model measured %.3gx faster, under the --target-speedup %g that the "
-                                    "latency table predicted it to reach (%.3gx): timings vary from run to run; "
-                                    "`headprune measure` times it at more settings", info["budget"]["measured"],
-                                    cfg.target_speedup, info["budget"]["predicted"])
     results = {"method": cfg.method, "mode": cfg.mode, "k": len(kept), "num_heads": gates.num_heads,
                "layers": {kind: sum(site.kind == kind for site in gates.sites) for kind in kinds},
                "unit": gates.sites[0].unit,
@@ -476,10 +479,18 @@ def _prune(cfg: PruneConfig, metrics_unpruned: dict | None, held: contextlib.Exi
                "kept_heads": kept, "metrics_pruned": metrics, "metrics_unpruned": extra["metrics_unpruned"],
                **info, **_common_results(cfg, task, data, seconds, state and state["step"]),
                "inputs": inputs}  # digests of the weights and data (as the resume checked): a sweep tells a model changed in place
-    if acc.is_main_process:
-        write_model_card(stage_folder(out) / "model", results, command_of("prune", cfg))
-        write_run_report(stage_folder(out), results, history)
-    return _finish(acc, out, results, history)
+    return acc, out, results, history, timing
+
+
+def _time_saved_model(cfg, acc, out: Path, budget: dict, pruned_before: str | None) -> None:
+    """--target-speedup: the saved model timed against the one the run started from (recorded in `budget`)."""
+    acc.free_memory()  # a trained selector's prepared model and optimizer: the run's model goes
+    budget["measured"] = measured_speedup(cfg, stage_folder(out) / "model", acc.device.type, pruned_before)
+    log.info("budget: speedup measured on the saved model: %s", f"{budget['measured']:,.4g}")
+    if budget["measured"] < cfg.target_speedup:  # timed: noise, or the table
+        log.warning("the saved model measured %.3gx faster, under the --target-speedup %g that the latency table "
+                    "predicted it to reach (%.3gx): timings vary from run to run; `headprune measure` times it at "
+                    "more settings", budget["measured"], cfg.target_speedup, budget["predicted"])
 
 
 def timed_length(cfg, model) -> int:

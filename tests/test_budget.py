@@ -146,10 +146,20 @@ def test_the_latency_table_from_pairs_of_timings_and_its_prediction(tiny_lm, tmp
 def test_a_speed_target_end_to_end_records_the_measured_speedup(tiny_finetuned, tmp_path, monkeypatch):
     import headprune.measuring as measure
     monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path / "cache"))
+    import gc
+    import weakref
+    import headprune.recipes as recipes
     monkeypatch.setattr(measure, "alternate", lambda models, run, *a: {  # 8 ms plus 1 ms a kept head
         name: {"median": 0.008 + 0.001 * sum(s.num_heads for s in find_sites(m))} for name, m in models.items()})
+    run_model, alive = [], []
+    real_load, real_time = recipes.load_for_run, measure.time_forward_or_generation
+    monkeypatch.setattr(recipes, "load_for_run", lambda *a, **k: (
+        lambda loaded: run_model.append(weakref.ref(loaded[1])) or loaded)(real_load(*a, **k)))
+    monkeypatch.setattr(measure, "time_forward_or_generation", lambda models, *a: (
+        gc.collect(), alive.append(run_model[0]() is not None), real_time(models, *a))[-1])
     results = prune(tiny(*tiny_finetuned, tmp_path / "run", k=None, target_speedup=1.5, at_batch_size=4,
                          at_length=16))
+    assert alive == [False]  # the saved model measured with the run's model freed: two models in memory, not three
     budget = results["budget"]
     # whole 16 ms; 1.5x: at most 10.67 ms, so 2 of the 8 heads
     assert results["k"] == budget["units"] == 2 and budget["predicted"] == pytest.approx(16 / 10)
