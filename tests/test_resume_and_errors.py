@@ -146,6 +146,16 @@ def test_unknown_architecture(tmp_path, no_training):
         prune(cfg(tmp_path / "bloom", data, tmp_path / "out", k=1, mode="joint"))
 
 
+def test_a_model_of_another_task_is_refused_in_one_line(tiny_finetuned, tmp_path, no_training):
+    # transformers 5 tells it with a ValueError (4 raised a KeyError): a BERT classifier has no
+    # encoder-decoder model to translate with
+    with pytest.raises(UnsupportedArchitectureError, match=r"^headprune does not support 'bert' for translation "
+                       r"\(transformers has no Seq2SeqLM model for it\)$"):
+        prune(cfg(tiny_finetuned[0], "offline:ding-de-en", tmp_path / "out", task="translation", method="random",
+                  k=1))
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_label_column(tiny_finetuned, tmp_path, no_training):
     with pytest.raises(DataError, match=r"no column\(s\) \['target'\]; its columns are \['text', 'label'\]"):
         prune(cfg(*tiny_finetuned, tmp_path, label_column="target"))

@@ -192,12 +192,14 @@ class Task:
         try:
             with torch.device("meta"):  # shapes only: nothing is allocated or read
                 skeleton = self.auto_class.from_config(config)
-        except KeyError as err:
+        except (KeyError, ValueError) as err:
+            if isinstance(err, ValueError) and "Unrecognized configuration class" not in str(err):
+                # e.g. a width that the heads do not divide
+                raise ModelError(f"transformers cannot build {name!r} from its config.json: {first_line(err)}") from err
+            # the model's type has no model of this task (transformers 5 says so with a ValueError)
             raise UnsupportedArchitectureError(
                 f"headprune does not support {config.model_type!r} for {self.name} (transformers has "
                 f"no {self.auto_class.__name__.removeprefix('AutoModelFor')} model for it)") from err
-        except ValueError as err:  # e.g. a width that the heads do not divide
-            raise ModelError(f"transformers cannot build {name!r} from its config.json: {first_line(err)}") from err
         sites = find_sites(skeleton, unit)  # or UnsupportedArchitectureError
         if attn_implementation == "sdpa" and not type(skeleton)._supports_sdpa:
             raise ConfigError(f"{type(skeleton).__name__} has no sdpa attention in transformers: use "
