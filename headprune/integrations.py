@@ -89,7 +89,7 @@ class HeadPruningCallback(TrainerCallback):
                               "model's dropout (set the model config's dropout to 0 to train without it)")
         self.output_dir = output_dir
         self.overwrite = overwrite
-        self.gates = None
+        self.gates, self.draw = None, 0  # draw: the micro-batch within a step (gradient accumulation)
         self.hooks: list = []
         self.kept_heads: list | None = None
 
@@ -160,9 +160,16 @@ class HeadPruningCallback(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.gates.selector.set_step(state.global_step)
+        self.draw = 0
         penalty = getattr(self.gates.selector, "penalty", None)
         if penalty is not None:  # Voita's L0 term, once a step (as headprune's own loop adds it to each loss)
             penalty().backward()
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        # gradient accumulation: each micro-batch of the step trains on a subset of its own (fresh
+        # noise, as the reference draws at every forward), at the step's temperature
+        self.draw += 1
+        self.gates.selector.set_step(state.global_step, self.draw)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.optimizer.step()

@@ -128,6 +128,28 @@ def trainer_for(tmp_path, model, callback, max_steps=12, **arguments):
     return Trainer(model=model, args=args, train_dataset=examples(), callbacks=[callback])
 
 
+@pytest.mark.parametrize("method", ["dsp", "voita"])
+def test_each_micro_batch_of_an_accumulated_step_draws_its_own_noise(tmp_path, monkeypatch, method):
+    """As the reference draws at every forward: with gradient_accumulation_steps=2, a step's two
+    micro-batches train on two draws of the noise (one temperature, the step's)."""
+    import headprune.methods.dsp as dsp
+    import headprune.methods.voita as voita
+    draws = []
+    if method == "dsp":
+        real = dsp.sample_gumbel
+        monkeypatch.setattr(dsp, "sample_gumbel", lambda like, gen: draws.append(real(like, gen)) or draws[-1])
+    else:
+        real = voita.hard_concrete_sample
+        monkeypatch.setattr(voita, "hard_concrete_sample", lambda log_a, u: draws.append(u) or real(log_a, u))
+    callback = HeadPruningCallback(k=3, method=method, output_dir=str(tmp_path / "pruned"), seed=0,
+                                   settle_fraction=0.0)  # (settled steps draw none)
+    trainer_for(tmp_path, tiny_model("bert", layers=2), callback, max_steps=3, gradient_accumulation_steps=2).train()
+    assert len(draws) == 6 and len({tuple(d.tolist()) for d in draws}) == 6
+    from headprune.randomness import generator
+    first = dsp.sample_gumbel(draws[0], generator("cpu", 0, "gumbel", 0)) if method == "dsp" else None
+    assert first is None or torch.equal(draws[0], first)  # a step's first draw: the one seeded by its step
+
+
 def test_voitas_l0_penalty_reaches_the_scores(tmp_path):
     """The Trainer's loss does not know the penalty: the callback adds its gradient each step, so a
     larger l0_lambda closes the gates further (with none, the scores learn from the loss alone)."""

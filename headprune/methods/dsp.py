@@ -99,12 +99,19 @@ def sample_gumbel(like: torch.Tensor, gen: torch.Generator | None = None) -> tor
     return -torch.log(-torch.log(u.clamp(tiny, 1.0 - 1e-12)))
 
 
+def noise_key(selector, name: str) -> tuple:
+    """What seeds a selector's noise: its seed and step, and the micro-batch after a step's first
+    (a step's first draw is the one it had before micro-batches were told apart)."""
+    return (selector.seed, name, selector.step, *([selector.draw] if selector.draw else []))
+
+
 class DSPSelector(nn.Module):
     """Chooses exactly k of `num_heads` heads from learned logits.
 
     The trainer calls `set_step` before each training forward; the temperature and the Gumbel
-    noise follow from it (the noise from a generator seeded by (seed, step)), so a resumed run
-    continues exactly where it stopped and nothing else in the process changes the draws.
+    noise follow from it (the noise from a generator seeded by (seed, step), and the micro-batch
+    `draw` of a step that accumulates gradients), so a resumed run continues exactly where it
+    stopped and nothing else in the process changes the draws.
     """
 
     def __init__(self, num_heads: int, k: int | None, t0: float = 1000.0, tf: float = 1e-2,
@@ -124,13 +131,14 @@ class DSPSelector(nn.Module):
         init = torch.empty(num_heads, dtype=torch.float64).uniform_(
             -0.5, 0.5, generator=generator("cpu", seed, "dsp-init"))
         self.logits = nn.Parameter(init)
-        self.step = 0
+        self.step, self.draw = 0, 0
         self._last: torch.Tensor | None = None  # the last training mask, for the log
         self._hard: torch.Tensor | None = None  # the hard top-k of the same noisy scores
         self._kept: torch.Tensor | None = None  # the hard top-k of the scores: what eval keeps
 
-    def set_step(self, step: int) -> None:
-        self.step = step
+    def set_step(self, step: int, draw: int = 0) -> None:
+        """`draw`: the micro-batch of an optimizer step that accumulates gradients (each its own noise)."""
+        self.step, self.draw = step, draw
 
     @property
     def temperature(self) -> float:
@@ -162,7 +170,7 @@ class DSPSelector(nn.Module):
         if self.straight_through:
             mask = kept + self.logits - self.logits.detach()  # forward hard, backward identity
         else:
-            noise = sample_gumbel(self.logits, generator(self.logits.device, self.seed, "gumbel", self.step))
+            noise = sample_gumbel(self.logits, generator(self.logits.device, *noise_key(self, "gumbel")))
             relaxed = functools.partial(soft_top_k, fewest_rounds=not self.k_rounds)
             mask = per_group(relaxed, self.logits + noise, budget, self.temperature)
             self._hard = per_group(hard_top_k, (self.logits + noise).detach(), budget)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..randomness import generator
-from .dsp import Budget, as_groups, hard_top_k, per_group
+from .dsp import Budget, as_groups, hard_top_k, noise_key, per_group
 
 BETA = 0.33  # temperature of the concrete distribution
 GAMMA, ZETA = -0.1, 1.1  # stretch limits
@@ -44,13 +44,15 @@ class HardConcreteSelector(nn.Module):
         # k=None (and no budget): keep the heads whose gate exceeds 0.5, as many as lambda leaves
         self.budget = None if k is None and budget is None else as_groups(num_heads, k, budget)
         self.k = None if self.budget is None else sum(group_k for _, group_k in self.budget)
-        self.l0_lambda, self.seed, self.step = l0_lambda, seed, 0
+        self.l0_lambda, self.seed, self.step, self.draw = l0_lambda, seed, 0, 0
         self.settle_step = settle_step  # from this step on, training uses the kept heads (no gradient)
         init = torch.empty(num_heads).uniform_(-0.5, 0.5, generator=generator("cpu", seed, "voita-init"))
-        self.log_a = nn.Parameter(init)  # U(-0.5, 0.5) as the reference
+        # U(-0.5, 0.5), as DSP's logits; the reference's Xavier init of a [1, heads, 1, 1] tensor
+        # draws from +-sqrt(6 / (heads + 1)) (+-0.68 for 12 heads a layer): about half the gates open either way
+        self.log_a = nn.Parameter(init)
 
-    def set_step(self, step: int) -> None:  # no schedule; the noise follows the step
-        self.step = step
+    def set_step(self, step: int, draw: int = 0) -> None:  # no schedule; the noise follows the step (and draw)
+        self.step, self.draw = step, draw
 
     @property
     def settled(self) -> bool:
@@ -58,7 +60,7 @@ class HardConcreteSelector(nn.Module):
 
     def forward(self) -> torch.Tensor:
         if self.training and not self.settled:
-            g = generator(self.log_a.device, self.seed, "hard-concrete", self.step)
+            g = generator(self.log_a.device, *noise_key(self, "hard-concrete"))
             u = torch.rand(self.log_a.shape, generator=g, device=self.log_a.device,
                            dtype=self.log_a.dtype) * (1 - 2 * EPS) + EPS
             return hard_concrete_sample(self.log_a, u)
