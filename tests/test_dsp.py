@@ -85,6 +85,19 @@ def test_selector_samples_in_training_and_is_hard_in_eval():
     assert torch.equal(sel(), hard_top_k(sel.logits.detach(), 4))
 
 
+def test_the_noise_is_gumbel_so_the_noisy_argmax_is_a_softmax_draw():
+    """Gumbel-max: argmax(logits + G) picks head i with probability softmax(logits)_i (exponential
+    noise, -log u, would pick head 0 of [1, 0] 82% of the time, not 73%)."""
+    from headprune.methods.dsp import sample_gumbel
+    gen = torch.Generator().manual_seed(0)
+    u = torch.rand(3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert torch.allclose(sample_gumbel(torch.zeros(3, dtype=torch.float64), gen), -torch.log(-torch.log(u)))
+    logits = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    noise = sample_gumbel(torch.zeros(40_000, 2, dtype=torch.float64), torch.Generator().manual_seed(1))
+    picked = ((logits + noise).argmax(1) == 0).double().mean().item()
+    assert picked == pytest.approx(math.exp(1) / (math.exp(1) + 1), abs=0.012)  # 0.731; 5 standard errors
+
+
 @pytest.mark.parametrize("k", [0, 13])
 def test_selector_rejects_k_outside_1_to_n(k):
     with pytest.raises(ValueError, match="between 1 and the model's 12 heads"):

@@ -24,6 +24,19 @@ def test_training_sample_for_fixed_noise():
     assert expected[0] == pytest.approx(0.5) and expected[2] == 0.0 and expected[3] == 1.0  # clipped ends
 
 
+def test_training_samples_the_gates_from_noise_of_its_seed_and_step():
+    """The training forward is hard_concrete_sample(log_a, u), u uniform in (eps, 1 - eps) from the
+    generator of (seed, step): not the deterministic evaluation gate."""
+    from headprune.methods.voita import EPS
+    from headprune.randomness import generator
+    sel = HardConcreteSelector(6, 2, seed=3)
+    sel.train()
+    sel.set_step(5)
+    u = torch.rand(6, generator=generator("cpu", 3, "hard-concrete", 5), dtype=sel.log_a.dtype) * (1 - 2 * EPS) + EPS
+    assert torch.equal(sel(), hard_concrete_sample(sel.log_a, u))
+    assert not torch.allclose(sel(), hard_concrete_eval(sel.log_a))
+
+
 def test_eval_gate():
     log_a = torch.tensor([0.0, 2.0, -3.0, 5.0], dtype=torch.float64)
     expected = [min(1, max(0, sigmoid(a) * 1.2 - 0.1)) for a in log_a.tolist()]
