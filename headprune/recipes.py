@@ -413,13 +413,13 @@ def _prune(cfg: PruneConfig, metrics_unpruned: dict | None, held: contextlib.Exi
             selector.eval()
             # on the CPU, as the scored methods' (the budget's masks index with them; on a GPU the
             # selector's are on its device)
-            mask, scores = selector().detach().cpu(), selector.scores().cpu()
+            mask, scores, refine = selector().detach().cpu(), selector.scores().cpu(), None
             gates.selector = None  # from here on the gates hold the final mask
             if cfg.method == "voita":
                 info["heads_on_by_threshold"] = selector.heads_on()
         else:
             measured = []  # flap's scoring pass measures the mean contexts too: the bias reuses them
-            mask, scores, info = choose_by_scores(
+            mask, scores, info, refine = choose_by_scores(
                 cfg, task, acc, model, gates, calibration, collate, evaluate_with, weights_digest=inputs["model"],
                 rounds_done=extra.get("michel_rounds"), metrics_unpruned=extra["metrics_unpruned"] if pipelined else None,
                 save_rounds=lambda rounds: save_rounds(acc, out, cfg, rounds, extra, so_far()), on_means=measured.append)
@@ -435,6 +435,8 @@ def _prune(cfg: PruneConfig, metrics_unpruned: dict | None, held: contextlib.Exi
         log.info("budget: %s %s (the whole model: %s): predicted %s with %d %s", info["budget"]["target"],
                  f"{info['budget']['target_value']:,.4g}", f"{info['budget']['original']:,.4g}",
                  f"{info['budget']['predicted']:,.4g}", info["budget"]["units"], UNIT_NAMES[gates.sites[0].unit])
+    if refine is not None:  # fisher's rearrangement within each layer, once the counts per layer are set
+        mask = refine(mask)
     if not pipelined:  # the jointly trained weights with every head on (before reconstruction changes them)
         with timed(seconds, "evaluate_unpruned"):
             extra["metrics_unpruned"] = evaluate_with(all_heads)

@@ -367,7 +367,9 @@ def choose_by_scores(cfg, task, acc, model, gates, calibration, collate, evaluat
                      rounds_done=None, save_rounds=None, metrics_unpruned=None, on_means=None):
     """Keep the top k (k_g of each group) by the method's scores on the calibration data (random:
     none); michel in rounds, with the metrics after each (its curve). Returns the mask, the scores
-    to show (michel: the round in which a head went) and what to record. `rounds_done`: michel's
+    to show (michel: the round in which a head went), what to record, and the method's step after
+    the top k or None (fisher's rearrangement of the heads within each layer, its count kept: the
+    recipe applies it once --allocation or a --target-* budget has set the counts). `rounds_done`: michel's
     rounds of an interrupted run (their masks, scores and metrics), reused; `save_rounds(rounds)`
     is called with all of them after each new one (a checkpoint). `metrics_unpruned`: evaluate_with(every
     head), measured already (michel's first round). `on_means(means)`: given each block's mean context
@@ -376,7 +378,7 @@ def choose_by_scores(cfg, task, acc, model, gates, calibration, collate, evaluat
     info = method_options(cfg)
     if cfg.method == "random":
         mask = random_mask(gates.num_heads, cfg.k, cfg.seed, budget)
-        return mask, mask, info
+        return mask, mask, info, None
     loader = acc.prepare(DataLoader(calibration, batch_size=cfg.batch_size, collate_fn=collate))
     key = pass_key(cfg, weights_digest, calibration)  # (scores_key's, for every method but michel)
     run = Calibration(model, gates, loader, task.loss, cfg, reduce=process_sum(acc),
@@ -394,17 +396,15 @@ def choose_by_scores(cfg, task, acc, model, gates, calibration, collate, evaluat
             info.update(scoring_passes=len(curve) - 1 if cfg.michel_exact else 1, curve=[
                 {"heads": e["heads"], "metrics": e["metrics"], "pruned_now": [gates.heads[i] for i in e["pruned_now"]]}
                 for e in curve])
-            return mask, order, info
+            return mask, order, info, None
         scores = SCORERS[cfg.method](run, torch.ones(gates.num_heads))
     mask = per_group(hard_top_k, scores.values, budget)
-    if scores.refine is not None:
-        mask = scores.refine(mask)
     if run.means is not None and on_means is not None:
         on_means(run.means)
     info["scoring_passes"] = 0 if run.hit else 1
     info["scores_from_cache"] = run.hit
     log.info("%s: scored %d %s on %d calibration examples", cfg.method, gates.num_heads, unit, len(calibration))
-    return mask.float(), scores.values.float(), info
+    return mask.float(), scores.values.float(), info, scores.refine
 
 
 def scoring_precision(acc, method: str):

@@ -223,6 +223,21 @@ def test_fisher_keeps_the_heads_its_rearrangement_chose(tiny_finetuned, tmp_path
     assert kept != [bool(m) for m in seen[0].tolist()]  # (the plain top 3 is not symmetric here)
 
 
+def test_fisher_rearranges_within_the_counts_a_uniform_allocation_sets(tiny_finetuned, tmp_path, monkeypatch):
+    """--allocation uniform sets how many heads each layer keeps (2 of 4 here); the rearrangement
+    then chooses which, and those are the heads saved (not the per-layer top k of the diagonal)."""
+    import headprune.methods.fisher as fisher
+    calls = []
+    real = fisher.rearrange
+    monkeypatch.setattr(fisher, "rearrange", lambda mask, grads, layers: calls.append(
+        (mask.clone(), real(mask, grads, layers))) or calls[-1][1])
+    prune(tiny(*tiny_finetuned, tmp_path, method="fisher", k=4, allocation="uniform"))
+    (before, after), = calls
+    kept = torch.tensor([s["kept"] for s in json.loads((tmp_path / "head_scores.json").read_text())]).float()
+    assert before.view(2, 4).sum(1).tolist() == after.view(2, 4).sum(1).tolist() == [2, 2]
+    assert torch.equal(kept, after) and not torch.equal(after, before)  # (the rearrangement moves a head here)
+
+
 def test_decoder_and_cross_sites_count_the_target_positions_with_a_label():
     """scoring.token_mask: an encoder site reads the source's attention mask; a decoder or cross
     site the target positions whose label is not -100 (its padding counts nowhere in the
