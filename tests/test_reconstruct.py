@@ -63,6 +63,35 @@ def test_each_fit_by_hand_on_one_block(mode, weight, bias, before, after):
     assert got.tolist() == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("mode", ["rescale", "both"])
+def test_the_fit_of_two_kept_heads_is_torchs_least_squares(mode):
+    """3 heads of size 2 into 3 outputs, heads 0 and 2 kept, random contexts: the scales (and the
+    intercept, `both`) are torch.linalg.lstsq's over every (token, output) of the block."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 20, 6, generator=g, dtype=torch.float64)
+    model = Block().double()
+    model.output = nn.Linear(6, 3, bias=False).double()
+    with torch.no_grad():
+        model.output.weight.copy_(torch.randn(3, 6, generator=g, dtype=torch.float64))
+    weight = model.output.weight.detach().clone()
+    site = AttentionSite("encoder", 0, nn.Module(), nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 6), model.output, 2)
+    gates = HeadGates([site])
+    gates.register_hooks(model)
+    reconstruct(model, gates, torch.tensor([1.0, 0.0, 1.0]), [{"x": x}], lambda m, batch: m(batch["x"]), mode,
+                disable_progress=True)
+    target = (x[0] @ weight.T).reshape(-1)  # every head's output, token-major
+    columns = [(x[0, :, 2 * h:2 * h + 2] @ weight[:, 2 * h:2 * h + 2].T).reshape(-1) for h in (0, 2)]
+    if mode == "both":  # one intercept per output
+        columns += [torch.eye(3, dtype=torch.float64).repeat(20, 1)[:, o] for o in range(3)]
+    solution = torch.linalg.lstsq(torch.stack(columns, 1), target.unsqueeze(1)).solution[:, 0]
+    folded = model.output.weight.detach()
+    assert torch.allclose(folded[:, 0:2], solution[0] * weight[:, 0:2], atol=1e-7)
+    assert torch.allclose(folded[:, 4:6], solution[1] * weight[:, 4:6], atol=1e-7)
+    assert not torch.allclose(solution[:2], torch.ones(2, dtype=torch.float64), atol=1e-3)  # (a fit that moves)
+    if mode == "both":
+        assert torch.allclose(model.output.bias.detach(), solution[2:], atol=1e-7)
+
+
 def test_the_bias_uses_means_already_measured_and_costs_no_pass():
     # mean ablation measured the means before selection: the bias takes them (here made up) as they are
     model, gates, forward = one_block()

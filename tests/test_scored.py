@@ -59,6 +59,18 @@ def test_flap_is_the_standardised_variance_times_the_column_norm():
     assert expected[0] == pytest.approx(-expected[1])
 
 
+def test_flap_standardises_each_block_apart():
+    """The standardisation is per block (what lets layers of different scales compete): a second
+    block whose channels vary 100 times as much scores as the first, not above it."""
+    gates, _ = one_block()
+    site = gates.sites[0]
+    gates = HeadGates([site, AttentionSite("encoder", 1, nn.Module(), site.query, site.key, site.value, site.output, 2)])
+    variances = torch.tensor([1, 16 / 3, 13 / 3, 4 / 3], dtype=torch.float64)
+    scores = flap_scores(gates, [variances, 100 * variances])
+    assert scores[2:].tolist() == pytest.approx(scores[:2].tolist())
+    assert scores[0] < 0 < scores[1]  # (one standardisation over both blocks: block 1's first head above block 0's second)
+
+
 def test_fisher_sums_the_squared_mask_gradient_of_each_batch(tiny_finetuned):
     from transformers import AutoModelForSequenceClassification
     from headprune import attach_gates
@@ -129,6 +141,39 @@ def test_taylor_by_hand_on_one_block():
     assert taylor_scores(nn.Module(), gates, [batch], forward, "element").tolist() == pytest.approx([12, 12])
     assert taylor_scores(nn.Module(), gates, [batch], forward, "vector").tolist() == pytest.approx([3, 8])
     assert value.weight.grad is None and not any(p.requires_grad is False for p in value.parameters())
+
+
+@pytest.mark.parametrize("unit", ["group", "query"])
+def test_taylor_groups_of_grouped_query_attention_by_hand(tmp_path, unit):
+    """Llama, 4 query heads in 2 KV groups of head_dim 8: a KV group owns its 2 query heads' q rows and
+    o columns and its k and v rows; a query unit j owns query head j of each group (heads j and 2 + j),
+    q rows and o columns only. Checked against w * dL/dw summed over those index sets, written out."""
+    from conftest import write_tiny_lm
+    from transformers import AutoModelForCausalLM
+    from headprune.gates import attach_gates
+    write_tiny_lm(tmp_path, layers=1, heads=4, kv_heads=2, n_train=4, n_eval=2)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model", attn_implementation="eager").double()
+    ids = torch.randint(3, 40, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def loss(model, batch):
+        return model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+    attention = model.model.layers[0].self_attn
+    loss(model, {"input_ids": ids}).backward()
+    wg = {name: (p.detach() * p.grad).double() for name, p in attention.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    rows = lambda heads: [h * 8 + i for h in heads for i in range(8)]  # noqa: E731
+    if unit == "group":
+        owned = [(rows([0, 1]), rows([0])), (rows([2, 3]), rows([1]))]  # (query heads' rows, key/value rows)
+    else:
+        owned = [(rows([0, 2]), []), (rows([1, 3]), [])]
+    parts = [[wg["q_proj.weight"][q], wg["k_proj.weight"][kv], wg["v_proj.weight"][kv], wg["o_proj.weight"][:, q]]
+             for q, kv in owned]
+    gates = attach_gates(model, unit)
+    element = taylor_scores(model, gates, [{"input_ids": ids}], loss, "element")
+    vector = taylor_scores(model, gates, [{"input_ids": ids}], loss, "vector")
+    assert element.tolist() == pytest.approx([float(sum(x.abs().sum() for x in p)) for p in parts], rel=1e-9)
+    assert vector.tolist() == pytest.approx([abs(float(sum(x.sum() for x in p))) for p in parts], rel=1e-9)
+    assert all(float(wg["q_proj.weight"][q].abs().sum()) > 0 for q, _ in owned)  # queries count: their gradient is not 0
 
 
 def test_taylor_vector_is_the_loss_change_when_a_head_is_scaled(tiny_finetuned):
