@@ -301,14 +301,17 @@ def prune(cfg: PruneConfig, metrics_unpruned: dict | None = None) -> dict:
     with contextlib.ExitStack() as held:  # the output folder, from `_start` on (a refused run leaves none)
         acc, out, results, history, timing = _prune(cfg, metrics_unpruned, held)
         if timing is not None:  # now that _prune's model is gone: two models in memory, not three
-            _time_saved_model(cfg, acc, out, results["budget"], **timing)
+            with timed(results["seconds"], "measure_speedup"):
+                _time_saved_model(cfg, acc, out, results["budget"], **timing)
         if acc.is_main_process:
             write_model_card(stage_folder(out) / "model", results, command_of("prune", cfg))
             write_run_report(stage_folder(out), results, history)
         return _finish(acc, out, results, history)
 
 
-def _prune(cfg: PruneConfig, metrics_unpruned: dict | None, held: contextlib.ExitStack) -> dict:
+def _prune(cfg: PruneConfig, metrics_unpruned: dict | None, held: contextlib.ExitStack):
+    """The run up to its saved model: (accelerator, output folder, results, training log, what
+    `_time_saved_model` takes or None)."""
     threshold = cfg.method == "voita" and cfg.voita_selection == "threshold"
     if cfg.k < 1 and not threshold and not cfg.k_per_kind:
         raise ConfigError(f"k={cfg.k}: at least one head must be kept")
