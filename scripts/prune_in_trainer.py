@@ -28,6 +28,8 @@ def main(argv=None) -> None:
     parser.add_argument("--k", type=int, default=24, help="heads to keep (of 72)")
     parser.add_argument("--method", default="dsp", choices=["dsp", "ste", "voita"])
     parser.add_argument("--max-steps", type=int, default=125)
+    parser.add_argument("--gradient-accumulation-steps", type=int, default=1, choices=[1, 2, 4, 8, 16, 32],
+                        help="micro-batches a step (32 examples a step in all; each micro-batch draws its own noise)")
     parser.add_argument("--train-examples", type=int, default=4000)
     parser.add_argument("--eval-examples", type=int, default=2000)
     parser.add_argument("--output-dir", default="runs/trainer-dsp")
@@ -61,7 +63,9 @@ def train_and_prune(args) -> None:
                       data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
                       compute_metrics=accuracy, callbacks=[callback],
                       args=TrainingArguments(output_dir=args.output_dir, max_steps=args.max_steps, learning_rate=5e-5,
-                                             per_device_train_batch_size=32, logging_steps=10, report_to="none",
+                                             per_device_train_batch_size=32 // args.gradient_accumulation_steps,
+                                             gradient_accumulation_steps=args.gradient_accumulation_steps,
+                                             logging_steps=10, report_to="none",
                                              save_strategy="no", seed=0))
     trainer.train()
     print(f"kept {len(callback.kept_heads)} heads: {callback.kept_heads}")

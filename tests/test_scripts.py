@@ -202,7 +202,7 @@ def test_reconstruction_on_a_finished_run(finished_runs, tmp_path, monkeypatch, 
 
 def test_prune_in_trainer_on_the_real_minilm(tmp_path):
     out = script("scripts/prune_in_trainer.py", "--k", 12, "--max-steps", 3, "--train-examples", 48,
-                 "--eval-examples", 32, "--output-dir", tmp_path)
+                 "--eval-examples", 32, "--gradient-accumulation-steps", 2, "--output-dir", tmp_path)
     assert "kept 12 heads" in out and "validation accuracy of the pruned model" in out
     from headprune.pruning import load_pruned
     assert len(load_pruned(tmp_path / "pruned").config.headprune["kept_heads"]) == 12
