@@ -37,7 +37,7 @@ from contextlib import contextmanager
 import torch
 
 from .methods.flap import flap_statistics
-from .methods.scoring import token_mask, unit_channels
+from .methods.scoring import is_decoder_only, token_mask, unit_channels
 from .outputs import atomic_path, drop_oldest
 from .pruning import add_output_biases
 from .progress import progress_bar
@@ -268,7 +268,7 @@ def block_sums(model, gates, i, kept, batches, loss_fn, scales, shifts, reduce=N
         teacher = context_at(model, gates, i, batch, loss_fn, everything)
         with _shifted(gates, shifts):
             student = context_at(model, gates, i, batch, loss_fn, scales)
-        tokens = token_mask(batch, site.kind, teacher.shape[1])
+        tokens = token_mask(batch, site.kind, teacher.shape[1], is_decoder_only(gates))
         teacher, student = (x.flatten(0, 1) if tokens is None else x[tokens] for x in (teacher, student))
         teacher, student = teacher.double(), student.double()
         moments["SS"] += student.T @ student

@@ -284,9 +284,9 @@ def test_fisher_rearranges_within_the_counts_a_uniform_allocation_sets(tiny_fine
 
 
 def test_decoder_and_cross_sites_count_the_target_positions_with_a_label():
-    """scoring.token_mask: an encoder site reads the source's attention mask; a decoder or cross
-    site the target positions whose label is not -100 (its padding counts nowhere in the
-    activation, FLAP and reconstruction statistics)."""
+    """scoring.token_mask: an encoder site reads the source's attention mask; an encoder-decoder's
+    decoder or cross site the target positions whose label is not -100 (its padding counts nowhere
+    in the activation, FLAP and reconstruction statistics)."""
     from headprune.methods.scoring import token_mask
     batch = {"attention_mask": torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]),
              "labels": torch.tensor([[5, 6, -100], [5, 6, 7]])}
@@ -295,6 +295,31 @@ def test_decoder_and_cross_sites_count_the_target_positions_with_a_label():
     assert torch.equal(token_mask(batch, "cross", 3), expected)
     assert torch.equal(token_mask(batch, "encoder", 5), batch["attention_mask"].bool())
     assert token_mask(batch, "encoder", 4) is None  # a length the batch does not describe: every position
+
+
+def test_a_decoder_only_models_prompt_tokens_count_though_their_labels_are_minus_100(tmp_path):
+    """A causal LM batch given through the API with its prompt's labels at -100 (and a padded end):
+    the prompt's contexts are real tokens for the activation statistics (its attention mask says
+    so), so the scores are those of the same batch with every real token labelled."""
+    from conftest import write_tiny_lm
+    from transformers import AutoModelForCausalLM
+    from headprune.gates import attach_gates
+    from headprune.methods.scoring import token_mask
+    write_tiny_lm(tmp_path, layers=1, heads=4, kv_heads=2, n_train=4, n_eval=2)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model", attn_implementation="eager").double()
+    gates = attach_gates(model, "group")
+    ids = torch.randint(3, 40, (2, 8), generator=torch.Generator().manual_seed(0))
+    attention = torch.ones_like(ids)
+    attention[1, 6:] = 0  # the second sequence padded at its end
+    answer_only = ids.masked_fill(attention == 0, -100).clone()
+    answer_only[:, :4] = -100  # the prompt: no loss on it
+    every_token = ids.masked_fill(attention == 0, -100)
+    forward = (lambda model, batch: model(**batch).loss)  # noqa: E731
+    scores = [activation_scores(model, gates, [{"input_ids": ids, "attention_mask": attention, "labels": labels}],
+                                forward) for labels in (answer_only, every_token)]
+    assert torch.equal(scores[0], scores[1])
+    assert torch.equal(token_mask({"attention_mask": attention, "labels": answer_only}, "decoder", 8, True),
+                       attention.bool())
 
 
 class Killed(Exception):

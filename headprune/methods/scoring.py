@@ -76,17 +76,23 @@ class PassRecord:
         self.path.unlink(missing_ok=True)
 
 
-def token_mask(batch: dict, kind: str, length: int) -> torch.Tensor | None:
+def token_mask(batch: dict, kind: str, length: int, decoder_only: bool = False) -> torch.Tensor | None:
     """Which of the `length` positions of a site of `kind` are real tokens (batch x length, bool):
-    encoder sites read the source's attention mask, decoder and cross sites the target positions
-    with a label; None where the batch does not say (every position counts)."""
-    if kind == "encoder" or "labels" not in batch or batch["labels"].dim() != 2:
+    encoder sites, and every site of a `decoder_only` model, read the attention mask (a prompt's
+    tokens are real though their labels may be -100); an encoder-decoder's decoder and cross sites
+    the target positions with a label; None where the batch does not say (every position counts)."""
+    if kind == "encoder" or decoder_only or "labels" not in batch or batch["labels"].dim() != 2:
         mask = batch.get("attention_mask")
     else:
         mask = batch["labels"] != -100
     if mask is None or mask.shape[-1] != length:
         return None
     return mask.bool()
+
+
+def is_decoder_only(gates) -> bool:
+    """A model whose every attention site is a decoder's self-attention (no encoder, no cross)."""
+    return all(site.kind == "decoder" for site in gates.sites)
 
 
 def unit_channels(site, unit: int) -> list[int]:
@@ -109,11 +115,12 @@ def observe_calibration(model, gates, batches, loss_fn, on_context: Callable, sk
     input `x` (batch x length x heads*head_dim) and the bool mask of its real tokens (or None);
     `after_batch(batches so far)` after each."""
     current: dict = {}
+    decoder_only = is_decoder_only(gates)
 
     def hook_for(index, site):
         def hook(module, args):
             x = args[0]
-            on_context(index, x.detach(), token_mask(current["batch"], site.kind, x.shape[1]))
+            on_context(index, x.detach(), token_mask(current["batch"], site.kind, x.shape[1], decoder_only))
         return hook
 
     # registered after the gates' own hooks, so the contexts are already gated
