@@ -264,11 +264,12 @@ def block_sums(model, gates, i, kept, batches, loss_fn, scales, shifts, reduce=N
     moments.update({name: torch.zeros(width, dtype=torch.float64, device=weight.device) for name in ("S", "T")})
     moments["n"] = torch.zeros((), dtype=torch.float64, device=weight.device)
     everything = torch.ones(gates.num_heads)
+    decoder_only = is_decoder_only(gates)
     for batch in batches:
         teacher = context_at(model, gates, i, batch, loss_fn, everything)
         with _shifted(gates, shifts):
             student = context_at(model, gates, i, batch, loss_fn, scales)
-        tokens = token_mask(batch, site.kind, teacher.shape[1], is_decoder_only(gates))
+        tokens = token_mask(batch, site.kind, teacher.shape[1], decoder_only)
         teacher, student = (x.flatten(0, 1) if tokens is None else x[tokens] for x in (teacher, student))
         teacher, student = teacher.double(), student.double()
         moments["SS"] += student.T @ student

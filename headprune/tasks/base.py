@@ -214,7 +214,7 @@ class Task:
         if not isinstance(record, dict):
             check_record(record, sites, name)  # says what is wrong with it
         physical = record.get("physical")
-        if pruning and unit == "query" and not record.get("physical"):  # (a zeroed model keeps its shapes)
+        if pruning and unit == "query" and not physical:  # (a zeroed model keeps its shapes)
             check_query_unit(sites, repr(name))
         trained = any(str(a).endswith(self.architecture_suffixes) for a in config.architectures or [])
         if require_finetuned and not physical and config.architectures and not trained:
