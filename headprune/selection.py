@@ -204,7 +204,10 @@ class Calibration:
         if not self.pass_key or not self.writes or self.gather is not None:
             return None
         tag = "" if mask is None else "-" + hashlib.sha256(json.dumps(mask.tolist()).encode()).hexdigest()[:16]
-        return PassRecord(cache_root() / "scores" / f"{self.pass_key}{tag}.partial")
+        folder = cache_root() / "scores"
+        # the records of runs stopped and never started again: the newest few stay, for their runs
+        drop_oldest(folder, keep=RECORDS_KEPT, pattern="*.partial")
+        return PassRecord(folder / f"{self.pass_key}{tag}.partial")
 
     def cached(self, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         """compute(), or what it gave for the same key before: a sweep scores once for all its ks."""
@@ -242,6 +245,7 @@ class Calibration:
 # entries of the scores cache, the newest kept: a few kB each (flap's, with its float64 channel means, 140 kB
 # for SmolLM2-135M, 1 MB for an 8B Llama), 256 MiB in all at most
 SCORES_KEPT, SCORES_BYTES = 1000, 256 * 2**20
+RECORDS_KEPT = 100  # records of passes stopped midway (`<key>.partial`), the newest kept
 
 
 # settings that do not change a scorer's output (the rest of the config is part of the cache key)

@@ -83,3 +83,20 @@ def test_the_unpruned_metrics_key_changes_with_the_evaluation_data_and_the_weigh
     assert metrics_key({"model": "weights", "evaluation data": "other data"}, cfg, str(tmp_path)) != key
     assert metrics_key({"model": "other weights", "evaluation data": "data"}, cfg, str(tmp_path)) != key
     assert metrics_key({"model": "weights", "evaluation data": "data"}, PruneConfig(model="folder"), str(tmp_path)) == key
+
+
+def test_records_of_passes_never_started_again_do_not_pile_up(tiny_finetuned, tmp_path, monkeypatch):
+    """A scoring pass stopped midway leaves `<key>.partial` for its run to go on from; a pass that
+    starts keeps the newest RECORDS_KEPT of them and removes the older ones (and its own when whole)."""
+    import headprune.selection as selection
+    from conftest import tiny
+    from headprune.recipes import prune
+    monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(selection, "RECORDS_KEPT", 1)
+    folder = tmp_path / "cache" / "scores"
+    folder.mkdir(parents=True)
+    for age, name in enumerate(["newer", "older"]):
+        (folder / f"{name}.partial").write_bytes(b"x")
+        os.utime(folder / f"{name}.partial", (1_000_000 - age, 1_000_000 - age))
+    prune(tiny(*tiny_finetuned, tmp_path / "run", method="activation"))
+    assert sorted(p.name for p in folder.glob("*.partial")) == ["newer.partial"]
