@@ -77,8 +77,8 @@ def test_fisher_sums_the_squared_mask_gradient_of_each_batch(tiny_finetuned):
     model = AutoModelForSequenceClassification.from_pretrained(tiny_finetuned[0]).double()
     gates = attach_gates(model)
     g = torch.Generator().manual_seed(0)
-    batches = [{"input_ids": torch.randint(5, 99, (3, 6), generator=g), "attention_mask": torch.ones(3, 6, dtype=torch.long),
-                "labels": torch.tensor([0, 1, 1])} for _ in range(2)]
+    batches = [{"input_ids": torch.randint(5, 99, (n, 6), generator=g), "attention_mask": torch.ones(n, 6, dtype=torch.long),
+                "labels": torch.tensor([0, 1, 1][:n])} for n in (3, 1)]
     grads = fisher_gradients(model, gates, batches)
     for b, batch in enumerate(batches):  # against finite differences of each batch's mean loss
         for h in (0, 5):
@@ -177,7 +177,9 @@ def test_taylor_groups_of_grouped_query_attention_by_hand(tmp_path, unit):
 
 
 def test_taylor_vector_is_the_loss_change_when_a_head_is_scaled(tiny_finetuned):
-    # sum over the head's weights of w * dL/dw = dL/de where the head's weights are scaled by (1 + e)
+    # sum over the head's weights of w * dL/dw = dL/de where the head's weights are scaled by (1 + e),
+    # L the mean loss over the calibration sequences: batches of 3 and 1 sequences, each sequence
+    # counting alike (the batch of 1 does not weigh as much as the batch of 3)
     from transformers import AutoModelForSequenceClassification
     from headprune import attach_gates
     from headprune.methods.taylor import group_weights
@@ -185,10 +187,12 @@ def test_taylor_vector_is_the_loss_change_when_a_head_is_scaled(tiny_finetuned):
     model.requires_grad_(False)
     gates = attach_gates(model)
     g = torch.Generator().manual_seed(0)
-    batches = [{"input_ids": torch.randint(5, 99, (3, 6), generator=g), "attention_mask": torch.ones(3, 6, dtype=torch.long),
-                "labels": torch.tensor([0, 1, 1])} for _ in range(2)]
+    batches = [{"input_ids": torch.randint(5, 99, (n, 6), generator=g), "attention_mask": torch.ones(n, 6, dtype=torch.long),
+                "labels": torch.tensor([0, 1, 1][:n])} for n in (3, 1)]
     forward = (lambda m, b: m(**b).loss)
     got = taylor_scores(model, gates, batches, forward, "vector")
+    # two processes that saw the same batches: twice the gradients over twice the sequences
+    assert taylor_scores(model, gates, batches, forward, "vector", reduce=lambda t: 2 * t).tolist() == pytest.approx(got.tolist())
     for gate in (1, 6):
         site = gates.sites[gate // 4]
 
@@ -197,12 +201,28 @@ def test_taylor_vector_is_the_loss_change_when_a_head_is_scaled(tiny_finetuned):
             with torch.no_grad():
                 for p, index, value in saved:
                     p[index] = value * scale
-                total = sum(forward(model, b) for b in batches)
+                total = sum(forward(model, b) * len(b["labels"]) for b in batches) / 4
                 for p, index, value in saved:
                     p[index] = value
             return float(total)
         assert float(got[gate]) == pytest.approx(abs(loss_at(1 + 1e-6) - loss_at(1 - 1e-6)) / 2e-6, rel=1e-4)
     assert not any(p.requires_grad for p in model.parameters())  # left as it was
+
+
+def test_taylor_sums_half_precision_gradients_in_float32(tiny_finetuned):
+    # a bfloat16 model: 64 copies of a batch give the scores of the batch alone (each gradient is
+    # the same bfloat16 tensor; summed in bfloat16 the sum would round at every batch)
+    from transformers import AutoModelForSequenceClassification
+    from headprune import attach_gates
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_finetuned[0], dtype=torch.bfloat16).eval()
+    model.requires_grad_(False)  # as a pipelined run holds it
+    gates = attach_gates(model)
+    g = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(5, 99, (3, 6), generator=g), "labels": torch.tensor([0, 1, 1])}
+    forward = (lambda m, b: m(**b).loss)
+    once = taylor_scores(model, gates, [batch], forward, "element")
+    assert taylor_scores(model, gates, [batch] * 64, forward, "element").tolist() == pytest.approx(once.tolist(), rel=1e-9)
+    assert all(p.grad is None and not p.requires_grad and p.dtype == torch.bfloat16 for p in model.parameters())
 
 
 def test_scored_methods_prune_a_fine_tuned_model_only(tiny_finetuned, tmp_path):

@@ -4,7 +4,8 @@ estimated change in the loss if the group were zeroed.
 A head's (or KV group's) group is every weight that goes with it: its rows of the query, key and
 value projections (and their biases) and its columns of the output projection; a query unit of
 grouped-query attention owns query rows and output columns only (the key/value heads stay). With
-G the gradient of the calibration loss (the sum over batches of the batch-mean loss):
+G the gradient of the calibration loss, the mean over its sequences (each batch's mean loss
+weighted by its number of sequences, so that a short last batch counts no more than its share):
   element (LLM-Pruner's code default, `param_first`): sum over the group of |w * G|
   vector: |sum over the group of w * G| (the paper's vector-wise importance, over the whole group)
 ranked globally, with no per-layer normalisation, as the issue asks. (The reference code takes the
@@ -53,16 +54,30 @@ def taylor_scores(model, gates, batches, loss_fn, variant: str = "element", redu
                    for p in (linear.weight, linear.bias) if p is not None}.values())
     params += [getattr(owner, name) for site in gates.sites for owner, name, _ in site.extra_biases]
     was = [p.requires_grad for p in params]
+    # half-precision weights' gradients are summed in float32: rounded to 8 bits at every batch,
+    # a sum over a hundred batches would lose the small differences between heads
+    half = [p for p in params if p.dtype in (torch.bfloat16, torch.float16)]
+    sums, sequences = {}, torch.zeros((), dtype=torch.float64, device=params[0].device)
     model.eval()
     try:
         for p in params:
             p.requires_grad_(True)
             p.grad = None
         for batch in batches:
-            loss_fn(model, batch).backward()
+            size = len(next(iter(batch.values())))  # sequences (or images) in the batch
+            (loss_fn(model, batch) * size).backward()
+            sequences += size
+            for p in half:
+                if p.grad is not None:
+                    if id(p) in sums:
+                        sums[id(p)].add_(p.grad)
+                    else:
+                        sums[id(p)] = p.grad.float()
+                    p.grad = None
         grads = {}
         for p in params:  # a weight the loss does not reach (none of its outputs used) has no gradient
-            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            grad = sums.get(id(p), p.grad)
+            grad = grad if grad is not None else torch.zeros_like(p)
             grads[id(p)] = reduce(grad).to(p.device) if reduce is not None else grad
         scores = []
         for site in gates.sites:
@@ -73,7 +88,9 @@ def taylor_scores(model, gates, batches, loss_fn, variant: str = "element", redu
                             for p, index in group_weights(site, unit)]
                 scores.append(sum(x.abs().sum() for x in products) if variant == "element"
                               else sum(x.sum() for x in products).abs())
-        scores = torch.stack(scores).cpu()  # one wait for the device, not one per unit
+        sequences = reduce(sequences) if reduce is not None else sequences
+        # the sums' gradient over the sequences: that of the mean loss
+        scores = (torch.stack(scores) / sequences.clamp(min=1)).cpu()  # one wait for the device, not one per unit
     finally:
         for p, flag in zip(params, was):
             p.grad = None
