@@ -254,16 +254,11 @@ NOT_SCORING = ("k", "k_per_kind", "seed", "output_dir", "overwrite", "reconstruc
                "at_new_tokens")
 
 
-def scores_key(cfg, weights_digest: str | None, calibration) -> str | None:
-    """The scores cache key: the methods' code, the weights' and the calibration data's digests and
-    every setting but NOT_SCORING; None for weights that are not a local folder, and for michel
-    (its scores change with each round's mask: `pass_key`)."""
-    return None if cfg.method == "michel" else pass_key(cfg, weights_digest, calibration)
-
-
 def pass_key(cfg, weights_digest: str | None, calibration) -> str | None:
-    """What one scoring pass computes depends on (`scores_key`'s, and for michel each round's mask
-    besides: where a pass stopped midway keeps its sums)."""
+    """The key of what one scoring pass computes: the methods' code, the weights' and the calibration
+    data's digests and every setting but NOT_SCORING; the scores cache's key for every method but
+    michel, whose scores change with each round's mask (its passes' records add the mask). None for
+    weights that are not a local folder."""
     if cfg.method not in SCORERS or not weights_digest or weights_digest == cfg.model:
         return None
     # every file of methods/: scorers share code (fisher's gradients are michel's)
@@ -384,7 +379,7 @@ def choose_by_scores(cfg, task, acc, model, gates, calibration, collate, evaluat
         mask = random_mask(gates.num_heads, cfg.k, cfg.seed, budget)
         return mask, mask, info, None
     loader = acc.prepare(DataLoader(calibration, batch_size=cfg.batch_size, collate_fn=collate))
-    key = pass_key(cfg, weights_digest, calibration)  # (scores_key's, for every method but michel)
+    key = pass_key(cfg, weights_digest, calibration)
     run = Calibration(model, gates, loader, task.loss, cfg, reduce=process_sum(acc),
                       gather=acc.gather if acc.num_processes > 1 else None, show_progress=acc.is_local_main_process,
                       key=None if cfg.method == "michel" else key, pass_key=key, writes=acc.is_main_process,

@@ -60,17 +60,17 @@ def test_the_scores_key_changes_with_code_a_scorer_borrows(tmp_path, monkeypatch
 
     from headprune.config import PruneConfig
     from headprune.methods import michel, scoring
-    from headprune.selection import scores_key
+    from headprune.selection import pass_key
     methods = tmp_path / "methods"
     methods.mkdir()
     for path in Path(scoring.__file__).parent.glob("*.py"):
         (methods / path.name).write_bytes(path.read_bytes())
     monkeypatch.setattr(scoring, "__file__", str(methods / "scoring.py"))
     cfg = PruneConfig(model="some/folder", dataset="some.csv", method="fisher", k=2)
-    before = scores_key(cfg, "weights-digest", [{"text": "a", "label": 0}])
-    assert before == scores_key(cfg, "weights-digest", [{"text": "a", "label": 0}])
+    before = pass_key(cfg, "weights-digest", [{"text": "a", "label": 0}])
+    assert before == pass_key(cfg, "weights-digest", [{"text": "a", "label": 0}])
     (methods / Path(michel.__file__).name).write_text("# changed\n")
-    assert scores_key(cfg, "weights-digest", [{"text": "a", "label": 0}]) != before
+    assert pass_key(cfg, "weights-digest", [{"text": "a", "label": 0}]) != before
 
 
 def test_the_unpruned_metrics_key_changes_with_the_evaluation_data_and_the_weights(tmp_path):
