@@ -25,6 +25,11 @@ METHODS = TRAINED_METHODS + ("michel",) + SCORED + ("random",)  # michel: scored
 GATED_METHODS = TRAINED_METHODS + ("michel", "fisher")  # their scores come through the gates (trained, or the gates' gradients)
 BACKWARD_SCORED = ("michel", "fisher", "taylor")  # scored from gradients: a backward pass through the model
 SHRINKING = ("dsp", "ste")  # the methods whose training masks have a budget that --shrink-fraction shrinks
+# each method's own options (fields of PruneConfig): recorded with a scored method's results, and
+# never read by a run of another method
+METHOD_OPTIONS = {"dsp": ("relaxation",), "voita": ("l0_lambda", "voita_selection"),
+                  "michel": ("michel_step", "michel_exact", "michel_normalize"), "fisher": ("fisher_rearrange",),
+                  "activation": ("activation_aggregation",), "taylor": ("taylor_variant",)}
 DEMO_DIR = Path("runs/demo")
 DEFAULT_K = 36  # heads kept when neither --k nor --k-per-kind is given
 
@@ -64,10 +69,7 @@ def unused_settings(settings: dict) -> set[str]:
     """The options a run with these settings never reads (another method's, or translation's on
     another task): a run made with other values of them is the same run (resumed, or kept by a sweep)."""
     method, unused = settings.get("method", "dsp"), set()
-    for owner, names in (("michel", ("michel_step", "michel_exact", "michel_normalize")),
-                         ("voita", ("l0_lambda", "voita_selection")), ("fisher", ("fisher_rearrange",)),
-                         ("activation", ("activation_aggregation",)), ("taylor", ("taylor_variant",)),
-                         ("dsp", ("relaxation",))):
+    for owner, names in METHOD_OPTIONS.items():
         if method != owner:
             unused.update(names)
     if method not in TRAINED_METHODS:  # how the scores learn (the temperatures also set STE's and Voita's rates)

@@ -9,10 +9,9 @@
 A scorer is a function `score(run, mask) -> Scores` in the method's file: `run` (a `Calibration`)
 holds the model, its gates, the calibration batches, the task's loss, the config and the
 functions that sum or stack a tensor over processes; `mask` is the current one (all ones but in
-michel's later rounds). Adding a scorer is that file, its name in `SCORERS` and in
-`config.SCORED` (which makes it a `--method` choice), and in `config.BACKWARD_SCORED` if it takes
-gradients (so `--activation-checkpointing` applies). Its options are the config fields named
-`<method>_...`: they go into results.json.
+michel's later rounds). Adding a scorer is that file, `methods/<name>.py`, and its name in
+`config.SCORED` (which makes it a `--method` choice and puts it in `SCORERS`); see
+docs/architecture.md, "Where things plug in", for the rest of the list.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import importlib
 import hashlib
 import json
 import logging
@@ -35,10 +35,9 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Subset
 
 from .budget import uniform_allocation, uniform_counts
-from .config import BACKWARD_SCORED, PruneConfig, ablation_in_effect, checkpoints_activations
+from .config import BACKWARD_SCORED, METHOD_OPTIONS, SCORED, PruneConfig, ablation_in_effect, checkpoints_activations
 from .errors import ConfigError, HeadpruneError
-from .methods import (activation, fisher, flap, iterative_pruning, make_selector, michel, random_mask,
-                      resolve_schedule, taylor)
+from .methods import iterative_pruning, make_selector, random_mask, resolve_schedule
 from .methods import scoring
 from .methods.scoring import PassRecord
 from .methods.dsp import as_groups, hard_top_k, per_group
@@ -293,8 +292,9 @@ def _cache_key(code_files, weights_digest: str, calibration, settings: dict) -> 
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
-SCORERS: dict[str, Callable] = {"michel": michel.score, "fisher": fisher.score, "activation": activation.score,
-                                "flap": flap.score, "taylor": taylor.score}  # random: a draw, no scores
+# the scorer of method m is `score` in methods/m.py (random: a draw, no scores)
+SCORERS: dict[str, Callable] = {name: importlib.import_module(f"{__package__}.methods.{name}").score
+                                for name in ("michel", *SCORED)}
 
 
 def calibration_set(cfg, task, data, tokenizer, train_set, processes: int = 1):
@@ -358,8 +358,8 @@ def process_sum(acc):
 
 
 def method_options(cfg) -> dict:
-    """The method's own options (config fields named after it), for results.json."""
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name.startswith(cfg.method + "_")}
+    """The method's own options (`config.METHOD_OPTIONS`), for results.json."""
+    return {name: getattr(cfg, name) for name in METHOD_OPTIONS.get(cfg.method, ())}
 
 
 def choose_by_scores(cfg, task, acc, model, gates, calibration, collate, evaluate_with, weights_digest=None,

@@ -188,6 +188,21 @@ def test_a_value_equal_to_an_exclusive_upper_bound_is_refused():
         PruneConfig(seed=2**32)
 
 
+def test_each_methods_options_are_its_own():
+    """A method's options (config.METHOD_OPTIONS) are recorded with its results and read by no other
+    method; --activation-checkpointing, though named like Minitron's method, belongs to every run."""
+    from headprune.config import METHOD_OPTIONS, METHODS
+    from headprune.selection import method_options
+    fields = {f.name for f in dataclasses.fields(PruneConfig)}
+    for method in METHODS:
+        own = set(METHOD_OPTIONS.get(method, ()))
+        assert own <= fields
+        others = set().union(*(names for owner, names in METHOD_OPTIONS.items() if owner != method))
+        assert own.isdisjoint(unused_settings({"method": method})) and others <= unused_settings({"method": method})
+    assert method_options(PruneConfig(method="activation")) == {"activation_aggregation": "l2"}
+    assert "activation_checkpointing" not in unused_settings({"method": "dsp"})
+
+
 def test_fishers_rearrangement_is_read_by_fisher_runs_only():
     """--no-fisher-rearrange on a DSP run changes nothing it does: it resumes, and a sweep keeps the run."""
     assert "fisher_rearrange" in unused_settings({"method": "dsp"})

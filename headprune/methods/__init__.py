@@ -5,8 +5,9 @@ value per head (training: a relaxed or sampled mask; eval: the hard mask), which
 per model forward. They also give `scores()` (what ranks the heads), `set_step(step)` and
 `log_values()`; a selector with a `penalty()` has it added to the loss. Scored methods (michel,
 fisher, activation, flap, taylor) are a `score(run, mask)` function each, driven by
-`selection.choose_by_scores`; random heads are `random_mask`. Where a new method plugs in (here,
-in `config` and in `selection`): docs/architecture.md, "Where things plug in".
+`selection.choose_by_scores`; random heads are `random_mask`. Where a new method plugs in (a file
+here; its name in `config`; a trained one also in `make_selector` below): docs/architecture.md,
+"Where things plug in".
 """
 
 from __future__ import annotations
