@@ -636,8 +636,8 @@ class PruneConfig(FinetuneConfig):
             raise ConfigError(f"shrink_fraction={self.shrink_fraction}: must be at most 1")
         if self.activation_checkpointing and not any(checkpoints_activations({**vars(self), "method": m, "mode": mode})
                                                      for m in methods for mode in modes):
-            raise ConfigError("--activation-checkpointing saves memory in backward passes: "
-                              f"{', '.join(methods)} score the model with forward passes only")
+            runs = f"a run of {methods[0]} makes" if len(methods) == 1 else f"runs of {', '.join(methods)} make"
+            raise ConfigError(f"--activation-checkpointing saves memory in backward passes, and {runs} none")
 
 
 @dataclass

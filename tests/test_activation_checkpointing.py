@@ -42,9 +42,9 @@ def scores(folder, field="logit"):
 
 
 def test_refused_where_no_backward_pass_runs():
-    with pytest.raises(ConfigError, match="activation score the model with forward passes only"):
+    with pytest.raises(ConfigError, match="backward passes, and a run of activation makes none"):
         PruneConfig(method="activation", activation_checkpointing=True)
-    with pytest.raises(ConfigError, match="flap, random score the model with forward passes only"):
+    with pytest.raises(ConfigError, match="backward passes, and runs of flap, random make none"):
         SweepConfig(methods=["flap", "random"], activation_checkpointing=True)
     for settings in (dict(), dict(pruning_dropout="on"), dict(method="ste"), dict(mode="joint"),
                      dict(task="causal-lm"), dict(method="michel"), dict(method="fisher"), dict(method="taylor")):
