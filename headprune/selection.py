@@ -19,8 +19,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import importlib
 import hashlib
+import importlib
 import json
 import logging
 import math
