@@ -11,7 +11,7 @@ from conftest import one_line_error, tiny, tiny_model, write_tiny_lm
 from test_causal_lm import lm_cfg
 
 from headprune.budget import budget_units, cost_of, site_costs, total_params
-from headprune.config import PruneConfig
+from headprune.config import SCORED, PruneConfig
 from headprune.errors import ConfigError
 from headprune.measuring import kv_cache_bytes_per_token
 from headprune.pruning import load_pruned
@@ -277,7 +277,7 @@ def test_a_generation_latency_table_and_its_options(tiny_lm, tiny_finetuned, tmp
         "--output-dir", tmp_path / "x"])
 
 
-@pytest.mark.parametrize("method", ["fisher", "activation", "flap", "taylor", "michel", "dsp"])
+@pytest.mark.parametrize("method", [*SCORED, "michel", "dsp"])
 def test_a_parameter_target_on_a_model_pruned_before_counts_its_dead_heads_once(tiny_lm, tmp_path, method):
     from transformers import AutoTokenizer
 

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from conftest import tiny
+from headprune.config import SCORED
 from headprune.gates import HeadGates
 from headprune.methods.activation import activation_scores
 from headprune.methods.fisher import fisher_gradients, fisher_scores, rearrange
@@ -111,9 +112,9 @@ def test_a_kv_groups_channels_are_those_of_its_query_heads():
     assert unit_channels(site, 1) == [2, 3, 8, 9]
 
 
-@pytest.mark.parametrize("method,options", [("activation", {}), ("activation", {"activation_aggregation": "var"}),
-                                            ("taylor", {}), ("taylor", {"taylor_variant": "vector"}),
-                                            ("flap", {}), ("fisher", {}), ("fisher", {"fisher_rearrange": False})])
+@pytest.mark.parametrize("method,options", [(method, {}) for method in SCORED] + [
+    ("activation", {"activation_aggregation": "var"}), ("taylor", {"taylor_variant": "vector"}),
+    ("fisher", {"fisher_rearrange": False})])
 def test_each_scored_method_keeps_k_heads_by_its_scores(tiny_finetuned, tmp_path, method, options):
     results = prune(tiny(*tiny_finetuned, tmp_path, method=method, k=3, **options))
     assert results["k"] == 3 and results["calibration_examples"] > 0
