@@ -66,26 +66,31 @@ def latency_table(model, unit: str, batch: int, length: int, device: str, new_to
 
     def timed(pair):  # as `headprune measure` times them: taking turns on one random batch
         return time_forward_or_generation(pair, batch, length, new_tokens, repeats, warmup, device, whole.config)
+
+    def time_setting(setting: str) -> list[float]:  # "kind h": every layer of that kind with h units
+        kind, h = setting.rsplit(" ", 1)
+        kept = [(s.kind, s.layer, u) for s in sites for u in range(int(h) if s.kind == kind else s.num_heads)]
+        timing = timed({"whole": whole, "pruned": pruned_copy(whole, kept, unit)})
+        # the whole model's seconds, and the pruned one's as a share of the whole
+        return [timing["whole"]["median"], timing["pruned"]["median"] / timing["whole"]["median"]]
     table = {"kinds": {}}
     whole_times = []
-    settings = sum(next(iter(units[kind])) for kind in kinds)
     # each setting's timing is kept as it is made: a run stopped midway times only the settings left
     partial = path.with_name(path.stem + ".partial.json")
-    done, writable = _read_partial(partial), True
+    every = [f"{kind} {h}" for kind in kinds for h in range(next(iter(units[kind])))]  # h = all: the whole model
+    done, writable = {k: v for k, v in _read_partial(partial).items() if k in every}, True
     log.info("measuring a latency table on %s: %d settings, each timed %d times against the whole model (once "
-             "per machine: cached)%s", device, settings, repeats,
+             "per machine: cached)%s", device, len(every), repeats,
              f"; {len(done)} timed before, by a run stopped while measuring it" if done else "")
-    bar = progress_bar(total=settings, desc="latency table")
+    done = _still_alike(done, time_setting)
+    bar = progress_bar(total=len(every), desc="latency table")
     for kind in kinds:
         n = next(iter(units[kind]))
         times = []
         for h in range(n):  # h = n is the whole model
             setting = f"{kind} {h}"
             if setting not in done:
-                kept = [(s.kind, s.layer, u) for s in sites for u in range(h if s.kind == kind else s.num_heads)]
-                timing = timed({"whole": whole, "pruned": pruned_copy(whole, kept, unit)})
-                # the whole model's seconds, and the pruned one's as a share of the whole
-                done[setting] = [timing["whole"]["median"], timing["pruned"]["median"] / timing["whole"]["median"]]
+                done[setting] = time_setting(setting)
                 writable = writable and keep_json(partial, done, "a stopped table is measured again")  # (said once)
             whole_times.append(done[setting][0])
             times.append(done[setting][1])
@@ -130,6 +135,26 @@ def _read_partial(path) -> dict:
         return {name: [float(v) for v in value] for name, value in done.items() if len(value) == 2}
     except (OSError, ValueError, TypeError, AttributeError):
         return {}  # a damaged entry: its settings are timed again
+
+
+RESUME_TOLERANCE = 0.1  # how far (a share of what it saves) a setting timed again may move on resume
+
+
+def _still_alike(done: dict, time_setting) -> dict:
+    """The settings a stopped run timed, if the machine still times alike: the one that saves most
+    is timed again, and where it saves over RESUME_TOLERANCE more or less than it did (another load
+    on the machine, another process's threads), the table starts again from that timing (mixing
+    the two would skew every cost against the others)."""
+    if not done:
+        return done
+    probe = max(done, key=lambda setting: 1 - done[setting][1])
+    again = time_setting(probe)
+    before, now = 1 - done[probe][1], 1 - again[1]
+    if abs(now - before) <= RESUME_TOLERANCE * max(abs(before), abs(now)):
+        return done
+    log.warning("latency table: the machine times unlike the stopped run that began this table (%s: the pruned "
+                "model saved %.1f%% then, %.1f%% now): timing every setting again", probe, 100 * before, 100 * now)
+    return {probe: again}
 
 
 def _check(table: dict, whole, sites, unit: str, timed) -> dict:

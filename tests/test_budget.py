@@ -218,32 +218,52 @@ def test_a_latency_table_stopped_midway_times_only_the_settings_left(tiny_lm, tm
     class Killed(Exception):
         pass
 
-    def fake_alternate(models, run, repeats, warmup, device):  # 10 ms plus 1 ms a kept group
+    def fake_alternate(models, run, repeats, warmup, device):  # 10 ms plus `per_group` ms a kept group
         units = sum(s.num_heads for s in find_sites(models["pruned"]))
         if kill and len(timed) == 1:
             raise Killed
         timed.append(units)
-        return {name: {"median": 0.010 + 0.001 * sum(s.num_heads for s in find_sites(m))} for name, m in models.items()}
+        return {name: {"median": 0.010 + per_group * sum(s.num_heads for s in find_sites(m))}
+                for name, m in models.items()}
     monkeypatch.setattr(measure, "alternate", fake_alternate)
-    kill = True
+    kill, per_group = True, 0.001
     with pytest.raises(Killed):
         latency.latency_table(model, "group", 2, 8, "cpu")
     (partial,) = (tmp_path / "cache" / "latency").glob("*.partial.json")
     kill, timed[:] = False, []
     with caplog.at_level(logging.INFO, logger="headprune"):
         table = latency.latency_table(model, "group", 2, 8, "cpu")
-    assert timed == [3]  # h = 1 in each of the 3 layers: h = 0 was timed before the kill
+    # h = 0 (timed before the kill) timed again to see that the machine times alike, then h = 1
+    assert timed == [0, 3] and "times unlike" not in caplog.text
     assert "2 settings, each timed 20 times against the whole model (once per machine: cached); 1 timed before" \
         in caplog.text
     assert not partial.exists() and len(list(partial.parent.iterdir())) == 1
     monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path / "another cache"))
-    assert latency.latency_table(model, "group", 2, 8, "cpu") == table and timed == [3, 0, 3]
-    # a damaged record of timings is timed again
+    assert latency.latency_table(model, "group", 2, 8, "cpu") == table and timed == [0, 3, 0, 3]
+    # a damaged record of timings (or one of settings this table has not) is timed again
     monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path / "cache"))
     for entry in partial.parent.iterdir():
         entry.unlink()
-    partial.write_text("[damaged")
-    assert latency.latency_table(model, "group", 2, 8, "cpu") == table and timed == [3, 0, 3, 0, 3]
+    for damaged in ("[damaged", '{"decoder 7": [0.016, 0.5], "encoder 0": [0.016, 0.5]}'):
+        partial.write_text(damaged)
+        timed[:] = []
+        assert latency.latency_table(model, "group", 2, 8, "cpu") == table and timed == [0, 3]
+        next(partial.parent.glob("*[0-9a-f].json")).unlink()
+
+    # a stopped table resumed where the machine times otherwise (here each group costs 2 ms, not 1:
+    # h = 0 saves 12 of 22 ms, not 6 of 16) is timed again from the start, not mixed
+    kill, timed[:] = True, []
+    with pytest.raises(Killed):
+        latency.latency_table(model, "group", 2, 8, "cpu")
+    kill, per_group, timed[:] = False, 0.002, []
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="headprune"):
+        resumed = latency.latency_table(model, "group", 2, 8, "cpu")
+    assert timed == [0, 3] and "the machine times unlike the stopped run that began this table (decoder 0: the " \
+        "pruned model saved 37.5% then, 54.5% now): timing every setting again" in caplog.text
+    monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path / "a third cache"))
+    assert resumed == latency.latency_table(model, "group", 2, 8, "cpu") != table
+    assert resumed["kinds"]["decoder"]["per_layer"] == pytest.approx([0.0, 0.002, 0.004])
 
 
 def test_the_latency_table_is_monotone_and_kept_per_shape_and_kernel(tiny_lm, tmp_path, monkeypatch):
