@@ -33,3 +33,17 @@ def test_every_link_to_a_heading_finds_it():
             if anchor not in anchors(linked):
                 broken.append(f"{doc.relative_to(ROOT)} -> {target or doc.name}#{anchor}")
     assert not broken, "links to missing headings:\n" + "\n".join(broken)
+
+
+def test_every_method_is_named_in_its_help_and_docs():
+    """Adding a method to config.METHODS leaves three things to do by hand (docs/architecture.md):
+    the `--method` help, its entry in docs/usage.md and, for a scored one, its section of
+    docs/methods.md. A method missing from any of them is named here."""
+    from headprune.config import METHODS, SCORED, PruneConfig
+    import dataclasses
+    method_help = next(f for f in dataclasses.fields(PruneConfig) if f.name == "method").metadata["help"]
+    usage, methods = (ROOT / "docs" / "usage.md").read_text(), (ROOT / "docs" / "methods.md").read_text()
+    missing = [f"--method help: {m}" for m in METHODS if not re.search(rf"\b{m} \(|or {m}\.", method_help)]
+    missing += [f"docs/usage.md: --method {m}" for m in METHODS if f"--method {m}" not in usage]
+    missing += [f"docs/methods.md: ## {m}:" for m in SCORED if not re.search(rf"^## {m}:", methods, flags=re.M)]
+    assert not missing, "\n".join(missing)
