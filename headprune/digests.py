@@ -12,6 +12,8 @@ import json
 import logging
 from pathlib import Path
 
+import torch
+
 from .outputs import cache_root, write_json
 
 log = logging.getLogger("headprune")
@@ -33,6 +35,16 @@ def digest_of_weights(model_path: str | None) -> str | None:
         with open(f, "rb") as stream:
             for chunk in iter(lambda: stream.read(1 << 24), b""):
                 h.update(chunk)
+    return h.hexdigest()
+
+
+def digest_of_model(model) -> str:
+    """sha256 of a model's weights as they are in memory (names, dtypes and bytes): for weights no
+    folder holds, a joint run's trained here or a hub model's."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(f"{name} {tensor.dtype} {list(tensor.shape)}".encode())
+        h.update(tensor.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes())
     return h.hexdigest()
 
 

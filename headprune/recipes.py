@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from .card import command_of, write_model_card
 from .config import (DEMO_DIR, SCORED, TRAINED_METHODS, FinetuneConfig, PruneConfig, ablation_in_effect,
                      pruning_dropout_in_effect, reads_calibration, reconstruct_in_effect, targeted)
-from .digests import cached_metrics, digest_of_weights, metrics_key, remember_metrics, run_inputs
+from .digests import cached_metrics, digest_of_model, digest_of_weights, metrics_key, remember_metrics, run_inputs
 from .errors import ConfigError, OutputExistsError, first_line
 from .budget import budget_units, check_reachable, fit, speed_units, uniform_allocation, uniform_mask
 from .gates import attach_gates, detach_gates
@@ -560,13 +560,18 @@ def _mean_contexts(cfg, acc, model, gates, calibration, collate, loss_fn) -> lis
 def _reconstruct(cfg, task, acc, model, gates, mask, calibration, collate, means=None, weights_digest=None) -> dict:
     """--reconstruct on the calibration data, folded into the model's weights. The fit of each block
     (rescale, both: two passes over the data a block) is kept in the cache as it is made, so that the
-    same run started again after an interruption goes on from the first block not fitted (pipelined
-    runs of a local model: `weights_digest`)."""
+    same run started again after an interruption goes on from the first block not fitted: keyed by
+    `weights_digest` (a local model folder's), else by the weights in memory (a joint run's, trained
+    here and resumed from its last checkpoint; a hub model's)."""
     loader = acc.prepare(DataLoader(calibration, batch_size=cfg.batch_size, collate_fn=collate))
     reduce = process_sum(acc)
     biased = sum(site.output.bias is not None for site in gates.sites)
     mode = reconstruct_in_effect(vars(cfg))
-    key = fit_key(cfg, weights_digest, calibration, mask, mode) if mode in ("rescale", "both") else None
+    key = None
+    if mode in ("rescale", "both"):
+        if not weights_digest or weights_digest == cfg.model:  # (a hub id names no weights of its own)
+            weights_digest = digest_of_model(acc.unwrap_model(model))
+        key = fit_key(cfg, weights_digest, calibration, mask, mode)
     path = cache_root() / "reconstruction" / f"{key}.json"
     done = from_main(acc, lambda: read_fits(path)) if key else None
     if done:

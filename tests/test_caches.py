@@ -100,3 +100,18 @@ def test_records_of_passes_never_started_again_do_not_pile_up(tiny_finetuned, tm
         os.utime(folder / f"{name}.partial", (1_000_000 - age, 1_000_000 - age))
     prune(tiny(*tiny_finetuned, tmp_path / "run", method="activation"))
     assert sorted(p.name for p in folder.glob("*.partial")) == ["newer.partial"]
+
+
+def test_a_digest_of_weights_in_memory_tells_every_bit_and_dtype():
+    import torch
+    from headprune.digests import digest_of_model
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    same = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    same.load_state_dict(model.state_dict())
+    assert digest_of_model(model) == digest_of_model(same)
+    with torch.no_grad():
+        same[1].bias.copy_(torch.nextafter(same[1].bias, torch.tensor(1.0)))  # one bit of one weight
+    assert digest_of_model(model) != digest_of_model(same)
+    half = digest_of_model(model.to(torch.bfloat16))
+    assert half != digest_of_model(same) and half == digest_of_model(model)

@@ -488,10 +488,12 @@ def test_a_scale_beyond_the_limit_is_not_folded_and_the_block_keeps_scales_of_on
     assert error["after"] == pytest.approx(error["before"])  # the error of scales 1
 
 
+@pytest.mark.parametrize("run", [{"method": "fisher"}, {"method": "dsp", "mode": "joint"}])
 def test_a_reconstruction_stopped_midway_goes_on_from_the_first_block_not_fitted(tiny_finetuned, tmp_path,
-                                                                                monkeypatch):
+                                                                                monkeypatch, run):
     """Each block's fit (two passes over the calibration data) is kept as it is made: the same command
-    started again after a kill fits only the blocks left, and saves the model an unstopped run saves."""
+    started again after a kill fits only the blocks left, and saves the model an unstopped run saves.
+    A joint run's weights, trained in the run and resumed from its last checkpoint, key the fits too."""
     import headprune.reconstruction as reconstruction
     from safetensors.torch import load_file
     real, calls = reconstruction.block_sums, []
@@ -508,12 +510,12 @@ def test_a_reconstruction_stopped_midway_goes_on_from_the_first_block_not_fitted
     monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path / "cache"))
     kill = True
     with pytest.raises(Killed):
-        prune(tiny(*tiny_finetuned, tmp_path / "run", method="fisher", k=3, reconstruct="both"))
+        prune(tiny(*tiny_finetuned, tmp_path / "run", k=3, reconstruct="both", **run))
     kill, calls[:] = False, []
-    resumed = prune(tiny(*tiny_finetuned, tmp_path / "run", method="fisher", k=3, reconstruct="both"))
+    resumed = prune(tiny(*tiny_finetuned, tmp_path / "run", k=3, reconstruct="both", **run))
     assert len(calls) == 1  # the second block only
     monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path / "another cache"))
-    whole = prune(tiny(*tiny_finetuned, tmp_path / "whole", method="fisher", k=3, reconstruct="both"))
+    whole = prune(tiny(*tiny_finetuned, tmp_path / "whole", k=3, reconstruct="both", **run))
     assert len(calls) == 3
     for key in ("metrics_pruned", "reconstruction_error", "reconstruction_passes"):
         assert resumed[key] == whole[key]
@@ -523,7 +525,7 @@ def test_a_reconstruction_stopped_midway_goes_on_from_the_first_block_not_fitted
     fits.write_text('{"0": {"scales": ["damaged"], "shift": null, "error": {"before": 1, "after": 0}}}')  # fitted again
     monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path / "cache"))
     calls[:] = []
-    again = prune(tiny(*tiny_finetuned, tmp_path / "run", method="fisher", k=3, reconstruct="both", overwrite=True))
+    again = prune(tiny(*tiny_finetuned, tmp_path / "run", k=3, reconstruct="both", **run, overwrite=True))
     assert len(calls) == 2 and again["reconstruction_error"] == whole["reconstruction_error"]
 
 
