@@ -48,6 +48,13 @@ def digest_of_model(model) -> str:
     return h.hexdigest()
 
 
+def digest_for_caches(model, folder_digest: str | None, name: str) -> str:
+    """What keys a cache of what was computed from these weights: the model folder's digest where
+    there is one (computed for the resume check already), else the weights in memory (a hub model's,
+    whose `name` says nothing of what a run's seed gave its new classifier; weights trained here)."""
+    return folder_digest if folder_digest and folder_digest != name else digest_of_model(model)
+
+
 def digest_of_data(splits: dict) -> str:
     """sha256 of the model-ready examples of every split, in name order."""
     h = hashlib.sha256()

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from .card import command_of, write_model_card
 from .config import (DEMO_DIR, SCORED, TRAINED_METHODS, FinetuneConfig, PruneConfig, ablation_in_effect,
                      pruning_dropout_in_effect, reads_calibration, reconstruct_in_effect, targeted)
-from .digests import cached_metrics, digest_of_model, digest_of_weights, metrics_key, remember_metrics, run_inputs
+from .digests import cached_metrics, digest_for_caches, digest_of_weights, metrics_key, remember_metrics, run_inputs
 from .errors import ConfigError, OutputExistsError, first_line
 from .budget import budget_units, check_reachable, fit, speed_units, uniform_allocation, uniform_mask
 from .gates import attach_gates, detach_gates
@@ -569,9 +569,8 @@ def _reconstruct(cfg, task, acc, model, gates, mask, calibration, collate, means
     mode = reconstruct_in_effect(vars(cfg))
     key = None
     if mode in ("rescale", "both"):
-        if not weights_digest or weights_digest == cfg.model:  # (a hub id names no weights of its own)
-            weights_digest = digest_of_model(acc.unwrap_model(model))
-        key = fit_key(cfg, weights_digest, calibration, mask, mode)
+        key = fit_key(cfg, digest_for_caches(acc.unwrap_model(model), weights_digest, cfg.model), calibration, mask,
+                      mode)
     path = cache_root() / "reconstruction" / f"{key}.json"
     done = from_main(acc, lambda: read_fits(path)) if key else None
     if done:

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Subset
 
 from .budget import uniform_allocation, uniform_counts
 from .config import BACKWARD_SCORED, METHOD_OPTIONS, SCORED, PruneConfig, ablation_in_effect, checkpoints_activations
+from .digests import digest_for_caches
 from .errors import ConfigError, HeadpruneError
 from .methods import iterative_pruning, make_selector, random_mask, resolve_schedule
 from .methods import scoring
@@ -253,12 +254,12 @@ NOT_SCORING = ("k", "k_per_kind", "seed", "output_dir", "overwrite", "reconstruc
                "at_new_tokens")
 
 
-def pass_key(cfg, weights_digest: str | None, calibration) -> str | None:
+def pass_key(cfg, weights_digest: str, calibration) -> str | None:
     """The key of what one scoring pass computes: the methods' code, the weights' and the calibration
     data's digests and every setting but NOT_SCORING; the scores cache's key for every method but
     michel, whose scores change with each round's mask (its passes' records add the mask). None for
-    weights that are not a local folder."""
-    if cfg.method not in SCORERS or not weights_digest or weights_digest == cfg.model:
+    random, which scores nothing."""
+    if cfg.method not in SCORERS:
         return None
     # every file of methods/: scorers share code (fisher's gradients are michel's)
     settings = {name: value for name, value in dataclasses.asdict(cfg).items() if name not in NOT_SCORING}
@@ -268,12 +269,9 @@ def pass_key(cfg, weights_digest: str | None, calibration) -> str | None:
     return _cache_key(sorted(Path(scoring.__file__).parent.glob("*.py")), weights_digest, calibration, settings)
 
 
-def fit_key(cfg, weights_digest: str | None, calibration, mask: torch.Tensor, mode: str) -> str | None:
+def fit_key(cfg, weights_digest: str, calibration, mask: torch.Tensor, mode: str) -> str:
     """The key of a reconstruction's fits per block (`--reconstruct rescale` or `both`): its code, the
-    weights' and the calibration data's digests, the heads kept and every setting but NOT_SCORING;
-    None for weights that are not a local folder."""
-    if not weights_digest or weights_digest == cfg.model:
-        return None
+    weights' and the calibration data's digests, the heads kept and every setting but NOT_SCORING."""
     settings = {name: value for name, value in dataclasses.asdict(cfg).items() if name not in NOT_SCORING}
     settings.update(mask=mask.tolist(), reconstruct=mode)
     code = [Path(scoring.__file__).parent.parent / "reconstruction.py", Path(scoring.__file__)]
@@ -379,7 +377,7 @@ def choose_by_scores(cfg, task, acc, model, gates, calibration, collate, evaluat
         mask = random_mask(gates.num_heads, cfg.k, cfg.seed, budget)
         return mask, mask, info, None
     loader = acc.prepare(DataLoader(calibration, batch_size=cfg.batch_size, collate_fn=collate))
-    key = pass_key(cfg, weights_digest, calibration)
+    key = pass_key(cfg, digest_for_caches(acc.unwrap_model(model), weights_digest, cfg.model), calibration)
     run = Calibration(model, gates, loader, task.loss, cfg, reduce=process_sum(acc),
                       gather=acc.gather if acc.num_processes > 1 else None, show_progress=acc.is_local_main_process,
                       key=None if cfg.method == "michel" else key, pass_key=key, writes=acc.is_main_process,

@@ -257,6 +257,29 @@ def test_a_sweep_scores_once_for_all_its_ks(tiny_finetuned, tmp_path, monkeypatc
     assert calls == [1, 1, 1, 1]
 
 
+def test_weights_no_folder_digests_key_the_scores_cache_by_their_bytes(tiny_finetuned, tmp_path, monkeypatch):
+    """A hub model's weights (or any that no folder digest names) key the scores by the weights as
+    loaded: a second k reads the scores; other weights under the same name are scored again."""
+    import shutil
+    import headprune.digests as digests
+    import headprune.methods.activation as activation
+    from safetensors.torch import load_file, save_file
+    calls, real = [], activation.activation_scores
+    monkeypatch.setattr(activation, "activation_scores", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(digests, "digest_of_weights", lambda path: None)  # as for a hub id
+    monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path / "cache"))
+    hub = tmp_path / "hub"
+    shutil.copytree(tiny_finetuned[0], hub)
+    assert not prune(tiny(hub, tiny_finetuned[1], tmp_path / "k3", method="activation"))["scores_from_cache"]
+    assert prune(tiny(hub, tiny_finetuned[1], tmp_path / "k5", method="activation", k=5))["scores_from_cache"]
+    weights = load_file(hub / "model.safetensors")
+    name = next(n for n in weights if n.endswith("value.weight"))
+    weights[name] = weights[name] * 2
+    save_file(weights, str(hub / "model.safetensors"), metadata={"format": "pt"})
+    assert not prune(tiny(hub, tiny_finetuned[1], tmp_path / "k4", method="activation", k=4))["scores_from_cache"]
+    assert calls == [1, 1]
+
+
 def test_calibration_data_is_cut_to_whole_batches_of_every_process():
     """Accelerate fills the last batches with examples from the start: summed over processes they would
     count twice (100 examples, batches of 8 on 2 processes: 96, none repeated)."""
