@@ -199,14 +199,13 @@ class Calibration:
 
     def record(self, mask: torch.Tensor | None = None) -> PassRecord | None:
         """Where a scorer's pass (under `mask`: one of michel's rounds) keeps its sums as they grow
-        (see PassRecord), in the scores cache; None for weights that are not a local folder, and with
-        several processes (each would hold a part)."""
+        (see PassRecord), in the scores cache; None with several processes (each would hold a part)."""
         if not self.pass_key or not self.writes or self.gather is not None:
             return None
         tag = "" if mask is None else "-" + hashlib.sha256(json.dumps(mask.tolist()).encode()).hexdigest()[:16]
         folder = cache_root() / "scores"
         # the records of runs stopped and never started again: the newest few stay, for their runs
-        drop_oldest(folder, keep=RECORDS_KEPT, pattern="*.partial")
+        drop_oldest(folder, keep=RECORDS_KEPT, pattern="*.partial", max_bytes=RECORDS_BYTES)
         return PassRecord(folder / f"{self.pass_key}{tag}.partial")
 
     def cached(self, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -246,6 +245,7 @@ class Calibration:
 # for SmolLM2-135M, 1 MB for an 8B Llama), 256 MiB in all at most
 SCORES_KEPT, SCORES_BYTES = 1000, 256 * 2**20
 RECORDS_KEPT = 100  # records of passes stopped midway (`<key>.partial`), the newest kept
+RECORDS_BYTES = 2 << 30  # and within this in all (taylor's: 106 MB for SmolLM2-135M), the newest always
 
 
 # settings that do not change a scorer's output (the rest of the config is part of the cache key)

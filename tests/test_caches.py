@@ -87,19 +87,25 @@ def test_the_unpruned_metrics_key_changes_with_the_evaluation_data_and_the_weigh
 
 def test_records_of_passes_never_started_again_do_not_pile_up(tiny_finetuned, tmp_path, monkeypatch):
     """A scoring pass stopped midway leaves `<key>.partial` for its run to go on from; a pass that
-    starts keeps the newest RECORDS_KEPT of them and removes the older ones (and its own when whole)."""
+    starts keeps the newest RECORDS_KEPT of them, RECORDS_BYTES in all, and removes the older ones
+    (and its own when whole)."""
     import headprune.selection as selection
     from conftest import tiny
     from headprune.recipes import prune
     monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(selection, "RECORDS_KEPT", 1)
     folder = tmp_path / "cache" / "scores"
     folder.mkdir(parents=True)
-    for age, name in enumerate(["newer", "older"]):
-        (folder / f"{name}.partial").write_bytes(b"x")
-        os.utime(folder / f"{name}.partial", (1_000_000 - age, 1_000_000 - age))
-    prune(tiny(*tiny_finetuned, tmp_path / "run", method="activation"))
-    assert sorted(p.name for p in folder.glob("*.partial")) == ["newer.partial"]
+    for kept, limits in ((["newest"], {"RECORDS_KEPT": 1}), (["middle", "newest"], {"RECORDS_BYTES": 5})):
+        for entry in folder.glob("*.safetensors"):  # the scores of the run before: this run scores
+            entry.unlink()
+        for age, name in enumerate(["newest", "middle", "oldest"]):
+            (folder / f"{name}.partial").write_bytes(b"x" * 2)
+            os.utime(folder / f"{name}.partial", (1_000_000 - age, 1_000_000 - age))
+        with monkeypatch.context() as patch:
+            for name, value in limits.items():
+                patch.setattr(selection, name, value)
+            prune(tiny(*tiny_finetuned, tmp_path / "run", method="activation", overwrite=True))
+        assert sorted(p.stem for p in folder.glob("*.partial")) == kept
 
 
 def test_a_digest_of_weights_in_memory_tells_every_bit_and_dtype():

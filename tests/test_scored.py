@@ -1,5 +1,6 @@
 """Scored methods (issue 21): each score against a hand computation, and every method end to end."""
 import json
+import logging
 import math
 
 import pytest
@@ -226,6 +227,36 @@ def test_taylor_sums_half_precision_gradients_in_float32(tiny_finetuned):
     assert all(p.grad is None and not p.requires_grad and p.dtype == torch.bfloat16 for p in model.parameters())
 
 
+def test_a_half_precision_taylor_pass_stopped_midway_goes_on_from_its_float32_sums(tiny_finetuned, tmp_path,
+                                                                                   monkeypatch):
+    import headprune.methods.scoring as scoring
+    from transformers import AutoModelForSequenceClassification
+    from headprune import attach_gates
+    from headprune.methods.scoring import PassRecord
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_finetuned[0], dtype=torch.bfloat16).eval()
+    model.requires_grad_(False)
+    gates = attach_gates(model)
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(5, 99, (3, 6), generator=g), "labels": torch.tensor([0, 1, 1])}
+               for _ in range(5)]
+    forward = (lambda m, b: m(**b).loss)
+    whole = taylor_scores(model, gates, batches, forward, "element")
+
+    def stopped_after(n):
+        yield from batches[:n]
+        raise Killed
+    monkeypatch.setattr(scoring, "RECORD_EVERY", 0.0)  # a record after every batch
+    record = PassRecord(tmp_path / "pass.partial")
+    with pytest.raises(Killed):
+        taylor_scores(model, gates, stopped_after(3), forward, "element", record=record)
+    assert record.read()[0] == 3 and all(t.dtype != torch.bfloat16 for t in record.read()[1].values())
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())  # left as it was
+    calls = []
+    resumed = taylor_scores(model, gates, batches, lambda m, b: calls.append(1) or forward(m, b), "element",
+                            record=PassRecord(tmp_path / "pass.partial"))
+    assert torch.equal(resumed, whole) and len(calls) == 2 and not record.path.exists()
+
+
 def test_scored_methods_prune_a_fine_tuned_model_only(tiny_finetuned, tmp_path):
     from headprune.errors import ConfigError
     with pytest.raises(ConfigError, match="flap prunes a fine-tuned model and trains nothing: use --mode pipelined"):
@@ -388,7 +419,7 @@ def losses(monkeypatch):
     return state
 
 
-@pytest.mark.parametrize("method", ["fisher", "activation", "flap"])
+@pytest.mark.parametrize("method", ["fisher", "activation", "flap", "taylor"])
 def test_a_scoring_pass_stopped_midway_goes_on_from_the_batches_it_summed(method, tiny_finetuned, tmp_path,
                                                                          monkeypatch, losses):
     """The pass keeps its sums as they grow (here after every batch): the same command started again
@@ -410,6 +441,18 @@ def test_a_scoring_pass_stopped_midway_goes_on_from_the_batches_it_summed(method
     assert resumed["kept_heads"] == whole["kept_heads"]
     scores = [json.loads((tmp_path / folder / "head_scores.json").read_text()) for folder in ("run", "whole")]
     assert scores[0] == scores[1]
+
+
+def test_taylors_pass_keeps_no_record_of_gradients_over_its_size_limit(tiny_finetuned, tmp_path, monkeypatch,
+                                                                       losses, caplog):
+    import headprune.methods.taylor as taylor
+    monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(taylor, "RECORD_MAX_BYTES", 1000)
+    losses["kill_at"] = 4
+    with pytest.raises(Killed), caplog.at_level(logging.INFO, logger="headprune"):
+        prune(tiny(*tiny_finetuned, tmp_path / "run", method="taylor"))
+    assert not list((tmp_path / "cache" / "scores").glob("*.partial"))
+    assert "taylor: the pass keeps no record of its gradients" in caplog.text
 
 
 def test_a_damaged_record_of_a_pass_is_a_pass_from_the_start(tmp_path):

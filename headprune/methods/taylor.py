@@ -14,10 +14,14 @@ vector-wise absolute value per layer and channel before summing; see docs/usage.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..sites import input_columns, output_rows
 from .scoring import Scores
+
+log = logging.getLogger("headprune")
 
 VARIANTS = ("element", "vector")
 
@@ -45,8 +49,14 @@ def group_weights(site, unit: int) -> list[tuple[torch.nn.Parameter, tuple]]:
     return parts
 
 
-def taylor_scores(model, gates, batches, loss_fn, variant: str = "element", reduce=None) -> torch.Tensor:
-    """One score per gate; `reduce` sums the gradients over processes."""
+RECORD_MAX_BYTES = 1 << 30  # a pass keeps a record of its gradients (see below) up to this size
+
+
+def taylor_scores(model, gates, batches, loss_fn, variant: str = "element", reduce=None, record=None) -> torch.Tensor:
+    """One score per gate; `reduce` sums the gradients over processes. `record` (scoring.PassRecord)
+    keeps the gradients summed so far, so that a pass stopped midway goes on from them: every
+    attention weight's gradient in float32 (SmolLM2-135M: 106 MB), so not where that is over
+    RECORD_MAX_BYTES (a 7B model's: 8.6 GB a minute)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant {variant!r}: choose one of {', '.join(VARIANTS)}")
     params = list({id(p): p for site in gates.sites
@@ -58,12 +68,34 @@ def taylor_scores(model, gates, batches, loss_fn, variant: str = "element", redu
     # a sum over a hundred batches would lose the small differences between heads
     half = [p for p in params if p.dtype in (torch.bfloat16, torch.float16)]
     sums, sequences = {}, torch.zeros((), dtype=torch.float64, device=params[0].device)
+    if record is not None and 4 * sum(p.numel() for p in params) > RECORD_MAX_BYTES:
+        log.info("taylor: the pass keeps no record of its gradients (%.1f GB of them): stopped, it starts over",
+                 4 * sum(p.numel() for p in params) / 1e9)
+        record = None
+    skip, kept = (record.read() if record is not None else None) or (0, {})
+    shapes = {f"grad.{i}": p.shape for i, p in enumerate(params)}
+    if any(name != "sequences" and shapes.get(name) != t.shape for name, t in kept.items()):
+        skip, kept = 0, {}  # not this pass's gradients: it starts over
     model.eval()
     try:
-        for p in params:
+        for i, p in enumerate(params):
             p.requires_grad_(True)
             p.grad = None
-        for batch in batches:
+            if f"grad.{i}" in kept:  # summed before the pass was stopped
+                grad = kept[f"grad.{i}"].to(p.device)
+                if p.dtype in (torch.bfloat16, torch.float16):
+                    sums[id(p)] = grad.float()
+                else:
+                    p.grad = grad.to(p.dtype)
+        if "sequences" in kept:
+            sequences += kept["sequences"].to(sequences)
+
+        def state():  # what the record keeps: the gradients summed so far, and over how many sequences
+            grads = {f"grad.{i}": sums.get(id(p), p.grad) for i, p in enumerate(params)}
+            return {**{name: g for name, g in grads.items() if g is not None}, "sequences": sequences}
+        for done, batch in enumerate(batches, start=1):
+            if done <= skip:  # its gradient came before the pass was stopped
+                continue
             size = len(next(iter(batch.values())))  # sequences (or images) in the batch
             (loss_fn(model, batch) * size).backward()
             sequences += size
@@ -74,6 +106,8 @@ def taylor_scores(model, gates, batches, loss_fn, variant: str = "element", redu
                     else:
                         sums[id(p)] = p.grad.float()
                     p.grad = None
+            if record is not None:
+                record.save(done, state)
         grads = {}
         for p in params:  # a weight the loss does not reach (none of its outputs used) has no gradient
             grad = sums.get(id(p), p.grad)
@@ -91,6 +125,8 @@ def taylor_scores(model, gates, batches, loss_fn, variant: str = "element", redu
         sequences = reduce(sequences) if reduce is not None else sequences
         # the sums' gradient over the sequences: that of the mean loss
         scores = (torch.stack(scores) / sequences.clamp(min=1)).cpu()  # one wait for the device, not one per unit
+        if record is not None:
+            record.done()
     finally:
         for p, flag in zip(params, was):
             p.grad = None
@@ -101,4 +137,4 @@ def taylor_scores(model, gates, batches, loss_fn, variant: str = "element", redu
 def score(run, mask: torch.Tensor):
     """The scorer of the driver (`headprune.selection`)."""
     return Scores(run.cached(lambda: taylor_scores(run.model, run.gates, run.progress("taylor scores"), run.loss_fn,
-                                                   run.cfg.taylor_variant, run.reduce)))
+                                                   run.cfg.taylor_variant, run.reduce, run.record())))
