@@ -38,21 +38,50 @@ def digest_of_weights(model_path: str | None) -> str | None:
     return h.hexdigest()
 
 
-def digest_of_model(model) -> str:
-    """sha256 of a model's weights as they are in memory (names, dtypes and bytes): for weights no
-    folder holds, a joint run's trained here or a hub model's."""
+NOT_MODEL_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".md")  # weights; the card
+
+
+def digest_of_model_files(model_path: str | None) -> str | None:
+    """sha256 of what a local model folder holds beside its weights, by name: config.json,
+    generation_config.json, the tokenizer's files (an edited one builds, or decodes with, another
+    model from the same weights); None for a hub id or a model from scratch. Not the model card."""
+    if not model_path or not Path(model_path).is_dir():
+        return None
     h = hashlib.sha256()
+    for f in sorted(Path(model_path).iterdir()):
+        if f.is_file() and not f.name.startswith(".") and not f.name.endswith(NOT_MODEL_FILES):
+            h.update(f"{f.name} {f.stat().st_size}\n".encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def folder_digest(inputs: dict, name: str) -> str | None:
+    """A local model folder's weights and the files beside them (`run_inputs`), as one digest; None
+    where no folder holds the model (its `name` then stands for the weights)."""
+    if not inputs.get("model") or inputs["model"] == name:
+        return None
+    return hashlib.sha256(json.dumps([inputs["model"], inputs.get("model files")]).encode()).hexdigest()
+
+
+def digest_of_model(model) -> str:
+    """sha256 of a model's weights as they are in memory (names, dtypes and bytes) and of its config
+    (but its path): for weights no folder holds, a joint run's trained here or a hub model's."""
+    h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None:
+        settings = {k: v for k, v in config.to_dict().items() if k != "_name_or_path"}
+        h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
         h.update(f"{name} {tensor.dtype} {list(tensor.shape)}".encode())
         h.update(tensor.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes())
     return h.hexdigest()
 
 
-def digest_for_caches(model, folder_digest: str | None, name: str) -> str:
-    """What keys a cache of what was computed from these weights: the model folder's digest where
-    there is one (computed for the resume check already), else the weights in memory (a hub model's,
-    whose `name` says nothing of what a run's seed gave its new classifier; weights trained here)."""
-    return folder_digest if folder_digest and folder_digest != name else digest_of_model(model)
+def digest_for_caches(model, folder: str | None) -> str:
+    """What keys a cache of what was computed from a model: its folder's digest (`folder_digest`)
+    where there is one, else the model in memory (a hub model's, whose name says nothing of what a
+    run's seed gave its new classifier; weights trained in the run)."""
+    return folder or digest_of_model(model)
 
 
 def digest_of_data(splits: dict) -> str:
@@ -66,24 +95,36 @@ def digest_of_data(splits: dict) -> str:
     return h.hexdigest()
 
 
-def run_inputs(cfg, model_path: str | None, train_set, evals: dict) -> dict:
+def run_inputs(cfg, model_path: str | None, train_set, evals: dict, calibration=None) -> dict:
     """What a checkpoint must have been made from to be resumed: digests of the model's weights
-    (or its name) and of the training and evaluation data."""
-    return {"model": digest_of_weights(model_path) or cfg.model,
-            "training data": digest_of_data({"train": train_set}), "evaluation data": digest_of_data(evals)}
+    (or its name) and of the files beside them, of the training and evaluation data and of the
+    calibration data where the run reads some (Michel's rounds so far were scored on them)."""
+    inputs = {"model": digest_of_weights(model_path) or cfg.model, "model files": digest_of_model_files(model_path),
+              "training data": digest_of_data({"train": train_set}), "evaluation data": digest_of_data(evals)}
+    if calibration is not None:
+        inputs["calibration data"] = digest_of_rows(calibration)
+    return inputs
+
+
+def digest_of_rows(examples) -> str:
+    """sha256 of model-ready examples, read by index (a list, a dataset or a torch Subset of one)."""
+    h = hashlib.sha256()
+    for start in range(0, len(examples), 1000):
+        rows = [examples[i] for i in range(start, min(start + 1000, len(examples)))]
+        h.update(json.dumps(rows, sort_keys=True, default=str).encode())
+    return h.hexdigest()
 
 
 def metrics_key(inputs: dict, cfg, model_path: str | None) -> str | None:
-    """The unpruned metrics' cache key: the digests of the weights, of the config.json beside them (an
-    edited one, fewer layers say, builds another model from the same weights) and of the evaluation
-    data, and the settings that change a score (task, attention kernel, beam, dtype, mixed precision,
-    translation's generation batch);
-    None for a model that is not a local folder."""
+    """The unpruned metrics' cache key: the digests of the weights, of the files beside them (an
+    edited config.json, fewer layers say, builds another model from the same weights; the generation
+    config and the tokenizer change translations) and of the evaluation data, and the settings that
+    change a score (task, attention kernel, beam, dtype, mixed precision, translation's generation
+    batch); None for a model that is not a local folder."""
     if not inputs["model"] or inputs["model"] == cfg.model:  # no digest of the weights
         return None
-    config = Path(model_path) / "config.json"
     key = [cfg.task, cfg.attn_implementation, cfg.beam, inputs["model"], inputs["evaluation data"],
-           f"config {hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None}"]
+           f"model files {digest_of_model_files(model_path)}"]
     # the precision of the weights and of the arithmetic: named only when not the default
     key += [f"dtype {cfg.dtype}"] if getattr(cfg, "dtype", "auto") != "auto" else []
     # ("autocast": entries named "mixed" were measured without it when the method trained nothing)

@@ -35,7 +35,8 @@ from torch.utils.data import DataLoader
 from .card import command_of, write_model_card
 from .config import (DEMO_DIR, SCORED, TRAINED_METHODS, FinetuneConfig, PruneConfig, ablation_in_effect,
                      pruning_dropout_in_effect, reads_calibration, reconstruct_in_effect, targeted)
-from .digests import cached_metrics, digest_for_caches, digest_of_weights, metrics_key, remember_metrics, run_inputs
+from .digests import (cached_metrics, digest_for_caches, digest_of_weights, folder_digest, metrics_key,
+                      remember_metrics, run_inputs)
 from .errors import ConfigError, OutputExistsError, first_line
 from .budget import budget_units, check_reachable, fit, speed_units, uniform_allocation, uniform_mask
 from .gates import attach_gates, detach_gates
@@ -357,7 +358,7 @@ def _prune(cfg: PruneConfig, metrics_unpruned: dict | None, held: contextlib.Exi
         train_set, evals, collate = _prepare(task, data, tokenizer, cfg)
         calibration = calibration_set(cfg, task, data, tokenizer, train_set, acc.num_processes) \
             if reads_calibration(vars(cfg)) else None
-        inputs = run_inputs(cfg, path, train_set, evals)
+        inputs = run_inputs(cfg, path, train_set, evals, calibration)
         state = check_inputs(out, state, inputs, cfg)
         if state is None:
             seconds.clear()
@@ -423,7 +424,7 @@ def _prune(cfg: PruneConfig, metrics_unpruned: dict | None, held: contextlib.Exi
         else:
             measured = []  # flap's scoring pass measures the mean contexts too: the bias reuses them
             mask, scores, info, refine = choose_by_scores(
-                cfg, task, acc, model, gates, calibration, collate, evaluate_with, weights_digest=inputs["model"],
+                cfg, task, acc, model, gates, calibration, collate, evaluate_with, inputs,
                 rounds_done=extra.get("michel_rounds"), metrics_unpruned=extra["metrics_unpruned"] if pipelined else None,
                 save_rounds=lambda rounds: save_rounds(acc, out, cfg, rounds, extra, so_far()), on_means=measured.append)
             means = measured[0] if means is None and measured else means
@@ -451,9 +452,8 @@ def _prune(cfg: PruneConfig, metrics_unpruned: dict | None, held: contextlib.Exi
                  info["metrics_before_reconstruction"], reconstruct_in_effect(vars(cfg)), len(calibration))
         with timed(seconds, "reconstruct"):
             # a pipelined run's weights are those the means were measured on: the bias reuses them
-            info.update(_reconstruct(cfg, task, acc, model, gates, mask, calibration, collate,
-                                     means=means if pipelined else None,
-                                     weights_digest=inputs["model"] if pipelined else None))
+            info.update(_reconstruct(cfg, task, acc, model, gates, mask, calibration, collate, inputs,
+                                     means=means if pipelined else None, weights_as_given=pipelined))
     if "curve" in info and reconstruct_in_effect(vars(cfg)) == "none" and torch.equal(mask, chosen):
         metrics = info["curve"][-1]["metrics"]  # Michel's last round evaluated these heads of these weights
     else:
@@ -557,20 +557,22 @@ def _mean_contexts(cfg, acc, model, gates, calibration, collate, loss_fn) -> lis
     return means
 
 
-def _reconstruct(cfg, task, acc, model, gates, mask, calibration, collate, means=None, weights_digest=None) -> dict:
+def _reconstruct(cfg, task, acc, model, gates, mask, calibration, collate, inputs, means=None,
+                 weights_as_given=True) -> dict:
     """--reconstruct on the calibration data, folded into the model's weights. The fit of each block
     (rescale, both: two passes over the data a block) is kept in the cache as it is made, so that the
     same run started again after an interruption goes on from the first block not fitted: keyed by
-    `weights_digest` (a local model folder's), else by the weights in memory (a joint run's, trained
-    here and resumed from its last checkpoint; a hub model's)."""
+    the run's `inputs` (`digests.run_inputs`: the calibration data; the model folder's digest where
+    the `weights_as_given` are in one), else by the model in memory (a joint run's, trained here and
+    resumed from its last checkpoint; a hub model's)."""
     loader = acc.prepare(DataLoader(calibration, batch_size=cfg.batch_size, collate_fn=collate))
     reduce = process_sum(acc)
     biased = sum(site.output.bias is not None for site in gates.sites)
     mode = reconstruct_in_effect(vars(cfg))
     key = None
     if mode in ("rescale", "both"):
-        key = fit_key(cfg, digest_for_caches(acc.unwrap_model(model), weights_digest, cfg.model), calibration, mask,
-                      mode)
+        folder = folder_digest(inputs, cfg.model) if weights_as_given else None
+        key = fit_key(cfg, digest_for_caches(acc.unwrap_model(model), folder), inputs["calibration data"], mask, mode)
     path = cache_root() / "reconstruction" / f"{key}.json"
     done = from_main(acc, lambda: read_fits(path)) if key else None
     if done:

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Subset
 
 from .budget import uniform_allocation, uniform_counts
 from .config import BACKWARD_SCORED, METHOD_OPTIONS, SCORED, PruneConfig, ablation_in_effect, checkpoints_activations
-from .digests import digest_for_caches
+from .digests import digest_for_caches, folder_digest
 from .errors import ConfigError, HeadpruneError
 from .methods import iterative_pruning, make_selector, random_mask, resolve_schedule
 from .methods import scoring
@@ -254,7 +254,7 @@ NOT_SCORING = ("k", "k_per_kind", "seed", "output_dir", "overwrite", "reconstruc
                "at_new_tokens")
 
 
-def pass_key(cfg, weights_digest: str, calibration) -> str | None:
+def pass_key(cfg, model_digest: str, calibration_digest: str) -> str | None:
     """The key of what one scoring pass computes: the methods' code, the weights' and the calibration
     data's digests and every setting but NOT_SCORING; the scores cache's key for every method but
     michel, whose scores change with each round's mask (its passes' records add the mask). None for
@@ -266,27 +266,23 @@ def pass_key(cfg, weights_digest: str, calibration) -> str | None:
     settings.pop("ablation", None)  # in the key only where it changes the scores (older keys stay valid)
     if ablation_in_effect(dataclasses.asdict(cfg)) == "mean":
         settings["ablation"] = "mean"
-    return _cache_key(sorted(Path(scoring.__file__).parent.glob("*.py")), weights_digest, calibration, settings)
+    return _cache_key(sorted(Path(scoring.__file__).parent.glob("*.py")), model_digest, calibration_digest, settings)
 
 
-def fit_key(cfg, weights_digest: str, calibration, mask: torch.Tensor, mode: str) -> str:
+def fit_key(cfg, model_digest: str, calibration_digest: str, mask: torch.Tensor, mode: str) -> str:
     """The key of a reconstruction's fits per block (`--reconstruct rescale` or `both`): its code, the
     weights' and the calibration data's digests, the heads kept and every setting but NOT_SCORING."""
     settings = {name: value for name, value in dataclasses.asdict(cfg).items() if name not in NOT_SCORING}
     settings.update(mask=mask.tolist(), reconstruct=mode)
     code = [Path(scoring.__file__).parent.parent / "reconstruction.py", Path(scoring.__file__)]
-    return _cache_key(code, weights_digest, calibration, settings)
+    return _cache_key(code, model_digest, calibration_digest, settings)
 
 
-def _cache_key(code_files, weights_digest: str, calibration, settings: dict) -> str:
+def _cache_key(code_files, model_digest: str, calibration_digest: str, settings: dict) -> str:
     code = hashlib.sha256()
     for path in code_files:
         code.update(path.read_bytes())
-    data = hashlib.sha256()
-    for start in range(0, len(calibration), 1000):
-        rows = [calibration[i] for i in range(start, min(start + 1000, len(calibration)))]
-        data.update(json.dumps(rows, sort_keys=True, default=str).encode())
-    key = [code.hexdigest(), weights_digest, data.hexdigest(), settings]
+    key = [code.hexdigest(), model_digest, calibration_digest, settings]
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -360,7 +356,7 @@ def method_options(cfg) -> dict:
     return {name: getattr(cfg, name) for name in METHOD_OPTIONS.get(cfg.method, ())}
 
 
-def choose_by_scores(cfg, task, acc, model, gates, calibration, collate, evaluate_with, weights_digest=None,
+def choose_by_scores(cfg, task, acc, model, gates, calibration, collate, evaluate_with, inputs: dict,
                      rounds_done=None, save_rounds=None, metrics_unpruned=None, on_means=None):
     """Keep the top k (k_g of each group) by the method's scores on the calibration data (random:
     none); michel in rounds, with the metrics after each (its curve). Returns the mask, the scores
@@ -370,14 +366,16 @@ def choose_by_scores(cfg, task, acc, model, gates, calibration, collate, evaluat
     rounds of an interrupted run (their masks, scores and metrics), reused; `save_rounds(rounds)`
     is called with all of them after each new one (a checkpoint). `metrics_unpruned`: evaluate_with(every
     head), measured already (michel's first round). `on_means(means)`: given each block's mean context
-    where the scorer measured them (flap; see `Calibration`)."""
+    where the scorer measured them (flap; see `Calibration`). `inputs`: the run's digests
+    (`digests.run_inputs`), which key its scores in the cache."""
     budget = as_groups(gates.num_heads, cfg.k, budget_of(cfg, gates))
     info = method_options(cfg)
     if cfg.method == "random":
         mask = random_mask(gates.num_heads, cfg.k, cfg.seed, budget)
         return mask, mask, info, None
     loader = acc.prepare(DataLoader(calibration, batch_size=cfg.batch_size, collate_fn=collate))
-    key = pass_key(cfg, digest_for_caches(acc.unwrap_model(model), weights_digest, cfg.model), calibration)
+    model_digest = digest_for_caches(acc.unwrap_model(model), folder_digest(inputs, cfg.model))
+    key = pass_key(cfg, model_digest, inputs["calibration data"])
     run = Calibration(model, gates, loader, task.loss, cfg, reduce=process_sum(acc),
                       gather=acc.gather if acc.num_processes > 1 else None, show_progress=acc.is_local_main_process,
                       key=None if cfg.method == "michel" else key, pass_key=key, writes=acc.is_main_process,

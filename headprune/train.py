@@ -251,7 +251,11 @@ def check_inputs(out: Path, state: dict | None, inputs: dict, cfg) -> dict | Non
     if saved is None:  # written before checkpoints recorded their inputs
         log.warning("the checkpoint in %s does not record its model and data: resuming it as it is", out)
         return state
-    what = " and ".join(name for name in inputs if saved.get(name) != inputs[name]) or "inputs"
+    # (an input a checkpoint of before does not record, the model's files or the calibration data: not held against it)
+    changed = [name for name in inputs if name in saved and saved[name] != inputs[name]]
+    if not changed:
+        return state
+    what = " and ".join(changed)
     if cfg.overwrite:
         log.warning("discarding the checkpoint in %s, made from other %s", out, what)
         shutil.rmtree(checkpoint_folder(out), ignore_errors=True)  # every process may try

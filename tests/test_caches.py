@@ -67,10 +67,10 @@ def test_the_scores_key_changes_with_code_a_scorer_borrows(tmp_path, monkeypatch
         (methods / path.name).write_bytes(path.read_bytes())
     monkeypatch.setattr(scoring, "__file__", str(methods / "scoring.py"))
     cfg = PruneConfig(model="some/folder", dataset="some.csv", method="fisher", k=2)
-    before = pass_key(cfg, "weights-digest", [{"text": "a", "label": 0}])
-    assert before == pass_key(cfg, "weights-digest", [{"text": "a", "label": 0}])
+    before = pass_key(cfg, "weights-digest", "calibration-digest")
+    assert before == pass_key(cfg, "weights-digest", "calibration-digest")
     (methods / Path(michel.__file__).name).write_text("# changed\n")
-    assert pass_key(cfg, "weights-digest", [{"text": "a", "label": 0}]) != before
+    assert pass_key(cfg, "weights-digest", "calibration-digest") != before
 
 
 def test_the_unpruned_metrics_key_changes_with_the_evaluation_data_and_the_weights(tmp_path):
@@ -83,6 +83,16 @@ def test_the_unpruned_metrics_key_changes_with_the_evaluation_data_and_the_weigh
     assert metrics_key({"model": "weights", "evaluation data": "other data"}, cfg, str(tmp_path)) != key
     assert metrics_key({"model": "other weights", "evaluation data": "data"}, cfg, str(tmp_path)) != key
     assert metrics_key({"model": "weights", "evaluation data": "data"}, PruneConfig(model="folder"), str(tmp_path)) == key
+    # the files beside the weights: the config, the generation config and the tokenizer (translations
+    # decode with them), but not the model card
+    inputs = {"model": "weights", "evaluation data": "data"}
+    (tmp_path / "README.md").write_text("a card measure --card wrote")
+    assert metrics_key(inputs, cfg, str(tmp_path)) == key
+    for name, text in (("config.json", '{"hidden_act": "relu"}'), ("generation_config.json", '{"num_beams": 1}'),
+                       ("tokenizer.json", '{"decoder": null}')):
+        (tmp_path / name).write_text(text)
+        assert metrics_key(inputs, cfg, str(tmp_path)) != key
+        key = metrics_key(inputs, cfg, str(tmp_path))
 
 
 def test_records_of_passes_never_started_again_do_not_pile_up(tiny_finetuned, tmp_path, monkeypatch):

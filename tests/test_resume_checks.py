@@ -63,6 +63,37 @@ def test_a_checkpoint_of_other_data_is_refused(copies, tmp_path, monkeypatch):
         prune(config(model, data, tmp_path / "run"))
 
 
+def test_a_checkpoint_of_another_config_beside_the_same_weights_is_refused(copies, tmp_path, monkeypatch):
+    model, data = copies
+    interrupted_run(config(model, data, tmp_path / "run"), monkeypatch)
+    settings = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**settings, "hidden_act": "relu"}))  # another model
+    with pytest.raises(CheckpointError, match="was made from another model files"):
+        prune(config(model, data, tmp_path / "run"))
+
+
+def test_michels_rounds_scored_on_other_calibration_data_are_refused(copies, tmp_path, monkeypatch):
+    model, data = copies
+    calibration = tmp_path / "calibration.jsonl"
+    rows = data.read_text().splitlines()
+    calibration.write_text("\n".join(rows[:64]))
+    run = config(model, data, tmp_path / "run", method="michel", michel_step=1, calibration_dataset=str(calibration))
+    interrupted_run(run, monkeypatch, at_step=3)  # three masks scored
+    calibration.write_text("\n".join(rows[64:128]))
+    with pytest.raises(CheckpointError, match="was made from another calibration data"):
+        prune(run)
+
+
+def test_a_checkpoint_of_before_the_model_files_and_calibration_were_recorded_resumes(copies, tmp_path, monkeypatch):
+    model, data = copies
+    interrupted_run(config(model, data, tmp_path / "run"), monkeypatch)
+    path = tmp_path / "run" / "checkpoint" / "state.json"
+    text = path.read_text()
+    assert '"model files"' in text
+    path.write_text(text.replace('"model files"', '"a name no headprune records"'))
+    assert prune(config(model, data, tmp_path / "run"))["resumed_from_step"] == 4
+
+
 def test_the_same_inputs_resume(copies, tmp_path, monkeypatch):
     model, data = copies
     interrupted_run(config(model, data, tmp_path / "run"), monkeypatch)

@@ -311,6 +311,27 @@ def test_weights_no_folder_digests_key_the_scores_cache_by_their_bytes(tiny_fine
     assert calls == [1, 1]
 
 
+def test_a_config_edited_beside_the_same_weights_is_scored_and_fitted_again(tiny_finetuned, tmp_path, monkeypatch):
+    """Another config.json builds another model from the same weights (here: another activation):
+    neither its scores nor its reconstruction's fits come from the cache."""
+    import shutil
+    import headprune.reconstruction as reconstruction
+    monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_finetuned[0], folder)
+    fitted, real = [], reconstruction.block_sums
+    monkeypatch.setattr(reconstruction, "block_sums", lambda *a, **k: fitted.append(1) or real(*a, **k))
+    first = prune(tiny(folder, tiny_finetuned[1], tmp_path / "a", method="activation", reconstruct="rescale"))
+    blocks = len(fitted)
+    assert blocks > 0 and not first["scores_from_cache"]
+    settings = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**settings, "hidden_act": "relu"}))
+    second = prune(tiny(folder, tiny_finetuned[1], tmp_path / "b", method="activation", reconstruct="rescale"))
+    assert not second["scores_from_cache"] and len(fitted) == 2 * blocks
+    third = prune(tiny(folder, tiny_finetuned[1], tmp_path / "c", method="activation", reconstruct="rescale"))
+    assert third["scores_from_cache"] and len(fitted) == 2 * blocks  # (the same again: read back)
+
+
 def test_calibration_data_is_cut_to_whole_batches_of_every_process():
     """Accelerate fills the last batches with examples from the start: summed over processes they would
     count twice (100 examples, batches of 8 on 2 processes: 96, none repeated)."""
