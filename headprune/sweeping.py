@@ -313,6 +313,7 @@ def _sweep(cfg: SweepConfig, held: contextlib.ExitStack) -> list[dict]:
         log.warning("%s holds %d finished run(s) made with other settings (e.g. %s): the tables leave them out",
                     out, len(others), others[0])
     rows, finished, unpruned_metrics = [], [], None
+    made_now, done_before = {}, []  # mode -> the inputs of a run made now; (folder, results) of runs done before
     gc.freeze()  # what the process held before the sweep is left out of free_memory's collections: each
     try:  # scans only what the runs made, fast in a large process (a test's, a notebook's)
         for i, run in enumerate(runs, start=1):
@@ -323,6 +324,10 @@ def _sweep(cfg: SweepConfig, held: contextlib.ExitStack) -> list[dict]:
             elif (folder / RESULTS).exists():
                 log.info("[%d/%d] done already: %s", i, len(runs), folder.name)
                 results = read_results(folder)
+                done_before.append((folder.name, results))
+                rows += rows_of(results, cfg.ks, folder.name)
+                finished.append(results)
+                continue
             else:
                 log.info("[%d/%d] running %s", i, len(runs), folder.name)
                 # this sweep's own run, stopped after some of its files and before its results, with no
@@ -332,12 +337,18 @@ def _sweep(cfg: SweepConfig, held: contextlib.ExitStack) -> list[dict]:
             free_memory()
             rows += rows_of(results, cfg.ks, folder.name)
             finished.append(results)
-            if results["mode"] == "pipelined" and unpruned_metrics is None:  # the same for every run
+            made_now.setdefault(results["mode"], results.get("inputs") or {})
+            if results["mode"] == "pipelined" and unpruned_metrics is None:  # the same for every run made now
                 unpruned_metrics = results["metrics_unpruned"]
     finally:  # a sweep stopped part-way still shows the runs it finished
         gc.unfreeze()
         for name, results in joining:  # a Michel curve: at this sweep's budgets and its own last one
             rows += rows_of(results, sorted({*cfg.ks, results["k"]}), name)
+        rows = without_runs_of_other_inputs(rows, [*done_before, *joining], made_now)
+        if unpruned_metrics is None:  # no pipelined run made now: one done before says it (one the tables keep)
+            kept = {row["run"] for row in rows}
+            unpruned_metrics = next((results["metrics_unpruned"] for name, results in done_before
+                                     if results["mode"] == "pipelined" and name in kept), None)
         if finished:
             if len(finished) < len(runs):
                 log.warning("the sweep stopped after %d of %d runs: the tables show those", len(finished), len(runs))
@@ -365,6 +376,27 @@ def weights_changed(inputs: dict, model: str, digests: dict) -> dict[str, tuple]
         digests[model] = digest_of_weights(model)
     now = digests[model]
     return {f"the weights of {model}": (recorded[:12], now[:12])} if now and now != recorded else {}
+
+
+SAME_INPUTS = ("model", "model files", "training data", "evaluation data")  # of every run of one mode
+
+
+def without_runs_of_other_inputs(rows: list[dict], done_before: list[tuple[str, dict]], made_now: dict) -> list[dict]:
+    """`rows` but those of the runs done before that recorded other inputs (SAME_INPUTS: data edited
+    since, say) than a run of their mode made now; a name a run of before did not record is not held
+    against it. (The data's digests are known once a run has tokenised them: with every run done
+    before, there is nothing to compare with.)"""
+    other = {}
+    for name, results in done_before:
+        recorded, now = results.get("inputs") or {}, made_now.get(results["mode"], {})
+        changed = [what for what in SAME_INPUTS if what in recorded and what in now and recorded[what] != now[what]]
+        if changed:
+            other[name] = " and ".join(changed)
+    if other:
+        first = next(iter(other))
+        log.warning("%d run(s) done before were made from other inputs than the runs made now (e.g. %s: other %s): "
+                    "the tables leave them out; --overwrite runs them again", len(other), first, other[first])
+    return [row for row in rows if row["run"] not in other]
 
 
 def runs_outside_the_plan(cfg: SweepConfig, planned: set[str]) -> tuple[list[tuple[str, dict]], list[str]]:

@@ -319,3 +319,32 @@ def test_a_joint_runs_unpruned_metric_is_not_handed_to_the_pipelined_runs(tiny_f
                       reconstruct="none", output_dir=str(tmp_path)))
     assert list(handed) == ["joint", "pipelined"]  # the joint run first
     assert handed["pipelined"] is None
+
+
+def test_runs_done_before_on_other_data_leave_the_tables_and_hand_on_no_metric(tiny_finetuned, tmp_path, monkeypatch,
+                                                                               caplog):
+    """A sweep resumed after its data changed: the run done before (other data) is left out of the
+    tables, said in the log, and its unpruned metric is handed to no run made now."""
+    import logging
+    import shutil
+    model, data = tiny_finetuned
+    shutil.copy(data, tmp_path / "data.jsonl")
+    data = tmp_path / "data.jsonl"
+    cfg = dict(out=tmp_path / "sweep", methods=["random"], seeds=[0])
+    first = sweep(sweep_cfg(model, data, **cfg, ks=[3]))
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join(lines[::-1]))  # the same examples in another order: other data digests
+    handed, real_prune = [], sweep_mod.prune
+    monkeypatch.setattr(sweep_mod, "prune", lambda run, **kw: handed.append(kw.get("metrics_unpruned"))
+                        or real_prune(run, **kw))
+    with caplog.at_level(logging.WARNING, logger="headprune"):
+        rows = sweep(sweep_cfg(model, data, **cfg, ks=[3, 5]))
+    assert handed == [None]  # k = 5 measured the whole model itself
+    assert [row["run"] for row in rows] == ["random-pipelined-k5-s0"]
+    assert "1 run(s) done before were made from other inputs than the runs made now (e.g. random-pipelined-k3-s0: " \
+           "other training data and evaluation data): the tables leave them out" in caplog.text
+    assert "random-pipelined-k3-s0" not in (tmp_path / "sweep" / "sweep.csv").read_text()
+    # the data as it was: both runs agree with a run made now again
+    data.write_text("\n".join(lines))
+    (tmp_path / "sweep" / "random-pipelined-k5-s0" / "results.json").unlink()
+    assert len(sweep(sweep_cfg(model, data, **cfg, ks=[3, 5]))) == 2 and len(first) == 1
