@@ -35,7 +35,8 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Subset
 
 from .budget import uniform_allocation, uniform_counts
-from .config import BACKWARD_SCORED, METHOD_OPTIONS, SCORED, PruneConfig, ablation_in_effect, checkpoints_activations
+from .config import (BACKWARD_SCORED, METHOD_OPTIONS, SCORED, PruneConfig, ablation_in_effect, checkpoints_activations,
+                     unused_settings)
 from .digests import digest_for_caches, folder_digest
 from .errors import ConfigError, HeadpruneError
 from .methods import iterative_pruning, make_selector, random_mask, resolve_schedule
@@ -248,10 +249,27 @@ RECORDS_KEPT = 100  # records of passes stopped midway (`<key>.partial`), the ne
 RECORDS_BYTES = 2 << 30  # and within this in all (taylor's: 106 MB for SmolLM2-135M), the newest always
 
 
-# settings that do not change a scorer's output (the rest of the config is part of the cache key)
+# settings that do not change a scorer's output (the rest of the config is part of the cache key, but
+# the options the run never reads, config.unused_settings): the budget, the output, evaluation and
+# training only, and the model's name (the digest of its weights and files stands for it)
 NOT_SCORING = ("k", "k_per_kind", "seed", "output_dir", "overwrite", "reconstruct", "save_format", "allocation",
                "uniform_from", "target_params", "target_kv_cache", "target_speedup", "at_batch_size", "at_length",
-               "at_new_tokens")
+               "at_new_tokens", "model", "eval_files", "max_eval_examples", "select_by", "beam",
+               "generation_batch_size", "eval_batch_size", "report_to", "checkpoint_every", "epochs", "lr",
+               "weight_decay", "warmup_ratio", "max_grad_norm")
+# the code a scorer's (or a fit's) result comes from beside its own: the gates, the sites and the tasks' losses
+SHARED_CODE = ("gates.py", "sites.py", "tasks/*.py")
+
+
+def _settings_in_key(cfg) -> dict:
+    unused = unused_settings(dataclasses.asdict(cfg))
+    return {name: value for name, value in dataclasses.asdict(cfg).items()
+            if name not in NOT_SCORING and name not in unused}
+
+
+def _code(*own: Path) -> list[Path]:
+    package = Path(scoring.__file__).parent.parent
+    return [*own, *sorted(path for pattern in SHARED_CODE for path in package.glob(pattern))]
 
 
 def pass_key(cfg, model_digest: str, calibration_digest: str) -> str | None:
@@ -261,20 +279,20 @@ def pass_key(cfg, model_digest: str, calibration_digest: str) -> str | None:
     random, which scores nothing."""
     if cfg.method not in SCORERS:
         return None
-    # every file of methods/: scorers share code (fisher's gradients are michel's)
-    settings = {name: value for name, value in dataclasses.asdict(cfg).items() if name not in NOT_SCORING}
-    settings.pop("ablation", None)  # in the key only where it changes the scores (older keys stay valid)
+    settings = _settings_in_key(cfg)
+    settings.pop("ablation", None)  # in the key only where it changes the scores
     if ablation_in_effect(dataclasses.asdict(cfg)) == "mean":
         settings["ablation"] = "mean"
-    return _cache_key(sorted(Path(scoring.__file__).parent.glob("*.py")), model_digest, calibration_digest, settings)
+    # every file of methods/: scorers share code (fisher's gradients are michel's)
+    return _cache_key(_code(*sorted(Path(scoring.__file__).parent.glob("*.py"))), model_digest, calibration_digest,
+                      settings)
 
 
 def fit_key(cfg, model_digest: str, calibration_digest: str, mask: torch.Tensor, mode: str) -> str:
     """The key of a reconstruction's fits per block (`--reconstruct rescale` or `both`): its code, the
     weights' and the calibration data's digests, the heads kept and every setting but NOT_SCORING."""
-    settings = {name: value for name, value in dataclasses.asdict(cfg).items() if name not in NOT_SCORING}
-    settings.update(mask=mask.tolist(), reconstruct=mode)
-    code = [Path(scoring.__file__).parent.parent / "reconstruction.py", Path(scoring.__file__)]
+    settings = {**_settings_in_key(cfg), "mask": mask.tolist(), "reconstruct": mode}
+    code = _code(Path(scoring.__file__).parent.parent / "reconstruction.py", Path(scoring.__file__))
     return _cache_key(code, model_digest, calibration_digest, settings)
 
 

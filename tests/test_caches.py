@@ -54,6 +54,27 @@ def test_a_damaged_metrics_cache_is_computed_again_not_handed_to_a_run(tmp_path,
     assert [digests.cached_metrics(key) for key in "abcde"] == [None] * 4 + [{"validation": 0.5, "test": 0.25}]
 
 
+def test_the_scores_key_holds_what_a_scorer_reads_and_nothing_else():
+    import dataclasses
+    import torch
+    from headprune.selection import fit_key, pass_key
+    cfg = PruneConfig(model="some/folder", dataset="some.csv", method="activation", k=2)
+    key = pass_key(cfg, "weights", "calibration")
+    # another copy of the same weights and files, evaluation, training and another method's options
+    for same in ({"model": "another/copy"}, {"eval_batch_size": 7}, {"max_eval_examples": 9}, {"epochs": 9},
+                 {"lr": 0.5}, {"checkpoint_every": 9}, {"michel_step": 3}, {"taylor_variant": "vector"},
+                 {"pruning_dropout": "on"}, {"k": 5}):
+        assert pass_key(dataclasses.replace(cfg, **same), "weights", "calibration") == key, same
+    for other in ({"batch_size": 7}, {"activation_aggregation": "mean"}, {"dtype": "bfloat16"},
+                  {"attn_implementation": "sdpa"}):
+        assert pass_key(dataclasses.replace(cfg, **other), "weights", "calibration") != key, other
+    assert pass_key(cfg, "other weights", "calibration") != key != pass_key(cfg, "weights", "other calibration")
+    mask = torch.ones(4)
+    fits = fit_key(cfg, "weights", "calibration", mask, "rescale")
+    assert fit_key(dataclasses.replace(cfg, eval_batch_size=7), "weights", "calibration", mask, "rescale") == fits
+    assert fit_key(cfg, "weights", "calibration", mask, "both") != fits
+
+
 def test_the_scores_key_changes_with_code_a_scorer_borrows(tmp_path, monkeypatch):
     """Fisher's gradients come from michel.py: a change there is a change of Fisher's scores."""
     from pathlib import Path
