@@ -20,9 +20,10 @@ import json
 import logging
 
 import torch
+import transformers
 
 from .errors import ConfigError, first_line
-from .measuring import time_forward_or_generation
+from .measuring import time_forward_or_generation, timing_machine
 from .outputs import cache_root, keep_json
 from .progress import progress_bar
 from .pruning import remove_heads
@@ -34,11 +35,12 @@ log = logging.getLogger("headprune")
 def _key(model, unit: str, batch: int, length: int, device: str, new_tokens: int | None) -> str:
     """A table per architecture, shape (a model pruned before: its heads per layer, which its config
     does not say), attention kernel, setting and machine."""
-    config = {k: v for k, v in model.config.to_dict().items() if k not in ("headprune", "id2label", "label2id")}
+    config = {k: v for k, v in model.config.to_dict().items()
+              if k not in ("headprune", "id2label", "label2id", "_name_or_path")}  # (a copy of the model: the same table)
     shape = [(s.kind, s.layer, s.query_heads, s.kv_heads) for s in find_sites(model, unit)]
     kernel = getattr(model.config, "_attn_implementation", None)
-    machine = torch.cuda.get_device_name() if device == "cuda" else torch.get_num_threads()  # a table per GPU model
-    what = [config, shape, kernel, unit, batch, length, device, new_tokens, machine, torch.__version__, "monotone", 21]
+    what = [config, shape, kernel, unit, batch, length, device, new_tokens, timing_machine(device), torch.__version__,
+            transformers.__version__, "monotone", 21]
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 

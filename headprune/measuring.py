@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import MeasureConfig
@@ -362,13 +363,18 @@ def _forward_row(cfg, models, sessions, batch: int, length: int, unit: str) -> d
     return row
 
 
+def timing_machine(device: str) -> list:
+    """What a timing kept in the cache was made on: the GPU's model, or the host and the threads
+    (a cache shared by machines, a home folder on a network disk, keeps each one's own)."""
+    return [torch.cuda.get_device_name()] if device == "cuda" else [platform.node(), torch.get_num_threads()]
+
+
 def _key(cfg: MeasureConfig, models: dict, lengths: list[int]) -> str:
     """What a measurement's rows depend on: both models' configs and dtypes, the settings, the machine."""
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("pruned", "original", "output_dir",
                                                                               "overwrite", "card")}
-    machine = torch.cuda.get_device_name() if cfg.device == "cuda" else [platform.node(), torch.get_num_threads()]
     what = [{n: [m.config.to_dict(), str(next(m.parameters()).dtype)] for n, m in models.items()}, settings, lengths,
-            machine, torch.__version__]
+            timing_machine(cfg.device), torch.__version__, transformers.__version__]
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
