@@ -38,7 +38,9 @@ def digest_of_weights(model_path: str | None) -> str | None:
     return h.hexdigest()
 
 
-NOT_MODEL_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".md")  # weights; the card
+# the files of a model folder, beside its weights, that build or decode with the model: configs
+# and tokenizers' (not the model card, nor an export: ONNX, GGUF)
+MODEL_FILES = (".json", ".txt", ".model", ".spm", ".vocab", ".tiktoken")
 
 
 def digest_of_model_files(model_path: str | None) -> str | None:
@@ -49,7 +51,7 @@ def digest_of_model_files(model_path: str | None) -> str | None:
         return None
     h = hashlib.sha256()
     for f in sorted(Path(model_path).iterdir()):
-        if f.is_file() and not f.name.startswith(".") and not f.name.endswith(NOT_MODEL_FILES):
+        if f.is_file() and not f.name.startswith(".") and f.name.endswith(MODEL_FILES):
             h.update(f"{f.name} {f.stat().st_size}\n".encode())
             h.update(f.read_bytes())
     return h.hexdigest()
