@@ -67,11 +67,16 @@ def calibration_data(results: dict) -> str | None:
 METRIC_NAMES = {"bleu": "BLEU"}  # as written, where capitalising the task's metric name is not
 
 
+def baseline(results: dict) -> str:
+    """What a pruned model is compared with: the unpruned model, or the input model pruned before."""
+    return "input model (pruned before)" if results.get("pruned_before") else "unpruned"
+
+
 def _metrics_table(results: dict) -> list[str]:
     before = results.get("metrics_unpruned") or {}
     after = results["metrics_pruned"] if "metrics_pruned" in results else results.get("metrics", {})
     middle = results.get("metrics_before_reconstruction")
-    header = "| split | unpruned | " + ("pruned, before reconstruction | " if middle else "") + "this model |"
+    header = f"| split | {baseline(results)} | " + ("pruned, before reconstruction | " if middle else "") + "this model |"
     lines = [header, "|---|---|" + ("---|" if middle else "") + "---|"]
     for split, value in after.items():
         cells = [f"{before[split]:.4f}" if split in before else "", *([f"{middle[split]:.4f}"] if middle else []),
@@ -80,17 +85,32 @@ def _metrics_table(results: dict) -> list[str]:
     return lines
 
 
-def _size_table(size: dict) -> list[str]:
-    """The pruned model's size against the unpruned one's, as `prune` records it (parameters and
-    cache from the shapes, attention FLOPs counted on a forward pass)."""
+def _size_table(size: dict, against: str = "unpruned") -> list[str]:
+    """The pruned model's size against the unpruned one's (`against`: what that is), as `prune`
+    records it (parameters and cache from the shapes, attention FLOPs counted on a forward pass)."""
     before, after = size["unpruned"], size["pruned"]
     rows = [("parameters", "parameters"),
             ("attention_flops", f"attention FLOPs, one sequence of {size['length']} tokens"),
             ("kv_cache_bytes_per_token", "key/value cache, bytes per token")]
-    lines = ["| | unpruned | this model | ratio |", "|---|---|---|---|"]
+    lines = [f"| | {against} | this model | ratio |", "|---|---|---|---|"]
     lines += [f"| {label} | {before[key]:,} | {after[key]:,} | {after[key] / before[key]:.1%} |"
               for key, label in rows if before.get(key) and key in after]
     return lines
+
+
+def budget_sentence(budget: dict) -> str:
+    """A --target-* budget as asked, predicted and measured (a reader of the command alone would take
+    the target for what the model reached)."""
+    if budget["target"] == "speedup":  # timed on the machine the run ran on
+        said = "{:.3g}x".format
+        asked = f"a speedup of at least {said(budget['target_value'])} (on the machine that pruned it)"
+    else:
+        said = "{:,.0f}".format
+        what = {"parameters": "parameters", "kv_cache_bytes_per_token": "bytes of key/value cache per token"}
+        asked = (f"at most {said(budget['target_value'])} {what[budget['target']]} (the whole model: "
+                 f"{said(budget['original'])})")
+    measured = "not measured" if budget.get("measured") is None else said(budget["measured"])
+    return f"Budget: {asked}; predicted {said(budget['predicted'])}, measured on this model {measured}."
 
 
 SPEED_HEADER = "## Measured speed"
@@ -124,25 +144,32 @@ def model_card(results: dict, command: str, folder_name: str = "model") -> str:
         return "\n".join(header + body)
     unit = {"group": "KV groups", "query": "query positions"}.get(results.get("unit"), "heads")
     per_layer = Counter((kind, layer) for kind, layer, _ in results["kept_heads"])
-    kinds = list(dict.fromkeys(kind for kind, _ in sorted(per_layer)))
-    # every layer, those that keep nothing at the end too (results of before "layers": those up to the last kept)
-    layers = max([*results.get("layers", {}).values(), *(1 + layer for _, layer in per_layer)], default=0)
+    # every kind and layer, those that keep nothing too (results of before "layers": those up to the last kept)
+    counts = results.get("layers") or {}
+    kinds = list(counts) or list(dict.fromkeys(kind for kind, _ in sorted(per_layer)))
+    layers = max([*counts.values(), *(1 + layer for _, layer in per_layer)], default=0)
+
+    def cell(kind, i):  # a kind with fewer layers than another has no layer i
+        return "–" if kind in counts and i >= counts[kind] else str(per_layer.get((kind, i), 0))
     body = [f"# {results['method']} {results['mode']}: {results['k']} of {results['num_heads']} {unit} kept", "",
             f"Attention heads pruned with headprune from `{results['model']}`"
             f"{f' ({base})' if base else ''} on `{results['dataset']}`: method `{results['method']}`, "
             f"{results['mode']}, unit `{results.get('unit', 'group')}`"
             + (f", reconstruction `{results['reconstruct']}`" if results.get("reconstruct") else "") + "."
-            + (f" Calibration data: {calibration_data(results)}." if calibration_data(results) else ""), "",
+            + (f" Calibration data: {calibration_data(results)}." if calibration_data(results) else "")
+            + (f" {budget_sentence(results['budget'])}" if results.get("budget") else "")
+            + (" The input model was pruned before: it is the baseline of the tables below."
+               if results.get("pruned_before") else ""), "",
             f"{METRIC_NAMES.get(metric, metric.capitalize())}:", "", *_metrics_table(results), "",
             "Kept per layer (a layer that keeps none gives its output projection's bias):", "",
             "| kind | " + " | ".join(f"layer {i}" for i in range(layers)) + " |" if per_layer else "(no head kept)"]
     if per_layer:
         body.append("|---|" + "---|" * layers)
         for kind in kinds:
-            body.append(f"| {kind} | " + " | ".join(str(per_layer.get((kind, i), 0)) for i in range(layers)) + " |")
+            body.append(f"| {kind} | " + " | ".join(cell(kind, i) for i in range(layers)) + " |")
     if results.get("size"):
         body += ["", "Size (`headprune measure --pruned <folder> --card` adds measured speed):", "",
-                 *_size_table(results["size"])]
+                 *_size_table(results["size"], baseline(results))]
     zeroed = results.get("config", {}).get("save_format") == "zeroed"
     how = ("Load it with `from_pretrained` (the pruned heads' output weights are zero, the shapes are the "
            "original ones) or with headprune:" if zeroed else

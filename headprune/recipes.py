@@ -480,6 +480,8 @@ def _prune(cfg: PruneConfig, metrics_unpruned: dict | None, held: contextlib.Exi
     results = {"method": cfg.method, "mode": cfg.mode, "k": len(kept), "num_heads": gates.num_heads,
                "layers": {kind: sum(site.kind == kind for site in gates.sites) for kind in kinds},
                "unit": gates.sites[0].unit,
+               # a model pruned before is the baseline of every "unpruned" figure: said so in the reports
+               **({"pruned_before": True} if (getattr(config, "headprune", None) or {}).get("kept_heads") else {}),
                "kept_per_kind": {kind: sum(h[0] == kind for h in kept) for kind in kinds},
                "kept_heads": kept, "metrics_pruned": metrics, "metrics_unpruned": extra["metrics_unpruned"],
                **info, **_common_results(cfg, task, data, seconds, state and state["step"]),
@@ -592,6 +594,7 @@ def _save_pruned(cfg, task, folder: Path, model, gates, tokenizer, mask, scores,
     (parameters, attention FLOPs, KV cache), None for --save-format zeroed (same shapes). `added`: the
     parameters of the output biases reconstruction gave it (the unpruned model had none)."""
     heads, kept, unit = gates.heads, gates.kept_heads(mask), cfg.unit  # before the heads go
+    gated = gates.sites[0].unit  # what a gate prunes here: a head where each has its own keys and values
     detach_gates(model)
     length = sequence_length(model, cfg.max_length)  # an image model: its patches
     before = size_facts(model, unit, length)
@@ -614,8 +617,8 @@ def _save_pruned(cfg, task, folder: Path, model, gates, tokenizer, mask, scores,
         {"kind": kind, "layer": layer, "head": head, score_name: score, "kept": bool(m)}
         for (kind, layer, head), score, m in zip(heads, scores.tolist(), mask.tolist())])
     plot_head_map(folder / "heads.png", heads, scores.tolist(), kept,
-                  f"{cfg.method} {cfg.mode}: {len(kept)} of {len(heads)} heads kept",
-                  score_label=score_name.replace("_", " "))
+                  f"{cfg.method} {cfg.mode}: {len(kept)} of {len(heads)} {UNIT_NAMES[gated]} kept",
+                  score_label=score_name.replace("_", " "), unit=gated)
     if cfg.save_format == "physical":
         return {"length": length, "unpruned": before, "pruned": size_facts(model, unit, length)}
     return None

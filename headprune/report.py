@@ -9,16 +9,21 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .card import calibration_data  # noqa: E402
 from .outputs import atomic_path  # noqa: E402
+from .sites import UNIT_NAMES  # noqa: E402
 from .train import LIVE_GRADIENT  # noqa: E402
 
 
+UNIT_AXES = {"head": "head", "group": "KV group", "query": "query position"}  # a heat map's columns
+
+
 def plot_head_map(path: Path, heads: list[tuple[str, int, int]], scores: list[float],
-                  kept: list[tuple[str, int, int]], title: str, score_label: str = "logit") -> None:
-    """One panel per attention kind; a cell per (layer, head) coloured by its score, kept heads
+                  kept: list[tuple[str, int, int]], title: str, score_label: str = "logit", unit: str = "head") -> None:
+    """One panel per attention kind; a cell per (layer, unit) coloured by its score, kept units
     outlined and marked."""
     kinds = list(dict.fromkeys(kind for kind, _, _ in heads))
     kept = set(map(tuple, kept))
@@ -40,7 +45,7 @@ def plot_head_map(path: Path, heads: list[tuple[str, int, int]], scores: list[fl
                 ax.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, lw=2, ec="black"))
                 ax.text(head, layer, "●", ha="center", va="center", fontsize=7)
         ax.set_title(f"{kind} ({sum((kind, l, h) in kept for l, h, _ in cells)} of {len(cells)} kept)")
-        ax.set_xlabel("head")
+        ax.set_xlabel(UNIT_AXES[unit])
         ax.set_ylabel("layer")
         ax.set_xticks(range(n_heads))
         ax.set_yticks(range(n_layers))
@@ -77,17 +82,28 @@ def plot_training_curves(path: Path, history: list[dict], title: str) -> None:
     plt.close(fig)
 
 
+def readable(value) -> str:
+    """A count or a measurement as a person reads it: thousands separated and whole from 1,000 up
+    (13,756 parameters, not 1.376e+04), four significant digits below (a speedup of 1.107)."""
+    if isinstance(value, int) or abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.4g}"
+
+
 def _fmt(metrics: dict) -> str:
     return ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
 
 
 def write_run_report(out: Path, results: dict, history: list[dict]) -> None:
     """report.md in a prune run's folder, with its figures."""
-    lines = [f"# {results['method']} {results['mode']}: {results['k']} of {results['num_heads']} heads",
-             "", f"- model: `{results['model']}`, data: `{results['dataset']}` "
-             f"({results['train_examples']} training examples), seed {results['seed']}",
+    units = UNIT_NAMES[results.get("unit", "head")]
+    lines = [f"# {results['method']} {results['mode']}: {results['k']} of {results['num_heads']} {units}",
+             "", f"- model: `{results['model']}`" + (" (pruned before: the baseline below is that model)"
+                                                     if results.get("pruned_before") else "")
+             + f", data: `{results['dataset']}` ({results['train_examples']} training examples), seed {results['seed']}",
              f"- {results.get('metric', 'accuracy')} pruned: {_fmt(results['metrics_pruned'])}",
-             f"- {results.get('metric', 'accuracy')} unpruned: {_fmt(results['metrics_unpruned'])}",
+             f"- {results.get('metric', 'accuracy')} {'of the input model' if results.get('pruned_before') else 'unpruned'}"
+             f": {_fmt(results['metrics_unpruned'])}",
              f"- seconds: {', '.join(f'{k} {v}' for k, v in results['seconds'].items())}"]
     if results.get("labels"):
         lines.insert(3, f"- labels (index: name): {', '.join(f'{i}: {n}' for i, n in enumerate(results['labels']))}")
@@ -100,22 +116,22 @@ def write_run_report(out: Path, results: dict, history: list[dict]) -> None:
                      f"selection: {results['selection']}")
     if results.get("live_steps") is not None:
         lines.append(f"- the head scores had a gradient (above {LIVE_GRADIENT:g}) in {results['live_steps']} of "
-                     f"{results['steps']} steps" + (f"; from step {results['settle_step']} the kept heads "
+                     f"{results['steps']} steps" + (f"; after step {results['settle_step']} the kept heads "
                      "were fixed and only the weights trained" if "settle_step" in results else ""))
     if results.get("pruning_dropout") == "off":
         lines.append("- the scores learned with the model's dropout off (as it is evaluated and saved)")
     if results.get("shrink_steps"):
-        lines.append(f"- the training budget fell from all {results['num_heads']} heads to {results['k']} over "
-                     f"the first {results['shrink_steps']} steps")
+        lines.append(f"- the training budget fell from all {results['num_heads']} {units} to {results['k']} over "
+                     f"the first {results['shrink_steps']} steps ({results['k']} from step {results['shrink_steps'] + 1})")
     if results.get("allocation") == "uniform" and "budget" not in results:
         lines.append("- allocation uniform: every layer kept as many heads as the budget allows, its best ones (a "
                      "trained method's scores learning with that budget in each layer)")
     if "budget" in results:  # a --target-*: what was asked, what the cost model predicted, what was measured
         b = results["budget"]
-        measured = "not measured" if b.get("measured") is None else f"{b['measured']:,.4g}"
         lines.append(f"- budget ({b['target'].replace('_', ' ')}, allocation {b.get('allocation', 'global')}): target "
-                     f"{b['target_value']:,.4g} (the whole model: {b['original']:,.4g}), predicted {b['predicted']:,.4g} "
-                     f"with {b['units']} units, measured on the saved model {measured}")
+                     f"{readable(b['target_value'])} (the whole model: {readable(b['original'])}), predicted "
+                     f"{readable(b['predicted'])} with {b['units']} {units}, measured on the saved model "
+                     + ("not measured" if b.get("measured") is None else readable(b["measured"])))
     if calibration_data(results):
         lines.append(f"- calibration data: {calibration_data(results)}")
     if "metrics_before_reconstruction" in results:
@@ -129,7 +145,10 @@ def write_run_report(out: Path, results: dict, history: list[dict]) -> None:
         plot_training_curves(out / "training.png", history, f"{results['method']} {results['mode']}")
         lines += ["![training curves](training.png)", ""]
     if "curve" in results:
-        lines += [f"| heads | {results.get('metric', 'accuracy')} |", "|---|---|"]
+        if "metrics_before_reconstruction" in results:
+            lines.append(f"Michel's rounds (before reconstruction; after it: {_fmt(results['metrics_pruned'])}):")
+            lines.append("")
+        lines += [f"| {units} | {results.get('metric', 'accuracy')} |", "|---|---|"]
         lines += [f"| {e['heads']} | {_fmt(e['metrics'])} |" for e in results["curve"]]
         lines.append("")
     with atomic_path(out / "report.md") as tmp:
@@ -145,12 +164,14 @@ def plot_sweep(path: Path, rows: list[dict], unpruned: float | None, title: str,
         ks = sorted({r["k"] for r in rows if (r["method"], r["mode"]) == (method, mode)})
         values = [[r["metric"] for r in rows if (r["method"], r["mode"], r["k"]) == (method, mode, k)] for k in ks]
         mean = [float(np.mean(v)) for v in values]
-        line, = ax.plot(ks, mean, marker="o", label=f"{method} {mode}" + (f" (n={len(values[0])})" if len(values[0]) > 1 else ""))
+        seeds = f" (mean of {len(values[0])} seeds, band: min-max)" if len(values[0]) > 1 else ""
+        line, = ax.plot(ks, mean, marker="o", label=f"{method} {mode}{seeds}")
         if any(len(v) > 1 for v in values):
             ax.fill_between(ks, [min(v) for v in values], [max(v) for v in values], alpha=0.15, color=line.get_color())
     if unpruned is not None:
         ax.axhline(unpruned, color="black", ls="--", lw=1, label=f"unpruned ({num_heads} {units})")
     ax.set_xlabel(f"{units} kept (of {num_heads})")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # (no 2.5 heads)
     ax.set_ylabel(metric + (", log scale" if log_scale else ""))
     if log_scale:
         ax.set_yscale("log")

@@ -39,7 +39,7 @@ from .measuring import is_generator
 from .outputs import RESULTS, atomic_path, check_not_inside, checkpoint_folder, hold_folder, settle_held
 from .pruning import with_pruned_shapes
 from .recipes import check_split, input_paths, load_for_run, prune, timed_length
-from .report import plot_sweep
+from .report import plot_sweep, readable
 from .selection import check_budget, from_main
 from .sites import UNIT_NAMES, find_sites
 from .tasks import get_task
@@ -157,7 +157,7 @@ def rows_of(results: dict, ks: list[int], folder: str) -> list[dict]:
 
 
 TARGET_LABELS = {"speedup": "{:g}x speed", "kv_cache_bytes_per_token": "{:g} of the KV cache",
-                 "parameters": "{:,.4g} parameters"}
+                 "parameters": "{:,.4g} parameters", "parameters_fraction": "{:g} of the parameters"}
 
 
 def budget_labels(results: dict) -> dict:
@@ -168,7 +168,8 @@ def budget_labels(results: dict) -> dict:
     budget, config = results["budget"], results["config"]
     given = {"speedup": config.get("target_speedup"), "kv_cache_bytes_per_token": config.get("target_kv_cache"),
              "parameters": config.get("target_params")}[budget["target"]]
-    return {"budget": TARGET_LABELS[budget["target"]].format(given), "budget_value": given,
+    label = "parameters_fraction" if budget["target"] == "parameters" and given <= 1 else budget["target"]
+    return {"budget": TARGET_LABELS[label].format(given), "budget_value": given,
             "predicted": budget["predicted"], "measured": budget.get("measured")}
 
 
@@ -313,6 +314,7 @@ def _sweep(cfg: SweepConfig, held: contextlib.ExitStack) -> list[dict]:
         log.warning("%s holds %d finished run(s) made with other settings (e.g. %s): the tables leave them out",
                     out, len(others), others[0])
     rows, finished, unpruned_metrics = [], [], None
+    ks = [sum(cfg.k_per_kind)] if cfg.k_per_kind else cfg.ks  # the budgets a Michel curve is shown at
     made_now, done_before = {}, []  # mode -> the inputs of a run made now; (folder, results) of runs done before
     gc.freeze()  # what the process held before the sweep is left out of free_memory's collections: each
     try:  # scans only what the runs made, fast in a large process (a test's, a notebook's)
@@ -325,7 +327,7 @@ def _sweep(cfg: SweepConfig, held: contextlib.ExitStack) -> list[dict]:
                 log.info("[%d/%d] done already: %s", i, len(runs), folder.name)
                 results = read_results(folder)
                 done_before.append((folder.name, results))
-                rows += rows_of(results, cfg.ks, folder.name)
+                rows += rows_of(results, ks, folder.name)
                 finished.append(results)
                 continue
             else:
@@ -335,7 +337,7 @@ def _sweep(cfg: SweepConfig, held: contextlib.ExitStack) -> list[dict]:
                 leftover = folder.is_dir() and checkpoint_folder(folder) is None and any(folder.iterdir())
                 results = prune(overwriting(run) if leftover else run, metrics_unpruned=unpruned_metrics)
             free_memory()
-            rows += rows_of(results, cfg.ks, folder.name)
+            rows += rows_of(results, ks, folder.name)
             finished.append(results)
             made_now.setdefault(results["mode"], results.get("inputs") or {})
             if results["mode"] == "pipelined" and unpruned_metrics is None:  # the same for every run made now
@@ -466,7 +468,7 @@ def write_tables(out: Path, rows: list[dict], splits: list[str], summaries: dict
     def cell(row, column):
         value = row.get(column)
         return (f"{value:.4f}" if column in splits else "" if value is None else
-                f"{value:,.4g}" if isinstance(value, float) else str(value))
+                readable(value) if isinstance(value, (int, float)) else str(value))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r, c) for c in columns) + " |" for r in rows]
     with atomic_path(out / "sweep.md") as tmp:
@@ -527,9 +529,12 @@ def write_sweep_report(out: Path, cfg: SweepConfig, summaries: dict[str, str], r
     tables = "".join(f"### {split}{' (reported)' if split == reported else ''}\n\n{table}\n"
                      for split, table in summaries.items())
     text = (f"# Sweep: {', '.join(cfg.methods)} ({', '.join(cfg.modes)})\n\n"
-            f"Model `{cfg.model}`, data `{cfg.dataset}`, pruning data: the first "
-            f"{cfg.max_train_examples or 'all'} training examples, {cfg.epochs} epoch(s); "
-            f"schedule {cfg.schedule}; {budgets_said(cfg)}; seeds {cfg.seeds}.\n\n"
+            f"Model `{cfg.model}`, data `{cfg.dataset}`, pruning data: "
+            + (f"the first {cfg.max_train_examples} training examples" if cfg.max_train_examples
+               else "the training examples")
+            + f", {cfg.epochs} epoch(s) for the methods that train; schedule {cfg.schedule}"
+            + (" (the one each run used: `schedule` in its results.json)" if cfg.schedule == "default" else "")
+            + f"; {budgets_said(cfg)}; seeds {cfg.seeds}.\n\n"
             f"![metric against kept heads](sweep.png)\n\n{tables}"
             "Every run: [sweep.md](sweep.md) ([sweep.csv](sweep.csv)); "
             "each run's folder has its own report.md.\n")

@@ -51,6 +51,11 @@ def test_a_kv_cache_target_is_met_exactly_after_save_and_load(tiny_lm, tmp_path,
     loaded = load_pruned(tmp_path / "model")
     assert kv_cache_bytes_per_token(loaded) == budget["measured"]
     assert results["k"] == budget["units"] and "--target-kv-cache 0.5" in (tmp_path / "model" / "README.md").read_text()
+    # said in KV groups, as the gates prune them, not in heads
+    assert f"pipelined: {results['k']} of 6 KV groups" in (tmp_path / "report.md").read_text()
+    assert (f"Budget: at most 192 bytes of key/value cache per token (the whole model: 384); predicted "
+            f"{budget['predicted']:,.0f}, measured on this model {budget['measured']:,.0f}.") in \
+        (tmp_path / "model" / "README.md").read_text()
 
 
 def test_a_parameter_target_on_a_classifier(tiny_finetuned, tmp_path):
@@ -164,9 +169,12 @@ def test_a_speed_target_end_to_end_records_the_measured_speedup(tiny_finetuned, 
     # whole 16 ms; 1.5x: at most 10.67 ms, so 2 of the 8 heads
     assert results["k"] == budget["units"] == 2 and budget["predicted"] == pytest.approx(16 / 10)
     assert budget["measured"] > 0  # timed on the saved model against the whole architecture (no bound asserted)
-    assert "--target-speedup 1.5" in (tmp_path / "run" / "model" / "README.md").read_text()
-    assert "- budget (speedup, allocation global): target 1.5 (the whole model: 1), predicted 1.6 with 2 units, " \
-        "measured on the saved model " in (tmp_path / "run" / "report.md").read_text()
+    card = (tmp_path / "run" / "model" / "README.md").read_text()
+    assert "--target-speedup 1.5" in card  # the command, and what it gave: the card does not leave a reader to guess
+    assert ("Budget: a speedup of at least 1.5x (on the machine that pruned it); predicted 1.6x, measured on this "
+            f"model {budget['measured']:.3g}x.") in card
+    assert "- budget (speedup, allocation global): target 1.5 (the whole model: 1), predicted 1.6 with 2 heads, " \
+        f"measured on the saved model {budget['measured']:.4g}" in (tmp_path / "run" / "report.md").read_text()
 
 
 def test_a_speed_target_on_a_model_pruned_before_is_timed_against_it(tiny_finetuned, tmp_path, monkeypatch):
@@ -181,6 +189,10 @@ def test_a_speed_target_on_a_model_pruned_before_is_timed_against_it(tiny_finetu
     budget = results["budget"]
     assert results["k"] == 2 and budget["predicted"] == pytest.approx(1.2)  # 12 ms -> 10 ms
     assert budget["measured"] == pytest.approx(1.2)  # not 16 / 10 ms: against the whole architecture
+    # every "unpruned" figure is that model's: the reports say so
+    assert results["pruned_before"] and "pruned before: the baseline below is that model" in \
+        (tmp_path / "again" / "report.md").read_text()
+    assert "| split | input model (pruned before) | this model |" in (tmp_path / "again" / "model" / "README.md").read_text()
 
 
 def test_a_sweeps_unreachable_speedup_is_refused_before_its_first_run(tiny_finetuned, tmp_path, monkeypatch, capsys,

@@ -47,6 +47,20 @@ def test_a_pruned_models_card_says_what_was_kept_and_how_it_was_made(tiny_finetu
     assert settings_of(command, cfgmod.PruneConfig) == cfg  # quoted paths, booleans and lists survive
 
 
+def test_every_kind_has_its_row_and_a_model_pruned_before_is_named_the_baseline():
+    results = {"method": "random", "mode": "pipelined", "k": 2, "num_heads": 12, "unit": "head", "task": "classification",
+               "model": "t5", "dataset": "d.jsonl", "layers": {"encoder": 2, "decoder": 1, "cross": 1},
+               "kept_heads": [["encoder", 0, 1], ["decoder", 0, 2]], "metrics_pruned": {"test": 0.5},
+               "metrics_unpruned": {"test": 0.75}}
+    card = model_card(results, "headprune prune")
+    # a kind that kept no head has its row; a kind with fewer layers has no cell for the others
+    assert "| encoder | 1 | 0 |" in card and "| decoder | 1 | – |" in card and "| cross | 0 | – |" in card
+    assert "| split | unpruned | this model |" in card and "pruned before" not in card
+    again = model_card({**results, "pruned_before": True}, "headprune prune")
+    assert "| split | input model (pruned before) | this model |" in again
+    assert "The input model was pruned before: it is the baseline of the tables below." in again
+
+
 def test_the_command_of_the_defaults_is_the_bare_command():
     assert command_of("prune", cfgmod.PruneConfig()) == "headprune prune"
     cfg = cfgmod.PruneConfig(k_per_kind=[2, 3], fisher_rearrange=False, output_dir="a b")

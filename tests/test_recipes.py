@@ -115,7 +115,8 @@ def test_a_shrinking_budget_is_logged_and_ends_at_k(tiny_finetuned, tmp_path):
     # the row of step s logs the forward of step s - 1: n - (n - 4) (s - 1) / 9 heads, then 4
     assert [row["budget"] for row in log] == [round(n - (n - 4) * min(1, (row["step"] - 1) / 9)) for row in log]
     assert log[0]["budget"] == n and log[-1]["budget"] == 4
-    assert f"the training budget fell from all {n} heads to 4 over the first 9 steps" in (tmp_path / "report.md").read_text()
+    assert f"the training budget fell from all {n} heads to 4 over the first 9 steps (4 from step 10)" in \
+        (tmp_path / "report.md").read_text()
 
 
 def test_a_pruned_model_can_be_pruned_further(tiny_finetuned, tmp_path):
@@ -175,7 +176,7 @@ def test_a_joint_run_settles_for_its_last_two_thirds(tiny_assets, tmp_path):
     assert all("noise_gap" not in row and row["score_grad_norm"] == 0 and row["heads_on"] == 4 for row in settled)
     assert results["live_steps"] <= 6
     report = (tmp_path / "report.md").read_text()
-    assert f"gradient (above 1e-06) in {results['live_steps']} of 18 steps; from step 6 the kept heads were fixed" in report
+    assert f"gradient (above 1e-06) in {results['live_steps']} of 18 steps; after step 6 the kept heads were fixed" in report
 
 
 class Acc:

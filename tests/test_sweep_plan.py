@@ -148,6 +148,15 @@ def test_a_budget_per_kind_replaces_the_ks_with_a_warning(tiny_finetuned, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["random-pipelined-k3-s0"]
 
 
+def test_a_michel_curve_in_a_sweep_with_a_budget_per_kind_is_shown_at_that_budget(tiny_finetuned, tmp_path):
+    # the --ks (left at their default) are not the budget: the curve's row is at the k the run pruned to
+    model, data = tiny_finetuned
+    rows = sweep(sweep_cfg(model, data, tmp_path, methods=["michel"], ks=[6], seeds=[0], k_per_kind=[3],
+                           michel_step=1))
+    (run,) = json.loads((tmp_path / "michel-pipelined-k3-s0" / "results.json").read_text()),
+    assert [(row["k"], row["heldout"]) for row in rows] == [(3, run["metrics_pruned"]["heldout"])]
+
+
 def test_a_model_trained_again_in_place_makes_the_finished_runs_stale(tiny_finetuned, tmp_path, monkeypatch):
     # the same path and settings, other weights: the finished runs (and their unpruned metric) are not its
     import shutil
