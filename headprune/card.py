@@ -76,6 +76,8 @@ def _metrics_table(results: dict) -> list[str]:
     before = results.get("metrics_unpruned") or {}
     after = results["metrics_pruned"] if "metrics_pruned" in results else results.get("metrics", {})
     middle = results.get("metrics_before_reconstruction")
+    if not before and not middle:  # a fine-tuned model: nothing to compare with
+        return ["| split | this model |", "|---|---|", *[f"| {split} | {value:.4f} |" for split, value in after.items()]]
     header = f"| split | {baseline(results)} | " + ("pruned, before reconstruction | " if middle else "") + "this model |"
     lines = [header, "|---|---|" + ("---|" if middle else "") + "---|"]
     for split, value in after.items():

@@ -77,3 +77,4 @@ def test_a_fine_tuned_models_card_names_its_base(tiny_finetuned):
     card = (tiny_finetuned[0] / "README.md").read_text()
     assert "- headprune\n" in card and "pruned" not in card.split("---")[1]
     assert "headprune finetune --model" in card
+    assert "| split | this model |" in card and "unpruned" not in card  # nothing to compare with
