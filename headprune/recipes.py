@@ -398,6 +398,7 @@ def _prune(cfg: PruneConfig, metrics_unpruned: dict | None, held: contextlib.Exi
         log.info("unpruned %s: %s", task.metric, extra["metrics_unpruned"])
 
     history: list = []
+    given = None  # the digest of the weights as given, where a scored method makes it (see below)
     log.info("%s %s: keeping %s of %d %s", cfg.mode, cfg.method, "those over 0.5" if threshold else
              f"{cfg.k_per_kind} (per kind)" if cfg.k_per_kind else cfg.k, gates.num_heads,
              UNIT_NAMES[gates.sites[0].unit])
@@ -423,8 +424,12 @@ def _prune(cfg: PruneConfig, metrics_unpruned: dict | None, held: contextlib.Exi
                 info["heads_on_by_threshold"] = selector.heads_on()
         else:
             measured = []  # flap's scoring pass measures the mean contexts too: the bias reuses them
+            # the weights as given (a scored run is pipelined): what keys the caches of scores and fits, digested
+            # once (random reads no calibration data: nothing to key)
+            if "calibration data" in inputs:
+                given = digest_for_caches(acc.unwrap_model(model), folder_digest(inputs, cfg.model))
             mask, scores, info, refine = choose_by_scores(
-                cfg, task, acc, model, gates, calibration, collate, evaluate_with, inputs,
+                cfg, task, acc, model, gates, calibration, collate, evaluate_with, (given, inputs.get("calibration data")),
                 rounds_done=extra.get("michel_rounds"), metrics_unpruned=extra["metrics_unpruned"] if pipelined else None,
                 save_rounds=lambda rounds: save_rounds(acc, out, cfg, rounds, extra, so_far()), on_means=measured.append)
             means = measured[0] if means is None and measured else means
@@ -453,7 +458,7 @@ def _prune(cfg: PruneConfig, metrics_unpruned: dict | None, held: contextlib.Exi
         with timed(seconds, "reconstruct"):
             # a pipelined run's weights are those the means were measured on: the bias reuses them
             info.update(_reconstruct(cfg, task, acc, model, gates, mask, calibration, collate, inputs,
-                                     means=means if pipelined else None, weights_as_given=pipelined))
+                                     means=means if pipelined else None, weights_as_given=pipelined, given=given))
     if "curve" in info and reconstruct_in_effect(vars(cfg)) == "none" and torch.equal(mask, chosen):
         metrics = info["curve"][-1]["metrics"]  # Michel's last round evaluated these heads of these weights
     else:
@@ -560,21 +565,23 @@ def _mean_contexts(cfg, acc, model, gates, calibration, collate, loss_fn) -> lis
 
 
 def _reconstruct(cfg, task, acc, model, gates, mask, calibration, collate, inputs, means=None,
-                 weights_as_given=True) -> dict:
+                 weights_as_given=True, given: str | None = None) -> dict:
     """--reconstruct on the calibration data, folded into the model's weights. The fit of each block
     (rescale, both: two passes over the data a block) is kept in the cache as it is made, so that the
     same run started again after an interruption goes on from the first block not fitted: keyed by
     the run's `inputs` (`digests.run_inputs`: the calibration data; the model folder's digest where
     the `weights_as_given` are in one), else by the model in memory (a joint run's, trained here and
-    resumed from its last checkpoint; a hub model's)."""
+    resumed from its last checkpoint; a hub model's; `given`: its digest, where the scoring made it)."""
     loader = acc.prepare(DataLoader(calibration, batch_size=cfg.batch_size, collate_fn=collate))
     reduce = process_sum(acc)
     biased = sum(site.output.bias is not None for site in gates.sites)
     mode = reconstruct_in_effect(vars(cfg))
     key = None
     if mode in ("rescale", "both"):
-        folder = folder_digest(inputs, cfg.model) if weights_as_given else None
-        key = fit_key(cfg, digest_for_caches(acc.unwrap_model(model), folder), inputs["calibration data"], mask, mode)
+        if given is None:
+            folder = folder_digest(inputs, cfg.model) if weights_as_given else None
+            given = digest_for_caches(acc.unwrap_model(model), folder)
+        key = fit_key(cfg, given, inputs["calibration data"], mask, mode)
     path = cache_root() / "reconstruction" / f"{key}.json"
     done = from_main(acc, lambda: read_fits(path)) if key else None
     if done:

@@ -24,6 +24,7 @@ import importlib
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -37,7 +38,6 @@ from torch.utils.data import DataLoader, Subset
 from .budget import uniform_allocation, uniform_counts
 from .config import (BACKWARD_SCORED, METHOD_OPTIONS, SCORED, PruneConfig, ablation_in_effect, checkpoints_activations,
                      unused_settings)
-from .digests import digest_for_caches, folder_digest
 from .errors import ConfigError, HeadpruneError
 from .methods import iterative_pruning, make_selector, random_mask, resolve_schedule
 from .methods import scoring
@@ -204,10 +204,12 @@ class Calibration:
         if not self.pass_key or not self.writes or self.gather is not None:
             return None
         tag = "" if mask is None else "-" + hashlib.sha256(json.dumps(mask.tolist()).encode()).hexdigest()[:16]
-        folder = cache_root() / "scores"
+        path = cache_root() / "scores" / f"{self.pass_key}{tag}.partial"
+        if path.is_file():  # this run's own, to go on from: the newest, never dropped below
+            os.utime(path)
         # the records of runs stopped and never started again: the newest few stay, for their runs
-        drop_oldest(folder, keep=RECORDS_KEPT, pattern="*.partial", max_bytes=RECORDS_BYTES)
-        return PassRecord(folder / f"{self.pass_key}{tag}.partial")
+        drop_oldest(path.parent, keep=RECORDS_KEPT, pattern="*.partial", max_bytes=RECORDS_BYTES)
+        return PassRecord(path)
 
     def cached(self, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         """compute(), or what it gave for the same key before: a sweep scores once for all its ks."""
@@ -374,7 +376,7 @@ def method_options(cfg) -> dict:
     return {name: getattr(cfg, name) for name in METHOD_OPTIONS.get(cfg.method, ())}
 
 
-def choose_by_scores(cfg, task, acc, model, gates, calibration, collate, evaluate_with, inputs: dict,
+def choose_by_scores(cfg, task, acc, model, gates, calibration, collate, evaluate_with, digests: tuple[str, str],
                      rounds_done=None, save_rounds=None, metrics_unpruned=None, on_means=None):
     """Keep the top k (k_g of each group) by the method's scores on the calibration data (random:
     none); michel in rounds, with the metrics after each (its curve). Returns the mask, the scores
@@ -384,16 +386,15 @@ def choose_by_scores(cfg, task, acc, model, gates, calibration, collate, evaluat
     rounds of an interrupted run (their masks, scores and metrics), reused; `save_rounds(rounds)`
     is called with all of them after each new one (a checkpoint). `metrics_unpruned`: evaluate_with(every
     head), measured already (michel's first round). `on_means(means)`: given each block's mean context
-    where the scorer measured them (flap; see `Calibration`). `inputs`: the run's digests
-    (`digests.run_inputs`), which key its scores in the cache."""
+    where the scorer measured them (flap; see `Calibration`). `digests`: of the model and of the
+    calibration data, which key its scores in the cache."""
     budget = as_groups(gates.num_heads, cfg.k, budget_of(cfg, gates))
     info = method_options(cfg)
     if cfg.method == "random":
         mask = random_mask(gates.num_heads, cfg.k, cfg.seed, budget)
         return mask, mask, info, None
     loader = acc.prepare(DataLoader(calibration, batch_size=cfg.batch_size, collate_fn=collate))
-    model_digest = digest_for_caches(acc.unwrap_model(model), folder_digest(inputs, cfg.model))
-    key = pass_key(cfg, model_digest, inputs["calibration data"])
+    key = pass_key(cfg, *digests)
     run = Calibration(model, gates, loader, task.loss, cfg, reduce=process_sum(acc),
                       gather=acc.gather if acc.num_processes > 1 else None, show_progress=acc.is_local_main_process,
                       key=None if cfg.method == "michel" else key, pass_key=key, writes=acc.is_main_process,

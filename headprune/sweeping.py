@@ -30,9 +30,9 @@ from accelerate.utils import parse_flag_from_env
 
 from .budget import budget_units, speed_units
 from .config import (GATED_METHODS, SCORED, SHRINKING, TARGETS, PruneConfig, SweepConfig, ablation_in_effect,
-                     checkpoints_activations, default_of, targeted, unused_settings)
+                     checkpoints_activations, default_of, reads_calibration, targeted, unused_settings)
 from .checkpoint import checkpoint_config
-from .digests import digest_of_weights
+from .digests import digest_of_rows, run_inputs
 from .errors import ConfigError, OutputExistsError, first_line
 from .latency import latency_table
 from .measuring import is_generator
@@ -40,7 +40,7 @@ from .outputs import RESULTS, atomic_path, check_not_inside, checkpoint_folder, 
 from .pruning import with_pruned_shapes
 from .recipes import check_split, input_paths, load_for_run, prune, timed_length
 from .report import plot_sweep, readable
-from .selection import check_budget, from_main
+from .selection import calibration_set, check_budget, from_main
 from .sites import UNIT_NAMES, find_sites
 from .tasks import get_task
 from .train import changed_settings, describe_changes
@@ -190,11 +190,12 @@ def read_results(folder: Path) -> dict:
     return results
 
 
-def stale_runs(runs: list[PruneConfig], processes=None) -> dict[str, str]:
-    """Finished or stopped runs whose recorded settings differ from the plan (or whose model folder
-    holds other weights now): folder name -> what changed (a stopped one's checkpoint would be
-    refused by its run, after the runs before it; so is one made by another number of `processes`, an
-    Accelerate PartialState)."""
+def stale_runs(runs: list[PruneConfig], processes=None, now: InputsNow | None = None) -> dict[str, str]:
+    """Finished or stopped runs whose recorded settings differ from the plan, or whose model and data
+    differ from those the plan reads now (`now`): folder name -> what changed (a stopped one's
+    checkpoint would be refused by its run, after the runs before it; so is one made by another
+    number of `processes`, an Accelerate PartialState)."""
+    now = now or InputsNow(processes)
     def settle():  # a run stopped while its files moved in: completed first, by one process
         for run in runs:
             settle_held(Path(run.output_dir))
@@ -202,7 +203,7 @@ def stale_runs(runs: list[PruneConfig], processes=None) -> dict[str, str]:
         settle()
     else:
         from_main(processes, settle)  # (a refusal is every process's)
-    stale, digests = {}, {}
+    stale = {}
     for run in runs:
         folder = Path(run.output_dir)
         made_by, inputs = None, {}
@@ -213,7 +214,7 @@ def stale_runs(runs: list[PruneConfig], processes=None) -> dict[str, str]:
             saved, made_by, inputs = checkpoint_config(checkpoint_folder(folder), with_processes=True)
         else:
             continue
-        changed = {**changed_settings(saved, run), **weights_changed(inputs, run.model, digests)}
+        changed = changed_settings(saved, run) or inputs_changed(inputs, run, now)  # (settings first: cheap)
         if made_by is not None and processes is not None and made_by != processes.num_processes:
             changed["processes"] = (made_by, processes.num_processes)
         if changed:
@@ -299,37 +300,37 @@ def _sweep(cfg: SweepConfig, held: contextlib.ExitStack) -> list[dict]:
     if instead and cfg.ks != default_of(SweepConfig.__dataclass_fields__["ks"]):
         log.warning("--%s sets each run's budget: --ks %s is not used", instead[0].replace("_", "-"),
                     " ".join(map(str, cfg.ks)))
-    stale = stale_runs(runs, processes)
+    now = InputsNow(processes)  # (loads the model and data only where there are runs to compare)
+    stale = stale_runs(runs, processes, now)
     if stale and not cfg.overwrite:
         first = next(iter(stale))
         raise OutputExistsError(
-            f"{out} holds {len(stale)} run(s), finished or stopped, made with other settings (e.g. {first}: "
-            f"{stale[first]}); "
+            f"{out} holds {len(stale)} run(s), finished or stopped, made with other settings or from another model "
+            f"or data (e.g. {first}: {stale[first]}); "
             "pass --overwrite to run them again with these settings, or choose another --output-dir")
-    joining, others = runs_outside_the_plan(cfg, {Path(run.output_dir).name for run in runs})
+    joining, others = runs_outside_the_plan(cfg, {Path(run.output_dir).name for run in runs}, now)
+    del now
+    free_memory()
     if joining:
         log.info("%d finished run(s) of %s made with these settings join the tables (e.g. %s)",
                  len(joining), out, joining[0][0])
     if others:  # the tables are rewritten: say so before they lose rows
-        log.warning("%s holds %d finished run(s) made with other settings (e.g. %s): the tables leave them out",
+        log.warning("%s holds %d finished run(s) made with other settings or inputs (e.g. %s): the tables leave them "
+                    "out",
                     out, len(others), others[0])
     rows, finished, unpruned_metrics = [], [], None
     ks = [sum(cfg.k_per_kind)] if cfg.k_per_kind else cfg.ks  # the budgets a Michel curve is shown at
-    made_now, done_before = {}, []  # mode -> the inputs of a run made now; (folder, results) of runs done before
     gc.freeze()  # what the process held before the sweep is left out of free_memory's collections: each
     try:  # scans only what the runs made, fast in a large process (a test's, a notebook's)
         for i, run in enumerate(runs, start=1):
             folder = Path(run.output_dir)
             if folder.name in stale:
-                log.info("[%d/%d] running %s again: other settings (%s)", i, len(runs), folder.name, stale[folder.name])
+                log.info("[%d/%d] running %s again: other settings or inputs (%s)", i, len(runs), folder.name,
+                         stale[folder.name])
                 results = prune(overwriting(run), metrics_unpruned=unpruned_metrics)
             elif (folder / RESULTS).exists():
                 log.info("[%d/%d] done already: %s", i, len(runs), folder.name)
                 results = read_results(folder)
-                done_before.append((folder.name, results))
-                rows += rows_of(results, ks, folder.name)
-                finished.append(results)
-                continue
             else:
                 log.info("[%d/%d] running %s", i, len(runs), folder.name)
                 # this sweep's own run, stopped after some of its files and before its results, with no
@@ -339,18 +340,12 @@ def _sweep(cfg: SweepConfig, held: contextlib.ExitStack) -> list[dict]:
             free_memory()
             rows += rows_of(results, ks, folder.name)
             finished.append(results)
-            made_now.setdefault(results["mode"], results.get("inputs") or {})
-            if results["mode"] == "pipelined" and unpruned_metrics is None:  # the same for every run made now
+            if results["mode"] == "pipelined" and unpruned_metrics is None:  # the same for every run
                 unpruned_metrics = results["metrics_unpruned"]
     finally:  # a sweep stopped part-way still shows the runs it finished
         gc.unfreeze()
         for name, results in joining:  # a Michel curve: at this sweep's budgets and its own last one
-            rows += rows_of(results, sorted({*cfg.ks, results["k"]}), name)
-        rows = without_runs_of_other_inputs(rows, [*done_before, *joining], made_now)
-        if unpruned_metrics is None:  # no pipelined run made now: one done before says it (one the tables keep)
-            kept = {row["run"] for row in rows}
-            unpruned_metrics = next((results["metrics_unpruned"] for name, results in done_before
-                                     if results["mode"] == "pipelined" and name in kept), None)
+            rows += rows_of(results, sorted({*ks, results["k"]}), name)
         if finished:
             if len(finished) < len(runs):
                 log.warning("the sweep stopped after %d of %d runs: the tables show those", len(finished), len(runs))
@@ -368,45 +363,61 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def weights_changed(inputs: dict, model: str, digests: dict) -> dict[str, tuple]:
-    """{"the weights of MODEL": (then, now)} where a run recorded the digest of other weights than
-    MODEL's folder holds now (a model trained again in place), else {}. `digests`: a cache, model -> digest."""
-    recorded = inputs.get("model") if isinstance(inputs, dict) else None
-    if not recorded or recorded == model:  # (no digest: a hub id, a model from scratch)
+INPUT_NAMES = {"model": "the weights", "model files": "the model's files (config, tokenizer)",
+               "training data": "the training data", "evaluation data": "the evaluation data",
+               "calibration data": "the calibration data"}
+
+
+class InputsNow:
+    """The digests (`digests.run_inputs`) a run of the plan would record, from its model and data as
+    they are now: the model loaded and the data tokenised once per model and mode (and the
+    calibration data per calibration setting), and only for a sweep folder holding runs to compare."""
+
+    def __init__(self, processes=None):
+        self.processes, self.made = processes, {}
+
+    def __call__(self, run: PruneConfig) -> dict:
+        key = (run.model, run.mode)
+        if key not in self.made:
+            log.info("the finished and stopped runs' model and data against %s's now (%s): loading and tokenising "
+                     "them once", run.model, run.mode)
+            task = get_task(run.task)
+            path, config, _, _ = task.inspect(run.model, require_finetuned=run.mode == "pipelined", unit=run.unit,
+                                              attn_implementation=run.attn_implementation)
+            data, model, tokenizer = load_for_run(run, task, path, config, run.mode == "pipelined")
+            del model
+            train_set, evals, _ = task.prepare(data, tokenizer, run)
+            self.made[key] = run_inputs(run, path, train_set, evals), (task, data, tokenizer, train_set)
+        inputs, (task, data, tokenizer, train_set) = self.made[key]
+        if reads_calibration(vars(run)):
+            setting = (*key, run.calibration_dataset, run.calibration_examples, run.batch_size)
+            if setting not in self.made:
+                processes = self.processes.num_processes if self.processes is not None else 1
+                self.made[setting] = digest_of_rows(calibration_set(run, task, data, tokenizer, train_set, processes))
+            inputs = {**inputs, "calibration data": self.made[setting]}
+        return inputs
+
+
+def inputs_changed(recorded: dict | None, run: PruneConfig, now: InputsNow) -> dict[str, tuple]:
+    """{what: (then, now)} for each input a finished or stopped run recorded (`inputs` in its
+    results.json or checkpoint) that differs from its model and data now (a model trained again in
+    place, data edited since); a name a run of before did not record is not held against it."""
+    names = [name for name in INPUT_NAMES if (recorded or {}).get(name) is not None]
+    if not names:
         return {}
-    if model not in digests:
-        digests[model] = digest_of_weights(model)
-    now = digests[model]
-    return {f"the weights of {model}": (recorded[:12], now[:12])} if now and now != recorded else {}
+    current = now(run)
+    return {INPUT_NAMES[name]: (str(recorded[name])[:12], str(current[name])[:12]) for name in names
+            if current.get(name) is not None and current[name] != recorded[name]}
 
 
-SAME_INPUTS = ("model", "model files", "training data", "evaluation data")  # of every run of one mode
-
-
-def without_runs_of_other_inputs(rows: list[dict], done_before: list[tuple[str, dict]], made_now: dict) -> list[dict]:
-    """`rows` but those of the runs done before that recorded other inputs (SAME_INPUTS: data edited
-    since, say) than a run of their mode made now; a name a run of before did not record is not held
-    against it. (The data's digests are known once a run has tokenised them: with every run done
-    before, there is nothing to compare with.)"""
-    other = {}
-    for name, results in done_before:
-        recorded, now = results.get("inputs") or {}, made_now.get(results["mode"], {})
-        changed = [what for what in SAME_INPUTS if what in recorded and what in now and recorded[what] != now[what]]
-        if changed:
-            other[name] = " and ".join(changed)
-    if other:
-        first = next(iter(other))
-        log.warning("%d run(s) done before were made from other inputs than the runs made now (e.g. %s: other %s): "
-                    "the tables leave them out; --overwrite runs them again", len(other), first, other[first])
-    return [row for row in rows if row["run"] not in other]
-
-
-def runs_outside_the_plan(cfg: SweepConfig, planned: set[str]) -> tuple[list[tuple[str, dict]], list[str]]:
+def runs_outside_the_plan(cfg: SweepConfig, planned: set[str], now: InputsNow | None = None
+                          ) -> tuple[list[tuple[str, dict]], list[str]]:
     """The finished runs in the sweep's folder that it does not plan: those it would have made itself,
-    given their method, mode, budget and seed, from the same weights (folder name -> results; a sweep
-    of one more method adds that method to the tables of the ones before it), and the names of the rest."""
+    given their method, mode, budget and seed, from the same model and data (folder name -> results; a
+    sweep of one more method adds that method to the tables of the ones before it), and the names of
+    the rest."""
     out = Path(cfg.output_dir)
-    joining, others, digests = [], [], {}
+    joining, others, now = [], [], now or InputsNow()
     for folder in sorted(out.iterdir()) if out.is_dir() else []:
         if folder.name in planned or not (folder / RESULTS).is_file():
             continue
@@ -418,7 +429,7 @@ def runs_outside_the_plan(cfg: SweepConfig, planned: set[str]) -> tuple[list[tup
         twin = twin_run(cfg, results)
         if twin is not None and Path(twin.output_dir).name == folder.name \
                 and not changed_settings(results["config"], twin) \
-                and not weights_changed(results.get("inputs") or {}, twin.model, digests):
+                and not inputs_changed(results.get("inputs"), twin, now):
             joining.append((folder.name, results))
         else:
             others.append(folder.name)
@@ -468,7 +479,7 @@ def write_tables(out: Path, rows: list[dict], splits: list[str], summaries: dict
     def cell(row, column):
         value = row.get(column)
         return (f"{value:.4f}" if column in splits else "" if value is None else
-                readable(value) if isinstance(value, (int, float)) else str(value))
+                readable(value) if isinstance(value, float) or column in ("predicted", "measured") else str(value))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r, c) for c in columns) + " |" for r in rows]
     with atomic_path(out / "sweep.md") as tmp:

@@ -140,6 +140,7 @@ def test_records_of_passes_never_started_again_do_not_pile_up(tiny_finetuned, tm
 
 
 def test_a_digest_of_weights_in_memory_tells_every_bit_and_dtype():
+    import copy
     import torch
     from headprune.digests import digest_of_model
     torch.manual_seed(0)
@@ -150,5 +151,11 @@ def test_a_digest_of_weights_in_memory_tells_every_bit_and_dtype():
     with torch.no_grad():
         same[1].bias.copy_(torch.nextafter(same[1].bias, torch.tensor(1.0)))  # one bit of one weight
     assert digest_of_model(model) != digest_of_model(same)
-    half = digest_of_model(model.to(torch.bfloat16))
-    assert half != digest_of_model(same) and half == digest_of_model(model)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    assert digest_of_model(half) != digest_of_model(model) and digest_of_model(half) == digest_of_model(half)
+    # the same bytes under another shape are other weights
+    reshaped = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    reshaped.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        reshaped[0].weight = torch.nn.Parameter(model[0].weight.detach().reshape(3, 2).clone())
+    assert digest_of_model(reshaped) != digest_of_model(model)

@@ -2,6 +2,7 @@
 import csv
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -77,7 +78,7 @@ def test_finished_runs_of_the_same_settings_join_the_tables_and_others_are_named
     caplog.clear()
     with caplog.at_level("WARNING"):  # other settings: its own run only, and the others named
         sweep(sweep_cfg(model, data, tmp_path, methods=["random"], ks=[3], seeds=[0], max_length=16))
-    assert "holds 2 finished run(s) made with other settings (e.g. random-pipelined-k2-s0)" in caplog.text
+    assert "holds 2 finished run(s) made with other settings or inputs (e.g. random-pipelined-k2-s0)" in caplog.text
     assert table_ks() == ["3"]
     assert (tmp_path / "random-pipelined-k4-s0" / "results.json").is_file()  # left out, not lost
     sweep(sweep_cfg(model, data, tmp_path, methods=["random"], ks=[2], seeds=[0]))
@@ -321,30 +322,55 @@ def test_a_joint_runs_unpruned_metric_is_not_handed_to_the_pipelined_runs(tiny_f
     assert handed["pipelined"] is None
 
 
-def test_runs_done_before_on_other_data_leave_the_tables_and_hand_on_no_metric(tiny_finetuned, tmp_path, monkeypatch,
-                                                                               caplog):
-    """A sweep resumed after its data changed: the run done before (other data) is left out of the
-    tables, said in the log, and its unpruned metric is handed to no run made now."""
-    import logging
+def test_runs_done_before_on_other_data_are_named_before_the_first_run_and_made_again(tiny_finetuned, tmp_path,
+                                                                                      monkeypatch):
+    """A sweep started again after its data changed: the finished run's recorded data digests are
+    not the data's now, so it is refused before any run, or made again with --overwrite (and the
+    whole model's metric handed on is the new data's)."""
     import shutil
+    from headprune.errors import OutputExistsError
     model, data = tiny_finetuned
     shutil.copy(data, tmp_path / "data.jsonl")
     data = tmp_path / "data.jsonl"
     cfg = dict(out=tmp_path / "sweep", methods=["random"], seeds=[0])
-    first = sweep(sweep_cfg(model, data, **cfg, ks=[3]))
+    sweep(sweep_cfg(model, data, **cfg, ks=[3]))
     lines = data.read_text().splitlines()
     data.write_text("\n".join(lines[::-1]))  # the same examples in another order: other data digests
-    handed, real_prune = [], sweep_mod.prune
-    monkeypatch.setattr(sweep_mod, "prune", lambda run, **kw: handed.append(kw.get("metrics_unpruned"))
+    made, real_prune = [], sweep_mod.prune
+    monkeypatch.setattr(sweep_mod, "prune", lambda run, **kw: made.append(Path(run.output_dir).name)
                         or real_prune(run, **kw))
-    with caplog.at_level(logging.WARNING, logger="headprune"):
-        rows = sweep(sweep_cfg(model, data, **cfg, ks=[3, 5]))
-    assert handed == [None]  # k = 5 measured the whole model itself
-    assert [row["run"] for row in rows] == ["random-pipelined-k5-s0"]
-    assert "1 run(s) done before were made from other inputs than the runs made now (e.g. random-pipelined-k3-s0: " \
-           "other training data and evaluation data): the tables leave them out" in caplog.text
-    assert "random-pipelined-k3-s0" not in (tmp_path / "sweep" / "sweep.csv").read_text()
-    # the data as it was: both runs agree with a run made now again
-    data.write_text("\n".join(lines))
-    (tmp_path / "sweep" / "random-pipelined-k5-s0" / "results.json").unlink()
-    assert len(sweep(sweep_cfg(model, data, **cfg, ks=[3, 5]))) == 2 and len(first) == 1
+    with pytest.raises(OutputExistsError, match=r"random-pipelined-k3-s0: the training data: '\w+' -> '\w+', the "
+                       r"evaluation data: "):
+        sweep(sweep_cfg(model, data, **cfg, ks=[3, 5]))
+    assert made == []
+    rows = sweep(sweep_cfg(model, data, **cfg, ks=[3, 5], overwrite=True))
+    assert made == ["random-pipelined-k3-s0", "random-pipelined-k5-s0"] and len(rows) == 2
+    results = json.loads((tmp_path / "sweep" / "random-pipelined-k5-s0" / "results.json").read_text())
+    assert results["inputs"]["training data"] == json.loads(
+        (tmp_path / "sweep" / "random-pipelined-k3-s0" / "results.json").read_text())["inputs"]["training data"]
+    made.clear()
+    assert len(sweep(sweep_cfg(model, data, **cfg, ks=[3, 5]))) == 2 and made == []  # all alike now: done
+
+
+def test_a_stopped_run_of_other_model_files_is_made_again_with_overwrite(tiny_finetuned, tmp_path, monkeypatch):
+    """Its checkpoint would be refused when its turn came (another config.json beside the same
+    weights); the sweep names it first, and --overwrite makes it again."""
+    import shutil
+    import headprune.train as train_mod
+    from headprune.errors import OutputExistsError
+    model = tmp_path / "model"
+    shutil.copytree(tiny_finetuned[0], model)
+    monkeypatch.setenv(train_mod.KILL_AT_STEP, "2")
+    monkeypatch.setattr(train_mod.os, "kill", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    cfg = dict(methods=["dsp"], ks=[3], seeds=[0], checkpoint_every=1)
+    with pytest.raises(KeyboardInterrupt):
+        sweep(sweep_cfg(model, tiny_finetuned[1], tmp_path / "sweep", **cfg))
+    monkeypatch.delenv(train_mod.KILL_AT_STEP)
+    settings = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**settings, "hidden_act": "relu"}))
+    with pytest.raises(OutputExistsError, match=r"dsp-pipelined-k3-s0: the model's files \(config, tokenizer\)"):
+        sweep(sweep_cfg(model, tiny_finetuned[1], tmp_path / "sweep", **cfg))
+    (row,) = [r for r in sweep(sweep_cfg(model, tiny_finetuned[1], tmp_path / "sweep", overwrite=True, **cfg))
+              if r["method"] == "dsp"]
+    assert json.loads((tmp_path / "sweep" / "dsp-pipelined-k3-s0" / "results.json").read_text())["resumed_from_step"] \
+        is None

@@ -168,7 +168,8 @@ def test_a_model_trained_again_in_place_makes_the_finished_runs_stale(tiny_finet
     save_file({name: t + 0.01 if t.is_floating_point() else t for name, t in weights.items()}, model / "model.safetensors",
               metadata={"format": "pt"})
     monkeypatch.setattr(sweep_mod, "prune", lambda *a, **k: pytest.fail("a run started"))
-    with pytest.raises(OutputExistsError, match=r"made with other settings \(e.g. random-pipelined-k3-s0: the weights of "):
+    with pytest.raises(OutputExistsError, match=r"made with other settings or from another model or data \(e.g. "
+                       r"random-pipelined-k3-s0: the weights: "):
         sweep(sweep_cfg(model, tiny_finetuned[1], tmp_path / "sweep", ks=[3, 4], seeds=[0]))
     monkeypatch.undo()  # another seed into the folder: the old weights' run is not in its tables
     sweep(sweep_cfg(model, tiny_finetuned[1], tmp_path / "sweep", ks=[3], seeds=[1]))
@@ -196,8 +197,9 @@ def test_a_stopped_run_with_other_settings_is_named_before_the_first_run_and_ove
     from headprune.checkpoint import checkpoint_config  # what it was made from, for the plan to compare
     assert len(checkpoint_config(tmp_path / "dsp-pipelined-k3-s0" / "checkpoint", with_processes=True)[2]["model"]) == 64
     monkeypatch.setattr(sweep_mod, "prune", lambda *a, **k: pytest.fail("a run started"))
-    with pytest.raises(OutputExistsError, match="holds 1 run.s., finished or stopped, made with other settings "
-                                                r"\(e.g. dsp-pipelined-k3-s0: epochs: 1.0 -> 2.0\)"):
+    with pytest.raises(OutputExistsError, match="holds 1 run.s., finished or stopped, made with other settings or "
+                                                r"from another model or data \(e.g. dsp-pipelined-k3-s0: epochs: 1.0 -> "
+                                                r"2.0\)"):
         sweep(sweep_cfg(model, data, tmp_path, methods=["dsp"], ks=[3], seeds=[0], checkpoint_every=2, epochs=2))
     monkeypatch.undo()
     sweep(sweep_cfg(model, data, tmp_path, methods=["dsp"], ks=[3], seeds=[0], checkpoint_every=2, epochs=2,
