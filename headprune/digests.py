@@ -39,8 +39,9 @@ def digest_of_weights(model_path: str | None) -> str | None:
 
 
 # the files of a model folder, beside its weights, that build or decode with the model: configs
-# and tokenizers' (not the model card, nor an export: ONNX, GGUF)
-MODEL_FILES = (".json", ".txt", ".model", ".spm", ".vocab", ".tiktoken")
+# and tokenizers' (not the model card, an export, nor an evaluation's results kept beside it)
+MODEL_FILES = ("config.json", "tokenizer.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+               "vocab.txt", "merges.txt", ".model", ".spm", ".tiktoken", "chat_template.jinja", "chat_template.json")
 
 
 def digest_of_model_files(model_path: str | None) -> str | None:

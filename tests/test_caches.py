@@ -159,3 +159,17 @@ def test_a_digest_of_weights_in_memory_tells_every_bit_and_dtype():
     with torch.no_grad():
         reshaped[0].weight = torch.nn.Parameter(model[0].weight.detach().reshape(3, 2).clone())
     assert digest_of_model(reshaped) != digest_of_model(model)
+
+
+def test_the_model_files_are_its_configs_and_tokenizer_not_what_else_the_folder_holds(tmp_path):
+    from headprune.digests import digest_of_model_files
+    (tmp_path / "config.json").write_text("{}")
+    before = digest_of_model_files(str(tmp_path))
+    for name in ("README.md", "eval_results.json", "LICENSE.txt", "model.onnx", "model.gguf", "model.safetensors"):
+        (tmp_path / name).write_text("beside the model")
+    assert digest_of_model_files(str(tmp_path)) == before
+    for name in ("generation_config.json", "tokenizer_config.json", "tokenizer.json", "vocab.txt", "spiece.model"):
+        (tmp_path / name).write_text("read with the model")
+        assert digest_of_model_files(str(tmp_path)) != before
+        before = digest_of_model_files(str(tmp_path))
+    assert digest_of_model_files("some/hub-id") is None

@@ -48,7 +48,7 @@ def test_a_checkpoint_of_other_weights_is_refused(copies, tmp_path, monkeypatch)
     name = next(n for n in weights if n.endswith("query.weight"))
     weights[name] = weights[name] + 0.01  # another model of the same shape
     save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match="was made from another model .*pass --overwrite to discard it"):
+    with pytest.raises(CheckpointError, match="made from other inputs: the model's weights changed .*pass --overwrite to discard it"):
         prune(config(model, data, tmp_path / "run"))
     results = prune(config(model, data, tmp_path / "run", overwrite=True))  # as the message says
     assert results["resumed_from_step"] is None
@@ -59,7 +59,7 @@ def test_a_checkpoint_of_other_data_is_refused(copies, tmp_path, monkeypatch):
     interrupted_run(config(model, data, tmp_path / "run"), monkeypatch)
     rows = data.read_text().splitlines()
     data.write_text("\n".join(rows[1:] + rows[:1]))  # the same examples in another order
-    with pytest.raises(CheckpointError, match="was made from another training data and evaluation data"):
+    with pytest.raises(CheckpointError, match="made from other inputs: the training data, the evaluation data and the calibration data changed"):
         prune(config(model, data, tmp_path / "run"))
 
 
@@ -68,7 +68,7 @@ def test_a_checkpoint_of_another_config_beside_the_same_weights_is_refused(copie
     interrupted_run(config(model, data, tmp_path / "run"), monkeypatch)
     settings = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**settings, "hidden_act": "relu"}))  # another model
-    with pytest.raises(CheckpointError, match="was made from another model files"):
+    with pytest.raises(CheckpointError, match=r"made from other inputs: the model\'s files \(config, tokenizer\) changed"):
         prune(config(model, data, tmp_path / "run"))
 
 
@@ -80,7 +80,7 @@ def test_michels_rounds_scored_on_other_calibration_data_are_refused(copies, tmp
     run = config(model, data, tmp_path / "run", method="michel", michel_step=1, calibration_dataset=str(calibration))
     interrupted_run(run, monkeypatch, at_step=3)  # three masks scored
     calibration.write_text("\n".join(rows[64:128]))
-    with pytest.raises(CheckpointError, match="was made from another calibration data"):
+    with pytest.raises(CheckpointError, match="made from other inputs: the calibration data changed"):
         prune(run)
 
 
