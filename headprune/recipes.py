@@ -486,7 +486,8 @@ def _prune(cfg: PruneConfig, metrics_unpruned: dict | None, held: contextlib.Exi
                "layers": {kind: sum(site.kind == kind for site in gates.sites) for kind in kinds},
                "unit": gates.sites[0].unit,
                # a model pruned before is the baseline of every "unpruned" figure: said so in the reports
-               **({"pruned_before": True} if (getattr(config, "headprune", None) or {}).get("kept_heads") else {}),
+               **({"pruned_before": True} if any((getattr(config, name, None) or {}).get("kept_heads")
+                                                 for name in ("headprune", "headprune_source")) else {}),
                "kept_per_kind": {kind: sum(h[0] == kind for h in kept) for kind in kinds},
                "kept_heads": kept, "metrics_pruned": metrics, "metrics_unpruned": extra["metrics_unpruned"],
                **info, **_common_results(cfg, task, data, seconds, state and state["step"]),
