@@ -100,7 +100,9 @@ def write_run_report(out: Path, results: dict, history: list[dict]) -> None:
     lines = [f"# {results['method']} {results['mode']}: {results['k']} of {results['num_heads']} {units}",
              "", f"- model: `{results['model']}`" + (" (pruned before: the baseline below is that model)"
                                                      if results.get("pruned_before") else "")
-             + f", data: `{results['dataset']}` ({results['train_examples']} training examples), seed {results['seed']}",
+             + f", data: `{results['dataset']}` ({results['train_examples']} training "
+             # (a language model's: the texts, before they are packed into blocks of tokens)
+             + ("texts" if results.get("task") == "causal-lm" else "examples") + f"), seed {results['seed']}",
              f"- {results.get('metric', 'accuracy')} pruned: {_fmt(results['metrics_pruned'])}",
              f"- {results.get('metric', 'accuracy')} {'of the input model' if results.get('pruned_before') else 'unpruned'}"
              f": {_fmt(results['metrics_unpruned'])}",

@@ -51,8 +51,9 @@ def test_a_kv_cache_target_is_met_exactly_after_save_and_load(tiny_lm, tmp_path,
     loaded = load_pruned(tmp_path / "model")
     assert kv_cache_bytes_per_token(loaded) == budget["measured"]
     assert results["k"] == budget["units"] and "--target-kv-cache 0.5" in (tmp_path / "model" / "README.md").read_text()
-    # said in KV groups, as the gates prune them, not in heads
-    assert f"pipelined: {results['k']} of 6 KV groups" in (tmp_path / "report.md").read_text()
+    # said in KV groups, as the gates prune them, not in heads; the data in texts (blocks: calibration)
+    report = (tmp_path / "report.md").read_text()
+    assert f"pipelined: {results['k']} of 6 KV groups" in report and f"({results['train_examples']} training texts)" in report
     assert (f"Budget: at most 192 bytes of key/value cache per token (the whole model: 384); predicted "
             f"{budget['predicted']:,.0f}, measured on this model {budget['measured']:,.0f}.") in \
         (tmp_path / "model" / "README.md").read_text()
