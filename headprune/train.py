@@ -255,14 +255,13 @@ def check_inputs(out: Path, state: dict | None, inputs: dict, cfg) -> dict | Non
     changed = [name for name in inputs if name in saved and saved[name] != inputs[name]]
     if not changed:
         return state
-    what = " and ".join(changed)
-    if cfg.overwrite:
-        log.warning("discarding the checkpoint in %s, made from other %s", out, what)
-        shutil.rmtree(checkpoint_folder(out), ignore_errors=True)  # every process may try
-        return None
     names = {"model": "the model's weights", "model files": "the model's files (config, tokenizer)"}
     said = [names.get(name, f"the {name}") for name in changed]
     what = said[0] if len(said) == 1 else ", ".join(said[:-1]) + " and " + said[-1]
+    if cfg.overwrite:
+        log.warning("discarding the checkpoint in %s, made from other inputs: %s changed", out, what)
+        shutil.rmtree(checkpoint_folder(out), ignore_errors=True)  # every process may try
+        return None
     raise CheckpointError(f"the checkpoint in {out} was made from other inputs: {what} changed since the run was "
                           "interrupted; resume with the same ones, pass --overwrite to discard it and start over, or "
                           "choose another --output-dir")
